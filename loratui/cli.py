@@ -1,0 +1,171 @@
+"""The ``loratui`` command. No arguments: the TUI. Subcommands: headless steps and tools.
+
+Start-up stays light: this module imports only the standard library at the top; each command
+imports what it needs (``loratui --help`` never imports torch, pydantic or textual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+EXAMPLES = """\
+examples:
+  loratui                                   open the terminal UI
+  loratui config show --config examples/quickstart.yaml train.lr=1e-4 lora.r=32
+  loratui config validate my-run.yaml
+  loratui config reference                  every config field with its default and description
+  loratui models list --json
+  loratui models prepare smollm2-135m-instruct
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loratui",
+        description="Fine-tune, evaluate, merge, export and serve LoRA models. "
+        "Run without arguments for the terminal UI.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tui = sub.add_parser("tui", help="open the terminal UI (the default)")
+    _add_config_args(tui)
+
+    config = sub.add_parser("config", help="show, validate or document the run config")
+    csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = csub.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(show)
+    validate = csub.add_parser("validate", help="check a config file; exit 2 with one line per problem")
+    validate.add_argument("file", help="YAML config to check")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    csub.add_parser("reference", help="print the config reference (Markdown) generated from the schema")
+
+    models = sub.add_parser("models", help="list or prepare base models")
+    msub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    mlist = msub.add_parser("list", help="built-in models and their local directories")
+    mlist.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    prep = msub.add_parser("prepare", help="import/download a model now (cached)")
+    prep.add_argument("name", nargs="?", default=None, help="model.base value (default: the default model)")
+    prep.add_argument("--json", action="store_true", help="print the resolved model as JSON")
+    return parser
+
+
+def _err(message: str, hint: str | None = None) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    if hint:
+        console.print(f"[dim]hint:[/] {hint}", soft_wrap=True)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from loratui.pipeline.config import config_reference_markdown, load_config
+
+    if args.action == "reference":
+        sys.stdout.write(config_reference_markdown())
+        return 0
+    path = args.file if args.action == "validate" else args.config
+    cfg = load_config(path, args.overrides)
+    if args.action == "show":
+        sys.stdout.write(cfg.to_yaml())
+    else:
+        print(f"{path}: ok")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from loratui.pipeline import models
+
+    if args.action == "list":
+        rows = models.list_models()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "source", "prepared", "path")
+        for r in rows:
+            table.add_row(r["name"] + (" (default)" if r["default"] else ""), r["source"],
+                          "yes" if r["prepared"] else "no", r["path"] or "-")
+        Console().print(table)
+        return 0
+    name = args.name or models.DEFAULT_MODEL
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    resolved = models.resolve_model(name, log=log)
+    print(json.dumps(resolved.to_dict(), indent=2) if args.json else f"{resolved.spec}: {resolved.path}")
+    return 0
+
+
+def _cmd_tui(args: argparse.Namespace) -> int:
+    from loratui.pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from loratui.tui.app import create_app
+
+    create_app(cfg, config_path=args.config).run()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "config": _cmd_config,
+    "models": _cmd_models,
+    "tui": _cmd_tui,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `loratui` and `loratui --config x.yaml k=v` open the TUI
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["tui", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from loratui import __version__
+
+        print(f"loratui {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # user errors carry their own exit code and hint
+        from loratui.pipeline.errors import LoratuiError
+
+        if not isinstance(e, LoratuiError):
+            raise
+        _report(e)
+        return e.exit_code
+
+
+def _report(e: Any) -> None:
+    problems = getattr(e, "problems", None)
+    if problems:
+        for p in problems:
+            _err(str(p))
+        if len(problems) > 1:
+            print(f"{len(problems)} problems", file=sys.stderr)
+    else:
+        _err(e.message, e.hint)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Small datasets authored by this project (quickstart, continual-learning demo)."""

@@ -1,0 +1,1 @@
+"""Exporters: merged safetensors, ONNX and GGUF, each verified in its target runtime. Headless."""

@@ -1,0 +1,543 @@
+"""The one run configuration: a pydantic schema shared by the CLI, the TUI and CI.
+
+A config is YAML with the sections below plus dotted overrides from the command line
+(``train.lr=1e-4 lora.r=32``). Every field has a type, a default and a description; the TUI
+builds its forms from the descriptions and the README's config reference is generated from them.
+
+Fields that accept ``"auto"`` are resolved from the data before a step starts and the resolved
+values are written back into the run's ``config.yaml``, so a run is reproducible from that file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loratui.pipeline.errors import LoratuiError
+
+Auto = Literal["auto"]
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors (typos must not be ignored silently)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSection(Section):
+    """Which base model to fine-tune and how to load it."""
+
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a built-in name (`loratui models list`), a local Hugging Face "
+        "directory, a `.gguf` file (imported once into a cached HF directory), or a hub id such as "
+        "`HuggingFaceTB/SmolLM2-135M-Instruct` (needs the network unless already in the HF cache).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weight dtype when loading. `auto` keeps the checkpoint's dtype on GPU and uses "
+        "float32 on CPU.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the checkpoint to run. Leave off unless you trust it."
+    )
+
+
+ProblemPolicy = Literal["drop", "truncate", "fail"]
+
+
+class DataSection(Section):
+    """Where the training data comes from and how it becomes examples."""
+
+    source: Union[str, list[str]] = Field(
+        "quickstart",
+        description="Training data: a bundled dataset name (`quickstart`, `quickstart-more`), a JSON, "
+        "JSONL, CSV or Parquet file, a glob, a list of those, or a folder of .txt/.md documents.",
+    )
+    format: Literal["auto", "alpaca", "qa", "chat", "sharegpt", "text"] = Field(
+        "auto", description="Row format. `auto` detects it from the columns and reports why."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping from the format's field names to yours, e.g. "
+        "`{instruction: prompt, output: answer}`.",
+    )
+    template: Literal["auto", "alpaca", "chatml", "llama2", "phi"] = Field(
+        "auto",
+        description="Prompt template. `auto` uses the tokenizer's chat template and falls back to "
+        "`chatml` when the model has none. Use the same template at inference.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to every example.")
+    train_on_prompt: bool = Field(
+        False, description="Also train on prompt tokens. Default: loss only on assistant turns."
+    )
+    max_length: Union[int, Auto] = Field(
+        "auto",
+        description="Maximum tokens per example. `auto` picks the 99th percentile of the data, "
+        "capped by the model's context.",
+    )
+    too_long: ProblemPolicy = Field(
+        "truncate", description="What to do with examples longer than `max_length`."
+    )
+    on_bad_row: Literal["drop", "fail"] = Field(
+        "drop",
+        description="What to do with an invalid row (missing field, wrong type, bad role order). "
+        "Dropped rows are always listed in the data report.",
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicate examples (and any test example seen in training).")
+    val_ratio: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for validation.")
+    test_ratio: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for the final test.")
+    val_source: str | None = Field(None, description="Separate validation file (instead of `val_ratio`).")
+    test_source: str | None = Field(None, description="Separate test file (instead of `test_ratio`).")
+    chunk_tokens: int = Field(512, gt=0, description="Chunk size in tokens for folders of documents.")
+    chunk_overlap: int = Field(64, ge=0, description="Overlap in tokens between consecutive document chunks.")
+    seed: int = Field(42, description="Seed for shuffling and splitting.")
+
+    @field_validator("max_length")
+    @classmethod
+    def _positive_length(cls, v: Any) -> Any:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive number of tokens or 'auto'")
+        return v
+
+
+class LoraSection(Section):
+    """The adapter: method, rank and which modules it wraps (peft conventions)."""
+
+    method: Literal["lora", "qlora", "dora"] = Field(
+        "lora",
+        description="`lora`: low-rank adapters on a full-precision base. `qlora`: the base is loaded "
+        "in 4-bit (bitsandbytes) to save memory. `dora`: weight-decomposed LoRA (slower, often "
+        "better at low rank).",
+    )
+    r: Union[int, Auto] = Field(
+        16, description="Adapter rank. Higher learns more and costs more memory. `auto` picks from data size."
+    )
+    alpha: int | None = Field(
+        None, description="LoRA scaling numerator (scale = alpha / r). Empty: 2 x r."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        "all-linear",
+        description="Modules to adapt: `all-linear` (attention and MLP projections) or a list such "
+        "as `[q_proj, v_proj]`.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. `lm_head` for new tokens).",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type for `qlora`.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (`qlora`).")
+    init_from: str | None = Field(
+        None, description="Continue training an existing adapter directory (continual learning)."
+    )
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, v: Any) -> Any:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("rank must be a positive integer or 'auto'")
+        return v
+
+
+class TrainSection(Section):
+    """Optimization: how long, how fast, on what device."""
+
+    epochs: Union[float, Auto] = Field(
+        "auto", description="Passes over the training set. `auto` picks from the data size."
+    )
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: Union[int, Auto] = Field(
+        "auto", description="Examples per device step. `auto` fits it to memory and max_length."
+    )
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps (effective batch = batch_size x grad_accum).")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps used for LR warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer (transformers names; 8-bit ones use bitsandbytes)."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision. `auto`: bf16 where the GPU supports it, else fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations to save memory (about 30% slower)."
+    )
+    packing: bool = Field(False, description="Pack several short examples into one sequence.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train. `auto`: CUDA if present.")
+    eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: once per epoch).")
+    early_stopping_patience: int | None = Field(
+        None, description="Stop after this many validations without improvement (empty: never)."
+    )
+    resume: Union[bool, str] = Field(
+        False, description="Resume from the latest checkpoint (`true`) or from a checkpoint path."
+    )
+    seed: int = Field(42, description="Seed for initialization and data order.")
+
+
+class EvalSection(Section):
+    """How the tuned model is scored against the base model."""
+
+    metrics: list[Literal["loss", "perplexity", "exact_match", "contains", "rouge_l"]] = Field(
+        default_factory=lambda: ["perplexity", "exact_match", "rouge_l"],
+        description="Metrics on the test split. Generation metrics compare greedy answers with the references.",
+    )
+    compare_base: bool = Field(True, description="Also score the base model, for a before/after table.")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per test prompt.")
+    max_samples: int | None = Field(None, description="Score at most this many test rows (empty: all).")
+    retention_sources: list[str] = Field(
+        default_factory=list,
+        description="Earlier datasets to re-score after continual training, to measure forgetting.",
+    )
+
+
+class MergeSection(Section):
+    """Folding the adapter into the base weights."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the merged weights. `auto` keeps the base model's dtype."
+    )
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
+
+
+class ExportSection(Section):
+    """Formats written from the merged model; each is verified in its own runtime."""
+
+    formats: list[Literal["safetensors", "gguf", "onnx"]] = Field(
+        default_factory=lambda: ["safetensors", "gguf"], description="Formats to export."
+    )
+    gguf_quants: list[str] = Field(
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        description="llama.cpp quantizations (`f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k` ...).",
+    )
+    gguf_adapter: bool = Field(False, description="Also write the LoRA adapter as a GGUF for `llama.cpp --lora`.")
+    ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF.")
+    onnx_int8: bool = Field(False, description="Also write a dynamically quantized int8 ONNX model.")
+    onnx_opset: int = Field(18, ge=13, description="ONNX opset.")
+    verify: bool = Field(True, description="Load every export in its runtime and compare it with the merged model.")
+
+
+class ServeSection(Section):
+    """The OpenAI-compatible server."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on (`0.0.0.0` inside containers).")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    backend: Literal["auto", "torch", "llama.cpp", "onnxruntime"] = Field(
+        "auto", description="Inference runtime. `auto`: PyTorch on CUDA, else GGUF via llama.cpp, else ONNX."
+    )
+    artifact: str | None = Field(
+        None, description="What to serve: a merged directory, a .gguf file or an ONNX directory (empty: the run's best)."
+    )
+    model_name: str | None = Field(None, description="Model id clients send (empty: the run name).")
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` when set.")
+    max_batch_size: int = Field(8, ge=1, description="Requests batched together on backends that batch.")
+    context_length: int = Field(2048, gt=0, description="Context window (prompt + completion) in tokens.")
+    threads: int | None = Field(None, description="CPU threads (empty: all cores).")
+
+
+class RunConfig(Section):
+    """A whole run: one YAML file drives data, train, evaluate, merge, export and serve."""
+
+    name: str = Field("quickstart", description="Run name: artifacts go to `<runs_dir>/<name>/`.")
+    runs_dir: str = Field("runs", description="Folder that holds run directories.")
+    model: ModelSection = Field(default_factory=ModelSection, description=ModelSection.__doc__)
+    data: DataSection = Field(default_factory=DataSection, description=DataSection.__doc__)
+    lora: LoraSection = Field(default_factory=LoraSection, description=LoraSection.__doc__)
+    train: TrainSection = Field(default_factory=TrainSection, description=TrainSection.__doc__)
+    eval: EvalSection = Field(default_factory=EvalSection, description=EvalSection.__doc__)
+    merge: MergeSection = Field(default_factory=MergeSection, description=MergeSection.__doc__)
+    export: ExportSection = Field(default_factory=ExportSection, description=ExportSection.__doc__)
+    serve: ServeSection = Field(default_factory=ServeSection, description=ServeSection.__doc__)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or v in {".", ".."} or "/" in v or "\\" in v:
+            raise ValueError("must be a plain folder name (no slashes)")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.model_dump(mode="json"))
+
+
+SECTIONS: tuple[str, ...] = ("model", "data", "lora", "train", "eval", "merge", "export", "serve")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a config: where it is, what it was, what is allowed."""
+
+    source: str  # file name, or "override 'train.lr=abc'"
+    field: str  # dotted path, e.g. "train.lr"
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.field or '(top level)'}: {self.message}"
+
+
+class ConfigError(LoratuiError):
+    """A config that cannot be used; carries one problem per mistake."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            [ConfigProblem(f"override {text!r}", key, "expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")]
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: take the text as a string and let the schema judge it
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, tuple[str, str]]:
+    """Set dotted overrides in ``data`` in place; return {dotted key: (override text)} for messages."""
+    origin: dict[str, tuple[str, str]] = {}
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+        origin[".".join(path)] = (f"override {text!r}", text)
+    return origin
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    sub = path + (str(key.value),)
+                    index[sub] = key.start_mark.line + 1
+                    walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                sub = path + (str(i),)
+                index[sub] = item.start_mark.line + 1
+                walk(item, sub)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _describe_allowed(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """Field names valid at ``path`` (for 'did you mean' on unknown keys)."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+_TYPE_ERRORS = ("literal_error", "int_parsing", "int_type", "int_from_float", "float_parsing", "float_type",
+                "bool_parsing", "bool_type", "string_type", "list_type", "dict_type", "model_type")
+
+
+def _friendly(err: dict[str, Any], expected: str) -> str:
+    """One line for one pydantic error: the value given and what is allowed."""
+    kind = err["type"]
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__}"
+    if kind == "extra_forbidden":
+        loc = tuple(str(p) for p in err["loc"])
+        allowed = _describe_allowed(RunConfig, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        listing = f" Allowed here: {', '.join(allowed)}." if allowed else ""
+        return f"unknown field{hint}{listing}"
+    if kind in _TYPE_ERRORS and expected:
+        return f"got {shown}; expected {expected}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"got {shown}; {msg[0].lower() + msg[1:]}"
+
+
+def _problems_from_validation(
+    exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], origin: dict[str, tuple[str, str]]
+) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # a Union field reports one error per member, with the member's tag appended to the location
+        # ('int', "literal['auto']"): strip the tag and keep one problem per field
+        while loc and ("[" in loc[-1] or loc[-1] in {"int", "float", "str", "bool"}):
+            loc.pop()
+        dotted = ".".join(loc)
+        if dotted in seen:
+            continue
+        seen.add(dotted)
+        info = _field_info(loc)
+        expected = _expected_text(info.annotation) if info is not None else ""
+        src, line = source, lines.get(tuple(loc))
+        for key, (osrc, _text) in origin.items():
+            if dotted == key or dotted.startswith(key + "."):
+                src, line = osrc, None
+        problems.append(ConfigProblem(src, dotted, _friendly(err, expected), line))
+    problems.sort(key=lambda p: (p.source, p.line or 0))
+    return problems
+
+
+def _field_info(loc: list[str]):
+    current: Any = RunConfig
+    info = None
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return info if part.isdigit() else None
+        info = fields[part]
+        current = info.annotation
+    return info
+
+
+def _expected_text(annotation: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        parts = [_expected_text(a) for a in args if a is not type(None)]
+        text = " or ".join(p for p in parts if p)
+        return text + (" or empty" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_expected_text(args[0]) or 'values'}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    return names.get(annotation, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Raises ConfigError listing every problem with file, line, field, value and what is allowed.
+    """
+    overrides = overrides or []
+    source = str(path) if path is not None else "(defaults)"
+    text = ""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([ConfigProblem(source, "", "file not found" if not p.exists() else "not a file")])
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError([ConfigProblem(source, "", f"not UTF-8 text (byte {e.start})")]) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError([ConfigProblem(source, "", f"invalid YAML: {problem}", line)]) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [ConfigProblem(source, "", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")]
+            )
+    origin = apply_overrides(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from_validation(exc, source, _line_index(text), origin)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Reference documentation generated from the schema
+# --------------------------------------------------------------------------------------------
+
+
+def _type_text(annotation: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " \\| ".join(_type_text(a) if a is not type(None) else "null" for a in args)
+    if origin is list:
+        return f"list[{_type_text(args[0])}]" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(info: Any) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()
+    else:
+        value = info.default
+    if value is None:
+        return "(empty)"
+    return "`" + yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip() + "`"
+
+
+def config_reference_markdown() -> str:
+    """The config reference as Markdown tables, one per section, from the schema's descriptions."""
+    out = ["| field | type | default | description |", "|---|---|---|---|"]
+    for name, info in RunConfig.model_fields.items():
+        if name in SECTIONS:
+            continue
+        out.append(f"| `{name}` | {_type_text(info.annotation)} | {_default_text(info)} | {info.description} |")
+    for section in SECTIONS:
+        model = RunConfig.model_fields[section].annotation
+        out += ["", f"### `{section}`: {model.__doc__}", "", "| field | type | default | description |", "|---|---|---|---|"]
+        for name, info in model.model_fields.items():
+            out.append(f"| `{section}.{name}` | {_type_text(info.annotation)} | {_default_text(info)} | {info.description} |")
+    return "\n".join(out) + "\n"

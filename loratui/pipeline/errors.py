@@ -1,0 +1,30 @@
+"""User-facing errors. The CLI prints their message (no traceback) and exits with ``exit_code``."""
+
+from __future__ import annotations
+
+
+class LoratuiError(Exception):
+    """A problem the user can fix: bad input, a missing file, an unreachable model.
+
+    ``hint`` says what to do about it; it is printed on its own line.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ModelNotFound(LoratuiError):
+    """``model.base`` names nothing that can be loaded here."""
+
+    exit_code = 2
+
+
+class StepCancelled(Exception):
+    """Raised inside a step when ``should_stop()`` turned true; the runner reports it as cancelled."""

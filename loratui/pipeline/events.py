@@ -1,0 +1,266 @@
+"""Run events: one JSON object per line, shared by the CLI, the TUI and tests.
+
+Every step reports through an :class:`EventSink`. The sink fans each event out to writers:
+``runs/<name>/events.jsonl`` (always), stdout as JSONL (``--events jsonl``, what the TUI reads
+from its subprocess), and rich progress bars on stderr for people.
+
+Wire format: ``{"t": <unix time>, "step": "train", "type": "progress", ...}``. Parse a line with
+:func:`parse_event`; the ``type`` field selects the model.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Annotated, Any, Callable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="allow")  # newer producers may add fields; readers keep them
+
+    t: float = Field(default_factory=time.time, description="Unix time of the event.")
+    step: str = Field(description="Step that emitted it: data, train, evaluate, merge, export, serve, ...")
+
+
+class Progress(_Event):
+    type: Literal["progress"] = "progress"
+    current: float
+    total: float | None = None
+    task: str = Field("main", description="Progress bar this belongs to (a step may run several).")
+    unit: str = "it"
+    message: str | None = None
+
+
+class Metric(_Event):
+    type: Literal["metric"] = "metric"
+    values: dict[str, float]
+    at: int | None = Field(None, description="Global step the values belong to.")
+    split: str | None = Field(None, description="train, validation, test ...")
+
+
+class Log(_Event):
+    type: Literal["log"] = "log"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    message: str
+
+
+class Artifact(_Event):
+    type: Literal["artifact"] = "artifact"
+    kind: str = Field(description="What it is: adapter, merged, gguf, onnx, report, ...")
+    path: str
+    bytes: int | None = None
+
+
+class Checkpoint(_Event):
+    type: Literal["checkpoint"] = "checkpoint"
+    path: str
+    at: int | None = None
+
+
+class Done(_Event):
+    type: Literal["done"] = "done"
+    summary: dict[str, Any] = Field(default_factory=dict)
+    seconds: float | None = None
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    message: str
+    hint: str | None = None
+    user_error: bool = Field(True, description="True for bad input the user can fix; False for a bug.")
+
+
+class Cancelled(_Event):
+    type: Literal["cancelled"] = "cancelled"
+    message: str = "cancelled"
+    resume_from: str | None = Field(None, description="Checkpoint to resume from, if one was saved.")
+
+
+Event = Annotated[
+    Union[Progress, Metric, Log, Artifact, Checkpoint, Done, Error, Cancelled], Field(discriminator="type")
+]
+EVENT_TYPES = ("progress", "metric", "log", "artifact", "checkpoint", "done", "error", "cancelled")
+FINAL_TYPES = frozenset({"done", "error", "cancelled"})
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+def parse_event(line: str | bytes | dict[str, Any]) -> Event:
+    """Parse one JSONL line (or a decoded dict) into its event model; raises ValueError if invalid."""
+    if isinstance(line, dict):
+        return _ADAPTER.validate_python(line)
+    return _ADAPTER.validate_json(line)
+
+
+def read_events(path: str | Path) -> list[Event]:
+    """All events of an ``events.jsonl`` file; a torn last line (a killed writer) is skipped."""
+    events = []
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                events.append(parse_event(raw))
+            except ValueError:
+                continue
+    return events
+
+
+Writer = Callable[[Any], None]
+
+
+class JsonlWriter:
+    """Appends each event as one JSON line to a file or stream, flushed at once."""
+
+    def __init__(self, target: str | Path | IO[str]):
+        self._own = not hasattr(target, "write")
+        if self._own:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+            self._fh: IO[str] = open(target, "a", encoding="utf-8")  # type: ignore[arg-type]
+        else:
+            self._fh = target  # type: ignore[assignment]
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Any) -> None:
+        line = event.model_dump_json(exclude_none=True)
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._own:
+            self._fh.close()
+
+
+class MemoryWriter(list):
+    """Keeps events in a list (tests, in-process callers)."""
+
+    def __call__(self, event: Any) -> None:
+        self.append(event)
+
+    def of_type(self, kind: str) -> list[Any]:
+        return [e for e in self if e.type == kind]
+
+
+class RichWriter:
+    """Human view of the same events on stderr: progress bars, metrics and log lines."""
+
+    def __init__(self, stream: IO[str] | None = None):
+        from rich.console import Console
+
+        self.console = Console(file=stream or sys.stderr)
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def _bar(self, event: Progress) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+        from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self._progress is None:
+            self._progress = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[note]}"),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+        key = event.task
+        if key not in self._tasks:
+            label = f"{event.step}" if key == "main" else f"{event.step}: {key}"
+            self._tasks[key] = self._progress.add_task(label, total=event.total, note="")
+        self._progress.update(
+            self._tasks[key], completed=event.current, total=event.total, note=event.message or ""
+        )
+
+    def _print(self, text: str) -> None:
+        (self._progress.console if self._progress else self.console).print(text, highlight=False)
+
+    def __call__(self, event: Any) -> None:
+        kind = event.type
+        if kind == "progress":
+            self._bar(event)
+        elif kind == "metric":
+            values = "  ".join(f"{k}={v:.4g}" for k, v in event.values.items())
+            at = f" step {event.at}" if event.at is not None else ""
+            split = f" [{event.split}]" if event.split else ""
+            self._print(f"[cyan]{event.step}{at}{split}[/] {values}")
+        elif kind == "log":
+            if event.level != "debug":
+                color = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
+                self._print(f"[{color}]{event.message}[/]")
+        elif kind in ("artifact", "checkpoint"):
+            self._print(f"[green]{kind}[/] {event.path}")
+        elif kind in FINAL_TYPES:
+            self.close()
+            if kind == "done":
+                took = f" in {event.seconds:.1f}s" if event.seconds is not None else ""
+                self.console.print(f"[bold green]{event.step} done{took}[/]")
+            elif kind == "cancelled":
+                resume = f" (resume from {event.resume_from})" if event.resume_from else ""
+                self.console.print(f"[bold yellow]{event.step} cancelled{resume}[/]")
+            # errors are printed by the CLI, once, with their hint
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._tasks.clear()
+
+
+class EventSink:
+    """What a step reports through. Each helper builds an event for ``step`` and fans it out."""
+
+    def __init__(self, step: str, writers: list[Writer] | None = None):
+        self.step = step
+        self.writers: list[Writer] = list(writers or [])
+
+    def emit(self, event: Any) -> Any:
+        for write in self.writers:
+            write(event)
+        return event
+
+    def progress(self, current: float, total: float | None = None, *, task: str = "main",
+                 unit: str = "it", message: str | None = None) -> Progress:
+        return self.emit(Progress(step=self.step, current=current, total=total, task=task, unit=unit, message=message))
+
+    def metric(self, values: dict[str, float], *, at: int | None = None, split: str | None = None) -> Metric:
+        return self.emit(Metric(step=self.step, values=values, at=at, split=split))
+
+    def log(self, message: str, level: Literal["debug", "info", "warning", "error"] = "info") -> Log:
+        return self.emit(Log(step=self.step, message=message, level=level))
+
+    def artifact(self, path: str | Path, kind: str) -> Artifact:
+        p = Path(path)
+        size = p.stat().st_size if p.is_file() else None
+        return self.emit(Artifact(step=self.step, path=str(path), kind=kind, bytes=size))
+
+    def checkpoint(self, path: str | Path, at: int | None = None) -> Checkpoint:
+        return self.emit(Checkpoint(step=self.step, path=str(path), at=at))
+
+    def done(self, summary: dict[str, Any] | None = None, seconds: float | None = None) -> Done:
+        return self.emit(Done(step=self.step, summary=summary or {}, seconds=seconds))
+
+    def error(self, message: str, hint: str | None = None, user_error: bool = True) -> Error:
+        return self.emit(Error(step=self.step, message=message, hint=hint, user_error=user_error))
+
+    def cancelled(self, message: str = "cancelled", resume_from: str | None = None) -> Cancelled:
+        return self.emit(Cancelled(step=self.step, message=message, resume_from=resume_from))
+
+    def close(self) -> None:
+        for write in self.writers:
+            close = getattr(write, "close", None)
+            if close is not None:
+                close()
+
+
+def null_sink(step: str = "test") -> EventSink:
+    """A sink that keeps events in memory (``sink.writers[0]``)."""
+    return EventSink(step, [MemoryWriter()])

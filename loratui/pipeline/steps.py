@@ -1,0 +1,131 @@
+"""The step entry-point shape and the runner that every face (CLI, TUI, CI) goes through.
+
+A step is ``run(cfg, run_dir, events, should_stop) -> StepResult``. The runner creates the run
+directory, wires the event writers, turns SIGTERM/SIGINT into ``should_stop() == True`` and maps the
+outcome to an exit code: 0 done, 130 cancelled, 2 user error (bad input), 1 internal error.
+A step that sees ``should_stop()`` saves what it can and returns ``StepResult(status="cancelled")``
+(or raises :class:`StepCancelled`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import threading
+import time
+import traceback
+from typing import Any, Callable, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.events import EventSink, JsonlWriter, Writer
+from loratui.pipeline.runs import RunDir
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
+
+# The six steps of the workflow, in order. Each maps to "module:function" once implemented;
+# the CLI offers a subcommand for every implemented step and the TUI shows all six.
+STEP_ORDER: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export", "serve")
+STEPS: dict[str, str] = {}
+
+
+class StepResult(BaseModel):
+    status: Literal["done", "cancelled"] = "done"
+    summary: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[str] = Field(default_factory=list)
+    resume_from: str | None = None
+
+
+ShouldStop = Callable[[], bool]
+
+
+class StepFn(Protocol):
+    def __call__(self, cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult: ...
+
+
+def load_step(name: str) -> StepFn:
+    module, _, attr = STEPS[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "run")
+
+
+class StopFlag:
+    """``should_stop`` for a step: set by SIGTERM/SIGINT (in the main thread) or by ``set()``."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, signum: int | None = None) -> None:
+        self.signal = signum
+        self._event.set()
+
+    def install(self) -> Callable[[], None]:
+        """Route SIGTERM and SIGINT to this flag; returns a function that restores the old handlers.
+
+        A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt for an impatient user.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, _frame: Any) -> None:
+            if signum == signal.SIGINT and self():
+                raise KeyboardInterrupt
+            self.set(signum)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+def run_step(
+    name: str,
+    fn: StepFn,
+    cfg: RunConfig,
+    *,
+    writers: list[Writer] | None = None,
+    stop: StopFlag | None = None,
+) -> tuple[int, StepResult | None, EventSink]:
+    """Run one step with events to ``runs/<name>/events.jsonl`` plus ``writers``.
+
+    Returns (exit code, result or None, the sink). Never raises for step failures: they become an
+    ``error`` event and an exit code.
+    """
+    run = RunDir.for_config(cfg).create(cfg)
+    events = EventSink(name, [JsonlWriter(run.events), *(writers or [])])
+    stop = stop or StopFlag()
+    restore = stop.install()
+    started = time.monotonic()
+    try:
+        events.log(f"{name}: run {cfg.name} in {run.path}", level="debug")
+        try:
+            result = fn(cfg, run, events, stop)
+        except StepCancelled as e:
+            result = StepResult(status="cancelled", summary={"reason": str(e) or "cancelled"})
+        if result.status == "cancelled":
+            events.cancelled(resume_from=result.resume_from)
+            return EXIT_CANCELLED, result, events
+        events.done(result.summary, seconds=round(time.monotonic() - started, 3))
+        return EXIT_OK, result, events
+    except LoratuiError as e:
+        events.error(e.message, hint=e.hint, user_error=True)
+        return e.exit_code or EXIT_USER, None, events
+    except KeyboardInterrupt:
+        events.cancelled(message="interrupted")
+        return EXIT_CANCELLED, None, events
+    except Exception as e:  # a bug: keep the traceback in the event log for the report
+        events.log(traceback.format_exc(), level="debug")
+        events.error(f"{type(e).__name__}: {e}", hint="This is a bug in loratui; the traceback is in events.jsonl.",
+                     user_error=False)
+        return EXIT_INTERNAL, None, events
+    finally:
+        restore()
+        events.close()

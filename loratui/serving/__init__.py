@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving over torch, llama.cpp and onnxruntime backends. Headless."""

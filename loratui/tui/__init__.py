@@ -1,0 +1,1 @@
+"""The Textual app: a wizard over the headless pipeline (the only package that imports textual)."""

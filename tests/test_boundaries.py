@@ -1,0 +1,55 @@
+"""The headless packages never pull in the TUI, and start-up stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEADLESS = ["loratui.pipeline", "loratui.exporters", "loratui.serving"]
+# every module of the headless packages, so an import buried in a submodule is caught too
+HEADLESS_MODULES = [
+    "loratui.pipeline.config", "loratui.pipeline.events", "loratui.pipeline.runs", "loratui.pipeline.steps",
+    "loratui.pipeline.models", "loratui.pipeline.gguf_import", "loratui.pipeline.errors",
+]
+
+
+def _loaded_after(code: str) -> set[str]:
+    script = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_headless_packages_do_not_import_textual():
+    loaded = _loaded_after("\n".join(f"import {m}" for m in HEADLESS + HEADLESS_MODULES))
+    assert "textual" not in loaded
+    assert not {m for m in loaded if m.startswith("loratui.tui")}
+
+
+def test_headless_packages_import_no_heavy_library_at_import_time():
+    loaded = _loaded_after("\n".join(f"import {m}" for m in HEADLESS + HEADLESS_MODULES))
+    assert not {"torch", "transformers", "llama_cpp", "onnxruntime"} & loaded
+
+
+def test_the_check_can_fail():
+    """The sys.modules probe does see textual when something imports it."""
+    assert "textual" in _loaded_after("import loratui.tui.app")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["config", "--help"], ["models", "--help"]])
+def test_help_does_not_import_torch(argv):
+    code = ("import loratui.cli\ntry:\n    loratui.cli.main(%r)\nexcept SystemExit:\n    pass" % (argv,))
+    loaded = _loaded_after(code)
+    assert not {"torch", "transformers", "textual", "pydantic"} & loaded
+
+
+def test_import_linter_contracts_hold():
+    import shutil
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "lint-imports"
+    assert exe.exists() or shutil.which("lint-imports"), "import-linter is a dev dependency"
+    out = subprocess.run([str(exe)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 kept, 0 broken" in out.stdout

@@ -1,0 +1,95 @@
+"""Tiny random causal LMs with real tokenizers, built in a fraction of a second, offline.
+
+``make_tiny_model(out_dir, family=..., tokenizer=...)`` writes a Hugging Face directory that every
+step can load like a real checkpoint. Families: ``llama`` and ``qwen2`` (two decoder families with
+different attention biases). Tokenizers:
+- ``smollm2``: the SmolLM2 tokenizer (49k byte-level BPE, ChatML template), the one the GGUF importer
+  rebuilds; llama.cpp's converter recognises it, so GGUF export can be tested on these models.
+- ``bpe``: a 400-token byte-level BPE trained here on a few lines, with the same special tokens and
+  template: the fastest option when the vocabulary does not matter.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Opening hours are 9:00 to 17:00 from Monday to Friday.",
+    "Contact us at info@example.org or visit https://example.org/help.",
+    "def add(a, b):\n    return a + b\n",
+    "Question: what is the fee? Answer: 25 EUR per year.",
+] * 4
+
+
+@functools.lru_cache(maxsize=None)
+def _smollm2_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline import models
+
+    gguf = models.builtin_gguf(models.DEFAULT_MODEL)
+    imported = models.imported_dir(gguf, models.DEFAULT_MODEL)
+    if (imported / "tokenizer.json").is_file():  # already prepared by `make test`: fastest
+        return AutoTokenizer.from_pretrained(str(imported))
+    from loratui.pipeline.gguf_import import build_tokenizer
+
+    return build_tokenizer(gguf)
+
+
+@functools.lru_cache(maxsize=None)
+def _small_bpe_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>", model_max_length=512)
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    family: Literal["llama", "qwen2"] = "llama",
+    tokenizer: Literal["smollm2", "bpe"] = "bpe",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random model plus tokenizer to ``out_dir`` and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    out = Path(out_dir)
+    tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer()
+    common = dict(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
