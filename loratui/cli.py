@@ -57,16 +57,44 @@ def build_parser() -> argparse.ArgumentParser:
     prep = msub.add_parser("prepare", help="import/download a model now (cached)")
     prep.add_argument("name", nargs="?", default=None, help="model.base value (default: the default model)")
     prep.add_argument("--json", action="store_true", help="print the resolved model as JSON")
+    _add_step_parsers(sub)
     return parser
+
+
+def _add_step_parsers(sub: Any) -> None:
+    """One subcommand per implemented pipeline step (see loratui.pipeline.steps.STEPS)."""
+    from loratui.pipeline.registry import STEP_HELP, STEPS
+
+    for name in STEPS:
+        p = sub.add_parser(name, help=STEP_HELP.get(name, f"run the {name} step"))
+        _add_config_args(p)
+        p.add_argument("--events", choices=["jsonl", "none"], default="none",
+                       help="also print every event as a JSON line on stdout (what the TUI reads)")
+        p.set_defaults(step=name)
+
+
+def _cmd_step(args: argparse.Namespace) -> int:
+    """Run a step in-process: events to runs/<name>/events.jsonl, progress on stderr, JSONL on stdout."""
+    from loratui.pipeline.config import load_config
+    from loratui.pipeline.events import JsonlWriter, RichWriter
+    from loratui.pipeline.steps import load_step, run_step
+
+    cfg = load_config(args.config, args.overrides)
+    writers: list[Any] = [RichWriter()]
+    if args.events == "jsonl":
+        writers.append(JsonlWriter(sys.stdout))
+    code, _result, _events = run_step(args.step, load_step(args.step), cfg, writers=writers)
+    return code
 
 
 def _err(message: str, hint: str | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     if hint:
-        console.print(f"[dim]hint:[/] {hint}", soft_wrap=True)
+        console.print(f"[dim]hint:[/] {escape(hint)}", soft_wrap=True)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -144,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "step", None):
+            return _cmd_step(args)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130

@@ -28,12 +28,15 @@ wheel=$(ls "$house"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$wheel" ]; then
   echo "Building llama-cpp-python $version from source (about 10-20 minutes on 2 cores)" >&2
   echo "  CMAKE_ARGS=$args" >&2
-  tmp=$(mktemp -d "${house}.tmp.XXXX" 2>/dev/null || { mkdir -p "$(dirname "$house")"; mktemp -d "${house}.tmp.XXXX"; })
+  mkdir -p "$(dirname "$house")"
+  tmp=$(mktemp -d "${house}.tmp.XXXX")
+  trap 'rm -rf "$tmp"' EXIT   # a failed build leaves nothing behind
   CMAKE_ARGS="$args" FORCE_CMAKE=1 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$py" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
     -w "$tmp" "llama-cpp-python==$version" >&2
   printf '%s\n' "$args" > "$tmp/CMAKE_ARGS"
   rm -rf "$house"; mv "$tmp" "$house"   # atomic: a half-built wheelhouse is never picked up
+  trap - EXIT
   wheel=$(ls "$house"/llama_cpp_python-*.whl | head -n1)
 fi
 printf '%s\n' "$wheel"

@@ -26,7 +26,10 @@ Auto = Literal["auto"]
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors (typos must not be ignored silently)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # extra="forbid": typos are errors. coerce_numbers_to_str: `name: 2024` or `revision: 1234567`
+    # are read by YAML as numbers but mean text.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              coerce_numbers_to_str=True)
 
 
 class ModelSection(Section):
@@ -385,6 +388,10 @@ _TYPE_ERRORS = ("literal_error", "int_parsing", "int_type", "int_from_float", "f
                 "bool_parsing", "bool_type", "string_type", "list_type", "dict_type", "model_type")
 
 
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "bool"})
+
+
 def _friendly(err: dict[str, Any], expected: str) -> str:
     """One line for one pydantic error: the value given and what is allowed."""
     kind = err["type"]
@@ -406,20 +413,22 @@ def _friendly(err: dict[str, Any], expected: str) -> str:
 def _problems_from_validation(
     exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], origin: dict[str, tuple[str, str]]
 ) -> list[ConfigProblem]:
-    problems: list[ConfigProblem] = []
-    seen: set[str] = set()
+    # A Union field reports one error per member, with the member's tag in the location
+    # ('int', "literal['auto']", 'list[str]'). Group the errors by the location before the first tag
+    # and keep the deepest one: the member whose shape matched says the most (e.g. which list item).
+    best: dict[tuple[str, ...], tuple[list[str], dict[str, Any]]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        # a Union field reports one error per member, with the member's tag appended to the location
-        # ('int', "literal['auto']"): strip the tag and keep one problem per field
-        while loc and ("[" in loc[-1] or loc[-1] in {"int", "float", "str", "bool"}):
-            loc.pop()
+        raw = list(err["loc"])
+        tags = [i for i, part in enumerate(raw) if _is_union_tag(part)]
+        loc = [str(part) for i, part in enumerate(raw) if i not in tags]
+        key = tuple(str(part) for part in raw[: tags[0]]) if tags else tuple(loc)
+        if key not in best or len(loc) > len(best[key][0]):
+            best[key] = (loc, err)
+    problems: list[ConfigProblem] = []
+    for loc, err in best.values():
         dotted = ".".join(loc)
-        if dotted in seen:
-            continue
-        seen.add(dotted)
-        info = _field_info(loc)
-        expected = _expected_text(info.annotation) if info is not None else ""
+        annotation = _annotation_at(loc)
+        expected = _describe_type(annotation) if annotation is not None else ""
         src, line = source, lines.get(tuple(loc))
         for key, (osrc, _text) in origin.items():
             if dotted == key or dotted.startswith(key + "."):
@@ -429,35 +438,50 @@ def _problems_from_validation(
     return problems
 
 
-def _field_info(loc: list[str]):
+def _annotation_at(loc: list[str]) -> Any:
+    """The type expected at a location (a field, or an item of a list field); None if unknown."""
+    import typing
+
     current: Any = RunConfig
-    info = None
     for part in loc:
+        if part.isdigit():  # a list item: the list's item type (also inside Union[..., list[X]])
+            candidates = [current, *typing.get_args(current)]
+            lists = [c for c in candidates if typing.get_origin(c) is list]
+            if not lists:
+                return None
+            current = typing.get_args(lists[0])[0]
+            continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
-            return info if part.isdigit() else None
-        info = fields[part]
-        current = info.annotation
-    return info
+            return None
+        current = fields[part].annotation
+    return current
 
 
-def _expected_text(annotation: Any) -> str:
+def _describe_type(annotation: Any, markdown: bool = False) -> str:
+    """Words for what a field accepts: for error messages, or (``markdown``) for the reference table."""
+    import types
     import typing
 
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
+        if markdown:
+            return " \\| ".join(f"`{a}`" for a in args)
         return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
-        parts = [_expected_text(a) for a in args if a is not type(None)]
-        text = " or ".join(p for p in parts if p)
-        return text + (" or empty" if type(None) in args else "")
+    if origin in (Union, types.UnionType):
+        parts = [_describe_type(a, markdown) for a in args if a is not type(None)]
+        if markdown:
+            return " \\| ".join(parts + (["null"] if type(None) in args else []))
+        return " or ".join(p for p in parts if p) + (" or empty" if type(None) in args else "")
     if origin is list:
-        return f"a list of {_expected_text(args[0]) or 'values'}" if args else "a list"
+        inner = _describe_type(args[0], markdown) if args else ""
+        return f"list[{inner}]" if markdown else f"a list of {inner or 'values'}"
     if origin is dict:
-        return "a mapping"
-    names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
-    return names.get(annotation, "")
+        return "mapping" if markdown else "a mapping"
+    if markdown:
+        return getattr(annotation, "__name__", str(annotation))
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(annotation, "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -502,22 +526,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # --------------------------------------------------------------------------------------------
 
 
-def _type_text(annotation: Any) -> str:
-    import typing
-
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        return " \\| ".join(f"`{a}`" for a in args)
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
-        return " \\| ".join(_type_text(a) if a is not type(None) else "null" for a in args)
-    if origin is list:
-        return f"list[{_type_text(args[0])}]" if args else "list"
-    if origin is dict:
-        return "mapping"
-    return getattr(annotation, "__name__", str(annotation))
-
-
 def _default_text(info: Any) -> str:
     if info.default_factory is not None:
         value = info.default_factory()
@@ -534,10 +542,10 @@ def config_reference_markdown() -> str:
     for name, info in RunConfig.model_fields.items():
         if name in SECTIONS:
             continue
-        out.append(f"| `{name}` | {_type_text(info.annotation)} | {_default_text(info)} | {info.description} |")
+        out.append(f"| `{name}` | {_describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
     for section in SECTIONS:
         model = RunConfig.model_fields[section].annotation
         out += ["", f"### `{section}`: {model.__doc__}", "", "| field | type | default | description |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
-            out.append(f"| `{section}.{name}` | {_type_text(info.annotation)} | {_default_text(info)} | {info.description} |")
+            out.append(f"| `{section}.{name}` | {_describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
     return "\n".join(out) + "\n"

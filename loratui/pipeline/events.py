@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from rich.markup import escape
 
 
 class _Event(BaseModel):
@@ -190,23 +191,26 @@ class RichWriter:
         elif kind == "metric":
             values = "  ".join(f"{k}={v:.4g}" for k, v in event.values.items())
             at = f" step {event.at}" if event.at is not None else ""
-            split = f" [{event.split}]" if event.split else ""
-            self._print(f"[cyan]{event.step}{at}{split}[/] {values}")
+            split = f" ({event.split})" if event.split else ""
+            self._print(f"[cyan]{escape(event.step + at + split)}[/] {escape(values)}")
         elif kind == "log":
             if event.level != "debug":
                 color = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
-                self._print(f"[{color}]{event.message}[/]")
+                self._print(f"[{color}]{escape(event.message)}[/]")
         elif kind in ("artifact", "checkpoint"):
-            self._print(f"[green]{kind}[/] {event.path}")
+            self._print(f"[green]{kind}[/] {escape(event.path)}")
         elif kind in FINAL_TYPES:
             self.close()
             if kind == "done":
                 took = f" in {event.seconds:.1f}s" if event.seconds is not None else ""
-                self.console.print(f"[bold green]{event.step} done{took}[/]")
+                self.console.print(f"[bold green]{escape(event.step)} done{took}[/]")
             elif kind == "cancelled":
                 resume = f" (resume from {event.resume_from})" if event.resume_from else ""
-                self.console.print(f"[bold yellow]{event.step} cancelled{resume}[/]")
-            # errors are printed by the CLI, once, with their hint
+                self.console.print(f"[bold yellow]{escape(event.step + ' cancelled' + resume)}[/]")
+            else:
+                self.console.print(f"[bold red]error:[/] {escape(event.message)}", soft_wrap=True)
+                if event.hint:
+                    self.console.print(f"[dim]hint:[/] {escape(event.hint)}", soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -21,14 +21,13 @@ from pydantic import BaseModel, Field
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink, JsonlWriter, Writer
+from loratui.pipeline.registry import STEP_ORDER, STEPS
+
+__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_step", "run_step"]
 from loratui.pipeline.runs import RunDir
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
 
-# The six steps of the workflow, in order. Each maps to "module:function" once implemented;
-# the CLI offers a subcommand for every implemented step and the TUI shows all six.
-STEP_ORDER: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export", "serve")
-STEPS: dict[str, str] = {}
 
 
 class StepResult(BaseModel):

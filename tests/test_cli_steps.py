@@ -1,0 +1,77 @@
+"""`loratui <step>`: the CLI runs registered steps with events on stdout and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loratui import cli
+from loratui.pipeline import registry
+from loratui.pipeline.events import parse_event, read_events
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    monkeypatch.setitem(registry.STEPS, "fake", "tests.fake_steps:counting")
+    monkeypatch.setitem(registry.STEPS, "broken", "tests.fake_steps:bad_input")
+
+
+def test_step_with_events_jsonl_on_stdout(fake_steps, tmp_path, capsys):
+    code = cli.main(["fake", "--events", "jsonl", f"runs_dir={tmp_path}", "name=r1"])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    events = [parse_event(line) for line in out]
+    assert [e.type for e in events][-3:] == ["metric", "artifact", "done"]
+    assert [e.current for e in events if e.type == "progress"] == [1, 2, 3]
+    assert events[-1].summary == {"steps": 3}
+    logged = read_events(tmp_path / "r1" / "events.jsonl")
+    assert [e.model_dump() for e in logged] == [e.model_dump() for e in events], "file and stdout carry the same events"
+    assert (tmp_path / "r1" / "config.yaml").read_text().count("name: r1") == 1
+
+
+def test_step_user_error_is_one_clear_message(fake_steps, tmp_path, capsys):
+    code = cli.main(["broken", "--events", "jsonl", f"runs_dir={tmp_path}"])
+    assert code == 1
+    captured = capsys.readouterr()
+    last = parse_event(captured.out.splitlines()[-1])
+    assert last.type == "error" and last.user_error and "row 3" in last.message
+    assert "row 3, field 'output'" in captured.err and "hint:" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_step_bad_config_exits_2_before_running(fake_steps, tmp_path, capsys):
+    code = cli.main(["fake", f"runs_dir={tmp_path}", "train.lr=fast"])
+    assert code == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing written for a config that does not validate"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
+    script = (
+        "from loratui.pipeline import registry\n"
+        "registry.STEPS['slow'] = 'tests.fake_steps:until_stopped'\n"
+        "from loratui.cli import main\n"
+        f"raise SystemExit(main(['slow', '--events', 'jsonl', 'runs_dir={tmp_path}', 'name=s']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    first = json.loads(proc.stdout.readline())  # wait until the step is working
+    assert first["type"] in ("log", "progress")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    events = [parse_event(line) for line in rest.splitlines()]
+    assert events[-1].type == "cancelled"
+    ckpt = Path(events[-1].resume_from)
+    assert (ckpt / "state.txt").is_file()
+    assert read_events(tmp_path / "s" / "events.jsonl")[-1].type == "cancelled"
