@@ -12,19 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pipeline.test_config import THREE_MISTAKES
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = "examples/quickstart.yaml"
 HEAVY = ("torch", "transformers", "textual")
-
-THREE_MISTAKES = """\
-name: demo
-lora:
-  method: lorax
-  r: 8
-train:
-  lrr: 0.001
-  lr: fast
-"""
 
 
 @pytest.fixture

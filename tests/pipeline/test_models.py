@@ -106,3 +106,16 @@ def test_builtin_gguf_ships_in_the_package():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     with open(path, "rb") as fh:
         assert fh.read(4) == b"GGUF"
+
+
+def test_gguf_file_resolves_into_the_cache(tmp_path, monkeypatch):
+    """A user's .gguf maps to a cache folder named after it and keyed by its content."""
+    monkeypatch.setenv("LORATUI_HOME", str(tmp_path / "home"))
+    src = models.builtin_gguf(models.DEFAULT_MODEL)
+    mine = tmp_path / "My Model.Q4_1.gguf"
+    mine.symlink_to(src)
+    r = models.resolve_model(str(mine), prepare=False)
+    assert r.source == "gguf" and r.origin == str(mine.resolve())
+    assert r.path.parent == tmp_path / "home" / "models"
+    assert r.path.name.startswith("smollm2-135m-instruct.q4_1-")  # the symlink resolves to the real file
+    assert r.path == models.imported_dir(src)
