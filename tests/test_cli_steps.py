@@ -40,7 +40,7 @@ def test_step_with_events_jsonl_on_stdout(fake_steps, tmp_path, capsys):
 
 def test_step_user_error_is_one_clear_message(fake_steps, tmp_path, capsys):
     code = cli.main(["broken", "--events", "jsonl", f"runs_dir={tmp_path}"])
-    assert code == 1
+    assert code == 2
     captured = capsys.readouterr()
     last = parse_event(captured.out.splitlines()[-1])
     assert last.type == "error" and last.user_error and "row 3" in last.message

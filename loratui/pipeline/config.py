@@ -304,8 +304,6 @@ class ConfigProblem:
 class ConfigError(LoratuiError):
     """A config that cannot be used; carries one problem per mistake."""
 
-    exit_code = 2
-
     def __init__(self, problems: list[ConfigProblem]):
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))

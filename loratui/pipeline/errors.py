@@ -9,7 +9,7 @@ class LoratuiError(Exception):
     ``hint`` says what to do about it; it is printed on its own line.
     """
 
-    exit_code = 1
+    exit_code = 2  # bad input; 1 is kept for internal errors (bugs)
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -22,8 +22,6 @@ class LoratuiError(Exception):
 
 class ModelNotFound(LoratuiError):
     """``model.base`` names nothing that can be loaded here."""
-
-    exit_code = 2
 
 
 class StepCancelled(Exception):

@@ -1,6 +1,7 @@
 """The step entry-point shape and the runner that every face (CLI, TUI, CI) goes through.
 
-A step is ``run(cfg, run_dir, events, should_stop) -> StepResult``. The runner creates the run
+A step is ``run(cfg, run_dir, events, should_stop) -> StepResult``; ``run_dir`` is a
+:class:`~loratui.pipeline.runs.RunDir` (its ``.path`` plus the named paths of the layout). The runner creates the run
 directory, wires the event writers, turns SIGTERM/SIGINT into ``should_stop() == True`` and maps the
 outcome to an exit code: 0 done, 130 cancelled, 2 user error (bad input), 1 internal error.
 A step that sees ``should_stop()`` saves what it can and returns ``StepResult(status="cancelled")``
@@ -22,12 +23,11 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink, JsonlWriter, Writer
 from loratui.pipeline.registry import STEP_ORDER, STEPS
-
-__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_step", "run_step"]
 from loratui.pipeline.runs import RunDir
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
+__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_step", "run_step"]
 
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 class StepResult(BaseModel):
@@ -116,7 +116,7 @@ def run_step(
         return EXIT_OK, result, events
     except LoratuiError as e:
         events.error(e.message, hint=e.hint, user_error=True)
-        return e.exit_code or EXIT_USER, None, events
+        return e.exit_code, None, events
     except KeyboardInterrupt:
         events.cancelled(message="interrupted")
         return EXIT_CANCELLED, None, events

@@ -85,7 +85,7 @@ def test_done_step(cfg, tmp_path, capfd):
     "exc,code",
     [
         (ModelNotFound("no model called 'nope'", hint="run `loratui models list`"), 2),
-        (LoratuiError("the data file is empty"), 1),
+        (LoratuiError("the data file is empty"), 2),
         (ConfigError([ConfigProblem("x.yaml", "train.lr", "got 'fast'", 3)]), 2),
     ],
     ids=["ModelNotFound", "LoratuiError", "ConfigError"],
