@@ -119,14 +119,12 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
-        single = " ".join([*(["$bos"] if add_bos else []), "$A", *(["$eos"] if add_eos else [])])
-        pair = " ".join([*(["$bos"] if add_bos else []), "$A", *(["$eos"] if add_eos else []), "$B:1",
-                         *(["$eos:1"] if add_eos else [])])
-        special = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        head = [bos] if add_bos else []
+        tail = [eos] if add_eos else []
         tok.post_processor = processors.TemplateProcessing(
-            single=single.replace("$bos", bos or "").replace("$eos", eos or ""),
-            pair=pair.replace("$bos", bos or "").replace("$eos", eos or ""),
-            special_tokens=special,
+            single=" ".join([*head, "$A", *tail]),
+            pair=" ".join([*head, "$A", *tail, "$B:1", *(f"{t}:1" for t in tail)]),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)],
         )
 
     context = next((int(v) for k, v in meta.items() if k.endswith(".context_length")), None)

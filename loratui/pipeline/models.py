@@ -90,7 +90,11 @@ def models_cache() -> Path:
 
 
 def _file_key(path: Path) -> str:
-    """Content key of a (large) file: size plus hashes of its first and last MiB."""
+    """Content key of a (large) file: size plus hashes of its first and last MiB.
+
+    Cheap on multi-GB files; a GGUF's header (metadata) and tail (last tensors) change with any
+    re-conversion or re-quantization, so this is specific enough for a cache key.
+    """
     h = hashlib.sha256()
     size = path.stat().st_size
     h.update(str(size).encode())
@@ -136,12 +140,8 @@ def ensure_imported(gguf_path: Path, name: str | None = None, log: Log | None = 
     return target
 
 
-def _builtin(name: str) -> BuiltinModel:
-    return BUILTINS[name]
-
-
 def builtin_gguf(name: str) -> Path:
-    model = _builtin(name)
+    model = BUILTINS[name]
     path = model.gguf_path()
     if path is None:
         raise ModelNotFound(
@@ -244,9 +244,3 @@ def list_models() -> list[dict[str, Any]]:
             "description": model.description,
         })
     return rows
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -14,10 +14,10 @@ from textual.containers import VerticalScroll
 from textual.widgets import ContentSwitcher, Footer, Header, Static, Tab, Tabs
 
 from loratui.pipeline.config import RunConfig, dump_yaml
-from loratui.pipeline.steps import STEP_ORDER
+from loratui.pipeline.registry import STEP_ORDER
 
 # What each step does and which config sections drive it.
-STEPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+STEP_INFO: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "data": ("Data", "Load, validate and template the training data; split train/validation/test.", ("data",)),
     "train": ("Train", "Train a LoRA, QLoRA or DoRA adapter on the training split.", ("model", "lora", "train")),
     "evaluate": ("Evaluate", "Score the tuned model against the base model on the test split.", ("eval",)),
@@ -25,7 +25,6 @@ STEPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "export": ("Export", "Write GGUF for llama.cpp and ONNX, each verified in its runtime.", ("export",)),
     "serve": ("Serve", "Run an OpenAI-compatible server on the best format for this hardware.", ("serve",)),
 }
-assert tuple(STEPS) == STEP_ORDER
 
 
 class StepPanel(VerticalScroll):
@@ -37,7 +36,7 @@ class StepPanel(VerticalScroll):
         self.cfg = cfg
 
     def compose(self) -> ComposeResult:
-        title, blurb, sections = STEPS[self.step]
+        title, blurb, sections = STEP_INFO[self.step]
         yield Static(f"[b]{title}[/b]  {blurb}", classes="step-title")
         data = self.cfg.model_dump(mode="json")
         text = dump_yaml({s: data[s] for s in sections})
@@ -48,7 +47,7 @@ class LoratuiApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "loratui"
     BINDINGS = [
-        *(Binding(str(i), f"show_step('{step}')", STEPS[step][0], id=f"step-{step}")
+        *(Binding(str(i), f"show_step('{step}')", STEP_INFO[step][0], id=f"step-{step}")
           for i, step in enumerate(STEP_ORDER, start=1)),
         Binding("q", "quit", "Quit", id="quit"),
     ]
@@ -61,7 +60,7 @@ class LoratuiApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Tabs(*(Tab(f"{i} {STEPS[s][0]}", id=f"tab-{s}") for i, s in enumerate(STEP_ORDER, 1)), id="stepbar")
+        yield Tabs(*(Tab(f"{i} {STEP_INFO[s][0]}", id=f"tab-{s}") for i, s in enumerate(STEP_ORDER, 1)), id="stepbar")
         with ContentSwitcher(initial=STEP_ORDER[0], id="steps"):
             for step in STEP_ORDER:
                 yield StepPanel(step, self.cfg)

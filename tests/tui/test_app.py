@@ -59,3 +59,9 @@ async def test_q_quits():
         await pilot.pause()
     assert app.return_code == 0 or app.return_code is None
     assert not app.is_running
+
+
+def test_every_step_has_a_panel_description():
+    from loratui.tui.app import STEP_INFO
+
+    assert tuple(STEP_INFO) == STEP_ORDER
