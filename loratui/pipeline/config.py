@@ -327,9 +327,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, tuple[str, str]]:
-    """Set dotted overrides in ``data`` in place; return {dotted key: (override text)} for messages."""
-    origin: dict[str, tuple[str, str]] = {}
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """Set dotted overrides in ``data`` in place; return {dotted key: "override 'k=v'"} for messages."""
+    origin: dict[str, str] = {}
     for text in overrides:
         path, value = _parse_override(text)
         node = data
@@ -340,7 +340,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, tup
                 node[part] = child
             node = child
         node[path[-1]] = value
-        origin[".".join(path)] = (f"override {text!r}", text)
+        origin[".".join(path)] = f"override {text!r}"
     return origin
 
 
@@ -370,18 +370,6 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return index
 
 
-def _describe_allowed(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
-    """Field names valid at ``path`` (for 'did you mean' on unknown keys)."""
-    current: Any = model
-    for part in path:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        current = fields[part].annotation
-    fields = getattr(current, "model_fields", None)
-    return list(fields) if fields else []
-
-
 _TYPE_ERRORS = ("literal_error", "int_parsing", "int_type", "int_from_float", "float_parsing", "float_type",
                 "bool_parsing", "bool_type", "string_type", "list_type", "dict_type", "model_type")
 
@@ -396,8 +384,8 @@ def _friendly(err: dict[str, Any], expected: str) -> str:
     value = err.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__}"
     if kind == "extra_forbidden":
-        loc = tuple(str(p) for p in err["loc"])
-        allowed = _describe_allowed(RunConfig, loc[:-1])
+        loc = [str(p) for p in err["loc"]]
+        allowed = list(getattr(_annotation_at(loc[:-1]), "model_fields", None) or [])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         listing = f" Allowed here: {', '.join(allowed)}." if allowed else ""
@@ -409,7 +397,7 @@ def _friendly(err: dict[str, Any], expected: str) -> str:
 
 
 def _problems_from_validation(
-    exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], origin: dict[str, tuple[str, str]]
+    exc: ValidationError, source: str, lines: dict[tuple[str, ...], int], origin: dict[str, str]
 ) -> list[ConfigProblem]:
     # A Union field reports one error per member, with the member's tag in the location
     # ('int', "literal['auto']", 'list[str]'). Group the errors by the location before the first tag
@@ -428,9 +416,9 @@ def _problems_from_validation(
         annotation = _annotation_at(loc)
         expected = _describe_type(annotation) if annotation is not None else ""
         src, line = source, lines.get(tuple(loc))
-        for key, (osrc, _text) in origin.items():
+        for key, override in origin.items():
             if dotted == key or dotted.startswith(key + "."):
-                src, line = osrc, None
+                src, line = override, None
         problems.append(ConfigProblem(src, dotted, _friendly(err, expected), line))
     problems.sort(key=lambda p: (p.source, p.line or 0))
     return problems
