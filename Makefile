@@ -33,6 +33,7 @@ $(STAMP): pyproject.toml $(LOCK) scripts/llama-cpp-wheel.sh Makefile
 	@# llama-cpp-python is compiled for this CPU (no AMX); the wheel is cached outside the repo.
 	$(PIP) install --quiet --no-deps "$$(scripts/llama-cpp-wheel.sh $(PY) $(LLAMA_CPP_VERSION))"
 	$(PIP) install --quiet -c $(LOCK) -e ".[dev]"
+	$(PIP) check
 	@touch $(STAMP)
 
 # Imports the embedded SmolLM2-135M-Instruct GGUF into a cached HF directory (once, about a minute).
