@@ -63,13 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_step_parsers(sub: Any) -> None:
     """One subcommand per implemented pipeline step (see loratui.pipeline.steps.STEPS)."""
-    from loratui.pipeline.registry import STEP_HELP, STEPS
+    from loratui.pipeline.registry import STEP_ACTIONS, STEP_HELP, STEPS
 
     for name in STEPS:
-        p = sub.add_parser(name, help=STEP_HELP.get(name, f"run the {name} step"))
+        actions = STEP_ACTIONS.get(name, {})
+        usage = f"loratui {name} {'[' + '|'.join(actions) + '] ' if actions else ''}[--config FILE] [KEY=VALUE ...]"
+        p = sub.add_parser(name, help=STEP_HELP.get(name, f"run the {name} step"), usage=usage)
         _add_config_args(p)
         p.add_argument("--events", choices=["jsonl", "none"], default="none",
                        help="also print every event as a JSON line on stdout (what the TUI reads)")
+        if actions:
+            p.add_argument("-n", "--examples", type=int, default=None, help="how many examples to show (preview)")
         p.set_defaults(step=name)
 
 
@@ -79,11 +83,20 @@ def _cmd_step(args: argparse.Namespace) -> int:
     from loratui.pipeline.events import JsonlWriter, RichWriter
     from loratui.pipeline.steps import load_step, run_step
 
-    cfg = load_config(args.config, args.overrides)
+    from loratui.pipeline.registry import STEP_ACTIONS
+
+    overrides = list(args.overrides)
+    action = overrides.pop(0) if overrides and overrides[0] in STEP_ACTIONS.get(args.step, {}) else None
+    cfg = load_config(args.config, overrides)
     writers: list[Any] = [RichWriter()]
     if args.events == "jsonl":
         writers.append(JsonlWriter(sys.stdout))
     code, _result, _events = run_step(args.step, load_step(args.step), cfg, writers=writers)
+    if code == 0 and action:
+        module, _, attr = STEP_ACTIONS[args.step][action].partition(":")
+        import importlib
+
+        getattr(importlib.import_module(module), attr)(cfg, args.examples)
     return code
 
 
@@ -162,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["tui", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may stand on both sides of options (`data preview -n 2 --config x.yaml train.lr=1`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.version:
         from loratui import __version__
 

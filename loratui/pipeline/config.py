@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from loratui.pipeline.data.problems import PROBLEMS, TRUNCATABLE, Policy, ProblemKind
 from loratui.pipeline.errors import LoratuiError
 
 Auto = Literal["auto"]
@@ -52,9 +53,6 @@ class ModelSection(Section):
     )
 
 
-ProblemPolicy = Literal["drop", "truncate", "fail"]
-
-
 class DataSection(Section):
     """Where the training data comes from and how it becomes examples."""
 
@@ -82,18 +80,18 @@ class DataSection(Section):
     )
     max_length: Union[int, Auto] = Field(
         "auto",
-        description="Maximum tokens per example. `auto` picks the 99th percentile of the data, "
-        "capped by the model's context.",
+        description="Maximum tokens per example. `auto`: the longest example rounded up to a multiple of "
+        "64, capped by the model's context (and 4096).",
     )
-    too_long: ProblemPolicy = Field(
-        "truncate", description="What to do with examples longer than `max_length`."
+    on_problem: dict[ProblemKind, Policy] = Field(
+        default_factory=dict,
+        description="Policy per problem kind: `drop` (default; the row is listed in the report), `fail` "
+        "(stop with an error), or `truncate` (only for `too_long`, its default). Kinds: "
+        + ", ".join(f"`{k}`" for k in PROBLEMS) + ".",
     )
-    on_bad_row: Literal["drop", "fail"] = Field(
-        "drop",
-        description="What to do with an invalid row (missing field, wrong type, bad role order). "
-        "Dropped rows are always listed in the data report.",
+    dedupe: bool = Field(
+        True, description="Drop exact duplicate rows. Validation/test rows that are also in training are always dropped."
     )
-    dedupe: bool = Field(True, description="Drop exact duplicate examples (and any test example seen in training).")
     val_ratio: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for validation.")
     test_ratio: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for the final test.")
     val_source: str | None = Field(None, description="Separate validation file (instead of `val_ratio`).")
@@ -101,6 +99,15 @@ class DataSection(Section):
     chunk_tokens: int = Field(512, gt=0, description="Chunk size in tokens for folders of documents.")
     chunk_overlap: int = Field(64, ge=0, description="Overlap in tokens between consecutive document chunks.")
     seed: int = Field(42, description="Seed for shuffling and splitting.")
+    preview_examples: int = Field(3, ge=0, description="Examples rendered in `data/preview.txt`.")
+
+    @field_validator("on_problem")
+    @classmethod
+    def _truncate_only_too_long(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k, policy in v.items() if policy == "truncate" and k not in TRUNCATABLE]
+        if bad:
+            raise ValueError(f"'truncate' only applies to too_long, not to {', '.join(bad)}")
+        return v
 
     @field_validator("max_length")
     @classmethod

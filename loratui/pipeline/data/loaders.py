@@ -1,0 +1,249 @@
+"""Reading data files: JSON, JSONL, CSV/TSV, Parquet, and folders of .txt/.md documents.
+
+A file that is not what it claims (binary, empty, the wrong extension) is one clear
+:class:`LoratuiError`. A bad row inside a good file is a :class:`RowError` kept with its row number,
+so the data step can report it and carry on. Row numbers are what a person finds in an editor:
+the line for JSONL and CSV, the position (1-based) for JSON arrays and Parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from loratui.pipeline.data.problems import RowError
+from loratui.pipeline.errors import LoratuiError
+
+DATA_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                   ".parquet": "parquet"}
+DOC_EXTENSIONS = {".txt", ".md", ".markdown"}
+BUNDLED_DIR = Path(__file__).resolve().parent.parent.parent / "data"
+
+_MAGIC = [(b"PAR1", "Parquet"), (b"PK\x03\x04", "a ZIP archive (or .xlsx/.docx)"), (b"%PDF", "a PDF"),
+          (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip-compressed"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"SQLite format 3", "an SQLite database"), (b"GGUF", "a GGUF model")]
+
+Row = tuple[int, Any]  # (row number, dict record or RowError)
+
+
+@dataclass
+class LoadedFile:
+    path: Path
+    kind: str  # jsonl | json | csv | tsv | parquet | document
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir() and (p / "train.jsonl").is_file())
+
+
+def bundled_split(name: str, split: str) -> Path | None:
+    path = BUNDLED_DIR / name / f"{split}.jsonl"
+    return path if path.is_file() else None
+
+
+def expand_sources(source: str | list[str]) -> list[Path]:
+    """Files named by ``data.source``: paths, globs, folders (recursively), in a stable order."""
+    items = [source] if isinstance(source, str) else list(source)
+    if not items:
+        raise LoratuiError("data.source is empty", hint="Name a file, a glob, a folder or a bundled dataset.")
+    files: list[Path] = []
+    for item in items:
+        if item in bundled_names():
+            files.append(bundled_split(item, "train"))  # type: ignore[arg-type]
+            continue
+        p = Path(item).expanduser()
+        if any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise LoratuiError(f"data.source {item!r}: no files match this pattern")
+            files.extend(matches)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and (f.suffix.lower() in DATA_EXTENSIONS or f.suffix.lower() in DOC_EXTENSIONS))
+            if not found:
+                raise LoratuiError(
+                    f"{p}: folder has no data files",
+                    hint=f"Expected {', '.join(sorted(DATA_EXTENSIONS))} files, or .txt/.md documents.")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            names = ", ".join(bundled_names())
+            raise LoratuiError(f"data.source {item!r}: no such file, folder or bundled dataset",
+                               hint=f"Bundled datasets: {names}.")
+    return files
+
+
+def _sniff(path: Path, head: bytes) -> None:
+    """One clear error for files that are empty or binary."""
+    if not head.strip():
+        raise LoratuiError(f"{path}: the file is empty")
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            ext = path.suffix.lower()
+            if what == "Parquet" and ext == ".parquet":
+                return
+            hint = "Rename it to .parquet." if what == "Parquet" else None
+            raise LoratuiError(f"{path}: this is {what}, not a {ext or 'text'} file", hint=hint)
+    if b"\0" in head and path.suffix.lower() != ".parquet":
+        raise LoratuiError(f"{path}: binary content (NUL bytes), not a {path.suffix or 'text'} file")
+
+
+def load_file(path: Path) -> LoadedFile:
+    ext = path.suffix.lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as e:
+        raise LoratuiError(f"{path}: cannot read ({e.strerror})") from None
+    _sniff(path, head)
+    if ext in DOC_EXTENSIONS:
+        return LoadedFile(path, "document", [(1, _read_document(path))])
+    kind = DATA_EXTENSIONS.get(ext)
+    if kind is None:
+        raise LoratuiError(
+            f"{path}: unsupported file type {ext or '(no extension)'}",
+            hint=f"Supported: {', '.join(sorted(DATA_EXTENSIONS))}, and .txt/.md documents in a folder.")
+    if kind == "parquet" and not head.startswith(b"PAR1"):
+        raise LoratuiError(f"{path}: not a Parquet file (no PAR1 header)")
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "tsv": _read_csv,
+              "parquet": _read_parquet}[kind]
+    return LoadedFile(path, kind, list(reader(path)))
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LoratuiError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return {"text": text}
+
+
+def _record(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value
+    return RowError("not_an_object", f"expected a JSON object with named fields, got {_type_name(value)}")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, RowError("undecodable_bytes", f"byte {e.start} of the line is not UTF-8")
+                continue
+            if number == 1 and line.lstrip().startswith("[") and path.stat().st_size > len(raw):
+                # a pretty-printed JSON array saved as .jsonl
+                try:
+                    json.loads(path.read_text(encoding="utf-8-sig"))
+                except (ValueError, UnicodeDecodeError):
+                    pass
+                else:
+                    raise LoratuiError(f"{path}: this is a JSON array, not JSON Lines",
+                                       hint="Rename it to .json, or write one object per line.")
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield number, RowError("invalid_json", f"invalid JSON at column {e.colno}: {e.msg}")
+                continue
+            yield number, _record(value)
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LoratuiError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if len(lines) > 1 and e.msg == "Extra data" and all(ln.lstrip().startswith("{") for ln in lines[:2]):
+            raise LoratuiError(f"{path}: this is JSON Lines (one object per line), not a JSON document",
+                               hint="Rename it to .jsonl.") from None
+        raise LoratuiError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if isinstance(value, dict):
+        lists = [(k, v) for k, v in value.items() if isinstance(v, list)]
+        if len(lists) == 1:
+            value = lists[0][1]
+        else:
+            raise LoratuiError(f"{path}: expected a JSON array of rows (or an object holding one array), "
+                               f"got an object with keys {', '.join(list(value)[:8])}")
+    if not isinstance(value, list):
+        raise LoratuiError(f"{path}: expected a JSON array of rows, got {_type_name(value)}")
+    for number, item in enumerate(value, start=1):
+        yield number, _record(item)
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise LoratuiError(f"{path}: the file is empty") from None
+    except csv.Error as e:
+        raise LoratuiError(f"{path}: not valid CSV ({e})") from None
+    header = [h.strip() for h in header]
+    if not any(header) or len(set(header)) != len(header):
+        raise LoratuiError(f"{path}: the first line must name each column once (got {header[:8]})")
+    line = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise LoratuiError(f"{path}: not valid CSV at line {reader.line_num} ({e})") from None
+        number, line = line, reader.line_num + 1
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield number, RowError("not_an_object", f"{len(values)} values, but the header names {len(header)} columns")
+            continue
+        if any(_has_surrogates(v) for v in values):
+            yield number, RowError("undecodable_bytes", "the row has bytes that are not UTF-8")
+            continue
+        yield number, dict(zip(header, values))
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for damaged files
+        raise LoratuiError(f"{path}: not a readable Parquet file ({e})") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield number, record

@@ -1,0 +1,539 @@
+"""The data step: files -> validated examples -> templated, masked, split token datasets.
+
+Writes ``runs/<name>/data/``:
+  report.json, report.md   what was read, detected, dropped or truncated (row by row), split, tokenized
+  preview.txt              examples through the template with the trained tokens marked, length stats
+  dataset.json             manifest for later steps: splits, template, max_length, cache key
+  processed/<split>/       ``datasets`` saved to disk: input_ids, labels, source, messages, meta
+
+The result is cached in ``$LORATUI_HOME/datasets/<key>`` under a key over the file contents, the
+tokenizer, the template and the data settings; a second run with the same inputs only copies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.formats import Example, apply_columns, detect_format, to_example
+from loratui.pipeline.data.loaders import bundled_names, bundled_split, expand_sources, load_file
+from loratui.pipeline.data.problems import DEFAULT_POLICY, PROBLEMS, RowError, RowProblem
+from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.events import EventSink
+from loratui.pipeline.runs import RunDir, atomic_dir, atomic_write_text, write_config
+
+# Bump when the processed output changes for the same inputs, so caches are rebuilt.
+DATA_VERSION = 1
+SPLITS = ("train", "validation", "test")
+MAX_AUTO_LENGTH = 4096
+ENCODE_SHARD = 5000  # rows per encode call: progress and cancel checks between shards
+
+
+@dataclass
+class Collected:
+    """Everything the build learns, for the report."""
+
+    files: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[RowProblem] = field(default_factory=list)
+    rows_read: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validating
+# --------------------------------------------------------------------------------------------
+
+
+def _split_files(cfg: RunConfig) -> dict[str, list[Path]]:
+    d = cfg.data
+    files = {"train": expand_sources(d.source), "validation": [], "test": []}
+    bundled = [d.source] if isinstance(d.source, str) and d.source in bundled_names() else []
+    for split, own in (("validation", d.val_source), ("test", d.test_source)):
+        if own:
+            files[split] = expand_sources(own)
+        elif bundled:  # bundled datasets ship their own held-out splits
+            path = bundled_split(bundled[0], split)
+            files[split] = [path] if path else []
+    return files
+
+
+def _policy(cfg: RunConfig, kind: str) -> str:
+    return cfg.data.on_problem.get(kind, DEFAULT_POLICY[kind])  # type: ignore[arg-type]
+
+
+def _note(cfg: RunConfig, out: Collected, problem: RowProblem) -> None:
+    if _policy(cfg, problem.kind) == "fail":
+        raise LoratuiError(f"{problem} ({problem.kind})",
+                           hint=f"data.on_problem.{problem.kind} is 'fail'; set it to 'drop' to skip such rows.")
+    out.problems.append(problem)
+
+
+def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str) -> list[Example]:
+    """Load, detect and validate; bad rows become problems (or stop the step under 'fail')."""
+    d = cfg.data
+    examples: list[Example] = []
+    for path in files:
+        loaded = load_file(path)
+        name = str(path)
+        good: list[tuple[int, dict[str, Any]]] = []
+        for number, record in loaded.rows:
+            out.rows_read += 1
+            if isinstance(record, RowError):
+                _note(cfg, out, RowProblem(record.kind, name, number, record.message, record.field))
+            else:
+                good.append((number, apply_columns(record, d.columns)))
+        info: dict[str, Any] = {"path": name, "split": split, "kind": loaded.kind, "rows": len(loaded.rows)}
+        if loaded.kind == "document":
+            fmt, reason = "text", "a document: chunked by tokens"
+        elif d.format != "auto":
+            fmt, reason = d.format, "set by data.format"
+        else:
+            detection = detect_format([r for _, r in good], name)
+            fmt, reason = detection.format, detection.reason
+        info.update(format=fmt, reason=reason)
+        kept = 0
+        for number, record in good:
+            try:
+                ex = to_example(record, fmt, name, number, d.system_prompt)
+            except RowError as e:
+                _note(cfg, out, RowProblem(e.kind, name, number, e.message, e.field))
+                continue
+            ex.document = loaded.kind == "document"
+            examples.append(ex)
+            kept += 1
+        info["valid"] = kept
+        extra = sorted({k for ex in examples[-kept:] if kept for k in ex.meta})
+        if extra:
+            info["extra_columns"] = extra
+        out.files.append(info)
+    return examples
+
+
+def _dedupe(cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: Collected,
+            kind: str) -> list[Example]:
+    kept = []
+    for ex in examples:
+        k = ex.key()
+        if k in seen:
+            what = "an example in the training split" if kind == "duplicate_across_splits" else "an earlier row"
+            _note(cfg, out, RowProblem(kind, ex.file, ex.row, f"same content as {what} ({seen[k]})"))
+            continue
+        seen.setdefault(k, f"{ex.file}, row {ex.row}")
+        kept.append(ex)
+    return kept
+
+
+def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: Collected) -> dict[str, list[Example]]:
+    """Deterministic ratio split (unless files per split were given), deduplicated within and across."""
+    d = cfg.data
+    pool = by_split["train"]
+    if d.dedupe:
+        pool = _dedupe(cfg, pool, {}, out, "duplicate")
+    rng = random.Random(d.seed)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    splits: dict[str, list[Example]] = {"validation": [], "test": []}
+    cut = 0
+    for split, ratio in (("test", d.test_ratio), ("validation", d.val_ratio)):
+        if by_split[split]:  # its own file(s): no ratio split
+            continue
+        n = round(len(pool) * ratio)
+        if ratio > 0 and n == 0 and len(pool) >= 3:
+            n = 1
+        splits[split] = [pool[i] for i in sorted(order[cut:cut + n])]
+        cut += n
+    train = [pool[i] for i in sorted(order[cut:])]
+    if not train:
+        raise LoratuiError("no training examples are left after validation and splitting",
+                           hint="See data/report.json for the dropped rows, or lower data.val_ratio/test_ratio.")
+    result = {"train": train}
+    seen = {ex.key(): f"{ex.file}, row {ex.row}" for ex in train}
+    for split in ("validation", "test"):
+        rows = by_split[split] or splits[split]
+        if d.dedupe and by_split[split]:
+            rows = _dedupe(cfg, rows, {}, out, "duplicate")
+        result[split] = _dedupe(cfg, rows, dict(seen), out, "duplicate_across_splits")
+        seen.update({ex.key(): f"{ex.file}, row {ex.row}" for ex in result[split]})
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizing
+# --------------------------------------------------------------------------------------------
+
+
+def _to_dataset(examples: list[Example]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "messages": [json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else "" for ex in examples],
+        "text": [ex.text or "" for ex in examples],
+        "document": [ex.document for ex in examples],
+        "source": [f"{ex.file}:{ex.row}" for ex in examples],
+        "meta": [json.dumps(ex.meta, ensure_ascii=False) if ex.meta else "" for ex in examples],
+    })
+
+
+def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg: RunConfig,
+                    events: EventSink, should_stop: Any, split: str, num_proc: int | None = None) -> Any:
+    from datasets import concatenate_datasets, disable_progress_bars
+
+    from loratui.pipeline.data.encode import encode_batch
+
+    disable_progress_bars()
+    d = cfg.data
+    fn_kwargs = dict(tokenizer=tokenizer, template=template, train_on_prompt=d.train_on_prompt,
+                     chunk_tokens=d.chunk_tokens, chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
+    parts = []
+    for start in range(0, len(examples), ENCODE_SHARD):
+        if should_stop():
+            raise StepCancelled("cancelled while tokenizing")
+        shard = _to_dataset(examples[start:start + ENCODE_SHARD])
+        parts.append(shard.map(encode_batch, batched=True, batch_size=1000, fn_kwargs=fn_kwargs,
+                               remove_columns=shard.column_names, num_proc=num_proc,
+                               load_from_cache_file=False, keep_in_memory=True))
+        events.progress(min(start + ENCODE_SHARD, len(examples)), len(examples), task=f"tokenize {split}",
+                        unit="rows")
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _model_context(tokenizer: Any, model_dir: Path) -> int:
+    limits = [MAX_AUTO_LENGTH]
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(int(tokenizer.model_max_length))
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        if config.get("max_position_embeddings"):
+            limits.append(int(config["max_position_embeddings"]))
+    except (OSError, ValueError):
+        pass
+    return min(limits)
+
+
+def resolve_max_length(cfg: RunConfig, lengths: list[int], context: int) -> int:
+    if cfg.data.max_length != "auto":
+        return int(cfg.data.max_length)
+    longest = max(lengths) if lengths else 64
+    return min(context, -(-longest // 64) * 64)
+
+
+def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected) -> Any:
+    """Truncate or drop over-long rows (and rows with nothing left to train) per data.on_problem."""
+    import numpy as np
+
+    lengths = np.asarray([len(x) for x in ds["input_ids"]])
+    policy = _policy(cfg, "too_long")
+    over = np.nonzero(lengths > max_length)[0].tolist()
+    sources = ds["source"]
+    drop: set[int] = set()
+    for i in over:
+        file, _, row = sources[i].rpartition(":")
+        message = f"{lengths[i]} tokens, more than max_length {max_length}"
+        if policy == "truncate":
+            out.problems.append(RowProblem("too_long", file, int(row), message + f": truncated to {max_length}",
+                                           action="truncated"))
+        else:
+            _note(cfg, out, RowProblem("too_long", file, int(row), message))
+            drop.add(i)
+    if over and policy == "truncate":
+        ds = ds.map(lambda r: {"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]},
+                    load_from_cache_file=False, keep_in_memory=True)
+    trained = [sum(1 for label in labels if label != -100) for labels in ds["labels"]]
+    for i, n in enumerate(trained):
+        if n == 0 and i not in drop:
+            file, _, row = sources[i].rpartition(":")
+            _note(cfg, out, RowProblem("no_trained_tokens", file, int(row),
+                                       "no assistant tokens left to train on (the answer was cut off)"))
+            drop.add(i)
+    if drop:
+        ds = ds.select([i for i in range(len(ds)) if i not in drop])
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Report and preview
+# --------------------------------------------------------------------------------------------
+
+
+def _stats(lengths: list[int]) -> dict[str, Any]:
+    import numpy as np
+
+    if not lengths:
+        return {"rows": 0}
+    a = np.asarray(lengths)
+    return {"rows": len(lengths), "min": int(a.min()), "median": float(np.median(a)),
+            "p95": float(np.percentile(a, 95)), "max": int(a.max()), "total": int(a.sum())}
+
+
+def preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, list[tuple[bool, str]]]]:
+    """The first ``n`` rows as (header, [(trained, text), ...]): runs of trained and context tokens."""
+    examples = []
+    for i in range(min(n, len(ds))):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        runs: list[tuple[bool, list[int]]] = []
+        for tok_id, label in zip(ids, labels):
+            trained = label != -100
+            if runs and runs[-1][0] == trained:
+                runs[-1][1].append(tok_id)
+            else:
+                runs.append((trained, [tok_id]))
+        n_trained = sum(1 for label in labels if label != -100)
+        header = f"── example {i + 1} ({ds[i]['source']}): {len(ids)} tokens, {n_trained} trained"
+        examples.append((header, [(t, tokenizer.decode(g)) for t, g in runs]))
+    return examples
+
+
+def _plain(pieces: list[tuple[bool, str]]) -> str:
+    return "".join(f"⟦{text}⟧" if trained else text for trained, text in pieces)
+
+
+def _stats_lines(report: dict[str, Any]) -> list[str]:
+    t = report["tokens"]
+    lines = []
+    for split in SPLITS:
+        s = t.get(split, {})
+        if s.get("rows"):
+            lines.append(f"{split}: {s['rows']} rows; tokens min {s['min']}, median {s['median']:.0f}, "
+                         f"p95 {s['p95']:.0f}, max {s['max']}")
+    lines.append(f"max_length: {report['max_length']} ({report['max_length_source']}); "
+                 f"{t['over_max_length']} rows were longer ({report['policy']['too_long']})")
+    lines.append(f"tokens per epoch: {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)")
+    return lines
+
+
+def _preview_text(splits: dict[str, Any], tokenizer: Any, report: dict[str, Any], n: int) -> str:
+    train = splits["train"]
+    head = (f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
+            f"template: {report['template']}\n"
+            "Trained tokens are between ⟦ and ⟧; the rest is context only (label -100).\n")
+    blocks = [f"{h}\n{_plain(p)}\n" for h, p in preview_pieces(train, tokenizer, n)]
+    return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    out = ["# Data report", "", "| file | split | format | why | rows | valid |", "|---|---|---|---|---|---|"]
+    for f in report["files"]:
+        out.append(f"| {f['path']} | {f['split']} | {f['format']} | {f['reason']} | {f['rows']} | {f['valid']} |")
+    out += ["", f"Rows read: {rows['read']}; kept: {rows['kept']} "
+            f"(train {report['splits']['train']}, validation {report['splits']['validation']}, "
+            f"test {report['splits']['test']}); dropped: {rows['dropped']}; truncated: {rows['truncated']}.", ""]
+    if report["problems"]:
+        out += ["| problem | rows | policy | meaning |", "|---|---|---|---|"]
+        for kind, count in report["problems"].items():
+            out.append(f"| {kind} | {count} | {report['policy'][kind]} | {PROBLEMS[kind]} |")
+        out += ["", "## Rows dropped or truncated", ""]
+        out += [f"- {p['file']}, row {p.get('row', '-')}{', field ' + repr(p['field']) if p.get('field') else ''}: "
+                f"{p['message']} ({p['kind']}, {p['action']})" for p in report["dropped"] + report["truncated"]]
+    else:
+        out.append("No problems found.")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tokenizer_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens",
+                                                "chat_template")) or f.suffix == ".model"):
+            h.update(f.name.encode())
+            h.update(_sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, template_source: str) -> str:
+    h = hashlib.sha256()
+    settings = cfg.data.model_dump(mode="json", exclude={"preview_examples"})
+    h.update(json.dumps({"version": DATA_VERSION, "settings": settings}, sort_keys=True).encode())
+    for split in SPLITS:
+        for path in files[split]:
+            h.update(f"{split}:{path}:{_sha256_file(path)}".encode())
+    h.update(_tokenizer_fingerprint(model_dir).encode())
+    h.update(template_source.encode())
+    return h.hexdigest()[:20]
+
+
+def datasets_cache() -> Path:
+    from loratui.pipeline.models import loratui_home
+
+    return loratui_home() / "datasets"
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _install(cached: Path, target: Path) -> None:
+    with atomic_dir(target) as tmp:
+        shutil.copytree(cached, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template: Any, model_dir: Path,
+          out_dir: Path, events: EventSink, should_stop: Any, key: str) -> dict[str, Any]:
+    out = Collected()
+    by_split: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        by_split[split] = read_examples(cfg, files[split], out, split)
+        if should_stop():
+            raise StepCancelled("cancelled while reading")
+    events.progress(1, 4, task="stages", message="validated rows")
+    splits = split_examples(cfg, by_split, out)
+    encoded = {s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s)
+               for s, rows in splits.items()}
+    events.progress(2, 4, task="stages", message="tokenized")
+    lengths = [len(x) for ds in encoded.values() if ds is not None for x in ds["input_ids"]]
+    max_length = resolve_max_length(cfg, lengths, _model_context(tokenizer, model_dir))
+    over = sum(1 for n in lengths if n > max_length)
+    for split, ds in encoded.items():
+        if ds is not None:
+            encoded[split] = apply_length_policy(ds, max_length, cfg, out)
+    events.progress(3, 4, task="stages", message="applied max_length")
+
+    processed = out_dir / "processed"
+    tokens: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for split, ds in encoded.items():
+        counts[split] = 0 if ds is None else len(ds)
+        split_lengths = [] if ds is None else [len(x) for x in ds["input_ids"]]
+        tokens[split] = _stats(split_lengths)
+        if ds is not None and len(ds):
+            ds.save_to_disk(str(processed / split))
+    train = encoded["train"]
+    if train is None or not len(train):
+        raise LoratuiError("no training examples are left", hint="See the dropped rows in data/report.json.")
+    trained = sum(sum(1 for label in labels if label != -100) for labels in train["labels"])
+    tokens.update(over_max_length=over, per_epoch=tokens["train"]["total"], trained_per_epoch=trained)
+    ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
+    dropped = [p.to_dict() for p in ordered if p.action != "truncated"]
+    truncated = [p.to_dict() for p in ordered if p.action == "truncated"]
+    report = {
+        "files": out.files,
+        "rows": {"read": out.rows_read, "kept": sum(counts.values()), "dropped": len(dropped),
+                 "truncated": len(truncated)},
+        "splits": counts,
+        "problems": dict(sorted(Counter(p.kind for p in out.problems).items(), key=lambda kv: list(PROBLEMS).index(kv[0]))),
+        "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS},
+        "dropped": dropped,
+        "truncated": truncated,
+        "template": template.name,
+        "max_length": max_length,
+        "max_length_source": "auto: longest example rounded up to 64, capped by the model context"
+        if cfg.data.max_length == "auto" else "data.max_length",
+        "tokens": tokens,
+        "cache_key": key,
+    }
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "report.md", _report_markdown(report))
+    atomic_write_text(out_dir / "preview.txt", _preview_text(encoded, tokenizer, report, cfg.data.preview_examples))
+    manifest = {"splits": {s: str(Path("processed") / s) for s, n in counts.items() if n}, "counts": counts,
+                "template": template.name, "chat_template": template.source, "max_length": max_length,
+                "model_dir": str(model_dir), "cache_key": key, "data_version": DATA_VERSION}
+    atomic_write_text(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any, Any, Path]:
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline.data.templates import resolve_template
+    from loratui.pipeline.models import resolve_model
+
+    model = resolve_model(cfg.model.base, revision=cfg.model.revision, log=events.log)
+    tokenizer = AutoTokenizer.from_pretrained(str(model.path), trust_remote_code=cfg.model.trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoratuiError(f"{model.path}: the data step needs a fast (Rust) tokenizer for offsets",
+                           hint="Provide tokenizer.json with the model.")
+    return tokenizer, resolve_template(cfg.data.template, tokenizer), model.path
+
+
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+    from loratui.pipeline.steps import StepResult
+
+    started = time.monotonic()
+    files = _split_files(cfg)
+    events.progress(0, 4, task="stages", message="reading")
+    tokenizer, template, model_dir = load_tokenizer_and_template(cfg, events)
+    key = cache_key(cfg, files, model_dir, template.source)
+    cached = datasets_cache() / key
+    hit = (cached / "dataset.json").is_file()
+    if hit:
+        events.log(f"data: cache hit ({cached}); nothing to recompute")
+    else:
+        with atomic_dir(cached) as tmp:
+            build(cfg, files, tokenizer, template, model_dir, tmp, events, should_stop, key)
+    _install(cached, run.data)
+    report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
+    events.progress(4, 4, task="stages", message="done")
+
+    if cfg.data.max_length == "auto":  # written back so the run is reproducible from config.yaml
+        cfg.data.max_length = report["max_length"]
+        write_config(run.config, cfg)
+    for f in report["files"]:
+        events.log(f"{f['path']} ({f['split']}): {f['format']}, {f['reason']}")
+    for kind, count in report["problems"].items():
+        events.log(f"{count} rows: {kind} ({report['policy'][kind]}): {PROBLEMS[kind]}", level="warning")
+    events.metric({f"rows_{s}": float(n) for s, n in report["splits"].items()}
+                  | {"dropped": float(report["rows"]["dropped"]), "tokens_per_epoch": float(report["tokens"]["per_epoch"])})
+    for name, kind in (("report.json", "data-report"), ("preview.txt", "data-preview"), ("processed", "dataset")):
+        events.artifact(run.data / name, kind=kind)
+    summary = {"splits": report["splits"], "dropped": report["rows"]["dropped"],
+               "truncated": report["rows"]["truncated"], "max_length": report["max_length"],
+               "template": report["template"], "cache_hit": hit,
+               "seconds": round(time.monotonic() - started, 2)}
+    return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
+
+
+def show_preview(cfg: RunConfig, n: int | None = None) -> None:
+    """Print examples with trained tokens highlighted (``loratui data preview``), after the step ran."""
+    from datasets import load_from_disk
+    from rich.console import Console
+    from rich.text import Text
+    from transformers import AutoTokenizer
+
+    run = RunDir.for_config(cfg)
+    manifest = json.loads((run.data / "dataset.json").read_text())
+    train = load_from_disk(str(run.data / manifest["splits"]["train"]))
+    tokenizer = AutoTokenizer.from_pretrained(manifest["model_dir"])
+    console = Console()
+    count = cfg.data.preview_examples if n is None else n
+    console.print(f"[bold]{min(count, len(train))} of {len(train)} training examples[/], template "
+                  f"{manifest['template']}: [green]trained tokens in green[/], [dim]context (label -100) dim[/]")
+    for header, pieces in preview_pieces(train, tokenizer, count):
+        text = Text()
+        for trained, piece in pieces:
+            text.append(piece, style="bold green" if trained else "dim")
+        console.print(Text(header, style="cyan"))
+        console.print(text)
+    report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
+    console.print(Text("\n".join(_stats_lines(report))))
