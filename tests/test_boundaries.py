@@ -8,11 +8,21 @@ import sys
 import pytest
 
 HEADLESS = ["loratui.pipeline", "loratui.exporters", "loratui.serving"]
-# every module of the headless packages, so an import buried in a submodule is caught too
-HEADLESS_MODULES = [
-    "loratui.pipeline.config", "loratui.pipeline.events", "loratui.pipeline.runs", "loratui.pipeline.steps",
-    "loratui.pipeline.models", "loratui.pipeline.gguf_import", "loratui.pipeline.errors",
-]
+
+
+def _all_modules() -> list[str]:
+    """Every module of the headless packages, so an import buried in a submodule is caught too."""
+    import importlib
+    import pkgutil
+
+    names = []
+    for pkg in HEADLESS:
+        module = importlib.import_module(pkg)
+        names += [m.name for m in pkgutil.walk_packages(module.__path__, prefix=pkg + ".")]
+    return names
+
+
+HEADLESS_MODULES = _all_modules()
 
 
 def _loaded_after(code: str) -> set[str]:

@@ -1,0 +1,127 @@
+"""Loss masks: which token positions carry labels, for single and multi-turn chats, text and documents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loratui.pipeline.data.encode import IGNORE, encode_batch, render_chat
+from loratui.pipeline.data.templates import NAMED_TEMPLATES, resolve_template
+from loratui.pipeline.errors import LoratuiError
+
+CHAT = [{"role": "user", "content": "When do you open?"}, {"role": "assistant", "content": "At 08:30 daily."}]
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Fee?"}, {"role": "assistant", "content": "EUR 45 a year."},
+    {"role": "user", "content": "E-mail?"}, {"role": "assistant", "content": "members@example.org"},
+]
+
+
+@pytest.fixture(scope="module", params=["bpe", "smollm2"])
+def tok(request, tiny_model_factory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_factory(tokenizer=request.param))
+
+
+def _encode(tok, rows, template="auto", train_on_prompt=False, chunk_tokens=512, chunk_overlap=64, document=None):
+    batch = {
+        "messages": [json.dumps(r) if isinstance(r, list) else "" for r in rows],
+        "text": [r if isinstance(r, str) else "" for r in rows],
+        "document": document or [False] * len(rows),
+        "source": [f"f:{i}" for i in range(len(rows))],
+        "meta": [""] * len(rows),
+    }
+    return encode_batch(batch, tok, resolve_template(template, tok), train_on_prompt, chunk_tokens, chunk_overlap)
+
+
+def _trained_runs(tok, ids, labels) -> list[str]:
+    runs, current = [], []
+    for i, label in zip(ids, labels):
+        if label != IGNORE:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
+
+
+def test_only_the_answer_and_its_end_of_turn_are_trained(tok):
+    out = _encode(tok, [CHAT])
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert len(ids) == len(labels)
+    assert _trained_runs(tok, ids, labels) == ["At 08:30 daily.<|im_end|>"]
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels)), "labels are the ids or ignored"
+
+
+def test_every_assistant_turn_of_a_multi_turn_chat_is_trained(tok):
+    out = _encode(tok, [MULTI])
+    runs = _trained_runs(tok, out["input_ids"][0], out["labels"][0])
+    assert runs == ["EUR 45 a year.<|im_end|>", "members@example.org<|im_end|>"]
+
+
+def test_train_on_prompt_trains_everything(tok):
+    out = _encode(tok, [CHAT], train_on_prompt=True)
+    assert IGNORE not in out["labels"][0]
+
+
+def test_eos_is_appended_when_the_template_does_not_end_turns_with_it(tok):
+    out = _encode(tok, [CHAT], template="phi")
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert _trained_runs(tok, ids, labels)[0].startswith("At 08:30 daily.<|end|>")
+
+
+@pytest.mark.parametrize("name", list(NAMED_TEMPLATES))
+def test_named_templates_train_the_answer_and_stop(tok, name):
+    out = _encode(tok, [MULTI], template=name)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    runs = _trained_runs(tok, ids, labels)
+    assert len(runs) == 2 and "EUR 45 a year." in runs[0] and "members@example.org" in runs[1]
+    assert tok.eos_token_id in [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert "Fee?" not in "".join(runs) and "E-mail?" not in "".join(runs)
+
+
+def test_text_rows_are_trained_in_full_with_eos(tok):
+    out = _encode(tok, ["Plain text to learn."])
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert labels == ids and ids[-1] == tok.eos_token_id
+
+
+def test_documents_are_chunked_and_each_token_trained_once(tok):
+    text = " ".join(f"Sentence number {i} of the handbook." for i in range(40))
+    out = _encode(tok, [text], chunk_tokens=32, chunk_overlap=8, document=[True])
+    full = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert len(out["input_ids"]) > 3
+    assert all(len(w) <= 32 for w in out["input_ids"])
+    assert out["chunk"] == list(range(len(out["input_ids"])))
+    trained = [i for w, lab in zip(out["input_ids"], out["labels"]) for i, l in zip(w, lab) if l != IGNORE]
+    assert trained == full, "windows cover the document, overlaps are context only"
+    assert out["input_ids"][1][:8] == out["input_ids"][0][-8:], "each window starts with the overlap"
+
+
+def test_render_matches_transformers_apply_chat_template(tok):
+    template = resolve_template("auto", tok)
+    for messages in (CHAT, MULTI):
+        assert template.render(messages) == tok.apply_chat_template(messages, tokenize=False)
+        assert template.render(messages[:-1], add_generation_prompt=True) == tok.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True)
+
+
+def test_template_that_is_not_prefix_consistent_is_a_clear_error(tok):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template = resolve_template("chatml", tok)
+    # starts with the number of messages, so a shorter conversation is not a prefix of a longer one
+    template.source = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    template._compiled = _compile_jinja_template(template.source)
+    with pytest.raises(LoratuiError, match="cannot be located"):
+        render_chat(CHAT, template, tok.eos_token, False)
+
+
+def test_unknown_template_name(tok):
+    with pytest.raises(LoratuiError, match="unknown template"):
+        resolve_template("vicuna", tok)
