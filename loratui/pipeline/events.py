@@ -10,6 +10,7 @@ Wire format: ``{"t": <unix time>, "step": "train", "type": "progress", ...}``. P
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -114,6 +115,15 @@ def read_events(path: str | Path) -> list[Event]:
 Writer = Callable[[Any], None]
 
 
+def has_surrogates(text: str) -> bool:
+    """True for text holding lone surrogates (from undecodable bytes), which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class JsonlWriter:
     """Appends each event as one JSON line to a file or stream, flushed at once."""
 
@@ -127,7 +137,10 @@ class JsonlWriter:
         self._lock = threading.Lock()
 
     def __call__(self, event: Any) -> None:
-        line = event.model_dump_json(exclude_none=True)
+        data = event.model_dump(mode="json", exclude_none=True)
+        line = json.dumps(data, ensure_ascii=False)
+        if has_surrogates(line):  # text that came from undecodable input: keep it, escaped
+            line = json.dumps(data)
         with self._lock:
             self._fh.write(line + "\n")
             self._fh.flush()

@@ -150,7 +150,7 @@ def _message_list(record: dict[str, Any], name: str, role_key: str, content_key:
     if isinstance(raw, str):  # CSV cells and some exports hold the list as a JSON string
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise RowError("wrong_type", "expected a list of messages, got text that is not JSON", name) from None
     if not isinstance(raw, list):
         raise RowError("wrong_type", f"expected a list of messages, got {_kind(raw)}", name)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from loratui.pipeline.data.problems import RowError
 from loratui.pipeline.errors import LoratuiError
+from loratui.pipeline.events import has_surrogates
 
 DATA_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
                    ".parquet": "parquet"}
@@ -95,6 +96,8 @@ def _sniff(path: Path, head: bytes) -> None:
                 return
             hint = "Rename it to .parquet." if what == "Parquet" else None
             raise LoratuiError(f"{path}: this is {what}, not a {ext or 'text'} file", hint=hint)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) > 8 and head[1::2].count(0) > len(head) // 3):
+        raise LoratuiError(f"{path}: UTF-16 text; loratui reads UTF-8", hint="Save the file as UTF-8.")
     if b"\0" in head and path.suffix.lower() != ".parquet":
         raise LoratuiError(f"{path}: binary content (NUL bytes), not a {path.suffix or 'text'} file")
 
@@ -153,21 +156,30 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             except UnicodeDecodeError as e:
                 yield number, RowError("undecodable_bytes", f"byte {e.start} of the line is not UTF-8")
                 continue
-            if number == 1 and line.lstrip().startswith("[") and path.stat().st_size > len(raw):
-                # a pretty-printed JSON array saved as .jsonl
+            if number == 1 and line.lstrip().startswith("["):
+                # a JSON array (pretty-printed or on one line) saved as .jsonl
                 try:
-                    json.loads(path.read_text(encoding="utf-8-sig"))
-                except (ValueError, UnicodeDecodeError):
-                    pass
-                else:
+                    whole = json.loads(path.read_text(encoding="utf-8-sig"))
+                except (ValueError, RecursionError, UnicodeDecodeError):
+                    whole = None
+                if isinstance(whole, list):
                     raise LoratuiError(f"{path}: this is a JSON array, not JSON Lines",
                                        hint="Rename it to .json, or write one object per line.")
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, RowError("invalid_json", f"invalid JSON at column {e.colno}: {e.msg}")
-                continue
-            yield number, _record(value)
+            value = _parse_json_row(line)
+            yield number, value if isinstance(value, RowError) else _record(value)
+
+
+def _parse_json_row(line: str) -> Any:
+    """One JSON value, or a RowError for invalid JSON, absurd nesting/numbers and lone surrogates."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return RowError("invalid_json", f"invalid JSON at column {e.colno}: {e.msg}")
+    except (ValueError, RecursionError) as e:  # > 4300-digit integers, nesting deeper than Python's stack
+        return RowError("invalid_json", f"invalid JSON: {type(e).__name__}: {str(e)[:80]}")
+    if "\\u" in line and has_surrogates(json.dumps(value, ensure_ascii=False)):
+        return RowError("undecodable_bytes", "the row has an escaped lone surrogate (\\udXXX), which is not valid text")
+    return value
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -184,6 +196,8 @@ def _read_json(path: Path) -> Iterator[Row]:
             raise LoratuiError(f"{path}: this is JSON Lines (one object per line), not a JSON document",
                                hint="Rename it to .jsonl.") from None
         raise LoratuiError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:
+        raise LoratuiError(f"{path}: invalid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if isinstance(value, dict):
         lists = [(k, v) for k, v in value.items() if isinstance(v, list)]
         if len(lists) == 1:
@@ -193,8 +207,12 @@ def _read_json(path: Path) -> Iterator[Row]:
                                f"got an object with keys {', '.join(list(value)[:8])}")
     if not isinstance(value, list):
         raise LoratuiError(f"{path}: expected a JSON array of rows, got {_type_name(value)}")
+    has_escapes = "\\u" in text
     for number, item in enumerate(value, start=1):
-        yield number, _record(item)
+        if has_escapes and has_surrogates(json.dumps(item, ensure_ascii=False)):
+            yield number, RowError("undecodable_bytes", "the row has an escaped lone surrogate (\\udXXX)")
+        else:
+            yield number, _record(item)
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
@@ -208,6 +226,9 @@ def _read_csv(path: Path) -> Iterator[Row]:
     except csv.Error as e:
         raise LoratuiError(f"{path}: not valid CSV ({e})") from None
     header = [h.strip() for h in header]
+    if any(has_surrogates(h) for h in header):
+        raise LoratuiError(f"{path}: line 1 (the header) has bytes that are not UTF-8",
+                           hint="Save the file as UTF-8.")
     if not any(header) or len(set(header)) != len(header):
         raise LoratuiError(f"{path}: the first line must name each column once (got {header[:8]})")
     line = reader.line_num + 1
@@ -224,18 +245,10 @@ def _read_csv(path: Path) -> Iterator[Row]:
         if len(values) != len(header):
             yield number, RowError("not_an_object", f"{len(values)} values, but the header names {len(header)} columns")
             continue
-        if any(_has_surrogates(v) for v in values):
+        if any(has_surrogates(v) for v in values):
             yield number, RowError("undecodable_bytes", "the row has bytes that are not UTF-8")
             continue
         yield number, dict(zip(header, values))
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:

@@ -47,6 +47,24 @@ class Collected:
     rows_read: int = 0
 
 
+class NoTrainingData(LoratuiError):
+    """Nothing is left to train on; carries what was found so the report can still be written."""
+
+    def __init__(self, out: Collected, why: str):
+        counts = Counter(p.kind for p in out.problems)
+        found = ", ".join(f"{kind} {n}" for kind, n in counts.most_common()) or "no rows"
+        first = sorted(out.problems, key=lambda p: (p.file, p.row or 0))[:3]
+        examples = "; ".join(f"{p} ({p.kind})" for p in first)
+        names = [f["path"] for f in out.files if f["split"] == "train"]
+        where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        super().__init__(
+            f"no training examples are left {why} of {where}: {out.rows_read} rows read, "
+            f"{len(out.problems)} dropped ({found})",
+            hint=f"Every dropped row is listed in data/report.json. First: {examples}" if examples else
+            "Check data.source.")
+        self.out = out
+
+
 # --------------------------------------------------------------------------------------------
 # Reading and validating
 # --------------------------------------------------------------------------------------------
@@ -95,12 +113,14 @@ def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str)
             fmt, reason = "text", "a document: chunked by tokens"
         elif d.format != "auto":
             fmt, reason = d.format, "set by data.format"
+        elif not good:
+            fmt, reason = "unknown", "no valid rows to detect the format from"
         else:
             detection = detect_format([r for _, r in good], name)
             fmt, reason = detection.format, detection.reason
         info.update(format=fmt, reason=reason)
         kept = 0
-        for number, record in good:
+        for number, record in (good if fmt != "unknown" else []):
             try:
                 ex = to_example(record, fmt, name, number, d.system_prompt)
             except RowError as e:
@@ -152,8 +172,7 @@ def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: Coll
         cut += n
     train = [pool[i] for i in sorted(order[cut:])]
     if not train:
-        raise LoratuiError("no training examples are left after validation and splitting",
-                           hint="See data/report.json for the dropped rows, or lower data.val_ratio/test_ratio.")
+        raise NoTrainingData(out, "after validation and splitting" if pool else "after validation")
     result = {"train": train}
     seen = {ex.key(): f"{ex.file}, row {ex.row}" for ex in train}
     for split in ("validation", "test"):
@@ -320,6 +339,28 @@ def _preview_text(splits: dict[str, Any], tokenizer: Any, report: dict[str, Any]
     return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
 
 
+def _problem_lists(out: Collected) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
+    return ([p.to_dict() for p in ordered if p.action != "truncated"],
+            [p.to_dict() for p in ordered if p.action == "truncated"])
+
+
+def _problem_counts(out: Collected) -> dict[str, int]:
+    counts = Counter(p.kind for p in out.problems)
+    return {kind: counts[kind] for kind in PROBLEMS if counts[kind]}
+
+
+def _write_failure_report(target: Path, out: Collected, cfg: RunConfig) -> None:
+    dropped, truncated = _problem_lists(out)
+    report = {"files": out.files, "rows": {"read": out.rows_read, "kept": 0, "dropped": len(dropped),
+                                           "truncated": len(truncated)},
+              "splits": {s: 0 for s in SPLITS}, "problems": _problem_counts(out),
+              "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS}, "dropped": dropped, "truncated": truncated}
+    with atomic_dir(target) as tmp:
+        atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(tmp / "report.md", _report_markdown(report))
+
+
 def _report_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     out = ["# Data report", "", "| file | split | format | why | rows | valid |", "|---|---|---|---|---|---|"]
@@ -431,18 +472,16 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
             ds.save_to_disk(str(processed / split))
     train = encoded["train"]
     if train is None or not len(train):
-        raise LoratuiError("no training examples are left", hint="See the dropped rows in data/report.json.")
+        raise NoTrainingData(out, f"after applying max_length {max_length}")
     trained = sum(sum(1 for label in labels if label != -100) for labels in train["labels"])
     tokens.update(over_max_length=over, per_epoch=tokens["train"]["total"], trained_per_epoch=trained)
-    ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
-    dropped = [p.to_dict() for p in ordered if p.action != "truncated"]
-    truncated = [p.to_dict() for p in ordered if p.action == "truncated"]
+    dropped, truncated = _problem_lists(out)
     report = {
         "files": out.files,
         "rows": {"read": out.rows_read, "kept": sum(counts.values()), "dropped": len(dropped),
                  "truncated": len(truncated)},
         "splits": counts,
-        "problems": dict(sorted(Counter(p.kind for p in out.problems).items(), key=lambda kv: list(PROBLEMS).index(kv[0]))),
+        "problems": _problem_counts(out),
         "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS},
         "dropped": dropped,
         "truncated": truncated,
@@ -490,8 +529,12 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     if hit:
         events.log(f"data: cache hit ({cached}); nothing to recompute")
     else:
-        with atomic_dir(cached) as tmp:
-            build(cfg, files, tokenizer, template, model_dir, tmp, events, should_stop, key)
+        try:
+            with atomic_dir(cached) as tmp:
+                build(cfg, files, tokenizer, template, model_dir, tmp, events, should_stop, key)
+        except NoTrainingData as e:  # still list every dropped row where the user will look
+            _write_failure_report(run.data, e.out, cfg)
+            raise
     _install(cached, run.data)
     report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
     events.progress(4, 4, task="stages", message="done")
