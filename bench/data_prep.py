@@ -33,6 +33,7 @@ TARGET_ROWS_PER_S = 5000.0
 TARGET_CORES = 2
 BASELINE_ROWS = 5000
 SEED = 1234
+MIN_TOKENS, MAX_TOKENS = 20, 200  # content tokens per generated row
 
 # --------------------------------------------------------------------------------------------
 # Deterministic alpaca rows
@@ -94,7 +95,8 @@ def _email(rng: random.Random) -> str:
 
 def _url(rng: random.Random) -> str:
     path = "/".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3)))
-    return f"https://{rng.choice(['www', 'docs', 'shop', 'help'])}.{rng.choice(_DOMAINS)}/{path}?id={rng.randint(1, 99999)}"
+    host = f"{rng.choice(['www', 'docs', 'shop', 'help'])}.{rng.choice(_DOMAINS)}"
+    return f"https://{host}/{path}?id={rng.randint(1, 99999)}"
 
 
 def _token(rng: random.Random) -> str:
@@ -131,7 +133,8 @@ def _output(rng: random.Random, words: int, kind: int) -> str:
         body = [f"def count_{var}(items):", f'    """{_sentences(rng, max(4, words // 4))}"""', "    total = 0",
                 "    for item in items:", f"        if item.get('{rng.choice(_WORDS)}'):", "            total += 1",
                 "    return total"]
-        return "Here is a function:\n\n```python\n" + "\n".join(body) + "\n```\n\n" + _sentences(rng, max(3, words // 3))
+        code = "\n".join(body)
+        return f"Here is a function:\n\n```python\n{code}\n```\n\n" + _sentences(rng, max(3, words // 3))
     if style < 0.25:  # a numbered list
         items, left = [], words
         while left > 0:
@@ -172,13 +175,30 @@ def make_row(rng: random.Random) -> dict[str, str]:
     return {"instruction": instruction, "input": inp, "output": output}
 
 
-def write_rows(path: Path, n: int, seed: int = SEED) -> list[dict[str, str]]:
+def content_tokens(rows: list[dict[str, str]], tokenizer: Any) -> list[int]:
+    """Tokens of instruction (+ input) and output per row, without any template."""
+    prompts = [f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"] for r in rows]
+    a = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    b = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+    return [len(x) + len(y) for x, y in zip(a, b)]
+
+
+def write_rows(path: Path, n: int, tokenizer: Any, seed: int = SEED,
+               lo: int = MIN_TOKENS, hi: int = MAX_TOKENS) -> tuple[list[dict[str, str]], list[int]]:
+    """``n`` rows whose content is ``lo``..``hi`` tokens: rows outside are redrawn from the same stream."""
     rng = random.Random(seed)
     rows = [make_row(rng) for _ in range(n)]
+    lens = content_tokens(rows, tokenizer)
+    bad = [i for i, k in enumerate(lens) if not lo <= k <= hi]
+    while bad:
+        redrawn = [make_row(rng) for _ in bad]
+        for i, row, k in zip(bad, redrawn, content_tokens(redrawn, tokenizer)):
+            rows[i], lens[i] = row, k
+        bad = [i for i in bad if not lo <= lens[i] <= hi]
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return rows
+    return rows, lens
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +252,8 @@ def machine() -> list[tuple[str, str]]:
     return [("nproc (usable cores)", str(usable)), ("cpu_count", str(os.cpu_count())), ("CPU model", cpu),
             ("python", platform.python_version()), ("tokenizers", tokenizers.__version__),
             ("transformers", transformers.__version__), ("datasets", datasets.__version__),
-            ("platform", platform.platform())]
+            ("platform", platform.platform()),
+            ("load average (1/5/15 min) at the end", " / ".join(f"{x:.2f}" for x in os.getloadavg()))]
 
 
 def step_run(overrides: list[str], name: str) -> tuple[float, Any, list[Any]]:
@@ -265,6 +286,7 @@ def main() -> int:
                     help="cProfile encode_examples on this many train rows and print the top 15 (default off)")
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    load_before = os.getloadavg()[0]  # other processes on the machine skew every figure: shown below
 
     from loratui.pipeline.models import resolve_model
 
@@ -275,7 +297,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="loratui-bench-data-") as tmp_str:
         tmp = Path(tmp_str)
         source = tmp / "alpaca.jsonl"
-        rows, gen_s = timed(write_rows, source, args.rows)
+        from transformers import AutoTokenizer
+
+        gen_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        (rows, lens), gen_s = timed(write_rows, source, args.rows, gen_tokenizer)
         overrides = [f"model.base={model_dir}", f"data.source={source}", f"runs_dir={tmp / 'runs'}",
                      "data.val_ratio=0.01", "data.test_ratio=0.01"]
 
@@ -304,10 +329,13 @@ def main() -> int:
             train = splits["train"]
             enc, encode_s = timed(encode_examples, train, tokenizer, template, cfg, null_sink("data"),
                                   lambda: False, "train")
-            np_s = None
+            np_s, np_error = None, None
             if args.num_proc:
-                _, np_s = timed(encode_examples, train, tokenizer, template, cfg, null_sink("data"),
-                                lambda: False, "train", num_proc=args.num_proc)
+                try:
+                    _, np_s = timed(encode_examples, train, tokenizer, template, cfg, null_sink("data"),
+                                    lambda: False, "train", num_proc=args.num_proc)
+                except Exception as e:  # reported in the table, not hidden
+                    np_error = f"{type(e).__name__}: {e}".splitlines()[0][:160]
 
             # 4. Naive baseline on the first rows, and encode on the very same rows.
             first = examples[:BASELINE_ROWS]
@@ -315,14 +343,11 @@ def main() -> int:
             same, same_s = timed(encode_examples, first, tokenizer, template, cfg, null_sink("data"),
                                  lambda: False, "baseline")
             same_ids = sum(1 for (ids, _), got in zip(naive, same["input_ids"]) if ids == list(got))
-            same_trained = sum(1 for (_, labels), got in zip(naive, same["labels"])
-                               if [x for x in labels if x != -100] == [x for x in got if x != -100])
-
-            # Content token counts of the generated rows (not timed): instruction + input + output.
-            texts = [f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"] for r in rows]
-            outs = [r["output"] for r in rows]
-            lens = [len(a) + len(b) for a, b in zip(tokenizer(texts, add_special_tokens=False)["input_ids"],
-                                                    tokenizer(outs, add_special_tokens=False)["input_ids"])]
+            # The naive mask also trains the newline after the end-of-turn token; encode stops at it.
+            same_trained = 0
+            for (_, labels), got in zip(naive, same["labels"]):
+                mine, theirs = [x for x in got if x != -100], [x for x in labels if x != -100]
+                same_trained += theirs[:len(mine)] == mine and len(theirs) - len(mine) <= 1
 
             prof_text = None
             if args.profile:
@@ -346,6 +371,7 @@ def main() -> int:
     same_rate = rate(len(first), same_s)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
+    failed: list[str] = []
     table = [
         ("full data step, cold cache", f"{n:,}", step_s, step_rate),
         ("  read + validate (read_examples)", f"{n:,}", read_s, rate(n, read_s)),
@@ -354,6 +380,8 @@ def main() -> int:
     ]
     if np_s is not None:
         table.append((f"  encode, num_proc={args.num_proc} (train)", f"{len(train):,}", np_s, rate(len(train), np_s)))
+    elif np_error:
+        failed.append(f"encode with num_proc={args.num_proc} FAILED: {np_error}")
     table += [
         (f"naive apply_chat_template x2 (first {len(first):,})", f"{len(first):,}", naive_s, naive_rate),
         (f"encode on the same first {len(first):,}", f"{len(first):,}", same_s, same_rate),
@@ -366,6 +394,8 @@ def main() -> int:
     print("-" * (w + 40))
     for label, rws, secs, r in table:
         print(f"{label:<{w}}  {rws:>9}  {secs:>9.2f}  {r:>10,.0f}")
+    for line in failed:
+        print(line)
     print("-" * (w + 40))
     print(f"speedup encode vs naive baseline (rows/s ratio):       {enc_rate / naive_rate:.1f}x")
     print(f"speedup encode vs naive baseline (same {len(first):,} rows):     {same_rate / naive_rate:.1f}x")
@@ -374,7 +404,8 @@ def main() -> int:
     print(f"other: generate {n:,} rows {gen_s:.2f} s (untimed); import transformers+datasets {import_s:.2f} s "
           f"(before the step); load tokenizer+template {load_s:.2f} s (inside the step)")
     print(f"sanity: naive vs encode on the first {len(first):,}: identical input_ids {same_ids:,}, "
-          f"identical trained tokens {same_trained:,}")
+          f"same trained tokens {same_trained:,} "
+          "(up to the newline after end-of-turn, which only the naive mask trains)")
     print(f"data: content tokens per row (instruction+input+output): min {min(lens)}, "
           f"median {statistics.median(lens):.0f}, p95 {sorted(lens)[int(0.95 * (len(lens) - 1))]}, max {max(lens)}; "
           f"rows with input {sum(1 for r in rows if r['input']):,}")
@@ -390,6 +421,7 @@ def main() -> int:
     print("\nmachine:")
     for k, v in machine():
         print(f"  {k}: {v}")
+    print(f"  load average (1 min) at the start: {load_before:.2f}")
     print(f"command: {command}")
     if prof_text:
         print(f"\ncProfile of encode_examples on {min(args.profile, len(train)):,} train rows "

@@ -10,20 +10,29 @@ answer with EOS, EOS is appended and trained, so the model learns to stop.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from loratui.pipeline.data.templates import ChatTemplate
+from loratui.pipeline.data.templates import ChatTemplate, content_is_opaque
 from loratui.pipeline.errors import LoratuiError
 
 IGNORE = -100
+PIPELINE_ROWS = 250  # rows rendered per tokenizer call inside a batch
 
 
 def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str,
                 train_on_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans to train on."""
+    """The rendered text and the character spans to train on (the reference implementation).
+
+    An assistant span runs from the end of the generation prompt to the end of its turn: through the
+    last EOS inside the turn when the template writes one there, else to the turn's end; when the
+    last answer has no EOS, EOS is appended and trained.
+    """
     full = template.render(messages)
     spans: list[tuple[int, int]] = []
     for k, message in enumerate(messages):
@@ -37,7 +46,8 @@ def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str
                 "so the assistant turns cannot be located",
                 hint="Choose a named template with data.template (chatml, alpaca, llama2, phi).")
         start = len(before)
-        spans.append((start, start + len(upto[start:].rstrip())))  # not the newline after end-of-turn
+        end = upto.rfind(eos, start) if eos else -1
+        spans.append((start, end + len(eos) if end >= 0 else len(upto)))
     if eos and spans and eos not in full[spans[-1][0]:spans[-1][1]]:
         full += eos
         spans[-1] = (spans[-1][0], len(full))
@@ -46,46 +56,175 @@ def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str
     return full, spans
 
 
-def encode_batch(batch: dict[str, list[Any]], tokenizer: Any, template: ChatTemplate,
-                 train_on_prompt: bool, chunk_tokens: int, chunk_overlap: int) -> dict[str, list[Any]]:
-    """``datasets.map`` function: rows with ``messages``/``text`` JSON -> input_ids, labels.
+_SLOT = re.compile("\x00(\\d+)\x00")
 
-    Documents (``document`` true) are split into windows of ``chunk_tokens`` with ``chunk_overlap``
-    tokens of context; overlapping tokens are trained once (in the earlier window).
+
+class ShapeRenderer:
+    """Renders chats by filling placeholders into one Jinja render per role sequence.
+
+    Used only for templates that copy contents verbatim (``content_is_opaque``); a row whose content
+    holds the EOS text or a NUL character takes the reference path. Output is identical to
+    :func:`render_chat` (tested).
     """
-    eos = tokenizer.eos_token or ""
+
+    def __init__(self, template: ChatTemplate, eos: str, train_on_prompt: bool):
+        self.template, self.eos, self.train_on_prompt = template, eos, train_on_prompt
+        self._shapes: dict[tuple[str, ...], tuple[list[str | int], list[tuple[int, int]]]] = {}
+
+    def _shape(self, roles: tuple[str, ...]) -> tuple[list[str | int], list[tuple[int, int]]]:
+        shape = self._shapes.get(roles)
+        if shape is None:
+            probe = [{"role": r, "content": f"\x00{i}\x00"} for i, r in enumerate(roles)]
+            full, spans = render_chat(probe, self.template, self.eos, self.train_on_prompt)
+            pieces: list[str | int] = []
+            for i, part in enumerate(_SLOT.split(full)):
+                pieces.append(int(part) if i % 2 else part)
+            shape = self._shapes[roles] = (pieces, spans)
+        return shape
+
+    def __call__(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        contents = [m["content"] for m in messages]
+        if any(self.eos and self.eos in c or "\x00" in c for c in contents):
+            return render_chat(messages, self.template, self.eos, self.train_on_prompt)
+        pieces, spans = self._shape(tuple(m["role"] for m in messages))
+        # probe position p -> real position: add the growth of every slot that ends before p
+        out, probe_pos, shift, moved = [], 0, 0, []
+        for piece in pieces:
+            if isinstance(piece, int):
+                text = contents[piece]
+                placeholder = len(str(piece)) + 2
+                probe_pos += placeholder
+                shift += len(text) - placeholder
+                moved.append((probe_pos, shift))
+            else:
+                text = piece
+                probe_pos += len(piece)
+            out.append(text)
+
+        def real(p: int) -> int:
+            delta = 0
+            for end, total in moved:
+                if end > p:
+                    break
+                delta = total
+            return p + delta
+
+        return "".join(out), [(real(a), real(b)) for a, b in spans]
+
+
+def clean_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer without any truncation or padding stored in tokenizer.json."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    clean = Tokenizer.from_str(backend.to_str())
+    clean.no_truncation()
+    clean.no_padding()
+    return clean
+
+
+def _tokenize(backend: Any, texts: list[str]) -> tuple[Any, Any, Any]:
+    """Token counts, ids and start offsets (flat) of ``texts``."""
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    total = int(lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
+    flat_offsets = itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings))
+    starts = np.fromiter(flat_offsets, dtype=np.int64, count=2 * total)[::2]
+    return lengths, ids, starts
+
+
+def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: ChatTemplate,
+                 train_on_prompt: bool, chunk_tokens: int, chunk_overlap: int) -> Any:
+    """``datasets.map`` function: rows with ``messages``/``text`` -> a table of input_ids, labels, ...
+
+    Vectorized over the batch: one call into the Rust tokenizer, masks from the token offsets with
+    numpy, list columns built straight from flat arrays. Documents (``document`` true) are split into
+    windows of ``chunk_tokens`` with ``chunk_overlap`` tokens of context; overlapping tokens are
+    trained once (in the earlier window).
+    """
+    import pyarrow as pa
+
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
-    for messages_json, text in zip(batch["messages"], batch["text"]):
-        if messages_json:
-            full, sp = render_chat(json.loads(messages_json), template, eos, train_on_prompt)
-        else:
-            full = text + eos
-            sp = [(0, len(full))]
-        texts.append(full)
-        spans.append(sp)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
-    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "source": [], "messages": [], "meta": [],
-                                 "chunk": []}
-    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
-        trained = np.zeros(len(ids), dtype=bool)
-        for a, b in spans[i]:
-            trained |= (starts >= a) & (starts < b)
-        labels = np.where(trained, ids_arr, IGNORE)
-        windows = [(0, len(ids))]
-        if batch["document"][i] and len(ids) > chunk_tokens:
+    if content_is_opaque(template.source):
+        render = ShapeRenderer(template, eos, train_on_prompt)
+    else:
+        def render(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+            return render_chat(messages, template, eos, train_on_prompt)
+    # Render chunk i+1 while the Rust tokenizer (which releases the GIL) encodes chunk i.
+    pending = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for messages_json, text in zip(batch["messages"], batch["text"]):
+            if messages_json:
+                full, sp = render(json.loads(messages_json))
+            else:
+                full = text + eos
+                sp = [(0, len(full))]
+            texts.append(full)
+            spans.append(sp)
+            if len(texts) % PIPELINE_ROWS == 0:
+                pending.append(pool.submit(_tokenize, backend, texts[-PIPELINE_ROWS:]))
+        rest = len(texts) % PIPELINE_ROWS
+        if rest:
+            pending.append(pool.submit(_tokenize, backend, texts[-rest:]))
+        chunks = [future.result() for future in pending]
+    n = len(texts)
+    lengths = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    ids = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([c[2] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    total = len(ids)
+    row = np.repeat(np.arange(n), lengths)
+    trained = np.zeros(total, dtype=bool)
+    for j in range(max((len(sp) for sp in spans), default=0)):  # one pass per assistant turn
+        a = np.fromiter((sp[j][0] if j < len(sp) else 0 for sp in spans), dtype=np.int64, count=n)
+        b = np.fromiter((sp[j][1] if j < len(sp) else 0 for sp in spans), dtype=np.int64, count=n)
+        trained |= (starts >= a[row]) & (starts < b[row])
+    labels = np.where(trained, ids, IGNORE)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+
+    # windows: (row, start, end, index) in flat coordinates; one per row except long documents
+    windows: list[tuple[int, int, int, int]] = []
+    for i in range(n):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        if batch["document"][i] and hi - lo > chunk_tokens:
             step = max(1, chunk_tokens - chunk_overlap)
-            windows = [(s, min(s + chunk_tokens, len(ids))) for s in range(0, len(ids) - chunk_overlap, step)]
-        for w, (a, b) in enumerate(windows):
-            window_labels = labels[a:b].copy()
+            for w, s in enumerate(range(lo, hi - chunk_overlap, step)):
+                windows.append((i, s, min(s + chunk_tokens, hi), w))
+        else:
+            windows.append((i, lo, hi, 0))
+    if len(windows) != n:
+        pieces_ids, pieces_labels = [], []
+        for _, lo, hi, w in windows:
+            pieces_ids.append(ids[lo:hi])
+            window_labels = labels[lo:hi].copy()
             if w > 0:
-                window_labels[: min(chunk_overlap, b - a)] = IGNORE  # context only: trained in the window before
-            out["input_ids"].append(ids_arr[a:b].tolist())
-            out["labels"].append(window_labels.tolist())
-            out["source"].append(batch["source"][i])
-            out["messages"].append(batch["messages"][i])
-            out["meta"].append(batch["meta"][i])
-            out["chunk"].append(w)
-    return out
+                window_labels[: min(chunk_overlap, hi - lo)] = IGNORE  # context: trained in the window before
+            pieces_labels.append(window_labels)
+        ids, labels = np.concatenate(pieces_ids), np.concatenate(pieces_labels)
+        bounds = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi, _ in windows])])
+    offsets = pa.array(bounds.astype(np.int32))
+    rows = [i for i, *_ in windows]
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.astype(np.int32))),
+        "source": [batch["source"][i] for i in rows],
+        "messages": [batch["messages"][i] for i in rows],
+        "meta": [batch["meta"][i] for i in rows],
+        "chunk": [w for *_, w in windows],
+    })
+
+
+def token_counts(ds: Any) -> tuple[Any, Any]:
+    """Per row: the number of tokens and of trained tokens, straight from the Arrow columns."""
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]  # respects select()/filter() indices
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    labels = table.column("labels").combine_chunks()
+    flat = labels.flatten().to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
+    trained = np.bincount(parents, weights=(flat != IGNORE), minlength=len(lengths)).astype(np.int64)
+    return lengths.astype(np.int64), trained

@@ -45,12 +45,15 @@ class Example:
     text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     document: bool = False
+    _key: str | None = field(default=None, repr=False, compare=False)
 
     def key(self) -> str:
         """Content hash used to find exact duplicates (within and across splits)."""
-        payload = json.dumps(self.messages if self.messages is not None else self.text, sort_keys=True,
-                             ensure_ascii=False)
-        return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+        if self._key is None:
+            payload = json.dumps(self.messages if self.messages is not None else self.text, sort_keys=True,
+                                 ensure_ascii=False)
+            self._key = hashlib.sha1(payload.encode("utf-8")).hexdigest()
+        return self._key
 
 
 @dataclass(frozen=True)

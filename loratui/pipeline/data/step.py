@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.encode import token_counts
 from loratui.pipeline.data.formats import Example, apply_columns, detect_format, to_example
 from loratui.pipeline.data.loaders import bundled_names, bundled_split, expand_sources, load_file
 from loratui.pipeline.data.problems import DEFAULT_POLICY, PROBLEMS, RowError, RowProblem
@@ -119,7 +120,7 @@ def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str)
             detection = detect_format([r for _, r in good], name)
             fmt, reason = detection.format, detection.reason
         info.update(format=fmt, reason=reason)
-        kept = 0
+        valid: list[Example] = []
         for number, record in (good if fmt != "unknown" else []):
             try:
                 ex = to_example(record, fmt, name, number, d.system_prompt)
@@ -127,13 +128,13 @@ def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str)
                 _note(cfg, out, RowProblem(e.kind, name, number, e.message, e.field))
                 continue
             ex.document = loaded.kind == "document"
-            examples.append(ex)
-            kept += 1
-        info["valid"] = kept
-        extra = sorted({k for ex in examples[-kept:] if kept for k in ex.meta})
+            valid.append(ex)
+        info["valid"] = len(valid)
+        extra = sorted({k for ex in valid for k in ex.meta})
         if extra:
             info["extra_columns"] = extra
         out.files.append(info)
+        examples += valid
     return examples
 
 
@@ -205,21 +206,28 @@ def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg:
                     events: EventSink, should_stop: Any, split: str, num_proc: int | None = None) -> Any:
     from datasets import concatenate_datasets, disable_progress_bars
 
-    from loratui.pipeline.data.encode import encode_batch
+    from loratui.pipeline.data.encode import clean_backend, encode_batch
 
     disable_progress_bars()
     d = cfg.data
-    fn_kwargs = dict(tokenizer=tokenizer, template=template, train_on_prompt=d.train_on_prompt,
-                     chunk_tokens=d.chunk_tokens, chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
+    # One process is fastest on few cores: the Rust tokenizer already uses every core (measured in
+    # bench/data_prep.py); worker processes (num_proc) tokenize single-threaded and pay for start-up.
+    workers = num_proc if num_proc and num_proc > 1 else None
+    if workers:  # the Rust tokenizer must not use threads in forked workers (it would warn, then serialize)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    fn_kwargs = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template,
+                     train_on_prompt=d.train_on_prompt, chunk_tokens=d.chunk_tokens,
+                     chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
+    shard_rows = ENCODE_SHARD * (workers or 1) * 2 if workers else ENCODE_SHARD
     parts = []
-    for start in range(0, len(examples), ENCODE_SHARD):
+    for start in range(0, len(examples), shard_rows):
         if should_stop():
             raise StepCancelled("cancelled while tokenizing")
-        shard = _to_dataset(examples[start:start + ENCODE_SHARD])
-        parts.append(shard.map(encode_batch, batched=True, batch_size=1000, fn_kwargs=fn_kwargs,
-                               remove_columns=shard.column_names, num_proc=num_proc,
+        shard = _to_dataset(examples[start:start + shard_rows])
+        parts.append(shard.map(encode_batch, batched=True, batch_size=ENCODE_SHARD, fn_kwargs=fn_kwargs,
+                               remove_columns=shard.column_names, num_proc=workers,
                                load_from_cache_file=False, keep_in_memory=True))
-        events.progress(min(start + ENCODE_SHARD, len(examples)), len(examples), task=f"tokenize {split}",
+        events.progress(min(start + shard_rows, len(examples)), len(examples), task=f"tokenize {split}",
                         unit="rows")
     if not parts:
         return None
@@ -250,10 +258,12 @@ def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected
     """Truncate or drop over-long rows (and rows with nothing left to train) per data.on_problem."""
     import numpy as np
 
-    lengths = np.asarray([len(x) for x in ds["input_ids"]])
+    from loratui.pipeline.data.encode import token_counts
+
+    lengths, _ = token_counts(ds)
     policy = _policy(cfg, "too_long")
     over = np.nonzero(lengths > max_length)[0].tolist()
-    sources = ds["source"]
+    sources = ds["source"][:] if over else []
     drop: set[int] = set()
     for i in over:
         file, _, row = sources[i].rpartition(":")
@@ -267,13 +277,15 @@ def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected
     if over and policy == "truncate":
         ds = ds.map(lambda r: {"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]},
                     load_from_cache_file=False, keep_in_memory=True)
-    trained = [sum(1 for label in labels if label != -100) for labels in ds["labels"]]
-    for i, n in enumerate(trained):
-        if n == 0 and i not in drop:
-            file, _, row = sources[i].rpartition(":")
-            _note(cfg, out, RowProblem("no_trained_tokens", file, int(row),
-                                       "no assistant tokens left to train on (the answer was cut off)"))
-            drop.add(i)
+    _, trained = token_counts(ds)
+    empty = [i for i in np.nonzero(trained == 0)[0].tolist() if i not in drop]
+    if empty:
+        sources = ds["source"][:]
+    for i in empty:
+        file, _, row = sources[i].rpartition(":")
+        _note(cfg, out, RowProblem("no_trained_tokens", file, int(row),
+                                   "no assistant tokens left to train on (the answer was cut off)"))
+        drop.add(i)
     if drop:
         ds = ds.select([i for i in range(len(ds)) if i not in drop])
     return ds
@@ -453,7 +465,7 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     encoded = {s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s)
                for s, rows in splits.items()}
     events.progress(2, 4, task="stages", message="tokenized")
-    lengths = [len(x) for ds in encoded.values() if ds is not None for x in ds["input_ids"]]
+    lengths = [int(n) for ds in encoded.values() if ds is not None for n in token_counts(ds)[0]]
     max_length = resolve_max_length(cfg, lengths, _model_context(tokenizer, model_dir))
     over = sum(1 for n in lengths if n > max_length)
     for split, ds in encoded.items():
@@ -464,16 +476,18 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     processed = out_dir / "processed"
     tokens: dict[str, Any] = {}
     counts: dict[str, int] = {}
+    trained = 0
     for split, ds in encoded.items():
         counts[split] = 0 if ds is None else len(ds)
-        split_lengths = [] if ds is None else [len(x) for x in ds["input_ids"]]
-        tokens[split] = _stats(split_lengths)
+        split_lengths, split_trained = token_counts(ds) if ds is not None else ([], [0])
+        tokens[split] = _stats(list(split_lengths))
+        if split == "train":
+            trained = int(sum(split_trained))
         if ds is not None and len(ds):
             ds.save_to_disk(str(processed / split))
     train = encoded["train"]
     if train is None or not len(train):
         raise NoTrainingData(out, f"after applying max_length {max_length}")
-    trained = sum(sum(1 for label in labels if label != -100) for labels in train["labels"])
     tokens.update(over_max_length=over, per_epoch=tokens["train"]["total"], trained_per_epoch=trained)
     dropped, truncated = _problem_lists(out)
     report = {

@@ -51,9 +51,58 @@ class ChatTemplate:
     _compiled: Any
     _context: dict[str, Any]
 
+    def __getstate__(self) -> dict[str, Any]:  # compiled Jinja does not pickle: workers recompile
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.__dict__.update(state)
+        self._compiled = _compile_jinja_template(self.source)
+
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **self._context)
+
+
+def content_is_opaque(source: str) -> bool:
+    """True when the template only ever copies message contents into its output, unchanged.
+
+    Then a conversation can be rendered once per *shape* (its sequence of roles) with placeholders,
+    and every row of that shape is the placeholders filled with its contents (exactly what Jinja
+    would render, much faster). Conservative: any filter, test, call, comparison or assignment that
+    touches a message content or the message list (other than ``length``) answers False, as does a
+    template that does not parse without transformers' extensions (``{% generation %}``).
+    """
+    from jinja2 import Environment, nodes
+
+    try:
+        tree = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except Exception:
+        return False
+    loop_vars = {n.target.name for n in tree.find_all(nodes.For) if isinstance(n.target, nodes.Name)}
+    message_names = {"messages"} | loop_vars | {
+        n.target.name for n in tree.find_all(nodes.Assign) if isinstance(n.target, nodes.Name)}
+
+    def is_content(n: Any) -> bool:
+        return ((isinstance(n, nodes.Getitem) and isinstance(n.arg, nodes.Const) and n.arg.value == "content")
+                or (isinstance(n, nodes.Getattr) and n.attr == "content"))
+
+    def touches_messages(n: Any) -> bool:
+        return any(isinstance(x, nodes.Name) and x.name in message_names for x in n.find_all(nodes.Name)) or (
+            isinstance(n, nodes.Name) and n.name in message_names)
+
+    def ok(n: Any, into_output: bool) -> bool:
+        if is_content(n):
+            return into_output
+        if isinstance(n, (nodes.Call, nodes.Test)) or (
+                isinstance(n, nodes.Filter) and n.name not in ("length", "count")):
+            if any(touches_messages(child) for child in n.iter_child_nodes()):
+                return False
+        passes = isinstance(n, (nodes.Output, nodes.Add, nodes.Concat))
+        return all(ok(child, passes and not isinstance(child, nodes.Stmt)) for child in n.iter_child_nodes())
+
+    return ok(tree, False)
 
 
 def resolve_template(choice: str, tokenizer: Any) -> ChatTemplate:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loratui.pipeline.data.encode import IGNORE, encode_batch, render_chat
+from loratui.pipeline.data.encode import IGNORE, clean_backend, encode_batch, render_chat, token_counts
 from loratui.pipeline.data.templates import NAMED_TEMPLATES, resolve_template
 from loratui.pipeline.errors import LoratuiError
 
@@ -33,7 +33,9 @@ def _encode(tok, rows, template="auto", train_on_prompt=False, chunk_tokens=512,
         "source": [f"f:{i}" for i in range(len(rows))],
         "meta": [""] * len(rows),
     }
-    return encode_batch(batch, tok, resolve_template(template, tok), train_on_prompt, chunk_tokens, chunk_overlap)
+    table = encode_batch(batch, clean_backend(tok), tok.eos_token, resolve_template(template, tok), train_on_prompt,
+                         chunk_tokens, chunk_overlap)
+    return table.to_pydict()
 
 
 def _trained_runs(tok, ids, labels) -> list[str]:
@@ -125,3 +127,80 @@ def test_template_that_is_not_prefix_consistent_is_a_clear_error(tok):
 def test_unknown_template_name(tok):
     with pytest.raises(LoratuiError, match="unknown template"):
         resolve_template("vicuna", tok)
+
+
+def test_batched_encoding_equals_the_tokenizer_on_each_row(tok):
+    """The vectorized path gives the same ids as transformers' tokenizer call, row by row."""
+    rows = [CHAT, MULTI, "Plain text.", [{"role": "user", "content": "x" * 50}, {"role": "assistant", "content": "y"}]]
+    out = _encode(tok, rows)
+    template = resolve_template("auto", tok)
+    for row, ids in zip(rows, out["input_ids"]):
+        text = template.render(row) if isinstance(row, list) else row + tok.eos_token
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_truncation_stored_in_tokenizer_json_is_ignored(tok):
+    import copy
+
+    limited = copy.deepcopy(tok)
+    limited.backend_tokenizer.enable_truncation(max_length=4)
+    assert len(_encode(limited, [MULTI])["input_ids"][0]) == len(_encode(tok, [MULTI])["input_ids"][0]) > 4
+
+
+def test_token_counts_from_arrow(tok):
+    from datasets import Dataset
+
+    out = _encode(tok, [CHAT, MULTI])
+    ds = Dataset.from_dict({"input_ids": out["input_ids"], "labels": out["labels"]})
+    lengths, trained = token_counts(ds)
+    assert lengths.tolist() == [len(x) for x in out["input_ids"]]
+    assert trained.tolist() == [sum(1 for v in lab if v != IGNORE) for lab in out["labels"]]
+    lengths, trained = token_counts(ds.select([1]))
+    assert lengths.tolist() == [len(out["input_ids"][1])]
+
+
+def test_chat_template_survives_pickling_for_worker_processes(tok):
+    import pickle
+
+    template = resolve_template("auto", tok)
+    clone = pickle.loads(pickle.dumps(template))
+    assert clone.render(CHAT) == template.render(CHAT)
+
+
+@pytest.mark.parametrize("name", ["auto", *NAMED_TEMPLATES])
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_shape_renderer_equals_the_reference(tok, name, train_on_prompt):
+    """The placeholder fast path renders exactly what Jinja renders, with the same spans."""
+    import random
+
+    from loratui.pipeline.data.encode import ShapeRenderer
+    from loratui.pipeline.data.templates import content_is_opaque
+
+    template = resolve_template(name, tok)
+    fast = ShapeRenderer(template, tok.eos_token, train_on_prompt)
+    rng = random.Random(0)
+    samples = ["", " ", "x", "  padded  ", "line\nbreak\n", "{{ not jinja }}", "<|im_start|>", tok.eos_token + " in text",
+               "emoji 😀 and 1234", "trailing newline\n", "\x00nul"]
+    for _ in range(60):
+        turns = rng.randint(1, 3)
+        messages = [{"role": "system", "content": rng.choice(samples[2:])}] if rng.random() < 0.4 else []
+        for _ in range(turns):
+            messages += [{"role": "user", "content": rng.choice(samples[2:])},
+                         {"role": "assistant", "content": rng.choice(samples[2:])}]
+        assert fast(messages) == render_chat(messages, template, tok.eos_token, train_on_prompt), messages
+    assert content_is_opaque(template.source) == (name != "llama2")
+
+
+@pytest.mark.parametrize("source,opaque", [
+    ("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}", False),
+    ("{% for m in messages %}{% if '<think>' in m['content'] %}x{% endif %}{{ m['content'] }}{% endfor %}", False),
+    ("{{ messages | tojson }}", False),
+    ("{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}", False),
+    ("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}", False),
+    ("{% for m in messages %}{{ m.content.split('x')[0] }}{% endfor %}", False),
+    ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}{{ messages|length }}", True),
+])
+def test_content_is_opaque_is_conservative(source, opaque):
+    from loratui.pipeline.data.templates import content_is_opaque
+
+    assert content_is_opaque(source) is opaque
