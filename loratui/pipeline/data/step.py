@@ -218,7 +218,7 @@ def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg:
     fn_kwargs = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template,
                      train_on_prompt=d.train_on_prompt, chunk_tokens=d.chunk_tokens,
                      chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
-    shard_rows = ENCODE_SHARD * (workers or 1) * 2 if workers else ENCODE_SHARD
+    shard_rows = ENCODE_SHARD * workers * 2 if workers else ENCODE_SHARD
     parts = []
     for start in range(0, len(examples), shard_rows):
         if should_stop():
