@@ -37,6 +37,7 @@ DATA_VERSION = 1
 SPLITS = ("train", "validation", "test")
 MAX_AUTO_LENGTH = 4096
 ENCODE_SHARD = 5000  # rows per encode call: progress and cancel checks between shards
+PARALLEL_ROWS = 20_000  # from this many rows, tokenize in worker processes
 
 
 @dataclass
@@ -202,6 +203,16 @@ def _to_dataset(examples: list[Example]) -> Any:
     })
 
 
+def _workers(rows: int, num_proc: int | None) -> int | None:
+    """Worker processes for tokenizing. The Rust tokenizer's own threads scale poorly (about 1.3x on
+    2 cores, bench/data_prep.py), so big datasets get one process per core (up to 4), each rendering
+    and tokenizing its share; small ones stay in-process, where start-up would cost more."""
+    if num_proc is not None:
+        return num_proc if num_proc > 1 else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 4) if rows >= PARALLEL_ROWS and cores > 1 else None
+
+
 def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg: RunConfig,
                     events: EventSink, should_stop: Any, split: str, num_proc: int | None = None) -> Any:
     from datasets import concatenate_datasets, disable_progress_bars
@@ -210,15 +221,13 @@ def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg:
 
     disable_progress_bars()
     d = cfg.data
-    # One process is fastest on few cores: the Rust tokenizer already uses every core (measured in
-    # bench/data_prep.py); worker processes (num_proc) tokenize single-threaded and pay for start-up.
-    workers = num_proc if num_proc and num_proc > 1 else None
+    workers = _workers(len(examples), num_proc)
     if workers:  # the Rust tokenizer must not use threads in forked workers (it would warn, then serialize)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     fn_kwargs = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template,
                      train_on_prompt=d.train_on_prompt, chunk_tokens=d.chunk_tokens,
                      chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
-    shard_rows = ENCODE_SHARD * workers * 2 if workers else ENCODE_SHARD
+    shard_rows = ENCODE_SHARD * workers * 10 if workers else ENCODE_SHARD
     parts = []
     for start in range(0, len(examples), shard_rows):
         if should_stop():
