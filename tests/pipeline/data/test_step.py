@@ -187,3 +187,19 @@ def test_cli_preview_shows_trained_tokens(env, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("── example") == 2 and "Answer number" in out and "tokens per epoch" in out
+
+
+def test_worker_processes_give_the_same_tokens(env):
+    """The multi-process path (used from 20k rows) encodes exactly like the in-process one."""
+    from loratui.pipeline.data.formats import to_example
+    from loratui.pipeline.events import null_sink
+
+    cfg = load_config(None, [f"model.base={env['model']}"])
+    tokenizer, template, _ = data_step.load_tokenizer_and_template(cfg, null_sink("data"))
+    examples = [to_example(r, "alpaca", "f", i, None) for i, r in enumerate(ALPACA)]
+    one = data_step.encode_examples(examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train",
+                                    num_proc=1)
+    two = data_step.encode_examples(examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train",
+                                    num_proc=2)
+    assert one["input_ids"][:] == two["input_ids"][:] and one["labels"][:] == two["labels"][:]
+    assert one["source"][:] == two["source"][:]
