@@ -203,3 +203,19 @@ def test_worker_processes_give_the_same_tokens(env):
                                     num_proc=2)
     assert one["input_ids"][:] == two["input_ids"][:] and one["labels"][:] == two["labels"][:]
     assert one["source"][:] == two["source"][:]
+
+
+def test_cancel_leaves_no_half_written_cache_or_run_data(env):
+    from loratui.pipeline.steps import StopFlag
+
+    src = _write_jsonl(env["tmp"] / "d.jsonl", ALPACA)
+    cfg = load_config(None, [f"runs_dir={env['tmp'] / 'runs'}", "name=c", f"model.base={env['model']}",
+                             f"data.source={src}"])
+    stop = StopFlag()
+    stop.set()  # as if SIGTERM arrived before the first stage finished
+    mem = MemoryWriter()
+    code, _, _ = run_step("data", data_step.run, cfg, writers=[mem], stop=stop)
+    assert code == 130 and mem[-1].type == "cancelled"
+    cache = env["tmp"] / "home" / "datasets"
+    assert not cache.exists() or not any(cache.iterdir()), "no partial cache entry"
+    assert not (env["tmp"] / "runs" / "c" / "data").exists()
