@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_step_parsers(sub: Any) -> None:
-    """One subcommand per implemented pipeline step (see loratui.pipeline.steps.STEPS)."""
+    """One subcommand per implemented pipeline step (see loratui.pipeline.registry)."""
     from loratui.pipeline.registry import STEP_ACTIONS, STEP_HELP, STEPS
 
     for name in STEPS:
@@ -81,9 +81,8 @@ def _cmd_step(args: argparse.Namespace) -> int:
     """Run a step in-process: events to runs/<name>/events.jsonl, progress on stderr, JSONL on stdout."""
     from loratui.pipeline.config import load_config
     from loratui.pipeline.events import JsonlWriter, RichWriter
-    from loratui.pipeline.steps import load_step, run_step
-
     from loratui.pipeline.registry import STEP_ACTIONS
+    from loratui.pipeline.steps import load_action, load_step, run_step
 
     overrides = list(args.overrides)
     action = overrides.pop(0) if overrides and overrides[0] in STEP_ACTIONS.get(args.step, {}) else None
@@ -93,10 +92,7 @@ def _cmd_step(args: argparse.Namespace) -> int:
         writers.append(JsonlWriter(sys.stdout))
     code, _result, _events = run_step(args.step, load_step(args.step), cfg, writers=writers)
     if code == 0 and action:
-        module, _, attr = STEP_ACTIONS[args.step][action].partition(":")
-        import importlib
-
-        getattr(importlib.import_module(module), attr)(cfg, args.examples)
+        load_action(args.step, action)(cfg, args.examples)
     return code
 
 

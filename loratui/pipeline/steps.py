@@ -22,10 +22,10 @@ from pydantic import BaseModel, Field
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink, JsonlWriter, Writer
-from loratui.pipeline.registry import STEP_ORDER, STEPS
+from loratui.pipeline.registry import STEP_ACTIONS, STEP_ORDER, STEPS
 from loratui.pipeline.runs import RunDir
 
-__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_step", "run_step"]
+__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_action", "load_step", "run_step"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -44,9 +44,18 @@ class StepFn(Protocol):
     def __call__(self, cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult: ...
 
 
-def load_step(name: str) -> StepFn:
-    module, _, attr = STEPS[name].partition(":")
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr or "run")
+
+
+def load_step(name: str) -> StepFn:
+    return _load(STEPS[name])
+
+
+def load_action(step: str, action: str) -> Callable[..., Any]:
+    """A step's follow-up action (``loratui data preview``), see registry.STEP_ACTIONS."""
+    return _load(STEP_ACTIONS[step][action])
 
 
 class StopFlag:

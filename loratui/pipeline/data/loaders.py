@@ -47,6 +47,11 @@ def bundled_names() -> list[str]:
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if p.is_dir() and (p / "train.jsonl").is_file())
 
 
+def is_bundled(source: str) -> bool:
+    """A bundled dataset name, unless a file or folder of that name exists here (yours wins)."""
+    return source in bundled_names() and not Path(source).expanduser().exists()
+
+
 def bundled_split(name: str, split: str) -> Path | None:
     path = BUNDLED_DIR / name / f"{split}.jsonl"
     return path if path.is_file() else None
@@ -59,7 +64,7 @@ def expand_sources(source: str | list[str]) -> list[Path]:
         raise LoratuiError("data.source is empty", hint="Name a file, a glob, a folder or a bundled dataset.")
     files: list[Path] = []
     for item in items:
-        if item in bundled_names():
+        if is_bundled(item):
             files.append(bundled_split(item, "train"))  # type: ignore[arg-type]
             continue
         p = Path(item).expanduser()

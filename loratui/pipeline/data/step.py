@@ -26,7 +26,7 @@ from typing import Any
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.encode import token_counts
 from loratui.pipeline.data.formats import Example, apply_columns, detect_format, to_example
-from loratui.pipeline.data.loaders import bundled_names, bundled_split, expand_sources, load_file
+from loratui.pipeline.data.loaders import bundled_split, expand_sources, is_bundled, load_file
 from loratui.pipeline.data.problems import DEFAULT_POLICY, PROBLEMS, RowError, RowProblem
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -75,7 +75,7 @@ class NoTrainingData(LoratuiError):
 def _split_files(cfg: RunConfig) -> dict[str, list[Path]]:
     d = cfg.data
     files = {"train": expand_sources(d.source), "validation": [], "test": []}
-    bundled = [d.source] if isinstance(d.source, str) and d.source in bundled_names() else []
+    bundled = [d.source] if isinstance(d.source, str) and is_bundled(d.source) else []
     for split, own in (("validation", d.val_source), ("test", d.test_source)):
         if own:
             files[split] = expand_sources(own)

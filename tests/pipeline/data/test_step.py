@@ -219,3 +219,12 @@ def test_cancel_leaves_no_half_written_cache_or_run_data(env):
     cache = env["tmp"] / "home" / "datasets"
     assert not cache.exists() or not any(cache.iterdir()), "no partial cache entry"
     assert not (env["tmp"] / "runs" / "c" / "data").exists()
+
+
+def test_a_local_folder_named_like_a_bundled_dataset_wins(env, monkeypatch):
+    folder = env["tmp"] / "quickstart"
+    folder.mkdir()
+    _write_jsonl(folder / "mine.jsonl", ALPACA)
+    monkeypatch.chdir(env["tmp"])
+    _, report, _, _ = _run(env, data__source="quickstart")
+    assert [Path(f["path"]).name for f in report["files"]] == ["mine.jsonl"]
