@@ -305,13 +305,13 @@ def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected
 # --------------------------------------------------------------------------------------------
 
 
-def _stats(lengths: list[int]) -> dict[str, Any]:
+def _stats(lengths: Any) -> dict[str, Any]:
     import numpy as np
 
-    if not lengths:
-        return {"rows": 0}
     a = np.asarray(lengths)
-    return {"rows": len(lengths), "min": int(a.min()), "median": float(np.median(a)),
+    if not a.size:
+        return {"rows": 0}
+    return {"rows": int(a.size), "min": int(a.min()), "median": float(np.median(a)),
             "p95": float(np.percentile(a, 95)), "max": int(a.max()), "total": int(a.sum())}
 
 
@@ -489,7 +489,7 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     for split, ds in encoded.items():
         counts[split] = 0 if ds is None else len(ds)
         split_lengths, split_trained = token_counts(ds) if ds is not None else ([], [0])
-        tokens[split] = _stats(list(split_lengths))
+        tokens[split] = _stats(split_lengths)
         if split == "train":
             trained = int(sum(split_trained))
         if ds is not None and len(ds):

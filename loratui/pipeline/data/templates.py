@@ -7,6 +7,7 @@ inference (transformers' ``apply_chat_template``, llama.cpp, the server): train 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ class ChatTemplate:
                                      **self._context)
 
 
+@functools.lru_cache(maxsize=32)
 def content_is_opaque(source: str) -> bool:
     """True when the template only ever copies message contents into its output, unchanged.
 
