@@ -63,17 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_step_parsers(sub: Any) -> None:
     """One subcommand per implemented pipeline step (see loratui.pipeline.registry)."""
-    from loratui.pipeline.registry import STEP_ACTIONS, STEP_HELP, STEPS
+    from loratui.pipeline.registry import STEP_ACTIONS, STEP_COMMANDS, STEP_HELP, STEP_OPTIONS, STEPS
 
     for name in STEPS:
-        actions = STEP_ACTIONS.get(name, {})
+        actions = {**STEP_ACTIONS.get(name, {}), **STEP_COMMANDS.get(name, {})}
         usage = f"loratui {name} {'[' + '|'.join(actions) + '] ' if actions else ''}[--config FILE] [KEY=VALUE ...]"
         p = sub.add_parser(name, help=STEP_HELP.get(name, f"run the {name} step"), usage=usage)
         _add_config_args(p)
         p.add_argument("--events", choices=["jsonl", "none"], default="none",
                        help="also print every event as a JSON line on stdout (what the TUI reads)")
-        if actions:
+        if STEP_ACTIONS.get(name):
             p.add_argument("-n", "--examples", type=int, default=None, help="how many examples to show (preview)")
+        for flag, kwargs, _key in STEP_OPTIONS.get(name, []):
+            p.add_argument(flag, default=None, **kwargs)
         p.set_defaults(step=name)
 
 
@@ -81,11 +83,20 @@ def _cmd_step(args: argparse.Namespace) -> int:
     """Run a step in-process: events to runs/<name>/events.jsonl, progress on stderr, JSONL on stdout."""
     from loratui.pipeline.config import load_config
     from loratui.pipeline.events import JsonlWriter, RichWriter
-    from loratui.pipeline.registry import STEP_ACTIONS
-    from loratui.pipeline.steps import load_action, load_step, run_step
+    from loratui.pipeline.registry import STEP_ACTIONS, STEP_COMMANDS, STEP_OPTIONS
+    from loratui.pipeline.steps import load_action, load_command, load_step, run_step
 
     overrides = list(args.overrides)
+    if overrides and overrides[0] in STEP_COMMANDS.get(args.step, {}):
+        command = overrides.pop(0)
+        words = [w for w in overrides if "=" not in w]
+        cfg = load_config(args.config, [w for w in overrides if "=" in w])
+        return load_command(args.step, command)(cfg, words)
     action = overrides.pop(0) if overrides and overrides[0] in STEP_ACTIONS.get(args.step, {}) else None
+    for flag, _kwargs, key in STEP_OPTIONS.get(args.step, []):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
     writers: list[Any] = [RichWriter()]
     if args.events == "jsonl":

@@ -38,3 +38,23 @@ def test_tiny_models_are_deterministic(tmp_path):
     c = load_file(make_tiny_model(tmp_path / "c", seed=4) / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
     assert any((a[k] != c[k]).any() for k in a)
+
+
+def test_tiny_t5_loads_trains_and_generates(tiny_model_factory):
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = tiny_model_factory(family="t5", tokenizer="bpe")
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "t5" and config.is_encoder_decoder
+    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert (tok.pad_token, tok.eos_token, tok.unk_token) == ("<pad>", "</s>", "<unk>") and tok.chat_template is None
+    assert config.decoder_start_token_id == tok.pad_token_id == model.generation_config.decoder_start_token_id
+    assert config.vocab_size == len(tok)
+    inputs = tok("Opening hours?", return_tensors="pt")
+    labels = tok("9:00 to 17:00</s>", return_tensors="pt").input_ids
+    assert torch.isfinite(model(**inputs, labels=labels).loss)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out[0, 0] == tok.pad_token_id and out.shape[1] <= 5

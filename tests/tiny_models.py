@@ -1,12 +1,15 @@
-"""Tiny random causal LMs with real tokenizers, built in a fraction of a second, offline.
+"""Tiny random models with real tokenizers, built in a fraction of a second, offline.
 
 ``make_tiny_model(out_dir, family=..., tokenizer=...)`` writes a Hugging Face directory that every
 step can load like a real checkpoint. Families: ``llama`` and ``qwen2`` (two decoder families with
-different attention biases). Tokenizers:
+different attention biases), and ``t5`` (an encoder-decoder, T5ForConditionalGeneration, for the
+seq2seq path). Tokenizers:
 - ``smollm2``: the SmolLM2 tokenizer (49k byte-level BPE, ChatML template), the one the GGUF importer
   rebuilds; llama.cpp's converter recognises it, so GGUF export can be tested on these models.
 - ``bpe``: a 400-token byte-level BPE trained here on a few lines, with the same special tokens and
-  template: the fastest option when the vocabulary does not matter.
+  template: the fastest option when the vocabulary does not matter. For ``t5`` it is trained with
+  T5's special tokens instead (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) and has no chat template, like
+  T5 / FLAN-T5 checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ CHATML = (
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+T5_SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's own vocabulary
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Opening hours are 9:00 to 17:00 from Monday to Friday.",
@@ -45,16 +49,20 @@ def _smollm2_tokenizer() -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _small_bpe_tokenizer() -> Any:
+def _small_bpe_tokenizer(flavour: Literal["chatml", "t5"] = "chatml") -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=T5_SPECIAL if flavour == "t5" else SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if flavour == "t5":  # no BOS, no chat template and no token_type_ids, as T5 / FLAN-T5 ship
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                                       pad_token="<pad>", model_max_length=512,
+                                       model_input_names=["input_ids", "attention_mask"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|im_end|>", model_max_length=512)
     fast.chat_template = CHATML
@@ -64,7 +72,7 @@ def _small_bpe_tokenizer() -> Any:
 def make_tiny_model(
     out_dir: str | Path,
     *,
-    family: Literal["llama", "qwen2"] = "llama",
+    family: Literal["llama", "qwen2", "t5"] = "llama",
     tokenizer: Literal["smollm2", "bpe"] = "bpe",
     hidden: int = 64,
     layers: int = 2,
@@ -78,6 +86,8 @@ def make_tiny_model(
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     out = Path(out_dir)
+    if family == "t5":
+        return _make_tiny_t5(out, tokenizer, hidden, layers, heads, intermediate, seed)
     tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer()
     common = dict(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -90,6 +100,29 @@ def make_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _make_tiny_t5(out: Path, tokenizer: str, hidden: int, layers: int, heads: int, intermediate: int,
+                  seed: int) -> Path:
+    """A tiny T5ForConditionalGeneration: encoder and decoder of ``layers`` each, decoder start = pad."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer("t5")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config = T5Config(
+        vocab_size=len(tok), d_model=hidden, d_kv=hidden // heads, d_ff=intermediate, num_layers=layers,
+        num_decoder_layers=layers, num_heads=heads, feed_forward_proj="relu", tie_word_embeddings=True,
+        pad_token_id=pad, eos_token_id=tok.eos_token_id, decoder_start_token_id=pad,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.decoder_start_token_id = pad
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = pad
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out

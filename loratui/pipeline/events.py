@@ -245,8 +245,10 @@ class EventSink:
         return event
 
     def progress(self, current: float, total: float | None = None, *, task: str = "main",
-                 unit: str = "it", message: str | None = None) -> Progress:
-        return self.emit(Progress(step=self.step, current=current, total=total, task=task, unit=unit, message=message))
+                 unit: str = "it", message: str | None = None, **extra: Any) -> Progress:
+        """``extra``: further fields for readers that know them (``eta_s``, ``epoch`` ...)."""
+        return self.emit(Progress(step=self.step, current=current, total=total, task=task, unit=unit, message=message,
+                                  **extra))
 
     def metric(self, values: dict[str, float], *, at: int | None = None, split: str | None = None) -> Metric:
         return self.emit(Metric(step=self.step, values=values, at=at, split=split))

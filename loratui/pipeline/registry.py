@@ -9,14 +9,32 @@ STEP_ORDER: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export", "
 # The CLI offers a subcommand for each entry.
 STEPS: dict[str, str] = {
     "data": "loratui.pipeline.data.step:run",
+    "train": "loratui.pipeline.train.step:run",
 }
 
 # One line of --help per step.
 STEP_HELP: dict[str, str] = {
     "data": "load, validate, template and split the training data (add `preview` to show examples)",
+    "train": "train a LoRA/QLoRA/DoRA adapter (`history` lists versions, `rollback N` restores one)",
 }
 
 # Actions a step accepts as its first word (`loratui data preview`): run the step (cached), then this.
 STEP_ACTIONS: dict[str, dict[str, str]] = {
     "data": {"preview": "loratui.pipeline.data.step:show_preview"},
+}
+
+# Commands a step accepts as its first word *instead of* running (`loratui train rollback 2`):
+# "module:function" called with (cfg, words after the command); returns an exit code.
+STEP_COMMANDS: dict[str, dict[str, str]] = {
+    "train": {"history": "loratui.pipeline.train.commands:history",
+              "rollback": "loratui.pipeline.train.commands:rollback"},
+}
+
+# Step options that are shorthands for config overrides: (flag, argparse keywords, config key).
+STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
+    "train": [
+        ("--resume", {"nargs": "?", "const": "latest", "metavar": "CHECKPOINT",
+                      "help": "continue from the latest checkpoint, or from CHECKPOINT"}, "train.resume"),
+        ("--nproc", {"type": int, "metavar": "N", "help": "train with N data-parallel processes"}, "train.nproc"),
+    ],
 }

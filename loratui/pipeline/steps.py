@@ -11,7 +11,9 @@ A step that sees ``should_stop()`` saves what it can and returns ``StepResult(st
 from __future__ import annotations
 
 import importlib
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -22,12 +24,15 @@ from pydantic import BaseModel, Field
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink, JsonlWriter, Writer
-from loratui.pipeline.registry import STEP_ACTIONS, STEP_ORDER, STEPS
+from loratui.pipeline.registry import STEP_ACTIONS, STEP_COMMANDS, STEP_ORDER, STEPS
 from loratui.pipeline.runs import RunDir
 
-__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_action", "load_step", "run_step"]
+__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_action", "load_command", "load_step", "run_step"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
+# Set in the processes of a multi-process launch: rank 0 reports on stdout only (the launcher relays it
+# to events.jsonl and the terminal); the other ranks report nothing.
+WORKER_ENV = "LORATUI_WORKER"
 
 
 class StepResult(BaseModel):
@@ -56,6 +61,11 @@ def load_step(name: str) -> StepFn:
 def load_action(step: str, action: str) -> Callable[..., Any]:
     """A step's follow-up action (``loratui data preview``), see registry.STEP_ACTIONS."""
     return _load(STEP_ACTIONS[step][action])
+
+
+def load_command(step: str, command: str) -> Callable[..., int]:
+    """A command that replaces running the step (``loratui train rollback 2``), see registry.STEP_COMMANDS."""
+    return _load(STEP_COMMANDS[step][command])
 
 
 class StopFlag:
@@ -107,8 +117,12 @@ def run_step(
     Returns (exit code, result or None, the sink). Never raises for step failures: they become an
     ``error`` event and an exit code.
     """
-    run = RunDir.for_config(cfg).create(cfg)
-    events = EventSink(name, [JsonlWriter(run.events), *(writers or [])])
+    if os.environ.get(WORKER_ENV):
+        run = RunDir.for_config(cfg)
+        events = EventSink(name, [JsonlWriter(sys.stdout)] if int(os.environ.get("RANK", 0)) == 0 else [])
+    else:
+        run = RunDir.for_config(cfg).create(cfg)
+        events = EventSink(name, [JsonlWriter(run.events), *(writers or [])])
     stop = stop or StopFlag()
     restore = stop.install()
     started = time.monotonic()

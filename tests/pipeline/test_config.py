@@ -110,9 +110,9 @@ def test_overrides_apply_with_the_right_types():
 
 
 def test_override_int_for_auto_field_and_bool():
-    cfg = load_config(None, ["data.max_length=512", "train.packing=true", "lora.alpha=64"])
+    cfg = load_config(None, ["data.max_length=512", "train.padding_free=false", "lora.alpha=64"])
     assert type(cfg.data.max_length) is int and cfg.data.max_length == 512
-    assert cfg.train.packing is True
+    assert cfg.train.padding_free is False
     assert cfg.lora.alpha == 64
 
 

@@ -1,11 +1,16 @@
 """Examples -> token ids and labels, with the loss mask on assistant turns.
 
-A chat is rendered once through its chat template. The span of each assistant turn is found by
-rendering the conversation up to that turn with the generation prompt (what the model sees before
-answering) and up to the end of that turn: the difference is exactly what the model must produce,
-including the template's end-of-turn token. The whole text is then tokenized once with offsets, and
-a token is trained when it starts inside an assistant span. If the template does not end the last
-answer with EOS, EOS is appended and trained, so the model learns to stop.
+Causal (decoder-only) models: a chat is rendered once through its chat template. The span of each
+assistant turn is found by rendering the conversation up to that turn with the generation prompt
+(what the model sees before answering) and up to the end of that turn: the difference is exactly
+what the model must produce, including the template's end-of-turn token. The whole text is then
+tokenized once with offsets, and a token is trained when it starts inside an assistant span. If the
+template does not end the last answer with EOS, EOS is appended and trained, so the model learns to
+stop.
+
+Encoder-decoder (seq2seq) models: an example is a source text for the encoder and a target for the
+decoder (:func:`seq2seq_texts`, :func:`encode_seq2seq_batch`); ``labels`` are the target's ids, EOS
+last, all trained, and no chat template is involved.
 """
 
 from __future__ import annotations
@@ -217,8 +222,82 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
     })
 
 
+def seq2seq_texts(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """A validated chat -> (source, target) for an encoder-decoder model.
+
+    The target is the last assistant message. The source is, for one question and its answer, the
+    system prompt (if any) and the question joined by a blank line; for a longer conversation, every
+    message before the last answer as ``role: content`` lines.
+    """
+    *context, last = messages
+    if last["role"] != "assistant":  # guaranteed by formats._check_turns
+        raise ValueError("the last message of a seq2seq example must be the assistant's answer")
+    if sum(m["role"] != "system" for m in context) == 1:
+        source = "\n\n".join(m["content"] for m in context)
+    else:
+        source = "\n".join(f"{m['role']}: {m['content']}" for m in context)
+    return source, last["content"]
+
+
+def _token_ids(backend: Any, texts: list[str]) -> tuple[Any, Any]:
+    """Token counts and flat ids of ``texts``, with the tokenizer's own special tokens (post-processor)."""
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64,
+                      count=int(lengths.sum()))
+    return lengths, ids
+
+
+def _list_array(lengths: Any, ids: Any) -> Any:
+    import pyarrow as pa
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.astype(np.int32)))
+
+
+def encode_seq2seq_batch(batch: dict[str, list[Any]], backend: Any, eos_id: int) -> Any:
+    """``datasets.map`` function for encoder-decoder models: rows -> input_ids (the source), labels (the target).
+
+    Both are tokenized as the tokenizer does by itself (T5 and PEGASUS append ``</s>`` to each); the
+    labels get EOS appended when the tokenizer did not end them with it. No label is -100: every
+    target token is trained. Same columns as :func:`encode_batch`, ``chunk`` always 0.
+    """
+    import pyarrow as pa
+
+    sources, targets = [], []
+    for messages_json, origin in zip(batch["messages"], batch["source"]):
+        if not messages_json:  # read_examples rejects text files first; this guards direct callers
+            file, _, row = origin.rpartition(":")
+            raise LoratuiError(f"{file}, row {row}: a text example cannot train an encoder-decoder (seq2seq) model",
+                               hint="Each row needs a source and a target: question/answer, instruction/output "
+                               "or a chat whose last message is the assistant's answer.")
+        source, target = seq2seq_texts(json.loads(messages_json))
+        sources.append(source)
+        targets.append(target)
+    source_lengths, source_ids = _token_ids(backend, sources)
+    target_lengths, target_ids = _token_ids(backend, targets)
+    n = len(sources)
+    ends = np.cumsum(target_lengths)
+    last = target_ids[np.maximum(ends - 1, 0)] if len(target_ids) else np.full(n, -1)
+    no_eos = (target_lengths == 0) | (last != eos_id)
+    if no_eos.any():  # EOS at the end of each such row (np.insert puts it before the next row's first id)
+        target_ids = np.insert(target_ids, ends[no_eos], eos_id)
+        target_lengths = target_lengths + no_eos
+    return pa.table({
+        "input_ids": _list_array(source_lengths, source_ids),
+        "labels": _list_array(target_lengths, target_ids),
+        "source": list(batch["source"]),
+        "messages": list(batch["messages"]),
+        "meta": list(batch["meta"]),
+        "chunk": [0] * n,
+    })
+
+
 def token_counts(ds: Any) -> tuple[Any, Any]:
-    """Per row: the number of tokens and of trained tokens, straight from the Arrow columns."""
+    """Per row: the number of tokens and of trained tokens, straight from the Arrow columns.
+
+    For a seq2seq dataset that is the source length and the target length (every target token is trained).
+    """
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]  # respects select()/filter() indices

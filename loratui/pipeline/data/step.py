@@ -3,8 +3,14 @@
 Writes ``runs/<name>/data/``:
   report.json, report.md   what was read, detected, dropped or truncated (row by row), split, tokenized
   preview.txt              examples through the template with the trained tokens marked, length stats
-  dataset.json             manifest for later steps: splits, template, max_length, cache key
+  dataset.json             manifest for later steps: task, splits, template, max_length, cache key
   processed/<split>/       ``datasets`` saved to disk: input_ids, labels, source, messages, meta
+
+The task follows the model (:func:`model_task`): ``causal`` for decoder-only models (a chat through
+its template, loss on the assistant turns) or ``seq2seq`` for encoder-decoder models such as T5,
+FLAN-T5 and PEGASUS (``input_ids`` is the source text for the encoder, ``labels`` the target for the
+decoder; no chat template; ``max_length`` applies to each of them; the report's ``tokens.<split>``
+are source lengths and ``tokens.target.<split>`` target lengths).
 
 The result is cached in ``$LORATUI_HOME/datasets/<key>`` under a key over the file contents, the
 tokenizer, the template and the data settings; a second run with the same inputs only copies it.
@@ -21,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.encode import token_counts
@@ -38,6 +44,7 @@ SPLITS = ("train", "validation", "test")
 MAX_AUTO_LENGTH = 4096
 ENCODE_SHARD = 5000  # rows per encode call: progress and cancel checks between shards
 PARALLEL_ROWS = 20_000  # from this many rows, tokenize in worker processes
+Task = Literal["causal", "seq2seq"]
 
 
 @dataclass
@@ -96,8 +103,12 @@ def _note(cfg: RunConfig, out: Collected, problem: RowProblem) -> None:
     out.problems.append(problem)
 
 
-def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str) -> list[Example]:
-    """Load, detect and validate; bad rows become problems (or stop the step under 'fail')."""
+def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str,
+                  task: Task = "causal") -> list[Example]:
+    """Load, detect and validate; bad rows become problems (or stop the step under 'fail').
+
+    A seq2seq model needs a source and a target per row: text files and documents are an error.
+    """
     d = cfg.data
     examples: list[Example] = []
     for path in files:
@@ -121,6 +132,8 @@ def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str)
             detection = detect_format([r for _, r in good], name)
             fmt, reason = detection.format, detection.reason
         info.update(format=fmt, reason=reason)
+        if task == "seq2seq" and fmt == "text":
+            _reject_text_for_seq2seq(name, loaded.kind, reason)
         valid: list[Example] = []
         for number, record in (good if fmt != "unknown" else []):
             try:
@@ -137,6 +150,15 @@ def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str)
         out.files.append(info)
         examples += valid
     return examples
+
+
+def _reject_text_for_seq2seq(name: str, kind: str, reason: str) -> None:
+    what = "is a document" if kind == "document" else f"holds plain text rows ({reason})"
+    raise LoratuiError(
+        f"{name}: {what}, which cannot train an encoder-decoder (seq2seq) model: each example needs a "
+        "source text (the encoder's input) and a target (what the decoder learns to write)",
+        hint="Use rows with question/answer, prompt/completion, instruction/output (alpaca) or messages "
+        "(chat; the last assistant message is the target), or choose a decoder-only model for plain text.")
 
 
 def _dedupe(cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: Collected,
@@ -214,26 +236,39 @@ def _workers(rows: int, num_proc: int | None) -> int | None:
 
 
 def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg: RunConfig,
-                    events: EventSink, should_stop: Any, split: str, num_proc: int | None = None) -> Any:
+                    events: EventSink, should_stop: Any, split: str, num_proc: int | None = None,
+                    task: Task = "causal") -> Any:
+    """Tokenize ``examples`` in shards (progress and cancel checks between them); None when there are none.
+
+    ``template`` is the chat template for a causal model and is not used for seq2seq.
+    """
     from datasets import concatenate_datasets, disable_progress_bars
 
-    from loratui.pipeline.data.encode import clean_backend, encode_batch
+    from loratui.pipeline.data.encode import clean_backend, encode_batch, encode_seq2seq_batch
 
     disable_progress_bars()
     d = cfg.data
     workers = _workers(len(examples), num_proc)
     if workers:  # the Rust tokenizer must not use threads in forked workers (it would warn, then serialize)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    fn_kwargs = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template,
-                     train_on_prompt=d.train_on_prompt, chunk_tokens=d.chunk_tokens,
-                     chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
+    if task == "seq2seq":
+        if tokenizer.eos_token_id is None:
+            raise LoratuiError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token, which a seq2seq "
+                               "target must end with", hint="Set eos_token in the model's tokenizer_config.json.")
+        encode: Any = encode_seq2seq_batch
+        fn_kwargs: dict[str, Any] = dict(backend=clean_backend(tokenizer), eos_id=tokenizer.eos_token_id)
+    else:
+        encode = encode_batch
+        fn_kwargs = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template,
+                         train_on_prompt=d.train_on_prompt, chunk_tokens=d.chunk_tokens,
+                         chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
     shard_rows = ENCODE_SHARD * workers * 10 if workers else ENCODE_SHARD
     parts = []
     for start in range(0, len(examples), shard_rows):
         if should_stop():
             raise StepCancelled("cancelled while tokenizing")
         shard = _to_dataset(examples[start:start + shard_rows])
-        parts.append(shard.map(encode_batch, batched=True, batch_size=ENCODE_SHARD, fn_kwargs=fn_kwargs,
+        parts.append(shard.map(encode, batched=True, batch_size=ENCODE_SHARD, fn_kwargs=fn_kwargs,
                                remove_columns=shard.column_names, num_proc=workers,
                                load_from_cache_file=False, keep_in_memory=True))
         events.progress(min(start + shard_rows, len(examples)), len(examples), task=f"tokenize {split}",
@@ -263,20 +298,29 @@ def resolve_max_length(cfg: RunConfig, lengths: list[int], context: int) -> int:
     return min(context, -(-longest // 64) * 64)
 
 
-def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected) -> Any:
-    """Truncate or drop over-long rows (and rows with nothing left to train) per data.on_problem."""
+def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected, task: Task = "causal") -> Any:
+    """Truncate or drop over-long rows (and rows with nothing left to train) per data.on_problem.
+
+    For seq2seq, ``max_length`` bounds the source (input_ids) and the target (labels) each.
+    """
     import numpy as np
 
     from loratui.pipeline.data.encode import token_counts
 
-    lengths, _ = token_counts(ds)
+    lengths, targets = token_counts(ds)
     policy = _policy(cfg, "too_long")
-    over = np.nonzero(lengths > max_length)[0].tolist()
+    too_long = (lengths > max_length) | (targets > max_length) if task == "seq2seq" else lengths > max_length
+    over = np.nonzero(too_long)[0].tolist()
     sources = ds["source"][:] if over else []
     drop: set[int] = set()
     for i in over:
         file, _, row = sources[i].rpartition(":")
-        message = f"{lengths[i]} tokens, more than max_length {max_length}"
+        if task == "seq2seq":
+            parts = [f"{what} {n} tokens" for what, n in (("source", lengths[i]), ("target", targets[i]))
+                     if n > max_length]
+            message = f"{' and '.join(parts)}, more than max_length {max_length}"
+        else:
+            message = f"{lengths[i]} tokens, more than max_length {max_length}"
         if policy == "truncate":
             out.problems.append(RowProblem("too_long", file, int(row), message + f": truncated to {max_length}",
                                            action="truncated"))
@@ -333,26 +377,56 @@ def preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, list[tupl
     return examples
 
 
+def seq2seq_preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, str, str]]:
+    """The first ``n`` rows of a seq2seq dataset as (header, source text, target text), special tokens shown."""
+    examples = []
+    for i in range(min(n, len(ds))):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        header = f"── example {i + 1} ({ds[i]['source']}): source {len(ids)} tokens, target {len(labels)} tokens"
+        examples.append((header, tokenizer.decode(ids), tokenizer.decode(labels)))
+    return examples
+
+
 def _plain(pieces: list[tuple[bool, str]]) -> str:
     return "".join(f"⟦{text}⟧" if trained else text for trained, text in pieces)
 
 
 def _stats_lines(report: dict[str, Any]) -> list[str]:
     t = report["tokens"]
+    seq2seq = report.get("task", "causal") == "seq2seq"
+
+    def summary(s: dict[str, Any]) -> str:
+        return f"min {s['min']}, median {s['median']:.0f}, p95 {s['p95']:.0f}, max {s['max']}"
+
     lines = []
     for split in SPLITS:
         s = t.get(split, {})
-        if s.get("rows"):
-            lines.append(f"{split}: {s['rows']} rows; tokens min {s['min']}, median {s['median']:.0f}, "
-                         f"p95 {s['p95']:.0f}, max {s['max']}")
+        if s.get("rows") and seq2seq:
+            lines.append(f"{split}: {s['rows']} rows; source tokens {summary(s)}; "
+                         f"target tokens {summary(t['target'][split])}")
+        elif s.get("rows"):
+            lines.append(f"{split}: {s['rows']} rows; tokens {summary(s)}")
+    longer = "rows had a longer source or target" if seq2seq else "rows were longer"
     lines.append(f"max_length: {report['max_length']} ({report['max_length_source']}); "
-                 f"{t['over_max_length']} rows were longer ({report['policy']['too_long']})")
-    lines.append(f"tokens per epoch: {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)")
+                 f"{t['over_max_length']} {longer} ({report['policy']['too_long']})")
+    if seq2seq:
+        lines.append(f"tokens per epoch: {t['per_epoch']:,} ({t['per_epoch'] - t['trained_per_epoch']:,} source, "
+                     f"{t['trained_per_epoch']:,} target, all trained)")
+    else:
+        lines.append(f"tokens per epoch: {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)")
     return lines
 
 
 def _preview_text(splits: dict[str, Any], tokenizer: Any, report: dict[str, Any], n: int) -> str:
     train = splits["train"]
+    if report.get("task", "causal") == "seq2seq":
+        head = (f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
+                "seq2seq (encoder-decoder)\n"
+                "The source is the encoder's input; the target, between ⟦ and ⟧, is the decoder's labels "
+                "(every token trained).\n")
+        blocks = [f"{h}\nsource: {src}\ntarget: ⟦{tgt}⟧\n"
+                  for h, src, tgt in seq2seq_preview_pieces(train, tokenizer, n)]
+        return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
     head = (f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
             f"template: {report['template']}\n"
             "Trained tokens are between ⟦ and ⟧; the rest is context only (label -100).\n")
@@ -425,7 +499,9 @@ def _tokenizer_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, template_source: str) -> str:
+def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, template_source: str,
+              task: Task = "causal") -> str:
+    """Key over the inputs of the build. The task enters only for seq2seq, so causal keys stay as they were."""
     h = hashlib.sha256()
     settings = cfg.data.model_dump(mode="json", exclude={"preview_examples"})
     h.update(json.dumps({"version": DATA_VERSION, "settings": settings}, sort_keys=True).encode())
@@ -434,6 +510,8 @@ def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, tem
             h.update(f"{split}:{path}:{_sha256_file(path)}".encode())
     h.update(_tokenizer_fingerprint(model_dir).encode())
     h.update(template_source.encode())
+    if task != "causal":
+        h.update(f"task:{task}".encode())
     return h.hexdigest()[:20]
 
 
@@ -462,34 +540,46 @@ def _install(cached: Path, target: Path) -> None:
 
 
 def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template: Any, model_dir: Path,
-          out_dir: Path, events: EventSink, should_stop: Any, key: str) -> dict[str, Any]:
+          out_dir: Path, events: EventSink, should_stop: Any, key: str, task: Task = "causal") -> dict[str, Any]:
+    seq2seq = task == "seq2seq"
     out = Collected()
     by_split: dict[str, list[Example]] = {}
     for split in SPLITS:
-        by_split[split] = read_examples(cfg, files[split], out, split)
+        by_split[split] = read_examples(cfg, files[split], out, split, task)
         if should_stop():
             raise StepCancelled("cancelled while reading")
     events.progress(1, 4, task="stages", message="validated rows")
     splits = split_examples(cfg, by_split, out)
-    encoded = {s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s)
+    encoded = {s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task)
                for s, rows in splits.items()}
     events.progress(2, 4, task="stages", message="tokenized")
-    lengths = [int(n) for ds in encoded.values() if ds is not None for n in token_counts(ds)[0]]
-    max_length = resolve_max_length(cfg, lengths, _model_context(tokenizer, model_dir))
-    over = sum(1 for n in lengths if n > max_length)
+    context = _model_context(tokenizer, model_dir)
+    if seq2seq:  # max_length bounds the source and the target each; auto fits the longest of either
+        counted = [token_counts(ds) for ds in encoded.values() if ds is not None]
+        lengths = [int(n) for source, _ in counted for n in source]
+        target_lengths = [int(n) for _, target in counted for n in target]
+        max_length = resolve_max_length(cfg, lengths + target_lengths, context)
+        over = sum(1 for a, b in zip(lengths, target_lengths) if a > max_length or b > max_length)
+    else:
+        lengths = [int(n) for ds in encoded.values() if ds is not None for n in token_counts(ds)[0]]
+        max_length = resolve_max_length(cfg, lengths, context)
+        over = sum(1 for n in lengths if n > max_length)
     for split, ds in encoded.items():
         if ds is not None:
-            encoded[split] = apply_length_policy(ds, max_length, cfg, out)
+            encoded[split] = apply_length_policy(ds, max_length, cfg, out, task)
     events.progress(3, 4, task="stages", message="applied max_length")
 
     processed = out_dir / "processed"
     tokens: dict[str, Any] = {}
+    target_stats: dict[str, Any] = {}
     counts: dict[str, int] = {}
     trained = 0
     for split, ds in encoded.items():
         counts[split] = 0 if ds is None else len(ds)
         split_lengths, split_trained = token_counts(ds) if ds is not None else ([], [0])
         tokens[split] = _stats(split_lengths)
+        if seq2seq:
+            target_stats[split] = _stats(split_trained if ds is not None else [])
         if split == "train":
             trained = int(sum(split_trained))
         if ds is not None and len(ds):
@@ -497,7 +587,13 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     train = encoded["train"]
     if train is None or not len(train):
         raise NoTrainingData(out, f"after applying max_length {max_length}")
-    tokens.update(over_max_length=over, per_epoch=tokens["train"]["total"], trained_per_epoch=trained)
+    if seq2seq:  # the source runs through the encoder, the target through the decoder
+        tokens.update(target=target_stats, over_max_length=over, per_epoch=tokens["train"]["total"] + trained,
+                      trained_per_epoch=trained)
+        length_source = "auto: longest source or target rounded up to 64, capped by the model context"
+    else:
+        tokens.update(over_max_length=over, per_epoch=tokens["train"]["total"], trained_per_epoch=trained)
+        length_source = "auto: longest example rounded up to 64, capped by the model context"
     dropped, truncated = _problem_lists(out)
     report = {
         "files": out.files,
@@ -508,24 +604,56 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
         "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS},
         "dropped": dropped,
         "truncated": truncated,
-        "template": template.name,
+        "task": task,
+        "template": template.name if template is not None else None,
         "max_length": max_length,
-        "max_length_source": "auto: longest example rounded up to 64, capped by the model context"
-        if cfg.data.max_length == "auto" else "data.max_length",
+        "max_length_source": length_source if cfg.data.max_length == "auto" else "data.max_length",
         "tokens": tokens,
         "cache_key": key,
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out_dir / "report.md", _report_markdown(report))
     atomic_write_text(out_dir / "preview.txt", _preview_text(encoded, tokenizer, report, cfg.data.preview_examples))
-    manifest = {"splits": {s: str(Path("processed") / s) for s, n in counts.items() if n}, "counts": counts,
-                "template": template.name, "chat_template": template.source, "max_length": max_length,
+    manifest = {"task": task, "splits": {s: str(Path("processed") / s) for s, n in counts.items() if n},
+                "counts": counts, "template": template.name if template is not None else None,
+                "chat_template": template.source if template is not None else None, "max_length": max_length,
                 "model_dir": str(model_dir), "cache_key": key, "data_version": DATA_VERSION}
     atomic_write_text(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
     return report
 
 
-def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any, Any, Path]:
+def model_task(model_dir: Path, trust_remote_code: bool = False) -> Task:
+    """``seq2seq`` for an encoder-decoder model (``is_encoder_decoder`` in its config), else ``causal``.
+
+    Reads only the config (no weights), through AutoConfig so that architectures whose config class
+    implies it (T5, BART, PEGASUS) answer right even when config.json leaves the flag out.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    except (OSError, ValueError, KeyError):  # an architecture this transformers does not know: the raw file
+        try:
+            raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "causal"
+        encoder_decoder = isinstance(raw, dict) and raw.get("is_encoder_decoder") is True
+    return "seq2seq" if encoder_decoder else "causal"
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the data step takes from the base model."""
+
+    tokenizer: Any
+    template: Any  # the ChatTemplate for a causal model; None for seq2seq (no chat template is used)
+    path: Path
+    task: Task
+
+
+def load_model_inputs(cfg: RunConfig, events: EventSink) -> ModelInputs:
+    """Resolve the model, load its fast tokenizer, tell its task and (causal only) resolve the template."""
     from transformers import AutoTokenizer
 
     from loratui.pipeline.data.templates import resolve_template
@@ -536,7 +664,25 @@ def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any,
     if not getattr(tokenizer, "is_fast", False):
         raise LoratuiError(f"{model.path}: the data step needs a fast (Rust) tokenizer for offsets",
                            hint="Provide tokenizer.json with the model.")
-    return tokenizer, resolve_template(cfg.data.template, tokenizer), model.path
+    task = model_task(model.path, cfg.model.trust_remote_code)
+    template = resolve_template(cfg.data.template, tokenizer) if task == "causal" else None
+    return ModelInputs(tokenizer, template, model.path, task)
+
+
+def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any, Any, Path]:
+    """(tokenizer, chat template or None for seq2seq, model dir): :func:`load_model_inputs` without the task."""
+    m = load_model_inputs(cfg, events)
+    return m.tokenizer, m.template, m.path
+
+
+def _seq2seq_warnings(cfg: RunConfig, events: EventSink) -> None:
+    d = cfg.data
+    if d.train_on_prompt:
+        events.log("data.train_on_prompt is ignored for a seq2seq (encoder-decoder) model: the source is the "
+                   "encoder's input and every target token is trained", level="warning")
+    if d.template != "auto":
+        events.log(f"data.template={d.template} is ignored for a seq2seq (encoder-decoder) model: examples are "
+                   "a source text and a target, not a rendered chat", level="warning")
 
 
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
@@ -545,8 +691,12 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     started = time.monotonic()
     files = _split_files(cfg)
     events.progress(0, 4, task="stages", message="reading")
-    tokenizer, template, model_dir = load_tokenizer_and_template(cfg, events)
-    key = cache_key(cfg, files, model_dir, template.source)
+    model = load_model_inputs(cfg, events)
+    tokenizer, template, model_dir, task = model.tokenizer, model.template, model.path, model.task
+    if task == "seq2seq":
+        events.log(f"data: {model_dir.name} is an encoder-decoder model: seq2seq examples (source -> target)")
+        _seq2seq_warnings(cfg, events)
+    key = cache_key(cfg, files, model_dir, template.source if template is not None else "", task)
     cached = datasets_cache() / key
     hit = (cached / "dataset.json").is_file()
     if hit:
@@ -554,11 +704,16 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     else:
         try:
             with atomic_dir(cached) as tmp:
-                build(cfg, files, tokenizer, template, model_dir, tmp, events, should_stop, key)
+                build(cfg, files, tokenizer, template, model_dir, tmp, events, should_stop, key, task=task)
         except NoTrainingData as e:  # still list every dropped row where the user will look
             _write_failure_report(run.data, e.out, cfg)
             raise
     _install(cached, run.data)
+    manifest_path = run.data / "dataset.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("model_dir") != str(model_dir):  # the cache is keyed by content; the model may have moved
+        manifest["model_dir"] = str(model_dir)
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
     events.progress(4, 4, task="stages", message="done")
 
@@ -575,7 +730,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
         events.artifact(run.data / name, kind=kind)
     summary = {"splits": report["splits"], "dropped": report["rows"]["dropped"],
                "truncated": report["rows"]["truncated"], "max_length": report["max_length"],
-               "template": report["template"], "cache_hit": hit,
+               "template": report["template"], "task": report.get("task", "causal"), "cache_hit": hit,
                "seconds": round(time.monotonic() - started, 2)}
     return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
 
@@ -593,6 +748,16 @@ def show_preview(cfg: RunConfig, n: int | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(manifest["model_dir"])
     console = Console()
     count = cfg.data.preview_examples if n is None else n
+    report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
+    if manifest.get("task", "causal") == "seq2seq":
+        console.print(f"[bold]{min(count, len(train))} of {len(train)} training examples[/], seq2seq: "
+                      "source = the encoder's input, [green]target = the decoder's labels (all trained) in green[/]")
+        for header, source, target in seq2seq_preview_pieces(train, tokenizer, count):
+            console.print(Text(header, style="cyan"))
+            console.print(Text.assemble(("source: ", "dim"), source))
+            console.print(Text.assemble(("target: ", "dim"), (target, "bold green")))
+        console.print(Text("\n".join(_stats_lines(report))))
+        return
     console.print(f"[bold]{min(count, len(train))} of {len(train)} training examples[/], template "
                   f"{manifest['template']}: [green]trained tokens in green[/], [dim]context (label -100) dim[/]")
     for header, pieces in preview_pieces(train, tokenizer, count):
@@ -601,5 +766,4 @@ def show_preview(cfg: RunConfig, n: int | None = None) -> None:
             text.append(piece, style="bold green" if trained else "dim")
         console.print(Text(header, style="cyan"))
         console.print(text)
-    report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
     console.print(Text("\n".join(_stats_lines(report))))

@@ -1,0 +1,173 @@
+"""Padding-free micro-batches, a shared prompt prefix computed once, and logits only where trained.
+
+The usual recipe pads every micro-batch to its longest example and computes the vocabulary logits
+at every position. Here a micro-batch becomes one sequence:
+
+    [shared prefix][rest of example 1][rest of example 2] ...
+
+* **No padding.** Attention stays inside each example: :func:`varlen_attention` runs one SDPA call
+  per example (a registered transformers attention implementation), so no example sees another.
+* **Shared prefix.** When every example of the micro-batch starts with the same tokens and none of
+  them is trained (a default system prompt, an instruction header), that prefix is computed once;
+  each example attends to it and its gradient is summed over the examples, exactly as if every
+  example carried its own copy (causal attention: the prefix never sees what follows it).
+* **Logits where trained.** The LM head (576 x 49,152 for SmolLM2) and the cross-entropy run only at
+  positions whose next token is trained (``logits_to_keep`` with indices), not on prompt tokens.
+
+Losses and gradients equal the padded computation (tests check this to float precision).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+ATTENTION = "loratui_varlen"
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the extra attention call
+
+
+def _sdpa_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, *, cu_seq_lens_q: torch.Tensor | None = None,
+                     loratui_prefix: int = 0, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention for a padding-free batch of one row: segments given by ``cu_seq_lens_q``.
+
+    ``loratui_prefix`` > 0: the first segment is a prefix shared by all later segments, which attend
+    to it in full and to themselves causally. Without ``cu_seq_lens_q`` (generation, padded
+    batches) this is plain SDPA with the mask transformers built.
+    """
+    if cu_seq_lens_q is None:
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    drop = dropout if module.training else 0.0
+    bounds = cu_seq_lens_q.tolist()
+    p = int(loratui_prefix)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q = query[:, :, start:end]
+        if p and start >= p:
+            k = torch.cat((key[:, :, :p], key[:, :, start:end]), dim=2)
+            v = torch.cat((value[:, :, :p], value[:, :, start:end]), dim=2)
+            n = end - start
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling,
+                                                       enable_gqa=gqa))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, key[:, :, start:end], value[:, :, start:end],
+                                                       is_causal=True, dropout_p=drop, scale=scaling,
+                                                       enable_gqa=gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Register :func:`varlen_attention` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, varlen_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return ATTENTION
+
+
+def supports_padding_free(model: Any) -> bool:
+    """True for causal LMs whose attention goes through transformers' attention interface."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "is_encoder_decoder", False):
+        return False
+    return bool(getattr(base, "_supports_attention_backend", False))
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def shared_prefix(features: list[dict[str, Any]]) -> int:
+    """Length of the leading tokens that every example shares and none trains (0: nothing to share).
+
+    The prediction made at the last shared position is of each example's first own token, so that
+    token must be untrained too; every example keeps at least one token of its own.
+    """
+    if len(features) < 2:
+        return 0
+    ids = [f["input_ids"] for f in features]
+    limit = min(len(x) for x in ids) - 1
+    first = ids[0]
+    p = 0
+    while p < limit and all(x[p] == first[p] for x in ids[1:]):
+        p += 1
+    for f in features:  # labels[1..p] are the targets predicted from the prefix positions
+        labels = f["labels"]
+        q = 1
+        while q <= p and labels[q] == IGNORE:
+            q += 1
+        p = min(p, q - 1)
+    return p if p >= MIN_SHARED_PREFIX else 0
+
+
+@dataclass
+class PaddingFreeCollator:
+    """Examples -> one row: ``input_ids``, ``position_ids``, shifted ``labels``, segment bounds."""
+
+    share_prefix: bool = True
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        p = shared_prefix(features) if self.share_prefix else 0
+        ids: list[int] = []
+        positions: list[int] = []
+        targets: list[int] = []
+        bounds = [0]
+        if p:
+            first = list(features[0]["input_ids"][:p])
+            ids += first
+            positions += range(p)
+            targets += [IGNORE] * p
+            bounds.append(p)
+        tokens = 0
+        for f in features:
+            x, y = list(f["input_ids"]), list(f["labels"])
+            tokens += len(x)
+            ids += x[p:]
+            positions += range(p, len(x))
+            targets += y[p + 1:] + [IGNORE]  # the next token, within this example only
+            bounds.append(len(ids))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "labels": torch.tensor([targets], dtype=torch.long),
+            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32),
+            "loratui_prefix": torch.tensor(p),
+            "num_tokens": torch.tensor(tokens),
+        }
+
+
+def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits: bool) -> tuple[torch.Tensor, Any]:
+    """Sum of token losses over the trained positions of a padding-free batch, divided by ``num_items``
+    (the trained tokens of the whole accumulated batch) or by this batch's own count."""
+    labels = inputs["labels"][0]
+    keep = (labels != IGNORE).nonzero().squeeze(1)
+    kwargs = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
+                  cu_seq_lens_q=inputs["cu_seq_lens_q"], loratui_prefix=int(inputs["loratui_prefix"]))
+    if keep_logits:
+        outputs = model(**kwargs, logits_to_keep=keep)
+        logits = outputs.logits[0]
+    else:
+        outputs = model(**kwargs)
+        logits = outputs.logits[0, keep]
+    if keep.numel() == 0:
+        return logits.sum() * 0.0, outputs
+    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    denominator = num_items if num_items is not None else keep.numel()
+    return loss / denominator, outputs

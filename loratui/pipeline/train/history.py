@@ -1,0 +1,97 @@
+"""Adapter versions of a run: every trained adapter is kept, one of them is current.
+
+```
+runs/<name>/adapter/                 the current version (PEFT format), what later steps use
+runs/<name>/adapters/v1/ v2/ ...      every version, each with loratui.json (provenance)
+runs/<name>/adapters/history.json     {"current": 2, "versions": [{version, mode, parent, stack, ...}]}
+```
+A version trained with ``mode: stack`` sits on top of the base with earlier versions merged into it:
+its ``stack`` lists those versions in merge order, and ``loratui.json`` in the adapter folder says
+so, so the merge step (and a user with plain peft) knows to merge them first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.errors import LoratuiError
+from loratui.pipeline.runs import RunDir, atomic_dir, atomic_write_text
+
+META = "loratui.json"
+
+
+def _history_file(run: RunDir) -> Path:
+    return run.path / "adapters" / "history.json"
+
+
+def load_history(run: RunDir) -> dict[str, Any]:
+    path = _history_file(run)
+    if not path.is_file():
+        return {"current": None, "versions": []}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def version_dir(run: RunDir, version: int) -> Path:
+    return run.path / "adapters" / f"v{version}"
+
+
+def current_version(run: RunDir) -> dict[str, Any] | None:
+    history = load_history(run)
+    for v in history["versions"]:
+        if v["version"] == history["current"]:
+            return v
+    return None
+
+
+def next_version(run: RunDir) -> int:
+    return max((v["version"] for v in load_history(run)["versions"]), default=0) + 1
+
+
+def adapter_meta(path: str | Path) -> dict[str, Any]:
+    """loratui's provenance file of an adapter folder ({} for adapters from elsewhere)."""
+    meta = Path(path) / META
+    return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+
+
+def stack_paths(run: RunDir, entry: dict[str, Any]) -> list[Path]:
+    """Adapter folders to merge into the base, in order, before ``entry``'s adapter applies."""
+    return [version_dir(run, v) for v in entry.get("stack", [])]
+
+
+def record(run: RunDir, entry: dict[str, Any], trained: Path) -> dict[str, Any]:
+    """Keep the adapter in ``trained`` as the next version and make it current."""
+    history = load_history(run)
+    entry = {**entry, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    target = version_dir(run, entry["version"])
+    atomic_write_text(trained / META, json.dumps(entry, indent=2) + "\n")
+    with atomic_dir(target) as tmp:
+        shutil.copytree(trained, tmp, dirs_exist_ok=True)
+    history["versions"].append(entry)
+    history["current"] = entry["version"]
+    _make_current(run, history, entry["version"])
+    return entry
+
+
+def _make_current(run: RunDir, history: dict[str, Any], version: int) -> None:
+    with atomic_dir(run.adapter) as tmp:
+        shutil.copytree(version_dir(run, version), tmp, dirs_exist_ok=True)
+    history["current"] = version
+    atomic_write_text(_history_file(run), json.dumps(history, indent=2) + "\n")
+
+
+def rollback(run: RunDir, version: int) -> dict[str, Any]:
+    """Make an earlier version current again; later versions stay in the history."""
+    history = load_history(run)
+    known = {v["version"]: v for v in history["versions"]}
+    if version not in known:
+        listed = ", ".join(f"v{v}" for v in sorted(known)) or "none"
+        raise LoratuiError(f"{run.path}: no adapter version {version} (versions: {listed})",
+                           hint="`loratui train history` lists them.")
+    if not version_dir(run, version).is_dir():
+        raise LoratuiError(f"{version_dir(run, version)} is missing: the version's files were deleted")
+    _make_current(run, history, version)
+    return known[version]

@@ -1,0 +1,139 @@
+"""``auto`` training settings, the device and the precision, each with the reason it was chosen.
+
+Pure functions of the data statistics and the hardware, so the choice is testable without torch and
+written back into the run's ``config.yaml`` (a re-run reproduces it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+
+# Token budget of one micro-batch (examples x length) when `batch_size: auto`. On a CPU, larger
+# micro-batches do not raise throughput (measured on SmolLM2-135M: 8 and 16 examples run at the same
+# tokens/s) and only delay progress; on a GPU the budget grows with free memory.
+CPU_TOKEN_BUDGET = 1024
+GPU_TOKENS_PER_GIB = 2048  # for a ~1B model in bf16 with LoRA; scaled by the model's size below
+TARGET_EXAMPLES_SEEN = 1000  # auto epochs: about this many example presentations, 1 to 10 epochs
+
+
+@dataclass
+class Choice:
+    value: Any
+    reason: str
+
+
+@dataclass
+class Resolved:
+    """The settings a training run uses, and why (for the log and the report)."""
+
+    choices: dict[str, Choice] = field(default_factory=dict)
+
+    def set(self, key: str, value: Any, reason: str) -> Any:
+        self.choices[key] = Choice(value, reason)
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        return self.choices[key].value
+
+    def lines(self) -> list[str]:
+        return [f"{k} = {c.value}: {c.reason}" for k, c in self.choices.items()]
+
+
+def _pow2_floor(n: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, n)))))
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated (16x slower than fp32 measured on an
+    AVX2 EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(cfg: RunConfig, cuda: bool) -> Choice:
+    want = cfg.train.device
+    if want == "cuda" and not cuda:
+        from loratui.pipeline.errors import LoratuiError
+
+        raise LoratuiError("train.device is cuda but no CUDA GPU is visible to PyTorch",
+                           hint="Set train.device=cpu (or auto), or run the CUDA image with --gpus all.")
+    if want == "cpu" or (want == "auto" and not cuda):
+        return Choice("cpu", "no CUDA GPU" if want == "auto" else "train.device")
+    return Choice("cuda", "CUDA GPU found" if want == "auto" else "train.device")
+
+
+def resolve_precision(cfg: RunConfig, device: str, cuda_bf16: bool = False) -> Choice:
+    want = cfg.train.precision
+    if want != "auto":
+        return Choice(want, "train.precision")
+    if device == "cuda":
+        return Choice("bf16", "GPU supports bf16") if cuda_bf16 else Choice("fp16", "GPU lacks bf16")
+    if cpu_has_native_bf16():
+        return Choice("bf16", "CPU has AVX512-BF16/AMX")
+    return Choice("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
+
+
+def resolve_auto(cfg: RunConfig, lengths: list[int], *, device: str, nproc: int, free_gib: float | None = None,
+                 params_b: float = 0.135) -> Resolved:
+    """Rank, alpha, epochs, micro-batch and accumulation from the data and the hardware.
+
+    ``lengths``: token count of every training example. The effective batch (micro-batch x
+    accumulation x processes) stays at ``train.effective_batch`` whatever micro-batch fits.
+    """
+    r = Resolved()
+    n = len(lengths)
+    tokens = sum(lengths)
+    lora, train = cfg.lora, cfg.train
+    if lora.r == "auto":
+        rank = 8 if tokens < 20_000 else 16 if tokens < 2_000_000 else 32 if tokens < 50_000_000 else 64
+        r.set("lora.r", rank, f"{tokens:,} training tokens (<20k: 8, <2M: 16, <50M: 32, else 64)")
+    else:
+        r.set("lora.r", lora.r, "lora.r")
+    if lora.alpha == "auto":
+        r.set("lora.alpha", 2 * r["lora.r"], "2 x r")
+    else:
+        r.set("lora.alpha", lora.alpha, "lora.alpha")
+
+    longest = max(lengths) if lengths else 1
+    p95 = sorted(lengths)[int(0.95 * (n - 1))] if lengths else 1
+    per_proc = max(1, math.ceil(train.effective_batch / nproc))
+    if train.batch_size == "auto":
+        if device == "cuda":
+            budget = (free_gib or 8.0) * GPU_TOKENS_PER_GIB / max(params_b, 0.1)
+            why = f"{free_gib or 8.0:.0f} GiB free on the GPU"
+        else:
+            budget = CPU_TOKEN_BUDGET
+            why = f"CPU: about {CPU_TOKEN_BUDGET} tokens per micro-batch"
+        micro = min(per_proc, _pow2_floor(budget / max(p95, 1)), _pow2_floor(n))
+        micro = max(1, micro)
+        r.set("train.batch_size", micro, f"{why}, 95th percentile length {p95} (longest {longest})")
+    else:
+        r.set("train.batch_size", train.batch_size, "train.batch_size")
+    if train.grad_accum == "auto":
+        accum = max(1, math.ceil(train.effective_batch / (r["train.batch_size"] * nproc)))
+        r.set("train.grad_accum", accum,
+              f"effective batch {train.effective_batch} = {r['train.batch_size']} x {accum}"
+              + (f" x {nproc} processes" if nproc > 1 else ""))
+    else:
+        r.set("train.grad_accum", train.grad_accum, "train.grad_accum")
+    if train.epochs == "auto":
+        epochs = min(10, max(1, round(TARGET_EXAMPLES_SEEN / max(n, 1))))
+        r.set("train.epochs", epochs, f"{n} examples: about {TARGET_EXAMPLES_SEEN} presentations, 1 to 10 epochs")
+    else:
+        r.set("train.epochs", train.epochs, "train.epochs")
+    return r
+
+
+def apply(cfg: RunConfig, resolved: Resolved) -> None:
+    """Write the resolved values into ``cfg`` (so ``config.yaml`` records them)."""
+    for key, choice in resolved.choices.items():
+        section, _, name = key.partition(".")
+        setattr(getattr(cfg, section), name, choice.value)
