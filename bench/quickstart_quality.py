@@ -38,7 +38,8 @@ def answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48) ->
                                              add_generation_prompt=True) for q in questions]
     out: list[str] = []
     for i in range(0, len(prompts), 8):
-        batch = tokenizer(prompts[i:i + 8], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(prompts[i:i + 8], return_tensors="pt", padding=True, add_special_tokens=False,
+                          return_token_type_ids=False)
         with torch.no_grad():
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
