@@ -51,7 +51,7 @@ def test_defaults_load():
     cfg = load_config()
     assert cfg == RunConfig()
     assert cfg.name == "quickstart"
-    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.epochs == 15 and cfg.train.keep_best is False
     assert cfg.lora.r == 16
     assert cfg.lora.target_modules == "all-linear"
     assert cfg.data.max_length == "auto"
@@ -84,7 +84,7 @@ def test_quickstart_example_validates():
     assert cfg.model.base == raw["model"]["base"]
     assert cfg.export.gguf_quants == ["q8_0"]
     assert cfg.eval.metrics == ["perplexity", "exact_match", "rouge_l"]
-    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.epochs == 15 and cfg.train.keep_best is False
 
 
 def test_empty_file_gives_defaults(tmp_path):
