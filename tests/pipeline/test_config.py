@@ -51,7 +51,7 @@ def test_defaults_load():
     cfg = load_config()
     assert cfg == RunConfig()
     assert cfg.name == "quickstart"
-    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.epochs == 15 and cfg.train.keep_best is False
+    assert cfg.train.lr == pytest.approx(2e-4)
     assert cfg.lora.r == 16
     assert cfg.lora.target_modules == "all-linear"
     assert cfg.data.max_length == "auto"
