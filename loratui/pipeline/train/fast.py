@@ -54,19 +54,22 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     drop = dropout if module.training else 0.0
     bounds = cu_seq_lens_q.tolist()
     p = int(loratui_prefix)
+    # split (not slice): the backward of a split concatenates once, where each slice's backward would
+    # fill a zero tensor the size of the whole sequence
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    parts = zip(bounds[:-1], query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q = query[:, :, start:end]
+    prefix_k = prefix_v = None
+    for start, q, k, v in parts:
+        if p and start == 0:
+            prefix_k, prefix_v = k, v
         if p and start >= p:
-            k = torch.cat((key[:, :, :p], key[:, :, start:end]), dim=2)
-            v = torch.cat((value[:, :, :p], value[:, :, start:end]), dim=2)
-            n = end - start
+            n = q.shape[2]
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling,
-                                                       enable_gqa=gqa))
+            outs.append(F.scaled_dot_product_attention(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2),
+                                                       attn_mask=mask, dropout_p=drop, scale=scaling, enable_gqa=gqa))
         else:
-            outs.append(F.scaled_dot_product_attention(q, key[:, :, start:end], value[:, :, start:end],
-                                                       is_causal=True, dropout_p=drop, scale=scaling,
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling,
                                                        enable_gqa=gqa))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
