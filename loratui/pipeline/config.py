@@ -239,19 +239,45 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for initialization and data order.")
 
 
+EvalMetric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1", "contains",
+                     "loss", "perplexity"]
+EVAL_METRICS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1",
+                                 "contains", "loss", "perplexity")
+
+
 class EvalSection(Section):
     """How the tuned model is scored against the base model."""
 
-    metrics: list[Literal["loss", "perplexity", "exact_match", "contains", "rouge_l"]] = Field(
-        default_factory=lambda: ["perplexity", "exact_match", "rouge_l"],
-        description="Metrics on the test split. Generation metrics compare greedy answers with the references.",
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: list(EVAL_METRICS),
+        description="Metrics to compute. Generation metrics (rouge*, bleu, exact_match, token_f1, contains) "
+        "compare greedy replies with the references; loss and perplexity score the references' tokens.",
+    )
+    split: Literal["test", "validation"] = Field(
+        "test", description="Split to score (the validation split is used when the data has no test split)."
+    )
+    model: str | None = Field(
+        None, description="What to score: empty for the run's current adapter; or an adapter folder, or a "
+        "merged model directory."
     )
     compare_base: bool = Field(True, description="Also score the base model, for a before/after table.")
-    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per test prompt.")
-    max_samples: int | None = Field(None, description="Score at most this many test rows (empty: all).")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per test prompt (greedy decoding).")
+    max_samples: int | None = Field(None, gt=0, description="Score at most this many rows per dataset (empty: all).")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded, with a KV cache).")
+    fact_field: str = Field(
+        "fact", description="Field of a data row that holds the key fact its reply must contain (the `contains` "
+        "metric); rows without it use the whole reference."
+    )
+    comparison_examples: int = Field(
+        10, ge=0, description="Rows shown side by side in comparison.md: half the worst, half the best."
+    )
+    retention: bool = Field(
+        True, description="After continue/stack training, also score every earlier dataset in the run's "
+        "adapter history, to show what the model still knows."
+    )
     retention_sources: list[str] = Field(
         default_factory=list,
-        description="Earlier datasets to re-score after continual training, to measure forgetting.",
+        description="More datasets to re-score (files or folders), to measure forgetting.",
     )
 
 

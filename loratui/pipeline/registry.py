@@ -10,12 +10,14 @@ STEP_ORDER: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export", "
 STEPS: dict[str, str] = {
     "data": "loratui.pipeline.data.step:run",
     "train": "loratui.pipeline.train.step:run",
+    "eval": "loratui.pipeline.evaluate.step:run",
 }
 
 # One line of --help per step.
 STEP_HELP: dict[str, str] = {
     "data": "load, validate, template and split the training data (add `preview` to show examples)",
     "train": "train a LoRA/QLoRA/DoRA adapter (`history` lists versions, `rollback N` restores one)",
+    "eval": "score the tuned model against the base model on the test split (metrics, comparison, plots)",
 }
 
 # Actions a step accepts as its first word (`loratui data preview`): run the step (cached), then this.
@@ -36,5 +38,9 @@ STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
         ("--resume", {"nargs": "?", "const": "latest", "metavar": "CHECKPOINT",
                       "help": "continue from the latest checkpoint, or from CHECKPOINT"}, "train.resume"),
         ("--nproc", {"type": int, "metavar": "N", "help": "train with N data-parallel processes"}, "train.nproc"),
+    ],
+    "eval": [
+        ("--model", {"metavar": "PATH", "help": "evaluate this adapter folder or merged model directory"}, "eval.model"),
+        ("--max-samples", {"type": int, "metavar": "N", "help": "score at most N rows per dataset"}, "eval.max_samples"),
     ],
 }

@@ -79,7 +79,7 @@ class NoTrainingData(LoratuiError):
 # --------------------------------------------------------------------------------------------
 
 
-def _split_files(cfg: RunConfig) -> dict[str, list[Path]]:
+def split_files(cfg: RunConfig) -> dict[str, list[Path]]:
     d = cfg.data
     files = {"train": expand_sources(d.source), "validation": [], "test": []}
     bundled = [d.source] if isinstance(d.source, str) and is_bundled(d.source) else []
@@ -685,29 +685,41 @@ def _seq2seq_warnings(cfg: RunConfig, events: EventSink) -> None:
                    "a source text and a target, not a rendered chat", level="warning")
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
-    from loratui.pipeline.steps import StepResult
+def build_cached(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs, events: EventSink,
+                 should_stop: Any, failure_dir: Path | None = None) -> tuple[Path, bool]:
+    """Build the datasets of ``cfg.data`` into the content-addressed cache (once); returns (folder, hit).
 
-    started = time.monotonic()
-    files = _split_files(cfg)
-    events.progress(0, 4, task="stages", message="reading")
-    model = load_model_inputs(cfg, events)
-    tokenizer, template, model_dir, task = model.tokenizer, model.template, model.path, model.task
-    if task == "seq2seq":
-        events.log(f"data: {model_dir.name} is an encoder-decoder model: seq2seq examples (source -> target)")
-        _seq2seq_warnings(cfg, events)
-    key = cache_key(cfg, files, model_dir, template.source if template is not None else "", task)
+    The folder is shared and read-only for callers: the step copies it into the run; the evaluate step
+    reads earlier datasets from it for its retention check.
+    """
+    key = cache_key(cfg, files, model.path, model.template.source if model.template is not None else "", model.task)
     cached = datasets_cache() / key
     hit = (cached / "dataset.json").is_file()
     if hit:
         events.log(f"data: cache hit ({cached}); nothing to recompute")
-    else:
-        try:
-            with atomic_dir(cached) as tmp:
-                build(cfg, files, tokenizer, template, model_dir, tmp, events, should_stop, key, task=task)
-        except NoTrainingData as e:  # still list every dropped row where the user will look
-            _write_failure_report(run.data, e.out, cfg)
-            raise
+        return cached, True
+    try:
+        with atomic_dir(cached) as tmp:
+            build(cfg, files, model.tokenizer, model.template, model.path, tmp, events, should_stop, key, task=model.task)
+    except NoTrainingData as e:  # still list every dropped row where the user will look
+        if failure_dir is not None:
+            _write_failure_report(failure_dir, e.out, cfg)
+        raise
+    return cached, False
+
+
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+    from loratui.pipeline.steps import StepResult
+
+    started = time.monotonic()
+    files = split_files(cfg)
+    events.progress(0, 4, task="stages", message="reading")
+    model = load_model_inputs(cfg, events)
+    model_dir, task = model.path, model.task
+    if task == "seq2seq":
+        events.log(f"data: {model_dir.name} is an encoder-decoder model: seq2seq examples (source -> target)")
+        _seq2seq_warnings(cfg, events)
+    cached, hit = build_cached(cfg, files, model, events, should_stop, failure_dir=run.data)
     _install(cached, run.data)
     manifest_path = run.data / "dataset.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -733,6 +745,15 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
                "template": report["template"], "task": report.get("task", "causal"), "cache_hit": hit,
                "seconds": round(time.monotonic() - started, 2)}
     return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
+
+
+def prepare(cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+    """Run the data step for a later step (a cache hit when nothing changed); returns its manifest.
+
+    Its events go out under the step name ``data``, through the caller's writers.
+    """
+    run(cfg, run_dir, EventSink("data", events.writers), should_stop)
+    return json.loads((run_dir.data / "dataset.json").read_text(encoding="utf-8"))
 
 
 def show_preview(cfg: RunConfig, n: int | None = None) -> None:

@@ -44,9 +44,9 @@ def _free_port() -> int:
 def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> StepResult:
     import torch
 
-    from loratui.pipeline.train.step import prepare_data
+    from loratui.pipeline.data.step import prepare
 
-    prepare_data(cfg, run, events, should_stop)
+    prepare(cfg, run, events, should_stop)
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < cfg.train.nproc:
         raise LoratuiError(f"train.nproc={cfg.train.nproc} but only {torch.cuda.device_count()} GPUs are visible",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.step import prepare
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, write_config
@@ -64,14 +65,6 @@ def resolve_resume(cfg: RunConfig, run: RunDir) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-def prepare_data(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
-    """Run the data step (a cache hit when nothing changed) and return its manifest."""
-    from loratui.pipeline.data.step import run as data_run
-
-    data_run(cfg, run, EventSink("data", events.writers), should_stop)
-    return json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
 
 
 def load_splits(run: RunDir, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -323,7 +316,7 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     if os.environ.get(WORKER_ENV):  # the launcher ran the data step before starting the processes
         manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
     else:
-        manifest = prepare_data(cfg, run, events, should_stop)
+        manifest = prepare(cfg, run, events, should_stop)
     task = manifest.get("task", "causal")
     model_dir = Path(manifest["model_dir"])
     train_ds, val_ds = load_splits(run, manifest)
@@ -414,7 +407,8 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
         else parent.get("stack", []),
         "stack_paths": [str(p) for p in stack],
         "base": cfg.model.base, "model_dir": str(model_dir), "task": task,
-        "data": {"source": cfg.data.source, "cache_key": manifest.get("cache_key")},
+        "data": {"source": cfg.data.source, "cache_key": manifest.get("cache_key"),
+                 "config": cfg.data.model_dump(mode="json")},  # the evaluate step re-scores it (retention)
         "method": cfg.lora.method, "r": resolved["lora.r"], "alpha": resolved["lora.alpha"],
         "steps": trainer.state.global_step,
         "metrics": {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,

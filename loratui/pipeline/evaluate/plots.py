@@ -1,0 +1,153 @@
+"""PNG plots of the evaluate step (matplotlib's object API with the Agg canvas: no display, no global state).
+
+* ``loss.png``: training and eval loss of the latest training run, from the run's events.jsonl;
+* ``metrics.png``: base vs tuned for every metric on the main dataset;
+* ``retention.png``: base vs tuned on each earlier dataset (continual training), when there are any.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.evaluate import metrics as M
+
+COLORS = {"base": "#9aa5b1", "tuned": "#2f6fdf"}
+
+
+def training_curves(events_file: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(step -> train loss, step -> eval loss) of the latest training run in ``events_file``.
+
+    The latest run is what follows the previous train ``done`` event; a resumed run overwrites the
+    steps it repeats, so a cancelled-then-resumed run reads as one curve.
+    """
+    if not events_file.is_file():
+        return {}, {}
+    runs: list[list[dict[str, Any]]] = [[]]
+    for line in events_file.read_text(encoding="utf-8").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("step") != "train":
+            continue
+        if e.get("type") == "metric" and e.get("at") is not None:
+            runs[-1].append(e)
+        elif e.get("type") == "done":
+            runs.append([])
+    latest = runs[-1] or (runs[-2] if len(runs) > 1 else [])
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    for e in latest:
+        values = e.get("values", {})
+        if "loss" in values and e.get("split") in (None, "train"):
+            train[int(e["at"])] = float(values["loss"])
+        if "eval_loss" in values:
+            evals[int(e["at"])] = float(values["eval_loss"])
+    return train, evals
+
+
+def _figure(width: float = 7.0, height: float = 4.0) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def loss_plot(path: Path, train: dict[int, float], evals: dict[int, float]) -> bool:
+    if not train and not evals:
+        return False
+    fig = _figure()
+    ax = fig.add_subplot()
+    if train:
+        steps = sorted(train)
+        ax.plot(steps, [train[s] for s in steps], label="train loss", color=COLORS["tuned"], linewidth=1.5)
+    if evals:
+        steps = sorted(evals)
+        ax.plot(steps, [evals[s] for s in steps], label="eval loss", color="#e07b00", marker="o", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("Training run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return True
+
+
+def _bars(ax: Any, names: list[str], per_model: dict[str, list[float | None]], legend: bool = True) -> None:
+    width = 0.8 / max(len(per_model), 1)
+    for j, (model, values) in enumerate(per_model.items()):
+        xs = [i + (j - (len(per_model) - 1) / 2) * width for i in range(len(names))]
+        heights = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+        bars = ax.bar(xs, heights, width, label=model, color=COLORS.get(model, None))
+        for b, v in zip(bars, values):
+            if v is not None and math.isfinite(v):
+                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 1), textcoords="offset points")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    if legend:
+        ax.legend()
+
+
+def metrics_plot(path: Path, results: dict[str, dict[str, Any]], name: str, title: str) -> bool:
+    """Fractions (and BLEU / 100) in one panel, loss and perplexity in another."""
+    models = list(results)
+    scores = {m: results[m][name].metrics for m in models}
+    rates = [k for k in M.GENERATION_METRICS if any(k in scores[m] for m in models)]
+    losses = [k for k in M.LOSS_METRICS if any(k in scores[m] for m in models)]
+    if not rates and not losses:
+        return False
+    fig = _figure(9.0 if rates and losses else 7.0, 4.0)
+    panels = fig.subplots(1, 2, width_ratios=[max(len(rates), 1), max(len(losses), 1)]) if rates and losses \
+        else [fig.add_subplot()]
+    i = 0
+    if rates:
+        ax = panels[i]
+        i += 1
+        labels = ["bleu/100" if k == "bleu" else k for k in rates]
+        _bars(ax, labels, {m: [(scores[m].get(k) / 100 if k == "bleu" and scores[m].get(k) is not None
+                                else scores[m].get(k)) for k in rates] for m in models})
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"{title}: generation (higher is better)")
+    if losses:
+        ax = panels[i]
+        _bars(ax, losses, {m: [scores[m].get(k) for k in losses] for m in models}, legend=not rates)
+        ax.set_yscale("log")
+        ax.set_title("lower is better")
+    fig.savefig(path)
+    return True
+
+
+def retention_plot(path: Path, sets: list[Any], results: dict[str, dict[str, Any]]) -> bool:
+    """One group per dataset: the first generation metric present (contains, else token F1, ...), or loss."""
+    if len(sets) < 2:
+        return False
+    tuned = results["tuned"]
+    key = next((k for k in ("contains", "token_f1", "rougeL", "exact_match", "loss")
+                if all(k in tuned[s.name].metrics for s in sets)), None)
+    if key is None:
+        return False
+    fig = _figure(max(6.0, 1.6 * len(sets)), 4.0)
+    ax = fig.add_subplot()
+    names = ["this run" if s.name == "main" else s.name for s in sets]
+    _bars(ax, names, {m: [results[m][s.name].metrics.get(key) for s in sets] for m in results})
+    ax.set_title(f"Retention: {key} on every dataset the adapter was trained on")
+    fig.savefig(path)
+    return True
+
+
+def draw_all(folder: Path, sets: list[Any], results: dict[str, dict[str, Any]], events_file: Path) -> list[str]:
+    """Draw what applies; returns the file names written."""
+    written = []
+    if loss_plot(folder / "loss.png", *training_curves(events_file)):
+        written.append("loss.png")
+    if metrics_plot(folder / "metrics.png", results, sets[0].name, "base vs tuned"):
+        written.append("metrics.png")
+    if retention_plot(folder / "retention.png", sets, results):
+        written.append("retention.png")
+    return written

@@ -1,0 +1,209 @@
+"""The model behind the metrics: anything that can generate and score token ids.
+
+The evaluate step does not care which runtime produced a reply or a loss. It talks to an
+:class:`EvalModel`, which generates greedily from prompt token ids and returns the negative
+log-likelihood of labelled tokens. :class:`TorchModel` implements it for PyTorch models (a base
+model, base + adapter, or a merged directory); the GGUF and ONNX exporters add llama.cpp and
+onnxruntime implementations and reuse the same metric code to report quality per format.
+
+Token ids, not text, cross the interface, so every runtime sees exactly the tokens the data step
+built and the replies are decoded by the same tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+IGNORE = -100
+Progress = Callable[[int], None]  # called with the number of rows just finished
+
+
+@dataclass
+class Example:
+    """One evaluation row."""
+
+    input_ids: list[int]  # the whole example as trained (causal) or the encoder input (seq2seq)
+    labels: list[int]  # trained tokens, IGNORE elsewhere (causal: aligned with input_ids; seq2seq: the target)
+    prompt_ids: list[int] | None = None  # what the model sees before its reply; None: no generation (raw text)
+    prompt: str = ""  # the prompt as text, for comparison.md
+    reference: str | None = None  # the reply the data holds
+    fact: str | None = None  # the key fact a reply must contain (the row's fact field), else the reference
+    source: str = ""  # file:line of the row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EvalModel(Protocol):
+    """What the metrics need from a model, whatever runs it."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        """Greedy continuations (new tokens only, cut before the first stop token)."""
+        ...
+
+    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+        """(sum of negative log-likelihoods, token count) over each example's labelled tokens."""
+        ...
+
+
+def cut_at_stop(ids: Sequence[int], stop: set[int]) -> list[int]:
+    out = []
+    for t in ids:
+        if t in stop:
+            break
+        out.append(int(t))
+    return out
+
+
+def _batches(order: list[int], lengths: Sequence[int], rows: int, tokens: int) -> list[list[int]]:
+    """Indices in ``order`` grouped into batches of at most ``rows`` rows and ``tokens`` padded tokens."""
+    out: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        n = max(lengths[i], 1)
+        if batch and (len(batch) >= rows or max(longest, n) * (len(batch) + 1) > tokens):
+            out.append(batch)
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        out.append(batch)
+    return out
+
+
+class StopRequested(Exception):
+    pass
+
+
+class TorchModel:
+    """A transformers model (optionally a PeftModel) on CPU or CUDA, batched with a KV cache."""
+
+    def __init__(self, model: Any, *, name: str, task: str, pad_id: int, stop_ids: set[int], batch_size: int = 8,
+                 token_budget: int = 4096):
+        self.model = model
+        self.name = name
+        self.task = task
+        self.pad_id = pad_id
+        self.stop_ids = set(stop_ids)
+        self.batch_size = batch_size
+        self.token_budget = token_budget
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        import torch
+
+        out: list[list[int]] = [[] for _ in prompts]
+        lengths = [len(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths pad little
+        budget = max(self.token_budget, max(lengths, default=1) + max_new_tokens)
+        for batch in _batches(order, [n + max_new_tokens for n in lengths], self.batch_size, budget):
+            if should_stop and should_stop():
+                raise StopRequested
+            longest = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+                p = prompts[i]
+                if p:
+                    ids[row, longest - len(p):] = torch.tensor(p)
+                    mask[row, longest - len(p):] = 1
+            with torch.inference_mode():
+                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          eos_token_id=sorted(self.stop_ids) or None, pad_token_id=self.pad_id,
+                                          use_cache=True, temperature=None, top_p=None, top_k=None)
+            new = gen[:, longest:] if self.task == "causal" else gen[:, 1:]  # seq2seq: after the start token
+            for row, i in enumerate(batch):
+                out[i] = cut_at_stop(new[row].tolist(), self.stop_ids | {self.pad_id})
+            if progress:
+                progress(len(batch))
+        return out
+
+    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+        import torch
+        import torch.nn.functional as F
+
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+        lengths = [len(e.input_ids) + (len(e.labels) if self.task == "seq2seq" else 0) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: lengths[i])
+        for batch in _batches(order, lengths, self.batch_size, max(self.token_budget, max(lengths, default=1))):
+            if should_stop and should_stop():
+                raise StopRequested
+            n_in = max(len(examples[i].input_ids) for i in batch)
+            n_lab = max(len(examples[i].labels) for i in batch)
+            ids = torch.full((len(batch), n_in), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), n_in), dtype=torch.long)
+            labels = torch.full((len(batch), n_lab), IGNORE, dtype=torch.long)
+            for row, i in enumerate(batch):  # right padding
+                e = examples[i]
+                ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+                mask[row, :len(e.input_ids)] = 1
+                labels[row, :len(e.labels)] = torch.tensor(e.labels)
+            ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+            with torch.inference_mode():
+                if self.task == "seq2seq":
+                    logits = self.model(input_ids=ids, attention_mask=mask, labels=labels).logits
+                    target = labels
+                else:
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                    target = labels[:, 1:]
+                losses = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+                counted = target != IGNORE
+                sums = (losses * counted).sum(dim=1).tolist()
+                counts = counted.sum(dim=1).tolist()
+            for row, i in enumerate(batch):
+                out[i] = (float(sums[row]), int(counts[row]))
+            if progress:
+                progress(len(batch))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def artifact_kind(path: Path) -> str:
+    """``adapter`` (a PEFT folder) or ``model`` (a transformers model directory, such as merged/)."""
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "model"
+    from loratui.pipeline.errors import LoratuiError
+
+    raise LoratuiError(f"eval.model: {path} is neither a PEFT adapter folder (adapter_config.json) nor a "
+                       "transformers model directory (config.json)",
+                       hint="Point it at runs/<name>/adapter, an adapters/vN folder or a merged directory.")
+
+
+def load_torch(model_dir: Path, task: str, device: str, precision: str, trust_remote_code: bool = False) -> Any:
+    """A model for inference: fp32 on CPU unless the CPU has native bf16; bf16/fp16 on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    cls = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
+    model = cls.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                                **({"attn_implementation": "sdpa"} if task == "causal" else {}))
+    if device == "cuda":
+        model = model.to("cuda")
+    return model.eval()
+
+
+def apply_adapter(model: Any, adapter: Path, stack: Sequence[Path] = ()) -> Any:
+    """``model`` with the ``stack`` adapters merged in order, then ``adapter`` on top (in place)."""
+    from peft import PeftModel
+
+    for path in stack:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
