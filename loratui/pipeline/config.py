@@ -249,7 +249,7 @@ class EvalSection(Section):
     """How the tuned model is scored against the base model."""
 
     metrics: list[EvalMetric] = Field(
-        default_factory=lambda: list(EVAL_METRICS),
+        default_factory=lambda: list(EVAL_METRICS), min_length=1,
         description="Metrics to compute. Generation metrics (rouge*, bleu, exact_match, token_f1, contains) "
         "compare greedy replies with the references; loss and perplexity score the references' tokens.",
     )

@@ -392,3 +392,9 @@ def test_reference_markdown_contains_every_dotted_field():
     # the default is shown in the field's row
     (row,) = [line for line in md.splitlines() if line.startswith("| `train.lr` |")]
     assert "`0.0002`" in row and "Peak learning rate." in row
+
+
+def test_eval_needs_at_least_one_metric():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.metrics=[]"])
+    assert "eval.metrics" in str(e.value)

@@ -18,14 +18,16 @@ COLORS = {"base": "#9aa5b1", "tuned": "#2f6fdf"}
 
 
 def training_curves(events_file: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """(step -> train loss, step -> eval loss) of the latest training run in ``events_file``.
+    """(step -> train loss, step -> eval loss) of the latest training run that finished, from ``events_file``.
 
-    The latest run is what follows the previous train ``done`` event; a resumed run overwrites the
-    steps it repeats, so a cancelled-then-resumed run reads as one curve.
+    Runs end at a train ``done`` or ``error`` event. A cancelled run and its resume read as one
+    curve (the resume overwrites the steps it repeats); a run that failed, or one still going after
+    the last success, is not the one that produced the adapter and is skipped.
     """
     if not events_file.is_file():
         return {}, {}
-    runs: list[list[dict[str, Any]]] = [[]]
+    runs: list[tuple[list[dict[str, Any]], str | None]] = []
+    current: list[dict[str, Any]] = []
     for line in events_file.read_text(encoding="utf-8").splitlines():
         try:
             e = json.loads(line)
@@ -34,10 +36,12 @@ def training_curves(events_file: Path) -> tuple[dict[int, float], dict[int, floa
         if e.get("step") != "train":
             continue
         if e.get("type") == "metric" and e.get("at") is not None:
-            runs[-1].append(e)
-        elif e.get("type") == "done":
-            runs.append([])
-    latest = runs[-1] or (runs[-2] if len(runs) > 1 else [])
+            current.append(e)
+        elif e.get("type") in ("done", "error"):
+            runs.append((current, e["type"]))
+            current = []
+    finished = [metrics for metrics, end in runs if end == "done"]
+    latest = finished[-1] if finished else current
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
     for e in latest:

@@ -93,6 +93,16 @@ class TorchModel:
         self.batch_size = batch_size
         self.token_budget = token_budget
 
+    def _greedy(self, max_new_tokens: int) -> Any:
+        """Plain greedy decoding. The model's generation_config.json is not applied: its repetition penalty,
+        minimum length or banned n-grams would change the replies the metrics compare."""
+        from transformers import GenerationConfig
+
+        own = getattr(self.model, "generation_config", None)
+        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                eos_token_id=sorted(self.stop_ids) or None, pad_token_id=self.pad_id,
+                                forced_bos_token_id=getattr(own, "forced_bos_token_id", None))
+
     @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
@@ -118,9 +128,7 @@ class TorchModel:
                     mask[row, longest - len(p):] = 1
             with torch.inference_mode():
                 gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                          eos_token_id=sorted(self.stop_ids) or None, pad_token_id=self.pad_id,
-                                          use_cache=True, temperature=None, top_p=None, top_k=None)
+                                          generation_config=self._greedy(max_new_tokens), use_model_defaults=False)
             new = gen[:, longest:] if self.task == "causal" else gen[:, 1:]  # seq2seq: after the start token
             for row, i in enumerate(batch):
                 out[i] = cut_at_stop(new[row].tolist(), self.stop_ids | {self.pad_id})

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from loratui.pipeline.config import DataSection, RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.evaluate import metrics as M
@@ -106,14 +108,18 @@ def load_examples(split_dir: Path, task: str, tokenizer: Any, template: Any, fac
 
 
 def stop_ids(tokenizer: Any, sets: list[EvalSet]) -> set[int]:
-    """Tokens that end a reply: EOS, and the special token that closes the trained turns (``<|im_end|>``...)."""
+    """Tokens that end a reply: EOS and every special token inside the trained replies.
+
+    The data step ends an assistant turn with the template's end-of-turn token (``<|im_end|>``,
+    ``<|eot_id|>``) and EOS where the two differ; a base model that never learned the pair must stop
+    at the first of them, not write further turns until ``max_new_tokens``.
+    """
     stop = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     for s in sets:
         for e in s.examples:
-            trained = [t for t in e.labels if t != IGNORE]
-            if trained and trained[-1] in special:
-                stop.add(int(trained[-1]))
+            if e.reference is not None:
+                stop |= {int(t) for t in e.labels if t != IGNORE and t in special}
     return stop
 
 
@@ -149,6 +155,8 @@ def resolve_target(cfg: RunConfig, run: RunDir) -> Target:
                                hint="Run `loratui train --config <file>` first, or set eval.model.")
     kind = artifact_kind(path)
     meta = adapter_meta(path) if kind == "adapter" else {}
+    if meta and not _inside(path, run.path):  # its version numbers belong to another run's history
+        meta = {k: v for k, v in meta.items() if k != "version"}
     stack = [Path(p) for p in meta.get("stack_paths", [])]
     for p in stack:
         if not (p / "adapter_config.json").is_file():
@@ -157,7 +165,16 @@ def resolve_target(cfg: RunConfig, run: RunDir) -> Target:
     return Target(kind, path, stack, meta)
 
 
-def earlier_datasets(cfg: RunConfig, run: RunDir, target: Target, current_key: str | None) -> list[tuple[str, DataSection]]:
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def earlier_datasets(cfg: RunConfig, run: RunDir, target: Target, current_key: str | None,
+                     warn: Any = lambda message: None) -> list[tuple[str, DataSection]]:
     """(label, data settings) of every dataset the target's adapter lineage was trained on, except the current one,
     then ``eval.retention_sources``."""
     from loratui.pipeline.train.history import load_history
@@ -180,9 +197,17 @@ def earlier_datasets(cfg: RunConfig, run: RunDir, target: Target, current_key: s
             if not data.get("source") or data.get("cache_key") in seen or _label(data["source"]) in seen:
                 continue
             seen |= {data.get("cache_key"), _label(data["source"])}
-            settings = data.get("config") or {**cfg.data.model_dump(mode="json"), "source": data["source"]}
-            out.append((f"v{entry['version']}: {_label(data['source'])}", DataSection.model_validate(settings)))
+            settings = data.get("config") or {**cfg.data.model_dump(mode="json"), "source": data["source"],
+                                              "val_source": None, "test_source": None}
+            try:
+                out.append((f"v{entry['version']}: {_label(data['source'])}", DataSection.model_validate(settings)))
+            except ValidationError as e:  # written by another loratui version
+                warn(f"retention: skipping v{entry['version']}: its stored data settings no longer validate "
+                     f"({e.error_count()} problems)")
     for source in cfg.eval.retention_sources:
+        if _label(source) in seen:
+            continue
+        seen.add(_label(source))
         settings = {**cfg.data.model_dump(mode="json"), "source": source, "val_source": None, "test_source": None}
         out.append((f"retention: {_label(source)}", DataSection.model_validate(settings)))
     return out
@@ -190,6 +215,44 @@ def earlier_datasets(cfg: RunConfig, run: RunDir, target: Target, current_key: s
 
 def _label(source: Any) -> str:
     return ", ".join(source) if isinstance(source, list) else str(source)
+
+
+def _retention_sets(cfg: RunConfig, run: RunDir, target: Target, manifest: dict[str, Any], inputs: Any, task: str,
+                    events: EventSink, should_stop: Any, warn: Any) -> list[EvalSet]:
+    """The earlier datasets to re-score, built (or found) in the data cache; never written into this run."""
+    from loratui.pipeline.data.step import build_cached, split_files
+
+    out = []
+    data_events = EventSink("data", events.writers)
+    for name, data in earlier_datasets(cfg, run, target, manifest.get("cache_key"), warn):
+        other = cfg.model_copy(update={"data": data})
+        try:
+            cached, _ = build_cached(other, split_files(other), inputs, data_events, should_stop)
+        except StepCancelled:
+            raise
+        except LoratuiError as e:  # a dataset that moved away: say so, score the rest
+            warn(f"retention: cannot load {name}: {e}")
+            continue
+        other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
+        split = _pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
+        out.append(EvalSet(name, _label(data.source), split,
+                           load_examples(cached / other_manifest["splits"][split], task, inputs.tokenizer,
+                                         inputs.template, cfg.eval.fact_field, cfg.eval.max_samples)))
+        events.log(f"retention: also scoring {name} ({split} split, {len(out[-1].examples)} rows)")
+    return out
+
+
+def _with_adapter(model: Any, target: Target, base_dir: Path) -> Any:
+    from loratui.pipeline.evaluate.runtimes import apply_adapter
+
+    try:
+        return apply_adapter(model, target.path, target.stack)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise LoratuiError(f"{target.path} does not fit the base model {base_dir}: its weight shapes differ",
+                           hint="Evaluate with the model.base the adapter was trained on "
+                           f"(its loratui.json says {target.meta.get('base', 'unknown')}).") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +312,9 @@ def score(model: Any, label: str, sets: list[EvalSet], cfg: RunConfig, tokenizer
 
 
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
-    from loratui.pipeline.data.step import build_cached, load_model_inputs, prepare, split_files
+    from loratui.pipeline.data.step import load_model_inputs, prepare
     from loratui.pipeline.evaluate import report
-    from loratui.pipeline.evaluate.runtimes import TorchModel, apply_adapter, load_torch
+    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
     from loratui.pipeline.steps import StepResult
     from loratui.pipeline.train.settings import resolve_device, resolve_precision
 
@@ -264,22 +327,12 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     sets = [EvalSet("main", _label(cfg.data.source), split,
                     load_examples(run.data / manifest["splits"][split], task, tokenizer, inputs.template,
                                   cfg.eval.fact_field, cfg.eval.max_samples))]
-    data_events = EventSink("data", events.writers)
-    for name, data in earlier_datasets(cfg, run, target, manifest.get("cache_key")):
-        other = cfg.model_copy(update={"data": data})
-        try:
-            cached, _ = build_cached(other, split_files(other), inputs, data_events, should_stop)
-        except StepCancelled:
-            raise
-        except LoratuiError as e:  # a dataset that moved away: say so, score the rest
-            events.log(f"retention: cannot load {name}: {e}", level="warning")
-            continue
-        other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
-        other_split = _pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
-        sets.append(EvalSet(name, _label(data.source), other_split,
-                            load_examples(cached / other_manifest["splits"][other_split], task, tokenizer,
-                                          inputs.template, cfg.eval.fact_field, cfg.eval.max_samples)))
-        events.log(f"retention: also scoring {name} ({other_split} split, {len(sets[-1].examples)} rows)")
+    warn = lambda message: events.log(message, level="warning")  # noqa: E731
+    trained = target.meta.get("data") or {}
+    if trained.get("cache_key") not in (None, manifest.get("cache_key")) and _label(trained.get("source")) == sets[0].source:
+        warn("the data settings differ from the ones the adapter was trained with (seed, ratios, template...): "
+             "the test split may hold rows it was trained on")
+    sets += _retention_sets(cfg, run, target, manifest, inputs, task, events, should_stop, warn)
 
     import torch
 
@@ -287,7 +340,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     device = resolve_device(cfg, cuda).value
     precision = resolve_precision(cfg, device, cuda and torch.cuda.is_bf16_supported()).value
     stop = stop_ids(tokenizer, sets)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
     def wrap(model: Any, name: str) -> TorchModel:
         return TorchModel(model, name=name, task=task, pad_id=int(pad), stop_ids=stop, batch_size=cfg.eval.batch_size)
@@ -295,17 +348,22 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     base_dir = Path(manifest["model_dir"])
     results: dict[str, dict[str, Scores]] = {}
     try:
-        model = load_torch(base_dir, task, device, precision, cfg.model.trust_remote_code)
+        model = None
+        if cfg.eval.compare_base or target.kind == "adapter":
+            model = load_torch(base_dir, task, device, precision, cfg.model.trust_remote_code)
         if cfg.eval.compare_base:  # first: a stack target merges adapters into these weights
             results["base"] = score(wrap(model, "base"), "base", sets, cfg, tokenizer, events, should_stop)
         if target.kind == "adapter":
-            tuned = apply_adapter(model, target.path, target.stack)
+            tuned = _with_adapter(model, target, base_dir)
         else:
             del model
             tuned = load_torch(target.path, task, device, precision, cfg.model.trust_remote_code)
         results["tuned"] = score(wrap(tuned, "tuned"), "tuned", sets, cfg, tokenizer, events, should_stop)
     except StopRequested:
         raise StepCancelled("evaluation cancelled; nothing was written") from None
+    except torch.cuda.OutOfMemoryError:
+        raise LoratuiError(f"CUDA ran out of memory while evaluating with eval.batch_size={cfg.eval.batch_size}",
+                           hint="Lower eval.batch_size or eval.max_new_tokens.") from None
 
     info = {"run": cfg.name, "base": str(base_dir), "target": {"kind": target.kind, "path": str(target.path),
             "stack": [str(p) for p in target.stack], "version": target.meta.get("version")},

@@ -10,7 +10,6 @@ import pytest
 
 from loratui.pipeline.config import RunConfig, load_config
 from loratui.pipeline.evaluate.metrics import ALL_METRICS
-from loratui.pipeline.evaluate.report import CSV_COLUMNS
 from loratui.pipeline.events import MemoryWriter
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import EXIT_CANCELLED, EXIT_OK, EXIT_USER, StopFlag, load_step, run_step
@@ -48,8 +47,8 @@ def test_metrics_csv_has_a_row_per_model_with_fixed_columns(trained):
     with (out / "metrics.csv").open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert tuple(reader.fieldnames) == CSV_COLUMNS
-    assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1", "loss", "perplexity"} <= set(CSV_COLUMNS)
+    assert tuple(reader.fieldnames) == ("dataset", "split", "model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum",
+                                        "bleu", "exact_match", "token_f1", "contains", "loss", "perplexity")
     assert [(r["dataset"], r["model"]) for r in rows] == [("main", "base"), ("main", "tuned")]
     for r in rows:
         assert r["split"] == "test" and r["samples"] == "29"
@@ -111,8 +110,10 @@ def test_events_report_progress_and_metrics(trained):
 
 
 def test_retention_after_a_stack_run(tmp_path, tiny_llama):
-    first = _cfg(tmp_path, tiny_llama)
+    first = _cfg(tmp_path, tiny_llama, "eval.max_samples=5")
     assert _step("train", first)[0] == EXIT_OK
+    code, before, _ = _step("eval", first)
+    assert code == EXIT_OK and "retention" not in before.summary
     second = _cfg(tmp_path, tiny_llama, "data.source=quickstart-more", "train.mode=stack", "eval.max_samples=5")
     assert _step("train", second)[0] == EXIT_OK
     code, result, mem = _step("eval", second)
@@ -132,6 +133,10 @@ def test_retention_after_a_stack_run(tmp_path, tiny_llama):
     assert (out / "plots" / "retention.png").read_bytes().startswith(PNG)
     assert "## Retention: v1: quickstart" in (out / "comparison.md").read_text()
     assert set(result.summary["retention"]) == {"v1: quickstart"}
+    # the base is scored before the stack merge touches its weights: the same figure as in the first eval
+    assert old["models"]["base"]["metrics"]["loss"] == pytest.approx(before.summary["base"]["loss"], rel=1e-6)
+    # and v1's facts are still partly held by v2 stacked on v1, unlike the base
+    assert old["models"]["tuned"]["metrics"]["loss"] < old["models"]["base"]["metrics"]["loss"]
 
 
 def test_merged_model_directory_can_be_evaluated(tmp_path, tiny_llama):
@@ -189,3 +194,32 @@ def test_seq2seq_model_is_evaluated(tmp_path, tiny_model_factory):
     assert set(result.summary["tuned"]) == set(ALL_METRICS)
     gens = [json.loads(x) for x in (RunDir.for_config(cfg).eval / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 4 and all(isinstance(g["tuned"]["reply"], str) for g in gens)
+
+
+def test_stop_ids_include_the_end_of_turn_token_when_it_differs_from_eos():
+    from types import SimpleNamespace
+
+    from loratui.pipeline.evaluate.runtimes import Example
+    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+
+    tok = SimpleNamespace(eos_token_id=2, unk_token_id=0, all_special_ids=[0, 1, 2, 7])
+    # a reply trained as "... <eot=7> <eos=2>"; 1 (bos) never inside a reply; 0 is unk
+    rows = [Example(input_ids=[1, 5, 6, 9, 7, 2], labels=[-100, -100, -100, 9, 7, 2], prompt_ids=[1, 5, 6], reference="x")]
+    assert stop_ids(tok, [EvalSet("main", "s", "test", rows)]) == {2, 7}
+
+
+def test_loss_plot_uses_the_run_that_produced_the_adapter(tmp_path):
+    from loratui.pipeline.evaluate.plots import training_curves
+
+    def metric(at, loss):
+        return {"step": "train", "type": "metric", "at": at, "split": "train", "values": {"loss": loss}}
+
+    events = [metric(1, 9.0), {"step": "train", "type": "done"},          # an older version
+              metric(1, 5.0), metric(2, 4.0), {"step": "train", "type": "cancelled"},
+              metric(2, 3.5), metric(3, 3.0), {"step": "eval", "type": "done"},  # resumed: step 2 again
+              {"step": "train", "type": "done"},
+              metric(1, 7.0), {"step": "train", "type": "error"}]              # a later run that failed
+    f = tmp_path / "events.jsonl"
+    f.write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    train, evals = training_curves(f)
+    assert train == {1: 5.0, 2: 3.5, 3: 3.0} and evals == {}
