@@ -80,8 +80,9 @@ def make_tiny_model(
     kv_heads: int = 2,
     intermediate: int = 128,
     seed: int = 0,
+    dtype: Literal["float32", "bfloat16"] = "float32",
 ) -> Path:
-    """Write a tiny random model plus tokenizer to ``out_dir`` and return it."""
+    """Write a tiny random model plus tokenizer to ``out_dir`` (weights stored in ``dtype``) and return it."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -100,7 +101,7 @@ def make_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 

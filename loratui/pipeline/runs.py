@@ -78,6 +78,22 @@ def write_config(path: Path, cfg: RunConfig) -> None:
     atomic_write_text(path, header + cfg.to_yaml())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(path: Path) -> None:
+    """The modes a plain open()/mkdir() would have given (temp files are created private, 0600/0700)."""
+    mask = _umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if not child.is_symlink():
+                os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +103,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -112,6 +129,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_modes(tmp)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

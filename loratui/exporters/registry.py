@@ -1,0 +1,11 @@
+"""Export formats: name -> "module:function" of ``export(cfg, run, events, should_stop) -> dict`` (a summary).
+
+Importable without dependencies (the CLI builds --help from it). The GGUF and ONNX exporters join
+this table; until they do, asking for them is a clear error naming what works.
+"""
+
+from __future__ import annotations
+
+EXPORTERS: dict[str, str] = {
+    "safetensors": "loratui.exporters.safetensors:export",
+}

@@ -1,0 +1,19 @@
+"""Merged safetensors: the merge step under its format name (``loratui export --format safetensors``).
+
+Writes ``runs/<name>/merged/`` (sharded safetensors, tokenizer, chat template, generation config,
+model card), verified in transformers by the merge's parity check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.events import EventSink
+from loratui.pipeline.runs import RunDir
+
+
+def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+    from loratui.pipeline.merge.step import merge
+
+    return merge(cfg, run, events, should_stop)
