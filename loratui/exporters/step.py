@@ -16,12 +16,15 @@ from loratui.pipeline.runs import RunDir
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
     from loratui.pipeline.steps import StepResult
 
-    formats = list(dict.fromkeys(cfg.export.formats))
-    missing = [f for f in formats if f not in EXPORTERS]
-    if missing:
+    wanted = list(dict.fromkeys(cfg.export.formats))
+    formats = [f for f in wanted if f in EXPORTERS]
+    missing = [f for f in wanted if f not in EXPORTERS]
+    if missing and not formats:
         raise LoratuiError(f"export.formats: {', '.join(missing)} cannot be exported by this version of loratui yet "
-                           f"(available: {', '.join(EXPORTERS)})",
-                           hint=f"Run `loratui export --format {','.join(f for f in formats if f in EXPORTERS) or 'safetensors'}`.")
+                           f"(available: {', '.join(EXPORTERS)})", hint="Run `loratui export --format safetensors`.")
+    if missing:
+        events.log(f"export: skipping {', '.join(missing)}: not available in this version yet "
+                   f"(available: {', '.join(EXPORTERS)})", level="warning")
     started = time.monotonic()
     results: dict[str, Any] = {}
     artifacts: list[str] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,27 +75,42 @@ class RunDir:
 
 
 def write_config(path: Path, cfg: RunConfig) -> None:
+    """The run's resolved config; private (0600) when it holds the server's API key."""
     header = "# Resolved loratui config: `loratui <step> --config this-file` reproduces the run.\n"
-    atomic_write_text(path, header + cfg.to_yaml())
+    atomic_write_bytes(path, (header + cfg.to_yaml()).encode("utf-8"), private=bool(cfg.serve.api_key))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring it once."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+UMASK = _read_umask()  # read once: changing the umask to read it races with other threads creating files
+
+
 def publish_modes(path: Path) -> None:
-    """The modes a plain open()/mkdir() would have given (temp files are created private, 0600/0700)."""
-    mask = _umask()
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-    if path.is_dir():
-        for child in path.rglob("*"):
-            if not child.is_symlink():
-                os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+    """Give private entries (0600/0700, as temp files and folders are created) the modes a plain
+    open()/mkdir() would have. Left alone: symlinks, hard links (shared with a cache) and anything
+    already readable by others."""
+    for entry in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        with contextlib.suppress(OSError):
+            st = entry.lstat()
+            if stat.S_ISLNK(st.st_mode) or (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+                continue
+            if st.st_mode & 0o077 == 0:
+                full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o100 else 0o666
+                os.chmod(entry, full & ~UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, private: bool = False) -> None:
+    """Write ``data`` to a temporary sibling, then rename it over ``path``. The file keeps the mode of
+    the file it replaces; a new one gets the umask's default (0600 when ``private``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -103,7 +119,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        if not private:
+            try:
+                mode = path.stat().st_mode & 0o777
+            except FileNotFoundError:
+                mode = 0o666 & ~UMASK
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -126,14 +147,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        publish_modes(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish_modes(tmp)
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -137,3 +137,37 @@ def test_atomic_dir_creates_new_directory(tmp_path):
         (tmp / "model.gguf").write_bytes(b"GGUF")
     assert (target / "model.gguf").read_bytes() == b"GGUF"
     assert _listing(target.parent) == ["exports"]
+
+
+def test_published_folders_leave_hard_linked_cache_files_alone(tmp_path):
+    import os
+
+    from loratui.pipeline.runs import UMASK, atomic_dir
+
+    cache = tmp_path / "cache.bin"
+    cache.write_bytes(b"x")
+    os.chmod(cache, 0o600)
+    with atomic_dir(tmp_path / "out") as tmp:
+        os.link(cache, tmp / "linked.bin")
+        (tmp / "own.txt").write_text("y")
+        os.chmod(tmp / "own.txt", 0o600)
+    assert cache.stat().st_mode & 0o777 == 0o600  # shared inode: untouched
+    assert (tmp_path / "out" / "own.txt").stat().st_mode & 0o777 == 0o666 & ~UMASK
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~UMASK
+
+
+def test_config_with_an_api_key_is_private_and_modes_are_kept(tmp_path):
+    import os
+
+    from loratui.pipeline.config import load_config
+    from loratui.pipeline.runs import UMASK, atomic_write_text, write_config
+
+    secret = tmp_path / "secret.yaml"
+    write_config(secret, load_config(None, ["serve.api_key=k"]))
+    assert secret.stat().st_mode & 0o777 == 0o600
+    plain = tmp_path / "plain.yaml"
+    write_config(plain, load_config(None, []))
+    assert plain.stat().st_mode & 0o777 == 0o666 & ~UMASK
+    os.chmod(plain, 0o640)
+    atomic_write_text(plain, "again")
+    assert plain.stat().st_mode & 0o777 == 0o640

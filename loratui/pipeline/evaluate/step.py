@@ -316,6 +316,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     from loratui.pipeline.evaluate import report
     from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
     from loratui.pipeline.steps import StepResult
+    from loratui.pipeline.train.history import check_adapter_base
     from loratui.pipeline.train.settings import resolve_device, resolve_precision
 
     started = time.monotonic()
@@ -346,6 +347,8 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
         return TorchModel(model, name=name, task=task, pad_id=int(pad), stop_ids=stop, batch_size=cfg.eval.batch_size)
 
     base_dir = Path(manifest["model_dir"])
+    if target.kind == "adapter":
+        check_adapter_base(target.meta, target.path, cfg.model.base, base_dir)
     results: dict[str, dict[str, Scores]] = {}
     try:
         model = None

@@ -25,6 +25,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_dir
+from loratui.pipeline.train.history import check_adapter_base
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Largest |logit difference| allowed, relative to the largest |logit| of the reference (the logits'
@@ -34,7 +35,6 @@ DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bfloat16 2.4 (5.2%, top-1 agreement 99.4%). A wrong merge (scale, missing module, dropped tied
 # weights) moves logits by about their own scale, far past these.
 RELATIVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.1, "float16": 0.02}
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 STAGES = 5
 
 
@@ -50,20 +50,26 @@ class Source:
 @dataclass
 class Parity:
     max_abs_diff: float
-    scale: float
+    scale: float  # largest |logit| of base + adapter
     tolerance: float
+    adapter_effect: float  # largest |logit change| the adapter makes (base + adapter against base)
     top1_agreement: float
     positions: int
     examples: int
 
     @property
+    def lost_adapter(self) -> bool:
+        """The merge lost half of the adapter's effect, where that effect stands above rounding."""
+        return self.adapter_effect > self.tolerance and self.max_abs_diff > 0.5 * self.adapter_effect
+
+    @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        return self.max_abs_diff <= self.tolerance and not self.lost_adapter
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_abs_diff": self.max_abs_diff, "logit_scale": self.scale, "tolerance": self.tolerance,
-                "top1_agreement": self.top1_agreement, "positions": self.positions, "examples": self.examples,
-                "passed": self.passed}
+                "adapter_effect": self.adapter_effect, "top1_agreement": self.top1_agreement,
+                "positions": self.positions, "examples": self.examples, "passed": self.passed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,21 +96,19 @@ def resolve_source(cfg: RunConfig, run: RunDir) -> Source:
 
 
 def stored_dtype(model_dir: Path) -> str:
-    """The dtype the base's weights are stored in (config.json, else the first floating tensor on disk)."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    named = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
-    if named in DTYPES:
-        return named
+    """The dtype the base's weights are stored in: the first floating tensor of its safetensors, else config.json."""
+    names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
     for path in sorted(model_dir.glob("*.safetensors")):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 dtype = str(f.get_slice(key).get_dtype()).lower()
-                names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
                 if dtype in names:
                     return names[dtype]
-    return "float32"
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    named = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    return named if named in DTYPES else "float32"
 
 
 def refuse_quantized(model_dir: Path) -> None:
@@ -119,7 +123,12 @@ def refuse_quantized(model_dir: Path) -> None:
 
 
 def weights_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for pattern in WEIGHT_FILES for p in model_dir.glob(pattern))
+    """Size of the model's weight files: its safetensors when it has any, else its PyTorch .bin shards."""
+    for pattern in ("model*.safetensors", "*.safetensors", "pytorch_model*.bin"):
+        files = list(model_dir.glob(pattern))
+        if files:
+            return sum(p.stat().st_size for p in files)
+    return 0
 
 
 def check_disk(run: RunDir, model_dir: Path, source_dtype: str, dtype: str) -> int:
@@ -175,18 +184,36 @@ def logits(model: Any, rows: list[dict[str, list[int]]], task: str) -> list[Any]
     return out
 
 
-def compare(reference: list[Any], merged: list[Any], dtype: str, tolerance: float | None) -> Parity:
+def _stack(rows: list[Any]) -> Any:
     import torch
 
-    ref = torch.cat([r.reshape(-1, r.shape[-1]) for r in reference])
-    got = torch.cat([m.reshape(-1, m.shape[-1]) for m in merged])
-    if not (torch.isfinite(ref).all() and torch.isfinite(got).all()):
-        raise LoratuiError("parity check: the logits are not finite (NaN or inf) before or after the merge",
+    return torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
+
+
+def check_finite(reference: list[Any]) -> None:
+    import torch
+
+    if not all(bool(torch.isfinite(r).all()) for r in reference):
+        raise LoratuiError("parity check: base + adapter gives NaN or inf logits, before any merge",
                            hint="The adapter holds NaN/inf weights (a diverged or corrupted training run): "
-                                "train again, or roll back to an earlier version.")
+                                "train again, or roll back to an earlier version (`loratui train rollback N`).")
+
+
+def compare(reference: list[Any], merged: list[Any], base: list[Any], dtype: str, tolerance: float | None) -> Parity:
+    """Merged against base + adapter. Fails over the tolerance, and also when the merge lost half of
+    what the adapter does (its own effect on the logits) where that effect is above rounding."""
+    import torch
+
+    ref, got = _stack(reference), _stack(merged)
+    if not bool(torch.isfinite(got).all()):
+        raise LoratuiError("parity check: the merged model gives NaN or inf logits where base + adapter does not",
+                           hint=f"merge.dtype={dtype} is too narrow for these weights: merge with merge.dtype=float32 "
+                                "(or bfloat16).")
     scale = float(ref.abs().max())
     limit = tolerance if tolerance is not None else RELATIVE_TOLERANCE[dtype] * max(scale, 1.0)
-    return Parity(max_abs_diff=float((ref - got).abs().max()), scale=scale, tolerance=limit,
+    diff = float((ref - got).abs().max())
+    effect = float((ref - _stack(base)).abs().max()) if base else 0.0
+    return Parity(max_abs_diff=diff, scale=scale, tolerance=limit, adapter_effect=effect,
                   top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
                   positions=int(ref.shape[0]), examples=len(reference))
 
@@ -204,17 +231,54 @@ def _load(model_dir: Path, task: str, dtype: str, trust_remote_code: bool) -> An
     return cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).eval()
 
 
-def _copy_tokenizer_files(model_dir: Path, out: Path, tokenizer: Any) -> None:
-    tokenizer.save_pretrained(str(out))
-    template = model_dir / "chat_template.jinja"  # newer transformers keep the template beside the tokenizer
-    if template.is_file() and not (out / "chat_template.jinja").is_file():
-        shutil.copy2(template, out / template.name)
+def _tokenizer_for(cfg: RunConfig, run: RunDir, model_dir: Path, task: str, events: EventSink) -> Any:
+    """The base tokenizer, carrying the chat template the adapter was trained with (``data.template``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    if task != "causal":
+        return tokenizer
+    manifest = run.data / "dataset.json"
+    source = json.loads(manifest.read_text(encoding="utf-8")).get("chat_template") if manifest.is_file() else None
+    if not source:
+        from loratui.pipeline.data.templates import resolve_template
+
+        source = resolve_template(cfg.data.template, tokenizer).source
+    if source != getattr(tokenizer, "chat_template", None):
+        events.log("the merged tokenizer carries the chat template the adapter was trained with")
+        tokenizer.chat_template = source
+    return tokenizer
+
+
+def _plain_generation_config(model: Any, model_dir: Path) -> Path | None:
+    """The base's generation_config.json, to copy over the saved one as it is. transformers validates the
+    config strictly when saving (``do_sample=false`` with a temperature set fails), so a config that
+    does not validate is swapped for a plain one for the save."""
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config.validate(strict=True)
+    except ValueError:
+        own = model.generation_config
+        model.generation_config = GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
+                                                   pad_token_id=own.pad_token_id,
+                                                   decoder_start_token_id=own.decoder_start_token_id)
+    original = model_dir / "generation_config.json"
+    return original if original.is_file() else None
+
+
+def _check_finite_weights(model: Any, dtype: str) -> None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise LoratuiError(f"the merged weight {name} holds inf or NaN in {dtype}",
+                               hint="The merged values do not fit this dtype: merge with merge.dtype=float32 "
+                                    "(or bfloat16, which has float32's range).")
 
 
 def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
     """Write ``run.merged``; returns the summary (also used by the safetensors exporter)."""
-    from transformers import AutoTokenizer
-
     from loratui.pipeline.data.step import model_task
     from loratui.pipeline.merge.card import model_card
     from loratui.pipeline.models import resolve_model
@@ -226,23 +290,27 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
 
     started = time.monotonic()
     source = resolve_source(cfg, run)
+    if not source.meta:
+        events.log(f"{source.adapter} has no loratui.json: if it was trained on top of stacked adapters, they are "
+                   "not merged (merge the run's adapter/ or adapters/vN instead)", level="warning")
     model_dir = resolve_model(cfg.model.base, revision=cfg.model.revision, log=events.log).path
     refuse_quantized(model_dir)
+    check_adapter_base(source.meta, source.adapter, cfg.model.base, model_dir)
     task = model_task(model_dir, cfg.model.trust_remote_code)
     source_dtype = stored_dtype(model_dir)
     dtype = source_dtype if cfg.merge.dtype == "auto" else cfg.merge.dtype
+    for stale in run.path.glob(f".{run.merged.name}.*.tmp"):  # left by a merge that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     need = check_disk(run, model_dir, source_dtype, dtype)
     if source.meta.get("method") == "qlora" or cfg.lora.method == "qlora":
         events.log("the adapter was trained on a 4-bit base (QLoRA); it is merged into the unquantized base")
     events.log(f"merge: {model_dir} ({source_dtype}) + {source.adapter}"
                + (f" on top of {len(source.stack)} stacked adapter(s)" if source.stack else "")
                + f" -> {run.merged} ({dtype}, about {need / 2**20:.0f} MiB)")
-    for stale in run.path.glob(f".{run.merged.name}.*.tmp"):  # left by a merge that was killed
-        shutil.rmtree(stale, ignore_errors=True)
 
     from peft import PeftModel
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = _tokenizer_for(cfg, run, model_dir, task, events)
     stage(0, "loading the base")
     model = _load(model_dir, task, dtype, cfg.model.trust_remote_code)
     for path in source.stack:
@@ -250,34 +318,46 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     model = PeftModel.from_pretrained(model, str(source.adapter)).eval()
     rows = parity_inputs(run, tokenizer, task, cfg.merge.parity_prompts) if cfg.merge.parity else []
-    stage(1, "reference logits (base + adapter)")
+    stage(1, "reference logits (base + adapter, and base alone)")
     reference = logits(model, rows, task) if rows else []
+    check_finite(reference)
+    if rows:
+        with model.disable_adapter():
+            base = logits(model, rows, task)
     stage(2, "merging")
     model = model.merge_and_unload()
+    _check_finite_weights(model, dtype)
     model.config.use_cache = True
+    original_generation = _plain_generation_config(model, model_dir)
     with atomic_dir(run.merged) as tmp:
         stage(3, "writing safetensors")
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=cfg.merge.max_shard_size)
-        _copy_tokenizer_files(model_dir, tmp, tokenizer)
+        tokenizer.save_pretrained(str(tmp))
+        if original_generation is not None:
+            shutil.copy2(original_generation, tmp / "generation_config.json")
         del model
         parity = None
         if rows:
             stage(4, "parity: the written model against base + adapter")
             merged = _load(tmp, task, dtype, cfg.model.trust_remote_code)
-            parity = compare(reference, logits(merged, rows, task), dtype, cfg.merge.parity_tolerance)
+            parity = compare(reference, logits(merged, rows, task), base, dtype, cfg.merge.parity_tolerance)
             del merged
             events.metric({"parity_max_abs_diff": parity.max_abs_diff, "parity_tolerance": parity.tolerance,
+                           "parity_adapter_effect": parity.adapter_effect,
                            "parity_top1_agreement": parity.top1_agreement}, split="merge")
             if not parity.passed:
+                why = (f"lost more than half of the adapter's own effect ({parity.adapter_effect:.3g})"
+                       if parity.lost_adapter and parity.max_abs_diff <= parity.tolerance
+                       else f"tolerance {parity.tolerance:.3g}")
                 raise LoratuiError(
                     f"parity check failed: the merged model's logits differ from base + adapter by up to "
-                    f"{parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g}; top-1 agreement "
-                    f"{parity.top1_agreement:.1%} over {parity.positions} positions). Nothing was written.",
+                    f"{parity.max_abs_diff:.3g} ({why}; top-1 agreement {parity.top1_agreement:.1%} over "
+                    f"{parity.positions} positions). Nothing was written.",
                     hint="The adapter does not merge cleanly (corrupted weights, or a dtype too narrow for "
                          "them): check it, or merge with merge.dtype=float32.")
-            events.log(f"parity: max |logit diff| {parity.max_abs_diff:.3g} <= {parity.tolerance:.3g}, "
-                       f"top-1 agreement {parity.top1_agreement:.1%} over {parity.positions} positions "
-                       f"({parity.examples} examples)")
+            events.log(f"parity: max |logit diff| {parity.max_abs_diff:.3g} <= {parity.tolerance:.3g} (the adapter "
+                       f"moves logits by up to {parity.adapter_effect:.3g}), top-1 agreement "
+                       f"{parity.top1_agreement:.1%} over {parity.positions} positions ({parity.examples} examples)")
         (tmp / "README.md").write_text(model_card(cfg, run, source, model_dir, dtype, parity, task), encoding="utf-8")
         (tmp / "loratui-merge.json").write_text(json.dumps({
             "base": cfg.model.base, "base_dir": str(model_dir), "adapter": str(source.adapter),

@@ -57,6 +57,15 @@ def adapter_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
 
 
+def check_adapter_base(meta: dict[str, Any], adapter: Path, base: str, model_dir: Path) -> None:
+    """Refuse an adapter trained on another base model: with equal shapes nothing else would fail,
+    and every figure or weight made from the pair would be wrong."""
+    trained_on = meta.get("base")
+    if trained_on and trained_on != base and Path(str(meta.get("model_dir", ""))).resolve() != Path(model_dir).resolve():
+        raise LoratuiError(f"{adapter} was trained on {trained_on}, but model.base is {base}",
+                           hint=f"Use model.base={trained_on}: an adapter only fits the weights it was trained on.")
+
+
 def stack_paths(run: RunDir, entry: dict[str, Any]) -> list[Path]:
     """Adapter folders to merge into the base, in order, before ``entry``'s adapter applies."""
     return [version_dir(run, v) for v in entry.get("stack", [])]

@@ -405,11 +405,13 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
         "parent": parent.get("version") if mode != "fresh" else None,
         "stack": [*parent.get("stack", []), parent.get("version", str(parent_path))] if mode == "stack"
         else parent.get("stack", []),
-        "stack_paths": [str(p) for p in stack],
+        "stack_paths": [str(p.resolve()) for p in stack],  # absolute: merge and eval may run from elsewhere
         "base": cfg.model.base, "model_dir": str(model_dir), "task": task,
         "data": {"source": cfg.data.source, "cache_key": manifest.get("cache_key"),
                  "config": cfg.data.model_dump(mode="json")},  # the evaluate step re-scores it (retention)
         "method": cfg.lora.method, "r": resolved["lora.r"], "alpha": resolved["lora.alpha"],
+        "lr": cfg.train.lr, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
+        "effective_batch": cfg.train.effective_batch,
         "steps": trainer.state.global_step,
         "metrics": {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
                     "eval_loss_best": min(evals) if evals else None, "tokens_per_s": round(tokens / train_seconds, 1)},

@@ -126,7 +126,7 @@ def test_a_corrupted_adapter_fails_parity_and_writes_nothing(tmp_path, tiny_llam
     code, _, mem = _step("merge", cfg)
     assert code == EXIT_USER
     (err,) = mem.of_type("error")
-    assert "parity check" in err.message and "not finite" in err.message and "NaN" in (err.hint or "")
+    assert "parity check" in err.message and "NaN or inf" in err.message and "NaN" in (err.hint or "")
     assert not run.merged.exists() and not list(run.path.glob(".merged.*"))
 
 
@@ -211,26 +211,103 @@ def test_no_adapter_and_no_disk_space_are_clear_errors(tmp_path, tiny_llama, mon
     assert "free, the merged model needs about" in err.message
 
 
-def test_a_killed_merge_leaves_no_merged_directory(tmp_path, tiny_llama):
-    cfg_args = [f"name=k", f"runs_dir={tmp_path / 'runs'}", f"model.base={tiny_llama}", "data.source=quickstart",
+def test_a_killed_merge_leaves_no_merged_directory_and_keeps_an_earlier_one(tmp_path, tiny_llama):
+    cfg_args = ["name=k", f"runs_dir={tmp_path / 'runs'}", f"model.base={tiny_llama}", "data.source=quickstart",
                 "train.max_steps=1", "train.batch_size=8", "train.grad_accum=1"]
     cfg = load_config(None, cfg_args)
     assert _step("train", cfg)[0] == EXIT_OK
     run = RunDir.for_config(cfg)
     cmd = [sys.executable, "-m", "loratui", "merge", *cfg_args, "merge.parity_prompts=400"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    seen_tmp = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(run.path.glob(".merged.*.tmp")):  # the weights are being written or checked
-            seen_tmp = True
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.001)
-    proc.wait(timeout=60)
-    assert seen_tmp, "the merge finished before it could be killed"
+
+    def kill_while_writing() -> bool:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline, seen = time.monotonic() + 120, False
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(run.path.glob(".merged.*.tmp")):  # the weights are being written or checked
+                seen = True
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        proc.wait(timeout=60)
+        return seen
+
+    assert kill_while_writing(), "the merge finished before it could be killed"
     assert not run.merged.exists()
-    # the next merge clears the leftover and completes
-    code, _, mem = _step("merge", cfg)
+    code, _, mem = _step("merge", cfg)  # clears the leftover and completes
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
     assert run.merged.is_dir() and not list(run.path.glob(".merged.*.tmp"))
+    before = {p.name: p.read_bytes() for p in run.merged.iterdir()}
+    assert kill_while_writing()  # a second merge killed halfway: the first one's output is intact
+    assert {p.name: p.read_bytes() for p in run.merged.iterdir()} == before
+
+
+def test_parity_catches_a_merge_that_loses_the_adapter_in_bfloat16(tmp_path, tiny_llama, monkeypatch):
+    """In 16-bit the tolerance is loose; losing half of the adapter's effect still fails."""
+    from peft.tuners.lora import LoraModel
+
+    cfg = _cfg(tmp_path, tiny_llama, "merge.dtype=bfloat16")
+    assert _step("train", cfg)[0] == EXIT_OK
+    code, result, _ = _step("merge", cfg)
+    assert code == EXIT_OK and result.summary["parity"]["adapter_effect"] > result.summary["parity"]["max_abs_diff"] * 2
+    real = LoraModel.merge_and_unload
+
+    def half_merge(self, *a, **kw):
+        for module in self.model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {k: v / 2 for k, v in module.scaling.items()}
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", half_merge)
+    code, _, mem = _step("merge", cfg)
+    assert code == EXIT_USER
+    assert mem.of_type("error")[0].message.startswith("parity check failed")
+
+
+def test_dora_and_seq2seq_merge(tmp_path, tiny_llama, tiny_model_factory):
+    from transformers import AutoModelForSeq2SeqLM
+
+    dora = _cfg(tmp_path, tiny_llama, "lora.method=dora", name="dora")
+    assert _step("train", dora)[0] == EXIT_OK
+    code, result, mem = _step("merge", dora)
+    assert code == EXIT_OK and result.summary["parity"]["passed"], [e.message for e in mem.of_type("error")]
+    run = RunDir.for_config(dora)
+    assert (_merged_logits(run.merged, IDS) - _reference_logits(tiny_llama, [run.adapter], IDS)).abs().max() < 1e-4
+    assert "DoRA" in (run.merged / "README.md").read_text()
+    t5 = _cfg(tmp_path, tiny_model_factory(family="t5"), name="t5")
+    assert _step("train", t5)[0] == EXIT_OK
+    code, result, mem = _step("merge", t5)
+    assert code == EXIT_OK and result.summary["parity"]["passed"], [e.message for e in mem.of_type("error")]
+    merged = RunDir.for_config(t5).merged
+    AutoModelForSeq2SeqLM.from_pretrained(str(merged))
+    assert "pipeline_tag: text2text-generation" in (merged / "README.md").read_text()
+
+
+def test_generation_config_and_trained_chat_template_are_kept(tmp_path, tiny_llama):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline.data.templates import NAMED_TEMPLATES
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    gen = json.loads((base / "generation_config.json").read_text())
+    gen.update(do_sample=False, temperature=0.7, top_p=0.9)  # what transformers refuses to save strictly
+    (base / "generation_config.json").write_text(json.dumps(gen))
+    cfg = _cfg(tmp_path, base, "data.template=alpaca")
+    assert _step("train", cfg)[0] == EXIT_OK
+    code, _, mem = _step("merge", cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    merged = RunDir.for_config(cfg).merged
+    assert json.loads((merged / "generation_config.json").read_text()) == gen
+    assert AutoTokenizer.from_pretrained(str(merged)).chat_template == NAMED_TEMPLATES["alpaca"]
+
+
+def test_an_adapter_is_not_merged_into_another_base(tmp_path, tiny_llama, tiny_model_factory):
+    cfg = _cfg(tmp_path, tiny_llama)
+    assert _step("train", cfg)[0] == EXIT_OK
+    other = tiny_model_factory(seed=1)  # same shapes, other weights: nothing would fail, the result would be wrong
+    code, _, mem = _step("merge", cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": str(other)})}))
+    assert code == EXIT_USER
+    (err,) = mem.of_type("error")
+    assert f"was trained on {tiny_llama}" in err.message and "model.base=" in (err.hint or "")
