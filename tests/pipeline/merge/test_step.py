@@ -63,6 +63,21 @@ def _merged_logits(merged: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+def _merge_half_of_the_adapter(monkeypatch) -> None:
+    """A wrong merge: the adapter's scaling halved just before it is folded in."""
+    from peft.tuners.lora import LoraModel
+
+    real = LoraModel.merge_and_unload
+
+    def half_merge(self, *a, **kw):
+        for module in self.model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {k: v / 2 for k, v in module.scaling.items()}
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", half_merge)
+
+
 IDS = torch.tensor([[5, 17, 23, 42, 8, 99, 3, 61, 12]])
 
 
@@ -132,19 +147,9 @@ def test_a_corrupted_adapter_fails_parity_and_writes_nothing(tmp_path, tiny_llam
 
 def test_parity_fails_on_a_wrong_merge(tmp_path, tiny_llama, monkeypatch):
     """A merge that drops part of the adapter (what a wrong scaling or a skipped module does)."""
-    from peft.tuners.lora import LoraModel
-
     cfg = _cfg(tmp_path, tiny_llama)
     assert _step("train", cfg)[0] == EXIT_OK
-    real = LoraModel.merge_and_unload
-
-    def half_merge(self, *a, **kw):
-        for module in self.model.modules():
-            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
-                module.scaling = {k: v / 2 for k, v in module.scaling.items()}
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(LoraModel, "merge_and_unload", half_merge)
+    _merge_half_of_the_adapter(monkeypatch)
     code, _, mem = _step("merge", cfg)
     assert code == EXIT_USER
     (err,) = mem.of_type("error")
@@ -243,21 +248,11 @@ def test_a_killed_merge_leaves_no_merged_directory_and_keeps_an_earlier_one(tmp_
 
 def test_parity_catches_a_merge_that_loses_the_adapter_in_bfloat16(tmp_path, tiny_llama, monkeypatch):
     """In 16-bit the tolerance is loose; losing half of the adapter's effect still fails."""
-    from peft.tuners.lora import LoraModel
-
     cfg = _cfg(tmp_path, tiny_llama, "merge.dtype=bfloat16")
     assert _step("train", cfg)[0] == EXIT_OK
     code, result, _ = _step("merge", cfg)
     assert code == EXIT_OK and result.summary["parity"]["adapter_effect"] > result.summary["parity"]["max_abs_diff"] * 2
-    real = LoraModel.merge_and_unload
-
-    def half_merge(self, *a, **kw):
-        for module in self.model.modules():
-            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
-                module.scaling = {k: v / 2 for k, v in module.scaling.items()}
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(LoraModel, "merge_and_unload", half_merge)
+    _merge_half_of_the_adapter(monkeypatch)
     code, _, mem = _step("merge", cfg)
     assert code == EXIT_USER
     assert mem.of_type("error")[0].message.startswith("parity check failed")
