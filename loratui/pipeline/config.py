@@ -312,8 +312,11 @@ class ExportSection(Section):
     )
     gguf_quants: list[str] = Field(
         default_factory=lambda: ["q8_0", "q4_k_m"],
-        description="llama.cpp quantizations (`f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k` ...).",
+        description="llama.cpp types: `f32`, `f16`, `bf16`, `q8_0` straight from the converter; `q4_k_m`, "
+        "`q5_k_m`, `q6_k`, `q4_0`, `q5_0`, `iq4_nl` ... quantized from an f16 intermediate.",
     )
+    gguf_keep_f16: bool = Field(False, description="Keep the f16 intermediate GGUF that quantized types are made from.")
+    verify_samples: int = Field(32, ge=1, description="Rows of the test data each export is checked on.")
     gguf_adapter: bool = Field(False, description="Also write the LoRA adapter as a GGUF for `llama.cpp --lora`.")
     ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF.")
     onnx_int8: bool = Field(False, description="Also write a dynamically quantized int8 ONNX model.")

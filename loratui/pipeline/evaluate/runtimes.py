@@ -49,6 +49,11 @@ class EvalModel(Protocol):
         """(sum of negative log-likelihoods, token count) over each example's labelled tokens."""
         ...
 
+    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        """Teacher-forced top-1 next token at every position that predicts a labelled token."""
+        ...
+
 
 def cut_at_stop(ids: Sequence[int], stop: set[int]) -> list[int]:
     out = []
@@ -138,10 +143,18 @@ class TorchModel:
 
     def nll(self, examples: Sequence[Example], progress: Progress | None = None,
             should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+        return [(total, count) for total, count, _ in self._score(examples, progress, should_stop)]
+
+    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        return [top1 for _, _, top1 in self._score(examples, progress, should_stop)]
+
+    def _score(self, examples: Sequence[Example], progress: Progress | None,
+               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
         import torch
         import torch.nn.functional as F
 
-        out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+        out: list[tuple[float, int, list[int]]] = [(0.0, 0, [])] * len(examples)
         lengths = [len(e.input_ids) + (len(e.labels) if self.task == "seq2seq" else 0) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: lengths[i])
         for batch in _batches(order, lengths, self.batch_size, max(self.token_budget, max(lengths, default=1))):
@@ -169,10 +182,86 @@ class TorchModel:
                 counted = target != IGNORE
                 sums = (losses * counted).sum(dim=1).tolist()
                 counts = counted.sum(dim=1).tolist()
+                top1 = logits.argmax(-1).tolist()
             for row, i in enumerate(batch):
-                out[i] = (float(sums[row]), int(counts[row]))
+                flags = counted[row].tolist()
+                out[i] = (float(sums[row]), int(counts[row]), [t for t, keep in zip(top1[row], flags) if keep])
             if progress:
                 progress(len(batch))
+        return out
+
+
+class LlamaCppModel:
+    """A GGUF file in llama.cpp (llama-cpp-python): one sequence at a time, greedy, teacher-forced scoring."""
+
+    def __init__(self, path: Path, *, name: str, stop_ids: set[int], n_ctx: int = 2048, threads: int | None = None):
+        import os
+
+        import llama_cpp
+
+        self.name = name
+        self.stop_ids = set(stop_ids)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                                   n_threads=threads or os.cpu_count(), verbose=False)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def logits(self, ids: list[int]) -> Any:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        out = []
+        for p in prompts:
+            if should_stop and should_stop():
+                raise StopRequested
+            reply: list[int] = []
+            tokens = self.llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+            try:  # close the generator before anything else touches the model (an abandoned one can crash)
+                for t in tokens:
+                    if t in self.stop_ids or len(reply) >= max_new_tokens:
+                        break
+                    reply.append(int(t))
+            finally:
+                tokens.close()
+            out.append(reply)
+            if progress:
+                progress(1)
+        return out
+
+    def _score(self, e: Example) -> tuple[float, int, list[int]]:
+        import numpy as np
+
+        logits = self.logits(e.input_ids)[:-1]
+        target = np.array(e.labels[1:])
+        keep = target != IGNORE
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        nll = -logp[np.arange(len(target))[keep], target[keep]]
+        return float(nll.sum()), int(keep.sum()), logits.argmax(-1)[keep].tolist()
+
+    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+        return [(a, b) for a, b, _ in self._each(examples, progress, should_stop)]
+
+    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        return [c for _, _, c in self._each(examples, progress, should_stop)]
+
+    def _each(self, examples: Sequence[Example], progress: Progress | None,
+              should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+        out = []
+        for e in examples:
+            if should_stop and should_stop():
+                raise StopRequested
+            out.append(self._score(e))
+            if progress:
+                progress(1)
         return out
 
 

