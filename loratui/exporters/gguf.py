@@ -302,7 +302,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         torch_model = TorchModel(load_torch(merged, "causal", "cpu", "fp32"), name="merged", task="causal",
                                  pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
                                  stop_ids=stop)
-        scored = torch_model._score(examples, None, should_stop)
+        scored = torch_model.scored(examples, None, should_stop)
         reference = [s[2] for s in scored]
         nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
         ref_ppl = math.exp(nll / count) if count else None

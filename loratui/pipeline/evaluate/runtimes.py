@@ -85,7 +85,23 @@ class StopRequested(Exception):
     pass
 
 
-class TorchModel:
+class _Scoring:
+    """``nll`` and ``predictions`` from one teacher-forced pass: ``scored`` gives (nll sum, count, top-1 ids)."""
+
+    def scored(self, examples: Sequence[Example], progress: Progress | None,
+               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+        raise NotImplementedError
+
+    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+        return [(total, count) for total, count, _ in self.scored(examples, progress, should_stop)]
+
+    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        return [top1 for _, _, top1 in self.scored(examples, progress, should_stop)]
+
+
+class TorchModel(_Scoring):
     """A transformers model (optionally a PeftModel) on CPU or CUDA, batched with a KV cache."""
 
     def __init__(self, model: Any, *, name: str, task: str, pad_id: int, stop_ids: set[int], batch_size: int = 8,
@@ -141,15 +157,7 @@ class TorchModel:
                 progress(len(batch))
         return out
 
-    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
-        return [(total, count) for total, count, _ in self._score(examples, progress, should_stop)]
-
-    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
-        return [top1 for _, _, top1 in self._score(examples, progress, should_stop)]
-
-    def _score(self, examples: Sequence[Example], progress: Progress | None,
+    def scored(self, examples: Sequence[Example], progress: Progress | None,
                should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
         import torch
         import torch.nn.functional as F
@@ -191,7 +199,7 @@ class TorchModel:
         return out
 
 
-class LlamaCppModel:
+class LlamaCppModel(_Scoring):
     """A GGUF file in llama.cpp (llama-cpp-python): one sequence at a time, greedy, teacher-forced scoring."""
 
     def __init__(self, path: Path, *, name: str, stop_ids: set[int], n_ctx: int = 2048, threads: int | None = None):
@@ -234,7 +242,7 @@ class LlamaCppModel:
                 progress(1)
         return out
 
-    def _score(self, e: Example) -> tuple[float, int, list[int]]:
+    def _score_one(self, e: Example) -> tuple[float, int, list[int]]:
         import numpy as np
 
         logits = self.logits(e.input_ids)[:-1]
@@ -245,21 +253,13 @@ class LlamaCppModel:
         nll = -logp[np.arange(len(target))[keep], target[keep]]
         return float(nll.sum()), int(keep.sum()), logits.argmax(-1)[keep].tolist()
 
-    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
-        return [(a, b) for a, b, _ in self._each(examples, progress, should_stop)]
-
-    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
-        return [c for _, _, c in self._each(examples, progress, should_stop)]
-
-    def _each(self, examples: Sequence[Example], progress: Progress | None,
+    def scored(self, examples: Sequence[Example], progress: Progress | None,
               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
         out = []
         for e in examples:
             if should_stop and should_stop():
                 raise StopRequested
-            out.append(self._score(e))
+            out.append(self._score_one(e))
             if progress:
                 progress(1)
         return out
