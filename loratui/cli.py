@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = msub.add_parser("prepare", help="import/download a model now (cached)")
     prep.add_argument("name", nargs="?", default=None, help="model.base value (default: the default model)")
     prep.add_argument("--json", action="store_true", help="print the resolved model as JSON")
+    inspect = sub.add_parser("inspect", help="show what a GGUF file holds: architecture, quantization, tokenizer, chat template")
+    inspect.add_argument("file", help="a .gguf file")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
     _add_step_parsers(sub)
     return parser
 
@@ -159,6 +162,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from loratui.exporters.inspect import render, summary
+
+    info = summary(args.file)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
 def _cmd_tui(args: argparse.Namespace) -> int:
     from loratui.pipeline.config import load_config
 
@@ -171,6 +182,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": _cmd_config,
+    "inspect": _cmd_inspect,
     "models": _cmd_models,
     "tui": _cmd_tui,
 }

@@ -104,7 +104,8 @@ def recorded_pre(cfg: RunConfig) -> str | None:
     return str(pre) if pre else None
 
 
-def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any) -> None:
+def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any,
+            model_name: str | None = None) -> None:
     """The converter in its own process; its output goes to ``log``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if pre:
@@ -112,7 +113,8 @@ def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, s
     # the entry's code runs with -c from the converter's folder: run as a file, its own folder
     # (loratui/exporters, with safetensors.py) would come first on sys.path and shadow packages
     entry = Path(__file__).with_name("convert_entry.py").read_text(encoding="utf-8")
-    cmd = [sys.executable, "-c", entry, str(merged.resolve()), "--outfile", str(out.resolve()), "--outtype", outtype]
+    cmd = [sys.executable, "-c", entry, str(merged.resolve()), "--outfile", str(out.resolve()), "--outtype", outtype,
+           *(["--model-name", model_name] if model_name else [])]
     _run(cmd, env, log, should_stop, what=f"converting to {outtype}", cwd=converter_dir())
 
 
@@ -249,20 +251,14 @@ def _check_disk(out: Path, params: int, quants: list[str]) -> None:
                            hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
 
 
-def _eval_rows(cfg: RunConfig, run: RunDir, merged: Path, events: EventSink) -> tuple[list[Any], Any]:
-    """Test rows (else validation, train) of the run's data, with chat prompts, read through the merged tokenizer."""
-    from transformers import AutoTokenizer
-
-    from loratui.pipeline.data.step import load_model_inputs
+def _eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any) -> list[Any]:
+    """Test rows (else validation, train) of the run's data, with chat prompts."""
     from loratui.pipeline.evaluate.step import load_examples
 
     manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
     split = next(s for s in ("test", "validation", "train") if s in manifest["splits"])
-    tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    template = load_model_inputs(cfg, events).template
-    rows = load_examples(run.data / manifest["splits"][split], "causal", tokenizer, template, cfg.eval.fact_field,
+    return load_examples(run.data / manifest["splits"][split], "causal", tokenizer, template, cfg.eval.fact_field,
                          cfg.export.verify_samples)
-    return rows, tokenizer
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
@@ -287,6 +283,13 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     log.write_text("", encoding="utf-8")
     pre = recorded_pre(cfg)
     stem = cfg.name
+    from transformers import AutoTokenizer
+
+    from loratui.exporters import ollama
+    from loratui.pipeline.data.step import load_model_inputs
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
 
     rows_info: list[GgufRow] = []
     examples: list[Any] = []
@@ -296,7 +299,8 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     n_ctx = 512
     if cfg.export.verify:
         prepare(cfg, run, events, should_stop)
-        examples, tokenizer = _eval_rows(cfg, run, merged, events)
+        tokenizer = hf_tokenizer
+        examples = _eval_rows(cfg, run, tokenizer, template)
         stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
         n_ctx = max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64)
         torch_model = TorchModel(load_torch(merged, "causal", "cpu", "fp32"), name="merged", task="causal",
@@ -325,11 +329,11 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     try:
         if derived and "f16" not in direct:
             step("converting to f16 (intermediate)")
-            convert(merged, f16_tmp, "f16", log, pre, should_stop)
+            convert(merged, f16_tmp, "f16", log, pre, should_stop, stem)
         for q in direct:
             step(f"converting to {q}")
             tmp = out / f".{stem}-{q}.gguf.tmp"
-            convert(merged, tmp, q, log, pre, should_stop)
+            convert(merged, tmp, q, log, pre, should_stop, stem)
             written.append((tmp, out / f"{stem}-{q}.gguf"))
         f16_source = next((t for t, f in written if f.name.endswith("-f16.gguf")), f16_tmp)
         fallbacks: dict[str, str | None] = {}
@@ -363,6 +367,10 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         for tmp, final in written:
             os.replace(tmp, final)
             events.artifact(final, kind=f"gguf-{final.stem[len(stem) + 1:]}")
+            if cfg.export.ollama_modelfile:
+                modelfile = final.with_suffix(".Modelfile")
+                atomic_write_text(modelfile, ollama.modelfile(final.name, template, ollama.stop_tokens(hf_tokenizer, template)))
+                events.artifact(modelfile, kind="ollama-modelfile")
         if cfg.export.gguf_keep_f16 and f16_tmp.exists():
             os.replace(f16_tmp, out / f"{stem}-f16.gguf")
     finally:

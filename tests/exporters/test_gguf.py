@@ -155,5 +155,53 @@ def test_a_killed_export_leaves_no_gguf_and_the_intermediate_goes(tmp_path, smol
     assert not list(out.glob("*.gguf"))  # nothing under a final name
     code, result, mem = _step("export", cfg)  # the next export clears the leftovers and completes
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
-    assert sorted(p.name for p in out.iterdir()) == ["convert.log", "g-q4_0.gguf", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["convert.log", "g-q4_0.Modelfile", "g-q4_0.gguf", "report.json"]
     assert json.loads((out / "report.json").read_text())["files"][0]["type"] == "q4_0"
+
+
+def test_an_ollama_modelfile_sits_beside_each_gguf(exported):
+    cfg, _, _ = exported
+    out = RunDir.for_config(cfg).exports / "gguf"
+    text = (out / "g-q4_k_m.Modelfile").read_text()
+    lines = text.splitlines()
+    assert "ollama create <name> -f g-q4_k_m.Modelfile" in lines[0]
+    assert lines[1] == "FROM ./g-q4_k_m.gguf" and (out / "g-q4_k_m.gguf").is_file()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert template.count("{{") == template.count("}}")
+    assert "<|im_start|>system\n{{ .System }}<|im_end|>" in template and "range .Messages" in template
+    assert template.endswith("<|im_start|>assistant\n")
+    # SmolLM2's template adds a system prompt when there is none: Ollama gets it as SYSTEM
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in lines
+
+
+@pytest.mark.parametrize("name, want", [("chatml", "chatml"), ("phi", "phi"), ("alpaca", None), ("llama2", None)])
+def test_chat_formats_are_recognized_or_left_to_ollama(smol, name, want):
+    from transformers import AutoTokenizer
+
+    from loratui.exporters.ollama import family, modelfile
+    from loratui.pipeline.data.templates import resolve_template
+
+    template = resolve_template(name, AutoTokenizer.from_pretrained(str(smol)))
+    assert family(template) == want
+    text = modelfile("m.gguf", template, ["<|im_end|>"])
+    assert ("TEMPLATE" in text) is (want is not None)
+    assert want is not None or "Ollama uses the one inside the GGUF" in text
+
+
+def test_inspect_shows_what_a_gguf_holds(exported, capsys):
+    from loratui import cli
+
+    cfg, _, _ = exported
+    path = RunDir.for_config(cfg).exports / "gguf" / "g-q4_k_m.gguf"
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "llama" and info["name"] == "g" and info["file_type"] == "MOSTLY_Q4_K_M"
+    assert info["tensors"] == sum(info["tensor_types"].values()) and "Q5_0" in info["tensor_types"]
+    assert info["tokenizer"]["pre"] == "smollm" and info["tokenizer"]["eos"].endswith("'<|im_end|>'")
+    assert "<|im_start|>" in info["chat_template"]
+    assert cli.main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "quantization   MOSTLY_Q4_K_M" in text and "chat template" in text
+    assert cli.main(["inspect", str(path.with_name("report.json"))]) == 2
+    assert "not a readable GGUF file" in capsys.readouterr().err

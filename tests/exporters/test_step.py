@@ -30,15 +30,15 @@ def test_export_format_safetensors_writes_the_merged_model(tmp_path, tiny_llama,
 
 
 def test_formats_not_built_yet_are_skipped_with_a_warning_or_a_clear_error(tmp_path, tiny_llama):
-    cfg = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[safetensors, gguf]"])
+    cfg = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[safetensors, onnx]"])
     assert run_step("train", load_step("train"), cfg, writers=[MemoryWriter()])[0] == EXIT_OK
     mem = MemoryWriter()
     code, result, _ = run_step("export", load_step("export"), cfg, writers=[mem])
     assert code == EXIT_OK and list(result.summary["formats"]) == ["safetensors"]
-    assert any("skipping gguf" in e.message and e.level == "warning" for e in mem.of_type("log"))
-    only = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[gguf]"])
+    assert any("skipping onnx" in e.message and e.level == "warning" for e in mem.of_type("log"))
+    only = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[onnx]"])
     mem = MemoryWriter()
     code, _, _ = run_step("export", load_step("export"), only, writers=[mem])
     assert code == EXIT_USER
     (err,) = mem.of_type("error")
-    assert "gguf cannot be exported by this version" in err.message and "--format safetensors" in (err.hint or "")
+    assert "onnx cannot be exported by this version" in err.message and "--format safetensors" in (err.hint or "")
