@@ -72,29 +72,16 @@ def transformers_decode(merged: Path, prompts: list[list[int]], tokens: int) -> 
 
 
 def llama_decode(path: Path, prompts: list[list[int]], tokens: int) -> float:
-    import llama_cpp
+    """Mean over the prompts of loratui's own decode measurement (the one in exports/report.md)."""
+    from loratui.exporters.gguf import decode_speed
+    from loratui.pipeline.evaluate.runtimes import LlamaCppModel
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
-
-    def run(ids: list[int]) -> tuple[int, float]:
-        """Tokens decoded after the first one, and the seconds they took."""
-        gen = llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
-        count, started = 0, 0.0
-        try:
-            for _ in gen:
-                count += 1
-                if count == 1:
-                    started = time.perf_counter()
-                if count >= tokens:
-                    break
-        finally:
-            gen.close()
-        return count - 1, time.perf_counter() - started
-
-    run(prompts[0])  # warm-up
-    done = [run(p) for p in prompts]
-    llm.close()
-    return sum(n for n, _ in done) / sum(t for _, t in done)
+    model = LlamaCppModel(path, name=path.name, stop_ids=set(), n_ctx=1024)
+    try:
+        decode_speed(model, prompts[0], tokens)  # warm-up
+        return sum(decode_speed(model, p, tokens) for p in prompts) / len(prompts)
+    finally:
+        model.close()
 
 
 def main() -> int:

@@ -177,18 +177,19 @@ def verify(path: Path, examples: list[Any], reference: list[list[int]], ref_ppl:
         stopped = sum(len(r) < max_new_tokens for r in replies)
         texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
         facts = [M.contains(t, e.fact or e.reference or "") for t, e in zip(texts, prompted)]
-        tokens_per_s = _decode_speed(model, prompted[0].prompt_ids if prompted else examples[0].input_ids[:8])
+        tokens_per_s = decode_speed(model, prompted[0].prompt_ids if prompted else examples[0].input_ids[:8])
     except StopRequested:
         raise StepCancelled(f"cancelled while verifying {label}; nothing was written") from None
     finally:
         model.close()
+    samples = [{"source": e.source, "fact": e.fact, "reply": t, "contains": c} for e, t, c in zip(prompted, texts, facts)]
     return {"top1_agreement": same / total if total else None, "perplexity": ppl,
             "delta_perplexity": (ppl - ref_ppl) if ppl is not None and ref_ppl is not None else None,
             "replies_stopped": f"{stopped}/{len(replies)}", "decode_tokens_per_s": tokens_per_s,
-            "key_facts": M.mean(facts) if facts else None}
+            "key_facts": M.mean(facts) if facts else None, "replies": samples}
 
 
-def _decode_speed(model: Any, prompt: list[int], n: int = 64) -> float:
+def decode_speed(model: Any, prompt: list[int], n: int = 64) -> float:
     """Greedy decode tokens/s after the prompt, stop tokens ignored, on the model's own threads."""
     llm = model.llm
     tokens = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
@@ -292,6 +293,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
 
     rows_info: list[GgufRow] = []
+    replies: dict[str, list[dict[str, Any]]] = {}
     examples: list[Any] = []
     reference: list[list[int]] = []
     ref_ppl = None
@@ -354,6 +356,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                 events.progress(done, total_steps, task="gguf", unit="files", message=f"verifying {q} in llama.cpp")
                 figures = verify(tmp, examples, reference, ref_ppl, stop, n_ctx, tokenizer, cfg.eval.max_new_tokens,
                                  should_stop, q)
+                replies[q] = figures.pop("replies")
                 row = GgufRow(**{**asdict(row), **figures})
                 events.metric({k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v is not None},
                               split=f"gguf:{q}")
@@ -379,7 +382,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         f16_tmp.unlink(missing_ok=True)
 
     report = {"merged_perplexity": ref_ppl, "samples": len(examples), "params": params,
-              "files": [asdict(r) for r in rows_info]}
+              "files": [{**asdict(r), "replies": replies.get(r.type, [])} for r in rows_info]}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_report_section(run, "GGUF (llama.cpp)", gguf_table(rows_info, ref_ppl, len(examples)))
     return {"path": str(out), "files": [r.file for r in rows_info], "merged_perplexity": ref_ppl,

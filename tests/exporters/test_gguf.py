@@ -205,3 +205,18 @@ def test_inspect_shows_what_a_gguf_holds(exported, capsys):
     assert "quantization   MOSTLY_Q4_K_M" in text and "chat template" in text
     assert cli.main(["inspect", str(path.with_name("report.json"))]) == 2
     assert "not a readable GGUF file" in capsys.readouterr().err
+
+
+def test_another_family_converts_and_agrees(tmp_path, tiny_model_factory):
+    qwen = tiny_model_factory(family="qwen2", tokenizer="smollm2")
+    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.gguf_quants=[f16]"])
+    assert _step("train", cfg)[0] == EXIT_OK
+    code, result, mem = _step("export", cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    (row,) = result.summary["formats"]["gguf"]["rows"]
+    assert row["top1_agreement"] >= 0.99
+    from loratui.exporters.inspect import summary
+
+    assert summary(RunDir.for_config(cfg).exports / "gguf" / "q-f16.gguf")["architecture"] == "qwen2"
+    report = json.loads((RunDir.for_config(cfg).exports / "gguf" / "report.json").read_text())
+    assert len(report["files"][0]["replies"]) == 6 and {"reply", "fact", "contains"} <= set(report["files"][0]["replies"][0])
