@@ -252,12 +252,12 @@ def _check_disk(out: Path, params: int, quants: list[str]) -> None:
                            hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
 
 
-def _eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any) -> list[Any]:
+def _eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink) -> list[Any]:
     """Test rows (else validation, train) of the run's data, with chat prompts."""
-    from loratui.pipeline.evaluate.step import load_examples
+    from loratui.pipeline.evaluate.step import pick_split, load_examples
 
     manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
-    split = next(s for s in ("test", "validation", "train") if s in manifest["splits"])
+    split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
     return load_examples(run.data / manifest["splits"][split], "causal", tokenizer, template, cfg.eval.fact_field,
                          cfg.export.verify_samples)
 
@@ -289,7 +289,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     from loratui.exporters import ollama
     from loratui.pipeline.data.step import load_model_inputs
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
     template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
 
     rows_info: list[GgufRow] = []
@@ -301,8 +301,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     n_ctx = 512
     if cfg.export.verify:
         prepare(cfg, run, events, should_stop)
-        tokenizer = hf_tokenizer
-        examples = _eval_rows(cfg, run, tokenizer, template)
+        examples = _eval_rows(cfg, run, tokenizer, template, events)
         stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
         n_ctx = max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64)
         torch_model = TorchModel(load_torch(merged, "causal", "cpu", "fp32"), name="merged", task="causal",
@@ -372,7 +371,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             events.artifact(final, kind=f"gguf-{final.stem[len(stem) + 1:]}")
             if cfg.export.ollama_modelfile:
                 modelfile = final.with_suffix(".Modelfile")
-                atomic_write_text(modelfile, ollama.modelfile(final.name, template, ollama.stop_tokens(hf_tokenizer, template)))
+                atomic_write_text(modelfile, ollama.modelfile(final.name, template, ollama.stop_tokens(tokenizer, template)))
                 events.artifact(modelfile, kind="ollama-modelfile")
         if cfg.export.gguf_keep_f16 and f16_tmp.exists():
             os.replace(f16_tmp, out / f"{stem}-f16.gguf")

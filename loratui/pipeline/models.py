@@ -83,6 +83,13 @@ class ResolvedModel:
         return d
 
 
+def model_class(task: str) -> Any:
+    """The transformers auto class for a model's task: seq2seq (encoder-decoder) or causal."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
+
+
 def loratui_home() -> Path:
     return Path(os.environ.get("LORATUI_HOME") or Path.home() / ".cache" / "loratui")
 

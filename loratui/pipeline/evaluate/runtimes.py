@@ -284,13 +284,13 @@ def artifact_kind(path: Path) -> str:
 
 
 def load_torch(model_dir: Path, task: str, device: str, precision: str, trust_remote_code: bool = False) -> Any:
-    """A model for inference: fp32 on CPU unless the CPU has native bf16; bf16/fp16 on CUDA."""
+    """A model for inference in ``precision`` (fp32, bf16, fp16), on ``device``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from loratui.pipeline.models import model_class
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    cls = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
-    model = cls.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+    model = model_class(task).from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                                 **({"attn_implementation": "sdpa"} if task == "causal" else {}))
     if device == "cuda":
         model = model.to("cuda")

@@ -123,7 +123,7 @@ def stop_ids(tokenizer: Any, sets: list[EvalSet]) -> set[int]:
     return stop
 
 
-def _pick_split(manifest: dict[str, Any], want: str, where: str, events: EventSink, fallback_train: bool) -> str:
+def pick_split(manifest: dict[str, Any], want: str, where: str, events: EventSink, fallback_train: bool) -> str:
     splits = manifest["splits"]
     order = [want, "validation" if want == "test" else "test"] + (["train"] if fallback_train else [])
     for split in order:
@@ -234,7 +234,7 @@ def _retention_sets(cfg: RunConfig, run: RunDir, target: Target, manifest: dict[
             warn(f"retention: cannot load {name}: {e}")
             continue
         other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
-        split = _pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
+        split = pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
         out.append(EvalSet(name, _label(data.source), split,
                            load_examples(cached / other_manifest["splits"][split], task, inputs.tokenizer,
                                          inputs.template, cfg.eval.fact_field, cfg.eval.max_samples)))
@@ -324,7 +324,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     manifest = prepare(cfg, run, events, should_stop)
     inputs = load_model_inputs(cfg, events)
     tokenizer, task = inputs.tokenizer, manifest.get("task", "causal")
-    split = _pick_split(manifest, cfg.eval.split, str(run.data), events, fallback_train=False)
+    split = pick_split(manifest, cfg.eval.split, str(run.data), events, fallback_train=False)
     sets = [EvalSet("main", _label(cfg.data.source), split,
                     load_examples(run.data / manifest["splits"][split], task, tokenizer, inputs.template,
                                   cfg.eval.fact_field, cfg.eval.max_samples))]

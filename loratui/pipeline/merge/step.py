@@ -28,6 +28,7 @@ from loratui.pipeline.runs import RunDir, atomic_dir
 from loratui.pipeline.train.history import check_adapter_base
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # merge.dtype -> load_torch's names
 # Largest |logit difference| allowed, relative to the largest |logit| of the reference (the logits'
 # scale): rounding in the merged weights is relative to their size. float32 sums differ only in order;
 # 16-bit weights round W + BA once where the unmerged model rounds W and BA apart.
@@ -142,7 +143,7 @@ def check_disk(run: RunDir, model_dir: Path, source_dtype: str, dtype: str) -> i
     return need
 
 
-def parity_inputs(run: RunDir, tokenizer: Any, task: str, n: int, max_tokens: int = 64) -> list[dict[str, list[int]]]:
+def parity_inputs(run: RunDir, tokenizer: Any, n: int, max_tokens: int = 64) -> list[dict[str, list[int]]]:
     """``n`` examples from the run's test data (else validation, train), cut to ``max_tokens``; built-in
     sentences when the run has no data."""
     manifest_file = run.data / "dataset.json"
@@ -224,11 +225,9 @@ def compare(reference: list[Any], merged: list[Any], base: list[Any], dtype: str
 
 
 def _load(model_dir: Path, task: str, dtype: str, trust_remote_code: bool) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from loratui.pipeline.evaluate.runtimes import load_torch
 
-    cls = AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
-    return cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).eval()
+    return load_torch(model_dir, task, "cpu", PRECISION[dtype], trust_remote_code)
 
 
 def _tokenizer_for(cfg: RunConfig, run: RunDir, model_dir: Path, task: str, events: EventSink) -> Any:
@@ -317,7 +316,7 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
         events.log(f"merging the stacked adapter {path} first")
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     model = PeftModel.from_pretrained(model, str(source.adapter)).eval()
-    rows = parity_inputs(run, tokenizer, task, cfg.merge.parity_prompts) if cfg.merge.parity else []
+    rows = parity_inputs(run, tokenizer, cfg.merge.parity_prompts) if cfg.merge.parity else []
     stage(1, "reference logits (base + adapter, and base alone)")
     reference = logits(model, rows, task) if rows else []
     check_finite(reference)

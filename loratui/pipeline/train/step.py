@@ -20,6 +20,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.step import prepare
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
+from loratui.pipeline.models import model_class
 from loratui.pipeline.runs import RunDir, write_config
 from loratui.pipeline.steps import WORKER_ENV
 from loratui.pipeline.train import history as hist
@@ -81,12 +82,6 @@ def load_splits(run: RunDir, manifest: dict[str, Any]) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _model_class(task: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
-
-
 def _wants_padding_free(cfg: RunConfig, model_dir: Path, task: str) -> bool:
     if not cfg.train.padding_free or task != "causal":
         return False
@@ -121,7 +116,7 @@ def load_base(cfg: RunConfig, model_dir: Path, task: str, device: str, precision
         kwargs["quantization_config"] = _bnb_config(cfg, device, precision)
     if device == "cuda":
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = _model_class(task).from_pretrained(str(model_dir), **kwargs)
+    model = model_class(task).from_pretrained(str(model_dir), **kwargs)
     if stack:
         from peft import PeftModel
 
@@ -156,7 +151,7 @@ def _quantize_in_place(model: Any, cfg: RunConfig, device: str, precision: str, 
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp)
         del model
-        return _model_class(task).from_pretrained(tmp, quantization_config=_bnb_config(cfg, device, precision),
+        return model_class(task).from_pretrained(tmp, quantization_config=_bnb_config(cfg, device, precision),
                                                   **{k: v for k, v in kwargs.items() if k != "quantization_config"})
 
 
