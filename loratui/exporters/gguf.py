@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +107,20 @@ def recorded_pre(cfg: RunConfig) -> str | None:
 def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any,
             model_name: str | None = None) -> None:
     """The converter in its own process; its output goes to ``log``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    if pre:
-        env["LORATUI_GGUF_PRE"] = pre
+    run_converter("convert_entry.py", [str(merged.resolve()), "--outfile", str(out.resolve()), "--outtype", outtype,
+                                       *(["--model-name", model_name] if model_name else [])],
+                  log, should_stop, f"converting to {outtype}", {"LORATUI_GGUF_PRE": pre} if pre else {})
+
+
+def run_converter(entry: str, args: list[str], log: Path, should_stop: Any, what: str,
+                  extra_env: dict[str, str] | None = None) -> None:
+    """One of loratui's entries (``convert_entry.py``, ``convert_lora_entry.py``) in the converter's process."""
+    env = {**os.environ, **(extra_env or {}),
+           "PYTHONPATH": os.pathsep.join([str(converter_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     # the entry's code runs with -c from the converter's folder: run as a file, its own folder
     # (loratui/exporters, with safetensors.py) would come first on sys.path and shadow packages
-    entry = Path(__file__).with_name("convert_entry.py").read_text(encoding="utf-8")
-    cmd = [sys.executable, "-c", entry, str(merged.resolve()), "--outfile", str(out.resolve()), "--outtype", outtype,
-           *(["--model-name", model_name] if model_name else [])]
-    _run(cmd, env, log, should_stop, what=f"converting to {outtype}", cwd=converter_dir())
+    code = Path(__file__).with_name(entry).read_text(encoding="utf-8")
+    _run([sys.executable, "-c", code, *args], env, log, should_stop, what=what, cwd=converter_dir())
 
 
 def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Any) -> str | None:
@@ -147,6 +152,9 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what:
             time.sleep(0.2)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-6:]
+        refused = [line.split(":", 1)[1].strip() for line in tail if line.startswith("loratui-refused:")]
+        if refused:  # an entry's own, expected refusal (see convert_lora_entry.py)
+            raise LoratuiError(refused[-1], hint=f"The converter's output is in {log}.")
         cause = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
         raise LoratuiError(f"{what} failed (exit {proc.returncode}): {cause.strip()}",
                            hint=f"The full output is in {log}.")
@@ -157,19 +165,49 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what:
 # --------------------------------------------------------------------------------------------
 
 
-def verify(path: Path, examples: list[Any], reference: list[list[int]], ref_ppl: float | None, stop: set[int],
-           n_ctx: int, tokenizer: Any, max_new_tokens: int, should_stop: Any, label: str) -> dict[str, Any]:
-    """The figures of one GGUF in llama.cpp: agreement, perplexity, replies (do they stop, do they hold
-    the key fact) and decode speed."""
+@dataclass
+class Reference:
+    """What every GGUF is checked against: the merged model in transformers on the run's test rows."""
+
+    examples: list[Any] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)  # its teacher-forced top-1 predictions
+    perplexity: float | None = None
+    stop: set[int] = field(default_factory=set)
+    n_ctx: int = 512
+
+    @classmethod
+    def build(cls, cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
+              should_stop: Any) -> "Reference":
+        from loratui.pipeline.data.step import prepare
+        from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
+        from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+
+        prepare(cfg, run, events, should_stop)
+        examples = _eval_rows(cfg, run, tokenizer, template, events)
+        stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
+        model = TorchModel(load_torch(run.merged, "causal", "cpu", "fp32"), name="merged", task="causal",
+                           pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+                           stop_ids=stop)
+        scored = model.scored(examples, None, should_stop)
+        nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
+        return cls(examples, [s[2] for s in scored], math.exp(nll / count) if count else None, stop,
+                   max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64))
+
+
+def verify(path: Path, ref: Reference, tokenizer: Any, max_new_tokens: int, should_stop: Any, label: str,
+           lora: Path | None = None) -> dict[str, Any]:
+    """The figures of one GGUF (with ``lora`` applied, if given) in llama.cpp: agreement, perplexity,
+    replies (do they stop, do they hold the key fact) and decode speed."""
     from loratui.pipeline.evaluate import metrics as M
     from loratui.pipeline.evaluate.runtimes import LlamaCppModel, StopRequested
 
-    model = LlamaCppModel(path, name=label, stop_ids=stop, n_ctx=n_ctx)
+    examples = ref.examples
+    model = LlamaCppModel(path, name=label, stop_ids=ref.stop, n_ctx=ref.n_ctx, lora=lora)
     try:
         predicted = model.predictions(examples, should_stop=should_stop)
         pairs = model.nll(examples, should_stop=should_stop)
-        total = sum(len(r) for r in reference)
-        same = sum(a == b for p, r in zip(predicted, reference) for a, b in zip(p, r))
+        total = sum(len(r) for r in ref.tokens)
+        same = sum(a == b for p, r in zip(predicted, ref.tokens) for a, b in zip(p, r))
         nll, count = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
         ppl = M.loss_metrics(nll, count)["perplexity"] if count else None
         prompted = [e for e in examples if e.prompt_ids and e.reference is not None]
@@ -184,9 +222,27 @@ def verify(path: Path, examples: list[Any], reference: list[list[int]], ref_ppl:
         model.close()
     samples = [{"source": e.source, "fact": e.fact, "reply": t, "contains": c} for e, t, c in zip(prompted, texts, facts)]
     return {"top1_agreement": same / total if total else None, "perplexity": ppl,
-            "delta_perplexity": (ppl - ref_ppl) if ppl is not None and ref_ppl is not None else None,
+            "delta_perplexity": (ppl - ref.perplexity) if ppl is not None and ref.perplexity is not None else None,
             "replies_stopped": f"{stopped}/{len(replies)}", "decode_tokens_per_s": tokens_per_s,
             "key_facts": M.mean(facts) if facts else None, "replies": samples}
+
+
+def verify_row(row: GgufRow, path: Path, final_name: str, ref: Reference, tokenizer: Any, cfg: RunConfig,
+               events: EventSink, should_stop: Any, lora: Path | None = None,
+               target: float | None = None) -> tuple[GgufRow, list[dict[str, Any]]]:
+    """``row`` with the figures of ``verify``; raises when top-1 agreement is below the type's target."""
+    figures = verify(path, ref, tokenizer, cfg.eval.max_new_tokens, should_stop, row.type, lora)
+    replies = figures.pop("replies")
+    row = GgufRow(**{**asdict(row), **figures})
+    events.metric({k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v is not None},
+                  split=f"gguf:{row.type}")
+    target = TARGETS.get(row.type) if target is None else target
+    if target is not None and (row.top1_agreement or 0.0) < target:
+        raise LoratuiError(
+            f"{final_name}: top-1 agreement with the merged model {row.top1_agreement:.1%} is below "
+            f"the {target:.0%} target for {row.type}; nothing was written",
+            hint=f"The conversion lost accuracy: see the convert logs in {path.parent}, and report it with the model.")
+    return row, replies
 
 
 def decode_speed(model: Any, prompt: list[int], n: int = 64) -> float:
@@ -212,7 +268,7 @@ def decode_speed(model: Any, prompt: list[int], n: int = 64) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> None:
+def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> None:
     from loratui.pipeline.merge.step import merge
     from loratui.pipeline.train.history import current_version
 
@@ -224,7 +280,7 @@ def _ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: 
         merge(cfg, run, EventSink("merge", events.writers), should_stop)
 
 
-def _params(merged: Path) -> int:
+def count_params(merged: Path) -> int:
     from safetensors import safe_open
 
     total = 0
@@ -235,20 +291,29 @@ def _params(merged: Path) -> int:
     return total
 
 
-def _bytes_per_weight(quant: str) -> float:
+def bytes_per_weight(quant: str) -> float:
     if quant in BYTES_PER_WEIGHT:
         return BYTES_PER_WEIGHT[quant]
     bits = re.search(r"(\d)", quant)
     return (int(bits.group(1)) + 1.5) / 8 if bits else 2.0  # scales and mins add about 1.5 bits
 
 
-def _check_disk(out: Path, params: int, quants: list[str]) -> None:
-    need = params * (2.0 + sum(_bytes_per_weight(q) for q in quants))  # the f16 intermediate + every file
+def clean_stale(out: Path) -> None:
+    """Temporary files and folders a killed export left (never a finished ``.gguf``)."""
+    for stale in out.glob(".*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def check_disk(out: Path, need: float, what: str) -> None:
+    """Fail before any work when ``out`` has less than ``need`` bytes (plus 10%) free."""
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if free < need * 1.1:
         raise LoratuiError(f"{out}: {free / 2**30:.2f} GiB free; the GGUF export needs about {need / 2**30:.2f} GiB "
-                           f"({', '.join(quants)} plus an f16 intermediate)",
+                           f"({what})",
                            hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
 
 
@@ -263,23 +328,21 @@ def _eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, event
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
-    from loratui.pipeline.data.step import model_task, prepare
-    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
-    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+    from loratui.pipeline.data.step import model_task
 
     started = time.monotonic()
     quants = validate_quants(cfg.export.gguf_quants)
     converter_dir()
-    _ensure_merged(cfg, run, events, should_stop)
+    ensure_merged(cfg, run, events, should_stop)
     merged = run.merged
     if model_task(merged) != "causal":
         raise LoratuiError("GGUF export is for decoder-only (causal) models; this one is encoder-decoder",
                            hint="Export it with --format onnx or serve the merged safetensors.")
     out = run.exports / "gguf"
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    params = _params(merged)
-    _check_disk(out, params, quants)
+    clean_stale(out)
+    params = count_params(merged)
+    # the f16 intermediate + every file
+    check_disk(out, params * (2.0 + sum(bytes_per_weight(q) for q in quants)), f"{', '.join(quants)} plus an f16 intermediate")
     log = out / "convert.log"
     log.write_text("", encoding="utf-8")
     pre = recorded_pre(cfg)
@@ -292,26 +355,9 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
 
+    ref = Reference.build(cfg, run, tokenizer, template, events, should_stop) if cfg.export.verify else Reference()
     rows_info: list[GgufRow] = []
     replies: dict[str, list[dict[str, Any]]] = {}
-    examples: list[Any] = []
-    reference: list[list[int]] = []
-    ref_ppl = None
-    stop: set[int] = set()
-    n_ctx = 512
-    if cfg.export.verify:
-        prepare(cfg, run, events, should_stop)
-        examples = _eval_rows(cfg, run, tokenizer, template, events)
-        stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
-        n_ctx = max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64)
-        torch_model = TorchModel(load_torch(merged, "causal", "cpu", "fp32"), name="merged", task="causal",
-                                 pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-                                 stop_ids=stop)
-        scored = torch_model.scored(examples, None, should_stop)
-        reference = [s[2] for s in scored]
-        nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
-        ref_ppl = math.exp(nll / count) if count else None
-        del torch_model
 
     direct = [q for q in quants if q in DIRECT]
     derived = [q for q in quants if q not in DIRECT]
@@ -353,18 +399,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                           replies_stopped=None, key_facts=None, fallbacks=fallbacks.get(q))
             if cfg.export.verify:
                 events.progress(done, total_steps, task="gguf", unit="files", message=f"verifying {q} in llama.cpp")
-                figures = verify(tmp, examples, reference, ref_ppl, stop, n_ctx, tokenizer, cfg.eval.max_new_tokens,
-                                 should_stop, q)
-                replies[q] = figures.pop("replies")
-                row = GgufRow(**{**asdict(row), **figures})
-                events.metric({k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v is not None},
-                              split=f"gguf:{q}")
-                target = TARGETS.get(q)
-                if target is not None and (row.top1_agreement or 0.0) < target:
-                    raise LoratuiError(
-                        f"{final.name}: top-1 agreement with the merged model {row.top1_agreement:.1%} is below "
-                        f"the {target:.0%} target for {q}; nothing was written",
-                        hint="The conversion lost accuracy: see exports/gguf/convert.log, and report it with the model.")
+                row, replies[q] = verify_row(row, tmp, final.name, ref, tokenizer, cfg, events, should_stop)
             rows_info.append(row)
         for tmp, final in written:
             os.replace(tmp, final)
@@ -380,11 +415,11 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             tmp.unlink(missing_ok=True)
         f16_tmp.unlink(missing_ok=True)
 
-    report = {"merged_perplexity": ref_ppl, "samples": len(examples), "params": params,
+    report = {"merged_perplexity": ref.perplexity, "samples": len(ref.examples), "params": params,
               "files": [{**asdict(r), "replies": replies.get(r.type, [])} for r in rows_info]}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_report_section(run, "GGUF (llama.cpp)", gguf_table(rows_info, ref_ppl, len(examples)))
-    return {"path": str(out), "files": [r.file for r in rows_info], "merged_perplexity": ref_ppl,
+    write_report_section(run, "GGUF (llama.cpp)", gguf_table(rows_info, ref.perplexity, len(ref.examples)))
+    return {"path": str(out), "files": [r.file for r in rows_info], "merged_perplexity": ref.perplexity,
             "rows": [asdict(r) for r in rows_info], "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -413,4 +448,5 @@ def write_report_section(run: RunDir, title: str, body: list[str]) -> None:
     sections = re.split(r"(?m)^(?=## )", text)
     head, rest = sections[0], [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
     new = f"## {title}\n\n" + "\n".join(body).rstrip() + "\n\n"
-    atomic_write_text(path, head.rstrip() + "\n\n" + "".join(sorted(rest + [new])).rstrip() + "\n")
+    body_text = "".join(section.rstrip() + "\n\n" for section in sorted(rest + [new]))
+    atomic_write_text(path, head.rstrip() + "\n\n" + body_text.rstrip() + "\n")

@@ -54,6 +54,9 @@ def summary(path: str | Path) -> dict[str, Any]:
         "context_length": fields.get(f"{arch}.context_length"), "layers": fields.get(f"{arch}.block_count"),
         "embedding_length": fields.get(f"{arch}.embedding_length"),
         "lora_alpha": fields.get("adapter.lora.alpha"),
+        "lora_rank": next((int(t.shape[1]) for t in reader.tensors if t.name.endswith(".lora_a")), None),
+        "lora_targets": sorted({t.name.split(".")[-3] if t.name.startswith("blk.") else t.name.split(".")[0]
+                                for t in reader.tensors if t.name.endswith(".lora_a")}),
         "tokenizer": {"model": fields.get("tokenizer.ggml.model"), "pre": fields.get("tokenizer.ggml.pre"),
                       "tokens": len(tokens.data) if tokens is not None else None,
                       "bos": token("tokenizer.ggml.bos_token_id"), "eos": token("tokenizer.ggml.eos_token_id"),
@@ -72,11 +75,15 @@ def render(info: dict[str, Any]) -> str:
         f"  architecture   {info['architecture']}  {info['name'] or ''}".rstrip(),
         f"  quantization   {info['file_type'] or '-'}; tensors {info['tensors']}: "
         + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
-        f"  parameters     {info['parameters']:,}  (layers {info['layers']}, width {info['embedding_length']}, "
-        f"context {info['context_length']})",
     ]
-    if info["lora_alpha"] is not None:
-        lines.append(f"  LoRA alpha     {info['lora_alpha']}")
+    if info["type"] == "adapter":  # a LoRA GGUF: no tokenizer, applied to a base model of the architecture
+        lines += [f"  parameters     {info['parameters']:,}",
+                  f"  LoRA           alpha {info['lora_alpha']}, rank {info['lora_rank']}, on "
+                  + ", ".join(info["lora_targets"]),
+                  f"  use            llama-cli -m <{info['architecture']} base>.gguf --lora {Path(info['file']).name}"]
+        return "\n".join(lines)
+    lines.append(f"  parameters     {info['parameters']:,}  (layers {info['layers']}, width {info['embedding_length']}, "
+                 f"context {info['context_length']})")
     lines.append(f"  tokenizer      {t['model']} (pre {t['pre']}), {t['tokens']} tokens, bos {t['bos']}, eos {t['eos']}, "
                  f"add_bos {t['add_bos']}")
     template = info["chat_template"]

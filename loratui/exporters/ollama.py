@@ -58,10 +58,14 @@ def default_system(template: Any, name: str | None) -> str | None:
     return found.group(1) if found else None
 
 
-def modelfile(gguf_name: str, template: Any, stop_tokens: list[str]) -> str:
+def modelfile(gguf_name: str, template: Any, stop_tokens: list[str], adapter: str | None = None,
+              file_name: str | None = None) -> str:
+    """The Modelfile ``file_name`` (default: the GGUF's name) for ``gguf_name`` and, if given, a LoRA GGUF
+    ``adapter`` on top of it; the GGUF files lie beside it."""
     name = family(template)
-    lines = [f"# Ollama Modelfile written by loratui: `ollama create <name> -f {gguf_name.removesuffix('.gguf')}.Modelfile`",
-             f"FROM ./{gguf_name}"]
+    own = file_name or f"{gguf_name.removesuffix('.gguf')}.Modelfile"
+    lines = [f"# Ollama Modelfile written by loratui: `ollama create <name> -f {own}`",
+             f"FROM ./{gguf_name}", *([f"ADAPTER ./{adapter}"] if adapter else [])]
     if name:
         lines.append(f'TEMPLATE """{GO_TEMPLATES[name]}"""')
         system = default_system(template, name)

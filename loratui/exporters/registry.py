@@ -9,4 +9,5 @@ from __future__ import annotations
 EXPORTERS: dict[str, str] = {
     "safetensors": "loratui.exporters.safetensors:export",
     "gguf": "loratui.exporters.gguf:export",
+    "gguf-lora": "loratui.exporters.gguf_lora:export",
 }

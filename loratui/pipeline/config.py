@@ -307,8 +307,9 @@ class MergeSection(Section):
 class ExportSection(Section):
     """Formats written from the merged model; each is verified in its own runtime."""
 
-    formats: list[Literal["safetensors", "gguf", "onnx"]] = Field(
-        default_factory=lambda: ["safetensors", "gguf"], description="Formats to export."
+    formats: list[Literal["safetensors", "gguf", "gguf-lora", "onnx"]] = Field(
+        default_factory=lambda: ["safetensors", "gguf"],
+        description="Formats to export. `gguf-lora`: the adapter as a llama.cpp LoRA GGUF (`--lora`) plus its base GGUF.",
     )
     gguf_quants: list[str] = Field(
         default_factory=lambda: ["q8_0", "q4_k_m"],
@@ -317,7 +318,9 @@ class ExportSection(Section):
     )
     gguf_keep_f16: bool = Field(False, description="Keep the f16 intermediate GGUF that quantized types are made from.")
     verify_samples: int = Field(32, ge=1, description="Rows of the test data each export is checked on.")
-    gguf_adapter: bool = Field(False, description="Also write the LoRA adapter as a GGUF for `llama.cpp --lora`.")
+    gguf_lora_type: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="Type of the `gguf-lora` adapter and of the base GGUF written with it."
+    )
     ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF.")
     onnx_int8: bool = Field(False, description="Also write a dynamically quantized int8 ONNX model.")
     onnx_opset: int = Field(18, ge=13, description="ONNX opset.")

@@ -49,7 +49,7 @@ STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
     ],
     "export": [
         ("--format", {"type": lambda v: f"[{v}]", "metavar": "FORMAT[,FORMAT]",
-                      "help": "formats to write instead of export.formats (safetensors, gguf, onnx)"}, "export.formats"),
+                      "help": "formats to write instead of export.formats (safetensors, gguf, gguf-lora, onnx)"}, "export.formats"),
         ("--quant", {"type": lambda v: f"[{v}]", "metavar": "TYPE[,TYPE]",
                      "help": "GGUF types instead of export.gguf_quants (q4_k_m, q8_0, f16 ...)"}, "export.gguf_quants"),
     ],

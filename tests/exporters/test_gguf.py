@@ -207,14 +207,18 @@ def test_inspect_shows_what_a_gguf_holds(exported, capsys):
     assert "not a readable GGUF file" in capsys.readouterr().err
 
 
-def test_another_family_converts_and_agrees(tmp_path, tiny_model_factory):
+def test_another_family_converts_and_agrees_merged_and_as_a_lora(tmp_path, tiny_model_factory):
     qwen = tiny_model_factory(family="qwen2", tokenizer="smollm2")
-    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.gguf_quants=[f16]"])
+    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.gguf_quants=[f16]",
+                             "export.formats=[gguf, gguf-lora]"])
     assert _step("train", cfg)[0] == EXIT_OK
     code, result, mem = _step("export", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
     (row,) = result.summary["formats"]["gguf"]["rows"]
     assert row["top1_agreement"] >= 0.99
+    # the adapter as a LoRA GGUF on the qwen2 base agrees with the merged model as well
+    lora = result.summary["formats"]["gguf-lora"]["rows"][1]
+    assert lora["type"] == "base f16 + LoRA f16" and lora["top1_agreement"] >= 0.99
     from loratui.exporters.inspect import summary
 
     assert summary(RunDir.for_config(cfg).exports / "gguf" / "q-f16.gguf")["architecture"] == "qwen2"

@@ -200,9 +200,11 @@ class TorchModel(_Scoring):
 
 
 class LlamaCppModel(_Scoring):
-    """A GGUF file in llama.cpp (llama-cpp-python): one sequence at a time, greedy, teacher-forced scoring."""
+    """A GGUF file in llama.cpp (llama-cpp-python), with a LoRA adapter GGUF applied if ``lora`` is given:
+    one sequence at a time, greedy, teacher-forced scoring."""
 
-    def __init__(self, path: Path, *, name: str, stop_ids: set[int], n_ctx: int = 2048, threads: int | None = None):
+    def __init__(self, path: Path, *, name: str, stop_ids: set[int], n_ctx: int = 2048, threads: int | None = None,
+                 lora: Path | None = None):
         import os
 
         import llama_cpp
@@ -210,7 +212,8 @@ class LlamaCppModel(_Scoring):
         self.name = name
         self.stop_ids = set(stop_ids)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                                   n_threads=threads or os.cpu_count(), verbose=False)
+                                   n_threads=threads or os.cpu_count(), verbose=False,
+                                   lora_path=str(lora) if lora else None)
 
     def close(self) -> None:
         self.llm.close()

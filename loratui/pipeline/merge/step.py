@@ -230,7 +230,7 @@ def _load(model_dir: Path, task: str, dtype: str, trust_remote_code: bool) -> An
     return load_torch(model_dir, task, "cpu", PRECISION[dtype], trust_remote_code)
 
 
-def _tokenizer_for(cfg: RunConfig, run: RunDir, model_dir: Path, task: str, events: EventSink) -> Any:
+def tokenizer_for(cfg: RunConfig, run: RunDir, model_dir: Path, task: str, events: EventSink) -> Any:
     """The base tokenizer, carrying the chat template the adapter was trained with (``data.template``)."""
     from transformers import AutoTokenizer
 
@@ -309,7 +309,7 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
 
     from peft import PeftModel
 
-    tokenizer = _tokenizer_for(cfg, run, model_dir, task, events)
+    tokenizer = tokenizer_for(cfg, run, model_dir, task, events)
     stage(0, "loading the base")
     model = _load(model_dir, task, dtype, cfg.model.trust_remote_code)
     for path in source.stack:

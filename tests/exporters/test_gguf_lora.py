@@ -1,0 +1,198 @@
+"""`--format gguf-lora`: the adapter as a llama.cpp LoRA GGUF on its base GGUF, checked in llama-cpp-python."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loratui.pipeline.config import load_config
+from loratui.pipeline.runs import RunDir
+from loratui.pipeline.steps import EXIT_OK, EXIT_USER
+from tests.exporters.test_gguf import _args, _step
+
+
+@pytest.fixture(scope="module")
+def smol(tiny_model_factory):
+    return tiny_model_factory(tokenizer="smollm2")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, smol):
+    """The merged model and the adapter, both in f32: the two must then give the same tokens."""
+    tmp = tmp_path_factory.mktemp("gguf-lora")
+    cfg = load_config(None, [*_args(tmp, smol), "export.formats=[gguf, gguf-lora]", "export.gguf_quants=[f32]",
+                             "export.gguf_lora_type=f32"])
+    assert _step("train", cfg)[0] == EXIT_OK
+    code, result, mem = _step("export", cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    return cfg, result
+
+
+def _greedy(path: Path, prompts: list[str], lora: Path | None = None, n: int = 16) -> list[list[int]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False)
+    out = []
+    try:
+        for prompt in prompts:
+            tokens = llm.generate(llm.tokenize(prompt.encode()), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                  repeat_penalty=1.0, reset=True)
+            got: list[int] = []
+            try:
+                for t in tokens:
+                    got.append(int(t))
+                    if len(got) >= n:
+                        break
+            finally:
+                tokens.close()
+            out.append(got)
+    finally:
+        llm.close()
+    return out
+
+
+def test_the_adapter_on_the_base_gives_the_merged_models_tokens(exported):
+    cfg, _ = exported
+    out = RunDir.for_config(cfg).exports / "gguf"
+    prompts = ["Where is the support page?", "<|im_start|>user\nWhat is the e-mail?<|im_end|>\n<|im_start|>assistant\n",
+               "The capital of France is"]
+    merged = _greedy(out / "g-f32.gguf", prompts)
+    with_lora = _greedy(out / "g-base-f32.gguf", prompts, lora=out / "g-lora-f32.gguf")
+    base = _greedy(out / "g-base-f32.gguf", prompts)
+    assert with_lora == merged
+    assert base != merged  # the adapter changes the model: the equality above is not the base's
+
+
+def test_the_adapter_gguf_is_a_llama_cpp_lora(exported):
+    from loratui.exporters.inspect import summary
+
+    cfg, result = exported
+    out = RunDir.for_config(cfg).exports / "gguf"
+    info = summary(out / "g-lora-f32.gguf")
+    alpha = json.loads((RunDir.for_config(cfg).adapter / "adapter_config.json").read_text())["lora_alpha"]
+    assert info["type"] == "adapter" and info["architecture"] == "llama" and info["lora_alpha"] == alpha
+    assert info["lora_rank"] == 16 and info["chat_template"] is None
+    # every projection of every layer, A and B: 2 layers x 7 modules x 2
+    assert info["tensors"] == 28 and info["lora_targets"] == ["attn_k", "attn_output", "attn_q", "attn_v",
+                                                              "ffn_down", "ffn_gate", "ffn_up"]
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(out / "g-lora-f32.gguf")).fields
+    assert bytes(fields["adapter.type"].parts[-1]).decode() == "lora"
+    base = summary(out / "g-base-f32.gguf")
+    assert base["type"] == "model" and "<|im_start|>" in base["chat_template"]
+    rows = {r["type"]: r for r in result.summary["formats"]["gguf-lora"]["rows"]}
+    assert rows["base f32 + LoRA f32"]["top1_agreement"] >= 0.99
+    assert rows["base f32"]["top1_agreement"] < rows["base f32 + LoRA f32"]["top1_agreement"]
+    report = (RunDir.for_config(cfg).exports / "report.md").read_text()
+    assert "## GGUF (llama.cpp)\n" in report and "## GGUF LoRA adapter (llama.cpp --lora)\n" in report
+    assert "llama-cli -m g-base-f32.gguf --lora g-lora-f32.gguf" in report
+    assert not list(out.glob(".*"))  # no staging folder or temporary file left
+
+
+def test_the_lora_modelfile_names_the_base_and_the_adapter(exported):
+    cfg, _ = exported
+    out = RunDir.for_config(cfg).exports / "gguf"
+    lines = (out / "g-lora.Modelfile").read_text().splitlines()
+    assert "-f g-lora.Modelfile" in lines[0]
+    assert lines[1:3] == ["FROM ./g-base-f32.gguf", "ADAPTER ./g-lora-f32.gguf"]
+    assert any(line.startswith('TEMPLATE """') for line in lines) and 'PARAMETER stop "<|im_end|>"' in lines
+
+
+def _adapter_copy(cfg, tmp_path: Path, **changes) -> Path:
+    copy = tmp_path / "adapter"
+    shutil.copytree(RunDir.for_config(cfg).adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"use_dora": True}, "DoRA adapters cannot be written"),
+    ({"modules_to_save": ["lm_head"]}, "(modules_to_save)"),
+    ({"peft_type": "IA3"}, "a IA3 adapter cannot"),
+])
+def test_adapters_llama_cpp_cannot_apply_are_refused(exported, tmp_path, changes, expected):
+    cfg, _ = exported
+    adapter = _adapter_copy(cfg, tmp_path, **changes)
+    other = load_config(None, [*_args(Path(cfg.runs_dir), Path(cfg.model.base)), "export.formats=[gguf-lora]",
+                               f"merge.adapter={adapter}"])
+    code, _, mem = _step("export", other)
+    assert code == EXIT_USER
+    (err,) = mem.of_type("error")
+    assert expected in err.message and "--format gguf" in err.hint
+
+
+def test_a_tensor_that_is_not_a_lora_pair_fails_in_the_converter_and_leaves_nothing(exported, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg, _ = exported
+    adapter = _adapter_copy(cfg, tmp_path)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors["base_model.model.model.embed_tokens.weight"] = torch.zeros(4, 4)  # a trained embedding slipped in
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    other = load_config(None, [*_args(tmp_path, Path(cfg.model.base), name="x"), "export.formats=[gguf-lora]",
+                               f"merge.adapter={adapter}", "export.verify=false"])
+    out = RunDir.for_config(other).exports / "gguf"
+    (out / ".x-base-stage.tmp").mkdir(parents=True)  # as a killed export leaves it: cleared first
+    (out / ".x-base-stage.tmp" / "config.json").write_text("{}")
+    code, _, mem = _step("export", other)
+    assert code == EXIT_USER
+    (err,) = mem.of_type("error")
+    assert "embed_tokens.weight' is not a LoRA A/B matrix" in err.message and "convert-lora.log" in err.hint
+    assert sorted(p.name for p in out.iterdir()) == ["convert-lora.log"]
+
+
+def test_rslora_and_rank_or_alpha_patterns_keep_peft_scale(tmp_path):
+    """llama.cpp scales by adapter.lora.alpha / rank; peft's other scales are folded into lora_B."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loratui.exporters.convert_lora_entry import load_pairs
+
+    a4, a2, b = torch.ones(4, 8), torch.ones(2, 8), torch.ones(6, 4)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a4,
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
+               "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": a2,
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(6, 2)},
+              str(tmp_path / "adapter_model.safetensors"))
+
+    def factors(**config):
+        pairs = load_pairs(tmp_path, {"r": 4, "lora_alpha": 8, **config})
+        return {k.split(".")[-2]: round(float(v[1][0, 0]), 4) for k, v in pairs.items()}
+
+    assert factors()["q_proj"] == 1.0  # plain LoRA: llama.cpp's own scale, nothing folded
+    # rsLoRA: alpha / sqrt(r) = 8 / 2 = 4 against llama.cpp's 8 / 4 = 2
+    assert factors(use_rslora=True)["q_proj"] == 2.0
+    # up_proj has rank 2 (rank_pattern) and alpha 16 (alpha_pattern): 16 / 2 against llama.cpp's 8 / 2
+    assert factors(rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 16}) == {"q_proj": 1.0, "up_proj": 2.0}
+
+
+def test_an_architecture_whose_conversion_moves_columns_is_refused(exported, tmp_path):
+    """The row-only check can fail: here llama's conversion is patched to also reverse q_proj's columns,
+    which a lora_B alone cannot follow."""
+    import os
+    import subprocess
+    import sys
+
+    from loratui.exporters.gguf import converter_dir
+
+    cfg, _ = exported
+    entry = (Path(__file__).parents[2] / "loratui" / "exporters" / "convert_lora_entry.py").read_text()
+    patch = ("import conversion.llama as L\n"
+             "original = L.LlamaModel.modify_tensors\n"
+             "def moved(self, data, name, bid):\n"
+             "    yield from original(self, data.flip(-1) if 'q_proj' in name else data, name, bid)\n"
+             "L.LlamaModel.modify_tensors = moved\n")
+    out = tmp_path / "x.gguf"
+    entry = entry.replace("from __future__ import annotations", "")  # must come first; the patch goes first
+    proc = subprocess.run([sys.executable, "-c", patch + entry, str(RunDir.for_config(cfg).adapter), str(cfg.model.base),
+                           str(out), "f32", "x"], capture_output=True, text=True, cwd=converter_dir(),
+                          env={**os.environ, "PYTHONPATH": str(converter_dir())})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "rearranges the inputs of model.layers.0.self_attn.q_proj.weight" in proc.stderr
+    assert not out.exists()
