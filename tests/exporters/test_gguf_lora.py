@@ -11,12 +11,7 @@ import pytest
 from loratui.pipeline.config import load_config
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import EXIT_OK, EXIT_USER
-from tests.exporters.test_gguf import _args, _step
-
-
-@pytest.fixture(scope="module")
-def smol(tiny_model_factory):
-    return tiny_model_factory(tokenizer="smollm2")
+from tests.exporters.test_gguf import _args, _step, smol  # noqa: F401  (smol: a fixture)
 
 
 @pytest.fixture(scope="module")
