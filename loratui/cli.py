@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show what a GGUF file holds: architecture, quantization, tokenizer, chat template")
     inspect.add_argument("file", help="a .gguf file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    score = sub.add_parser("score", help="log-likelihood and perplexity of every row of a JSONL file (ONNX, PyTorch or GGUF)",
+                           description="Batch scoring. Re-running the same command skips the ids already in --output; "
+                           "bad rows go to <output>.errors.jsonl.")
+    score.add_argument("--model", required=True, metavar="PATH",
+                       help="an ONNX export folder, a merged model directory or a .gguf file")
+    score.add_argument("--input", required=True, metavar="FILE", help="JSONL rows to score")
+    score.add_argument("--output", required=True, metavar="FILE", help="JSONL scores (appended; resumable)")
+    score.add_argument("--field", default="text", metavar="COLUMN[+COLUMN]",
+                       help="text column, or prompt+completion to also score the completion given the prompt "
+                       "(default: text)")
+    score.add_argument("--batch-size", type=int, default=16, metavar="N", help="rows per batch (default: 16)")
+    score.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all)")
     _add_step_parsers(sub)
     return parser
 
@@ -170,6 +182,36 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import signal
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from loratui.serving.score import score_file
+
+    stop = {"asked": False}
+
+    def ask_stop(signum: int, frame: Any) -> None:
+        stop["asked"] = True
+
+    signal.signal(signal.SIGTERM, ask_stop)
+    signal.signal(signal.SIGINT, ask_stop)
+    console = Console(stderr=True)
+    with Progress(TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("score", total=None)
+        summary = score_file(Path(args.model), Path(args.input), Path(args.output), args.field, args.batch_size,
+                             args.threads, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                             should_stop=lambda: stop["asked"], log=lambda m: console.print(m, highlight=False))
+    console.print(f"scored {summary['scored']} rows -> {summary['output']}; {summary['skipped_done']} were already "
+                  f"there; {summary['bad']} bad rows -> {summary['errors']}"
+                  + (f"; stopped with {summary['remaining']} left: run the same command to go on"
+                     if summary["cancelled"] else ""), highlight=False)
+    return 130 if summary["cancelled"] else 0
+
+
 def _cmd_tui(args: argparse.Namespace) -> int:
     from loratui.pipeline.config import load_config
 
@@ -184,6 +226,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": _cmd_config,
     "inspect": _cmd_inspect,
     "models": _cmd_models,
+    "score": _cmd_score,
     "tui": _cmd_tui,
 }
 

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratui.exporters.common import (check_disk, clean_stale, count_params, ensure_merged, eval_rows, run_logged,
+                                      write_report_section)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -120,7 +120,7 @@ def run_converter(entry: str, args: list[str], log: Path, should_stop: Any, what
     # the entry's code runs with -c from the converter's folder: run as a file, its own folder
     # (loratui/exporters, with safetensors.py) would come first on sys.path and shadow packages
     code = Path(__file__).with_name(entry).read_text(encoding="utf-8")
-    _run([sys.executable, "-c", code, *args], env, log, should_stop, what=what, cwd=converter_dir())
+    run_logged([sys.executable, "-c", code, *args], env, log, should_stop, what=what, cwd=converter_dir())
 
 
 def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Any) -> str | None:
@@ -130,34 +130,13 @@ def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Any) -
             f"p.ftype = {ftype_of(quant)}\n"
             "p.nthread = 0\n"
             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
-    _run([sys.executable, "-c", code, str(source), str(out)], dict(os.environ), log, should_stop, what=f"quantizing to {quant}")
+    run_logged([sys.executable, "-c", code, str(source), str(out)], dict(os.environ), log, should_stop, what=f"quantizing to {quant}")
     falls = Counter(f"{a}->{b}" for a, b in re.findall(r"required for type\s+(\S+)\)\s*->\s*falling back to\s+(\S+)",
                                                       log.read_text(errors="replace")))
     if not falls:
         return None
     parts = ", ".join(f"{k} x{n}" for k, n in falls.most_common())
     return f"{sum(falls.values())} tensors fell back (row length not a multiple of the block size): {parts}"
-
-
-def _run(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None) -> None:
-    with log.open("a", encoding="utf-8") as fh:
-        fh.write(f"\n# {what}\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
-        while proc.poll() is None:
-            if should_stop():
-                proc.terminate()
-                proc.wait()
-                raise StepCancelled(f"cancelled while {what}; nothing was written")
-            time.sleep(0.2)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-6:]
-        refused = [line.split(":", 1)[1].strip() for line in tail if line.startswith("loratui-refused:")]
-        if refused:  # an entry's own, expected refusal (see convert_lora_entry.py)
-            raise LoratuiError(refused[-1], hint=f"The converter's output is in {log}.")
-        cause = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
-        raise LoratuiError(f"{what} failed (exit {proc.returncode}): {cause.strip()}",
-                           hint=f"The full output is in {log}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +162,7 @@ class Reference:
         from loratui.pipeline.evaluate.step import EvalSet, stop_ids
 
         prepare(cfg, run, events, should_stop)
-        examples = _eval_rows(cfg, run, tokenizer, template, events)
+        examples = eval_rows(cfg, run, tokenizer, template, events)
         stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
         model = TorchModel(load_torch(run.merged, "causal", "cpu", "fp32"), name="merged", task="causal",
                            pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
@@ -268,63 +247,11 @@ def decode_speed(model: Any, prompt: list[int], n: int = 64) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> None:
-    from loratui.pipeline.merge.step import merge
-    from loratui.pipeline.train.history import current_version
-
-    record = run.merged / "loratui-merge.json"
-    current = current_version(run)
-    merged_version = json.loads(record.read_text()).get("version") if record.is_file() else None
-    if not (run.merged / "config.json").is_file() or (current and merged_version != current["version"] and not cfg.merge.adapter):
-        events.log("export: merging the current adapter first")
-        merge(cfg, run, EventSink("merge", events.writers), should_stop)
-
-
-def count_params(merged: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for path in merged.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                total += math.prod(f.get_slice(key).get_shape())
-    return total
-
-
 def bytes_per_weight(quant: str) -> float:
     if quant in BYTES_PER_WEIGHT:
         return BYTES_PER_WEIGHT[quant]
     bits = re.search(r"(\d)", quant)
     return (int(bits.group(1)) + 1.5) / 8 if bits else 2.0  # scales and mins add about 1.5 bits
-
-
-def clean_stale(out: Path) -> None:
-    """Temporary files and folders a killed export left (never a finished ``.gguf``)."""
-    for stale in out.glob(".*.tmp"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def check_disk(out: Path, need: float, what: str) -> None:
-    """Fail before any work when ``out`` has less than ``need`` bytes (plus 10%) free."""
-    out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out).free
-    if free < need * 1.1:
-        raise LoratuiError(f"{out}: {free / 2**30:.2f} GiB free; the GGUF export needs about {need / 2**30:.2f} GiB "
-                           f"({what})",
-                           hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
-
-
-def _eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink) -> list[Any]:
-    """Test rows (else validation, train) of the run's data, with chat prompts."""
-    from loratui.pipeline.evaluate.step import pick_split, load_examples
-
-    manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
-    split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
-    return load_examples(run.data / manifest["splits"][split], "causal", tokenizer, template, cfg.eval.fact_field,
-                         cfg.export.verify_samples)
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
@@ -439,14 +366,3 @@ def gguf_table(rows: list[GgufRow], ref_ppl: float | None, samples: int) -> list
                      f"{f(r.decode_tokens_per_s, '.1f')} | {r.replies_stopped or '-'} |")
     notes = [f"- {r.type}: {r.fallbacks}" for r in rows if r.fallbacks]
     return lines + ([""] + notes if notes else [])
-
-
-def write_report_section(run: RunDir, title: str, body: list[str]) -> None:
-    """Replace (or add) one ``## title`` section of exports/report.md, keeping the others."""
-    path = run.exports / "report.md"
-    text = path.read_text(encoding="utf-8") if path.is_file() else f"# Exports of {run.path.name}\n"
-    sections = re.split(r"(?m)^(?=## )", text)
-    head, rest = sections[0], [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
-    new = f"## {title}\n\n" + "\n".join(body).rstrip() + "\n\n"
-    body_text = "".join(section.rstrip() + "\n\n" for section in sorted(rest + [new]))
-    atomic_write_text(path, head.rstrip() + "\n\n" + body_text.rstrip() + "\n")

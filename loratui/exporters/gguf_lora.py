@@ -26,9 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.gguf import (TARGETS, GgufRow, Reference, bytes_per_weight, check_disk, clean_stale,
-                                    converter_dir, count_params, ensure_merged, gguf_table, run_converter,
-                                    verify_row, write_report_section)
+from loratui.exporters.common import check_disk, clean_stale, count_params, ensure_merged, write_report_section
+from loratui.exporters.gguf import (TARGETS, GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
+                                    run_converter, verify_row)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink

@@ -10,4 +10,5 @@ EXPORTERS: dict[str, str] = {
     "safetensors": "loratui.exporters.safetensors:export",
     "gguf": "loratui.exporters.gguf:export",
     "gguf-lora": "loratui.exporters.gguf_lora:export",
+    "onnx": "loratui.exporters.onnx:export",
 }

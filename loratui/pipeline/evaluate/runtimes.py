@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 IGNORE = -100
 Progress = Callable[[int], None]  # called with the number of rows just finished
@@ -157,12 +157,12 @@ class TorchModel(_Scoring):
                 progress(len(batch))
         return out
 
-    def scored(self, examples: Sequence[Example], progress: Progress | None,
-               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+    def forward_batches(self, examples: Sequence[Example],
+                        should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[list[int], Any, Any, Any]]:
+        """Teacher-forced passes, shortest examples first: per batch (example indices, logits, targets,
+        real-token mask), the logits aligned with the targets they predict (IGNORE where unlabelled)."""
         import torch
-        import torch.nn.functional as F
 
-        out: list[tuple[float, int, list[int]]] = [(0.0, 0, [])] * len(examples)
         lengths = [len(e.input_ids) + (len(e.labels) if self.task == "seq2seq" else 0) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: lengths[i])
         for batch in _batches(order, lengths, self.batch_size, max(self.token_budget, max(lengths, default=1))):
@@ -179,24 +179,106 @@ class TorchModel(_Scoring):
                 mask[row, :len(e.input_ids)] = 1
                 labels[row, :len(e.labels)] = torch.tensor(e.labels)
             ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+            # never yield inside inference_mode: a suspended generator would leave it on for the caller
             with torch.inference_mode():
-                if self.task == "seq2seq":
-                    logits = self.model(input_ids=ids, attention_mask=mask, labels=labels).logits
-                    target = labels
+                if self.task == "seq2seq":  # decoder inputs: the labels shifted right (ORT models take no labels)
+                    start = self.model.config.decoder_start_token_id
+                    decoder_ids = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+                    decoder_ids = decoder_ids.masked_fill(decoder_ids == IGNORE, self.pad_id)
+                    logits = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
                 else:
                     logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                    target = labels[:, 1:]
-                losses = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-                counted = target != IGNORE
-                sums = (losses * counted).sum(dim=1).tolist()
-                counts = counted.sum(dim=1).tolist()
-                top1 = logits.argmax(-1).tolist()
+            if self.task == "seq2seq":
+                real = torch.zeros_like(labels, dtype=torch.bool)
+                for row, i in enumerate(batch):
+                    real[row, :len(examples[i].labels)] = True
+                yield batch, logits, labels, real
+            else:
+                yield batch, logits, labels[:, 1:], mask[:, 1:].bool()
+
+    def scored(self, examples: Sequence[Example], progress: Progress | None,
+               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+        import torch.nn.functional as F
+
+        out: list[tuple[float, int, list[int]]] = [(0.0, 0, [])] * len(examples)
+        for batch, logits, target, _real in self.forward_batches(examples, should_stop):
+            losses = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+            counted = target != IGNORE
+            sums = (losses * counted).sum(dim=1).tolist()
+            counts = counted.sum(dim=1).tolist()
+            top1 = logits.argmax(-1).tolist()
             for row, i in enumerate(batch):
                 flags = counted[row].tolist()
                 out[i] = (float(sums[row]), int(counts[row]), [t for t, keep in zip(top1[row], flags) if keep])
             if progress:
                 progress(len(batch))
         return out
+
+
+    def token_logprobs(self, examples: Sequence[Example], progress: Progress | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> list[list[float]]:
+        """Log-probability of each labelled token given everything before it, per example."""
+        import torch
+
+        out: list[list[float]] = [[] for _ in examples]
+        for batch, logits, target, _real in self.forward_batches(examples, should_stop):
+            logits = logits.float()
+            counted = target != IGNORE
+            chosen = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            logp = (chosen - torch.logsumexp(logits, dim=-1)).tolist()
+            flags = counted.tolist()
+            for row, i in enumerate(batch):
+                out[i] = [v for v, keep in zip(logp[row], flags[row]) if keep]
+            if progress:
+                progress(len(batch))
+        return out
+
+
+def ort_session_options(threads: int | None = None) -> Any:
+    """onnxruntime settings for CPU work: every graph optimization, one intra-op thread per core, and no
+    busy-waiting between runs (spinning threads slow the PyTorch code that generate() runs between
+    the model's calls, onnxruntime#13808)."""
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def ort_provider() -> str:
+    """CUDA when onnxruntime was built with it and a GPU is there, else CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        import torch
+
+        if torch.cuda.is_available():
+            return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def load_onnx(model_dir: Path, task: str, file_name: str | None = None, threads: int | None = None) -> Any:
+    """optimum's ORTModel for an ONNX export directory (``file_name``: which .onnx, for a decoder-only model)."""
+    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForSeq2SeqLM
+
+    options = {"provider": ort_provider(), "session_options": ort_session_options(threads), "use_cache": True}
+    if task == "seq2seq":
+        return ORTModelForSeq2SeqLM.from_pretrained(str(model_dir), **options)
+    return ORTModelForCausalLM.from_pretrained(str(model_dir), file_name=file_name, **options)
+
+
+class OnnxModel(TorchModel):
+    """An ONNX export in onnxruntime, through optimum's ORTModel classes. They offer transformers'
+    forward and generate, so batching, padding, scoring and decoding are TorchModel's."""
+
+    @property
+    def device(self) -> Any:
+        return self.model.device
 
 
 class LlamaCppModel(_Scoring):
@@ -245,7 +327,8 @@ class LlamaCppModel(_Scoring):
                 progress(1)
         return out
 
-    def _score_one(self, e: Example) -> tuple[float, int, list[int]]:
+    def _labelled(self, e: Example) -> tuple[Any, Any]:
+        """(log-probability of each labelled token, top-1 prediction at each labelled position)."""
         import numpy as np
 
         logits = self.logits(e.input_ids)[:-1]
@@ -253,8 +336,22 @@ class LlamaCppModel(_Scoring):
         keep = target != IGNORE
         shifted = logits - logits.max(axis=1, keepdims=True)
         logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        nll = -logp[np.arange(len(target))[keep], target[keep]]
-        return float(nll.sum()), int(keep.sum()), logits.argmax(-1)[keep].tolist()
+        return logp[np.arange(len(target))[keep], target[keep]], logits.argmax(-1)[keep]
+
+    def _score_one(self, e: Example) -> tuple[float, int, list[int]]:
+        logp, top1 = self._labelled(e)
+        return float(-logp.sum()), int(len(logp)), top1.tolist()
+
+    def token_logprobs(self, examples: Sequence[Example], progress: Progress | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> list[list[float]]:
+        out = []
+        for e in examples:
+            if should_stop and should_stop():
+                raise StopRequested
+            out.append(self._labelled(e)[0].tolist())
+            if progress:
+                progress(1)
+        return out
 
     def scored(self, examples: Sequence[Example], progress: Progress | None,
               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:

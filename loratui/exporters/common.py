@@ -1,0 +1,103 @@
+"""What the exporters share: the merged model they start from, the rows they verify on, disk checks,
+temporary files, logged subprocesses and ``exports/report.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.events import EventSink
+from loratui.pipeline.runs import RunDir, atomic_write_text
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None) -> None:
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"\n# {what}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        while proc.poll() is None:
+            if should_stop():
+                proc.terminate()
+                proc.wait()
+                raise StepCancelled(f"cancelled while {what}; nothing was written")
+            time.sleep(0.2)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-6:]
+        refused = [line.split(":", 1)[1].strip() for line in tail if line.startswith("loratui-refused:")]
+        if refused:  # an entry's own, expected refusal (see convert_lora_entry.py)
+            raise LoratuiError(refused[-1], hint=f"The converter's output is in {log}.")
+        cause = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+        raise LoratuiError(f"{what} failed (exit {proc.returncode}): {cause.strip()}",
+                           hint=f"The full output is in {log}.")
+
+
+def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> None:
+    from loratui.pipeline.merge.step import merge
+    from loratui.pipeline.train.history import current_version
+
+    record = run.merged / "loratui-merge.json"
+    current = current_version(run)
+    merged_version = json.loads(record.read_text()).get("version") if record.is_file() else None
+    if not (run.merged / "config.json").is_file() or (current and merged_version != current["version"] and not cfg.merge.adapter):
+        events.log("export: merging the current adapter first")
+        merge(cfg, run, EventSink("merge", events.writers), should_stop)
+
+
+def count_params(merged: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in merged.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def clean_stale(out: Path) -> None:
+    """Temporary files and folders a killed export left (never a finished ``.gguf``)."""
+    for stale in out.glob(".*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def check_disk(out: Path, need: float, what: str) -> None:
+    """Fail before any work when ``out`` has less than ``need`` bytes (plus 10%) free."""
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < need * 1.1:
+        raise LoratuiError(f"{out}: {free / 2**30:.2f} GiB free; the GGUF export needs about {need / 2**30:.2f} GiB "
+                           f"({what})",
+                           hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
+
+
+def eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
+              task: str = "causal") -> list[Any]:
+    """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
+    from loratui.pipeline.evaluate.step import pick_split, load_examples
+
+    manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
+    split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
+    return load_examples(run.data / manifest["splits"][split], task, tokenizer, template, cfg.eval.fact_field,
+                         cfg.export.verify_samples)
+
+
+def write_report_section(run: RunDir, title: str, body: list[str]) -> None:
+    """Replace (or add) one ``## title`` section of exports/report.md, keeping the others."""
+    path = run.exports / "report.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else f"# Exports of {run.path.name}\n"
+    sections = re.split(r"(?m)^(?=## )", text)
+    head, rest = sections[0], [s for s in sections[1:] if not s.startswith(f"## {title}\n")]
+    new = f"## {title}\n\n" + "\n".join(body).rstrip() + "\n\n"
+    body_text = "".join(section.rstrip() + "\n\n" for section in sorted(rest + [new]))
+    atomic_write_text(path, head.rstrip() + "\n\n" + body_text.rstrip() + "\n")
