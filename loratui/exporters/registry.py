@@ -1,7 +1,7 @@
 """Export formats: name -> "module:function" of ``export(cfg, run, events, should_stop) -> dict`` (a summary).
 
-Importable without dependencies (the CLI builds --help from it). The GGUF and ONNX exporters join
-this table; until they do, asking for them is a clear error naming what works.
+Importable without dependencies (the CLI builds --help from it). ``export.formats`` in the config
+schema lists the same names (a test keeps the two equal).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from typing import Any
 
 from loratui.exporters.registry import EXPORTERS
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir
 
@@ -16,15 +15,7 @@ from loratui.pipeline.runs import RunDir
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
     from loratui.pipeline.steps import StepResult
 
-    wanted = list(dict.fromkeys(cfg.export.formats))
-    formats = [f for f in wanted if f in EXPORTERS]
-    missing = [f for f in wanted if f not in EXPORTERS]
-    if missing and not formats:
-        raise LoratuiError(f"export.formats: {', '.join(missing)} cannot be exported by this version of loratui yet "
-                           f"(available: {', '.join(EXPORTERS)})", hint="Run `loratui export --format safetensors`.")
-    if missing:
-        events.log(f"export: skipping {', '.join(missing)}: not available in this version yet "
-                   f"(available: {', '.join(EXPORTERS)})", level="warning")
+    formats = list(dict.fromkeys(cfg.export.formats))
     started = time.monotonic()
     results: dict[str, Any] = {}
     artifacts: list[str] = []

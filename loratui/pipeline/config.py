@@ -322,8 +322,15 @@ class ExportSection(Section):
         "f16", description="Type of the `gguf-lora` adapter and of the base GGUF written with it."
     )
     ollama_modelfile: bool = Field(True, description="Write an Ollama Modelfile next to the GGUF.")
-    onnx_int8: bool = Field(False, description="Also write a dynamically quantized int8 ONNX model.")
-    onnx_opset: int = Field(18, ge=13, description="ONNX opset.")
+    onnx_int8: bool = Field(
+        False, description="Also write `exports/onnx-int8/`: int8 weights (onnxruntime dynamic quantization). "
+        "Smaller and often faster, but it can hurt LLMs: its perplexity delta is in the report."
+    )
+    onnx_opset: int = Field(
+        18, ge=14, le=21,
+        description="ONNX opset: 18 is optimum-onnx's default for this exporter and runs on onnxruntime 1.14 "
+        "and later; lower it only for an older runtime.",
+    )
     verify: bool = Field(True, description="Load every export in its runtime and compare it with the merged model.")
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from loratui import cli
 from loratui.pipeline.config import load_config
 from loratui.pipeline.events import MemoryWriter
 from loratui.pipeline.runs import RunDir
-from loratui.pipeline.steps import EXIT_OK, EXIT_USER, load_step, run_step
+from loratui.pipeline.steps import EXIT_OK, load_step, run_step
 
 
 def _args(tmp_path, model):
@@ -29,16 +31,13 @@ def test_export_format_safetensors_writes_the_merged_model(tmp_path, tiny_llama,
     assert done and done[0]["summary"]["formats"]["safetensors"]["dtype"] == "float32"
 
 
-def test_formats_not_built_yet_are_skipped_with_a_warning_or_a_clear_error(tmp_path, tiny_llama):
-    cfg = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[safetensors, onnx]"])
-    assert run_step("train", load_step("train"), cfg, writers=[MemoryWriter()])[0] == EXIT_OK
-    mem = MemoryWriter()
-    code, result, _ = run_step("export", load_step("export"), cfg, writers=[mem])
-    assert code == EXIT_OK and list(result.summary["formats"]) == ["safetensors"]
-    assert any("skipping onnx" in e.message and e.level == "warning" for e in mem.of_type("log"))
-    only = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[onnx]"])
-    mem = MemoryWriter()
-    code, _, _ = run_step("export", load_step("export"), only, writers=[mem])
-    assert code == EXIT_USER
-    (err,) = mem.of_type("error")
-    assert "onnx cannot be exported by this version" in err.message and "--format safetensors" in (err.hint or "")
+def test_every_format_the_config_accepts_has_an_exporter():
+    import typing
+
+    from loratui.exporters.registry import EXPORTERS
+    from loratui.pipeline.config import ExportSection
+
+    (literal,) = typing.get_args(ExportSection.model_fields["formats"].annotation)
+    assert set(typing.get_args(literal)) == set(EXPORTERS)
+    with pytest.raises(Exception, match="export.formats"):
+        load_config(None, ["export.formats=[tflite]"])

@@ -1,0 +1,90 @@
+"""Batch scoring speed: the ONNX exports in onnxruntime (fp32, int8) against the merged model in PyTorch
+eager, on the same 2,000 rows in the same batches, in one run.
+
+Rows: the quickstart data (every split, question and answer as one text), repeated with a row
+number until there are ``--rows``. Each backend scores them with ``loratui score``'s code path
+(shortest first, ``--batch-size`` rows per batch), after one warm-up batch, on every core. The
+table gives sequences/s, the ratio to PyTorch, and the mean log-likelihood per token and its
+perplexity, so int8's speed is read beside what it costs.
+
+    loratui train/merge --config examples/quickstart.yaml
+    loratui export --format onnx --int8 --config examples/quickstart.yaml
+    .venv/bin/python bench/onnx_scoring.py [--run runs/quickstart] [--rows 2000] [--batch-size 16]
+
+Target: onnxruntime fp32 >= 1.3x PyTorch sequences/s on this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def rows_of(data: Path, n: int) -> list[str]:
+    texts = []
+    for split in ("train", "validation", "test"):
+        for line in (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts.append(f"{row['question']} {row['answer']}")
+    return [f"{texts[i % len(texts)]} (row {i})" for i in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/quickstart", help="run directory with merged/ and exports/onnx*/")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline.evaluate.runtimes import Example, OnnxModel, TorchModel, load_onnx, load_torch
+
+    run = Path(args.run)
+    merged, onnx, int8 = run / "merged", run / "exports" / "onnx", run / "exports" / "onnx-int8"
+    for path in (merged, onnx):
+        if not path.is_dir():
+            raise SystemExit(f"{path} is missing: run `loratui export --format onnx --int8 --config <the run's config>`")
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    texts = rows_of(Path(__file__).resolve().parents[1] / "loratui" / "data" / "quickstart", args.rows)
+    examples = [Example(input_ids=ids, labels=ids) for ids in tokenizer(texts)["input_ids"]]
+    tokens = sum(len(e.input_ids) for e in examples)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    common = {"task": "causal", "pad_id": pad, "stop_ids": set(), "batch_size": args.batch_size,
+              "token_budget": max(4096, args.batch_size * 256)}
+    backends = [("PyTorch eager fp32 (merged)", lambda: TorchModel(load_torch(merged, "causal", "cpu", "fp32"),
+                                                                    name="torch", **common)),
+                ("onnxruntime fp32", lambda: OnnxModel(load_onnx(onnx, "causal"), name="fp32", **common))]
+    if int8.is_dir():
+        backends.append(("onnxruntime int8", lambda: OnnxModel(load_onnx(int8, "causal"), name="int8", **common)))
+    print(f"# {len(examples)} rows, {tokens} tokens, batch {args.batch_size}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    results = []
+    for label, build in backends:
+        model = build()
+        model.token_logprobs(examples[:args.batch_size])  # warm-up
+        started = time.perf_counter()
+        logps = model.token_logprobs(examples)
+        seconds = time.perf_counter() - started
+        total = sum(sum(lp) for lp in logps)
+        count = sum(len(lp) for lp in logps)
+        results.append((label, len(examples) / seconds, total / count, seconds))
+        print(f"{label}: {seconds:.1f} s", flush=True)
+        del model
+    base = results[0][1]
+    fp32_ll = results[1][2]
+    print("\n| backend | sequences/s | vs PyTorch | mean log-likelihood/token | perplexity | vs ORT fp32 perplexity |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, rate, mean_ll, _ in results:
+        print(f"| {label} | {rate:.1f} | {rate / base:.2f}x | {mean_ll:.4f} | {math.exp(-mean_ll):.3f} | "
+              f"{math.exp(-mean_ll) / math.exp(-fp32_ll) - 1:+.2%} |")
+
+
+if __name__ == "__main__":
+    main()
