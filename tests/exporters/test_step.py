@@ -1,4 +1,4 @@
-"""`loratui export`: the safetensors format is the merge; formats not built yet are a clear error."""
+"""`loratui export`: the safetensors format is the merge; every configured format has an exporter."""
 
 from __future__ import annotations
 
