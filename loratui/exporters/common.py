@@ -18,6 +18,28 @@ from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
 
+class Stages:
+    """Progress over a known number of stages: ``stage("message")`` before each (a cancel point: nothing
+    is written yet), ``finish()`` after the last."""
+
+    def __init__(self, events: EventSink, total: int, task: str, unit: str, should_stop: Any):
+        self.events, self.total, self.task, self.unit, self.should_stop = events, total, task, unit, should_stop
+        self.done = 0
+
+    def __call__(self, message: str) -> None:
+        if self.should_stop():
+            raise StepCancelled(f"cancelled before {message}; nothing was written")
+        self.events.progress(self.done, self.total, task=self.task, unit=self.unit, message=message)
+        self.done += 1
+
+    def note(self, message: str) -> None:
+        """A new message at the current count (work inside a stage)."""
+        self.events.progress(self.done, self.total, task=self.task, unit=self.unit, message=message)
+
+    def finish(self, message: str = "done") -> None:
+        self.events.progress(self.total, self.total, task=self.task, unit=self.unit, message=message)
+
+
 def run_logged(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None) -> None:
     with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n# {what}\n")

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.common import (check_disk, clean_stale, count_params, ensure_merged, eval_rows, run_logged,
-                                      write_report_section)
+from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, eval_rows,
+                                      run_logged, write_report_section)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -289,15 +289,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     direct = [q for q in quants if q in DIRECT]
     derived = [q for q in quants if q not in DIRECT]
     f16_tmp = out / f".{stem}-f16.intermediate.tmp"
-    total_steps = len(quants) + (1 if derived and "f16" not in quants else 0)
-    done = 0
-
-    def step(message: str) -> None:
-        nonlocal done
-        if should_stop():
-            raise StepCancelled(f"cancelled before {message}; nothing was written")
-        events.progress(done, total_steps, task="gguf", unit="files", message=message)
-        done += 1
+    step = Stages(events, len(quants) + (1 if derived and "f16" not in quants else 0), "gguf", "files", should_stop)
 
     written: list[tuple[Path, Path]] = []  # (temporary, final)
     try:
@@ -325,7 +317,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                           perplexity=None, delta_perplexity=None, top1_agreement=None, decode_tokens_per_s=None,
                           replies_stopped=None, key_facts=None, fallbacks=fallbacks.get(q))
             if cfg.export.verify:
-                events.progress(done, total_steps, task="gguf", unit="files", message=f"verifying {q} in llama.cpp")
+                step.note(f"verifying {q} in llama.cpp")
                 row, replies[q] = verify_row(row, tmp, final.name, ref, tokenizer, cfg, events, should_stop)
             rows_info.append(row)
         for tmp, final in written:
@@ -337,6 +329,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                 events.artifact(modelfile, kind="ollama-modelfile")
         if cfg.export.gguf_keep_f16 and f16_tmp.exists():
             os.replace(f16_tmp, out / f"{stem}-f16.gguf")
+        step.finish("verified" if cfg.export.verify else "written")
     finally:
         for tmp, _final in written:
             tmp.unlink(missing_ok=True)

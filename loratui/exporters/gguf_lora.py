@@ -26,11 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.common import check_disk, clean_stale, count_params, ensure_merged, write_report_section
+from loratui.exporters.common import Stages, check_disk, clean_stale, count_params, ensure_merged, write_report_section
 from loratui.exporters.gguf import (TARGETS, GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
                                     run_converter, verify_row)
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
@@ -110,10 +110,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         ensure_merged(cfg, run, events, should_stop)
         ref = Reference.build(cfg, run, tokenizer, template, events, should_stop)
 
-    def step(i: int, message: str) -> None:
-        if should_stop():
-            raise StepCancelled(f"cancelled before {message}; nothing was written")
-        events.progress(i, 4, task="gguf-lora", unit="stages", message=message)
+    step = Stages(events, 4 if cfg.export.verify else 2, "gguf-lora", "stages", should_stop)
 
     stage = out / f".{stem}-base-stage.tmp"
     base_tmp, lora_tmp = out / f".{stem}-base-{kind}.gguf.tmp", out / f".{stem}-lora-{kind}.gguf.tmp"
@@ -121,11 +118,11 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     rows: list[GgufRow] = []
     replies: dict[str, list[dict[str, Any]]] = {}
     try:
-        step(0, f"converting the base to {kind}")
+        step(f"converting the base to {kind}")
         stage_base(model_dir, tokenizer, stage)
         run_converter("convert_entry.py", [str(stage.resolve()), "--outfile", str(base_tmp.resolve()), "--outtype", kind,
                                            "--model-name", f"{stem}-base"], log, should_stop, f"converting the base to {kind}")
-        step(1, f"converting the adapter to a {kind} LoRA GGUF")
+        step(f"converting the adapter to a {kind} LoRA GGUF")
         run_converter("convert_lora_entry.py", [str(source.adapter.resolve()), str(stage.resolve()),
                                                 str(lora_tmp.resolve()), kind, f"{stem}-lora"], log, should_stop,
                       "converting the adapter")
@@ -138,14 +135,14 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                               "bytes": lora_tmp.stat().st_size,
                               "bits_per_weight": 8 * lora_tmp.stat().st_size / max(adapter_params, 1)})
         if cfg.export.verify:
-            step(2, "measuring the base alone in llama.cpp")
+            step("measuring the base alone in llama.cpp")
             base_row, replies["base"] = verify_row(base_row, base_tmp, base_final.name, ref, tokenizer, cfg, events,
                                                    should_stop, target=0.0)
-            step(3, "verifying the base + adapter in llama.cpp")
+            step("verifying the base + adapter in llama.cpp")
             lora_row, replies["lora"] = verify_row(lora_row, base_tmp, lora_final.name, ref, tokenizer, cfg, events,
                                                    should_stop, lora=lora_tmp, target=TARGETS[kind])
         rows = [base_row, lora_row]
-        events.progress(4, 4, task="gguf-lora", unit="stages", message="verified" if cfg.export.verify else "written")
+        step.finish("verified" if cfg.export.verify else "written")
         os.replace(base_tmp, base_final)
         os.replace(lora_tmp, lora_final)
         events.artifact(base_final, kind=f"gguf-base-{kind}")

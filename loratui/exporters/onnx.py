@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.common import (check_disk, clean_stale, count_params, ensure_merged, eval_rows, run_logged,
+from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, eval_rows, run_logged,
                                       write_report_section)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
@@ -213,15 +213,8 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     log = run.exports / "onnx.log"
     log.write_text("", encoding="utf-8")
     tmp, tmp8 = run.exports / ".onnx.tmp", run.exports / ".onnx-int8.tmp"
-    stages = 1 + (1 if int8 else 0) + (1 + (1 if int8 else 0) if cfg.export.verify else 0)
-    done = 0
-
-    def stage(message: str) -> None:
-        nonlocal done
-        if should_stop():
-            raise StepCancelled(f"cancelled before {message}; nothing was written")
-        events.progress(done, stages, task="onnx", unit="stages", message=message)
-        done += 1
+    stage = Stages(events, 1 + (1 if int8 else 0) + (1 + (1 if int8 else 0) if cfg.export.verify else 0), "onnx",
+                   "stages", should_stop)
 
     rows: list[OnnxRow] = []
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -275,7 +268,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                 if kind == "fp32":
                     _check_fp32(rows[i])
                 del candidate
-        events.progress(stages, stages, task="onnx", unit="stages", message="verified" if cfg.export.verify else "written")
+        stage.finish("verified" if cfg.export.verify else "written")
         for _kind, folder, final in variants:
             _replace_dir(folder, final)
             events.artifact(final, kind=f"onnx-{_kind}")
