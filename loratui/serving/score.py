@@ -132,7 +132,9 @@ def done_ids(output: Path) -> set[str]:
         except (ValueError, KeyError, TypeError):
             break
     if len(good) < len(lines):  # keep only the complete lines before the break
-        output.write_text("".join(good), encoding="utf-8")
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text("".join(good), encoding="utf-8")
+        os.replace(tmp, output)
     return seen
 
 

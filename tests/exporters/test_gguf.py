@@ -209,13 +209,15 @@ def test_inspect_shows_what_a_gguf_holds(exported, capsys):
 
 def test_another_family_converts_and_agrees_merged_and_as_a_lora(tmp_path, tiny_model_factory):
     qwen = tiny_model_factory(family="qwen2", tokenizer="smollm2")
-    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.gguf_quants=[f16]",
+    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.gguf_quants=[f16, q8_0, q4_k_m]",
                              "export.formats=[gguf, gguf-lora]"])
     assert _step("train", cfg)[0] == EXIT_OK
     code, result, mem = _step("export", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
-    (row,) = result.summary["formats"]["gguf"]["rows"]
-    assert row["top1_agreement"] >= 0.99
+    rows = {r["type"]: r for r in result.summary["formats"]["gguf"]["rows"]}
+    assert rows["f16"]["top1_agreement"] >= 0.99 and rows["q8_0"]["top1_agreement"] >= 0.97
+    # no target for 4-bit; on this tiny, barely trained model it measures about 90%
+    assert rows["q4_k_m"]["top1_agreement"] >= 0.8 and rows["q4_k_m"]["replies_stopped"].endswith("/6")
     # the adapter as a LoRA GGUF on the qwen2 base agrees with the merged model as well
     lora = result.summary["formats"]["gguf-lora"]["rows"][1]
     assert lora["type"] == "base f16 + LoRA f16" and lora["top1_agreement"] >= 0.99
@@ -223,4 +225,4 @@ def test_another_family_converts_and_agrees_merged_and_as_a_lora(tmp_path, tiny_
 
     assert summary(RunDir.for_config(cfg).exports / "gguf" / "q-f16.gguf")["architecture"] == "qwen2"
     report = json.loads((RunDir.for_config(cfg).exports / "gguf" / "report.json").read_text())
-    assert len(report["files"][0]["replies"]) == 6 and {"reply", "fact", "contains"} <= set(report["files"][0]["replies"][0])
+    assert len(report["files"]) == 3 and len(report["files"][0]["replies"]) == 6 and {"reply", "fact", "contains"} <= set(report["files"][0]["replies"][0])
