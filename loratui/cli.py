@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: text)")
     score.add_argument("--batch-size", type=int, default=16, metavar="N", help="rows per batch (default: 16)")
     score.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all)")
+    srv = sub.add_parser("serve", help="OpenAI-compatible server for a run or an artifact (GGUF, ONNX, merged)",
+                         description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
+                         "/health and /metrics. --format auto: PyTorch with CUDA, else a GGUF in llama.cpp, else "
+                         "ONNX Runtime, else PyTorch; it prints what it chose and why.")
+    srv.add_argument("target", nargs="?", default=None,
+                     help="a run directory, a .gguf file, an ONNX export folder or a merged model directory "
+                     "(default: the run of --config)")
+    srv.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
+    srv.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
+                     help="runtime (default: serve.backend, auto)")
+    srv.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (also LORATUI_API_KEY)")
+    srv.add_argument("--model-name", default=None, help="model id clients send (default: the run or file name)")
+    srv.add_argument("--allow-unauthenticated", action="store_true",
+                     help="allow a non-loopback --host without an API key")
+    srv.add_argument("--strict", action="store_true", help="fail instead of serving the base when the adapter fails")
     _add_step_parsers(sub)
     return parser
 
@@ -212,6 +229,33 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 130 if summary["cancelled"] else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loratui.pipeline.config import load_config
+    from loratui.pipeline.runs import RunDir
+    from loratui.serving.server import ServeOptions, api_key_from, serve
+
+    target = Path(args.target) if args.target else None
+    config_file = args.config or (str(target / "config.yaml") if target and (target / "config.yaml").is_file() else None)
+    cfg = load_config(config_file, [])
+    if target is None:
+        target = RunDir.for_config(cfg).path
+    base = None
+    if (target / "config.yaml").is_file() and not (target / "merged" / "config.json").is_file():
+        from loratui.pipeline.models import resolve_model
+
+        base = resolve_model(cfg.model.base, revision=cfg.model.revision).path
+    s = cfg.serve
+    fmt = args.fmt or {"llama.cpp": "gguf", "onnxruntime": "onnx"}.get(s.backend, s.backend)
+    opts = ServeOptions(target=target, fmt=fmt, host=args.host or s.host, port=args.port or s.port,
+                        api_key=api_key_from(args.api_key, s.api_key), allow_unauthenticated=args.allow_unauthenticated,
+                        strict=args.strict, model_id=args.model_name or s.model_name, context_length=s.context_length,
+                        max_batch_size=s.max_batch_size, threads=s.threads, base=base)
+    serve(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
 def _cmd_tui(args: argparse.Namespace) -> int:
     from loratui.pipeline.config import load_config
 
@@ -227,6 +271,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": _cmd_inspect,
     "models": _cmd_models,
     "score": _cmd_score,
+    "serve": _cmd_serve,
     "tui": _cmd_tui,
 }
 

@@ -1,0 +1,444 @@
+"""Runtimes behind the server: one ``Backend`` per format (llama.cpp GGUF, PyTorch, ONNX Runtime).
+
+Every backend turns a :class:`GenRequest` (prompt token ids, sampling settings, stop strings, a
+cancel flag) into a stream of :class:`Delta` objects: new text, and at the end a finish reason and
+the token counts. Text is assembled the same way everywhere (:class:`TextAssembler`): incremental
+detokenization that never emits half a UTF-8 character, and stop strings that are cut out and never
+streamed in part.
+
+Concurrency: each backend owns one model. ``LlamaCppBackend`` and ``OnnxBackend`` serve one request at
+a time (a lock: an honest queue; the server bounds it and answers 429 when it is full). ``TorchBackend``
+batches: requests that arrive while a batch runs wait for the next one, which takes up to
+``max_batch_size`` of them and decodes them together, each with its own sampling and stop rules.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Delta:
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled", on the last delta only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None  # seconds from the request to its first token (last delta)
+
+
+class Backend(Protocol):
+    kind: str  # llama.cpp, torch, onnxruntime
+    model_id: str
+    context_length: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def stream(self, req: GenRequest) -> Iterator[Delta]: ...
+
+    def close(self) -> None: ...
+
+
+class TextAssembler:
+    """Token ids in, text out: complete characters only, stop strings cut, nothing after them."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]):
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters already handed out
+        self.stopped = False
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of ``text`` that might start a stop string: wait for more."""
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        return keep
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            return ""
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            cut = min(hits)
+            out = text[self.sent:cut] if cut > self.sent else ""
+            self.sent = max(self.sent, cut)
+            return out
+        end = len(text) - self._held(text)
+        out = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    def flush(self) -> str:
+        """What was held back for a possible stop string, at the end of generation."""
+        if self.stopped:
+            return ""
+        text = self.decode(self.ids).rstrip("\ufffd")
+        out = text[self.sent:]
+        self.sent = len(text)
+        return out
+
+
+def run_request(req: GenRequest, tokens: Iterator[int], decode: Callable[[list[int]], str], stop_ids: set[int],
+                started: float) -> Iterator[Delta]:
+    """The shared loop: tokens of one request -> deltas, honouring stop ids, stop strings, max_tokens, cancel."""
+    text = TextAssembler(decode, req.stop)
+    count, first = 0, None
+    reason = "length"
+    for token in tokens:
+        if req.cancelled.is_set():
+            reason = "cancelled"
+            break
+        if first is None:
+            first = time.monotonic() - started
+        if token in stop_ids:
+            reason = "stop"
+            break
+        count += 1
+        piece = text.add(token)
+        if piece:
+            yield Delta(piece)
+        if text.stopped:
+            reason = "stop"
+            break
+        if count >= req.max_tokens:
+            break
+    rest = text.flush()
+    yield Delta(rest, finish_reason=reason, prompt_tokens=len(req.prompt_ids), completion_tokens=count,
+                first_token_s=first)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp
+# --------------------------------------------------------------------------------------------
+
+
+class LlamaCppBackend:
+    """A GGUF in llama-cpp-python: one context, one request at a time (the lock is the queue)."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, path: Path, model_id: str, context_length: int = 2048, threads: int | None = None):
+        import os
+
+        import llama_cpp
+
+        self.model_id = model_id
+        probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        trained = probe.metadata.get(f"{probe.metadata.get('general.architecture')}.context_length")
+        probe.close()
+        self.context_length = min(context_length, int(trained)) if trained else context_length
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.context_length,
+                                   n_batch=min(512, self.context_length), n_threads=threads or os.cpu_count(),
+                                   verbose=False)
+        self.lock = threading.Lock()
+        meta = self.llm.metadata
+        self.template = meta.get("tokenizer.chat_template")
+        tokens = [self.llm.detokenize([i], special=True).decode("utf-8", errors="replace")
+                  for i in (self.llm.token_bos(), self.llm.token_eos())]
+        self.bos, self.eos = tokens
+        self.stop_ids = {self.llm.token_eos()}
+        eot = meta.get("tokenizer.ggml.eot_token_id")
+        if eot is not None:
+            self.stop_ids.add(int(eot))
+        if self.template:
+            for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+                if special in self.template:
+                    ids = self.llm.tokenize(special.encode(), add_bos=False, special=True)
+                    if len(ids) == 1:
+                        self.stop_ids.add(ids[0])
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not self.template:
+            raise ValueError("this GGUF has no chat template (tokenizer.chat_template): use /v1/completions")
+        formatted = Jinja2ChatFormatter(self.template, eos_token=self.eos, bos_token=self.bos,
+                                        add_generation_prompt=True)(messages=messages)
+        # the template writes BOS itself when the model wants one
+        return self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def stream(self, req: GenRequest) -> Iterator[Delta]:
+        started = time.monotonic()
+        with self.lock:
+            if req.seed is not None:
+                self.llm.set_seed(req.seed)
+            greedy = req.temperature <= 0
+            tokens = self.llm.generate(req.prompt_ids, top_k=1 if greedy else 0, top_p=req.top_p, min_p=0.0,
+                                       temp=req.temperature, repeat_penalty=1.0, reset=True)
+            try:
+                yield from run_request(req, tokens, self.decode, self.stop_ids, started)
+            finally:
+                tokens.close()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# --------------------------------------------------------------------------------------------
+# transformers models (PyTorch, and ONNX Runtime through optimum)
+# --------------------------------------------------------------------------------------------
+
+
+class _HFBase:
+    """Tokenizer, chat template and stop ids of a transformers model directory."""
+
+    def _setup_tokenizer(self, tokenizer: Any, generation_eos: Any) -> None:
+        self.tokenizer = tokenizer
+        stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        if generation_eos is not None:
+            stops |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        template = getattr(tokenizer, "chat_template", None) or ""
+        for token in tokenizer.all_special_tokens:
+            if token and token in template and token != tokenizer.bos_token and "end" in token.lower():
+                stops.add(tokenizer.convert_tokens_to_ids(token))
+        self.stop_ids = {int(s) for s in stops}
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: use /v1/completions")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    import torch
+
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TorchBackend(_HFBase):
+    """A transformers model in PyTorch. Concurrent requests are decoded together in batches (up to
+    ``max_batch_size``) with a KV cache; each row keeps its own sampling, stops and length."""
+
+    kind = "torch"
+
+    def __init__(self, model_dir: Path, model_id: str, context_length: int = 2048, max_batch_size: int = 8,
+                 device: str | None = None, adapter: Path | None = None):
+        import torch
+        from transformers import AutoTokenizer, GenerationConfig
+
+        from loratui.pipeline.evaluate.runtimes import load_torch
+
+        self.model_id = model_id
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_torch(model_dir, "causal", self.device, "bf16" if self.device == "cuda" else "fp32")
+        if adapter is not None:
+            from loratui.pipeline.evaluate.runtimes import apply_adapter
+
+            self.model = apply_adapter(self.model, adapter)
+        source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
+        try:
+            eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+        except OSError:
+            eos = None
+        self._setup_tokenizer(AutoTokenizer.from_pretrained(str(source)), eos)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or context_length
+        self.context_length = min(context_length, limit)
+        self.max_batch_size = max_batch_size
+        self.waiting: queue.Queue[tuple[GenRequest, queue.Queue[Delta | None]]] = queue.Queue()
+        self.running = True
+        self.worker = threading.Thread(target=self._loop, name="torch-batcher", daemon=True)
+        self.worker.start()
+
+    def stream(self, req: GenRequest) -> Iterator[Delta]:
+        out: queue.Queue[Delta | None] = queue.Queue()
+        self.waiting.put((req, out))
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            yield item
+
+    def close(self) -> None:
+        self.running = False
+        self.waiting.put((GenRequest([], 0), queue.Queue()))  # wake the worker
+        self.worker.join(timeout=10)
+
+    def _loop(self) -> None:
+        while self.running:
+            first = self.waiting.get()
+            if not self.running:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch_size:
+                try:
+                    batch.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            batch = [b for b in batch if b[0].prompt_ids]
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # a model failure ends these requests, not the worker
+                for _req, out in batch:
+                    out.put(Delta(finish_reason=f"error: {type(e).__name__}: {e}"))
+                    out.put(None)
+
+    def _run_batch(self, batch: list[tuple[GenRequest, queue.Queue[Delta | None]]]) -> None:
+        import torch
+
+        started = time.monotonic()
+        n = len(batch)
+        longest = max(len(r.prompt_ids) for r, _ in batch)
+        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        for row, (req, _out) in enumerate(batch):  # left padding
+            ids[row, longest - len(req.prompt_ids):] = torch.tensor(req.prompt_ids)
+            mask[row, longest - len(req.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        generators = []
+        for req, _out in batch:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**63))
+            generators.append(g)
+        texts = [TextAssembler(self.decode, req.stop) for req, _ in batch]
+        counts = [0] * n
+        first: list[float | None] = [None] * n
+        done: list[str | None] = [None] * n
+        position = mask.cumsum(-1) - 1
+        position = position.clamp(min=0)
+        past = None
+        step_ids, step_pos = ids, position
+        with torch.inference_mode():
+            while True:
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                                 use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float().cpu()
+                next_ids = []
+                for row, (req, queue_out) in enumerate(batch):
+                    if done[row] is None and req.cancelled.is_set():
+                        done[row] = "cancelled"
+                        self._finish(row, batch, texts, counts, first, done)
+                    if done[row] is not None:
+                        next_ids.append(self.pad_id)
+                        continue
+                    token = _sample(logits[row], req.temperature, req.top_p, generators[row])
+                    next_ids.append(token)
+                    if first[row] is None:
+                        first[row] = time.monotonic() - started
+                    if token in self.stop_ids:
+                        done[row] = "stop"
+                    else:
+                        counts[row] += 1
+                        piece = texts[row].add(token)
+                        if piece:
+                            queue_out.put(Delta(piece))
+                        if texts[row].stopped:
+                            done[row] = "stop"
+                        elif counts[row] >= req.max_tokens or len(req.prompt_ids) + counts[row] >= self.context_length:
+                            done[row] = "length"
+                    if done[row] is not None:
+                        self._finish(row, batch, texts, counts, first, done)
+                if all(d is not None for d in done):
+                    return
+                step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
+                alive = torch.tensor([1 if d is None else 0 for d in done], device=self.device).unsqueeze(1)
+                mask = torch.cat([mask, alive], dim=1)
+                step_pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+
+    def _finish(self, row: int, batch: list, texts: list, counts: list, first: list, done: list) -> None:
+        req, out = batch[row]
+        if getattr(req, "_finished", False):
+            return
+        req._finished = True  # type: ignore[attr-defined]
+        out.put(Delta(texts[row].flush(), finish_reason=done[row], prompt_tokens=len(req.prompt_ids),
+                      completion_tokens=counts[row], first_token_s=first[row]))
+        out.put(None)
+
+
+class OnnxBackend(_HFBase):
+    """An ONNX export in onnxruntime (optimum's ORTModelForCausalLM): one request at a time, greedy or
+    sampled with transformers' generate, streamed token by token."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, model_dir: Path, model_id: str, context_length: int = 2048, threads: int | None = None):
+        from transformers import AutoTokenizer
+
+        from loratui.pipeline.evaluate.runtimes import load_onnx
+
+        self.model_id = model_id
+        self.model = load_onnx(model_dir, "causal", threads=threads)
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self._setup_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), eos)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or context_length
+        self.context_length = min(context_length, limit)
+        self.lock = threading.Lock()
+
+    def _tokens(self, req: GenRequest) -> Iterator[int]:
+        """One forward per token with the model's KV cache (the same loop as TorchBackend, batch of one)."""
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**63))
+        ids = torch.tensor([req.prompt_ids])
+        mask = torch.ones_like(ids)
+        past = None
+        step = ids
+        with torch.inference_mode():
+            while True:
+                position = torch.arange(mask.shape[1] - step.shape[1], mask.shape[1]).unsqueeze(0)
+                out = self.model(input_ids=step, attention_mask=mask, position_ids=position, past_key_values=past,
+                                 use_cache=True)
+                past = out.past_key_values
+                token = _sample(out.logits[0, -1], req.temperature, req.top_p, generator)
+                yield token
+                step = torch.tensor([[token]])
+                mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
+                if mask.shape[1] >= self.context_length:
+                    return
+
+    def stream(self, req: GenRequest) -> Iterator[Delta]:
+        started = time.monotonic()
+        with self.lock:
+            yield from run_request(req, self._tokens(req), self.decode, self.stop_ids, started)
+
+    def close(self) -> None:
+        pass

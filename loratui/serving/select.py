@@ -1,0 +1,96 @@
+"""Which artifact and runtime to serve, and why (``--format auto``).
+
+A run directory offers several artifacts. With CUDA, PyTorch serves the merged model (else the base
+with the run's adapter). On CPU, llama.cpp serves a GGUF when there is one (fastest here: see the
+GGUF benchmark), preferring q8_0 (closest to the merged model), then q4_k_m, then any other; else
+ONNX Runtime serves the fp32 ONNX export; else PyTorch. A path to one artifact (a ``.gguf`` file, an
+ONNX folder, a merged directory, an adapter folder) is served by its own runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratui.pipeline.errors import LoratuiError
+
+GGUF_PREFERENCE = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16", "bf16", "f32")
+FORMATS = ("auto", "torch", "gguf", "onnx")
+
+
+@dataclass
+class Choice:
+    kind: str  # torch, gguf, onnx
+    path: Path  # the model (for torch with an adapter: the base directory)
+    adapter: Path | None
+    reason: str
+
+
+def _ggufs(run: Path) -> list[Path]:
+    found = [p for p in (run / "exports" / "gguf").glob("*.gguf") if "-lora-" not in p.name and "-base-" not in p.name]
+
+    def rank(p: Path) -> int:
+        kind = p.stem.rsplit("-", 1)[-1]
+        return GGUF_PREFERENCE.index(kind) if kind in GGUF_PREFERENCE else len(GGUF_PREFERENCE)
+
+    return sorted(found, key=lambda p: (rank(p), p.name))
+
+
+def _single(path: Path, fmt: str) -> Choice:
+    if path.is_file() and path.suffix == ".gguf":
+        kind, what = "gguf", "a GGUF file"
+    elif path.is_dir() and any(path.glob("*.onnx")):
+        kind, what = "onnx", "an ONNX export"
+    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        raise LoratuiError(f"{path} is an adapter folder: serve its run directory (base + adapter) or its merged model",
+                           hint="loratui serve runs/<name>, or loratui merge first.")
+    elif path.is_dir() and (path / "config.json").is_file():
+        kind, what = "torch", "a transformers model directory"
+    else:
+        raise LoratuiError(f"{path}: not a run directory, a .gguf file, an ONNX export or a model directory")
+    if fmt not in ("auto", kind):
+        raise LoratuiError(f"--format {fmt}: {path} is {what}, served with --format {kind}")
+    return Choice(kind, path, None, f"{path} is {what}")
+
+
+def choose(target: Path, fmt: str, cuda: bool, base: Path | None = None) -> Choice:
+    """``target``: a run directory or one artifact. ``base``: the run's base model directory (for
+    serving base + adapter when nothing was merged)."""
+    if fmt not in FORMATS:
+        raise LoratuiError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if not target.exists():
+        raise LoratuiError(f"{target}: no such run directory or file")
+    if not (target / "config.yaml").is_file() or target.is_file():
+        return _single(target, fmt)
+    merged = target / "merged"
+    has_merged = (merged / "config.json").is_file()
+    adapter = target / "adapter"
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    ggufs = _ggufs(target)
+    onnx = target / "exports" / "onnx"
+    has_onnx = onnx.is_dir() and any(onnx.glob("*.onnx"))
+
+    def torch_choice(why: str) -> Choice:
+        if has_merged:
+            return Choice("torch", merged, None, f"{why}: PyTorch serves the merged model {merged}")
+        if has_adapter and base is not None:
+            return Choice("torch", base, adapter, f"{why}: PyTorch serves the base {base} with the adapter {adapter} "
+                          "(nothing merged yet)")
+        raise LoratuiError(f"{target}: nothing to serve with PyTorch (no merged/ and no adapter/)",
+                           hint="Train first (loratui train), or merge (loratui merge).")
+
+    if fmt == "torch" or (fmt == "auto" and cuda):
+        return torch_choice("CUDA is available" if fmt == "auto" else "--format torch")
+    if fmt == "gguf" or (fmt == "auto" and ggufs):
+        if not ggufs:
+            raise LoratuiError(f"{target}: no GGUF in exports/gguf/", hint="loratui export --format gguf first.")
+        return Choice("gguf", ggufs[0], None, ("no CUDA; " if fmt == "auto" else "") +
+                      f"llama.cpp serves {ggufs[0].name} (the fastest runtime on CPU; "
+                      f"{'q8_0' if ggufs[0].stem.endswith('q8_0') else 'the closest type to q8_0'} of "
+                      f"{len(ggufs)} GGUF file(s))")
+    if fmt == "onnx" or (fmt == "auto" and has_onnx):
+        if not has_onnx:
+            raise LoratuiError(f"{target}: no ONNX export in exports/onnx/", hint="loratui export --format onnx first.")
+        return Choice("onnx", onnx, None, ("no CUDA and no GGUF; " if fmt == "auto" else "") +
+                      f"ONNX Runtime serves {onnx}")
+    return torch_choice("no CUDA, no GGUF and no ONNX export")

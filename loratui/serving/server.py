@@ -1,0 +1,114 @@
+"""``loratui serve``: choose what to serve, load it in the background, run uvicorn.
+
+Security defaults: binds 127.0.0.1; with an API key every route but /health needs
+``Authorization: Bearer <key>``; a non-loopback address without a key is refused unless
+``--allow-unauthenticated``; remote code is never trusted implicitly (``model.trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from loratui.pipeline.errors import LoratuiError
+from loratui.serving.app import Limits, ServerState, create_app
+from loratui.serving.select import Choice, choose
+
+KEY_ENV = "LORATUI_API_KEY"
+
+
+@dataclass
+class ServeOptions:
+    target: Path
+    fmt: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_unauthenticated: bool = False
+    strict: bool = False
+    model_id: str | None = None
+    context_length: int = 2048
+    max_batch_size: int = 8
+    threads: int | None = None
+    base: Path | None = None  # the run's base model directory (base + adapter)
+    limits: Limits | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(opts: ServeOptions) -> None:
+    if not is_loopback(opts.host) and not opts.api_key and not opts.allow_unauthenticated:
+        raise LoratuiError(f"--host {opts.host} would expose the model to the network with no API key",
+                           hint=f"Set --api-key (or {KEY_ENV}), or pass --allow-unauthenticated if that is intended.")
+
+
+def build_backend(choice: Choice, opts: ServeOptions, model_id: str) -> Any:
+    from loratui.serving import backends
+
+    if choice.kind == "gguf":
+        return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads)
+    if choice.kind == "onnx":
+        return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads)
+    return backends.TorchBackend(choice.path, model_id, opts.context_length, opts.max_batch_size, adapter=choice.adapter)
+
+
+def loader_for(choice: Choice, opts: ServeOptions, log: Callable[[str], None]) -> Callable[[ServerState], None]:
+    """Loads the backend into the state; a failing adapter falls back to the base (degraded) unless strict."""
+
+    def load(state: ServerState) -> None:
+        try:
+            state.backend = build_backend(choice, opts, state.model_id)
+            state.status = "ok"
+        except Exception as e:  # noqa: BLE001 - reported on /health and in the log
+            why = f"{type(e).__name__}: {e}"
+            if choice.adapter is not None and not opts.strict:
+                log(f"serve: the adapter {choice.adapter} failed to load ({why}); serving the base model instead")
+                try:
+                    state.backend = build_backend(Choice(choice.kind, choice.path, None, choice.reason), opts,
+                                                  state.model_id)
+                    state.status, state.reason = "degraded", f"adapter {choice.adapter} failed to load ({why}); serving the base model"
+                    return
+                except Exception as e2:  # noqa: BLE001
+                    why = f"{why}; the base failed too: {type(e2).__name__}: {e2}"
+            state.status, state.reason = "failed", why
+            log(f"serve: loading failed: {why}")
+        else:
+            log(f"serve: ready ({state.backend.kind}, context {state.backend.context_length} tokens)")
+
+    return load
+
+
+def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState, Any]:
+    """The state and the app for ``opts`` (the model loads when the app starts)."""
+    check_security(opts)
+    import torch
+
+    choice = choose(opts.target, opts.fmt, torch.cuda.is_available(), opts.base)
+    model_id = opts.model_id or (opts.target.name if opts.target.is_dir() else opts.target.stem)
+    log(f"serve: {choice.reason}")
+    state = ServerState(model_id=model_id, chosen=choice.reason)
+    app = create_app(state, opts.api_key, opts.limits, loader_for(choice, opts, log))
+    return state, app
+
+
+def serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
+    import uvicorn
+
+    _state, app = prepare(opts, log)
+    log(f"serve: http://{opts.host}:{opts.port}/v1 (model `{_state.model_id}`"
+        + (", API key required" if opts.api_key else "") + ")")
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def api_key_from(arg: str | None, config_key: str | None) -> str | None:
+    return arg or os.environ.get(KEY_ENV) or config_key
