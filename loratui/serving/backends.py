@@ -148,9 +148,9 @@ class LlamaCppBackend:
         import llama_cpp
 
         self.model_id = model_id
-        probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        trained = probe.metadata.get(f"{probe.metadata.get('general.architecture')}.context_length")
-        probe.close()
+        from loratui.exporters.inspect import summary
+
+        trained = summary(path)["context_length"]  # the gguf reader: metadata only, no llama.cpp log
         self.context_length = min(context_length, int(trained)) if trained else context_length
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.context_length,
                                    n_batch=min(512, self.context_length), n_threads=threads or os.cpu_count(),

@@ -68,12 +68,9 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
 
     kind = model_kind(path)
     if kind == "gguf":
-        import llama_cpp
+        from loratui.exporters.inspect import summary
 
-        probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        meta = probe.metadata
-        context = int(meta.get(f"{meta.get('general.architecture')}.context_length", 4096))
-        probe.close()
+        context = int(summary(path)["context_length"] or 4096)
         model = LlamaCppModel(path, name=path.name, stop_ids=set(), n_ctx=min(context, 4096), threads=threads)
 
         def encode_gguf(text: str, first: bool) -> list[int]:
