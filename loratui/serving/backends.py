@@ -8,8 +8,8 @@ streamed in part.
 
 Concurrency: each backend owns one model. ``LlamaCppBackend`` and ``OnnxBackend`` serve one request at
 a time (a lock: an honest queue; the server bounds it and answers 429 when it is full). ``TorchBackend``
-batches: requests that arrive while a batch runs wait for the next one, which takes up to
-``max_batch_size`` of them and decodes them together, each with its own sampling and stop rules.
+batches continuously: a request that arrives joins the running batch at the next decode step (up to
+``max_batch_size`` rows), each row with its own sampling and stop rules, and leaves it when done.
 """
 
 from __future__ import annotations
@@ -252,8 +252,8 @@ def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> in
 
 
 class TorchBackend(_HFBase):
-    """A transformers model in PyTorch. Concurrent requests are decoded together in batches (up to
-    ``max_batch_size``) with a KV cache; each row keeps its own sampling, stops and length."""
+    """A transformers model in PyTorch. Concurrent requests are decoded together (continuous batching,
+    up to ``max_batch_size`` rows) with a shared KV cache; each row keeps its own sampling, stops and length."""
 
     kind = "torch"
 
@@ -280,10 +280,22 @@ class TorchBackend(_HFBase):
         limit = getattr(self.model.config, "max_position_embeddings", None) or context_length
         self.context_length = min(context_length, limit)
         self.max_batch_size = max_batch_size
+        self.mergeable = self._plain_cache()
         self.waiting: queue.Queue[tuple[GenRequest, queue.Queue[Delta | None]]] = queue.Queue()
         self.running = True
         self.worker = threading.Thread(target=self._loop, name="torch-batcher", daemon=True)
         self.worker.start()
+
+    def _plain_cache(self) -> bool:
+        """Whether the model's KV cache is plain per-layer tensors that rows can be added to and padded
+        (sliding-window or hybrid caches are not: such models decode one request at a time)."""
+        import torch
+        from transformers.cache_utils import DynamicLayer
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True)
+        layers = getattr(out.past_key_values, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
     def stream(self, req: GenRequest) -> Iterator[Delta]:
         out: queue.Queue[Delta | None] = queue.Queue()
@@ -300,97 +312,171 @@ class TorchBackend(_HFBase):
         self.worker.join(timeout=10)
 
     def _loop(self) -> None:
-        while self.running:
-            first = self.waiting.get()
-            if not self.running:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self.waiting.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [b for b in batch if b[0].prompt_ids]
-            if not batch:
-                continue
-            try:
-                self._run_batch(batch)
-            except Exception as e:  # a model failure ends these requests, not the worker
-                for _req, out in batch:
-                    out.put(Delta(finish_reason=f"error: {type(e).__name__}: {e}"))
-                    out.put(None)
-
-    def _run_batch(self, batch: list[tuple[GenRequest, queue.Queue[Delta | None]]]) -> None:
+        """Continuous batching: new requests join between decode steps (prefilled alone, their KV cache
+        left-padded into the batch's); finished ones leave at once."""
         import torch
 
-        started = time.monotonic()
-        n = len(batch)
-        longest = max(len(r.prompt_ids) for r, _ in batch)
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for row, (req, _out) in enumerate(batch):  # left padding
-            ids[row, longest - len(req.prompt_ids):] = torch.tensor(req.prompt_ids)
-            mask[row, longest - len(req.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        generators = []
-        for req, _out in batch:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**63))
-            generators.append(g)
-        texts = [TextAssembler(self.decode, req.stop) for req, _ in batch]
-        counts = [0] * n
-        first: list[float | None] = [None] * n
-        done: list[str | None] = [None] * n
-        position = mask.cumsum(-1) - 1
-        position = position.clamp(min=0)
-        past = None
-        step_ids, step_pos = ids, position
-        with torch.inference_mode():
-            while True:
-                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                                 use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float().cpu()
-                next_ids = []
-                for row, (req, queue_out) in enumerate(batch):
-                    if done[row] is None and req.cancelled.is_set():
-                        done[row] = "cancelled"
-                        self._finish(row, batch, texts, counts, first, done)
-                    if done[row] is not None:
-                        next_ids.append(self.pad_id)
-                        continue
-                    token = _sample(logits[row], req.temperature, req.top_p, generators[row])
-                    next_ids.append(token)
-                    if first[row] is None:
-                        first[row] = time.monotonic() - started
-                    if token in self.stop_ids:
-                        done[row] = "stop"
-                    else:
-                        counts[row] += 1
-                        piece = texts[row].add(token)
-                        if piece:
-                            queue_out.put(Delta(piece))
-                        if texts[row].stopped:
-                            done[row] = "stop"
-                        elif counts[row] >= req.max_tokens or len(req.prompt_ids) + counts[row] >= self.context_length:
-                            done[row] = "length"
-                    if done[row] is not None:
-                        self._finish(row, batch, texts, counts, first, done)
-                if all(d is not None for d in done):
+        rows: list[_Row] = []
+        cache: Any = None
+        mask = last = None
+        while self.running:
+            admitted = []
+            if not rows:
+                admitted.append(self.waiting.get())
+                if not self.running:
                     return
-                step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
-                alive = torch.tensor([1 if d is None else 0 for d in done], device=self.device).unsqueeze(1)
-                mask = torch.cat([mask, alive], dim=1)
-                step_pos = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+            while len(rows) + len(admitted) < (self.max_batch_size if self.mergeable else 1):
+                try:
+                    admitted.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            for req, out in admitted:
+                if not req.prompt_ids:
+                    continue
+                try:
+                    row, row_cache, token = self._prefill(req, out)
+                except Exception as e:  # this request fails; the others go on
+                    out.put(Delta(finish_reason=f"error: {type(e).__name__}: {e}"))
+                    out.put(None)
+                    continue
+                if row.done:
+                    continue
+                cache, mask = self._join(cache, mask, row_cache, len(req.prompt_ids))
+                token_t = torch.tensor([token], device=self.device)
+                last = token_t if last is None else torch.cat([last, token_t])
+                rows.append(row)
+            if not rows:
+                cache = mask = last = None
+                continue
+            try:
+                with torch.inference_mode():
+                    mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+                    position = mask.sum(-1, keepdim=True) - 1
+                    out = self.model(input_ids=last.unsqueeze(1), attention_mask=mask, position_ids=position,
+                                     past_key_values=cache, use_cache=True)
+                    cache = out.past_key_values
+                    logits = out.logits[:, -1, :].float().cpu()
+            except Exception as e:  # a model failure ends these requests, not the worker
+                for row in rows:
+                    row.finish(f"error: {type(e).__name__}: {e}")
+                rows, cache, mask, last = [], None, None, None
+                continue
+            tokens = [self._next(row, logits[i]) for i, row in enumerate(rows)]
+            keep = [i for i, row in enumerate(rows) if not row.done]
+            if len(keep) < len(rows):
+                if not keep:
+                    rows, cache, mask, last = [], None, None, None
+                    continue
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                rows = [rows[i] for i in keep]
+                tokens = [tokens[i] for i in keep]
+                cache, mask = self._trim(cache, mask)
+            last = torch.tensor(tokens, device=self.device)
 
-    def _finish(self, row: int, batch: list, texts: list, counts: list, first: list, done: list) -> None:
-        req, out = batch[row]
-        if getattr(req, "_finished", False):
+    def _prefill(self, req: GenRequest, out: "queue.Queue[Delta | None]") -> tuple["_Row", Any, int]:
+        import torch
+
+        row = _Row(req, out, TextAssembler(self.decode, req.stop), self.stop_ids, self.context_length)
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        with torch.inference_mode():
+            result = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
+                                use_cache=True)
+        token = self._next(row, result.logits[0, -1].float().cpu())
+        return row, result.past_key_values, token
+
+    def _next(self, row: "_Row", logits: Any) -> int:
+        if row.req.cancelled.is_set():
+            row.finish("cancelled")
+            return self.pad_id
+        token = _sample(logits, row.req.temperature, row.req.top_p, row.generator)
+        row.take(token)
+        return token
+
+    @staticmethod
+    def _layers(cache: Any) -> list[Any]:
+        return list(cache.layers)
+
+    def _join(self, cache: Any, mask: Any, row_cache: Any, length: int) -> tuple[Any, Any]:
+        """The batch cache with one more row (a fresh prefill of ``length`` tokens), aligned on the right."""
+        import torch
+        import torch.nn.functional as F
+
+        row_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if cache is None:
+            return row_cache, row_mask
+        width = mask.shape[1]
+        if length < width:  # pad the new row on the left
+            for layer in self._layers(row_cache):
+                layer.keys = F.pad(layer.keys, (0, 0, width - length, 0))
+                layer.values = F.pad(layer.values, (0, 0, width - length, 0))
+            row_mask = F.pad(row_mask, (width - length, 0))
+        elif length > width:  # pad the batch on the left
+            for layer in self._layers(cache):
+                layer.keys = F.pad(layer.keys, (0, 0, length - width, 0))
+                layer.values = F.pad(layer.values, (0, 0, length - width, 0))
+            mask = F.pad(mask, (length - width, 0))
+        for layer, new in zip(self._layers(cache), self._layers(row_cache)):
+            layer.keys = torch.cat([layer.keys, new.keys], dim=0)
+            layer.values = torch.cat([layer.values, new.values], dim=0)
+        return cache, torch.cat([mask, row_mask], dim=0)
+
+    def _trim(self, cache: Any, mask: Any) -> tuple[Any, Any]:
+        """Drop left columns that no remaining row uses."""
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start:
+            for layer in self._layers(cache):
+                layer.keys = layer.keys[:, :, start:, :]
+                layer.values = layer.values[:, :, start:, :]
+            mask = mask[:, start:]
+        return cache, mask
+
+
+@dataclass
+class _Row:
+    """One request inside TorchBackend's batch."""
+
+    req: GenRequest
+    out: "queue.Queue[Delta | None]"
+    text: TextAssembler
+    stop_ids: set[int]
+    context_length: int
+    started: float = field(default_factory=time.monotonic)
+    count: int = 0
+    first: float | None = None
+    done: bool = False
+    generator: Any = None
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.req.seed if self.req.seed is not None else int(time.time_ns() % 2**63))
+
+    def take(self, token: int) -> None:
+        if self.first is None:
+            self.first = time.monotonic() - self.started
+        if token in self.stop_ids:
+            return self.finish("stop")
+        self.count += 1
+        piece = self.text.add(token)
+        if piece:
+            self.out.put(Delta(piece))
+        if self.text.stopped:
+            self.finish("stop")
+        elif self.count >= self.req.max_tokens or len(self.req.prompt_ids) + self.count >= self.context_length:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if self.done:
             return
-        req._finished = True  # type: ignore[attr-defined]
-        out.put(Delta(texts[row].flush(), finish_reason=done[row], prompt_tokens=len(req.prompt_ids),
-                      completion_tokens=counts[row], first_token_s=first[row]))
-        out.put(None)
+        self.done = True
+        self.out.put(Delta("" if reason.startswith("error") else self.text.flush(), finish_reason=reason,
+                           prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.count,
+                           first_token_s=self.first))
+        self.out.put(None)
 
 
 class OnnxBackend(_HFBase):

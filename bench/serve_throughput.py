@@ -1,0 +1,188 @@
+"""Serving throughput: aggregate generated tokens/s and time to first token at 1, 4 and 8 concurrent
+streaming clients, for each backend of `loratui serve` on one run, in one run of this script; plus
+bare llama-cpp-python on the same GGUF and prompts as the llama.cpp backend's baseline.
+
+Each backend runs as a real server (`loratui serve <run> --format F`, a subprocess on loopback).
+Every client sends ``--requests`` streaming chat requests one after another (prompts: the run's test
+questions, greedy, up to ``--max-tokens``); the level's aggregate is all completion tokens (from
+``usage``) over the level's wall time. TTFT: request sent -> first content chunk, p50 / p95 over all
+requests of the level.
+
+    loratui train/merge/export --format gguf,onnx --config examples/quickstart.yaml
+    .venv/bin/python bench/serve_throughput.py [--run runs/quickstart] [--formats gguf,torch,onnx]
+
+Targets on this CPU: PyTorch at 8 clients >= 3x its 1-client aggregate; llama.cpp backend >= 80% of
+bare llama-cpp-python tokens/s at 1 client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def questions(run: Path, n: int) -> list[str]:
+    manifest = json.loads((run / "data" / "dataset.json").read_text())
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(run / "data" / manifest["splits"].get("test", manifest["splits"]["train"])))
+    out = []
+    for row in rows.select(range(min(n, len(rows)))):
+        messages = json.loads(row["messages"])
+        out.append(next(m["content"] for m in messages if m["role"] == "user"))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(run: Path, fmt: str) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "loratui", "serve", str(run), "--format", fmt, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"loratui serve --format {fmt} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            r = httpx.get(url + "/health", timeout=2)
+            if r.status_code == 200:
+                return proc, url, r.json()["model"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"loratui serve --format {fmt} did not get ready")
+
+
+def one(url: str, model: str, question: str, max_tokens: int) -> tuple[float | None, int]:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    ttft, tokens = None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - sent
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return ttft, tokens
+
+
+def level(url: str, model: str, prompts: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+    ttfts: list[float] = []
+    total = [0]
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(requests):
+            ttft, tokens = one(url, model, prompts[(c * requests + k) % len(prompts)], max_tokens)
+            with lock:
+                total[0] += tokens
+                if ttft is not None:
+                    ttfts.append(ttft)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - started
+    ttfts.sort()
+    return {"clients": clients, "tokens": total[0], "seconds": wall, "tok_s": total[0] / wall,
+            "p50": statistics.median(ttfts) if ttfts else None,
+            "p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None}
+
+
+def bare_llama_cpp(gguf: Path, run: Path, prompts: list[str], max_tokens: int) -> float:
+    """llama-cpp-python alone: same GGUF, same chat prompts, greedy, same stop tokens as the server."""
+    from loratui.serving.backends import LlamaCppBackend
+
+    backend = LlamaCppBackend(gguf, "bare", 2048)  # used only for its prompt and stop ids: generation is llama_cpp's
+    llm = backend.llm
+    tokens, seconds = 0, 0.0
+    for q in prompts:
+        ids = backend.chat_prompt([{"role": "user", "content": q}])
+        started = time.perf_counter()
+        gen = llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        n = 0
+        for t in gen:
+            if t in backend.stop_ids:
+                break
+            n += 1
+            if n >= max_tokens:
+                break
+        gen.close()
+        seconds += time.perf_counter() - started
+        tokens += n
+    backend.close()
+    return tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/quickstart")
+    parser.add_argument("--formats", default="gguf,torch,onnx")
+    parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+    run = Path(args.run)
+    prompts = questions(run, 16)
+    levels = [int(x) for x in args.levels.split(",")]
+    print(f"# {platform.machine()}, {os.cpu_count()} cores; run {run}; {args.requests} streaming chat requests per "
+          f"client per level, greedy, max_tokens {args.max_tokens}", flush=True)
+    rows = []
+    served_gguf = None
+    for fmt in args.formats.split(","):
+        proc, url, model = start(run, fmt)
+        try:
+            health = httpx.get(url + "/health").json()
+            if fmt == "gguf":
+                served_gguf = health["serving"]
+            one(url, model, prompts[0], 4)  # warm-up
+            for n in levels:
+                result = level(url, model, prompts, n, args.requests, args.max_tokens)
+                rows.append((fmt, result))
+                print(f"{fmt} x{n}: {result['tok_s']:.1f} tok/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    bare = None
+    if served_gguf:
+        from loratui.serving.select import choose
+
+        gguf = choose(run, "gguf", False).path
+        bare = bare_llama_cpp(gguf, run, prompts[:args.requests], args.max_tokens)  # the 1-client level's prompts
+    print("\n| backend | clients | tokens | aggregate tok/s | vs its 1 client | TTFT p50 s | TTFT p95 s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for fmt, r in rows:
+        one_client = next(x for f, x in rows if f == fmt and x["clients"] == levels[0])
+        print(f"| {fmt} | {r['clients']} | {r['tokens']} | {r['tok_s']:.1f} | {r['tok_s'] / one_client['tok_s']:.2f}x | "
+              f"{r['p50']:.3f} | {r['p95']:.3f} |")
+    if bare is not None:
+        served = next(x for f, x in rows if f == "gguf" and x["clients"] == 1)
+        print(f"\nbare llama-cpp-python, same GGUF and prompts: {bare:.1f} tok/s; the llama.cpp backend at 1 client "
+              f"reaches {served['tok_s'] / bare:.0%} of it (its figure includes HTTP, streaming and prompt time)")
+
+
+if __name__ == "__main__":
+    main()
