@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--run", default="runs/quickstart")
     parser.add_argument("--formats", default="gguf,torch,onnx")
     parser.add_argument("--levels", default="1,4,8")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     run = Path(args.run)

@@ -89,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-unauthenticated", action="store_true",
                      help="allow a non-loopback --host without an API key")
     srv.add_argument("--strict", action="store_true", help="fail instead of serving the base when the adapter fails")
+    gen = sub.add_parser("generate", help="offline batch generation from a JSONL of prompts or chats (serve's backends)",
+                         description="Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
+                         "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.")
+    gen.add_argument("target", nargs="?", default=None,
+                     help="a run directory, a .gguf file, an ONNX export folder or a merged model directory "
+                     "(default: the run of --config)")
+    gen.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
+    gen.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
+                     help="runtime (default: serve.backend, auto)")
+    gen.add_argument("--input", required=True, metavar="FILE", help="JSONL prompts or chats")
+    gen.add_argument("--output", required=True, metavar="FILE", help="JSONL outputs (appended; resumable)")
+    gen.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens per row (default: 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     _add_step_parsers(sub)
     return parser
 
@@ -229,31 +245,85 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 130 if summary["cancelled"] else 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """(target path, config, base model directory or None, format) for serve and generate."""
     from pathlib import Path
 
     from loratui.pipeline.config import load_config
     from loratui.pipeline.runs import RunDir
-    from loratui.serving.server import ServeOptions, api_key_from, serve
 
     target = Path(args.target) if args.target else None
     config_file = args.config or (str(target / "config.yaml") if target and (target / "config.yaml").is_file() else None)
     cfg = load_config(config_file, [])
     if target is None:
-        target = RunDir.for_config(cfg).path
+        target = Path(cfg.serve.artifact) if cfg.serve.artifact else RunDir.for_config(cfg).path
     base = None
     if (target / "config.yaml").is_file() and not (target / "merged" / "config.json").is_file():
         from loratui.pipeline.models import resolve_model
 
         base = resolve_model(cfg.model.base, revision=cfg.model.revision).path
+    fmt = args.fmt or {"llama.cpp": "gguf", "onnxruntime": "onnx"}.get(cfg.serve.backend, cfg.serve.backend)
+    return target, cfg, base, fmt
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from loratui.serving.app import Limits
+    from loratui.serving.server import ServeOptions, api_key_from, serve
+
+    target, cfg, base, fmt = _serve_target(args)
     s = cfg.serve
-    fmt = args.fmt or {"llama.cpp": "gguf", "onnxruntime": "onnx"}.get(s.backend, s.backend)
     opts = ServeOptions(target=target, fmt=fmt, host=args.host or s.host, port=args.port or s.port,
                         api_key=api_key_from(args.api_key, s.api_key), allow_unauthenticated=args.allow_unauthenticated,
                         strict=args.strict, model_id=args.model_name or s.model_name, context_length=s.context_length,
-                        max_batch_size=s.max_batch_size, threads=s.threads, base=base)
+                        max_batch_size=s.max_batch_size, threads=s.threads, base=base,
+                        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue))
     serve(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import signal
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from loratui.serving.generate import Settings, generate_file
+    from loratui.serving.select import choose
+    from loratui.serving.server import ServeOptions, build_backend
+
+    target, cfg, base, fmt = _serve_target(args)
+    console = Console(stderr=True)
+    choice = choose(target, fmt, torch.cuda.is_available(), base)
+    console.print(f"generate: {choice.reason}", highlight=False)
+    s = cfg.serve
+    opts = ServeOptions(target=target, fmt=fmt, context_length=s.context_length, max_batch_size=s.max_batch_size,
+                        threads=s.threads)
+    backend = build_backend(choice, opts, "generate")
+    stop = {"asked": False}
+
+    def ask_stop(signum: int, frame: Any) -> None:
+        stop["asked"] = True
+
+    signal.signal(signal.SIGTERM, ask_stop)
+    signal.signal(signal.SIGINT, ask_stop)
+    settings = Settings(args.max_tokens, args.temperature, args.top_p, args.seed, args.stop)
+    try:
+        with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("generate", total=None)
+            summary = generate_file(backend, Path(args.input), Path(args.output), settings,
+                                    workers=s.max_batch_size if backend.kind == "torch" else 1,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                    should_stop=lambda: stop["asked"])
+    finally:
+        backend.close()
+    console.print(f"generated {summary['generated']} rows -> {summary['output']}; {summary['skipped_done']} were already "
+                  f"there; {summary['bad']} bad rows -> {summary['errors']}"
+                  + (f"; stopped with {summary['remaining']} left: run the same command to go on"
+                     if summary["cancelled"] else ""), highlight=False)
+    return 130 if summary["cancelled"] else 0
 
 
 def _cmd_tui(args: argparse.Namespace) -> int:
@@ -272,6 +342,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _cmd_models,
     "score": _cmd_score,
     "serve": _cmd_serve,
+    "generate": _cmd_generate,
     "tui": _cmd_tui,
 }
 

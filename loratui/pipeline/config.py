@@ -348,6 +348,8 @@ class ServeSection(Section):
     model_name: str | None = Field(None, description="Model id clients send (empty: the run name).")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` when set.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched together on backends that batch.")
+    max_queue: int = Field(64, ge=1, description="Requests running or waiting at once; more are answered 429.")
+    max_tokens: int = Field(2048, ge=1, description="The largest `max_tokens` a request may ask for.")
     context_length: int = Field(2048, gt=0, description="Context window (prompt + completion) in tokens.")
     threads: int | None = Field(None, description="CPU threads (empty: all cores).")
 

@@ -158,6 +158,7 @@ class LlamaCppBackend:
         self.lock = threading.Lock()
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
+        self.formatter: Any = None
         tokens = [self.llm.detokenize([i], special=True).decode("utf-8", errors="replace")
                   for i in (self.llm.token_bos(), self.llm.token_eos())]
         self.bos, self.eos = tokens
@@ -176,12 +177,14 @@ class LlamaCppBackend:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         if not self.template:
             raise ValueError("this GGUF has no chat template (tokenizer.chat_template): use /v1/completions")
-        formatted = Jinja2ChatFormatter(self.template, eos_token=self.eos, bos_token=self.bos,
-                                        add_generation_prompt=True)(messages=messages)
+        if self.formatter is None:  # compiled once
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            self.formatter = Jinja2ChatFormatter(self.template, eos_token=self.eos, bos_token=self.bos,
+                                                 add_generation_prompt=True)
+        formatted = self.formatter(messages=messages)
         # the template writes BOS itself when the model wants one
         return self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
 
@@ -281,6 +284,11 @@ class TorchBackend(_HFBase):
         self.context_length = min(context_length, limit)
         self.max_batch_size = max_batch_size
         self.mergeable = self._plain_cache()
+        import inspect
+
+        self.last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.prefix_caching = True
+        self.prefix: tuple[list[int], list[tuple[Any, Any]]] | None = None
         self.waiting: queue.Queue[tuple[GenRequest, queue.Queue[Delta | None]]] = queue.Queue()
         self.running = True
         self.worker = threading.Thread(target=self._loop, name="torch-batcher", daemon=True)
@@ -312,8 +320,8 @@ class TorchBackend(_HFBase):
         self.worker.join(timeout=10)
 
     def _loop(self) -> None:
-        """Continuous batching: new requests join between decode steps (prefilled alone, their KV cache
-        left-padded into the batch's); finished ones leave at once."""
+        """Continuous batching: new requests join between decode steps (the ones that arrived together
+        prefilled in one forward, their KV cache left-padded into the batch's); finished ones leave at once."""
         import torch
 
         rows: list[_Row] = []
@@ -330,21 +338,25 @@ class TorchBackend(_HFBase):
                     admitted.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            for req, out in admitted:
-                if not req.prompt_ids:
-                    continue
+            admitted = [(req, out) for req, out in admitted if req.prompt_ids]
+            if admitted:
                 try:
-                    row, row_cache, token = self._prefill(req, out)
-                except Exception as e:  # this request fails; the others go on
-                    out.put(Delta(finish_reason=f"error: {type(e).__name__}: {e}"))
-                    out.put(None)
-                    continue
-                if row.done:
-                    continue
-                cache, mask = self._join(cache, mask, row_cache, len(req.prompt_ids))
-                token_t = torch.tensor([token], device=self.device)
-                last = token_t if last is None else torch.cat([last, token_t])
-                rows.append(row)
+                    fresh, new_cache, new_mask, new_tokens = self._prefill(admitted)
+                except Exception as e:  # these requests fail; the running ones go on
+                    for req, out in admitted:
+                        out.put(Delta(finish_reason=f"error: {type(e).__name__}: {e}"))
+                        out.put(None)
+                    fresh = []
+                live = [i for i, row in enumerate(fresh) if not row.done]
+                if live:
+                    if len(live) < len(fresh):
+                        index = torch.tensor(live, device=self.device)
+                        new_cache.batch_select_indices(index)
+                        new_cache, new_mask = self._trim(new_cache, new_mask[index])
+                    cache, mask = self._join(cache, mask, new_cache, new_mask)
+                    token_t = torch.tensor([new_tokens[i] for i in live], device=self.device)
+                    last = token_t if last is None else torch.cat([last, token_t])
+                    rows.extend(fresh[i] for i in live)
             if not rows:
                 cache = mask = last = None
                 continue
@@ -375,16 +387,56 @@ class TorchBackend(_HFBase):
                 cache, mask = self._trim(cache, mask)
             last = torch.tensor(tokens, device=self.device)
 
-    def _prefill(self, req: GenRequest, out: "queue.Queue[Delta | None]") -> tuple["_Row", Any, int]:
+    def _prefill(self, admitted: list[tuple[GenRequest, Any]]) -> tuple[list["_Row"], Any, Any, list[int]]:
+        """The admitted prompts in one left-padded forward: their rows, KV cache, mask and first tokens.
+        A lone prompt that starts like the previous lone prompt (a chat's system prompt, a shared
+        instruction) reuses that prompt's KV cache for the shared part (prefix caching)."""
         import torch
 
-        row = _Row(req, out, TextAssembler(self.decode, req.stop), self.stop_ids, self.context_length)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        with torch.inference_mode():
-            result = self.model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
-                                use_cache=True)
-        token = self._next(row, result.logits[0, -1].float().cpu())
-        return row, result.past_key_values, token
+        keep = {"logits_to_keep": 1} if self.last_logits_only else {}  # the head on the last position only
+        rows = [_Row(req, out, TextAssembler(self.decode, req.stop), self.stop_ids, self.context_length)
+                for req, out in admitted]
+        if len(admitted) == 1:
+            ids = admitted[0][0].prompt_ids
+            shared, past = self._cached_prefix(ids)
+            mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                result = self.model(input_ids=torch.tensor([ids[shared:]], device=self.device), attention_mask=mask,
+                                    position_ids=torch.arange(shared, len(ids), device=self.device).unsqueeze(0),
+                                    past_key_values=past, use_cache=True, **keep)
+            if self.prefix_caching:
+                self.prefix = (list(ids), [(layer.keys, layer.values) for layer in self._layers(result.past_key_values)])
+        else:
+            longest = max(len(req.prompt_ids) for req, _ in admitted)
+            ids_t = torch.full((len(admitted), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(admitted), longest), dtype=torch.long)
+            for i, (req, _out) in enumerate(admitted):
+                ids_t[i, longest - len(req.prompt_ids):] = torch.tensor(req.prompt_ids)
+                mask[i, longest - len(req.prompt_ids):] = 1
+            ids_t, mask = ids_t.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                result = self.model(input_ids=ids_t, attention_mask=mask,
+                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **keep)
+        logits = result.logits[:, -1].float().cpu()
+        return rows, result.past_key_values, mask, [self._next(row, logits[i]) for i, row in enumerate(rows)]
+
+    def _cached_prefix(self, ids: list[int]) -> tuple[int, Any]:
+        """(tokens reused, a KV cache holding them) from the previous lone prompt; (0, None) below 8 tokens."""
+        if not (self.prefix_caching and self.mergeable and self.prefix):
+            return 0, None
+        from transformers.cache_utils import DynamicCache
+
+        old, layers = self.prefix
+        shared = 0
+        limit = min(len(old), len(ids) - 1)  # at least one new token, for the logits
+        while shared < limit and old[shared] == ids[shared]:
+            shared += 1
+        if shared < 8:
+            return 0, None
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(layers):
+            cache.update(keys[:, :, :shared, :], values[:, :, :shared, :], i)
+        return shared, cache
 
     def _next(self, row: "_Row", logits: Any) -> int:
         if row.req.cancelled.is_set():
@@ -398,29 +450,27 @@ class TorchBackend(_HFBase):
     def _layers(cache: Any) -> list[Any]:
         return list(cache.layers)
 
-    def _join(self, cache: Any, mask: Any, row_cache: Any, length: int) -> tuple[Any, Any]:
-        """The batch cache with one more row (a fresh prefill of ``length`` tokens), aligned on the right."""
+    def _join(self, cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
+        """The batch cache with the rows of ``new_cache`` added below, both aligned on the right."""
         import torch
         import torch.nn.functional as F
 
-        row_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
         if cache is None:
-            return row_cache, row_mask
-        width = mask.shape[1]
-        if length < width:  # pad the new row on the left
-            for layer in self._layers(row_cache):
-                layer.keys = F.pad(layer.keys, (0, 0, width - length, 0))
-                layer.values = F.pad(layer.values, (0, 0, width - length, 0))
-            row_mask = F.pad(row_mask, (width - length, 0))
-        elif length > width:  # pad the batch on the left
-            for layer in self._layers(cache):
-                layer.keys = F.pad(layer.keys, (0, 0, length - width, 0))
-                layer.values = F.pad(layer.values, (0, 0, length - width, 0))
-            mask = F.pad(mask, (length - width, 0))
-        for layer, new in zip(self._layers(cache), self._layers(row_cache)):
+            return new_cache, new_mask
+        width, new_width = mask.shape[1], new_mask.shape[1]
+        short, pad = (new_cache, width - new_width) if new_width < width else (cache, new_width - width)
+        if pad:  # left-pad the narrower side with masked-out positions
+            for layer in self._layers(short):
+                layer.keys = F.pad(layer.keys, (0, 0, pad, 0))
+                layer.values = F.pad(layer.values, (0, 0, pad, 0))
+            if short is cache:
+                mask = F.pad(mask, (pad, 0))
+            else:
+                new_mask = F.pad(new_mask, (pad, 0))
+        for layer, new in zip(self._layers(cache), self._layers(new_cache)):
             layer.keys = torch.cat([layer.keys, new.keys], dim=0)
             layer.values = torch.cat([layer.values, new.values], dim=0)
-        return cache, torch.cat([mask, row_mask], dim=0)
+        return cache, torch.cat([mask, new_mask], dim=0)
 
     def _trim(self, cache: Any, mask: Any) -> tuple[Any, Any]:
         """Drop left columns that no remaining row uses."""

@@ -270,3 +270,40 @@ def test_the_backends_agree_on_greedy_text(artifacts):
             b.close()
     assert prompts[0] == prompts[1] == prompts[2]
     assert replies[0] == replies[1] == replies[2] and replies[0]
+
+
+def test_the_serve_and_generate_commands(artifacts, tmp_path):
+    """`loratui serve` as a user starts it (a subprocess), and `loratui generate` on the same file."""
+    import json
+
+    repo = Path(__file__).parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loratui", "serve", str(artifacts["gguf"]), "--port", str(port),
+                             "--model-name", "tiny"], cwd=repo, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).usage.completion_tokens <= 3
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=60)[1]
+    assert "llama.cpp" in err and "is a GGUF file" in err  # what it chose, and why
+    refused = subprocess.run([sys.executable, "-m", "loratui", "serve", str(artifacts["gguf"]), "--host", "0.0.0.0"],
+                             cwd=repo, capture_output=True, text=True, env={**os.environ, "LORATUI_API_KEY": ""})
+    assert refused.returncode == 2 and "no API key" in refused.stderr
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": "Hello"}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "loratui", "generate", str(artifacts["gguf"]), "--input", str(src),
+                           "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "4"], cwd=repo, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2 and "generated 2 rows" in done.stderr

@@ -40,7 +40,9 @@ def test_continuous_batching_gives_each_request_its_own_output(tiny_model_factor
     prompts = [("word " * random.Random(i).randint(1, 30)) + f"row {i}" for i in range(10)]
 
     def request(i: int) -> GenRequest:
-        return GenRequest(backend.encode(prompts[i]), max_tokens=5 + 3 * (i % 4), temperature=1.0, seed=i)
+        # some end at their first token (max_tokens 1), inside the batched prefill
+        return GenRequest(backend.encode(prompts[i]), max_tokens=1 if i % 5 == 0 else 5 + 3 * (i % 4), temperature=1.0,
+                          seed=i)
 
     try:
         alone = {i: "".join(d.text for d in backend.stream(request(i))) for i in range(10)}
@@ -56,3 +58,31 @@ def test_continuous_batching_gives_each_request_its_own_output(tiny_model_factor
     finally:
         backend.close()
     assert together == alone and len(set(alone.values())) == 10
+
+
+def test_prefix_caching_reuses_a_shared_prompt_start_and_changes_nothing(tiny_model_factory):
+    backend = TorchBackend(tiny_model_factory(tokenizer="smollm2"), "t", 256, max_batch_size=4)
+    chats = [[{"role": "user", "content": q}] for q in ("Where is it?", "When does it open?", "Who runs the place?")]
+    hits: list[int] = []
+    original = backend._cached_prefix
+
+    def spy(ids):
+        shared, cache = original(ids)
+        hits.append(shared)
+        return shared, cache
+
+    backend._cached_prefix = spy
+    try:
+        def replies() -> list[str]:
+            return ["".join(d.text for d in backend.stream(GenRequest(backend.chat_prompt(c), 8, temperature=0)))
+                    for c in chats]
+
+        backend.prefix_caching = False
+        plain = replies()
+        backend.prefix_caching, backend.prefix = True, None
+        cached = replies()
+    finally:
+        backend.close()
+    assert cached == plain
+    # SmolLM2's template opens every chat with the same system prompt: the 2nd and 3rd prompts reuse it
+    assert hits[-3] == 0 and hits[-2] >= 8 and hits[-1] >= 8
