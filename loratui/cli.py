@@ -27,6 +27,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
 
 
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    """What serve and generate run: a run or an artifact, its config, the runtime."""
+    p.add_argument("target", nargs="?", default=None,
+                   help="a run directory, a .gguf file, an ONNX export folder or a merged model directory "
+                   "(default: serve.artifact, else the run of --config)")
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
+    p.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
+                   help="runtime (default: serve.backend, auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loratui",
@@ -76,12 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
                          "/health and /metrics. --format auto: PyTorch with CUDA, else a GGUF in llama.cpp, else "
                          "ONNX Runtime, else PyTorch; it prints what it chose and why.")
-    srv.add_argument("target", nargs="?", default=None,
-                     help="a run directory, a .gguf file, an ONNX export folder or a merged model directory "
-                     "(default: the run of --config)")
-    srv.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
-    srv.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
-                     help="runtime (default: serve.backend, auto)")
+    _add_target_args(srv)
     srv.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (also LORATUI_API_KEY)")
@@ -92,12 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="offline batch generation from a JSONL of prompts or chats (serve's backends)",
                          description="Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
                          "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.")
-    gen.add_argument("target", nargs="?", default=None,
-                     help="a run directory, a .gguf file, an ONNX export folder or a merged model directory "
-                     "(default: the run of --config)")
-    gen.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
-    gen.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
-                     help="runtime (default: serve.backend, auto)")
+    _add_target_args(gen)
     gen.add_argument("--input", required=True, metavar="FILE", help="JSONL prompts or chats")
     gen.add_argument("--output", required=True, metavar="FILE", help="JSONL outputs (appended; resumable)")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens per row (default: 256)")

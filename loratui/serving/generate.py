@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.serving.backends import GenRequest
-from loratui.serving.score import done_ids
+from loratui.serving.score import done_ids, read_objects
 
 
 @dataclass
@@ -33,38 +33,19 @@ class Settings:
 
 
 def _rows(path: Path, skip: set[str], bad: Callable[[int, Any, str], None]) -> tuple[list[tuple[Any, int, Any]], int]:
-    rows, seen, already = [], set(), 0
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except ValueError as e:
-                bad(line_no, None, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(data, dict):
-                bad(line_no, None, f"expected a JSON object, got {type(data).__name__}")
-                continue
-            row_id = data.get("id", line_no)
-            key = json.dumps(row_id)
-            if key in seen:
-                bad(line_no, row_id, f"id {row_id!r} appears earlier in the file; ids must be unique")
-                continue
-            seen.add(key)
-            if key in skip:
-                already += 1
-                continue
-            messages, prompt = data.get("messages"), data.get("prompt")
-            if isinstance(messages, list) and messages and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                rows.append((row_id, line_no, messages))
-            elif isinstance(prompt, str) and prompt:
-                rows.append((row_id, line_no, prompt))
-            else:
-                bad(line_no, row_id, "expected `prompt` (a non-empty string) or `messages` (a list of "
-                    "{role, content} objects with string values)")
+    rows = []
+    objects, already = read_objects(path, skip, bad)
+    for line_no, row_id, data in objects:
+        messages, prompt = data.get("messages"), data.get("prompt")
+        if isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            rows.append((row_id, line_no, messages))
+        elif isinstance(prompt, str) and prompt:
+            rows.append((row_id, line_no, prompt))
+        else:
+            bad(line_no, row_id, "expected `prompt` (a non-empty string) or `messages` (a list of "
+                "{role, content} objects with string values)")
     return rows, already
 
 

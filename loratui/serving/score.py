@@ -135,14 +135,14 @@ def done_ids(output: Path) -> set[str]:
     return seen
 
 
-def read_rows(input_path: Path, columns: tuple[str, str | None], scorer: Scorer, skip: set[str],
-              bad: Callable[[int, Any, str], None]) -> tuple[list[Row], int]:
-    """Rows still to score, and how many were already done."""
-    first, second = columns
-    rows: list[Row] = []
+def read_objects(path: Path, skip: set[str], bad: Callable[[int, Any, str], None]) -> tuple[list[tuple[int, Any, dict]], int]:
+    """The JSON objects of a JSONL file as (line, id, object), the id being the row's ``id`` or its line
+    number; rows whose id is in ``skip`` are counted, not returned. Lines that are not JSON objects and
+    repeated ids go to ``bad(line, id, reason)``."""
+    rows: list[tuple[int, Any, dict]] = []
     seen: set[str] = set()
     already = 0
-    with input_path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open(encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -163,26 +163,37 @@ def read_rows(input_path: Path, columns: tuple[str, str | None], scorer: Scorer,
             if key in skip:
                 already += 1
                 continue
-            texts = []
-            for name in (first, second) if second else (first,):
-                value = data.get(name)
-                if not isinstance(value, str) or not value:
-                    got = "missing" if name not in data else f"{type(value).__name__} {str(value)[:40]!r}"
-                    bad(line_no, row_id, f"field {name!r}: expected a non-empty string, got {got}")
-                    break
-                texts.append(value)
+            rows.append((line_no, row_id, data))
+    return rows, already
+
+
+def read_rows(input_path: Path, columns: tuple[str, str | None], scorer: Scorer, skip: set[str],
+              bad: Callable[[int, Any, str], None]) -> tuple[list[Row], int]:
+    """Rows still to score, and how many were already done."""
+    first, second = columns
+    rows: list[Row] = []
+    objects, already = read_objects(input_path, skip, bad)
+    for line_no, row_id, data in objects:
+        texts = []
+        for name in (first, second) if second else (first,):
+            value = data.get(name)
+            if not isinstance(value, str) or not value:
+                got = "missing" if name not in data else f"{type(value).__name__} {str(value)[:40]!r}"
+                bad(line_no, row_id, f"field {name!r}: expected a non-empty string, got {got}")
+                break
+            texts.append(value)
+        else:
+            ids = scorer.encode(texts[0], True)
+            completion = 0
+            if second:
+                tail = scorer.encode(texts[1], False)
+                ids, completion = ids + tail, len(tail)
+            if len(ids) < 2 or (completion and completion >= len(ids)):
+                bad(line_no, row_id, f"{len(ids)} token(s): nothing to score (the first token has no context)")
+            elif scorer.context and len(ids) > scorer.context:
+                bad(line_no, row_id, f"{len(ids)} tokens, longer than the model's context of {scorer.context}")
             else:
-                ids = scorer.encode(texts[0], True)
-                completion = 0
-                if second:
-                    tail = scorer.encode(texts[1], False)
-                    ids, completion = ids + tail, len(tail)
-                if len(ids) < 2 or (completion and completion >= len(ids)):
-                    bad(line_no, row_id, f"{len(ids)} token(s): nothing to score (the first token has no context)")
-                elif scorer.context and len(ids) > scorer.context:
-                    bad(line_no, row_id, f"{len(ids)} tokens, longer than the model's context of {scorer.context}")
-                else:
-                    rows.append(Row(row_id, line_no, ids, completion))
+                rows.append(Row(row_id, line_no, ids, completion))
     return rows, already
 
 
