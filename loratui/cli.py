@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-unauthenticated", action="store_true",
                      help="allow a non-loopback --host without an API key")
     srv.add_argument("--strict", action="store_true", help="fail instead of serving the base when the adapter fails")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                     help="serve this adapter on the base as model NAME (repeatable; PyTorch); the base is served too")
     gen = sub.add_parser("generate", help="offline batch generation from a JSONL of prompts or chats (serve's backends)",
                          description="Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
                          "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.")
@@ -267,16 +269,29 @@ def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loratui.pipeline.errors import LoratuiError
     from loratui.serving.app import Limits
     from loratui.serving.server import ServeOptions, api_key_from, serve
 
     target, cfg, base, fmt = _serve_target(args)
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LoratuiError(f"--adapter {spec!r}: expected NAME=PATH")
+        adapters[name] = Path(path)
+    if adapters and (target / "config.yaml").is_file():  # adapters go on the run's base, not on its merged model
+        from loratui.pipeline.models import resolve_model
+
+        base = resolve_model(cfg.model.base, revision=cfg.model.revision).path
     s = cfg.serve
     opts = ServeOptions(target=target, fmt=fmt, host=args.host or s.host, port=args.port or s.port,
                         api_key=api_key_from(args.api_key, s.api_key), allow_unauthenticated=args.allow_unauthenticated,
                         strict=args.strict, model_id=args.model_name or s.model_name, context_length=s.context_length,
                         max_batch_size=s.max_batch_size, threads=s.threads, base=base,
-                        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue))
+                        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue), adapters=adapters or None)
     serve(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 

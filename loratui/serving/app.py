@@ -235,14 +235,18 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(state), media_type="text/plain; version=0.0.4")
 
+    def served() -> list[str]:
+        return list(state.backend.models) if state.backend is not None else [state.model_id]
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": "loratui"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "loratui"}
+                                           for m in served()]}
 
     def _backend(model: str) -> Backend:
-        if model != state.model_id:
-            raise ApiError(404, f"The model `{model}` does not exist: this server serves `{state.model_id}`.",
-                           param="model", code="model_not_found")
+        if model not in served():
+            raise ApiError(404, f"The model `{model}` does not exist: this server serves "
+                           + ", ".join(f"`{m}`" for m in served()) + ".", param="model", code="model_not_found")
         if state.backend is None:
             raise ApiError(503, f"the model is {state.status}: {state.reason or 'try again shortly'}", "server_error")
         return state.backend
@@ -258,7 +262,8 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                            "for the completion). Please reduce the prompt or the completion length.",
                            param="messages" if isinstance(body, ChatRequest) else "prompt",
                            code="context_length_exceeded")
-        return GenRequest(prompt_ids, max(wanted, 1), body.temperature, body.top_p, body.stops(), body.seed)
+        return GenRequest(prompt_ids, max(wanted, 1), body.temperature, body.top_p, body.stops(), body.seed,
+                          adapter=backend.models.get(body.model))
 
     def _enter() -> None:
         with state.lock:
@@ -321,7 +326,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                                       if kind == "chat" else
                                       {"index": 0, "text": content, "finish_reason": finish(last.finish_reason),
                                        "logprobs": None})
-            return {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [choice],
+            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice],
                     "usage": usage(last), "system_fingerprint": f"loratui-{backend.kind}"}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -333,7 +338,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-            payload: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
+            payload: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": body.model,
                                        "choices": [choice], "system_fingerprint": f"loratui-{backend.kind}"}
             if include_usage:
                 payload["usage"] = None
@@ -357,7 +362,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                         yield chunk(item.text, None)
                 metrics.finished(last, time.monotonic() - started)
                 if include_usage:
-                    payload = {"id": rid, "object": chunk_obj, "created": created, "model": state.model_id,
+                    payload = {"id": rid, "object": chunk_obj, "created": created, "model": body.model,
                                "choices": [], "usage": usage(last)}
                     yield f"data: {json.dumps(payload)}\n\n"
                 yield "data: [DONE]\n\n"

@@ -14,6 +14,7 @@ batches continuously: a request that arrives joins the running batch at the next
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    adapter: str | None = None  # PyTorch with several adapters: which one ("__base__": none)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Backend(Protocol):
     kind: str  # llama.cpp, torch, onnxruntime
     model_id: str
     context_length: int
+    models: dict[str, str | None]  # model id clients send -> adapter name for GenRequest.adapter
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -148,6 +151,7 @@ class LlamaCppBackend:
         import llama_cpp
 
         self.model_id = model_id
+        self.models: dict[str, str | None] = {model_id: None}
         from loratui.exporters.inspect import summary
 
         trained = summary(path)["context_length"]  # the gguf reader: metadata only, no llama.cpp log
@@ -261,7 +265,11 @@ class TorchBackend(_HFBase):
     kind = "torch"
 
     def __init__(self, model_dir: Path, model_id: str, context_length: int = 2048, max_batch_size: int = 8,
-                 device: str | None = None, adapter: Path | None = None):
+                 device: str | None = None, adapter: Path | None = None, adapters: dict[str, Path] | None = None,
+                 log: Callable[[str], None] | None = None):
+        """``adapter``: served as ``model_id``. ``adapters``: several, each served under its own name, the
+        base under ``model_id`` (peft's mixed-adapter batches: one batch may hold rows of each); one
+        that fails to load is left out and listed in ``failed``."""
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -270,10 +278,15 @@ class TorchBackend(_HFBase):
         self.model_id = model_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_torch(model_dir, "causal", self.device, "bf16" if self.device == "cuda" else "fp32")
+        self.models: dict[str, str | None] = {model_id: None}
+        self.failed: dict[str, str] = {}
+        self.mixed = False
         if adapter is not None:
             from loratui.pipeline.evaluate.runtimes import apply_adapter
 
             self.model = apply_adapter(self.model, adapter)
+        elif adapters:
+            self._load_adapters(adapters, log or (lambda m: None))
         source = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
         try:
             eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
@@ -288,11 +301,36 @@ class TorchBackend(_HFBase):
 
         self.last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.prefix_caching = True
-        self.prefix: tuple[list[int], list[tuple[Any, Any]]] | None = None
+        self.prefix: tuple[list[int], list[tuple[Any, Any]], str | None] | None = None
         self.waiting: queue.Queue[tuple[GenRequest, queue.Queue[Delta | None]]] = queue.Queue()
         self.running = True
         self.worker = threading.Thread(target=self._loop, name="torch-batcher", daemon=True)
         self.worker.start()
+
+    def _load_adapters(self, adapters: dict[str, Path], log: Callable[[str], None]) -> None:
+        from peft import PeftModel
+
+        peft_model = None
+        for name, path in adapters.items():
+            try:
+                config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+                if config.get("use_dora"):
+                    raise ValueError("DoRA adapters cannot share a batch with others (serve it alone, or merged)")
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                else:
+                    peft_model.load_adapter(str(path), adapter_name=name)
+                self.models[name] = name
+            except Exception as e:  # noqa: BLE001 - the others are still served
+                self.failed[name] = f"{type(e).__name__}: {e}"
+                log(f"serve: adapter {name} ({path}) failed to load: {self.failed[name]}")
+        if peft_model is not None:
+            self.model = peft_model.eval()
+            self.models[self.model_id] = "__base__"
+            self.mixed = True
+
+    def _adapter_args(self, rows: list["_Row"]) -> dict[str, Any]:
+        return {"adapter_names": [row.req.adapter or "__base__" for row in rows]} if self.mixed else {}
 
     def _plain_cache(self) -> bool:
         """Whether the model's KV cache is plain per-layer tensors that rows can be added to and padded
@@ -365,7 +403,7 @@ class TorchBackend(_HFBase):
                     mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
                     position = mask.sum(-1, keepdim=True) - 1
                     out = self.model(input_ids=last.unsqueeze(1), attention_mask=mask, position_ids=position,
-                                     past_key_values=cache, use_cache=True)
+                                     past_key_values=cache, use_cache=True, **self._adapter_args(rows))
                     cache = out.past_key_values
                     logits = out.logits[:, -1, :].float().cpu()
             except Exception as e:  # a model failure ends these requests, not the worker
@@ -398,14 +436,15 @@ class TorchBackend(_HFBase):
                 for req, out in admitted]
         if len(admitted) == 1:
             ids = admitted[0][0].prompt_ids
-            shared, past = self._cached_prefix(ids)
+            shared, past = self._cached_prefix(ids, admitted[0][0].adapter)
             mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 result = self.model(input_ids=torch.tensor([ids[shared:]], device=self.device), attention_mask=mask,
                                     position_ids=torch.arange(shared, len(ids), device=self.device).unsqueeze(0),
-                                    past_key_values=past, use_cache=True, **keep)
-            if self.prefix_caching:
-                self.prefix = (list(ids), [(layer.keys, layer.values) for layer in self._layers(result.past_key_values)])
+                                    past_key_values=past, use_cache=True, **keep, **self._adapter_args(rows))
+            if self.prefix_caching:  # keyed by adapter too: another adapter's KV is another model's
+                self.prefix = (list(ids), [(layer.keys, layer.values) for layer in self._layers(result.past_key_values)],
+                               admitted[0][0].adapter)
         else:
             longest = max(len(req.prompt_ids) for req, _ in admitted)
             ids_t = torch.full((len(admitted), longest), self.pad_id, dtype=torch.long)
@@ -416,17 +455,19 @@ class TorchBackend(_HFBase):
             ids_t, mask = ids_t.to(self.device), mask.to(self.device)
             with torch.inference_mode():
                 result = self.model(input_ids=ids_t, attention_mask=mask,
-                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **keep)
+                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **keep,
+                                    **self._adapter_args(rows))
         logits = result.logits[:, -1].float().cpu()
         return rows, result.past_key_values, mask, [self._next(row, logits[i]) for i, row in enumerate(rows)]
 
-    def _cached_prefix(self, ids: list[int]) -> tuple[int, Any]:
-        """(tokens reused, a KV cache holding them) from the previous lone prompt; (0, None) below 8 tokens."""
-        if not (self.prefix_caching and self.mergeable and self.prefix):
+    def _cached_prefix(self, ids: list[int], adapter: str | None = None) -> tuple[int, Any]:
+        """(tokens reused, a KV cache holding them) from the previous lone prompt of the same adapter;
+        (0, None) below 8 tokens."""
+        if not (self.prefix_caching and self.mergeable and self.prefix) or self.prefix[2] != adapter:
             return 0, None
         from transformers.cache_utils import DynamicCache
 
-        old, layers = self.prefix
+        old, layers, _adapter = self.prefix
         shared = 0
         limit = min(len(old), len(ids) - 1)  # at least one new token, for the logits
         while shared < limit and old[shared] == ids[shared]:
@@ -541,6 +582,7 @@ class OnnxBackend(_HFBase):
         from loratui.pipeline.evaluate.runtimes import load_onnx
 
         self.model_id = model_id
+        self.models: dict[str, str | None] = {model_id: None}
         self.model = load_onnx(model_dir, "causal", threads=threads)
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         self._setup_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), eos)

@@ -35,6 +35,7 @@ class ServeOptions:
     threads: int | None = None
     base: Path | None = None  # the run's base model directory (base + adapter)
     limits: Limits | None = None
+    adapters: dict[str, Path] | None = None  # several adapters on the base, each its own model id (PyTorch)
 
 
 def is_loopback(host: str) -> bool:
@@ -52,14 +53,15 @@ def check_security(opts: ServeOptions) -> None:
                            hint=f"Set --api-key (or {KEY_ENV}), or pass --allow-unauthenticated if that is intended.")
 
 
-def build_backend(choice: Choice, opts: ServeOptions, model_id: str) -> Any:
+def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callable[[str], None] = print) -> Any:
     from loratui.serving import backends
 
     if choice.kind == "gguf":
         return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads)
     if choice.kind == "onnx":
         return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads)
-    return backends.TorchBackend(choice.path, model_id, opts.context_length, opts.max_batch_size, adapter=choice.adapter)
+    return backends.TorchBackend(choice.path, model_id, opts.context_length, opts.max_batch_size, adapter=choice.adapter,
+                                 adapters=opts.adapters, log=log)
 
 
 def loader_for(choice: Choice, opts: ServeOptions, log: Callable[[str], None]) -> Callable[[ServerState], None]:
@@ -67,8 +69,13 @@ def loader_for(choice: Choice, opts: ServeOptions, log: Callable[[str], None]) -
 
     def load(state: ServerState) -> None:
         try:
-            state.backend = build_backend(choice, opts, state.model_id)
-            state.status = "ok"
+            state.backend = build_backend(choice, opts, state.model_id, log)
+            failed = getattr(state.backend, "failed", None)
+            state.status = "degraded" if failed else "ok"
+            if failed:
+                if opts.strict:
+                    raise RuntimeError("; ".join(f"adapter {k} failed to load ({v})" for k, v in failed.items()))
+                state.reason = "; ".join(f"adapter {k} failed to load ({v}); not served" for k, v in failed.items())
         except Exception as e:  # noqa: BLE001 - reported on /health and in the log
             why = f"{type(e).__name__}: {e}"
             if choice.adapter is not None and not opts.strict:
@@ -93,7 +100,15 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
     check_security(opts)
     import torch
 
-    choice = choose(opts.target, opts.fmt, torch.cuda.is_available(), opts.base)
+    if opts.adapters:
+        base = opts.base or opts.target
+        if opts.fmt not in ("auto", "torch") or not (base / "config.json").is_file():
+            raise LoratuiError("--adapter: several adapters are served by PyTorch (peft) on a base model directory",
+                               hint="Give the base model directory (or a run) and --format torch or auto.")
+        choice = Choice("torch", base, None, f"{len(opts.adapters)} adapter(s) on the base {base}: PyTorch (peft) "
+                        "serves them side by side, one model id each")
+    else:
+        choice = choose(opts.target, opts.fmt, torch.cuda.is_available(), opts.base)
     model_id = opts.model_id or (opts.target.name if opts.target.is_dir() else opts.target.stem)
     log(f"serve: {choice.reason}")
     state = ServerState(model_id=model_id, chosen=choice.reason)

@@ -307,3 +307,58 @@ def test_the_serve_and_generate_commands(artifacts, tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2 and "generated 2 rows" in done.stderr
+
+
+def _random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random, non-zero B (so it changes the model), saved like a trained one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def test_several_adapters_side_by_side(artifacts, tmp_path):
+    """`--adapter a=... --adapter b=...`: one model id each plus the base; mixed batches give each row its adapter."""
+    from loratui.serving.backends import GenRequest, TorchBackend
+
+    base = artifacts["torch"]
+    paths = {name: _random_adapter(base, tmp_path / name, seed) for seed, name in enumerate(("a", "b"))}
+    broken = tmp_path / "c"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    state = ServerState(model_id="tiny")
+    opts = ServeOptions(target=base, context_length=256, adapters={**paths, "c": broken})
+    srv = Server(create_app(state, loader=loader_for(Choice("torch", base, None, "test"), opts, lambda m: None)))
+    try:
+        health = srv.wait_ready()
+        assert health["status"] == "degraded" and "adapter c failed to load" in health["reason"]
+        client = srv.client()
+        assert sorted(m.id for m in client.models.list()) == ["a", "b", "tiny"]
+        prompts = {m: f"Tell me about {m}" for m in ("a", "b", "tiny")}
+        together: dict[str, str] = {}
+
+        def ask(model: str) -> None:
+            together[model] = client.completions.create(model=model, prompt=prompts[model], max_tokens=10,
+                                                        temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in prompts for _ in range(1)]
+        [t.start() for t in threads]
+        [t.join(timeout=120) for t in threads]
+    finally:
+        srv.stop()
+    alone = {}
+    for model, adapter in (("a", paths["a"]), ("b", paths["b"]), ("tiny", None)):
+        backend = TorchBackend(base, model, 256, adapter=adapter)
+        try:
+            alone[model] = "".join(d.text for d in backend.stream(GenRequest(backend.encode(prompts[model]), 10,
+                                                                              temperature=0)))
+        finally:
+            backend.close()
+    assert together == alone
+    assert len({alone["a"], alone["b"], alone["tiny"]}) == 3  # the adapters do change the model
