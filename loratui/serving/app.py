@@ -350,8 +350,10 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 if kind == "chat":
                     yield chunk(None, None, role=True)
                 while (item := await deltas.get()) is not None:
-                    if isinstance(item, BaseException):
-                        yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                    failed = isinstance(item, BaseException) or (item.finish_reason or "").startswith("error")
+                    if failed:  # the stream is already 200: the failure goes in an error event
+                        yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error",
+                                                               "param": None, "code": None}}) + "\n\n"
                         return
                     last = item
                     if item.finish_reason:
