@@ -1,0 +1,195 @@
+"""Long steps as subprocesses the App owns: ``loratui <step> --config ... --events jsonl``.
+
+A :class:`Job` starts the command in its own process group, reads its stdout as run events (one JSON
+object per line; any other line becomes a log event), keeps the tail of its stderr for the error
+dialog, and knows how it ended: ``done``, ``failed`` (an error event or a non-zero exit without
+one), ``cancelled``. ``cancel()`` sends SIGTERM to the whole group (the step saves what it can, a
+checkpoint for training, and exits 130), then SIGKILL after a grace period: no process outlives
+the job, whatever it started (data-parallel workers included). Headless: no Textual import, so it
+is tested with plain fake scripts; the screens subscribe through ``on_event``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from loratui.pipeline.events import Error, Log, Progress, parse_event
+
+State = Literal["idle", "running", "done", "failed", "cancelled"]
+
+
+def step_command(step: str, config: str | Path | None, overrides: list[str] | None = None,
+                 extra: list[str] | None = None) -> list[str]:
+    """The command line of a step as the TUI runs it (and shows it in "show command")."""
+    return [sys.executable, "-m", "loratui", step, *(["--config", str(config)] if config else []),
+            *(overrides or []), *(extra or []), "--events", "jsonl"]
+
+
+@dataclass
+class Job:
+    argv: list[str]
+    on_event: Callable[[Any], None] | None = None
+    cwd: str | Path | None = None
+    env: dict[str, str] | None = None
+    grace_s: float = 10.0  # SIGTERM -> SIGKILL
+    events: list[Any] = field(default_factory=list)
+    stderr_tail: deque = field(default_factory=lambda: deque(maxlen=200))
+    state: State = "idle"
+    returncode: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    _proc: subprocess.Popen | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _cancel_asked: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---------------------------------------------------------------------------------- control
+
+    def start(self) -> "Job":
+        if self._proc is not None:
+            raise RuntimeError("a Job runs once; make a new one")
+        self.started_at = time.time()
+        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      stdin=subprocess.DEVNULL, cwd=self.cwd,
+                                      env={**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"},
+                                      start_new_session=True)  # its own process group: cancel reaches children
+        self.state = "running"
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True, name="job-stdout"),
+                         threading.Thread(target=self._read_stderr, daemon=True, name="job-stderr")]
+        for t in self._threads:
+            t.start()
+        threading.Thread(target=self._watch, daemon=True, name="job-wait").start()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def cancel(self) -> None:
+        """SIGTERM to the job's process group, SIGKILL after ``grace_s`` if it is still there."""
+        if not self.running or self._proc is None:
+            return
+        self._cancel_asked = True
+        self._signal(signal.SIGTERM)
+
+        def escalate() -> None:
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None and not self._group_alive():
+                    return
+                time.sleep(0.05)
+            self._signal(signal.SIGKILL)
+
+        threading.Thread(target=escalate, daemon=True, name="job-escalate").start()
+
+    def kill(self) -> None:
+        self._cancel_asked = True
+        self._signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> State:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == "running":
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the job is still running after {timeout} s")
+            time.sleep(0.02)
+        return self.state
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)  # type: ignore[union-attr]
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self._proc.pid, 0)  # type: ignore[union-attr]
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    # ---------------------------------------------------------------------------------- reading
+
+    def _emit(self, event: Any) -> None:
+        with self._lock:
+            self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _read_stdout(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                event = parse_event(line)
+            except ValueError:
+                event = Log(step=self.step, message=line)
+            self._emit(event)
+
+    def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        for raw in self._proc.stderr:
+            self.stderr_tail.append(raw.decode("utf-8", errors="replace").rstrip("\n"))
+
+    def _watch(self) -> None:
+        assert self._proc is not None
+        code = self._proc.wait()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self._group_alive():  # the step exited but left processes behind: they go with it
+            self._signal(signal.SIGKILL)
+        self.returncode = code
+        self.ended_at = time.time()
+        last = self.final_event
+        if last is not None and last.type == "done" and code == 0:
+            self.state = "done"
+        elif (last is not None and last.type == "cancelled") or (self._cancel_asked and code != 0):
+            self.state = "cancelled"
+        else:
+            if last is None or last.type != "error":
+                tail = "\n".join(list(self.stderr_tail)[-5:]) or "no output"
+                self._emit(Error(step=self.step, message=f"the job ended with exit code {code}: {tail}",
+                                 user_error=False))
+            self.state = "failed"
+
+    # ---------------------------------------------------------------------------------- views
+
+    @property
+    def step(self) -> str:
+        words = [w for w in self.argv if not w.startswith("-")]
+        return words[words.index("loratui") + 1] if "loratui" in words and words.index("loratui") + 1 < len(words) else "job"
+
+    @property
+    def final_event(self) -> Any:
+        with self._lock:
+            return next((e for e in reversed(self.events) if e.type in ("done", "error", "cancelled")), None)
+
+    @property
+    def error(self) -> Any:
+        """The error event of a failed job (message and hint for the error dialog)."""
+        with self._lock:
+            return next((e for e in reversed(self.events) if e.type == "error"), None)
+
+    def progress(self, task: str | None = None) -> Progress | None:
+        """The latest progress event (of ``task``, if given)."""
+        with self._lock:
+            return next((e for e in reversed(self.events) if isinstance(e, Progress) and task in (None, e.task)), None)
+
+    def metrics(self, name: str) -> list[tuple[int | None, float]]:
+        """(step, value) of every metric event holding ``name``: the points of a live loss chart."""
+        with self._lock:
+            return [(e.at, e.values[name]) for e in self.events if e.type == "metric" and name in e.values]
