@@ -106,33 +106,62 @@ class TextAssembler:
         return out
 
 
+class Decoding:
+    """One request's tokens in, its deltas out (through ``emit``): stop ids, stop strings, ``max_tokens``
+    and the context end, then one final delta with the reason and the counts. Shared by every backend."""
+
+    def __init__(self, req: GenRequest, decode: Callable[[list[int]], str], stop_ids: set[int],
+                 emit: Callable[[Delta | None], None], context_length: int | None = None,
+                 started: float | None = None):
+        self.req, self.stop_ids, self.emit, self.context_length = req, stop_ids, emit, context_length
+        self.text = TextAssembler(decode, req.stop)
+        self.started = time.monotonic() if started is None else started
+        self.count = 0
+        self.first: float | None = None
+        self.done = False
+
+    def take(self, token: int) -> None:
+        if self.first is None:
+            self.first = time.monotonic() - self.started
+        if token in self.stop_ids:
+            return self.finish("stop")
+        self.count += 1
+        piece = self.text.add(token)
+        if piece:
+            self.emit(Delta(piece))
+        if self.text.stopped:
+            self.finish("stop")
+        elif self.count >= self.req.max_tokens or (
+                self.context_length is not None and len(self.req.prompt_ids) + self.count >= self.context_length):
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """The final delta (once), then None: the end of this request's stream."""
+        if self.done:
+            return
+        self.done = True
+        self.emit(Delta("" if reason.startswith("error") else self.text.flush(), finish_reason=reason,
+                        prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.count,
+                        first_token_s=self.first))
+        self.emit(None)
+
+
 def run_request(req: GenRequest, tokens: Iterator[int], decode: Callable[[list[int]], str], stop_ids: set[int],
                 started: float) -> Iterator[Delta]:
-    """The shared loop: tokens of one request -> deltas, honouring stop ids, stop strings, max_tokens, cancel."""
-    text = TextAssembler(decode, req.stop)
-    count, first = 0, None
-    reason = "length"
+    """One request from a token iterator (backends that serve one at a time), honouring cancel."""
+    pending: list[Delta | None] = []
+    state = Decoding(req, decode, stop_ids, pending.append, started=started)
     for token in tokens:
         if req.cancelled.is_set():
-            reason = "cancelled"
-            break
-        if first is None:
-            first = time.monotonic() - started
-        if token in stop_ids:
-            reason = "stop"
-            break
-        count += 1
-        piece = text.add(token)
-        if piece:
-            yield Delta(piece)
-        if text.stopped:
-            reason = "stop"
-            break
-        if count >= req.max_tokens:
-            break
-    rest = text.flush()
-    yield Delta(rest, finish_reason=reason, prompt_tokens=len(req.prompt_ids), completion_tokens=count,
-                first_token_s=first)
+            state.finish("cancelled")
+        else:
+            state.take(token)
+        yield from (d for d in pending if d is not None)
+        pending.clear()
+        if state.done:
+            return
+    state.finish("length")  # the tokens ran out (the context's end)
+    yield from (d for d in pending if d is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,8 +461,7 @@ class TorchBackend(_HFBase):
         import torch
 
         keep = {"logits_to_keep": 1} if self.last_logits_only else {}  # the head on the last position only
-        rows = [_Row(req, out, TextAssembler(self.decode, req.stop), self.stop_ids, self.context_length)
-                for req, out in admitted]
+        rows = [_Row(req, out, self.decode, self.stop_ids, self.context_length) for req, out in admitted]
         if len(admitted) == 1:
             ids = admitted[0][0].prompt_ids
             shared, past = self._cached_prefix(ids, admitted[0][0].adapter)
@@ -525,49 +553,16 @@ class TorchBackend(_HFBase):
         return cache, mask
 
 
-@dataclass
-class _Row:
-    """One request inside TorchBackend's batch."""
+class _Row(Decoding):
+    """One request inside TorchBackend's batch: its decoding state, its output queue, its sampler."""
 
-    req: GenRequest
-    out: "queue.Queue[Delta | None]"
-    text: TextAssembler
-    stop_ids: set[int]
-    context_length: int
-    started: float = field(default_factory=time.monotonic)
-    count: int = 0
-    first: float | None = None
-    done: bool = False
-    generator: Any = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, req: GenRequest, out: "queue.Queue[Delta | None]", decode: Callable[[list[int]], str],
+                 stop_ids: set[int], context_length: int):
         import torch
 
+        super().__init__(req, decode, stop_ids, out.put, context_length)
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.req.seed if self.req.seed is not None else int(time.time_ns() % 2**63))
-
-    def take(self, token: int) -> None:
-        if self.first is None:
-            self.first = time.monotonic() - self.started
-        if token in self.stop_ids:
-            return self.finish("stop")
-        self.count += 1
-        piece = self.text.add(token)
-        if piece:
-            self.out.put(Delta(piece))
-        if self.text.stopped:
-            self.finish("stop")
-        elif self.count >= self.req.max_tokens or len(self.req.prompt_ids) + self.count >= self.context_length:
-            self.finish("length")
-
-    def finish(self, reason: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.out.put(Delta("" if reason.startswith("error") else self.text.flush(), finish_reason=reason,
-                           prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.count,
-                           first_token_s=self.first))
-        self.out.put(None)
+        self.generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**63))
 
 
 class OnnxBackend(_HFBase):
