@@ -114,6 +114,23 @@ def eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events
                          cfg.export.verify_samples)
 
 
+def merged_reference(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink, should_stop: Any,
+                     task: str = "causal") -> tuple[list[Any], set[int], Any]:
+    """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model
+    in PyTorch fp32 on CPU behind the evaluate step's model interface."""
+    from loratui.pipeline.data.step import prepare
+    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
+    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+
+    prepare(cfg, run, events, should_stop)
+    examples = eval_rows(cfg, run, tokenizer, template, events, task)
+    stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
+    model = TorchModel(load_torch(run.merged, task, "cpu", "fp32", cfg.model.trust_remote_code), name="merged",
+                       task=task, pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+                       stop_ids=stop)
+    return examples, stop, model
+
+
 def write_report_section(run: RunDir, title: str, body: list[str]) -> None:
     """Replace (or add) one ``## title`` section of exports/report.md, keeping the others."""
     path = run.exports / "report.md"

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, eval_rows,
-                                      run_logged, write_report_section)
+from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged,
+                                      merged_reference, run_logged, write_report_section)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -157,16 +157,7 @@ class Reference:
     @classmethod
     def build(cls, cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
               should_stop: Any) -> "Reference":
-        from loratui.pipeline.data.step import prepare
-        from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
-        from loratui.pipeline.evaluate.step import EvalSet, stop_ids
-
-        prepare(cfg, run, events, should_stop)
-        examples = eval_rows(cfg, run, tokenizer, template, events)
-        stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
-        model = TorchModel(load_torch(run.merged, "causal", "cpu", "fp32"), name="merged", task="causal",
-                           pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-                           stop_ids=stop)
+        examples, stop, model = merged_reference(cfg, run, tokenizer, template, events, should_stop)
         scored = model.scored(examples, None, should_stop)
         nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
         return cls(examples, [s[2] for s in scored], math.exp(nll / count) if count else None, stop,

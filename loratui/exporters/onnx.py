@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, eval_rows, run_logged,
-                                      write_report_section)
+from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, merged_reference,
+                                      run_logged, write_report_section)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -195,9 +195,8 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from loratui.pipeline.data.step import load_model_inputs, model_task, prepare
-    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, TorchModel, load_onnx, load_torch
-    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+    from loratui.pipeline.data.step import load_model_inputs, model_task
+    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, load_onnx
 
     started = time.monotonic()
     ensure_merged(cfg, run, events, should_stop)
@@ -237,15 +236,11 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         for kind, folder, final in variants:
             rows.append(OnnxRow(kind, final.name, folder_bytes(folder), None, None, None, None, None, None, None, None))
         if cfg.export.verify:
-            prepare(cfg, run, events, should_stop)
             tokenizer = AutoTokenizer.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
-            template = load_model_inputs(cfg, events).template
-            examples = eval_rows(cfg, run, tokenizer, template, events, task)
+            examples, stop, reference = merged_reference(cfg, run, tokenizer, load_model_inputs(cfg, events).template,
+                                                         events, should_stop, task)
             n_rows = len(examples)
-            stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
-            pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-            reference = TorchModel(load_torch(merged, task, "cpu", "fp32", cfg.model.trust_remote_code), name="merged",
-                                   task=task, pad_id=pad, stop_ids=stop)
+            pad = reference.pad_id
             prompt = next((e.prompt_ids for e in examples if e.prompt_ids), examples[0].input_ids[:16])
             torch_decode = timed_decode(reference, prompt)
             for i, (kind, folder, final) in enumerate(variants):
