@@ -217,14 +217,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_score(args: argparse.Namespace) -> int:
+def _run_batch(label: str, verb: str, console: Any, work: Callable[..., dict[str, Any]]) -> int:
+    """A resumable batch command (score, generate): Ctrl-C or SIGTERM stops it between chunks, a rich bar
+    shows progress, one line sums up. ``work(progress, should_stop)`` returns the summary."""
     import signal
-    from pathlib import Path
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from loratui.serving.score import score_file
 
     stop = {"asked": False}
 
@@ -233,18 +231,28 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, ask_stop)
     signal.signal(signal.SIGINT, ask_stop)
-    console = Console(stderr=True)
-    with Progress(TextColumn("score"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task("score", total=None)
-        summary = score_file(Path(args.model), Path(args.input), Path(args.output), args.field, args.batch_size,
-                             args.threads, progress=lambda done, total: bar.update(task, completed=done, total=total),
-                             should_stop=lambda: stop["asked"], log=lambda m: console.print(m, highlight=False))
-    console.print(f"scored {summary['scored']} rows -> {summary['output']}; {summary['skipped_done']} were already "
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task(label, total=None)
+        summary = work(lambda done, total: bar.update(task, completed=done, total=total), lambda: stop["asked"])
+    console.print(f"{verb} {summary[verb]} rows -> {summary['output']}; {summary['skipped_done']} were already "
                   f"there; {summary['bad']} bad rows -> {summary['errors']}"
                   + (f"; stopped with {summary['remaining']} left: run the same command to go on"
                      if summary["cancelled"] else ""), highlight=False)
     return 130 if summary["cancelled"] else 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from loratui.serving.score import score_file
+
+    console = Console(stderr=True)
+    return _run_batch("score", "scored", console, lambda progress, should_stop: score_file(
+        Path(args.model), Path(args.input), Path(args.output), args.field, args.batch_size, args.threads,
+        progress=progress, should_stop=should_stop, log=lambda m: console.print(m, highlight=False)))
 
 
 def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
@@ -297,12 +305,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import signal
     from pathlib import Path
 
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from loratui.serving.generate import Settings, generate_file
     from loratui.serving.select import choose
@@ -316,29 +322,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     opts = ServeOptions(target=target, fmt=fmt, context_length=s.context_length, max_batch_size=s.max_batch_size,
                         threads=s.threads)
     backend = build_backend(choice, opts, "generate")
-    stop = {"asked": False}
-
-    def ask_stop(signum: int, frame: Any) -> None:
-        stop["asked"] = True
-
-    signal.signal(signal.SIGTERM, ask_stop)
-    signal.signal(signal.SIGINT, ask_stop)
     settings = Settings(args.max_tokens, args.temperature, args.top_p, args.seed, args.stop)
     try:
-        with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("generate", total=None)
-            summary = generate_file(backend, Path(args.input), Path(args.output), settings,
-                                    workers=s.max_batch_size if backend.kind == "torch" else 1,
-                                    progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                    should_stop=lambda: stop["asked"])
+        return _run_batch("generate", "generated", console, lambda progress, should_stop: generate_file(
+            backend, Path(args.input), Path(args.output), settings,
+            workers=s.max_batch_size if backend.kind == "torch" else 1, progress=progress, should_stop=should_stop))
     finally:
         backend.close()
-    console.print(f"generated {summary['generated']} rows -> {summary['output']}; {summary['skipped_done']} were already "
-                  f"there; {summary['bad']} bad rows -> {summary['errors']}"
-                  + (f"; stopped with {summary['remaining']} left: run the same command to go on"
-                     if summary["cancelled"] else ""), highlight=False)
-    return 130 if summary["cancelled"] else 0
 
 
 def _cmd_tui(args: argparse.Namespace) -> int:
