@@ -264,9 +264,9 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                     _check_fp32(rows[i])
                 del candidate
         stage.finish("verified" if cfg.export.verify else "written")
-        for _kind, folder, final in variants:
+        for kind, folder, final in variants:
             _replace_dir(folder, final)
-            events.artifact(final, kind=f"onnx-{_kind}")
+            events.artifact(final, kind=f"onnx-{kind}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(tmp8, ignore_errors=True)

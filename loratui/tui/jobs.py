@@ -170,8 +170,9 @@ class Job:
 
     @property
     def step(self) -> str:
-        words = [w for w in self.argv if not w.startswith("-")]
-        return words[words.index("loratui") + 1] if "loratui" in words and words.index("loratui") + 1 < len(words) else "job"
+        """The step of ``python -m loratui <step> ...``; "job" for any other command."""
+        at = self.argv.index("loratui") + 1 if "loratui" in self.argv else len(self.argv)
+        return self.argv[at] if at < len(self.argv) else "job"
 
     @property
     def final_event(self) -> Any:
