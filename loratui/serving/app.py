@@ -31,6 +31,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loratui.serving.backends import Backend, Delta, GenRequest
 
 
+class _EventStream(StreamingResponse):
+    """A streaming response that always closes its generator, so the generator's ``finally`` runs now.
+
+    Starlette cancels the stream when the client hangs up. If that lands while a chunk is being sent,
+    the generator is left suspended at its ``yield`` and its cleanup (cancel the generation, leave the
+    queue) would wait for garbage collection; closing it here makes that cleanup prompt.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
 @dataclass
 class Limits:
     max_tokens: int = 2048  # largest max_tokens a request may ask for
@@ -372,8 +389,8 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 req.cancelled.set()
                 _leave()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(events(), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -204,6 +204,41 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
     assert srv.client().completions.create(model="tiny", prompt="Still there?", max_tokens=2).choices[0].text is not None
 
 
+def test_a_hang_up_during_a_send_still_runs_the_streams_cleanup():
+    """The race behind a flaky CI run: the client leaves while a chunk is being written, so Starlette
+    cancels the send with the generator parked at its ``yield``. The cleanup must run before the
+    response returns, not whenever the garbage collector gets to the generator."""
+    import asyncio
+
+    from loratui.serving.app import _EventStream
+
+    cleaned: list[str] = []
+    hung_up = asyncio.Event()
+
+    async def body():
+        try:
+            for i in range(100):
+                yield f"data: {i}\n\n"
+        finally:
+            cleaned.append("done")
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            hung_up.set()
+            await asyncio.sleep(3600)  # a send stuck on a socket the client no longer reads
+
+    async def receive():
+        await hung_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def main():
+        stream = _EventStream(body(), media_type="text/event-stream")
+        await asyncio.wait_for(stream({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 10)
+        assert cleaned == ["done"]  # while the response (and so its generator) is still referenced
+
+    asyncio.run(main())
+
+
 def test_api_key_and_loading_state(artifacts):
     gate = threading.Event()
     inner = loader_for(Choice("gguf", artifacts["gguf"], None, "test"), ServeOptions(target=artifacts["gguf"]),
