@@ -14,6 +14,7 @@ from typing import Any, Callable
 EXAMPLES = """\
 examples:
   loratui                                   open the terminal UI
+  loratui open runs/quickstart              reopen a run in the terminal UI (its steps, jobs, results)
   loratui config show --config examples/quickstart.yaml train.lr=1e-4 lora.r=32
   loratui config validate my-run.yaml
   loratui config reference                  every config field with its default and description
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tui = sub.add_parser("tui", help="open the terminal UI (the default)")
     _add_config_args(tui)
+
+    opener = sub.add_parser("open", help="open a run (its folder or config file) in the terminal UI")
+    opener.add_argument("target", help="a run directory (runs/<name>) or a config file")
+    opener.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
     config = sub.add_parser("config", help="show, validate or document the run config")
     csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -333,11 +338,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_tui(args: argparse.Namespace) -> int:
     from loratui.pipeline.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
     from loratui.tui.app import create_app
 
-    create_app(cfg, config_path=args.config).run()
+    cfg = load_config(args.config, args.overrides)
+    create_app(cfg, config_path=args.config, overrides=args.overrides).run()
+    return 0
+
+
+def _cmd_open(args: argparse.Namespace) -> int:
+    from loratui.pipeline.config import load_config
+    from loratui.pipeline.errors import LoratuiError
+    from loratui.tui.app import create_app, run_dir_overrides
+    from loratui.tui.state import resolve_open_target
+
+    try:
+        path = resolve_open_target(args.target)
+    except FileNotFoundError as e:
+        raise LoratuiError(str(e), hint="Give a run folder (runs/<name>) or a config file.") from None
+    overrides = run_dir_overrides(path) + args.overrides
+    create_app(load_config(path, overrides), config_path=path, overrides=overrides).run()
     return 0
 
 
@@ -349,6 +368,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _cmd_serve,
     "generate": _cmd_generate,
     "tui": _cmd_tui,
+    "open": _cmd_open,
 }
 
 

@@ -518,7 +518,7 @@ def _problems_from_validation(
     for loc, err in best.values():
         dotted = ".".join(loc)
         annotation = _annotation_at(loc)
-        expected = _describe_type(annotation) if annotation is not None else ""
+        expected = describe_type(annotation) if annotation is not None else ""
         src, line = source, lines.get(tuple(loc))
         for key, override in origin.items():
             if dotted == key or dotted.startswith(key + "."):
@@ -548,7 +548,7 @@ def _annotation_at(loc: list[str]) -> Any:
     return current
 
 
-def _describe_type(annotation: Any, markdown: bool = False) -> str:
+def describe_type(annotation: Any, markdown: bool = False) -> str:
     """Words for what a field accepts: for error messages, or (``markdown``) for the reference table."""
     import types
     import typing
@@ -560,12 +560,12 @@ def _describe_type(annotation: Any, markdown: bool = False) -> str:
             return " \\| ".join(f"`{a}`" for a in args)
         return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        parts = [_describe_type(a, markdown) for a in args if a is not type(None)]
+        parts = [describe_type(a, markdown) for a in args if a is not type(None)]
         if markdown:
             return " \\| ".join(parts + (["null"] if type(None) in args else []))
         return " or ".join(p for p in parts if p) + (" or empty" if type(None) in args else "")
     if origin is list:
-        inner = _describe_type(args[0], markdown) if args else ""
+        inner = describe_type(args[0], markdown) if args else ""
         return f"list[{inner}]" if markdown else f"a list of {inner or 'values'}"
     if origin is dict:
         return "mapping" if markdown else "a mapping"
@@ -632,10 +632,10 @@ def config_reference_markdown() -> str:
     for name, info in RunConfig.model_fields.items():
         if name in SECTIONS:
             continue
-        out.append(f"| `{name}` | {_describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
+        out.append(f"| `{name}` | {describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
     for section in SECTIONS:
         model = RunConfig.model_fields[section].annotation
         out += ["", f"### `{section}`: {model.__doc__}", "", "| field | type | default | description |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
-            out.append(f"| `{section}.{name}` | {_describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
+            out.append(f"| `{section}.{name}` | {describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
     return "\n".join(out) + "\n"

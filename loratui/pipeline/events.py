@@ -253,8 +253,9 @@ class EventSink:
     def metric(self, values: dict[str, float], *, at: int | None = None, split: str | None = None) -> Metric:
         return self.emit(Metric(step=self.step, values=values, at=at, split=split))
 
-    def log(self, message: str, level: Literal["debug", "info", "warning", "error"] = "info") -> Log:
-        return self.emit(Log(step=self.step, message=message, level=level))
+    def log(self, message: str, level: Literal["debug", "info", "warning", "error"] = "info", **extra: Any) -> Log:
+        """``extra``: further fields for readers that know them (the ``pid`` of a step's first line)."""
+        return self.emit(Log(step=self.step, message=message, level=level, **extra))
 
     def artifact(self, path: str | Path, kind: str) -> Artifact:
         p = Path(path)

@@ -127,7 +127,8 @@ def run_step(
     restore = stop.install()
     started = time.monotonic()
     try:
-        events.log(f"{name}: run {cfg.name} in {run.path}", level="debug")
+        # the pid lets a TUI reopening the run tell a job still running from one that died
+        events.log(f"{name}: run {cfg.name} in {run.path}", level="debug", pid=os.getpid())
         try:
             result = fn(cfg, run, events, stop)
         except StepCancelled as e:

@@ -1,161 +1,310 @@
-"""The loratui Textual app: a step bar (data -> serve) over the run config, and the running job.
+"""The loratui Textual app: a step bar (data -> serve) over one run, its settings, results and jobs.
 
-The App owns the job (a subprocess, :mod:`loratui.tui.jobs`), never a screen: switching steps never
-stops it. ``r`` runs the shown step, ``c`` cancels (after a confirmation: SIGTERM, then SIGKILL after
-a grace period), quitting while a job runs asks first and leaves no process behind. The job panel
-renders the job's events on a timer: progress bar, status line, log. A failed job opens one error
-dialog with its message and hint, never a traceback.
+* **Views**: one per step (:mod:`loratui.tui.screens`), each with its state line, its results (read
+  from the run directory) and its settings form (generated from the config schema). The step bar marks
+  each step done, failed, running or blocked (greyed: it needs an earlier artifact).
+* **Settings** are edits on top of the config file, exactly the dotted overrides of the CLI
+  (``train.lr=1e-4``): validated as typed, shown as the equivalent command (``!``), saved with ``ctrl+s``.
+* **Jobs**: the App owns them (a step's subprocess, :mod:`loratui.tui.jobs`, and the server), never a
+  view, so switching steps never stops one. ``r`` runs the shown step, ``R`` resumes training from its
+  last checkpoint, ``c`` cancels after a confirmation (SIGTERM, then SIGKILL after a grace period),
+  quitting while a job runs asks first and leaves no process behind. Events render on a timer. A
+  failed job opens the one error dialog with its message and hint, never a traceback.
+* Reopening a run (``loratui open``, ``o``) shows each step's last state from ``events.jsonl``,
+  including a job still running in another process (followed live) or one that died.
 """
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
-
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from rich.markup import escape
-from rich.syntax import Syntax
-from textual.app import App, ComposeResult
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Button, ContentSwitcher, Footer, Header, ProgressBar, RichLog, Static, Tab, Tabs
+from textual.screen import Screen
+from textual.widgets import ContentSwitcher, Footer, Header, ProgressBar, RichLog, Static, Tab, Tabs
 
-from loratui.tui.jobs import Job, step_command
-
-from loratui.pipeline.config import RunConfig, dump_yaml
+from loratui.pipeline.config import ConfigError, RunConfig, load_config
 from loratui.pipeline.registry import STEP_ORDER
+from loratui.pipeline.runs import write_config
+from loratui.tui.forms import ConfigForm, FieldEdited, same_value, value_of
+from loratui.tui.jobs import Job, step_command
+from loratui.tui.screens import StepView
+from loratui.tui.screens.data import DataView
+from loratui.tui.screens.evaluate import EvaluateView
+from loratui.tui.screens.export import ExportView
+from loratui.tui.screens.merge import MergeView
+from loratui.tui.screens.serve import ServeView, health
+from loratui.tui.screens.train import TrainView
+from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, recent_runs, remember, resolve_open_target
+from loratui.tui.widgets import Confirm, ErrorDialog, JobPanel, OpenDialog, TextDialog
 
-# What each step does and which config sections drive it.
-STEP_INFO: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "data": ("Data", "Load, validate and template the training data; split train/validation/test.", ("data",)),
-    "train": ("Train", "Train a LoRA, QLoRA or DoRA adapter on the training split.", ("model", "lora", "train")),
-    "evaluate": ("Evaluate", "Score the tuned model against the base model on the test split.", ("eval",)),
-    "merge": ("Merge", "Fold the adapter into the base weights (merged safetensors).", ("merge",)),
-    "export": ("Export", "Write GGUF for llama.cpp and ONNX, each verified in its runtime.", ("export",)),
-    "serve": ("Serve", "Run an OpenAI-compatible server on the best format for this hardware.", ("serve",)),
-}
+VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
+# What each step does, for the step bar and the help (one entry per step, in order).
+STEP_INFO: dict[str, tuple[str, str, tuple[str, ...]]] = {v.STEP: (v.TITLE, v.BLURB, v.SECTIONS) for v in VIEWS}
+_MARK = {"done": "✓", "failed": "✗", "running": "●", "cancelled": "◌", "interrupted": "!", "blocked": "·", "todo": ""}
 
+HELP = """[b]Keys[/b]
+  1-6        show a step              r      run the shown step (serve: start the server)
+  R          resume training          c      cancel the job (serve: stop the server)
+  ctrl+s     save the settings        !      show the equivalent command line
+  o          open a run               F1     help for the focused setting
+  ctrl+p     command palette          Esc    leave a field (keys work again)
+  q          quit (asks while a job runs)
 
-class StepPanel(VerticalScroll):
-    """One step: what it does and the config that drives it."""
-
-    def __init__(self, step: str, cfg: RunConfig) -> None:
-        super().__init__(id=step, classes="step-panel")
-        self.step = step
-        self.cfg = cfg
-
-    def compose(self) -> ComposeResult:
-        title, blurb, sections = STEP_INFO[self.step]
-        yield Static(f"[b]{title}[/b]  {blurb}", classes="step-title")
-        data = self.cfg.model_dump(mode="json")
-        text = dump_yaml({s: data[s] for s in sections})
-        yield Static(Syntax(text, "yaml", theme="ansi_dark", background_color="default"), classes="step-config")
-
-
-class Confirm(ModalScreen[bool]):
-    """A yes/no question; Enter or y says yes, Escape or n says no."""
-
-    BINDINGS = [Binding("y,enter", "answer(True)", "Yes", id="confirm-yes"),
-                Binding("n,escape", "answer(False)", "No", id="confirm-no")]
-
-    def __init__(self, question: str) -> None:
-        super().__init__(classes="dialog")
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog-box"):
-            yield Static(self.question, classes="dialog-text")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Yes (y)", id="yes", variant="warning")
-                yield Button("No (n)", id="no")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
+Settings are overrides on top of the config file, like `loratui train --config FILE train.lr=1e-4`;
+they are checked as you type and saved with ctrl+s. Jobs run as `loratui <step> --events jsonl`
+subprocesses: switching steps never stops them, and a cancelled training run keeps a checkpoint."""
 
 
-class ErrorDialog(ModalScreen[None]):
-    """The one place errors are shown: the message and what to do, never a traceback."""
-
-    BINDINGS = [Binding("escape,enter,q", "dismiss", "Close", id="error-close")]
-
-    def __init__(self, title: str, message: str, hint: str | None = None) -> None:
-        super().__init__(classes="dialog")
-        self.title_text, self.message, self.hint = title, message, hint
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog-box error-box"):
-            yield Static(f"[b]{escape(self.title_text)}[/b]", classes="dialog-title")
-            yield Static(escape(self.message), id="error-message", classes="dialog-text")
-            if self.hint:
-                yield Static(escape(self.hint), id="error-hint", classes="dialog-hint")
-            yield Button("Close (Esc)", id="close")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss()
-
-
-class JobPanel(Vertical):
-    """The running (or last) job: a status line, a progress bar and its log."""
-
-    def compose(self) -> ComposeResult:
-        yield Static("No job yet: press r to run the shown step.", id="job-status")
-        yield ProgressBar(id="job-progress", show_eta=True)
-        yield RichLog(id="job-log", max_lines=500, markup=False, wrap=True)
+def display_command(argv: list[str]) -> str:
+    """A job's command line as a user would type it (``loratui ...`` instead of ``python -m loratui``)."""
+    if argv[1:3] == ["-m", "loratui"]:
+        argv = ["loratui", *argv[3:]]
+    if argv[-2:] == ["--events", "jsonl"]:  # what the TUI reads; a person wants the progress bars
+        argv = argv[:-2]
+    return shlex.join(argv)
 
 
 class LoratuiApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "loratui"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (96, "-wide")]
     BINDINGS = [
-        *(Binding(str(i), f"show_step('{step}')", STEP_INFO[step][0], id=f"step-{step}")
+        *(Binding(str(i), f"show_step('{step}')", STEP_INFO[step][0], id=f"step-{step}", show=False)
           for i, step in enumerate(STEP_ORDER, start=1)),
         Binding("r", "run_step", "Run", id="run"),
+        Binding("R", "resume", "Resume", id="resume", show=False),
         Binding("c", "cancel_job", "Cancel", id="cancel"),
+        Binding("ctrl+s", "save", "Save", id="save"),
+        Binding("exclamation_mark", "show_command", "Command", id="show-command", key_display="!"),
+        Binding("o", "open_run", "Open", id="open"),
+        Binding("f1", "help", "Help", id="help"),
+        Binding("escape", "leave_field", "Leave field", id="leave-field", show=False),
         Binding("q", "quit", "Quit", id="quit"),
     ]
 
-    def __init__(self, cfg: RunConfig, config_path: str | Path | None = None,
+    def __init__(self, cfg: RunConfig, config_path: str | Path | None = None, overrides: list[str] | None = None,
                  command: Callable[[str], list[str]] | None = None, grace_s: float = 10.0) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = self.base_cfg = cfg  # base: the file plus command-line overrides, before any form edit
         self.config_path = str(config_path) if config_path else None
-        self.sub_title = f"{cfg.name} ({self.config_path or 'default config'})"
+        self.base_overrides = list(overrides or [])  # from the command line
+        self.edits: dict[str, str] = {}  # from the forms: dotted key -> override value
+        self.problems: dict[str, str] = {}
         # the command line of a step (tests give fake scripts that speak the events protocol)
-        self.command = command or (lambda step: step_command("eval" if step == "evaluate" else step, self.config_path))
+        self.command = command
         self.grace_s = grace_s
         self.job: Job | None = None
+        self.server: Job | None = None
+        self.server_url: str | None = None
+        self._health: dict[str, Any] | None = None
         self._shown = 0  # events of the job already rendered
-        self._reported = False
+        self._reported = True
+        self.state = RunState.load(cfg)
+        self._set_subtitle()
+
+    # ---------------------------------------------------------------------------------- layout
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Tabs(*(Tab(f"{i} {STEP_INFO[s][0]}", id=f"tab-{s}") for i, s in enumerate(STEP_ORDER, 1)), id="stepbar")
+        yield Tabs(*(Tab(self._tab_label(i, s), id=f"tab-{s}") for i, s in enumerate(STEP_ORDER, 1)), id="stepbar")
         with ContentSwitcher(initial=STEP_ORDER[0], id="steps"):
-            for step in STEP_ORDER:
-                yield StepPanel(step, self.cfg)
-        yield JobPanel(id="job")
+            for view in VIEWS:
+                yield view(self.cfg)
+        yield JobPanel(id="job", classes="-idle")
         yield Footer()
 
+    @property
+    def main(self) -> Screen:
+        """The screen of the step views: lookups go there even while a dialog is on top."""
+        return self.screen_stack[0]
+
     def on_mount(self) -> None:
+        self.show_state()
         self.set_interval(0.2, self.refresh_job)
+        self.set_interval(1.0, self.poll_run)
 
-    # ------------------------------------------------------------------------------------ jobs
+    def _set_subtitle(self) -> None:
+        dirty = " (unsaved edits)" if self.edits else ""
+        self.sub_title = f"{self.cfg.name}: {self.config_path or 'default config'}{dirty}"
 
-    def action_run_step(self) -> None:
+    def _tab_label(self, i: int, step: str) -> str:
+        mark = _MARK.get(self.state.steps.get(step, "todo"), "")
+        return f"{i} {STEP_INFO[step][0]}" + (f" {mark}" if mark else "")
+
+    def views(self) -> list[StepView]:
+        return list(self.main.query(StepView))
+
+    def view(self, step: str) -> StepView:
+        return self.main.query_one(f"#{step}", StepView)
+
+    def show_state(self, reload: bool = False) -> None:
+        """Re-read the run directory (when ``reload``) and render every view and the step bar."""
+        if reload:
+            self.state = RunState.load(self.cfg)
+        for i, step in enumerate(STEP_ORDER, 1):
+            tab = self.main.query_one(f"#tab-{step}", Tab)
+            tab.label = self._tab_label(i, step)
+            tab.set_class(self.state.steps[step] == "blocked", "-blocked")
+        for view in self.views():
+            view.show_state(self.state)
+
+    # ---------------------------------------------------------------------------------- settings
+
+    def override_args(self) -> list[str]:
+        return [*self.base_overrides, *(f"{k}={v}" for k, v in self.edits.items())]
+
+    @on(FieldEdited)
+    def field_edited(self, event: FieldEdited) -> None:
+        before = dict(self.edits)
+        if same_value(event.value, value_of(self.base_cfg, event.key)):
+            self.edits.pop(event.key, None)  # back to the file's value (or a widget reporting its first value)
+        else:
+            self.edits[event.key] = event.value
+        if self.edits == before:
+            return
+        try:
+            cfg = load_config(self.config_path, self.override_args())
+        except ConfigError as e:
+            self.problems = {p.field: p.message for p in e.problems}
+        else:
+            self.problems = {}
+            renamed = (cfg.name, cfg.runs_dir) != (self.cfg.name, self.cfg.runs_dir)
+            self.cfg = cfg
+            for view in self.views():
+                view.cfg = cfg
+            if renamed:
+                self.show_state(reload=True)
+        for form in self.main.query(ConfigForm):
+            form.show_problems(self.problems)
+        self._set_subtitle()
+
+    def step_argv(self, step: str, extra: list[str] | None = None) -> list[str]:
+        if self.command is not None:
+            return self.command(step) + (extra or [])
+        if step == "serve":
+            s = self.cfg.serve
+            argv = [sys.executable, "-m", "loratui", "serve", str(self.state.run.path),
+                    *(["--config", self.config_path] if self.config_path else []),
+                    "--host", s.host, "--port", str(s.port)]
+            if s.backend != "auto":
+                argv += ["--format", {"llama.cpp": "gguf", "onnxruntime": "onnx"}.get(s.backend, s.backend)]
+            return argv + (["--model-name", s.model_name] if s.model_name else [])
+        return step_command(cli_name(step), self.config_path, self.override_args(), extra)
+
+    def action_save(self) -> None:
+        path = Path(self.config_path or "loratui.yaml")
+        try:
+            write_config(path, self.cfg)
+        except OSError as e:
+            self.push_screen(ErrorDialog("Could not save the settings", f"{path}: {e.strerror or e}"))
+            return
+        self.config_path, self.base_overrides, self.edits, self.base_cfg = str(path), [], {}, self.cfg
+        remember(path)
+        self._set_subtitle()
+        self.notify(f"saved {path}")
+
+    def action_show_command(self) -> None:
+        step = self.current_step
+        self.push_screen(TextDialog(f"{STEP_INFO[step][0]} as a command", display_command(self.step_argv(step)),
+                                    markup=False))
+
+    def action_help(self) -> None:
+        focused = self.focused
+        for form in self.main.query(ConfigForm):
+            row = form.row_for(focused)
+            if row is not None:
+                self.push_screen(TextDialog(f"Help: {row.spec.key}", row.help_text))
+                return
+        title, blurb, _ = STEP_INFO[self.current_step]
+        self.push_screen(TextDialog(f"loratui: {title}", f"{escape(blurb)}\n\n{HELP}"))
+
+    def action_leave_field(self) -> None:
+        self.main.query_one("#stepbar", Tabs).focus()
+
+    # ---------------------------------------------------------------------------------- opening runs
+
+    def action_open_run(self) -> None:
+        def chosen(target: str | None) -> None:
+            if target:
+                self.open_run(target)
+
+        self.push_screen(OpenDialog(recent_runs()), chosen)
+
+    def open_run(self, target: str | Path) -> bool:
+        if self.job is not None and self.job.running:
+            self.notify("a job is running: cancel it before opening another run", severity="warning")
+            return False
+        try:
+            path = resolve_open_target(target)
+            overrides = run_dir_overrides(path)
+            cfg = load_config(path, overrides)
+        except FileNotFoundError as e:
+            self.push_screen(ErrorDialog("Cannot open", str(e)))
+            return False
+        except ConfigError as e:
+            self.push_screen(ErrorDialog(f"Cannot open {target}", e.message,
+                                         "Fix the file (or run `loratui config validate` on it) and open it again."))
+            return False
+        self.cfg = self.base_cfg = cfg
+        self.config_path, self.base_overrides, self.edits, self.problems = str(path), overrides, {}, {}
+        remember(path)
+        self.state = RunState.load(cfg)
+        self._set_subtitle()
+        self.call_later(self._rebuild_views)
+        return True
+
+    async def _rebuild_views(self) -> None:
+        switcher = self.main.query_one("#steps", ContentSwitcher)
+        current = switcher.current
+        await switcher.remove_children()
+        await switcher.mount_all([view(self.cfg) for view in VIEWS])
+        switcher.current = current
+        self.show_state()
+
+    # ---------------------------------------------------------------------------------- jobs
+
+    def action_run_step(self, extra: list[str] | None = None, step: str | None = None) -> None:
+        step = step or self.current_step
+        if step == "serve":
+            self.start_server()
+            return
         if self.job is not None and self.job.running:
             self.notify(f"{self.job.step} is still running: cancel it first (c)", severity="warning")
             return
-        step = self.current_step
-        self.job = Job(self.command(step), grace_s=self.grace_s).start()
+        if self.problems:
+            key, message = next(iter(self.problems.items()))
+            self.push_screen(ErrorDialog("Fix the settings first", f"{key}: {message}"))
+            return
+        if self.state.steps[step] == "blocked":
+            self.notify(f"{STEP_INFO[step][0]} {self.state.why_blocked.get(step, 'is blocked')}", severity="warning")
+            return
+        self.job = Job(self.step_argv(step, extra), grace_s=self.grace_s).start()
         self._shown, self._reported = 0, False
-        self.query_one("#job-log", RichLog).clear()
-        self.query_one("#job-status", Static).update(f"[b]{step}[/b] running (pid {self.job.pid})")
+        self.main.query_one("#job-log", RichLog).clear()
+        self.main.query_one("#job").remove_class("-idle")
+        self.main.query_one("#job-progress", ProgressBar).update(total=None, progress=0)
+        self.main.query_one("#job-status", Static).update(f"[b]{step}[/b] running (pid {self.job.pid})")
+        self.show_state(reload=True)
+
+    def action_resume(self) -> None:
+        if self.current_step != "train":
+            self.action_show_step("train")
+        if not any(self.state.run.checkpoints.glob("checkpoint-*")):
+            self.notify("no checkpoint to resume from yet: run training (r) first", severity="warning")
+            return
+        self.action_run_step(["--resume"], step="train")
 
     def action_cancel_job(self) -> None:
+        if self.current_step == "serve" and self.server is not None and self.server.running:
+            self.server.cancel()
+            self.notify("stopping the server")
+            return
         job = self.job
         if job is None or not job.running:
             self.notify("no job is running")
@@ -164,81 +313,187 @@ class LoratuiApp(App[None]):
         def answer(yes: bool | None) -> None:
             if yes and job.running:
                 job.cancel()
-                self.query_one("#job-status", Static).update(f"[b]{job.step}[/b] cancelling...")
+                self.main.query_one("#job-status", Static).update(f"[b]{job.step}[/b] cancelling...")
 
         self.push_screen(Confirm(f"Cancel {job.step}? It saves what it can (a checkpoint) and stops."), answer)
 
+    def start_server(self) -> None:
+        if self.server is not None and self.server.running:
+            self.notify(f"the server is already running at {self.server_url}")
+            return
+        if self.state.steps["serve"] == "blocked":
+            self.notify(f"Serve {self.state.why_blocked.get('serve', 'is blocked')}", severity="warning")
+            return
+        s = self.cfg.serve
+        env = {"LORATUI_API_KEY": s.api_key} if s.api_key else None
+        self.server = Job(self.step_argv("serve"), env=env, grace_s=self.grace_s).start()
+        self.server_url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
+        self._health = None
+
     async def action_quit(self) -> None:
-        job = self.job
-        if job is None or not job.running:
+        running = [j for j in (self.job, self.server) if j is not None and j.running]
+        if not running:
             self.exit()
             return
 
         def answer(yes: bool | None) -> None:
             if yes:
-                job.cancel()
-                self.run_worker(self._quit_after(job), exclusive=True)
+                for j in running:
+                    j.cancel()
+                self.run_worker(self._quit_after(running), exclusive=True, group="quit")
 
-        self.push_screen(Confirm(f"{job.step} is running. Cancel it and quit?"), answer)
+        what = " and ".join(j.step for j in running)
+        self.push_screen(Confirm(f"{what} {'is' if len(running) == 1 else 'are'} running. Stop and quit?"), answer)
 
-    async def _quit_after(self, job: Job) -> None:
+    async def _quit_after(self, jobs: list[Job]) -> None:
         import asyncio
 
-        while job.running:  # SIGTERM, then SIGKILL after the grace period: never an orphan
+        while any(j.running for j in jobs):  # SIGTERM, then SIGKILL after the grace period: never an orphan
             await asyncio.sleep(0.05)
         self.exit()
 
     def refresh_job(self) -> None:
         """Render the job's new events (called on a timer: the job's threads never touch widgets)."""
+        if not self.main.query("#job-log"):  # shutting down: the widgets are gone
+            return
+        self._refresh_server()
         job = self.job
         if job is None:
             return
-        log = self.query_one("#job-log", RichLog)
+        log = self.main.query_one("#job-log", RichLog)
         events = job.events[self._shown:]
         self._shown += len(events)
         for e in events:
-            if e.type == "log":
+            if e.type == "log" and e.level != "debug":
                 log.write(f"{e.level}: {e.message}" if e.level != "info" else e.message)
             elif e.type == "metric":
                 log.write(" ".join(f"{k}={v:.4g}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else ""))
             elif e.type in ("artifact", "checkpoint"):
                 log.write(f"{e.type}: {e.path}")
-        progress = job.progress()
-        bar = self.query_one("#job-progress", ProgressBar)
-        if progress is not None and progress.total:
-            bar.update(total=progress.total, progress=progress.current)
-        status = self.query_one("#job-status", Static)
-        if job.running:
-            if progress is not None:
-                status.update(f"[b]{job.step}[/b] {progress.task}: {progress.current:g}/{progress.total or '?'} "
-                              f"{progress.unit} {escape(progress.message or '')}")
-            return
-        if self._reported:
+        step = STEP_OF_EVENT.get(job.step, job.step)
+        if step == "train" and events:
+            self.main.query_one(TrainView).live(job.metrics("loss"), job.metrics("eval_loss"))
+        self._render_progress(job.step, job.progress(), job.running, self._speed(job.events))
+        if job.running or self._reported:
             return
         self._reported = True
+        self.show_state(reload=True)
+        status = self.main.query_one("#job-status", Static)
         if job.state == "done":
-            status.update(f"[b]{job.step}[/b] done")
+            status.update(f"[b]{job.step}[/b] [green]done[/green]")
         elif job.state == "cancelled":
             resume = getattr(job.final_event, "resume_from", None)
-            status.update(f"[b]{job.step}[/b] cancelled" + (f"; resume from {escape(resume)}" if resume else ""))
+            status.update(f"[b]{job.step}[/b] [yellow]cancelled[/yellow]"
+                          + (f"; resume from {escape(resume)} with R" if resume else ""))
         else:
             err = job.error
-            status.update(f"[b]{job.step}[/b] failed")
+            status.update(f"[b]{job.step}[/b] [red]failed[/red]")
             self.push_screen(ErrorDialog(f"{job.step} failed", err.message if err else "the job failed",
                                          getattr(err, "hint", None)))
 
+    @staticmethod
+    def _speed(events: list[Any]) -> str:
+        for e in reversed(events[-50:]):
+            if e.type == "metric" and "tokens_per_s" in e.values:
+                return f", {e.values['tokens_per_s']:.0f} tokens/s"
+        return ""
+
+    def _render_progress(self, step: str, progress: Any, running: bool, speed: str = "") -> None:
+        bar = self.main.query_one("#job-progress", ProgressBar)
+        if progress is not None and progress.total:
+            bar.update(total=progress.total, progress=progress.current)
+        if running and progress is not None:
+            self.main.query_one("#job-status", Static).update(
+                f"[b]{step}[/b] {escape(progress.task)}: {progress.current:g}/{progress.total or '?'} {progress.unit}"
+                f"{speed} {escape(progress.message or '')}")
+
+    def poll_run(self) -> None:
+        """Without a job of our own, follow a step running in another process through events.jsonl."""
+        if (self.job is not None and self.job.running) or not self.main.query("#job-log"):
+            return
+        running = [s for s, st in self.state.steps.items() if st == "running"]
+        if not running:
+            return
+        self.show_state(reload=True)
+        if self.state.steps.get(running[0]) != "running":
+            self.main.query_one("#job-status", Static).update(f"[b]{running[0]}[/b] ended in another process")
+            return
+        from loratui.pipeline.events import read_events
+
+        events = read_events(self.state.run.events)
+        progress = next((e for e in reversed(events) if e.type == "progress"), None)
+        if progress is not None:
+            self._render_progress(f"{running[0]} (pid {self.state.last[running[0]].pid}, another process)",
+                                  progress, True, self._speed(events))
+
+    def _refresh_server(self) -> None:
+        server = self.server
+        view = self.main.query_one(ServeView)
+        if server is None:
+            view.show_server(None, "stopped", [], None)
+            return
+        if not server.running:
+            tail = list(server.stderr_tail)
+            self.server, self.server_url, self._health = None, None, None
+            view.show_server(None, server.state, tail, None)
+            if server.state == "failed":
+                self.push_screen(ErrorDialog("The server stopped", "\n".join(tail[-6:]) or "no output",
+                                             "Check the Serve settings (port in use? nothing exported yet?)."))
+            return
+        view.show_server(self.server_url, "starting", list(server.stderr_tail), self._health)
+        self._poll_health(self.server_url)
+
+    @work(thread=True, exclusive=True, group="health", exit_on_error=False)
+    def _poll_health(self, url: str | None) -> None:
+        if url:
+            self._health = health(url)
+
+    # ---------------------------------------------------------------------------------- navigation
+
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
         if event.tab.id:
-            self.query_one("#steps", ContentSwitcher).current = event.tab.id.removeprefix("tab-")
+            self.main.query_one("#steps", ContentSwitcher).current = event.tab.id.removeprefix("tab-")
 
     def action_show_step(self, step: str) -> None:
-        self.query_one("#stepbar", Tabs).active = f"tab-{step}"
+        self.main.query_one("#stepbar", Tabs).active = f"tab-{step}"
 
     @property
     def current_step(self) -> str:
-        return self.query_one("#steps", ContentSwitcher).current or STEP_ORDER[0]
+        return self.main.query_one("#steps", ContentSwitcher).current or STEP_ORDER[0]
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for step in STEP_ORDER:
+            title = STEP_INFO[step][0]
+            yield SystemCommand(f"Show {title}", STEP_INFO[step][1], lambda s=step: self.action_show_step(s))
+            if step != "serve":
+                yield SystemCommand(f"Run {title}", f"loratui {cli_name(step)} on this run",
+                                    lambda s=step: (self.action_show_step(s), self.action_run_step(step=s)))
+        yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
+        yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)
+        yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)
+        yield SystemCommand("Save settings", "write the config file (ctrl+s)", self.action_save)
+        yield SystemCommand("Show command", "the loratui command line of the shown step (!)", self.action_show_command)
+        yield SystemCommand("Open a run", "a run folder, a config file or a recent run (o)", self.action_open_run)
+        yield SystemCommand("Help", "keys, and help for the focused setting (F1)", self.action_help)
+
+
+def run_dir_overrides(config: Path) -> list[str]:
+    """A run's own ``config.yaml`` names its runs folder relative to where it was started: point it at
+    the folder it is actually in, so opening a run from anywhere finds its artifacts."""
+    import yaml
+
+    if config.name != "config.yaml" or not (config.parent / "events.jsonl").is_file():
+        return []
+    try:
+        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return []
+    return [f"runs_dir={config.parent.parent.resolve()}"] if name == config.parent.name else []
 
 
 def create_app(cfg: RunConfig | None = None, config_path: str | Path | None = None, **options: Any) -> LoratuiApp:
     """The one factory used by the CLI and the tests."""
+    if config_path is not None:
+        remember(config_path)
     return LoratuiApp(cfg or RunConfig(), config_path=config_path, **options)

@@ -157,7 +157,7 @@ class Job:
         last = self.final_event
         if last is not None and last.type == "done" and code == 0:
             self.state = "done"
-        elif (last is not None and last.type == "cancelled") or (self._cancel_asked and code != 0):
+        elif (last is not None and last.type == "cancelled") or self._cancel_asked:
             self.state = "cancelled"
         else:
             if last is None or last.type != "error":

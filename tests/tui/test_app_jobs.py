@@ -89,3 +89,116 @@ async def test_a_failing_job_opens_the_error_dialog(tmp_path):
         assert "Fill it in." in str(app.screen.query_one("#error-hint", Static).content)
         await pilot.press("escape")
         assert not isinstance(app.screen, ErrorDialog) and "failed" in _status(app)
+
+
+@pytest.mark.anyio
+async def test_resume_runs_training_with_resume_and_the_loss_chart_follows_the_job(tmp_path):
+    from loratui.pipeline.config import load_config
+    from tests.tui.fake_run import make_run
+
+    config = make_run(tmp_path, steps=("data", "train"))  # has checkpoints/checkpoint-20
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    app = create_app(load_config(config), config_path=config.name,
+                     command=lambda step: [sys.executable, str(script), "ok", step], grace_s=1.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("R")
+        await _until(pilot, lambda: app.job is not None and not app.job.running and "done" in _status(app))
+        assert app.job.argv[-2:] == ["train", "--resume"] and app.current_step == "train"
+        # the fake job's losses (3/i for i = 1..5) were drawn while it ran
+        assert app.query_one("#loss-chart").train[:5] == [(i, 3.0 / i) for i in range(1, 6)]
+
+
+FAKE_SERVER = '''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = json.dumps({"status": "ok", "model": "fake-model", "backend": "fake",
+                           "serving": "fake: picked by the test"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        said = req["model"] + " heard: " + req["messages"][-1]["content"] + f" ({len(req['messages'])} messages)"
+        for piece in (said[:5], said[5:]):
+            self.wfile.write(("data: " + json.dumps({"choices": [{"delta": {"content": piece}}]}) + "\\n\\n").encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\\n\\n")
+
+print("serve: ready (fake)", file=sys.stderr, flush=True)
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+@pytest.mark.anyio
+async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_path):
+    import socket
+
+    from loratui.pipeline.config import load_config
+    from tests.tui.fake_run import make_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = make_run(tmp_path)
+    script = tmp_path / "server.py"
+    script.write_text(FAKE_SERVER)
+    app = create_app(load_config(config, [f"serve.port={port}"]), config_path=config.name, overrides=[f"serve.port={port}"],
+                     command=lambda step: [sys.executable, str(script), str(port)], grace_s=1.0)
+
+    def text(selector: str) -> str:
+        return str(app.query_one(selector).render())
+
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("6", "r")
+        await _until(pilot, lambda: "ok" in text("#serve-status"))
+        assert f"http://127.0.0.1:{port}" in text("#serve-status") and "backend fake" in text("#serve-status")
+        server = app.server
+        app.query_one("#chat-input").focus()
+        await pilot.press(*"hello", "enter")
+        log = app.query_one("#chat-log", RichLog)
+        await _until(pilot, lambda: any("heard" in str(line.text) for line in log.lines))
+        await pilot.press(*"again", "enter")
+        await _until(pilot, lambda: any("(3 messages)" in str(line.text) for line in log.lines))
+        assert any("fake-model heard: hello (1 messages)" in str(line.text) for line in log.lines)
+        await pilot.press("escape", "c")  # stop
+        await _until(pilot, lambda: app.server is None and "stopped" in text("#serve-status"))
+        assert not _alive(server.pid)
+
+
+@pytest.mark.anyio
+async def test_quitting_with_the_server_running_stops_it(tmp_path):
+    import socket
+
+    from loratui.pipeline.config import load_config
+    from tests.tui.fake_run import make_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = make_run(tmp_path)
+    script = tmp_path / "server.py"
+    script.write_text(FAKE_SERVER)
+    app = create_app(load_config(config, [f"serve.port={port}"]), config_path=config.name, overrides=[f"serve.port={port}"],
+                     command=lambda step: [sys.executable, str(script), str(port)], grace_s=1.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("6", "r")
+        await _until(pilot, lambda: app.server is not None and app.server.pid is not None)
+        server = app.server
+        await pilot.press("q")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("y")
+        await _until(pilot, lambda: not server.running)
+    assert not _alive(server.pid)

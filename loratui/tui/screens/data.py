@@ -1,0 +1,98 @@
+"""Data: the detected format and columns of each file, the validation report (row numbers; Enter shows
+the row), the template preview with the trained tokens highlighted, and token length stats."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from loratui.tui.screens import StepView, fill, table
+from loratui.tui.state import RunState
+
+_TRAINED = re.compile(r"⟦(.*?)⟧", re.S)
+
+
+def highlight_trained(preview: str) -> str:
+    """The preview as markup: trained tokens (between ⟦ and ⟧) in reverse video, the rest as is."""
+    out, at = [], 0
+    for m in _TRAINED.finditer(preview):
+        out.append(escape(preview[at:m.start()]))
+        out.append(f"[reverse]{escape(m.group(1))}[/reverse]")
+        at = m.end()
+    out.append(escape(preview[at:]))
+    return "".join(out)
+
+
+def read_row(file: str, row: int) -> str:
+    """Line ``row`` (1-based) of a text file, for "jump to the row" (other formats: say where to look)."""
+    path = Path(file)
+    if path.suffix.lower() not in (".jsonl", ".csv", ".tsv"):  # one row per line, numbered as the report numbers them
+        return f"{file}: row {row} (open the file to see it)"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if i == row:
+                    return line.rstrip("\n")[:2000]
+    except OSError as e:
+        return f"{file}: {e.strerror}"
+    return f"{file} has fewer than {row} lines"
+
+
+class DataView(StepView):
+    STEP, TITLE, SECTIONS = "data", "Data", ("run", "data")
+    BLURB = "Load, validate and template the training data; split train/validation/test."
+
+    def compose_results(self) -> ComposeResult:
+        yield Static("No data report yet: press r to read and check the data.", id="data-summary")
+        yield table("data-files", "file", "split", "rows", "format", "why")
+        yield table("data-problems", "file", "row", "problem", "field", "what", "action")
+        yield Static("", id="data-row", classes="data-row")
+        yield table("data-lengths", "split", "rows", "min", "median", "p95", "max", "tokens")
+        yield Static("", id="data-preview", classes="preview")
+
+    def show_results(self, state: RunState) -> None:
+        report = state.report("data/report.json")
+        summary = self.query_one("#data-summary", Static)
+        if not isinstance(report, dict):
+            summary.update("No data report yet: press r to read and check the data.")
+            for t in self.query(DataTable):
+                fill(t, [])
+            self.query_one("#data-preview", Static).update("")
+            return
+        rows, splits = report.get("rows", {}), report.get("splits", {})
+        summary.update(
+            f"[b]{rows.get('read', 0)}[/b] rows read, [b]{rows.get('kept', 0)}[/b] kept, "
+            f"{rows.get('dropped', 0)} dropped, {rows.get('truncated', 0)} truncated; "
+            f"train {splits.get('train', 0)} / validation {splits.get('validation', 0)} / test {splits.get('test', 0)}; "
+            f"task {escape(str(report.get('task')))}, template {escape(str(report.get('template')))}, "
+            f"max_length {report.get('max_length')} ({escape(str(report.get('max_length_source')))})")
+        fill(self.query_one("#data-files", DataTable),
+             [(Path(f.get("path", "?")).name, f.get("split", ""), f.get("rows", ""), f.get("format", ""), f.get("reason", ""))
+              for f in report.get("files", [])])
+        problems = report.get("dropped", []) + report.get("truncated", [])
+        self._problems = problems
+        fill(self.query_one("#data-problems", DataTable),
+             [(Path(p.get("file", "?")).name, p.get("row", "-"), p.get("kind", ""), p.get("field", ""),
+               p.get("message", ""), p.get("action", "")) for p in problems])
+        tokens = report.get("tokens", {})
+        fill(self.query_one("#data-lengths", DataTable),
+             [(s, v.get("rows"), v.get("min"), v.get("median"), v.get("p95"), v.get("max"), v.get("total"))
+              for s, v in tokens.items() if isinstance(v, dict) and "rows" in v])
+        preview = state.run.data / "preview.txt"
+        text = preview.read_text(encoding="utf-8", errors="replace") if preview.is_file() else ""
+        self.query_one("#data-preview", Static).update(highlight_trained(text))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id != "data-problems":
+            return
+        problems = getattr(self, "_problems", [])
+        if 0 <= event.cursor_row < len(problems):
+            p = problems[event.cursor_row]
+            row = p.get("row")
+            raw = read_row(p["file"], int(row)) if isinstance(row, int) and p.get("file") else "(no row number)"
+            self.query_one("#data-row", Static).update(
+                f"[b]{escape(Path(p.get('file', '?')).name)}:{row}[/b]  {escape(raw)}")

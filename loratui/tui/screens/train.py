@@ -1,0 +1,40 @@
+"""Train: the live loss chart (train and eval loss), the last run's summary and its checkpoints."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.widgets import Static
+
+from loratui.tui.screens import StepView, fmt
+from loratui.tui.state import RunState
+from loratui.tui.widgets import LossChart
+
+
+class TrainView(StepView):
+    STEP, TITLE, SECTIONS = "train", "Train", ("model", "lora", "train")
+    BLURB = "Train a LoRA, QLoRA or DoRA adapter on the training split."
+    KEYS = "r run  R resume from the last checkpoint"
+
+    def compose_results(self) -> ComposeResult:
+        yield LossChart(id="loss-chart")
+        yield Static("", id="train-summary")
+
+    def show_results(self, state: RunState) -> None:
+        self.query_one(LossChart).set_points(state.train_loss, state.eval_loss)
+        last = state.last.get("train")
+        lines = []
+        if last is not None and last.summary:
+            s = last.summary
+            lines.append(f"last run: {s.get('steps', '?')} steps, train loss {fmt(s.get('train_loss'))}, "
+                         f"eval loss {fmt(s.get('eval_loss'))}, {fmt(s.get('tokens_per_s'))} tokens/s, "
+                         f"{fmt(s.get('seconds'))} s; adapter version {s.get('version', '?')}")
+        checkpoints = sorted(state.run.checkpoints.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime) \
+            if state.run.checkpoints.is_dir() else []
+        if checkpoints:
+            lines.append(f"{len(checkpoints)} checkpoint(s); latest {escape(checkpoints[-1].name)}: R resumes from it")
+        self.query_one("#train-summary", Static).update("\n".join(lines))
+
+    def live(self, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
+        """Points of the running job (the App calls this on its timer)."""
+        self.query_one(LossChart).set_points(train, evals)

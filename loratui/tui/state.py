@@ -1,0 +1,213 @@
+"""What the TUI knows about a run, read from its directory: no Textual, no torch.
+
+:class:`RunState` is a plain model the screens render from. It comes from two sources:
+
+* the artifacts on disk (``data/report.json``, ``adapter/``, ``eval/metrics.json``, ``merged/``,
+  ``exports/*/report.json``): which steps are done and which are blocked because an earlier
+  artifact is missing;
+* ``events.jsonl``: the last invocation of each step, so reopening a run whose job is still
+  running elsewhere, was cancelled or died without a final event shows that state, and the
+  training loss curve comes back.
+
+Recent runs are kept in ``$LORATUI_STATE_DIR/recent.json`` (default ``~/.local/state/loratui``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.events import read_events
+from loratui.pipeline.registry import STEP_ORDER
+from loratui.pipeline.runs import RunDir, atomic_write_text
+
+Status = Literal["todo", "done", "running", "failed", "cancelled", "interrupted", "blocked"]
+
+# The CLI subcommand (and the ``step`` field of its events) of each TUI step.
+CLI_NAME: dict[str, str] = {"evaluate": "eval"}
+STEP_OF_EVENT: dict[str, str] = {v: k for k, v in CLI_NAME.items()}
+
+# What a step needs before it can run, and how to tell: (label, test on the run directory).
+_NEEDS_ADAPTER = ("a trained adapter (run Train)", lambda run: (run.adapter / "adapter_config.json").is_file())
+NEEDS: dict[str, tuple[str, Any] | None] = {
+    "data": None,
+    "train": None,  # train prepares the data itself when it is missing
+    "evaluate": _NEEDS_ADAPTER,
+    "merge": _NEEDS_ADAPTER,
+    "export": _NEEDS_ADAPTER,  # export merges first when merged/ is missing or stale
+    "serve": ("a trained adapter, a merged model or an export", lambda run: (
+        (run.adapter / "adapter_config.json").is_file() or (run.merged / "config.json").is_file()
+        or any(run.exports.glob("*/report.json")))),
+}
+
+
+def cli_name(step: str) -> str:
+    return CLI_NAME.get(step, step)
+
+
+def _done_on_disk(step: str, run: RunDir) -> bool:
+    if step == "data":
+        return (run.data / "report.json").is_file()
+    if step == "train":
+        return (run.adapter / "adapter_config.json").is_file()
+    if step == "evaluate":
+        return (run.eval / "metrics.json").is_file()
+    if step == "merge":
+        return (run.merged / "config.json").is_file()
+    if step == "export":
+        return any(run.exports.glob("*/report.json"))
+    return False
+
+
+def _alive(pid: int) -> bool:
+    """True when ``pid`` is a live loratui process (not a recycled pid of something else)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, OverflowError):
+        return False
+    with contextlib.suppress(OSError):
+        return b"loratui" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return True
+
+
+@dataclass
+class LastRun:
+    """The last invocation of one step in ``events.jsonl``."""
+
+    status: Status
+    started: float
+    ended: float | None = None
+    message: str | None = None
+    hint: str | None = None
+    pid: int | None = None
+    resume_from: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    cfg: RunConfig
+    run: RunDir
+    steps: dict[str, Status]
+    why_blocked: dict[str, str]
+    last: dict[str, LastRun]
+    train_loss: list[tuple[int, float]]
+    eval_loss: list[tuple[int, float]]
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> "RunState":
+        run = RunDir.for_config(cfg)
+        events = read_events(run.events) if run.events.is_file() else []
+        last = last_runs(events)
+        steps: dict[str, Status] = {}
+        why: dict[str, str] = {}
+        for step in STEP_ORDER:
+            need = NEEDS[step]
+            seen = last.get(step)
+            if seen is not None and seen.status in ("running", "failed", "cancelled", "interrupted"):
+                steps[step] = seen.status
+            elif _done_on_disk(step, run):
+                steps[step] = "done"
+            elif need is not None and not need[1](run):
+                steps[step] = "blocked"
+                why[step] = f"needs {need[0]}"
+            else:
+                steps[step] = "todo"
+        train, evals = loss_curves(events)
+        return cls(cfg, run, steps, why, last, train, evals)
+
+    def report(self, name: str) -> Any:
+        """A JSON artifact of the run (``data/report.json`` ...), or None when it is not there or torn."""
+        path = self.run.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+
+def last_runs(events: list[Any]) -> dict[str, LastRun]:
+    """Each step's last invocation: started by its ``run ... in`` line, ended by done/error/cancelled.
+
+    One without a final event is ``running`` when the process that wrote it is alive, else
+    ``interrupted`` (killed, or the machine went down).
+    """
+    runs: dict[str, LastRun] = {}
+    for e in events:
+        step = STEP_OF_EVENT.get(e.step, e.step)
+        if e.type == "log" and e.level == "debug" and e.message.startswith(f"{e.step}: run "):
+            runs[step] = LastRun("running", e.t, pid=getattr(e, "pid", None))
+            continue
+        cur = runs.get(step)
+        if cur is None or cur.status != "running":
+            continue
+        if e.type == "done":
+            cur.status, cur.ended, cur.summary = "done", e.t, dict(e.summary)
+        elif e.type == "error":
+            cur.status, cur.ended, cur.message, cur.hint = "failed", e.t, e.message, e.hint
+        elif e.type == "cancelled":
+            cur.status, cur.ended, cur.resume_from = "cancelled", e.t, e.resume_from
+    for cur in runs.values():
+        if cur.status == "running" and not (cur.pid and _alive(cur.pid)):
+            cur.status = "interrupted"
+            cur.message = "the job ended without a final event (killed, or it is running in an older loratui)"
+    return runs
+
+
+def loss_curves(events: list[Any]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) of the last training invocation: train loss and eval loss."""
+    train: list[tuple[int, float]] = []
+    evals: list[tuple[int, float]] = []
+    for e in events:
+        if e.step != "train":
+            continue
+        if e.type == "log" and e.level == "debug" and e.message.startswith("train: run "):
+            train, evals = [], []
+        elif e.type == "metric" and e.at is not None:
+            if "loss" in e.values:
+                train.append((e.at, e.values["loss"]))
+            if "eval_loss" in e.values:
+                evals.append((e.at, e.values["eval_loss"]))
+    return train, evals
+
+
+# ------------------------------------------------------------------------------------ recent runs
+
+
+def state_dir() -> Path:
+    base = os.environ.get("LORATUI_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "loratui")
+    return Path(base)
+
+
+def recent_runs(limit: int = 10) -> list[str]:
+    """Config files opened lately, newest first (those that still exist)."""
+    try:
+        items = json.loads((state_dir() / "recent.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [p for p in items if isinstance(p, str) and Path(p).is_file()][:limit]
+
+
+def remember(config_path: str | Path) -> None:
+    """Put a config file at the top of the recent list (best effort: a read-only home is fine)."""
+    path = str(Path(config_path).resolve())
+    items = [path, *(p for p in recent_runs(50) if p != path)][:20]
+    with contextlib.suppress(OSError):
+        atomic_write_text(state_dir() / "recent.json", json.dumps(items, indent=1))
+
+
+def resolve_open_target(target: str | Path) -> Path:
+    """``loratui open <run dir | config.yaml>``: the config file to load."""
+    path = Path(target)
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            return path / "config.yaml"
+        raise FileNotFoundError(f"{path} has no config.yaml: is it a loratui run directory?")
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"{path}: no such run directory or config file")

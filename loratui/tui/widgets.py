@@ -1,0 +1,153 @@
+"""The TUI's shared widgets: dialogs (confirm, error, help, text), the job panel and the loss chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, OptionList, ProgressBar, RichLog, Static
+from textual.widgets.option_list import Option
+
+
+class Confirm(ModalScreen[bool]):
+    """A yes/no question; Enter or y says yes, Escape or n says no."""
+
+    BINDINGS = [Binding("y,enter", "answer(True)", "Yes", id="confirm-yes"),
+                Binding("n,escape", "answer(False)", "No", id="confirm-no")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__(classes="dialog")
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box"):
+            yield Static(self.question, classes="dialog-text")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Yes (y)", id="yes", variant="warning")
+                yield Button("No (n)", id="no")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class ErrorDialog(ModalScreen[None]):
+    """The one place errors are shown: the message and what to do, never a traceback."""
+
+    BINDINGS = [Binding("escape,enter,q", "dismiss", "Close", id="error-close")]
+
+    def __init__(self, title: str, message: str, hint: str | None = None) -> None:
+        super().__init__(classes="dialog")
+        self.title_text, self.message, self.hint = title, message, hint
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box error-box"):
+            yield Static(f"[b]{escape(self.title_text)}[/b]", classes="dialog-title")
+            yield Static(escape(self.message), id="error-message", classes="dialog-text")
+            if self.hint:
+                yield Static(escape(self.hint), id="error-hint", classes="dialog-hint")
+            yield Button("Close (Esc)", id="close")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss()
+
+
+class TextDialog(ModalScreen[None]):
+    """Help for a field, the equivalent command line ...: markup text and a close key."""
+
+    BINDINGS = [Binding("escape,enter,q,f1", "dismiss", "Close", id="text-close")]
+
+    def __init__(self, title: str, body: str, markup: bool = True) -> None:
+        super().__init__(classes="dialog")
+        self.title_text, self.body, self.markup = title, body, markup
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box wide-box"):
+            yield Static(f"[b]{escape(self.title_text)}[/b]", classes="dialog-title")
+            with VerticalScroll(classes="dialog-scroll"):
+                yield Static(self.body if self.markup else escape(self.body), id="dialog-body", classes="dialog-text")
+            yield Button("Close (Esc)", id="close")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss()
+
+
+class OpenDialog(ModalScreen[str | None]):
+    """Open a run: type a run folder or config file, or pick a recent one."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="open-close")]
+
+    def __init__(self, recent: list[str]) -> None:
+        super().__init__(classes="dialog")
+        self.recent = recent
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box wide-box"):
+            yield Static("[b]Open a run[/b]: a run folder or a config file", classes="dialog-title")
+            yield Input(placeholder="runs/my-run  or  my-run.yaml", id="open-path")
+            yield Static("Recent" if self.recent else "No recent runs yet.", classes="dialog-hint")
+            if self.recent:
+                yield OptionList(*(Option(p, id=p) for p in self.recent), id="open-recent")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.dismiss(event.value.strip())
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class JobPanel(Vertical):
+    """The running (or last) job: a status line, a progress bar with ETA and its log."""
+
+    def compose(self) -> ComposeResult:
+        yield Static("No job yet: press r to run the shown step.", id="job-status")
+        yield ProgressBar(id="job-progress", show_eta=True)
+        yield RichLog(id="job-log", max_lines=500, markup=False, wrap=True)
+
+
+class LossChart(Vertical):
+    """Train and eval loss against the optimizer step (textual-plotext, imported when first shown)."""
+
+    DEFAULT_CSS = "LossChart { height: 14; } LossChart > Static { height: 1; color: $text-muted; }"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.train: list[tuple[int, float]] = []
+        self.eval: list[tuple[int, float]] = []
+        self._drawn: tuple[int, int] | None = None
+
+    def compose(self) -> ComposeResult:
+        from textual_plotext import PlotextPlot
+
+        yield Static("loss: no training yet", id="loss-summary")
+        yield PlotextPlot(id="loss-plot")
+
+    def set_points(self, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
+        """Redraw when the points changed (called at most a few times a second)."""
+        if (len(train), len(evals)) == self._drawn and train == self.train:
+            return
+        self.train, self.eval = list(train), list(evals)
+        self._drawn = (len(train), len(evals))
+        plot = self.query_one("#loss-plot")
+        plt = plot.plt  # type: ignore[attr-defined]
+        plt.clear_data()
+        plt.clear_figure()
+        plt.xlabel("step")
+        if train:
+            plt.plot([s for s, _ in train], [v for _, v in train], label="train", marker="braille")
+        if evals:
+            plt.plot([s for s, _ in evals], [v for _, v in evals], label="eval", marker="hd")
+        plot.refresh()
+        parts = []
+        if train:
+            parts.append(f"train {train[-1][1]:.4g} (step {train[-1][0]}, min {min(v for _, v in train):.4g})")
+        if evals:
+            parts.append(f"eval {evals[-1][1]:.4g} (best {min(v for _, v in evals):.4g})")
+        self.query_one("#loss-summary", Static).update("loss: " + ("  ".join(parts) if parts else "no training yet"))

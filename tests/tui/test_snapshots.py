@@ -1,0 +1,91 @@
+"""Snapshots (pytest-textual-snapshot, Textual pinned in pyproject.toml) of each step's view over a
+finished run at 100x30, and of the main dialogs. Animations and cursor blink are off; every path shown
+is relative to the test's working folder, so the SVGs do not depend on where the tests run.
+
+After an intended change of the look: ``pytest tests/tui/test_snapshots.py --snapshot-update``, then
+review the SVGs in the diff (``snapshot_report.html`` shows failures side by side).
+"""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import Input
+
+from loratui.pipeline.config import load_config
+from loratui.tui.app import LoratuiApp
+from loratui.tui.widgets import Confirm, ErrorDialog
+from tests.tui.fake_run import make_run
+
+SIZE = (100, 30)
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXTUAL_ANIMATIONS", "none")
+    config = make_run(tmp_path)
+    # the class itself, not create_app: no recent-runs entry with a tmp path in the open dialog
+    return LoratuiApp(load_config(config.name), config_path=config.name)
+
+
+async def _steady(pilot) -> None:
+    for widget in pilot.app.query(Input):
+        widget.cursor_blink = False
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("key", ["1", "2", "3", "4", "5", "6"])
+def test_step_views(snap_compare, app, key):
+    assert snap_compare(app, press=[key], terminal_size=SIZE, run_before=_steady)
+
+
+def test_small_terminal(snap_compare, app):
+    assert snap_compare(app, press=["2"], terminal_size=(80, 24), run_before=_steady)
+
+
+def test_field_help_dialog(snap_compare, app):
+    async def focus_field(pilot) -> None:
+        await _steady(pilot)
+        await pilot.press("2")
+        pilot.app.query_one("#f-lora--r", Input).focus()
+        await pilot.pause()
+
+    assert snap_compare(app, press=["f1"], terminal_size=SIZE, run_before=focus_field)
+
+
+def test_invalid_setting_inline(snap_compare, app):
+    async def bad_value(pilot) -> None:
+        await _steady(pilot)
+        await pilot.press("2")
+        rank = pilot.app.query_one("#f-lora--r", Input)
+        rank.value = "big"
+        rank.focus()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=bad_value)
+
+
+def test_command_dialog(snap_compare, app):
+    assert snap_compare(app, press=["5", "exclamation_mark"], terminal_size=SIZE, run_before=_steady)
+
+
+def test_open_dialog(snap_compare, app):
+    assert snap_compare(app, press=["o"], terminal_size=SIZE, run_before=_steady)
+
+
+def test_confirm_dialog(snap_compare, app):
+    async def ask(pilot) -> None:
+        await _steady(pilot)
+        pilot.app.push_screen(Confirm("Cancel train? It saves what it can (a checkpoint) and stops."))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=ask)
+
+
+def test_error_dialog(snap_compare, app):
+    async def fail(pilot) -> None:
+        await _steady(pilot)
+        pilot.app.push_screen(ErrorDialog("data failed", "data/train.jsonl row 3: field 'answer' is empty",
+                                          "Fill it in, or set data.on_problem.empty_field: drop."))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=fail)
