@@ -1,0 +1,105 @@
+"""RunState: what the TUI reads from a run folder and its events.jsonl (no Textual involved)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loratui.pipeline.config import load_config
+from loratui.pipeline.events import EventSink, JsonlWriter
+from loratui.tui.app import run_dir_overrides
+from loratui.tui.state import RunState, last_runs, recent_runs, remember, resolve_open_target
+from tests.tui.fake_run import make_run
+
+
+def test_steps_are_done_blocked_or_todo_from_the_artifacts(tmp_path):
+    state = RunState.load(load_config(make_run(tmp_path, steps=("data",))))
+    assert state.steps == {"data": "done", "train": "todo", "evaluate": "blocked", "merge": "blocked",
+                           "export": "blocked", "serve": "blocked"}
+    assert state.why_blocked["merge"] == "needs a trained adapter (run Train)"
+    state = RunState.load(load_config(make_run(tmp_path, steps=("data", "train"))))
+    assert state.steps["evaluate"] == "todo" and state.steps["serve"] == "todo"
+
+
+def test_the_last_invocation_of_each_step_wins(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = EventSink("train", [JsonlWriter(path)])
+    sink.log("train: run x in runs/x", level="debug", pid=999_999_999)
+    sink.error("out of memory", hint="lower train.batch_size")
+    sink.log("train: run x in runs/x", level="debug", pid=999_999_999)
+    sink.cancelled(resume_from="runs/x/checkpoints/checkpoint-4")
+    sink.step = "eval"
+    sink.log("eval: run x in runs/x", level="debug", pid=999_999_999)
+    sink.error("no test split", hint="set data.test_ratio")
+    sink.close()
+    from loratui.pipeline.events import read_events
+
+    runs = last_runs(read_events(path))
+    assert runs["train"].status == "cancelled" and runs["train"].resume_from.endswith("checkpoint-4")
+    assert runs["evaluate"].status == "failed" and runs["evaluate"].hint == "set data.test_ratio"
+
+
+def test_a_run_without_a_final_event_is_running_only_while_its_process_lives(tmp_path):
+    path = tmp_path / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loratui"])
+    try:
+        sink = EventSink("merge", [JsonlWriter(path)])
+        sink.log("merge: run x in runs/x", level="debug", pid=proc.pid)
+        sink.close()
+        from loratui.pipeline.events import read_events
+
+        assert last_runs(read_events(path))["merge"].status == "running"
+        proc.kill()
+        proc.wait()
+        assert last_runs(read_events(path))["merge"].status == "interrupted"
+    finally:
+        proc.kill()
+
+
+def test_a_pid_reused_by_another_program_is_not_a_running_job(tmp_path):
+    path = tmp_path / "events.jsonl"
+    other = subprocess.Popen(["sleep", "30"])  # alive, but not loratui
+    try:
+        sink = EventSink("merge", [JsonlWriter(path)])
+        sink.log("merge: run x in runs/x", level="debug", pid=other.pid)
+        sink.close()
+        from loratui.pipeline.events import read_events
+
+        assert last_runs(read_events(path))["merge"].status == "interrupted"
+    finally:
+        other.kill()
+
+
+def test_recent_runs_newest_first_without_missing_files(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("name: a\n")
+    b.write_text("name: b\n")
+    remember(a)
+    remember(b)
+    remember(a)
+    assert recent_runs() == [str(a), str(b)]
+    b.unlink()
+    assert recent_runs() == [str(a)]
+
+
+def test_open_targets(tmp_path):
+    config = make_run(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    assert resolve_open_target(run) == run / "config.yaml"
+    assert resolve_open_target(config) == config
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        resolve_open_target(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        resolve_open_target(tmp_path / "missing")
+    # a run's own config is re-pointed at the folder it sits in; any other config is taken as is
+    assert run_dir_overrides(run / "config.yaml") == [f"runs_dir={(tmp_path / 'runs').resolve()}"]
+    assert run_dir_overrides(config) == []
+
+
+def test_loratui_open_with_a_bad_target_is_a_clean_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "loratui", "open", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "no such run directory or config file" in out.stderr
+    assert "Traceback" not in out.stderr
