@@ -198,7 +198,10 @@ async def test_a_run_interrupted_or_still_running_elsewhere_shows_from_its_event
     sink = EventSink("eval", [JsonlWriter(events)])
     sink.log("eval: run demo in runs/demo", level="debug", pid=999_999_999)  # no final event: it died
     # a training job of another loratui process, still alive
+    from tests.tui.test_state import _wait_exec
+
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loratui", "train"])
+    _wait_exec(other.pid, b"loratui")
     try:
         sink.step = "train"
         sink.log("train: run demo in runs/demo", level="debug", pid=other.pid)

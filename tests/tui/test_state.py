@@ -14,6 +14,16 @@ from loratui.tui.state import RunState, last_runs, recent_runs, remember, resolv
 from tests.tui.fake_run import make_run
 
 
+def _wait_exec(pid: int, word: bytes) -> None:
+    """Until the child has exec'd (before that, its command line is still the parent's)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while word not in open(f"/proc/{pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_steps_are_done_blocked_or_todo_from_the_artifacts(tmp_path):
     state = RunState.load(load_config(make_run(tmp_path, steps=("data",))))
     assert state.steps == {"data": "done", "train": "todo", "evaluate": "blocked", "merge": "blocked",
@@ -44,6 +54,7 @@ def test_the_last_invocation_of_each_step_wins(tmp_path):
 def test_a_run_without_a_final_event_is_running_only_while_its_process_lives(tmp_path):
     path = tmp_path / "events.jsonl"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loratui"])
+    _wait_exec(proc.pid, b"loratui")
     try:
         sink = EventSink("merge", [JsonlWriter(path)])
         sink.log("merge: run x in runs/x", level="debug", pid=proc.pid)
@@ -61,6 +72,7 @@ def test_a_run_without_a_final_event_is_running_only_while_its_process_lives(tmp
 def test_a_pid_reused_by_another_program_is_not_a_running_job(tmp_path):
     path = tmp_path / "events.jsonl"
     other = subprocess.Popen(["sleep", "30"])  # alive, but not loratui
+    _wait_exec(other.pid, b"sleep")
     try:
         sink = EventSink("merge", [JsonlWriter(path)])
         sink.log("merge: run x in runs/x", level="debug", pid=other.pid)
