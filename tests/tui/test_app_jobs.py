@@ -142,8 +142,8 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
 
 
-@pytest.mark.anyio
-async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_path):
+def _server_app(tmp_path: Path):
+    """The app on a finished run whose "serve" starts the fake server on a free port."""
     import socket
 
     from loratui.pipeline.config import load_config
@@ -155,8 +155,14 @@ async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_
     config = make_run(tmp_path)
     script = tmp_path / "server.py"
     script.write_text(FAKE_SERVER)
-    app = create_app(load_config(config, [f"serve.port={port}"]), config_path=config.name, overrides=[f"serve.port={port}"],
-                     command=lambda step: [sys.executable, str(script), str(port)], grace_s=1.0)
+    overrides = [f"serve.port={port}"]
+    return create_app(load_config(config, overrides), config_path=config.name, overrides=overrides,
+                      command=lambda step: [sys.executable, str(script), str(port)], grace_s=1.0), port
+
+
+@pytest.mark.anyio
+async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_path):
+    app, port = _server_app(tmp_path)
 
     def text(selector: str) -> str:
         return str(app.query_one(selector).render())
@@ -180,19 +186,7 @@ async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_
 
 @pytest.mark.anyio
 async def test_quitting_with_the_server_running_stops_it(tmp_path):
-    import socket
-
-    from loratui.pipeline.config import load_config
-    from tests.tui.fake_run import make_run
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = make_run(tmp_path)
-    script = tmp_path / "server.py"
-    script.write_text(FAKE_SERVER)
-    app = create_app(load_config(config, [f"serve.port={port}"]), config_path=config.name, overrides=[f"serve.port={port}"],
-                     command=lambda step: [sys.executable, str(script), str(port)], grace_s=1.0)
+    app, _ = _server_app(tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("6", "r")
         await _until(pilot, lambda: app.server is not None and app.server.pid is not None)

@@ -51,35 +51,34 @@ def test_the_last_invocation_of_each_step_wins(tmp_path):
     assert runs["evaluate"].status == "failed" and runs["evaluate"].hint == "set data.test_ratio"
 
 
-def test_a_run_without_a_final_event_is_running_only_while_its_process_lives(tmp_path):
-    path = tmp_path / "events.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loratui"])
-    _wait_exec(proc.pid, b"loratui")
-    try:
-        sink = EventSink("merge", [JsonlWriter(path)])
-        sink.log("merge: run x in runs/x", level="debug", pid=proc.pid)
-        sink.close()
-        from loratui.pipeline.events import read_events
+def _merge_started_by(tmp_path, pid: int) -> str:
+    """The merge step's status when events.jsonl says process ``pid`` started it and nothing since."""
+    from loratui.pipeline.events import read_events
 
-        assert last_runs(read_events(path))["merge"].status == "running"
+    path = tmp_path / "events.jsonl"
+    sink = EventSink("merge", [JsonlWriter(path)])
+    sink.log("merge: run x in runs/x", level="debug", pid=pid)
+    sink.close()
+    return last_runs(read_events(path))["merge"].status
+
+
+def test_a_run_without_a_final_event_is_running_only_while_its_process_lives(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "loratui"])
+    try:
+        _wait_exec(proc.pid, b"loratui")
+        assert _merge_started_by(tmp_path, proc.pid) == "running"
         proc.kill()
         proc.wait()
-        assert last_runs(read_events(path))["merge"].status == "interrupted"
+        assert _merge_started_by(tmp_path, proc.pid) == "interrupted"
     finally:
         proc.kill()
 
 
 def test_a_pid_reused_by_another_program_is_not_a_running_job(tmp_path):
-    path = tmp_path / "events.jsonl"
     other = subprocess.Popen(["sleep", "30"])  # alive, but not loratui
-    _wait_exec(other.pid, b"sleep")
     try:
-        sink = EventSink("merge", [JsonlWriter(path)])
-        sink.log("merge: run x in runs/x", level="debug", pid=other.pid)
-        sink.close()
-        from loratui.pipeline.events import read_events
-
-        assert last_runs(read_events(path))["merge"].status == "interrupted"
+        _wait_exec(other.pid, b"sleep")
+        assert _merge_started_by(tmp_path, other.pid) == "interrupted"
     finally:
         other.kill()
 

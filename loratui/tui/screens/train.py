@@ -36,5 +36,6 @@ class TrainView(StepView):
         self.query_one("#train-summary", Static).update("\n".join(lines))
 
     def live(self, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
-        """Points of the running job (the App calls this on its timer)."""
-        self.query_one(LossChart).set_points(train, evals)
+        """Points of the running job (the App calls this on its timer); points without a step are skipped."""
+        self.query_one(LossChart).set_points([p for p in train if p[0] is not None],
+                                             [p for p in evals if p[0] is not None])
