@@ -345,6 +345,12 @@ class LoratuiApp(App[None]):
         what = " and ".join(j.step for j in running)
         self.push_screen(Confirm(f"{what} {'is' if len(running) == 1 else 'are'} running. Stop and quit?"), answer)
 
+    def on_unmount(self) -> None:
+        """However the app ends (an exception included), no job or server outlives it."""
+        for job in (self.job, self.server):
+            if job is not None and job.running:
+                job.kill()
+
     async def _quit_after(self, jobs: list[Job]) -> None:
         import asyncio
 

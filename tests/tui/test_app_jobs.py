@@ -196,3 +196,15 @@ async def test_quitting_with_the_server_running_stops_it(tmp_path):
         await pilot.press("y")
         await _until(pilot, lambda: not server.running)
     assert not _alive(server.pid)
+
+
+@pytest.mark.anyio
+async def test_an_app_that_ends_any_other_way_leaves_no_process(tmp_path):
+    app = _app(tmp_path, "stubborn")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("r")
+        await _until(pilot, lambda: app.job.progress() is not None)
+        job = app.job
+        app.exit()  # no question asked, as after an exception
+    job.wait(timeout=10)
+    assert not _alive(job.pid)
