@@ -41,7 +41,7 @@ from loratui.tui.screens.merge import MergeView
 from loratui.tui.screens.serve import ServeView, health
 from loratui.tui.screens.train import TrainView
 from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, recent_runs, remember, resolve_open_target
-from loratui.tui.widgets import Confirm, ErrorDialog, JobPanel, OpenDialog, TextDialog
+from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, TextDialog
 
 VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
 # What each step does, for the step bar and the help (one entry per step, in order).
@@ -53,6 +53,7 @@ HELP = """[b]Keys[/b]
   R          resume training          c      cancel the job (serve: stop the server)
   ctrl+s     save the settings        !      show the equivalent command line
   o          open a run               F1     help for the focused setting
+  f          pick the training data from a file tree
   ctrl+p     command palette          Esc    leave a field (keys work again)
   q          quit (asks while a job runs)
 
@@ -83,6 +84,7 @@ class LoratuiApp(App[None]):
         Binding("ctrl+s", "save", "Save", id="save"),
         Binding("exclamation_mark", "show_command", "Command", id="show-command", key_display="!"),
         Binding("o", "open_run", "Open", id="open"),
+        Binding("f", "pick_data", "Pick data", id="pick-data", show=False),
         Binding("f1", "help", "Help", id="help"),
         Binding("escape", "leave_field", "Leave field", id="leave-field", show=False),
         Binding("q", "quit", "Quit", id="quit"),
@@ -226,6 +228,18 @@ class LoratuiApp(App[None]):
 
     def action_leave_field(self) -> None:
         self.main.query_one("#stepbar", Tabs).focus()
+
+    def action_pick_data(self) -> None:
+        """Choose data.source from a file tree; the pick goes into the form like a typed value."""
+        self.action_show_step("data")
+
+        def picked(path: str | None) -> None:
+            if path:
+                field = self.main.query_one("#f-data--source")
+                field.value = path  # type: ignore[attr-defined]
+                field.focus()
+
+        self.push_screen(FilePicker("."), picked)
 
     # ---------------------------------------------------------------------------------- opening runs
 
@@ -480,6 +494,7 @@ class LoratuiApp(App[None]):
         yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)
         yield SystemCommand("Save settings", "write the config file (ctrl+s)", self.action_save)
         yield SystemCommand("Show command", "the loratui command line of the shown step (!)", self.action_show_command)
+        yield SystemCommand("Pick training data", "choose data.source from a file tree (f)", self.action_pick_data)
         yield SystemCommand("Open a run", "a run folder, a config file or a recent run (o)", self.action_open_run)
         yield SystemCommand("Help", "keys, and help for the focused setting (F1)", self.action_help)
 

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, OptionList, ProgressBar, RichLog, Static
+from textual.widgets import Button, DirectoryTree, Input, OptionList, ProgressBar, RichLog, Static
 from textual.widgets.option_list import Option
 
 
@@ -101,6 +101,41 @@ class OpenDialog(ModalScreen[str | None]):
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")
+
+
+class DataFiles(DirectoryTree):
+    """Folders, and the files the data step reads (hidden entries left out)."""
+
+    def filter_paths(self, paths: Any) -> Any:
+        return [p for p in paths if not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() in DATA_SUFFIXES)]
+
+
+class FilePicker(ModalScreen[str | None]):
+    """Pick a data file (or a folder of documents) from the working folder down."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="pick-close"),
+                Binding("space", "pick_folder", "Use this folder", id="pick-folder")]
+
+    def __init__(self, root: str = ".") -> None:
+        super().__init__(classes="dialog")
+        self.root = root
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box wide-box"):
+            yield Static("[b]Training data[/b]: Enter picks a file, Space a folder of .txt/.md documents",
+                         classes="dialog-title")
+            yield DataFiles(self.root, id="pick-tree")
+
+    def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(str(event.path))
+
+    def action_pick_folder(self) -> None:
+        node = self.query_one(DataFiles).cursor_node
+        if node is not None and node.data is not None and node.data.path.is_dir():
+            self.dismiss(str(node.data.path))
 
 
 class JobPanel(Vertical):

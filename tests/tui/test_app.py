@@ -269,3 +269,20 @@ async def test_saving_writes_the_resolved_config_the_cli_reads_back(tmp_path):
     data = yaml.safe_load((tmp_path / "demo.yaml").read_text())
     assert data["name"] == "demo" and data["data"]["source"] == "train.jsonl" and data["data"]["val_ratio"] == 0.2
     assert load_config(tmp_path / "demo.yaml") == app.cfg
+
+
+@pytest.mark.anyio
+async def test_f_picks_the_training_data_from_a_file_tree(tmp_path):
+    app = _finished_app(tmp_path)
+    (tmp_path / "more.csv").write_text("question,answer\nWhy?,Because.\n")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("2", "f")
+        await pilot.pause(0.5)
+        assert app.current_step == "data"
+        tree = app.screen.query_one("#pick-tree")
+        names = [str(node.label) for node in tree.root.children]
+        assert "more.csv" in names and "train.jsonl" in names and "demo.yaml" not in names  # data files only
+        tree.move_cursor(tree.root.children[names.index("more.csv")])
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.cfg.data.source.endswith("more.csv") and "data.source" in app.edits

@@ -45,10 +45,11 @@ def read_row(file: str, row: int) -> str:
 class DataView(StepView):
     STEP, TITLE, SECTIONS = "data", "Data", ("run", "data")
     BLURB = "Load, validate and template the training data; split train/validation/test."
+    KEYS = "r run  f pick the data file"
 
     def compose_results(self) -> ComposeResult:
         yield Static("No data report yet: press r to read and check the data.", id="data-summary")
-        yield table("data-files", "file", "split", "rows", "format", "why")
+        yield table("data-files", "file", "split", "rows", "format", "why", "unused columns")
         yield table("data-problems", "file", "row", "problem", "field", "what", "action")
         yield Static("", id="data-row", classes="data-row")
         yield table("data-lengths", "split", "rows", "min", "median", "p95", "max", "tokens")
@@ -69,10 +70,11 @@ class DataView(StepView):
             f"{rows.get('dropped', 0)} dropped, {rows.get('truncated', 0)} truncated; "
             f"train {splits.get('train', 0)} / validation {splits.get('validation', 0)} / test {splits.get('test', 0)}; "
             f"task {escape(str(report.get('task')))}, template {escape(str(report.get('template')))}, "
-            f"max_length {report.get('max_length')} ({escape(str(report.get('max_length_source')))})")
+            f"max_length {report.get('max_length')} ({escape(str(report.get('max_length_source')))})"
+            + (f"; column mapping {escape(str(state.cfg.data.columns))}" if state.cfg.data.columns else ""))
         fill(self.query_one("#data-files", DataTable),
-             [(Path(f.get("path", "?")).name, f.get("split", ""), f.get("rows", ""), f.get("format", ""), f.get("reason", ""))
-              for f in report.get("files", [])])
+             [(Path(f.get("path", "?")).name, f.get("split", ""), f.get("rows", ""), f.get("format", ""), f.get("reason", ""),
+               ", ".join(f.get("extra_columns") or []) or "-") for f in report.get("files", [])])
         problems = report.get("dropped", []) + report.get("truncated", [])
         self._problems = problems
         fill(self.query_one("#data-problems", DataTable),
