@@ -116,8 +116,7 @@ class LoratuiApp(App[None]):
         yield Header()
         yield Tabs(*(Tab(self._tab_label(i, s), id=f"tab-{s}") for i, s in enumerate(STEP_ORDER, 1)), id="stepbar")
         with ContentSwitcher(initial=STEP_ORDER[0], id="steps"):
-            for view in VIEWS:
-                yield view(self.cfg)
+            yield VIEWS[0](self.cfg)  # the others are built when first shown: a fast first frame
         yield JobPanel(id="job", classes="-idle")
         yield Footer()
 
@@ -141,9 +140,6 @@ class LoratuiApp(App[None]):
 
     def views(self) -> list[StepView]:
         return list(self.main.query(StepView))
-
-    def view(self, step: str) -> StepView:
-        return self.main.query_one(f"#{step}", StepView)
 
     def show_state(self, reload: bool = False) -> None:
         """Re-read the run directory (when ``reload``) and render every view and the step bar."""
@@ -233,9 +229,9 @@ class LoratuiApp(App[None]):
         """Choose data.source from a file tree; the pick goes into the form like a typed value."""
         self.action_show_step("data")
 
-        def picked(path: str | None) -> None:
+        async def picked(path: str | None) -> None:
             if path:
-                field = self.main.query_one("#f-data--source")
+                field = (await self._ensure_view("data")).query_one("#f-data--source")
                 field.value = path  # type: ignore[attr-defined]
                 field.focus()
 
@@ -275,11 +271,22 @@ class LoratuiApp(App[None]):
 
     async def _rebuild_views(self) -> None:
         switcher = self.main.query_one("#steps", ContentSwitcher)
-        current = switcher.current
+        current = switcher.current or STEP_ORDER[0]
         await switcher.remove_children()
-        await switcher.mount_all([view(self.cfg) for view in VIEWS])
+        await self._ensure_view(current)
         switcher.current = current
         self.show_state()
+
+    async def _ensure_view(self, step: str) -> StepView:
+        """The step's view, built and mounted the first time it is needed."""
+        found = self.main.query(f"#steps > #{step}")
+        if found:
+            return found.first(StepView)
+        view = VIEWS[STEP_ORDER.index(step)](self.cfg)
+        await self.main.query_one("#steps", ContentSwitcher).mount(view)
+        view.show_state(self.state)
+        view.form.show_problems(self.problems)
+        return view
 
     # ---------------------------------------------------------------------------------- jobs
 
@@ -392,7 +399,8 @@ class LoratuiApp(App[None]):
                 log.write(f"{e.type}: {e.path}")
         step = STEP_OF_EVENT.get(job.step, job.step)
         if step == "train" and events:
-            self.main.query_one(TrainView).live(job.metrics("loss"), job.metrics("eval_loss"))
+            for view in self.main.query(TrainView):  # when it has been shown
+                view.live(job.metrics("loss"), job.metrics("eval_loss"))
         self._render_progress(job.step, job.progress(), job.running, self._speed(job.events))
         if job.running or self._reported:
             return
@@ -448,7 +456,10 @@ class LoratuiApp(App[None]):
 
     def _refresh_server(self) -> None:
         server = self.server
-        view = self.main.query_one(ServeView)
+        views = self.main.query(ServeView)
+        if not views:
+            return
+        view = views.first(ServeView)
         if server is None:
             view.show_server(None, "stopped", [], None)
             return
@@ -470,9 +481,11 @@ class LoratuiApp(App[None]):
 
     # ---------------------------------------------------------------------------------- navigation
 
-    def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
+    async def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
         if event.tab.id:
-            self.main.query_one("#steps", ContentSwitcher).current = event.tab.id.removeprefix("tab-")
+            step = event.tab.id.removeprefix("tab-")
+            await self._ensure_view(step)
+            self.main.query_one("#steps", ContentSwitcher).current = step
 
     def action_show_step(self, step: str) -> None:
         self.main.query_one("#stepbar", Tabs).active = f"tab-{step}"

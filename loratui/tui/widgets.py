@@ -182,7 +182,7 @@ class LossChart(Vertical):
         plot.refresh()
         parts = []
         if train:
-            parts.append(f"train {train[-1][1]:.4g} (step {train[-1][0]}, min {min(v for _, v in train):.4g})")
+            parts.append(f"train {train[-1][1]:.4g} (min {min(v for _, v in train):.4g})")
         if evals:
             parts.append(f"eval {evals[-1][1]:.4g} (best {min(v for _, v in evals):.4g})")
         self.query_one("#loss-summary", Static).update("loss: " + ("  ".join(parts) if parts else "no training yet"))

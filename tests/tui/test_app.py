@@ -43,8 +43,10 @@ async def test_a_new_project_steps_after_train_are_blocked_and_switchable():
     async with app.run_test(size=(100, 30)) as pilot:
         assert _labels(app) == ["1 Data", "2 Train", "3 Evaluate ·", "4 Merge ·", "5 Export ·", "6 Serve ·"]
         assert app.query_one("#tab-merge").has_class("-blocked")
-        assert "needs a trained adapter" in _text(app.query_one("#evaluate-state"))
         assert app.current_step == "data"
+        assert not app.query("#evaluate"), "views are built when first shown"
+        await pilot.press("3")
+        assert "needs a trained adapter" in _text(app.query_one("#evaluate-state"))
         await pilot.press("2")
         assert app.current_step == "train" and app.query_one("#stepbar", Tabs).active == "tab-train"
         await pilot.press("6")
@@ -104,7 +106,9 @@ async def test_forms_come_from_the_schema_and_validate_inline(tmp_path):
         assert isinstance(app.query_one("#f-train--lr"), Input)
         assert isinstance(app.query_one("#f-train--gradient_checkpointing"), Switch)
         assert isinstance(app.query_one("#f-lora--method"), Select)
+        await pilot.press("5")
         assert isinstance(app.query_one("#f-export--formats"), SelectionList)
+        await pilot.press("2")
         assert app.edits == {}, "mounting the form is not an edit"
         lr = app.query_one("#f-train--lr", Input)
         lr.value = "fast"
@@ -210,6 +214,7 @@ async def test_a_run_interrupted_or_still_running_elsewhere_shows_from_its_event
         app = create_app(load_config(config), config_path=config.name)
         async with app.run_test(size=(100, 30)) as pilot:
             assert _labels(app)[1:3] == ["2 Train ●", "3 Evaluate !"]
+            await pilot.press("3")
             assert "interrupted" in _text(app.query_one("#evaluate-state"))
             await pilot.pause(1.3)  # the run is followed through events.jsonl
             status = _text(app.query_one("#job-status"))

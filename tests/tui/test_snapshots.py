@@ -28,24 +28,34 @@ def app(tmp_path, monkeypatch):
 
 
 async def _steady(pilot) -> None:
+    """No blinking cursor in any input built so far (views are built when first shown)."""
+    await pilot.pause()
     for widget in pilot.app.query(Input):
         widget.cursor_blink = False
     await pilot.pause()
 
 
+def _after(*keys: str):
+    async def run_before(pilot) -> None:
+        await pilot.press(*keys)
+        await _steady(pilot)
+
+    return run_before
+
+
 @pytest.mark.parametrize("key", ["1", "2", "3", "4", "5", "6"])
 def test_step_views(snap_compare, app, key):
-    assert snap_compare(app, press=[key], terminal_size=SIZE, run_before=_steady)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_after(key))
 
 
 def test_small_terminal(snap_compare, app):
-    assert snap_compare(app, press=["2"], terminal_size=(80, 24), run_before=_steady)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_after("2"))
 
 
 def test_field_help_dialog(snap_compare, app):
     async def focus_field(pilot) -> None:
-        await _steady(pilot)
         await pilot.press("2")
+        await _steady(pilot)
         pilot.app.query_one("#f-lora--r", Input).focus()
         await pilot.pause()
 
@@ -54,8 +64,8 @@ def test_field_help_dialog(snap_compare, app):
 
 def test_invalid_setting_inline(snap_compare, app):
     async def bad_value(pilot) -> None:
-        await _steady(pilot)
         await pilot.press("2")
+        await _steady(pilot)
         rank = pilot.app.query_one("#f-lora--r", Input)
         rank.value = "big"
         rank.focus()
@@ -65,7 +75,7 @@ def test_invalid_setting_inline(snap_compare, app):
 
 
 def test_command_dialog(snap_compare, app):
-    assert snap_compare(app, press=["5", "exclamation_mark"], terminal_size=SIZE, run_before=_steady)
+    assert snap_compare(app, press=["exclamation_mark"], terminal_size=SIZE, run_before=_after("5"))
 
 
 def test_open_dialog(snap_compare, app):
