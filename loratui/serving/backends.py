@@ -455,56 +455,61 @@ class TorchBackend(_HFBase):
             last = torch.tensor(tokens, device=self.device)
 
     def _prefill(self, admitted: list[tuple[GenRequest, Any]]) -> tuple[list["_Row"], Any, Any, list[int]]:
-        """The admitted prompts in one left-padded forward: their rows, KV cache, mask and first tokens.
-        A lone prompt that starts like the previous lone prompt (a chat's system prompt, a shared
-        instruction) reuses that prompt's KV cache for the shared part (prefix caching)."""
+        """The admitted prompts in one forward: their rows, KV cache, mask and first tokens.
+
+        Prefix caching: when every prompt starts like the previous prefill's first prompt (a chat's
+        system prompt, a shared instruction) and they use the same adapter, that prompt's KV cache
+        stands in for the shared part and only the rest is computed. The batch is laid out as
+        ``[shared prefix][left-padded rest]``; the mask holds the padding wherever it is."""
         import torch
 
         keep = {"logits_to_keep": 1} if self.last_logits_only else {}  # the head on the last position only
         rows = [_Row(req, out, self.decode, self.stop_ids, self.context_length) for req, out in admitted]
-        if len(admitted) == 1:
-            ids = admitted[0][0].prompt_ids
-            shared, past = self._cached_prefix(ids, admitted[0][0].adapter)
-            mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.device)
-            with torch.inference_mode():
-                result = self.model(input_ids=torch.tensor([ids[shared:]], device=self.device), attention_mask=mask,
-                                    position_ids=torch.arange(shared, len(ids), device=self.device).unsqueeze(0),
-                                    past_key_values=past, use_cache=True, **keep, **self._adapter_args(rows))
-            if self.prefix_caching:  # keyed by adapter too: another adapter's KV is another model's
-                self.prefix = (list(ids), [(layer.keys, layer.values) for layer in self._layers(result.past_key_values)],
-                               admitted[0][0].adapter)
-        else:
-            longest = max(len(req.prompt_ids) for req, _ in admitted)
-            ids_t = torch.full((len(admitted), longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(admitted), longest), dtype=torch.long)
-            for i, (req, _out) in enumerate(admitted):
-                ids_t[i, longest - len(req.prompt_ids):] = torch.tensor(req.prompt_ids)
-                mask[i, longest - len(req.prompt_ids):] = 1
-            ids_t, mask = ids_t.to(self.device), mask.to(self.device)
-            with torch.inference_mode():
-                result = self.model(input_ids=ids_t, attention_mask=mask,
-                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **keep,
-                                    **self._adapter_args(rows))
+        prompts = [req.prompt_ids for req, _ in admitted]
+        adapters = {req.adapter for req, _ in admitted}
+        shared, past = self._cached_prefix(prompts, adapters.pop()) if len(adapters) == 1 else (0, None)
+        rests = [p[shared:] for p in prompts]
+        longest = max(len(r) for r in rests)
+        ids_t = torch.full((len(rests), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rests), shared + longest), dtype=torch.long)
+        mask[:, :shared] = 1
+        for i, rest in enumerate(rests):
+            ids_t[i, longest - len(rest):] = torch.tensor(rest)
+            mask[i, shared + longest - len(rest):] = 1
+        ids_t, mask = ids_t.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            result = self.model(input_ids=ids_t, attention_mask=mask,
+                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:], past_key_values=past,
+                                use_cache=True, **keep, **self._adapter_args(rows))
+        if self.prefix_caching and self.mergeable:  # keyed by adapter too: another adapter's KV is another model's
+            columns = mask[0].nonzero().squeeze(1)
+            self.prefix = (list(prompts[0]), [(layer.keys[:1, :, columns], layer.values[:1, :, columns])
+                                              for layer in self._layers(result.past_key_values)],
+                           admitted[0][0].adapter)
         logits = result.logits[:, -1].float().cpu()
         return rows, result.past_key_values, mask, [self._next(row, logits[i]) for i, row in enumerate(rows)]
 
-    def _cached_prefix(self, ids: list[int], adapter: str | None = None) -> tuple[int, Any]:
-        """(tokens reused, a KV cache holding them) from the previous lone prompt of the same adapter;
-        (0, None) below 8 tokens."""
+    def _cached_prefix(self, prompts: list[list[int]], adapter: str | None = None) -> tuple[int, Any]:
+        """(tokens reused, a KV cache holding them for each prompt) from the previous prefill's first
+        prompt when it was for the same adapter; (0, None) below 8 shared tokens."""
         if not (self.prefix_caching and self.mergeable and self.prefix) or self.prefix[2] != adapter:
             return 0, None
         from transformers.cache_utils import DynamicCache
 
         old, layers, _adapter = self.prefix
-        shared = 0
-        limit = min(len(old), len(ids) - 1)  # at least one new token, for the logits
-        while shared < limit and old[shared] == ids[shared]:
-            shared += 1
+        shared = len(old)
+        for ids in prompts:
+            limit = min(shared, len(ids) - 1)  # at least one new token per prompt, for its logits
+            n = 0
+            while n < limit and old[n] == ids[n]:
+                n += 1
+            shared = n
         if shared < 8:
             return 0, None
         cache = DynamicCache()
         for i, (keys, values) in enumerate(layers):
-            cache.update(keys[:, :, :shared, :], values[:, :, :shared, :], i)
+            cache.update(keys[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(),
+                         values[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(), i)
         return shared, cache
 
     def _next(self, row: "_Row", logits: Any) -> int:

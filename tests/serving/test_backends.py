@@ -66,8 +66,8 @@ def test_prefix_caching_reuses_a_shared_prompt_start_and_changes_nothing(tiny_mo
     hits: list[int] = []
     original = backend._cached_prefix
 
-    def spy(ids, adapter=None):
-        shared, cache = original(ids, adapter)
+    def spy(prompts, adapter=None):
+        shared, cache = original(prompts, adapter)
         hits.append(shared)
         return shared, cache
 
@@ -86,3 +86,54 @@ def test_prefix_caching_reuses_a_shared_prompt_start_and_changes_nothing(tiny_mo
     assert cached == plain and all(plain)
     # SmolLM2's template opens every chat with the same system prompt: the 2nd and 3rd prompts reuse it
     assert hits[-3] == 0 and hits[-2] >= 8 and hits[-1] >= 8
+
+
+def test_prompts_prefilled_together_reuse_the_cached_prefix_and_change_nothing(tiny_model_factory):
+    """Requests admitted together (the usual case under load) share the cached system prompt too."""
+    import queue
+
+    backend = TorchBackend(tiny_model_factory(tokenizer="smollm2"), "t", 256, max_batch_size=4)
+    questions = ["Where is it?", "When does it open on Sundays?", "Who runs the place?", "Can I park there?"]
+    prompts = [backend.chat_prompt([{"role": "user", "content": q}]) for q in questions]
+    seen: list[tuple[int, int]] = []
+    original = backend._cached_prefix
+
+    def spy(batch, adapter=None):
+        shared, cache = original(batch, adapter)
+        seen.append((len(batch), shared))
+        return shared, cache
+
+    def prefill() -> tuple[list[int], list[list[int]]]:
+        """Four prompts admitted at once (the worker is idle): first tokens, and each row's mask."""
+        _rows, _cache, mask, first = backend._prefill([(GenRequest(list(p), 6, temperature=0), queue.Queue())
+                                                       for p in prompts])
+        return first, mask.tolist()
+
+    def replies() -> list[str]:
+        out: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            out[i] = "".join(d.text for d in backend.stream(GenRequest(list(prompts[i]), 6, temperature=0)))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        [t.start() for t in threads]
+        [t.join(timeout=120) for t in threads]
+        return [out[i] for i in range(len(prompts))]
+
+    backend._cached_prefix = spy
+    try:
+        alone = ["".join(d.text for d in backend.stream(GenRequest(list(p), 6, temperature=0))) for p in prompts]
+        backend.prefix_caching, backend.prefix = False, None
+        plain_first, _ = prefill()
+        plain = replies()
+        backend.prefix_caching = True
+        "".join(d.text for d in backend.stream(GenRequest(list(prompts[0]), 2, temperature=0)))  # caches the prompt
+        seen.clear()
+        cached_first, mask = prefill()
+        cached = replies()
+    finally:
+        backend.close()
+    assert seen[0][0] == 4 and seen[0][1] >= 8, seen  # the shared system prompt came from the cache
+    assert cached_first == plain_first and cached == plain == alone and all(alone)
+    shared = seen[0][1]
+    assert all(row[:shared] == [1] * shared for row in mask)  # [cached prefix][left-padded rest]
