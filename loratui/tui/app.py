@@ -196,6 +196,10 @@ class LoratuiApp(App[None]):
         return step_command(cli_name(step), self.config_path, self.override_args(), extra)
 
     def action_save(self) -> None:
+        if self.problems:  # never write a config that differs from what the form shows
+            key, message = next(iter(self.problems.items()))
+            self.push_screen(ErrorDialog("Fix the settings first", f"{key}: {message}", "Nothing was saved."))
+            return
         path = Path(self.config_path or "loratui.yaml")
         try:
             write_config(path, self.cfg)

@@ -116,11 +116,14 @@ async def test_forms_come_from_the_schema_and_validate_inline(tmp_path):
         assert "train.lr" in app.problems
         row_error = lr.parent.parent.query_one(".field-error", Static)
         assert row_error.display and "number" in _text(row_error)
-        await pilot.press("escape", "r")  # an invalid setting: no job, a dialog saying which
-        await pilot.pause()
-        assert app.job is None and isinstance(app.screen, ErrorDialog)
-        assert "train.lr" in _text(app.screen.query_one("#error-message"))
-        await pilot.press("escape")
+        before = (tmp_path / "demo.yaml").read_text()
+        for key in ("r", "ctrl+s"):  # an invalid setting: no job, nothing saved, a dialog saying which
+            await pilot.press("escape", key)
+            await pilot.pause()
+            assert app.job is None and isinstance(app.screen, ErrorDialog)
+            assert "train.lr" in _text(app.screen.query_one("#error-message"))
+            await pilot.press("escape")
+        assert (tmp_path / "demo.yaml").read_text() == before
         lr.value = "0.0005"
         await pilot.pause()
         assert app.problems == {} and app.cfg.train.lr == 0.0005 and app.edits == {"train.lr": "0.0005"}
