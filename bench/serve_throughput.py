@@ -6,10 +6,12 @@ Each backend runs as a real server (`loratui serve <run> --format F`, a subproce
 Every client sends ``--requests`` streaming chat requests one after another (prompts: the run's test
 questions, greedy, up to ``--max-tokens``); the level's aggregate is all completion tokens (from
 ``usage``) over the level's wall time. TTFT: request sent -> first content chunk, p50 / p95 over all
-requests of the level.
+requests of the level. This VM's speed drifts by tens of percent over minutes, so every level runs
+``--rounds`` times and each ratio is taken within a round (the 8-client level against the 1-client
+level just before it; bare llama-cpp-python right after the llama.cpp backend's levels, the server idle).
 
     loratui train/merge/export --format gguf,onnx --config examples/quickstart.yaml
-    .venv/bin/python bench/serve_throughput.py [--run runs/quickstart] [--formats gguf,torch,onnx]
+    .venv/bin/python bench/serve_throughput.py [--run runs/quickstart] [--formats gguf,torch,onnx] [--rounds 3]
 
 Targets on this CPU: PyTorch at 8 clients >= 3x its 1-client aggregate; llama.cpp backend >= 80% of
 bare llama-cpp-python tokens/s at 1 client.
@@ -70,12 +72,12 @@ def start(run: Path, fmt: str) -> tuple[subprocess.Popen, str, str]:
     raise SystemExit(f"loratui serve --format {fmt} did not get ready")
 
 
-def one(url: str, model: str, question: str, max_tokens: int) -> tuple[float | None, int]:
+def one(client: httpx.Client, url: str, model: str, question: str, max_tokens: int) -> tuple[float | None, int]:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     ttft, tokens = None, 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -94,12 +96,15 @@ def level(url: str, model: str, prompts: list[str], clients: int, requests: int,
     lock = threading.Lock()
 
     def client(c: int) -> None:
-        for k in range(requests):
-            ttft, tokens = one(url, model, prompts[(c * requests + k) % len(prompts)], max_tokens)
-            with lock:
-                total[0] += tokens
-                if ttft is not None:
-                    ttfts.append(ttft)
+        # one connection per client, kept alive, as the openai SDK does (an httpx.Client per request
+        # would cost ~30 ms of CPU each here, building its TLS context, and count against the server)
+        with httpx.Client() as http:
+            for k in range(requests):
+                ttft, tokens = one(http, url, model, prompts[(c * requests + k) % len(prompts)], max_tokens)
+                with lock:
+                    total[0] += tokens
+                    if ttft is not None:
+                        ttfts.append(ttft)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -142,46 +147,59 @@ def main() -> None:
     parser.add_argument("--run", default="runs/quickstart")
     parser.add_argument("--formats", default="gguf,torch,onnx")
     parser.add_argument("--levels", default="1,4,8")
-    parser.add_argument("--requests", type=int, default=4, help="requests per client per level")
+    parser.add_argument("--requests", type=int, default=8,
+                        help="requests per client per level (enough that ramp-up and tail-off are a small part of it)")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat every level this many times per backend; ratios are taken within a round")
     args = parser.parse_args()
     run = Path(args.run)
     prompts = questions(run, 16)
     levels = [int(x) for x in args.levels.split(",")]
     print(f"# {platform.machine()}, {os.cpu_count()} cores; run {run}; {args.requests} streaming chat requests per "
-          f"client per level, greedy, max_tokens {args.max_tokens}", flush=True)
-    rows = []
-    served_gguf = None
+          f"client per level, greedy, max_tokens {args.max_tokens}; {args.rounds} rounds", flush=True)
+    rows: list[tuple[str, int, dict]] = []  # (format, round, level result)
+    bare: dict[int, float] = {}  # round -> bare llama-cpp-python tok/s
     for fmt in args.formats.split(","):
         proc, url, model = start(run, fmt)
         try:
-            health = httpx.get(url + "/health").json()
-            if fmt == "gguf":
-                served_gguf = health["serving"]
-            one(url, model, prompts[0], 4)  # warm-up
-            for n in levels:
-                result = level(url, model, prompts, n, args.requests, args.max_tokens)
-                rows.append((fmt, result))
-                print(f"{fmt} x{n}: {result['tok_s']:.1f} tok/s", flush=True)
+            with httpx.Client() as http:
+                one(http, url, model, prompts[0], 4)  # warm-up
+            for rnd in range(args.rounds):
+                for n in levels:
+                    result = level(url, model, prompts, n, args.requests, args.max_tokens)
+                    rows.append((fmt, rnd, result))
+                    print(f"{fmt} round {rnd + 1} x{n}: {result['tok_s']:.1f} tok/s", flush=True)
+                if fmt == "gguf":  # the baseline in the same round, while the server sits idle
+                    from loratui.serving.select import choose
+
+                    gguf = choose(run, "gguf", False).path
+                    bare[rnd] = bare_llama_cpp(gguf, run, prompts[:args.requests], args.max_tokens)
+                    print(f"bare llama-cpp-python round {rnd + 1}: {bare[rnd]:.1f} tok/s", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    bare = None
-    if served_gguf:
-        from loratui.serving.select import choose
 
-        gguf = choose(run, "gguf", False).path
-        bare = bare_llama_cpp(gguf, run, prompts[:args.requests], args.max_tokens)  # the 1-client level's prompts
-    print("\n| backend | clients | tokens | aggregate tok/s | vs its 1 client | TTFT p50 s | TTFT p95 s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for fmt, r in rows:
-        one_client = next(x for f, x in rows if f == fmt and x["clients"] == levels[0])
-        print(f"| {fmt} | {r['clients']} | {r['tokens']} | {r['tok_s']:.1f} | {r['tok_s'] / one_client['tok_s']:.2f}x | "
-              f"{r['p50']:.3f} | {r['p95']:.3f} |")
-    if bare is not None:
-        served = next(x for f, x in rows if f == "gguf" and x["clients"] == 1)
-        print(f"\nbare llama-cpp-python, same GGUF and prompts: {bare:.1f} tok/s; the llama.cpp backend at 1 client "
-              f"reaches {served['tok_s'] / bare:.0%} of it (its figure includes HTTP, streaming and prompt time)")
+    def ratio_text(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f}x" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+    print("\nMedians over the rounds; the ratio is each round's level against that round's 1 client "
+          "(median, and the range over rounds).\n")
+    print("| backend | clients | aggregate tok/s | vs its 1 client | TTFT p50 s | TTFT p95 s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fmt in dict.fromkeys(f for f, _, _ in rows):
+        for n in levels:
+            mine = [(rnd, r) for f, rnd, r in rows if f == fmt and r["clients"] == n]
+            base = {rnd: r for f, rnd, r in rows if f == fmt and r["clients"] == levels[0]}
+            ratios = [r["tok_s"] / base[rnd]["tok_s"] for rnd, r in mine]
+            print(f"| {fmt} | {n} | {statistics.median(r['tok_s'] for _, r in mine):.1f} | {ratio_text(ratios)} | "
+                  f"{statistics.median(r['p50'] for _, r in mine):.3f} | {statistics.median(r['p95'] for _, r in mine):.3f} |")
+    if bare:
+        served = {rnd: r for f, rnd, r in rows if f == "gguf" and r["clients"] == 1}
+        shares = [served[rnd]["tok_s"] / bare[rnd] for rnd in bare]
+        print(f"\nbare llama-cpp-python, same GGUF and prompts: {statistics.median(bare.values()):.1f} tok/s (median); "
+              f"the llama.cpp backend at 1 client reaches {statistics.median(shares):.0%} of it "
+              f"(rounds: {', '.join(f'{x:.0%}' for x in shares)}; its figure includes HTTP, streaming and prompt time)")
 
 
 if __name__ == "__main__":
