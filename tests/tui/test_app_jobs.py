@@ -27,6 +27,12 @@ async def _until(pilot, check, timeout: float = 20.0) -> None:
         await pilot.pause(0.05)
 
 
+async def _run_until_progress(pilot, app) -> None:
+    """Press r and wait for the job's first progress event."""
+    await pilot.press("r")
+    await _until(pilot, lambda: app.job is not None and app.job.progress() is not None)
+
+
 def _status(app) -> str:
     return str(app.query_one("#job-status", Static).content)
 
@@ -48,8 +54,7 @@ async def test_a_job_runs_and_its_progress_and_log_show(tmp_path):
 async def test_cancel_asks_then_stops_the_job(tmp_path):
     app = _app(tmp_path, "slow")
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("r")
-        await _until(pilot, lambda: app.job.progress() is not None)
+        await _run_until_progress(pilot, app)
         await pilot.press("c")
         assert isinstance(app.screen, Confirm)
         await pilot.press("n")  # no: it goes on
@@ -63,8 +68,7 @@ async def test_cancel_asks_then_stops_the_job(tmp_path):
 async def test_quitting_while_a_job_runs_asks_and_leaves_no_process(tmp_path):
     app = _app(tmp_path, "stubborn")  # ignores SIGTERM: killed after the grace period
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("r")
-        await _until(pilot, lambda: app.job.progress() is not None)
+        await _run_until_progress(pilot, app)
         job = app.job
         child = int(next(e.message.split()[1] for e in job.events if e.type == "log" and e.message.startswith("child")))
         await pilot.press("q")
@@ -202,8 +206,7 @@ async def test_quitting_with_the_server_running_stops_it(tmp_path):
 async def test_an_app_that_ends_any_other_way_leaves_no_process(tmp_path):
     app = _app(tmp_path, "stubborn")
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("r")
-        await _until(pilot, lambda: app.job.progress() is not None)
+        await _run_until_progress(pilot, app)
         job = app.job
         app.exit()  # no question asked, as after an exception
     job.wait(timeout=10)
