@@ -135,6 +135,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if req["messages"][-1]["content"] == "fail":
+            self.wfile.write(b'data: {"error": {"message": "generation failed", "type": "server_error"}}\\n\\n')
+            return
         said = req["model"] + " heard: " + req["messages"][-1]["content"] + f" ({len(req['messages'])} messages)"
         for piece in (said[:5], said[5:]):
             self.wfile.write(("data: " + json.dumps({"choices": [{"delta": {"content": piece}}]}) + "\\n\\n").encode())
@@ -183,6 +186,10 @@ async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_
         await pilot.press(*"again", "enter")
         await _until(pilot, lambda: any("(3 messages)" in str(line.text) for line in log.lines))
         assert any("fake-model heard: hello (1 messages)" in str(line.text) for line in log.lines)
+        await pilot.press(*"fail", "enter")  # a failed answer takes its question back out of the history
+        await _until(pilot, lambda: any("no answer" in str(line.text) for line in log.lines))
+        await pilot.press(*"more", "enter")
+        await _until(pilot, lambda: any("more (5 messages)" in str(line.text) for line in log.lines))
         await pilot.press("escape", "c")  # stop
         await _until(pilot, lambda: app.server is None and "stopped" in text("#serve-status"))
         assert not _alive(server.pid)

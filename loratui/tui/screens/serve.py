@@ -107,17 +107,24 @@ class ServeView(StepView):
     @work(thread=True, exclusive=True, group="chat", exit_on_error=False)
     def ask(self, url: str, model: str, messages: list[dict[str, str]], api_key: str | None) -> None:
         parts: list[str] = []
+        failed = False
         try:
             for delta in stream_chat(url, model, messages, api_key):
                 parts.append(delta)
                 self.app.call_from_thread(self.query_one("#chat-reply", Static).update, escape("".join(parts)))
         except (OSError, RuntimeError, ValueError) as e:
+            failed = True
             self.app.call_from_thread(self.app.notify, f"chat: {e}", severity="error")
         reply = "".join(parts)
 
         def done() -> None:
-            self.history.append({"role": "assistant", "content": reply})
             self.query_one("#chat-reply", Static).update("")
+            if failed:  # the question is taken back, so the next one does not follow an unanswered turn
+                if self.history and self.history[-1]["role"] == "user":
+                    self.history.pop()
+                self.query_one("#chat-log", RichLog).write("[dim](no answer: the request failed)[/dim]")
+                return
+            self.history.append({"role": "assistant", "content": reply})
             self.query_one("#chat-log", RichLog).write(f"[b]model[/b] {escape(reply)}")
 
         self.app.call_from_thread(done)
