@@ -446,7 +446,13 @@ class LoratuiApp(App[None]):
         running = [s for s, st in self.state.steps.items() if st == "running"]
         if not running:
             return
-        self.show_state(reload=True)
+        before = self.state.steps
+        self.state = RunState.load(self.cfg)
+        if self.state.steps != before:  # a step ended: every view and the step bar change
+            self.show_state()
+        else:  # only the running step's live parts: the loss curve of a training run
+            for view in self.main.query(TrainView):
+                view.live(self.state.train_loss, self.state.eval_loss)
         if self.state.steps.get(running[0]) != "running":
             self.main.query_one("#job-status", Static).update(f"[b]{running[0]}[/b] ended in another process")
             return
