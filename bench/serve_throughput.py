@@ -161,6 +161,10 @@ def main() -> None:
     rows: list[tuple[str, int, dict]] = []  # (format, round, level result)
     bare: dict[int, float] = {}  # round -> bare llama-cpp-python tok/s
     for fmt in args.formats.split(","):
+        if fmt == "gguf":
+            from loratui.serving.select import choose
+
+            gguf = choose(run, "gguf", False).path  # the file the server picks, for the bare baseline
         proc, url, model = start(run, fmt)
         try:
             with httpx.Client() as http:
@@ -171,9 +175,6 @@ def main() -> None:
                     rows.append((fmt, rnd, result))
                     print(f"{fmt} round {rnd + 1} x{n}: {result['tok_s']:.1f} tok/s", flush=True)
                 if fmt == "gguf":  # the baseline in the same round, while the server sits idle
-                    from loratui.serving.select import choose
-
-                    gguf = choose(run, "gguf", False).path
                     bare[rnd] = bare_llama_cpp(gguf, run, prompts[:args.requests], args.max_tokens)
                     print(f"bare llama-cpp-python round {rnd + 1}: {bare[rnd]:.1f} tok/s", flush=True)
         finally:

@@ -277,7 +277,9 @@ def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
         from loratui.pipeline.models import resolve_model
 
         base = resolve_model(cfg.model.base, revision=cfg.model.revision).path
-    fmt = args.fmt or {"llama.cpp": "gguf", "onnxruntime": "onnx"}.get(cfg.serve.backend, cfg.serve.backend)
+    from loratui.pipeline.config import BACKEND_FORMAT
+
+    fmt = args.fmt or BACKEND_FORMAT.get(cfg.serve.backend, cfg.serve.backend)
     return target, cfg, base, fmt
 
 
@@ -346,17 +348,15 @@ def _cmd_tui(args: argparse.Namespace) -> int:
 
 
 def _cmd_open(args: argparse.Namespace) -> int:
-    from loratui.pipeline.config import load_config
     from loratui.pipeline.errors import LoratuiError
-    from loratui.tui.app import create_app, run_dir_overrides
-    from loratui.tui.state import resolve_open_target
+    from loratui.tui.app import create_app
+    from loratui.tui.state import open_run
 
     try:
-        path = resolve_open_target(args.target)
+        path, overrides, cfg = open_run(args.target, args.overrides)
     except FileNotFoundError as e:
         raise LoratuiError(str(e), hint="Give a run folder (runs/<name>) or a config file.") from None
-    overrides = run_dir_overrides(path) + args.overrides
-    create_app(load_config(path, overrides), config_path=path, overrides=overrides).run()
+    create_app(cfg, config_path=path, overrides=overrides).run()
     return 0
 
 

@@ -334,6 +334,10 @@ class ExportSection(Section):
     verify: bool = Field(True, description="Load every export in its runtime and compare it with the merged model.")
 
 
+# serve.backend's runtime names -> the --format names of `loratui serve` and `generate`.
+BACKEND_FORMAT: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
+
+
 class ServeSection(Section):
     """The OpenAI-compatible server."""
 

@@ -28,7 +28,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Header, ProgressBar, RichLog, Static, Tab, Tabs
 
-from loratui.pipeline.config import ConfigError, RunConfig, load_config
+from loratui.pipeline.config import BACKEND_FORMAT, ConfigError, RunConfig, load_config
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import write_config
 from loratui.tui.forms import ConfigForm, FieldEdited, same_value, value_of
@@ -40,7 +40,7 @@ from loratui.tui.screens.export import ExportView
 from loratui.tui.screens.merge import MergeView
 from loratui.tui.screens.serve import ServeView, health
 from loratui.tui.screens.train import TrainView
-from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, recent_runs, remember, resolve_open_target
+from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, open_run, recent_runs, remember
 from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, TextDialog
 
 VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
@@ -129,6 +129,7 @@ class LoratuiApp(App[None]):
         self.show_state()
         self.set_interval(0.2, self.refresh_job)
         self.set_interval(1.0, self.poll_run)
+        self.set_interval(0.5, self.poll_server)
 
     def _set_subtitle(self) -> None:
         dirty = " (unsaved edits)" if self.edits else ""
@@ -191,7 +192,7 @@ class LoratuiApp(App[None]):
                     *(["--config", self.config_path] if self.config_path else []),
                     "--host", s.host, "--port", str(s.port)]
             if s.backend != "auto":
-                argv += ["--format", {"llama.cpp": "gguf", "onnxruntime": "onnx"}.get(s.backend, s.backend)]
+                argv += ["--format", BACKEND_FORMAT.get(s.backend, s.backend)]
             return argv + (["--model-name", s.model_name] if s.model_name else [])
         return step_command(cli_name(step), self.config_path, self.override_args(), extra)
 
@@ -255,9 +256,7 @@ class LoratuiApp(App[None]):
             self.notify("a job is running: cancel it before opening another run", severity="warning")
             return False
         try:
-            path = resolve_open_target(target)
-            overrides = run_dir_overrides(path)
-            cfg = load_config(path, overrides)
+            path, overrides, cfg = open_run(target)
         except FileNotFoundError as e:
             self.push_screen(ErrorDialog("Cannot open", str(e)))
             return False
@@ -456,9 +455,7 @@ class LoratuiApp(App[None]):
         if self.state.steps.get(running[0]) != "running":
             self.main.query_one("#job-status", Static).update(f"[b]{running[0]}[/b] ended in another process")
             return
-        from loratui.pipeline.events import read_events
-
-        events = read_events(self.state.run.events)
+        events = self.state.events  # just read by RunState.load
         progress = next((e for e in reversed(events) if e.type == "progress"), None)
         if progress is not None:
             self._render_progress(f"{running[0]} (pid {self.state.last[running[0]].pid}, another process)",
@@ -482,12 +479,15 @@ class LoratuiApp(App[None]):
                                              "Check the Serve settings (port in use? nothing exported yet?)."))
             return
         view.show_server(self.server_url, "starting", list(server.stderr_tail), self._health)
-        self._poll_health(self.server_url)
+
+    def poll_server(self) -> None:
+        """Ask the running server's /health twice a second (the view renders the answer on its timer)."""
+        if self.server is not None and self.server.running and self.server_url:
+            self._poll_health(self.server_url)
 
     @work(thread=True, exclusive=True, group="health", exit_on_error=False)
-    def _poll_health(self, url: str | None) -> None:
-        if url:
-            self._health = health(url)
+    def _poll_health(self, url: str) -> None:
+        self._health = health(url)
 
     # ---------------------------------------------------------------------------------- navigation
 
@@ -520,20 +520,6 @@ class LoratuiApp(App[None]):
         yield SystemCommand("Pick training data", "choose data.source from a file tree (f)", self.action_pick_data)
         yield SystemCommand("Open a run", "a run folder, a config file or a recent run (o)", self.action_open_run)
         yield SystemCommand("Help", "keys, and help for the focused setting (F1)", self.action_help)
-
-
-def run_dir_overrides(config: Path) -> list[str]:
-    """A run's own ``config.yaml`` names its runs folder relative to where it was started: point it at
-    the folder it is actually in, so opening a run from anywhere finds its artifacts."""
-    import yaml
-
-    if config.name != "config.yaml" or not (config.parent / "events.jsonl").is_file():
-        return []
-    try:
-        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name")
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
-        return []
-    return [f"runs_dir={config.parent.parent.resolve()}"] if name == config.parent.name else []
 
 
 def create_app(cfg: RunConfig | None = None, config_path: str | Path | None = None, **options: Any) -> LoratuiApp:

@@ -172,16 +172,17 @@ class ConfigForm(Vertical):
         for row in self.query(FieldRow):
             row.show_problem(None)
 
+    def _spec(self, widget: Widget) -> FieldSpec | None:
+        return self.specs.get((widget.id or "").removeprefix("f-").replace("--", "."))
+
     def _post(self, widget: Widget, value: str) -> None:
-        key = (widget.id or "").removeprefix("f-").replace("--", ".")
-        if key in self.specs:
-            self.post_message(FieldEdited(key, value))
+        if (spec := self._spec(widget)) is not None:
+            self.post_message(FieldEdited(spec.key, value))
 
     @on(Input.Changed)
     def _input(self, event: Input.Changed) -> None:
         event.stop()
-        spec = self.specs.get((event.input.id or "").removeprefix("f-").replace("--", "."))
-        if spec is not None:
+        if (spec := self._spec(event.input)) is not None:
             self._post(event.input, override_text(spec, event.value))
 
     @on(Switch.Changed)

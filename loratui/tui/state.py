@@ -32,36 +32,30 @@ Status = Literal["todo", "done", "running", "failed", "cancelled", "interrupted"
 CLI_NAME: dict[str, str] = {"evaluate": "eval"}
 STEP_OF_EVENT: dict[str, str] = {v: k for k, v in CLI_NAME.items()}
 
+# What each step leaves in the run directory when it is done.
+DONE_ON_DISK: dict[str, Any] = {
+    "data": lambda run: (run.data / "report.json").is_file(),
+    "train": lambda run: (run.adapter / "adapter_config.json").is_file(),
+    "evaluate": lambda run: (run.eval / "metrics.json").is_file(),
+    "merge": lambda run: (run.merged / "config.json").is_file(),
+    "export": lambda run: any(run.exports.glob("*/report.json")),
+    "serve": lambda run: False,
+}
+_ADAPTER = ("a trained adapter (run Train)", DONE_ON_DISK["train"])
 # What a step needs before it can run, and how to tell: (label, test on the run directory).
-_NEEDS_ADAPTER = ("a trained adapter (run Train)", lambda run: (run.adapter / "adapter_config.json").is_file())
 NEEDS: dict[str, tuple[str, Any] | None] = {
     "data": None,
     "train": None,  # train prepares the data itself when it is missing
-    "evaluate": _NEEDS_ADAPTER,
-    "merge": _NEEDS_ADAPTER,
-    "export": _NEEDS_ADAPTER,  # export merges first when merged/ is missing or stale
-    "serve": ("a trained adapter, a merged model or an export", lambda run: (
-        (run.adapter / "adapter_config.json").is_file() or (run.merged / "config.json").is_file()
-        or any(run.exports.glob("*/report.json")))),
+    "evaluate": _ADAPTER,
+    "merge": _ADAPTER,
+    "export": _ADAPTER,  # export merges first when merged/ is missing or stale
+    "serve": ("a trained adapter, a merged model or an export",
+              lambda run: any(DONE_ON_DISK[s](run) for s in ("train", "merge", "export"))),
 }
 
 
 def cli_name(step: str) -> str:
     return CLI_NAME.get(step, step)
-
-
-def _done_on_disk(step: str, run: RunDir) -> bool:
-    if step == "data":
-        return (run.data / "report.json").is_file()
-    if step == "train":
-        return (run.adapter / "adapter_config.json").is_file()
-    if step == "evaluate":
-        return (run.eval / "metrics.json").is_file()
-    if step == "merge":
-        return (run.merged / "config.json").is_file()
-    if step == "export":
-        return any(run.exports.glob("*/report.json"))
-    return False
 
 
 def _alive(pid: int) -> bool:
@@ -98,6 +92,7 @@ class RunState:
     last: dict[str, LastRun]
     train_loss: list[tuple[int, float]]
     eval_loss: list[tuple[int, float]]
+    events: list[Any]  # all of events.jsonl, as read
 
     @classmethod
     def load(cls, cfg: RunConfig) -> "RunState":
@@ -111,7 +106,7 @@ class RunState:
             seen = last.get(step)
             if seen is not None and seen.status in ("running", "failed", "cancelled", "interrupted"):
                 steps[step] = seen.status
-            elif _done_on_disk(step, run):
+            elif DONE_ON_DISK[step](run):
                 steps[step] = "done"
             elif need is not None and not need[1](run):
                 steps[step] = "blocked"
@@ -119,7 +114,7 @@ class RunState:
             else:
                 steps[step] = "todo"
         train, evals = loss_curves(events)
-        return cls(cfg, run, steps, why, last, train, evals)
+        return cls(cfg, run, steps, why, last, train, evals, events)
 
     def report(self, name: str) -> Any:
         """A JSON artifact of the run (``data/report.json`` ...), or None when it is not there or torn."""
@@ -199,6 +194,30 @@ def remember(config_path: str | Path) -> None:
     items = [path, *(p for p in recent_runs(50) if p != path)][:20]
     with contextlib.suppress(OSError):
         atomic_write_text(state_dir() / "recent.json", json.dumps(items, indent=1))
+
+
+def run_dir_overrides(config: Path) -> list[str]:
+    """A run's own ``config.yaml`` names its runs folder relative to where it was started: point it at
+    the folder it is actually in, so opening a run from anywhere finds its artifacts."""
+    import yaml
+
+    if config.name != "config.yaml" or not (config.parent / "events.jsonl").is_file():
+        return []
+    try:
+        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return []
+    return [f"runs_dir={config.parent.parent.resolve()}"] if name == config.parent.name else []
+
+
+def open_run(target: str | Path, overrides: list[str] | None = None) -> tuple[Path, list[str], RunConfig]:
+    """``loratui open <run dir | config.yaml>``: (config file, overrides, config). Raises
+    FileNotFoundError for a missing target, ConfigError for a bad config."""
+    from loratui.pipeline.config import load_config
+
+    path = resolve_open_target(target)
+    overrides = run_dir_overrides(path) + list(overrides or [])
+    return path, overrides, load_config(path, overrides)
 
 
 def resolve_open_target(target: str | Path) -> Path:

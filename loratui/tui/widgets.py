@@ -156,7 +156,6 @@ class LossChart(Vertical):
         super().__init__(**kwargs)
         self.train: list[tuple[int, float]] = []
         self.eval: list[tuple[int, float]] = []
-        self._drawn: tuple[int, int] | None = None
 
     def compose(self) -> ComposeResult:
         from textual_plotext import PlotextPlot
@@ -166,10 +165,9 @@ class LossChart(Vertical):
 
     def set_points(self, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
         """Redraw when the points changed (called at most a few times a second)."""
-        if (len(train), len(evals)) == self._drawn and train == self.train:
+        if train == self.train and evals == self.eval:
             return
         self.train, self.eval = list(train), list(evals)
-        self._drawn = (len(train), len(evals))
         plot = self.query_one("#loss-plot")
         plt = plot.plt  # type: ignore[attr-defined]
         plt.clear_data()

@@ -9,8 +9,7 @@ import pytest
 
 from loratui.pipeline.config import load_config
 from loratui.pipeline.events import EventSink, JsonlWriter
-from loratui.tui.app import run_dir_overrides
-from loratui.tui.state import RunState, last_runs, recent_runs, remember, resolve_open_target
+from loratui.tui.state import RunState, last_runs, recent_runs, remember, resolve_open_target, run_dir_overrides
 from tests.tui.fake_run import make_run
 
 
