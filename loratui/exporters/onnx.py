@@ -196,8 +196,9 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     from transformers import AutoTokenizer
 
     from loratui.pipeline.data.step import load_model_inputs, model_task
-    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, load_onnx
+    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, import_onnxruntime, load_onnx
 
+    import_onnxruntime()  # before any work: the verification and the int8 step need it
     started = time.monotonic()
     ensure_merged(cfg, run, events, should_stop)
     merged = run.merged

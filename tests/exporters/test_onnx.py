@@ -117,3 +117,15 @@ def test_an_encoder_decoder_model_exports_as_seq2seq(tmp_path, tiny_model_factor
     assert row["max_abs_logit_diff"] < 1e-3 and row["top1_agreement"] >= 0.995
     names = {p.name for p in (RunDir.for_config(cfg).exports / "onnx").iterdir()}
     assert {"encoder_model.onnx", "decoder_model_merged.onnx"} <= names or {"encoder_model.onnx", "decoder_model.onnx"} <= names
+
+
+def test_without_onnxruntime_the_export_names_the_extra_before_any_work(tmp_path, tiny_llama, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    cfg = load_config(None, _args(tmp_path, tiny_llama))
+    code, _, mem = _step("export", cfg)
+    assert code == EXIT_USER
+    (err,) = mem.of_type("error")
+    assert "onnxruntime is not installed" in err.message and "loratui[cpu]" in err.hint
+    assert not RunDir.for_config(cfg).merged.exists()  # nothing was merged or written first

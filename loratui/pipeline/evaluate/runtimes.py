@@ -234,13 +234,26 @@ class TorchModel(_Scoring):
         return out
 
 
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a clear error naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        from loratui.pipeline.errors import LoratuiError
+
+        raise LoratuiError(f"onnxruntime is not installed ({e})",
+                           hint="Install loratui with one of its ONNX Runtime builds: pip install 'loratui[cpu]', "
+                                "or 'loratui[cuda]' for onnxruntime-gpu (never both).") from e
+    return onnxruntime
+
+
 def ort_session_options(threads: int | None = None) -> Any:
     """onnxruntime settings for CPU work: every graph optimization, one intra-op thread per core, and no
     busy-waiting between runs (spinning threads slow the PyTorch code that generate() runs between
     the model's calls, onnxruntime#13808)."""
     import os
 
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -252,7 +265,7 @@ def ort_session_options(threads: int | None = None) -> Any:
 
 def ort_provider() -> str:
     """CUDA when onnxruntime was built with it and a GPU is there, else CPU."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         import torch
