@@ -80,9 +80,12 @@ cleanup() {
 trap cleanup EXIT
 links=${PIP_FIND_LINKS:-}
 if [ -n "$links" ] && [ -d "$links" ]; then
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # A fixed port: build arguments are part of Docker's cache key, so a new port would rebuild every layer.
+  port=${LORATUI_SMOKE_WHEELS_PORT:-46991}
   python3 -m http.server --bind 127.0.0.1 --directory "$links" "$port" >/dev/null 2>&1 &
   server_pid=$!
+  sleep 1
+  kill -0 "$server_pid" 2>/dev/null || fail "cannot serve $links on 127.0.0.1:$port (busy? set LORATUI_SMOKE_WHEELS_PORT)"
   build_args+=(--build-arg "PIP_FIND_LINKS=http://127.0.0.1:$port/")
   say "serving the wheels in $links to the build at http://127.0.0.1:$port/"
 fi
