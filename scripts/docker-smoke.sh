@@ -3,13 +3,14 @@
 # to GGUF (verified in llama.cpp inside the image), then `loratui serve` on that GGUF until Docker's own
 # HEALTHCHECK reports it healthy and a chat completion answers. Prints the image size and the timings.
 #
-# usage: scripts/docker-smoke.sh [--tag TAG] [--base IMAGE | --local-base] [--keep]
+# usage: scripts/docker-smoke.sh [--tag TAG] [--base IMAGE | --local-base] [--no-cache] [--keep]
 #   --tag TAG       image to build (default loratui:cpu-smoke)
 #   --base IMAGE    base image for Dockerfile.cpu's BASE_IMAGE (default: the Dockerfile's own)
 #   --local-base    build the base here instead, for machines that cannot pull from a registry: Debian
 #                   bookworm by debootstrap from this machine's apt mirror, with this machine's CA bundle
 #                   at /etc/ssl/host-ca.pem for pip (PIP_CERT). Cached as loratui-local/debian:bookworm.
-#   --keep          keep the smoke volume (runs, tiny model) for a look afterwards
+#   --no-cache      build every layer again (the figure for a first build)
+#   --keep          keep the smoke volumes (runs, tiny model, cache) for a look afterwards
 # Environment: PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and TORCH_INDEX_URL are passed through as build
 # arguments when set. PIP_FIND_LINKS naming a local folder of wheels (as on the machines this project is
 # built on, which keep a CPU torch wheel there) is served to the build over http on 127.0.0.1.
@@ -23,11 +24,13 @@ tag=loratui:cpu-smoke
 base=""
 local_base=0
 keep=0
+no_cache=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) tag=${2:?--tag needs a value}; shift 2 ;;
     --base) base=${2:?--base needs a value}; shift 2 ;;
     --local-base) local_base=1; shift ;;
+    --no-cache) no_cache=(--no-cache); shift ;;
     --keep) keep=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "docker-smoke: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -72,10 +75,10 @@ for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
 done
 server_pid=""
 volumes=(loratui-smoke-runs loratui-smoke-data loratui-smoke-cache)
+forget() { docker rm -f loratui-smoke-serve >/dev/null 2>&1 || true; docker volume rm -f "${volumes[@]}" >/dev/null 2>&1 || true; }
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
-  docker rm -f loratui-smoke-serve >/dev/null 2>&1 || true
-  [ "$keep" = 1 ] || docker volume rm -f "${volumes[@]}" >/dev/null 2>&1 || true
+  if [ "$keep" = 1 ]; then docker rm -f loratui-smoke-serve >/dev/null 2>&1 || true; else forget; fi
 }
 trap cleanup EXIT
 links=${PIP_FIND_LINKS:-}
@@ -101,7 +104,7 @@ fi
 # ---- build --------------------------------------------------------------------------------------------
 say "docker build -f Dockerfile.cpu -t $tag ${build_args[*]} ."
 t0=$(now)
-docker build --network host -f Dockerfile.cpu -t "$tag" "${build_args[@]}" . || fail "docker build"
+docker build --network host "${no_cache[@]}" -f Dockerfile.cpu -t "$tag" "${build_args[@]}" . || fail "docker build"
 build_s=$(( $(now) - t0 ))
 size=$(docker image inspect -f '{{.Size}}' "$tag")
 
@@ -109,9 +112,11 @@ size=$(docker image inspect -f '{{.Size}}' "$tag")
 # the image's three volumes, named so that one step's output is there for the next
 mounts=(-v loratui-smoke-runs:/work/runs -v loratui-smoke-data:/data -v loratui-smoke-cache:/cache)
 run() { docker run --rm --network host "${mounts[@]}" -v "$PWD/tests:/smoke/tests:ro" "$@"; }
+forget  # volumes a --keep run left would turn this run's training into a resume
 
 say "1/3 loratui --help"
-run "$tag" --help | head -n 5 || fail "loratui --help"
+help=$(run "$tag" --help) || fail "loratui --help"
+printf '%s\n' "$help" | head -n 3
 run --entrypoint python "$tag" -c "from llama_cpp import llama_cpp as l; l.llama_backend_init(); \
 print('llama.cpp in the image:', l.llama_print_system_info().decode())" || fail "llama.cpp does not load"
 
