@@ -15,6 +15,7 @@ EXAMPLES = """\
 examples:
   loratui                                   open the terminal UI
   loratui open runs/quickstart              reopen a run in the terminal UI (its steps, jobs, results)
+  loratui run examples/quickstart.yaml      every step in order; run it again to continue where it stopped
   loratui config show --config examples/quickstart.yaml train.lr=1e-4 lora.r=32
   loratui config validate my-run.yaml
   loratui config reference                  every config field with its default and description
@@ -112,8 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    runner = sub.add_parser("run", help="every step of a config in order (data, train, eval, merge, export), "
+                            "skipping the ones already up to date",
+                            description="Runs data, train, eval, merge and export (when export.formats names one) "
+                            "in order. A step whose last run had the same inputs and whose outputs are on disk is "
+                            "skipped, so running the same config again continues where a crash or Ctrl-C stopped "
+                            "(an interrupted training resumes from its latest checkpoint).")
+    runner.add_argument("config", metavar="CONFIG", help="YAML config of the run")
+    runner.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    runner.add_argument("--skip", type=_step_list, default=(), metavar="STEP[,STEP]", help="steps to leave out")
+    runner.add_argument("--force", type=_step_list, default=(), metavar="STEP[,STEP]",
+                        help="steps to run even when up to date")
+    runner.add_argument("--serve", action="store_true", help="then serve the run (as `loratui serve`) until Ctrl-C")
+    runner.add_argument("--events", choices=["jsonl", "none"], default="none",
+                        help="also print every event as a JSON line on stdout")
     _add_step_parsers(sub)
     return parser
+
+
+def _step_list(value: str) -> tuple[str, ...]:
+    from loratui.pipeline.registry import STEPS
+
+    steps = tuple(s.strip() for s in value.split(",") if s.strip())
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step {', '.join(unknown)} (steps: {', '.join(STEPS)})")
+    return steps
 
 
 def _add_step_parsers(sub: Any) -> None:
@@ -311,6 +336,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Every step of the config in order (loratui.pipeline.run_all), then optionally serve."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from loratui.pipeline.config import load_config
+    from loratui.pipeline.events import JsonlWriter, RichWriter
+    from loratui.pipeline.run_all import run_all
+
+    cfg = load_config(args.config, list(args.overrides))
+    console = Console(stderr=True)
+    writers: list[Any] = [RichWriter()]
+    if args.events == "jsonl":
+        writers.append(JsonlWriter(sys.stdout))
+
+    def announce(i: int, total: int, step: str, what: str) -> None:
+        console.rule(f"[bold]{i}/{total} {step}[/]: {what}", align="left")
+
+    code, outcomes = run_all(cfg, writers=writers, skip=args.skip, force=args.force, announce=announce)
+    table = Table(title=f"run {cfg.name} ({cfg.run_dir})", title_justify="left")
+    for column in ("step", "status", "seconds"):
+        table.add_column(column)
+    colors = {"ran": "green", "resumed": "green", "skipped": "dim", "failed": "red", "cancelled": "yellow"}
+    for o in outcomes:
+        table.add_row(o.step, f"[{colors.get(o.status, 'dim')}]{o.status}[/]", f"{o.seconds:.1f}" if o.seconds else "")
+    console.print(table)
+    if code != 0 or not args.serve:
+        return code
+    return main(["serve", str(cfg.run_dir), "--config", args.config])
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -366,6 +422,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _cmd_models,
     "score": _cmd_score,
     "serve": _cmd_serve,
+    "run": _cmd_run,
     "generate": _cmd_generate,
     "tui": _cmd_tui,
     "open": _cmd_open,

@@ -16,7 +16,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from loratui.pipeline.config import RunConfig
 
@@ -72,6 +72,17 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_config(self.config, cfg)
         return self
+
+
+# What each step (by its CLI name) leaves in the run directory when it finished. The TUI's step bar
+# and `loratui run` read this one table.
+STEP_OUTPUTS: dict[str, Callable[[RunDir], bool]] = {
+    "data": lambda run: (run.data / "report.json").is_file(),
+    "train": lambda run: (run.adapter / "adapter_config.json").is_file(),
+    "eval": lambda run: (run.eval / "metrics.json").is_file(),
+    "merge": lambda run: (run.merged / "config.json").is_file(),
+    "export": lambda run: any(run.exports.glob("*/report.json")),
+}
 
 
 def write_config(path: Path, cfg: RunConfig) -> None:

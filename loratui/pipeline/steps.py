@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from loratui.pipeline import uptodate
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink, JsonlWriter, Writer
@@ -129,6 +130,10 @@ def run_step(
     try:
         # the pid lets a TUI reopening the run tell a job still running from one that died
         events.log(f"{name}: run {cfg.name} in {run.path}", level="debug", pid=os.getpid())
+        # the inputs as this invocation got them (a step may resolve its config in place)
+        fp = uptodate.fingerprint(cfg, name) if name in uptodate.SECTIONS_OF and not os.environ.get(WORKER_ENV) else None
+        if fp is not None:
+            uptodate.record(run, name, started_with=fp)
         try:
             result = fn(cfg, run, events, stop)
         except StepCancelled as e:
@@ -136,6 +141,8 @@ def run_step(
         if result.status == "cancelled":
             events.cancelled(resume_from=result.resume_from)
             return EXIT_CANCELLED, result, events
+        if fp is not None:
+            uptodate.record_done(run, name, fp)
         events.done(result.summary, seconds=round(time.monotonic() - started, 3))
         return EXIT_OK, result, events
     except LoratuiError as e:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.events import read_events
 from loratui.pipeline.registry import STEP_ORDER
-from loratui.pipeline.runs import RunDir, atomic_write_text
+from loratui.pipeline.runs import STEP_OUTPUTS, RunDir, atomic_write_text
 
 Status = Literal["todo", "done", "running", "failed", "cancelled", "interrupted", "blocked"]
 
@@ -33,14 +33,8 @@ CLI_NAME: dict[str, str] = {"evaluate": "eval"}
 STEP_OF_EVENT: dict[str, str] = {v: k for k, v in CLI_NAME.items()}
 
 # What each step leaves in the run directory when it is done.
-DONE_ON_DISK: dict[str, Any] = {
-    "data": lambda run: (run.data / "report.json").is_file(),
-    "train": lambda run: (run.adapter / "adapter_config.json").is_file(),
-    "evaluate": lambda run: (run.eval / "metrics.json").is_file(),
-    "merge": lambda run: (run.merged / "config.json").is_file(),
-    "export": lambda run: any(run.exports.glob("*/report.json")),
-    "serve": lambda run: False,
-}
+DONE_ON_DISK: dict[str, Any] = {**{step: STEP_OUTPUTS[CLI_NAME.get(step, step)] for step in STEP_ORDER[:-1]},
+                                 "serve": lambda run: False}
 _ADAPTER = ("a trained adapter (run Train)", DONE_ON_DISK["train"])
 # What a step needs before it can run, and how to tell: (label, test on the run directory).
 NEEDS: dict[str, tuple[str, Any] | None] = {
