@@ -94,7 +94,7 @@ if [ -n "$links" ] && [ -d "$links" ]; then
 fi
 if [ -n "${TORCH_INDEX_URL+set}" ]; then
   build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
-elif ! curl -sf -o /dev/null --max-time 10 https://download.pytorch.org/whl/cpu/torch/; then
+elif ! python3 -c 'import urllib.request as u; u.urlopen("https://download.pytorch.org/whl/cpu/torch/", timeout=10)' 2>/dev/null; then
   # The PyTorch CPU index is out of reach: take torch from PyPI and the local wheels. The Dockerfile
   # refuses a CUDA build, so this cannot silently pull several GB of CUDA libraries into the CPU image.
   build_args+=(--build-arg "TORCH_INDEX_URL=")
@@ -104,7 +104,7 @@ fi
 # ---- build --------------------------------------------------------------------------------------------
 say "docker build -f Dockerfile.cpu -t $tag ${build_args[*]} ."
 t0=$(now)
-docker build --network host "${no_cache[@]}" -f Dockerfile.cpu -t "$tag" "${build_args[@]}" . || fail "docker build"
+docker build --network host ${no_cache[@]+"${no_cache[@]}"} -f Dockerfile.cpu -t "$tag" "${build_args[@]}" . || fail "docker build"
 build_s=$(( $(now) - t0 ))
 size=$(docker image inspect -f '{{.Size}}' "$tag")
 
@@ -129,7 +129,7 @@ args=(runs_dir=/work/runs name=smoke model.base=/data/tiny data.source=quickstar
       train.grad_accum=1 export.verify_samples=4 eval.max_new_tokens=8)
 run "$tag" train "${args[@]}" || fail "loratui train"
 run "$tag" export --format gguf --quant q8_0 "${args[@]}" || fail "loratui export --format gguf"
-gguf=$(run --entrypoint sh "$tag" -c 'ls /work/runs/smoke/exports/gguf/*q8_0*.gguf' | head -n1)
+gguf=$(run --entrypoint sh "$tag" -c 'ls /work/runs/smoke/exports/gguf/*q8_0*.gguf' | head -n1 || true)
 [ -n "$gguf" ] || fail "no q8_0 GGUF in /work/runs/smoke/exports/gguf"
 export_s=$(( $(now) - t0 ))
 

@@ -1,8 +1,9 @@
 """The containers' health check: ``python -m loratui.serving.healthcheck`` (Dockerfiles' ``HEALTHCHECK``).
 
-When the container runs ``loratui serve``, the check asks that server's ``/health`` on 127.0.0.1 and the
-port its command line (``--port``) or its config (``serve.port`` of ``--config``) names, and passes only
-when the model is loaded (200). A container running any other step (train, export ...) has no server to
+When the container runs ``loratui serve`` (or ``loratui run ... --serve``), the check asks that server's
+``/health`` at the address serve itself resolves: ``--host``/``--port``, else ``serve.host``/``serve.port``
+of ``--config`` or of the served run's ``config.yaml``, else 127.0.0.1:8000 (``0.0.0.0`` is asked on
+loopback). It passes only when the model is loaded (200). A container running any other step (train, export ...) has no server to
 ask and passes: Docker health means "serving" only for the serving command. ``LORATUI_HEALTH_URL``
 overrides the address. Standard library and PyYAML only, so it answers in a fraction of a second.
 """
@@ -16,11 +17,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-DEFAULT_PORT = 8000  # ServeConfig.port's default; tests check they agree
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000  # ServeConfig's defaults; tests check they agree
+
+
+# `loratui serve` options that take a value (the others are flags); the first other word is the target.
+_VALUED = ("--config", "-c", "--format", "--host", "--port", "--api-key", "--model-name", "--adapter")
 
 
 def serve_command(proc: Path = Path("/proc")) -> tuple[list[str], Path] | None:
-    """(the arguments after ``serve``, its working directory) of a running ``loratui serve``, or None."""
+    """(the arguments of ``loratui serve``, its working directory) of a running server, or None.
+
+    ``loratui run CONFIG --serve`` counts too: its arguments come back as ``serve --config CONFIG``."""
     for entry in sorted(proc.iterdir(), key=lambda p: (len(p.name), p.name)):
         if not entry.name.isdigit():
             continue
@@ -29,8 +36,14 @@ def serve_command(proc: Path = Path("/proc")) -> tuple[list[str], Path] | None:
         except OSError:  # gone since the listing, or not ours to read
             continue
         for i, arg in enumerate(argv[:-1]):
-            if os.path.basename(arg) == "loratui" and argv[i + 1] == "serve":
-                return [a for a in argv[i + 2:] if a], entry / "cwd"
+            if os.path.basename(arg) != "loratui":
+                continue
+            rest = [a for a in argv[i + 2:] if a]
+            if argv[i + 1] == "serve":
+                return rest, entry / "cwd"
+            if argv[i + 1] == "run" and "--serve" in rest:
+                words = [a for a in rest if not a.startswith("-") and "=" not in a]
+                return (["--config", words[0]] if words else []), entry / "cwd"
     return None
 
 
@@ -44,20 +57,37 @@ def _option(args: list[str], *names: str) -> str | None:
     return None
 
 
-def serve_port(args: list[str], cwd: Path = Path(".")) -> int:
-    """The port ``loratui serve ARGS`` listens on: --port, else the config's serve.port, else the default."""
-    port = _option(args, "--port")
-    if port is None:
-        config = _option(args, "--config", "-c")
-        if config:
-            import yaml
+def _target(args: list[str]) -> str | None:
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _VALUED:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
-            try:
-                data = yaml.safe_load((cwd / config).read_text()) or {}
-                port = (data.get("serve") or {}).get("port")
-            except (OSError, yaml.YAMLError, AttributeError):
-                port = None
-    return int(port) if port is not None else DEFAULT_PORT
+
+def serve_address(args: list[str], cwd: Path = Path(".")) -> tuple[str, int]:
+    """(host, port) that ``loratui serve ARGS`` listens on, found as serve finds them: --host/--port, else
+    ``serve.host``/``serve.port`` of --config or of the target run's config.yaml, else the defaults."""
+    host, port = _option(args, "--host"), _option(args, "--port")
+    config = _option(args, "--config", "-c")
+    if config is None and (target := _target(args)) is not None and (cwd / target / "config.yaml").is_file():
+        config = str(Path(target) / "config.yaml")
+    if config and (host is None or port is None):
+        import yaml
+
+        try:
+            serve = (yaml.safe_load((cwd / config).read_text()) or {}).get("serve") or {}
+            host, port = host or serve.get("host"), port or serve.get("port")
+        except (OSError, yaml.YAMLError, AttributeError):
+            pass
+    host = host or DEFAULT_HOST
+    if host in ("0.0.0.0", "::", ""):  # every address: ask loopback
+        host = "127.0.0.1" if host != "::" else "::1"
+    return host, int(port) if port is not None else DEFAULT_PORT
 
 
 def check(url: str, timeout: float = 4.0) -> tuple[bool, str]:
@@ -79,7 +109,8 @@ def main(proc: Path = Path("/proc")) -> int:
         if found is None:
             print("no `loratui serve` in this container: nothing to check")
             return 0
-        url = f"http://127.0.0.1:{serve_port(*found)}/health"
+        host, port = serve_address(*found)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/health"
     healthy, said = check(url)
     try:
         said = json.dumps(json.loads(said))

@@ -44,8 +44,8 @@ def server():
     httpd.shutdown()
 
 
-def test_the_default_port_is_the_configs():
-    assert healthcheck.DEFAULT_PORT == RunConfig().serve.port
+def test_the_defaults_are_the_configs():
+    assert (healthcheck.DEFAULT_HOST, healthcheck.DEFAULT_PORT) == (RunConfig().serve.host, RunConfig().serve.port)
 
 
 def test_finds_loratui_serve_among_the_processes(tmp_path):
@@ -55,18 +55,28 @@ def test_finds_loratui_serve_among_the_processes(tmp_path):
     args, cwd = healthcheck.serve_command(proc)
     assert args == ["/work/runs/a", "--port", "9001"] and cwd == proc / "1" / "cwd"
     assert healthcheck.serve_command(_proc(tmp_path / "p2", {1: ["/opt/venv/bin/loratui", "train"]})) is None
+    # `loratui run CONFIG --serve` serves the run of CONFIG once its steps are done
+    run = _proc(tmp_path / "p3", {1: ["/opt/venv/bin/loratui", "run", "examples/q.yaml", "lora.r=8", "--serve"]})
+    assert healthcheck.serve_command(run)[0] == ["--config", "examples/q.yaml"]
+    assert healthcheck.serve_command(_proc(tmp_path / "p4", {1: ["loratui", "run", "q.yaml"]})) is None
 
 
-def test_the_port_comes_from_the_flag_then_the_config_then_the_default(tmp_path):
-    (tmp_path / "c.yaml").write_text("serve:\n  port: 8123\n")
+def test_the_address_is_found_as_serve_finds_it(tmp_path):
+    (tmp_path / "c.yaml").write_text("serve:\n  port: 8123\n  host: 0.0.0.0\n")
     (tmp_path / "other.yaml").write_text("train:\n  lr: 0.001\n")
-    assert healthcheck.serve_port(["run", "--port", "9001"], tmp_path) == 9001
-    assert healthcheck.serve_port(["run", "--port=9002", "--config", "c.yaml"], tmp_path) == 9002
-    assert healthcheck.serve_port(["run", "--config", "c.yaml"], tmp_path) == 8123
-    assert healthcheck.serve_port(["run", "-c", str(tmp_path / "c.yaml")], Path("/")) == 8123
-    assert healthcheck.serve_port(["run", "-c", "other.yaml"], tmp_path) == 8000
-    assert healthcheck.serve_port(["run", "-c", "missing.yaml"], tmp_path) == 8000
-    assert healthcheck.serve_port(["run"], tmp_path) == 8000
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "config.yaml").write_text("serve:\n  port: 9300\n  host: 10.1.2.3\n")
+    address = healthcheck.serve_address
+    assert address(["run", "--port", "9001"], tmp_path) == ("127.0.0.1", 9001)
+    assert address(["run", "--port=9002", "--config", "c.yaml"], tmp_path) == ("127.0.0.1", 9002)
+    assert address(["--config", "c.yaml"], tmp_path) == ("127.0.0.1", 8123)  # 0.0.0.0 is asked on loopback
+    assert address(["-c", str(tmp_path / "c.yaml")], Path("/")) == ("127.0.0.1", 8123)
+    # no --config: the served run's own config.yaml, as `loratui serve runs/r` reads it
+    assert address(["runs/r"], tmp_path) == ("10.1.2.3", 9300)
+    assert address(["--format", "gguf", "runs/r", "--host", "::"], tmp_path) == ("::1", 9300)
+    assert address(["--config", "other.yaml", "runs/r"], tmp_path) == ("127.0.0.1", 8000)
+    assert address(["-c", "missing.yaml"], tmp_path) == ("127.0.0.1", 8000)
+    assert address(["model.gguf"], tmp_path) == ("127.0.0.1", 8000)
 
 
 def test_healthy_only_when_the_server_says_so(tmp_path, server, capsys):
