@@ -105,6 +105,16 @@ class StopFlag:
         return restore
 
 
+def _write_report(cfg: RunConfig, run: RunDir, events: EventSink) -> None:
+    """Bring runs/<name>/report.md (and .html) up to date; a failure there never fails the step."""
+    from loratui.pipeline.report import write_report
+
+    try:
+        write_report(cfg, run)
+    except Exception as e:  # noqa: BLE001 (the step's own result stands)
+        events.log(f"report.md not written: {type(e).__name__}: {e}", level="warning")
+
+
 def run_step(
     name: str,
     fn: StepFn,
@@ -144,6 +154,8 @@ def run_step(
         if fp is not None:
             uptodate.record_done(run, name, fp)
         events.done(result.summary, seconds=round(time.monotonic() - started, 3))
+        if fp is not None:
+            _write_report(cfg, run, events)
         return EXIT_OK, result, events
     except LoratuiError as e:
         events.error(e.message, hint=e.hint, user_error=True)

@@ -36,6 +36,12 @@ def test_steps_run_once_then_only_what_a_change_touches(tmp_path, tiny_llama):
     assert code == EXIT_OK
     assert _statuses(outcomes) == dict.fromkeys(["data", "train", "eval", "merge", "export"], "ran")
     adapter = (run.adapter / "adapter_model.safetensors").stat().st_mtime_ns
+    report = run.report.read_text()  # the whole run on one page, current after the last step
+    for section in ("## Data", "## Training", "## Evaluation: base vs tuned", "| loss |", "## Use it"):
+        assert section in report, section
+    assert f'from_pretrained("{run.merged}")' in report
+    page = (run.path / "report.html").read_text()
+    assert "<table>" in page and page.count('src="data:image/png;base64,') == 2
 
     code, outcomes = run_all(cfg)  # the same config again: nothing to do
     assert code == EXIT_OK and set(_statuses(outcomes).values()) == {"skipped"}

@@ -1,0 +1,175 @@
+"""The whole run on one page: ``runs/<name>/report.md`` and ``report.html`` (plots embedded).
+
+Written from what the steps left on disk, after every step that finishes (so it is current whichever
+face ran the step), and only from those files: data/report.json, the train step's last ``done`` event,
+eval/metrics.json and its plots, exports/report.md and the artifacts themselves. Sections for steps that
+have not run yet are left out. Never fails a step: a report that cannot be written is a warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.events import read_events
+from loratui.pipeline.runs import RunDir, atomic_write_text
+
+_PLOTS = (("eval/plots/loss.png", "Training and validation loss"), ("eval/plots/metrics.png", "Base vs tuned"))
+_HIGHER_IS_BETTER = {"loss": False, "perplexity": False}
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}g}" if isinstance(value, float) else f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def _data_section(run: RunDir) -> list[str]:
+    report = _json(run.data / "report.json")
+    if not report:
+        return []
+    rows, splits, tokens = report.get("rows", {}), report.get("splits", {}), report.get("tokens", {})
+    lines = ["## Data", "",
+             f"{_num(rows.get('read'))} rows read, {_num(rows.get('kept'))} kept, {_num(rows.get('dropped'))} dropped, "
+             f"{_num(rows.get('truncated'))} truncated; splits "
+             + ", ".join(f"{k} {_num(v)}" for k, v in splits.items())
+             + f". Template `{report.get('template')}`, max length {report.get('max_length')} tokens"
+             + (f", {_num(tokens.get('per_epoch'))} tokens per epoch" if tokens.get("per_epoch") else "") + ".",
+             "", "Files: " + ", ".join(f"`{f.get('path')}` ({f.get('split')}, {f.get('format')})"
+                                       for f in report.get("files", [])[:8]) + ".",
+             "", "Row by row: [data/report.md](data/report.md); examples as trained: [data/preview.txt](data/preview.txt).", ""]
+    return lines
+
+
+def _train_section(run: RunDir) -> list[str]:
+    done = [e for e in read_events(run.events) if e.type == "done" and e.step == "train"] if run.events.is_file() else []
+    if not done:
+        return []
+    s = done[-1].summary
+    lines = ["## Training", "",
+             f"Adapter version {s.get('version')} ({s.get('mode')}): {_num(s.get('steps'))} steps, "
+             f"{_num(s.get('tokens'))} tokens at {_num(s.get('tokens_per_s'))} tokens/s, in {_num(done[-1].seconds)} s. "
+             f"Final training loss {_num(s.get('train_loss'))}, validation loss {_num(s.get('eval_loss'))}.", ""]
+    if (run.path / _PLOTS[0][0]).is_file():
+        lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
+    return lines
+
+
+def _eval_section(run: RunDir) -> list[str]:
+    metrics = _json(run.eval / "metrics.json")
+    if not metrics:
+        return []
+    lines = ["## Evaluation: base vs tuned", ""]
+    for ds in metrics.get("datasets", []):
+        models = ds.get("models", {})
+        base, tuned = models.get("base", {}).get("metrics", {}), models.get("tuned", {}).get("metrics", {})
+        lines += [f"**{ds.get('name')}** (`{ds.get('source')}`, {ds.get('split')} split, {ds.get('rows')} rows, greedy)", "",
+                  "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+        for name, value in tuned.items():
+            before = base.get(name)
+            delta = ds.get("delta", {}).get(name)
+            better = delta is not None and delta != 0 and (delta > 0) == _HIGHER_IS_BETTER.get(name, True)
+            mark = "" if delta is None or delta == 0 else (" (better)" if better else " (worse)")
+            lines.append(f"| {name} | {_num(before)} | {_num(value)} | {_num(delta)}{mark} |")
+        lines.append("")
+    lines += ["Side by side replies: [eval/comparison.md](eval/comparison.md).", ""]
+    if (run.path / _PLOTS[1][0]).is_file():
+        lines += [f"![{_PLOTS[1][1]}]({_PLOTS[1][0]})", ""]
+    return lines
+
+
+def _export_section(run: RunDir) -> list[str]:
+    try:
+        text = (run.exports / "report.md").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    body = re.sub(r"\A# [^\n]*\n", "", text).strip()
+    body = re.sub(r"^## ", "### ", body, flags=re.M)  # one level down inside this page
+    return ["## Exports", "", body, ""]
+
+
+def _usage_section(cfg: RunConfig, run: RunDir) -> list[str]:
+    lines = ["## Use it", ""]
+    gguf = sorted(run.exports.glob("gguf/*.gguf")) if run.exports.is_dir() else []
+    merged_ggufs = [p for p in gguf if "-lora-" not in p.name and "-base-" not in p.name]
+    loras = [p for p in gguf if "-lora-" in p.name]
+    if merged_ggufs:
+        pick = next((p for p in merged_ggufs if "q4_k_m" in p.name), merged_ggufs[0])
+        rel = pick.relative_to(run.path)
+        modelfile = pick.with_suffix(".Modelfile")
+        lines += ["llama.cpp and Ollama:", "", "```bash",
+                  f"llama-cli -m {rel} -cnv                     # chat in the terminal",
+                  f"llama-server -m {rel} --port 8080           # llama.cpp's own OpenAI-compatible server"]
+        if modelfile.is_file():
+            lines.append(f"ollama create {cfg.name} -f {modelfile.relative_to(run.path)} && ollama run {cfg.name}")
+        lines += ["```", ""]
+    for lora in loras:
+        base = next(iter(sorted(lora.parent.glob(lora.name.split("-lora-")[0] + "-base-*.gguf"))), None)
+        if base is not None:
+            lines += ["The adapter on its base in llama.cpp:", "", "```bash",
+                      f"llama-cli -m {base.relative_to(run.path)} --lora {lora.relative_to(run.path)} -cnv", "```", ""]
+    if (run.exports / "onnx" / "report.json").is_file():
+        lines += ["ONNX Runtime (optimum), no loratui needed:", "", "```python",
+                  "from optimum.onnxruntime import ORTModelForCausalLM",
+                  "from transformers import AutoTokenizer",
+                  f'model = ORTModelForCausalLM.from_pretrained("{run.exports / "onnx"}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{run.exports / "onnx"}")', "```", "",
+                  f"Batch scoring: `loratui score --model {run.exports / 'onnx'} --input rows.jsonl --output scores.jsonl`", ""]
+    if (run.merged / "config.json").is_file():
+        lines += ["transformers (merged safetensors):", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'model = AutoModelForCausalLM.from_pretrained("{run.merged}")', "```", ""]
+    if (run.adapter / "adapter_config.json").is_file():
+        lines += ["peft (the adapter on its base):", "", "```python", "from peft import AutoPeftModelForCausalLM",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{run.adapter}")', "```", ""]
+        lines += ["An OpenAI-compatible server (picks the runtime that fits the machine):", "", "```bash",
+                  f"loratui serve {run.path}", "```", ""]
+    return lines if len(lines) > 2 else []
+
+
+def render_markdown(cfg: RunConfig, run: RunDir) -> str:
+    head = [f"# Run `{cfg.name}`", "",
+            f"Base model `{cfg.model.base}`, {cfg.lora.method} rank {cfg.lora.r} on {cfg.lora.target_modules}, "
+            f"data `{cfg.data.source}`. Config: [config.yaml](config.yaml); every event: [events.jsonl](events.jsonl).", ""]
+    parts = [_data_section(run), _train_section(run), _eval_section(run), _export_section(run), _usage_section(cfg, run)]
+    return "\n".join(head + [line for part in parts for line in part]).rstrip() + "\n"
+
+
+def render_html(markdown: str, run: RunDir, title: str) -> str:
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def embed(match: re.Match[str]) -> str:
+        path = run.path / html.unescape(match.group(1))
+        if path.suffix.lower() == ".png" and path.is_file():
+            return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+        return match.group(0)
+
+    body = re.sub(r'src="([^"]+)"', embed, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
+             "td{text-align:right}td:first-child{text-align:left}code,pre{background:#f4f4f4}pre{padding:.6em;overflow:auto}"
+             "img{max-width:100%}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
+def write_report(cfg: RunConfig, run: RunDir) -> Path:
+    """Write report.md and report.html of the run (atomically) and return the Markdown path."""
+    markdown = render_markdown(cfg, run)
+    atomic_write_text(run.report, markdown)
+    atomic_write_text(run.path / "report.html", render_html(markdown, run, f"loratui run {cfg.name}"))
+    return run.report
