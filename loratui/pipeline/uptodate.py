@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,13 @@ _MAX_FILES = 10_000  # a folder of documents is signed by its first files (sorte
 
 
 def _path_signature(value: str) -> Any:
-    """(size, mtime) of a local file, or of every file under a local folder; None for anything else."""
+    """(size, mtime) of a local file, of every file under a local folder or matching a glob; None for
+    anything else (a hub id, a bundled dataset name, a number)."""
+    if any(c in value for c in "*?["):
+        import glob
+
+        matches = sorted(glob.glob(os.path.expanduser(value), recursive=True))[:_MAX_FILES]
+        return [[m, *(_path_signature(m) or [])] for m in matches] or None
     try:
         path = Path(value).expanduser()
         if path.is_file():

@@ -115,3 +115,22 @@ def test_the_cli_prints_a_table_of_the_steps(tmp_path, tiny_llama, capsys):
     assert main(["run", str(path), "--skip", "export"]) == EXIT_USER
     err = capsys.readouterr().err
     assert "1/4 data" in err and "failed" in err and "not run" in err and "export" not in err.split("run r")[-1]
+
+
+def test_the_fingerprint_sees_edits_to_the_files_a_config_names(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    for source in (str(data / "a.jsonl"), str(data), str(data / "*.jsonl")):
+        cfg = load_config(None, [f"runs_dir={tmp_path}", f"data.source={source}"])
+        before = uptodate.fingerprint(cfg, "train")
+        assert uptodate.fingerprint(cfg, "train") == before
+        (data / "a.jsonl").write_text('{"question": "q", "answer": "another"}\n')
+        assert uptodate.fingerprint(cfg, "train") != before, source
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "data.source=quickstart"])
+    before = {s: uptodate.fingerprint(cfg, s) for s in uptodate.SECTIONS_OF}
+    cfg.export.gguf_quants = ["f16"]
+    after = {s: uptodate.fingerprint(cfg, s) for s in uptodate.SECTIONS_OF}
+    assert [s for s in before if before[s] != after[s]] == ["export"]
+    cfg.train.resume = "latest"  # how a run is invoked is not one of its inputs
+    assert uptodate.fingerprint(cfg, "train") == after["train"]
