@@ -17,7 +17,7 @@ STAMP := $(VENV)/.loratui-installed
 CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model lint-imports lint-docker docs clean-venv
+.PHONY: run test setup model lint-imports lint-docker bench docs clean-venv
 
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
@@ -54,6 +54,11 @@ lint-docker: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Every benchmark in bench/ (after bringing the quickstart run and its exports up to date) into
+# bench/results.md: measured figure, same-run baseline, ratio, target, met or not. About an hour on 2 cores.
+bench: setup model
+	$(PY) bench/run_all.py
 
 # Regenerates the config reference in README.md from the schema descriptions.
 docs: setup

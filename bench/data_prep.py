@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -286,6 +287,7 @@ def main() -> int:
                     help="also time encode_examples with this num_proc (default: not measured)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="cProfile encode_examples on this many train rows and print the top 15 (default off)")
+    add_json_arg(ap)
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     load_before = os.getloadavg()[0]  # other processes on the machine skew every figure: shown below
@@ -424,6 +426,9 @@ def main() -> int:
           f"train tokens median {t['train']['median']:.0f} max {t['train']['max']}, "
           f"tokens/epoch {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)")
     met = step_rate >= TARGET_ROWS_PER_S
+    record(args.json, "data_prep", f"data step rows/s, {n:,} alpaca rows, cold cache", f"{step_rate:,.0f} rows/s",
+           f"naive per-row apply_chat_template {naive_rate:,.0f} rows/s", step_rate / naive_rate,
+           f">= {TARGET_ROWS_PER_S:,.0f} rows/s", met)
     print(f"\ntarget: full step >= {TARGET_ROWS_PER_S:,.0f} rows/s on {TARGET_CORES} cores; measured "
           f"{step_rate:,.0f} rows/s on {cores} usable cores -> {'MET' if met else 'NOT MET'}"
           + ("" if cores == TARGET_CORES else f" (note: this machine has {cores} cores, not {TARGET_CORES})"))

@@ -23,6 +23,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 
 def rows_of(data: Path, n: int) -> list[str]:
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--run", default="runs/quickstart", help="run directory with merged/ and exports/onnx*/")
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
+    add_json_arg(parser)
     args = parser.parse_args()
 
     import torch
@@ -84,6 +86,9 @@ def main() -> None:
     for label, rate, mean_ll, _ in results:
         print(f"| {label} | {rate:.1f} | {rate / base:.2f}x | {mean_ll:.4f} | {math.exp(-mean_ll):.3f} | "
               f"{math.exp(-mean_ll) / math.exp(-fp32_ll) - 1:+.2%} |")
+    ratio = results[1][1] / base
+    record(args.json, "onnx_scoring", "scoring sequences/s, onnxruntime fp32", f"{results[1][1]:.1f} seq/s",
+           f"PyTorch eager fp32 {base:.1f} seq/s", ratio, ">= 1.3x", ratio >= 1.3)
 
 
 if __name__ == "__main__":

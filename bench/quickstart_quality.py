@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 TEST = Path(__file__).resolve().parent.parent / "loratui" / "data" / "quickstart" / "test.jsonl"
 
@@ -55,6 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/quickstart", help="run directory with adapter/ and data/dataset.json")
     ap.add_argument("--show", type=int, default=5, help="print this many answers")
+    add_json_arg(ap)
     args = ap.parse_args()
     run = Path(args.run)
     manifest = json.loads((run / "data" / "dataset.json").read_text())
@@ -72,6 +74,8 @@ def main() -> int:
     print(f"quickstart test split: {len(rows)} held-out paraphrases, greedy decoding ({time.time() - t:.0f}s)")
     print(f"  base  fact match {score(rows, base):.3f}")
     print(f"  tuned fact match {score(rows, tuned):.3f}  (target >= 0.8)")
+    record(args.json, "quickstart_quality", "key-fact match on held-out paraphrases, tuned",
+           f"{score(rows, tuned):.3f}", f"base model {score(rows, base):.3f}", None, ">= 0.8", score(rows, tuned) >= 0.8)
     print(f"  training: {current['steps']} steps, last train loss {current['metrics']['train_loss_last']:.4f}, "
           f"{train_s[-1]['seconds'] if train_s else '?'} s for the whole train step")
     for r, b, a in list(zip(rows, base, tuned))[:args.show]:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 
 def questions(run: Path, n: int) -> list[str]:
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat every level this many times per backend; ratios are taken within a round")
+    add_json_arg(parser)
     args = parser.parse_args()
     run = Path(args.run)
     prompts = questions(run, 16)
@@ -195,12 +197,22 @@ def main() -> None:
             ratios = [r["tok_s"] / base[rnd]["tok_s"] for rnd, r in mine]
             print(f"| {fmt} | {n} | {statistics.median(r['tok_s'] for _, r in mine):.1f} | {ratio_text(ratios)} | "
                   f"{statistics.median(r['p50'] for _, r in mine):.3f} | {statistics.median(r['p95'] for _, r in mine):.3f} |")
+            if fmt == "torch" and n == max(levels) and n > levels[0]:
+                ratio = statistics.median(ratios)
+                record(args.json, "serve_throughput", f"PyTorch backend, {n} streaming clients vs 1, aggregate tok/s",
+                       f"{statistics.median(r['tok_s'] for _, r in mine):.1f} tok/s",
+                       f"1 client {statistics.median(r['tok_s'] for r in base.values()):.1f} tok/s", ratio, ">= 3x",
+                       ratio >= 3)
     if bare:
         served = {rnd: r for f, rnd, r in rows if f == "gguf" and r["clients"] == 1}
         shares = [served[rnd]["tok_s"] / bare[rnd] for rnd in bare]
         print(f"\nbare llama-cpp-python, same GGUF and prompts: {statistics.median(bare.values()):.1f} tok/s (median); "
               f"the llama.cpp backend at 1 client reaches {statistics.median(shares):.0%} of it "
               f"(rounds: {', '.join(f'{x:.0%}' for x in shares)}; its figure includes HTTP, streaming and prompt time)")
+        share = statistics.median(shares)
+        record(args.json, "serve_throughput", "llama.cpp backend at 1 client vs bare llama-cpp-python, tok/s",
+               f"{statistics.median(served[rnd]['tok_s'] for rnd in bare):.1f} tok/s",
+               f"bare llama-cpp-python {statistics.median(bare.values()):.1f} tok/s", share, ">= 80%", share >= 0.8)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="measured runs of each kind (after one warm-up each)")
     parser.add_argument("--top-imports", type=int, default=12, help="list the slowest top-level imports of one "
                         "loratui start (-X importtime); 0: skip")
+    add_json_arg(parser)
     args = parser.parse_args()
 
     import textual
@@ -180,6 +182,9 @@ def main() -> int:
           f"{'' if worst < TARGET_S else ' (not in every run)' if ok_time else ''}; "
           + (f"IMPORTED {' and '.join(heavy)} before the first frame: FAIL" if heavy
              else "neither torch nor transformers imported by the first frame"))
+    record(args.json, "tui_startup", "TUI first frame, median of fresh processes", f"{median:.3f} s",
+           f"bare Textual app {base_ff:.3f} s", median / base_ff, "< 1.0 s, torch and transformers not imported",
+           ok_time and not heavy)
     return 1 if heavy else 0
 
 
