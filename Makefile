@@ -56,7 +56,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Every benchmark in bench/ (after bringing the quickstart run and its exports up to date) into
-# bench/results.md: measured figure, same-run baseline, ratio, target, met or not. About an hour on 2 cores.
+# bench/results.md: measured figure, same-run baseline, ratio, target, met or not. Measured: 22 minutes on
+# 2 cores once the quickstart run is there (about 10 more when it has to be trained first).
 bench: setup model
 	$(PY) bench/run_all.py
 
