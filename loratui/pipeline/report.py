@@ -1,8 +1,8 @@
 """The whole run on one page: ``runs/<name>/report.md`` and ``report.html`` (plots embedded).
 
 Written from what the steps left on disk, after every step that finishes (so it is current whichever
-face ran the step), and only from those files: data/report.json, the train step's last ``done`` event,
-eval/metrics.json and its plots, exports/report.md and the artifacts themselves. Sections for steps that
+face ran the step), and only from those files: data/report.json, the current adapter version in
+adapters/history.json, eval/metrics.json and its plots, exports/report.md and the artifacts themselves. Sections for steps that
 have not run yet are left out. Never fails a step: a report that cannot be written is a warning.
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.events import read_events
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
 _PLOTS = (("eval/plots/loss.png", "Training and validation loss"), ("eval/plots/metrics.png", "Base vs tuned"))
@@ -54,14 +53,18 @@ def _data_section(run: RunDir) -> list[str]:
 
 
 def _train_section(run: RunDir) -> list[str]:
-    done = [e for e in read_events(run.events) if e.type == "done" and e.step == "train"] if run.events.is_file() else []
-    if not done:
+    from loratui.pipeline.train.history import current_version
+
+    v = current_version(run)  # the adapter the run uses now (after a rollback too), not the last invocation
+    if not v:
         return []
-    s = done[-1].summary
+    m = v.get("metrics", {})
     lines = ["## Training", "",
-             f"Adapter version {s.get('version')} ({s.get('mode')}): {_num(s.get('steps'))} steps, "
-             f"{_num(s.get('tokens'))} tokens at {_num(s.get('tokens_per_s'))} tokens/s, in {_num(done[-1].seconds)} s. "
-             f"Final training loss {_num(s.get('train_loss'))}, validation loss {_num(s.get('eval_loss'))}.", ""]
+             f"Adapter version {v.get('version')} ({v.get('mode')}, {v.get('method')} r={v.get('r')} alpha={v.get('alpha')}): "
+             f"{_num(v.get('steps'))} steps at learning rate {_num(v.get('lr'))}, effective batch "
+             f"{_num(v.get('effective_batch'))}, {_num(m.get('tokens_per_s'))} tokens/s. Training loss "
+             f"{_num(m.get('train_loss_first'))} -> {_num(m.get('train_loss_last'))}, best validation loss "
+             f"{_num(m.get('eval_loss_best'))}.", ""]
     if (run.path / _PLOTS[0][0]).is_file():
         lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
     return lines
