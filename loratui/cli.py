@@ -331,9 +331,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         api_key=api_key_from(args.api_key, s.api_key), allow_unauthenticated=args.allow_unauthenticated,
                         strict=args.strict, model_id=args.model_name or s.model_name, context_length=s.context_length,
                         max_batch_size=s.max_batch_size, threads=s.threads, base=base,
-                        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue), adapters=adapters or None)
+                        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue,
+                                      max_upload_bytes=s.max_upload_mb << 20),
+                        adapters=adapters or None, jobs=_job_settings(args, cfg, target) if s.fine_tuning else None,
+                        max_loaded_models=s.max_loaded_models)
     serve(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
+
+
+def _job_settings(args: argparse.Namespace, cfg: Any, target: Any) -> Any:
+    """The fine-tuning API's settings: jobs start from the --config file (else the defaults), and their runs go
+    beside the served run (else to runs_dir)."""
+    import os
+    from pathlib import Path
+
+    from loratui.pipeline.config import load_config
+    from loratui.serving.jobs import JobSettings
+
+    template = load_config(args.config, []) if args.config else load_config(None, [])
+    runs_dir = (target.parent if (target / "config.yaml").is_file() else Path(cfg.runs_dir)).resolve()
+    root = Path(cfg.serve.jobs_dir).resolve() if cfg.serve.jobs_dir else runs_dir / ".fine_tuning"
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    gpus = (visible or [str(i) for i in range(count)])[:count]  # slot i trains on gpus[i]
+    slots = max(1, count) if cfg.serve.job_slots == "auto" else cfg.serve.job_slots
+    return JobSettings(root=root, runs_dir=runs_dir, template=template.model_dump(mode="json"), slots=int(slots),
+                       gpus=gpus)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

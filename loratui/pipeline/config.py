@@ -356,6 +356,20 @@ class ServeSection(Section):
     max_tokens: int = Field(2048, ge=1, description="The largest `max_tokens` a request may ask for.")
     context_length: int = Field(2048, gt=0, description="Context window (prompt + completion) in tokens.")
     threads: int | None = Field(None, description="CPU threads (empty: all cores).")
+    fine_tuning: bool = Field(
+        True, description="Also serve OpenAI's files and fine-tuning jobs API (`/v1/files`, `/v1/fine_tuning/jobs`)."
+    )
+    jobs_dir: str | None = Field(
+        None, description="Where uploaded files and job records live (empty: `<runs_dir>/.fine_tuning`)."
+    )
+    max_upload_mb: int = Field(512, ge=1, description="Largest file `POST /v1/files` accepts, in MiB.")
+    job_slots: Union[int, Auto] = Field(
+        "auto", description="Fine-tuning jobs that run at once; the rest wait in a queue. `auto`: one per CUDA GPU, "
+        "else one."
+    )
+    max_loaded_models: int = Field(
+        2, ge=1, description="Fine-tuned models kept loaded for chat at once (the least recently used is unloaded)."
+    )
 
 
 class RunConfig(Section):

@@ -2,7 +2,9 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
 server-sent events, ``stream_options.include_usage``), ``GET /health`` (503 while loading, 200 when
-ready or degraded) and ``GET /metrics`` (Prometheus text).
+ready or degraded) and ``GET /metrics`` (Prometheus text). With a :class:`~loratui.serving.jobs.JobManager`,
+also the files and fine-tuning jobs API (:mod:`loratui.serving.jobs_api`); the models its jobs make are
+listed in ``/v1/models`` and served from a :class:`~loratui.serving.pool.ModelPool`, loaded on first use.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON,
 missing or out-of-range fields and prompts past the context, 401 for a bad key, 404 for an unknown
@@ -20,7 +22,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratui.serving.backends import Backend, Delta, GenRequest
+
+if TYPE_CHECKING:
+    from loratui.serving.jobs import JobManager
+    from loratui.serving.pool import ModelPool
 
 
 class _EventStream(StreamingResponse):
@@ -53,6 +59,7 @@ class Limits:
     max_tokens: int = 2048  # largest max_tokens a request may ask for
     max_body_bytes: int = 1 << 20
     max_queue: int = 64  # requests running or waiting; more get 429
+    max_upload_bytes: int = 512 << 20  # POST /v1/files
 
 
 @dataclass
@@ -191,9 +198,22 @@ def _text_of(content: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/files",
+          "/v1/fine_tuning/jobs")
+
+
+def _route_label(path: str) -> str:
+    for route in ROUTES:
+        if path == route or (route in ("/v1/files", "/v1/fine_tuning/jobs") and path.startswith(route + "/")):
+            return route
+    return "other"
+
+
 def create_app(state: ServerState, api_key: str | None = None, limits: Limits | None = None,
-               loader: Callable[[ServerState], None] | None = None) -> FastAPI:
-    """The app; ``loader(state)`` runs in a thread at start-up and fills ``state.backend``."""
+               loader: Callable[[ServerState], None] | None = None, jobs: "JobManager | None" = None,
+               pool: "ModelPool | None" = None) -> FastAPI:
+    """The app; ``loader(state)`` runs in a thread at start-up and fills ``state.backend``. ``jobs``: also the
+    fine-tuning API, its models served from ``pool``."""
     limits = limits or Limits()
     metrics = Metrics()
 
@@ -201,7 +221,13 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
     async def lifespan(app: FastAPI) -> Any:
         if loader is not None:  # /health answers 503 until it is done
             threading.Thread(target=loader, args=(state,), name="loader", daemon=True).start()
+        if jobs is not None:
+            await asyncio.to_thread(jobs.start)
         yield
+        if jobs is not None:  # running jobs checkpoint and are marked failed, resumable
+            await asyncio.to_thread(jobs.shutdown, 60.0)
+        if pool is not None:
+            pool.close()
         if state.backend is not None:
             state.backend.close()
 
@@ -212,15 +238,15 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
     async def _guard(request: Request, call_next: Any) -> Any:
         route = request.url.path
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limits.max_body_bytes:
+        upload = jobs is not None and route == "/v1/files" and request.method == "POST"  # its own limit
+        if length and length.isdigit() and int(length) > limits.max_body_bytes and not upload:
             response = _error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
         elif api_key and route != "/health" and not _authorized(request, api_key):
             response = _error(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.",
                               code="invalid_api_key")
         else:
             response = await call_next(request)
-        metrics.request(route if route in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                                           "/metrics") else "other", response.status_code)
+        metrics.request(_route_label(route), response.status_code)
         return response
 
     @app.exception_handler(ApiError)
@@ -252,21 +278,40 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(state), media_type="text/plain; version=0.0.4")
 
-    def served() -> list[str]:
+    def own() -> list[str]:
         return list(state.backend.models) if state.backend is not None else [state.model_id]
+
+    def fine_tuned() -> list[str]:
+        return jobs.fine_tuned_models() if jobs is not None else []
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        tuned = await asyncio.to_thread(fine_tuned)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "loratui"}
-                                           for m in served()]}
+                                           for m in own()] +
+                [{"id": m, "object": "model", "created": 0, "owned_by": "loratui-fine-tuning"} for m in tuned]}
 
-    def _backend(model: str) -> Backend:
-        if model not in served():
-            raise ApiError(404, f"The model `{model}` does not exist: this server serves "
-                           + ", ".join(f"`{m}`" for m in served()) + ".", param="model", code="model_not_found")
-        if state.backend is None:
-            raise ApiError(503, f"the model is {state.status}: {state.reason or 'try again shortly'}", "server_error")
-        return state.backend
+    def _nothing() -> None:
+        pass
+
+    async def _backend(model: str) -> tuple[Backend, Callable[[], None]]:
+        """The backend serving ``model`` and what to call when the request is done with it."""
+        if model in own():
+            if state.backend is None:
+                raise ApiError(503, f"the model is {state.status}: {state.reason or 'try again shortly'}",
+                               "server_error")
+            return state.backend, _nothing
+        if pool is not None and model.startswith("ft:"):
+            try:
+                return await asyncio.to_thread(pool.acquire, model)
+            except ApiError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a model that does not load is the server's problem
+                raise ApiError(503, f"the model `{model}` failed to load: {type(e).__name__}: {e}",
+                               "server_error") from None
+        served = own() + await asyncio.to_thread(fine_tuned)
+        raise ApiError(404, f"The model `{model}` does not exist: this server serves "
+                       + ", ".join(f"`{m}`" for m in served) + ".", param="model", code="model_not_found")
 
     def _request(body: _Common, backend: Backend, prompt_ids: list[int], max_tokens: int | None) -> GenRequest:
         wanted = max_tokens if max_tokens is not None else min(limits.max_tokens, backend.context_length - len(prompt_ids))
@@ -293,11 +338,21 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
         with state.lock:
             state.in_flight -= 1
 
-    async def _respond(body: _Common, backend: Backend, req: GenRequest, kind: str, request: Request) -> Any:
+    async def _respond(body: _Common, backend: Backend, req: GenRequest, kind: str, request: Request,
+                       release: Callable[[], None]) -> Any:
+        """Generate for ``req``; ``release`` (the backend is no longer needed) is called once it is done."""
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
-        _enter()
+        try:
+            _enter()
+        except BaseException:
+            release()
+            raise
+
+        def _done() -> None:  # this request leaves the queue and lets the backend go
+            _leave()
+            release()
         started = time.monotonic()
         deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -333,7 +388,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                     if await request.is_disconnected():
                         req.cancelled.set()
             finally:
-                _leave()
+                _done()
             if last.finish_reason and last.finish_reason.startswith("error"):
                 raise RuntimeError(last.finish_reason)
             metrics.finished(last, time.monotonic() - started)
@@ -387,34 +442,49 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 yield "data: [DONE]\n\n"
             finally:  # also when the client went away: stop generating for it
                 req.cancelled.set()
-                _leave()
+                _done()
 
         return _EventStream(events(), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        backend = _backend(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "prompt: exactly one prompt per request (send several requests)", param="prompt")
-        ids = await asyncio.to_thread(backend.encode, prompts[0])
-        return await _respond(body, backend, _request(body, backend, ids, body.max_tokens), "completion", request)
+        backend, release = await _backend(body.model)
+        try:
+            ids = await asyncio.to_thread(backend.encode, prompts[0])
+            req = _request(body, backend, ids, body.max_tokens)
+        except BaseException:
+            release()
+            raise
+        return await _respond(body, backend, req, "completion", request, release)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        backend = _backend(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in body.messages]
+        backend, release = await _backend(body.model)
         try:
-            ids = await asyncio.to_thread(backend.chat_prompt, messages)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        except Exception as e:  # a template that rejects this conversation (roles out of order ...)
-            raise ApiError(400, f"messages: the chat template rejected this conversation: {e}", param="messages") from None
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _respond(body, backend, _request(body, backend, ids, limit), "chat", request)
+            try:
+                ids = await asyncio.to_thread(backend.chat_prompt, messages)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            except Exception as e:  # a template that rejects this conversation (roles out of order ...)
+                raise ApiError(400, f"messages: the chat template rejected this conversation: {e}",
+                               param="messages") from None
+            limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            req = _request(body, backend, ids, limit)
+        except BaseException:
+            release()
+            raise
+        return await _respond(body, backend, req, "chat", request, release)
 
+    if jobs is not None:
+        from loratui.serving.jobs_api import add_routes
+
+        add_routes(app, jobs, limits.max_upload_bytes)
     return app
 
 

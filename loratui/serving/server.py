@@ -11,11 +11,14 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.serving.app import Limits, ServerState, create_app
 from loratui.serving.select import Choice, choose
+
+if TYPE_CHECKING:
+    from loratui.serving.jobs import JobManager, JobSettings
 
 KEY_ENV = "LORATUI_API_KEY"
 
@@ -36,6 +39,51 @@ class ServeOptions:
     base: Path | None = None  # the run's base model directory (base + adapter)
     limits: Limits | None = None
     adapters: dict[str, Path] | None = None  # several adapters on the base, each its own model id (PyTorch)
+    jobs: "JobSettings | None" = None  # the fine-tuning API (served_bases is filled in here)
+    max_loaded_models: int = 2  # fine-tuned models kept loaded
+
+
+def served_base(opts: ServeOptions, choice: Choice) -> str | None:
+    """What a fine-tuning job that names the served model starts from (its ``model.base``): a run's merged
+    model, a model directory, a GGUF file (imported); None for an ONNX export or a run not merged yet."""
+    if (opts.target / "config.yaml").is_file():
+        merged = opts.target / "merged"
+        return str(merged.resolve()) if (merged / "config.json").is_file() else None
+    if choice.kind in ("torch", "gguf") and choice.adapter is None:
+        return str(choice.path.resolve())
+    return None
+
+
+def fine_tuned_loader(jobs: "JobManager", opts: ServeOptions, log: Callable[[str], None]) -> Callable[[str], Any]:
+    """Loads a model a job made: its run as ``--format auto`` would (PyTorch on CUDA; on CPU its GGUF,
+    else its ONNX, else its merged model), or base + adapter for a ``:ckpt-step-N`` checkpoint."""
+    from dataclasses import replace
+
+    from loratui.serving.app import ApiError
+
+    plain = replace(opts, adapters=None)
+
+    def load(model: str) -> Any:
+        import torch
+
+        from loratui.pipeline.models import resolve_model
+
+        source = jobs.model_source(model)
+        if source is None:
+            raise ApiError(404, f"The model `{model}` does not exist: no succeeded fine-tuning job (or checkpoint) "
+                           "made it", param="model", code="model_not_found")
+        run, checkpoint, base_spec = source
+        if checkpoint is not None:
+            base = resolve_model(base_spec, prepare=False).path
+            choice = Choice("torch", base, checkpoint, f"PyTorch serves the base {base} with {checkpoint}")
+        else:
+            merged = (run / "merged" / "config.json").is_file()
+            choice = choose(run, "auto", torch.cuda.is_available(),
+                            None if merged else resolve_model(base_spec, prepare=False).path)
+        log(f"serve: loading {model}: {choice.reason}")
+        return build_backend(choice, plain, model, log)
+
+    return load
 
 
 def is_loopback(host: str) -> bool:
@@ -112,7 +160,17 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
     model_id = opts.model_id or (opts.target.name if opts.target.is_dir() else opts.target.stem)
     log(f"serve: {choice.reason}")
     state = ServerState(model_id=model_id, chosen=choice.reason)
-    app = create_app(state, opts.api_key, opts.limits, loader_for(choice, opts, log))
+    jobs = pool = None
+    if opts.jobs is not None:
+        from loratui.serving.jobs import JobManager
+        from loratui.serving.pool import ModelPool
+
+        base = served_base(opts, choice)
+        if base is not None:
+            opts.jobs.served_bases.setdefault(model_id, base)
+        jobs = JobManager(opts.jobs, log)
+        pool = ModelPool(fine_tuned_loader(jobs, opts, log), opts.max_loaded_models)
+    app = create_app(state, opts.api_key, opts.limits, loader_for(choice, opts, log), jobs, pool)
     return state, app
 
 
@@ -122,6 +180,9 @@ def serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
     _state, app = prepare(opts, log)
     log(f"serve: http://{opts.host}:{opts.port}/v1 (model `{_state.model_id}`"
         + (", API key required" if opts.api_key else "") + ")")
+    if opts.jobs is not None:
+        log(f"serve: fine-tuning API on /v1/files and /v1/fine_tuning/jobs ({opts.jobs.slots} job(s) at once; "
+            f"files and jobs in {opts.jobs.root}, runs in {opts.jobs.runs_dir})")
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=5)
 
 

@@ -1,0 +1,164 @@
+"""OpenAI's files and fine-tuning jobs API, over :class:`~loratui.serving.jobs.JobManager`.
+
+Routes: ``POST /v1/files`` (multipart: ``file``, ``purpose=fine-tune``; validated by the data step's row
+checks, a bad file is answered 400 with the validation summary), ``GET /v1/files``,
+``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``;
+``POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs`` (cursor pages, ``metadata[k]=v`` filters),
+``GET .../{id}``, ``GET .../{id}/events``, ``GET .../{id}/checkpoints``, ``POST .../{id}/cancel`` and
+``POST .../{id}/resume``. Uploads have their own size limit (``serve.max_upload_mb``), counted as the
+body streams in, with or without a Content-Length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from loratui.serving.app import ApiError, _error
+from loratui.serving.jobs import JobManager, RequestProblem, page
+
+UPLOAD_ROUTE = "/v1/files"
+
+
+def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
+    @app.exception_handler(RequestProblem)
+    async def _problem(request: Request, exc: RequestProblem) -> JSONResponse:
+        return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+
+    def _limit(request: Request, default: int = 20) -> int:
+        raw = request.query_params.get("limit", str(default))
+        if not raw.isdigit():
+            raise ApiError(400, f"limit: expected an integer, got {raw!r}", param="limit")
+        return int(raw)
+
+    # ------------------------------------------------------------------ files
+
+    @app.post(UPLOAD_ROUTE)
+    async def upload(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_upload_bytes:
+            raise ApiError(413, f"the upload of {length} bytes is over this server's limit of {max_upload_bytes} "
+                           "bytes (serve.max_upload_mb)", code="file_too_large")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "upload the file as multipart/form-data with the fields `file` and `purpose`",
+                           param="file")
+
+        async def limited() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > max_upload_bytes:
+                    raise ApiError(413, f"the upload is over this server's limit of {max_upload_bytes} bytes "
+                                   "(serve.max_upload_mb)", code="file_too_large")
+                yield chunk
+
+        try:
+            form = await MultiPartParser(request.headers, limited(), max_files=1, max_fields=8).parse()
+        except MultiPartException as e:
+            raise ApiError(400, f"the multipart body cannot be read: {e.message}", param="file") from None
+        try:
+            upload = form.get("file")
+            purpose = form.get("purpose")
+            if not isinstance(upload, UploadFile) or not upload.filename:
+                raise ApiError(400, "file: required (a file part named `file`)", param="file")
+            if not isinstance(purpose, str) or not purpose:
+                raise ApiError(400, "purpose: required ('fine-tune')", param="purpose")
+            return await asyncio.to_thread(_store, jobs, upload, purpose)
+        finally:
+            await form.close()
+
+    @app.get(UPLOAD_ROUTE)
+    async def list_files(request: Request) -> Any:
+        q = request.query_params
+        order = q.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order: expected 'asc' or 'desc', got {order!r}", param="order")
+        items = await asyncio.to_thread(jobs.files.list, q.get("purpose"), order)
+        return page(items, q.get("after"), _limit(request, 10_000), most=10_000)
+
+    @app.get(UPLOAD_ROUTE + "/{file_id}")
+    async def get_file(file_id: str) -> Any:
+        return jobs.files.get(file_id)
+
+    @app.get(UPLOAD_ROUTE + "/{file_id}/content")
+    async def file_content(file_id: str) -> Any:
+        obj = jobs.files.get(file_id)
+        return FileResponse(jobs.files.path(file_id), filename=obj["filename"], media_type="application/octet-stream")
+
+    @app.delete(UPLOAD_ROUTE + "/{file_id}")
+    async def delete_file(file_id: str) -> Any:
+        jobs.files.get(file_id)
+        user = jobs.file_in_use(file_id)
+        if user:
+            raise ApiError(400, f"{file_id} is used by the fine-tuning job {user}, which has not ended: cancel it or "
+                           "delete the file afterwards", param="file_id", code="file_in_use")
+        return jobs.files.delete(file_id)
+
+    # ------------------------------------------------------------------ jobs
+
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return await asyncio.to_thread(jobs.create, body)
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(request: Request) -> Any:
+        q = request.query_params
+        metadata = {k[len("metadata["):-1]: v for k, v in q.items() if k.startswith("metadata[") and k.endswith("]")}
+        items = await asyncio.to_thread(jobs.list, metadata or None)
+        return page(items, q.get("after"), _limit(request))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def get_job(job_id: str) -> Any:
+        return await asyncio.to_thread(jobs.get, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> Any:
+        items = await asyncio.to_thread(jobs.events, job_id)
+        return page(items, request.query_params.get("after"), _limit(request))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(job_id: str, request: Request) -> Any:
+        items = await asyncio.to_thread(jobs.checkpoints, job_id)
+        return page(items, request.query_params.get("after"), _limit(request, 10))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> Any:
+        return await asyncio.to_thread(jobs.cancel, job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    async def resume_job(job_id: str) -> Any:
+        return await asyncio.to_thread(jobs.resume, job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    async def pause_job(job_id: str) -> Any:
+        jobs.get(job_id)
+        raise ApiError(400, "pause is not supported here: cancel stops the job and keeps its latest checkpoint, and "
+                       f"POST /v1/fine_tuning/jobs/{job_id}/resume continues from it", param="fine_tuning_job_id")
+
+
+def _store(jobs: JobManager, upload: UploadFile, purpose: str) -> dict[str, Any]:
+    """Copy the parsed upload next to the store (same file system), then validate and record it."""
+    jobs.files.root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=jobs.files.root)
+    try:
+        with open(fd, "wb") as out:
+            upload.file.seek(0)
+            shutil.copyfileobj(upload.file, out, 1 << 20)
+        return jobs.files.add(Path(tmp), upload.filename or "upload", purpose, jobs.s.template)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
