@@ -238,6 +238,10 @@ def test_cancel_keeps_the_checkpoint_and_resume_finishes_the_job(tmp_path, tiny)
         assert resumed.status == "queued" and resumed.error is None
         done = _wait(client, job.id, lambda j: j.status == "succeeded")
         assert done.fine_tuned_model == f"ft:tiny:long:{job.id.removeprefix('ftjob-')}"
+        run_events = [json.loads(line) for line in (Path(done.model_extra["loratui"]["run_dir"]) / "events.jsonl")
+                      .read_text().splitlines()]
+        last_stretch = [e for e in run_events if e["step"] == "train" and e["type"] == "done"][-1]["summary"]["tokens"]
+        assert done.trained_tokens > last_stretch  # both stretches of training count
         run = Path(done.model_extra["loratui"]["run_dir"])
         logs = (run / "events.jsonl").read_text()
         assert f"checkpoint-{step}" in logs and "resum" in logs  # training went on from the kept checkpoint
