@@ -225,7 +225,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
             await asyncio.to_thread(jobs.start)
         yield
         if jobs is not None:  # running jobs checkpoint and are marked failed, resumable
-            await asyncio.to_thread(jobs.shutdown, 60.0)
+            await asyncio.to_thread(jobs.shutdown)
         if pool is not None:
             pool.close()
         if state.backend is not None:
@@ -340,7 +340,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
 
     async def _respond(body: _Common, backend: Backend, req: GenRequest, kind: str, request: Request,
                        release: Callable[[], None]) -> Any:
-        """Generate for ``req``; ``release`` (the backend is no longer needed) is called once it is done."""
+        """Generate for ``req``; ``release`` (the backend is no longer needed) is called once generation ended."""
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -349,23 +349,22 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
         except BaseException:
             release()
             raise
-
-        def _done() -> None:  # this request leaves the queue and lets the backend go
-            _leave()
-            release()
         started = time.monotonic()
         deltas: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         def work() -> None:
-            gen = backend.stream(req)
+            gen = None
             try:
+                gen = backend.stream(req)
                 for d in gen:
                     loop.call_soon_threadsafe(deltas.put_nowait, d)
             except BaseException as e:  # reported to the client as a server error
                 loop.call_soon_threadsafe(deltas.put_nowait, e)
             finally:
-                gen.close()
+                if gen is not None:
+                    gen.close()
+                release()  # only now: a pooled model may be unloaded, never under a generation
                 loop.call_soon_threadsafe(deltas.put_nowait, None)
 
         threading.Thread(target=work, name=rid, daemon=True).start()
@@ -388,7 +387,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                     if await request.is_disconnected():
                         req.cancelled.set()
             finally:
-                _done()
+                _leave()
             if last.finish_reason and last.finish_reason.startswith("error"):
                 raise RuntimeError(last.finish_reason)
             metrics.finished(last, time.monotonic() - started)
@@ -442,7 +441,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 yield "data: [DONE]\n\n"
             finally:  # also when the client went away: stop generating for it
                 req.cancelled.set()
-                _done()
+                _leave()
 
         return _EventStream(events(), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

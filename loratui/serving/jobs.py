@@ -51,6 +51,8 @@ CLIENT_SECTIONS = ("data", "lora", "train", "eval", "merge", "export")
 CLIENT_DENIED = {"data.source", "data.val_source", "data.test_source", "lora.init_from", "train.resume",
                  "eval.model", "eval.retention_sources", "merge.adapter", "train.report_to"}
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+_KEY_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _LIVE_OUTPUT_EVENTS = ("metric", "log", "artifact", "checkpoint", "done", "error", "cancelled")
 # The job's process: Linux stops it (SIGTERM: it saves a checkpoint) when the thread that started it dies,
@@ -259,8 +261,11 @@ def client_settings(extension: Any, metadata: dict[str, str] | None) -> dict[str
             except yaml.YAMLError:
                 found[key.removeprefix("loratui.")] = value
     for key in found:
-        section = key.split(".", 1)[0]
-        if section not in CLIENT_SECTIONS or key in CLIENT_DENIED or "." not in key:
+        parts = key.split(".")
+        if not all(_KEY_PART.fullmatch(part) for part in parts):
+            raise RequestProblem(400, f"loratui.{key}: not a config setting (dotted names of letters, digits and _)",
+                                 param=f"loratui.{key}")
+        if parts[0] not in CLIENT_SECTIONS or key in CLIENT_DENIED or len(parts) < 2:
             allowed = ", ".join(f"{s}.*" for s in CLIENT_SECTIONS)
             raise RequestProblem(400, f"loratui.{key}: not a setting a job request may change (allowed: {allowed}; "
                                  f"except {', '.join(sorted(CLIENT_DENIED))})", param=f"loratui.{key}")
@@ -345,14 +350,23 @@ class JobManager:
                         raise RequestProblem(400, f"model: {model} has no merged weights to train on", param="model")
                     return str(merged), model.split(":")[1]
             raise RequestProblem(404, f"model: no succeeded job made {model!r}", param="model", code="model_not_found")
-        if not model.strip():
-            raise RequestProblem(400, "model: empty", param="model")
-        path = Path(model).expanduser()
-        return model, (path.name if path.exists() else model)
+        from loratui.pipeline.models import BUILTINS
+
+        own = self.s.template.get("model", {}).get("base")
+        if model in BUILTINS or (_HUB_ID.match(model) and not Path(model).exists()):
+            return model, model
+        if model == own:  # the job template's own base (which may be a path on the server)
+            return model, Path(model).name if Path(model).exists() else model
+        offered = [*self.s.served_bases, *(b for b in BUILTINS)]
+        raise RequestProblem(400, f"model: {model!r} is not a model this server fine-tunes: name a model it serves or "
+                             f"a built-in one ({', '.join(offered)}), a Hugging Face hub id (org/name), or an ft: "
+                             "model of a succeeded job", param="model", code="model_not_found")
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         """Check a ``POST /v1/fine_tuning/jobs`` body, record the job and start validating its files."""
-        from loratui.pipeline.config import ConfigError, RunConfig, apply_overrides, dump_yaml
+        from pydantic import ValidationError
+
+        from loratui.pipeline.config import RunConfig, dump_yaml
 
         model = body.get("model")
         training_file = body.get("training_file")
@@ -373,14 +387,22 @@ class JobManager:
                                      code="file_not_found") from None
             if self.files.get(str(file_id))["purpose"] != "fine-tune":
                 raise RequestProblem(400, f"{param}: {file_id} was not uploaded with purpose 'fine-tune'", param=param)
-        hyper = dict(body.get("hyperparameters") or {})
+        hyper = body.get("hyperparameters") or {}
+        if not isinstance(hyper, dict):
+            raise RequestProblem(400, "hyperparameters: expected an object", param="hyperparameters")
+        hyper = dict(hyper)
         method = body.get("method")
         if method:
             kind = method.get("type") if isinstance(method, dict) else None
             if kind != "supervised":
                 raise RequestProblem(400, f"method.type: {kind!r} is not supported (loratui fine-tunes with "
                                      "'supervised')", param="method.type")
-            hyper.update((method.get("supervised") or {}).get("hyperparameters") or {})
+            supervised = method.get("supervised") or {}
+            more = supervised.get("hyperparameters") or {} if isinstance(supervised, dict) else None
+            if not isinstance(more, dict):
+                raise RequestProblem(400, "method.supervised.hyperparameters: expected an object",
+                                     param="method.supervised.hyperparameters")
+            hyper.update(more)
         unknown = sorted(set(hyper) - set(HYPERPARAMETERS))
         if unknown:
             raise RequestProblem(400, f"hyperparameters.{unknown[0]}: unknown (known: {', '.join(HYPERPARAMETERS)})",
@@ -424,18 +446,23 @@ class JobManager:
             train["lr"] = float(train.get("lr", 2e-4)) * lr_mult
         if seed is not None:
             train["seed"] = data["data"]["seed"] = seed
-        overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+        for key, value in settings.items():
+            node = data
+            *path, last = key.split(".")
+            for part in path:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise RequestProblem(400, f"loratui.{key}: {part} is a setting, not a section", param=f"loratui.{key}")
+                node = child
+            node[last] = value
+        if base != self.s.template.get("model", {}).get("base") and base not in self.s.served_bases.values():
+            data["model"]["trust_remote_code"] = False  # only the operator's own models may run their code
         try:
-            origin = apply_overrides(data, overrides)
             cfg = RunConfig.model_validate(data)
-        except ConfigError as e:
-            raise RequestProblem(400, "loratui: " + "; ".join(str(p) for p in e.problems), param="loratui") from None
-        except Exception as e:  # pydantic's ValidationError: name the setting
-            errors = getattr(e, "errors", lambda: [])()
-            first = errors[0] if errors else {}
+        except ValidationError as e:  # name the setting and what is allowed
+            first = e.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            source = origin.get(where, where)
-            raise RequestProblem(400, f"loratui.{where}: {first.get('msg', e)} ({source})",
+            raise RequestProblem(400, f"loratui.{where}: {first.get('msg')} (got {first.get('input')!r})",
                                  param=f"loratui.{where}") from None
         folder = self._dir(job_id)
         folder.mkdir(parents=True)
@@ -454,17 +481,25 @@ class JobManager:
             self._save(job)
         self._event(job_id, f"Validating training file: {training_file}"
                     + (f" and validation file: {validation_file}" if validation_file else ""))
-        threading.Thread(target=self._validate, args=(job_id, paths), name=f"validate-{job_id}", daemon=True).start()
+        self._start_validation(job_id)
         return self.public(job)
 
-    def _validate(self, job_id: str, paths: dict[str, Path]) -> None:
+    def _start_validation(self, job_id: str) -> None:
+        threading.Thread(target=self._validate, args=(job_id,), name=f"validate-{job_id}", daemon=True).start()
+
+    def _validate(self, job_id: str) -> None:
         """The files again, now with the job's own data settings; then the queue."""
         param = "training_file"
         try:
             template = yaml.safe_load((self._dir(job_id) / "config.yaml").read_text(encoding="utf-8"))
-            for param, path in paths.items():
-                file_id = self._load(job_id)[param]
-                validate_training_file(path, self.files.get(file_id)["filename"], template)
+            job = self._load(job_id)
+            for param in ("training_file", "validation_file"):
+                if job[param]:
+                    try:
+                        path = self.files.path(job[param])
+                    except RequestProblem:
+                        raise RequestProblem(400, f"{job[param]} was deleted", param=param) from None
+                    validate_training_file(path, self.files.get(job[param])["filename"], template)
         except Exception as e:  # noqa: BLE001 - the job fails, the server stays up
             with self.lock:
                 if self._load(job_id)["status"] == "validating_files":  # not cancelled meanwhile
@@ -512,20 +547,29 @@ class JobManager:
         return min(queued, key=lambda j: j["seq"]) if queued else None
 
     def _work(self, slot: int) -> None:
-        while True:
-            with self.lock:
-                job = self._next()
-                while job is None and not self.stopping:
-                    self.wake.wait(timeout=5)
+        while not self.stopping:
+            job = None
+            try:
+                with self.lock:
                     job = self._next()
-                if self.stopping:
-                    return
-                assert job is not None
-                proc = self._launch(job, slot)
-                if proc is None:
-                    continue
-            code = proc.wait()
-            self._exited(job["id"], code)
+                    while job is None and not self.stopping:
+                        self.wake.wait(timeout=5)
+                        job = self._next()
+                    if job is None:
+                        return
+                    proc = self._launch(job, slot)
+                if proc is not None:
+                    self._exited(job["id"], proc.wait())
+            except Exception as e:  # noqa: BLE001 - one job's trouble (a full disk ...) must not stop the worker
+                self.log(f"fine-tuning: worker {slot}: {type(e).__name__}: {e}")
+                if job is not None:
+                    try:
+                        self.procs.pop(job["id"], None)
+                        self._finish(job["id"], "failed", {"code": "server_error", "param": None,
+                                                           "message": f"{type(e).__name__}: {e}"})
+                    except Exception:  # noqa: BLE001
+                        pass
+                time.sleep(1)
 
     def _launch(self, job: dict[str, Any], slot: int) -> subprocess.Popen[bytes] | None:
         folder = self._dir(job["id"])
@@ -630,6 +674,15 @@ class JobManager:
             if job.get("error") and str(job["error"].get("code", "")).startswith("invalid_"):
                 raise RequestProblem(400, "the job's files failed validation: create a new job with fixed files",
                                      param="fine_tuning_job_id", code="job_not_resumable")
+            for param in ("training_file", "validation_file"):
+                if job[param] and not (self.files.root / f"{job[param]}.json").is_file():
+                    raise RequestProblem(400, f"the job's {param} {job[param]} was deleted: create a new job",
+                                         param="fine_tuning_job_id", code="job_not_resumable")
+            if job.get("started_at") is None:  # cancelled before it ran: its files were maybe never checked
+                self._update(job_id, status="validating_files", error=None, finished_at=None)
+                self._event(job_id, "Job resumed: validating its files again")
+                self._start_validation(job_id)
+                return self.get(job_id)
             ckpt = self._latest_checkpoint(job)
             self._update(job_id, status="queued", error=None, finished_at=None)
             self._event(job_id, "Job resumed: queued" + (f"; training continues from {ckpt.name}" if ckpt else ""))
@@ -778,6 +831,8 @@ class JobManager:
         """What serves ``model``: (the run directory, or the base for a checkpoint; the checkpoint or None;
         the job's ``model.base``), or None when no job made it."""
         name, _, ckpt = model.partition(":ckpt-step-")
+        if ckpt and not ckpt.isdigit():
+            return None
         for job in self._records():
             made = job["fine_tuned_model"] or (
                 f"ft:{job['base_name']}:{job['suffix']}:{job['id'].removeprefix('ftjob-')}")
@@ -789,11 +844,16 @@ class JobManager:
             return (Path(job["run_dir"]), path, job["base"]) if (path / "adapter_config.json").is_file() else None
         return None
 
-    def file_in_use(self, file_id: str) -> str | None:
-        for job in self._records():
-            if job["status"] not in TERMINAL and file_id in (job["training_file"], job["validation_file"]):
-                return job["id"]
-        return None
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        """Delete an upload unless a job that has not ended uses it (a job being created checks it under the same lock)."""
+        with self.lock:
+            self.files.get(file_id)
+            for job in self._records():
+                if job["status"] not in TERMINAL and file_id in (job["training_file"], job["validation_file"]):
+                    raise RequestProblem(400, f"{file_id} is used by the fine-tuning job {job['id']}, which has not "
+                                         "ended: cancel it or delete the file afterwards", param="file_id",
+                                         code="file_in_use")
+            return self.files.delete(file_id)
 
 
 def _describe(event: Any, run_dir: Path) -> tuple[str, str, str, dict[str, Any] | None]:

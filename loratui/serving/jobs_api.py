@@ -96,12 +96,7 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
 
     @app.delete(UPLOAD_ROUTE + "/{file_id}")
     async def delete_file(file_id: str) -> Any:
-        jobs.files.get(file_id)
-        user = jobs.file_in_use(file_id)
-        if user:
-            raise ApiError(400, f"{file_id} is used by the fine-tuning job {user}, which has not ended: cancel it or "
-                           "delete the file afterwards", param="file_id", code="file_in_use")
-        return jobs.files.delete(file_id)
+        return await asyncio.to_thread(jobs.delete_file, file_id)
 
     # ------------------------------------------------------------------ jobs
 

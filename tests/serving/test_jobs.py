@@ -17,7 +17,7 @@ import yaml
 
 from loratui.pipeline.config import load_config
 from loratui.serving.backends import GenRequest, TorchBackend
-from loratui.serving.jobs import JobSettings, RequestProblem, client_settings, page
+from loratui.serving.jobs import JobManager, JobSettings, RequestProblem, client_settings, page
 from loratui.serving.server import ServeOptions, prepare
 from tests.serving.test_app import Server
 
@@ -192,6 +192,8 @@ def test_bad_files_and_requests_are_refused_with_what_is_wrong(tmp_path, tiny):
         ]:
             with pytest.raises(openai.BadRequestError, match=match):
                 client.fine_tuning.jobs.create(model="tiny", training_file=f.id, **kwargs)
+        with pytest.raises(openai.BadRequestError, match="model: '/etc' is not a model this server fine-tunes"):
+            client.fine_tuning.jobs.create(model="/etc", training_file=f.id)
         with pytest.raises(openai.BadRequestError, match="training_file: no uploaded file"):
             client.fine_tuning.jobs.create(model="tiny", training_file="file-" + "0" * 24)
         with pytest.raises(openai.NotFoundError):
@@ -210,6 +212,8 @@ def test_bad_files_and_requests_are_refused_with_what_is_wrong(tmp_path, tiny):
             failed = client.fine_tuning.jobs.retrieve(job.id)
         assert failed.status == "failed" and failed.error.code == "invalid_training_file"
         assert "failed validation" in failed.error.message and failed.error.param == "training_file"
+        with pytest.raises(openai.BadRequestError, match="files failed validation"):
+            client.fine_tuning.jobs.resume(job.id)
 
         assert httpx.get(srv.url + "/metrics").text.count('route="/v1/files"') >= 2
     finally:
@@ -332,6 +336,55 @@ def test_client_settings_take_training_sections_only():
             client_settings(bad, None)
     with pytest.raises(RequestProblem, match="expected an object"):
         client_settings(["lora.r=8"], None)
+    for sneaky in ({"data": {"source ": ["/etc/hosts"]}}, {"data": {'source=["/etc/hosts"] #': 1}}):
+        with pytest.raises(RequestProblem, match="not a config setting"):
+            client_settings(sneaky, None)
+    with pytest.raises(RequestProblem, match="not a config setting"):
+        client_settings(None, {"loratui.eval.model ": "/elsewhere"})
+
+
+def _wait_status(jobs: JobManager, job_id: str, status: str) -> dict:
+    deadline = time.monotonic() + 30
+    while (job := jobs.get(job_id))["status"] != status:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
+def test_the_manager_guards_models_files_and_resumes(tmp_path):
+    """Without workers (nothing runs): which models a job may name, checkpoint names, and resume's checks."""
+    template = load_config(None, [*TEMPLATE, "model.trust_remote_code=true"]).model_dump(mode="json")
+    settings = JobSettings(root=tmp_path / "jobs", runs_dir=tmp_path / "runs", template=template,
+                           served_bases={"tiny": str(tmp_path / "tiny")})
+    jobs = JobManager(settings, log=lambda m: None)
+    upload = tmp_path / "upload.jsonl"
+    upload.write_bytes(_chat_jsonl(8))
+    f = jobs.files.add(upload, "u.jsonl", "fine-tune", template)
+    for model in (str(tmp_path), "/etc", "../runs/x"):
+        with pytest.raises(RequestProblem, match="not a model this server fine-tunes"):
+            jobs.create({"model": model, "training_file": f["id"]})
+    with pytest.raises(RequestProblem, match="hyperparameters: expected an object"):
+        jobs.create({"model": "tiny", "training_file": f["id"], "hyperparameters": [1]})
+    hub = jobs.create({"model": "Qwen/Qwen2.5-0.5B-Instruct", "training_file": f["id"]})
+    assert yaml.safe_load((settings.root / "jobs" / hub["id"] / "config.yaml").read_text())["model"] == {
+        **template["model"], "base": "Qwen/Qwen2.5-0.5B-Instruct", "trust_remote_code": False}
+    jobs.cancel(hub["id"])  # the operator trusts its own models' code, not a client's choice
+
+    job = jobs.create({"model": "tiny", "training_file": f["id"]})
+    assert yaml.safe_load((settings.root / "jobs" / job["id"] / "config.yaml").read_text())["model"]["trust_remote_code"]
+    _wait_status(jobs, job["id"], "queued")
+    assert jobs.cancel(job["id"])["status"] == "cancelled"
+    assert jobs.resume(job["id"])["status"] == "validating_files"  # it never ran: its files are checked again
+    _wait_status(jobs, job["id"], "queued")
+    with pytest.raises(RequestProblem, match="used by the fine-tuning job"):
+        jobs.delete_file(f["id"])
+    jobs.cancel(job["id"])
+    assert jobs.delete_file(f["id"])["deleted"]
+    with pytest.raises(RequestProblem, match="was deleted"):
+        jobs.resume(job["id"])
+    short = job["id"].removeprefix("ftjob-")
+    assert jobs.model_source(f"ft:tiny::{short}:ckpt-step-1/../../..") is None
+    assert jobs.model_source(f"ft:tiny::{short}") is None  # not succeeded
 
 
 def test_pages_follow_openai_cursors():
