@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all)")
     srv = sub.add_parser("serve", help="OpenAI-compatible server for a run or an artifact (GGUF, ONNX, merged)",
                          description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
-                         "/health and /metrics. --format auto: PyTorch with CUDA, else a GGUF in llama.cpp, else "
-                         "ONNX Runtime, else PyTorch; it prints what it chose and why.")
+                         "/health and /metrics, and OpenAI's files and fine-tuning jobs API (/v1/files, "
+                         "/v1/fine_tuning/jobs; serve.fine_tuning). --format auto: PyTorch with CUDA, else a GGUF in "
+                         "llama.cpp, else ONNX Runtime, else PyTorch; it prints what it chose and why.")
     _add_target_args(srv)
     srv.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
