@@ -533,7 +533,10 @@ class JobManager:
                 if pid and _is_our_process(pid, self._dir(job["id"]) / "config.yaml"):
                     self.log(f"fine-tuning: stopping {job['id']}'s process {pid}, left from the last server")
                     _stop_pid(pid, self.s.grace_s)
-                if job["status"] in ("running", "validating_files"):
+                if job["status"] == "validating_files":  # it never ran: check its files again
+                    self._event(job["id"], "The server restarted: validating the files again")
+                    self._start_validation(job["id"])
+                elif job["status"] == "running":
                     ckpt = self._latest_checkpoint(job)
                     message = ("the server stopped while this job ran" + (
                         f"; its latest checkpoint ({ckpt.name}) is kept: POST /v1/fine_tuning/jobs/{job['id']}/resume "
@@ -932,10 +935,19 @@ def _is_our_process(pid: int, config: Path) -> bool:
     return str(config).encode() in cmdline
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended
+
+
 def _stop_pid(pid: int, grace_s: float) -> None:
+    """SIGTERM (the job saves a checkpoint), then SIGKILL after ``grace_s``."""
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.2)
-    if Path(f"/proc/{pid}").exists():
+    if _alive(pid):
         _signal_group(pid, signal.SIGKILL)

@@ -387,6 +387,35 @@ def test_the_manager_guards_models_files_and_resumes(tmp_path):
     assert jobs.model_source(f"ft:tiny::{short}") is None  # not succeeded
 
 
+def test_a_new_server_stops_what_the_last_one_left_running(tmp_path):
+    """Recovery: a job whose process outlived its server is stopped and failed (resumable); a job caught
+    validating its files is validated again."""
+    template = load_config(None, TEMPLATE).model_dump(mode="json")
+    settings = JobSettings(root=tmp_path / "jobs", runs_dir=tmp_path / "runs", template=template,
+                           served_bases={"tiny": str(tmp_path / "tiny")}, grace_s=10)
+    old = JobManager(settings, log=lambda m: None)
+    upload = tmp_path / "upload.jsonl"
+    upload.write_bytes(_chat_jsonl(8))
+    f = old.files.add(upload, "u.jsonl", "fine-tune", template)
+    running, validating = (old.create({"model": "tiny", "training_file": f["id"]}) for _ in range(2))
+    for job in (running, validating):
+        _wait_status(old, job["id"], "queued")
+    config = settings.root / "jobs" / running["id"] / "config.yaml"
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(config)],
+                                start_new_session=True)
+    old._update(running["id"], status="running", pid=leftover.pid, started_at=1)  # as a killed server left them
+    old._update(validating["id"], status="validating_files")
+
+    new = JobManager(settings, log=lambda m: None)
+    new.recover()
+    assert leftover.wait(timeout=10) == -signal.SIGTERM  # stopped with SIGTERM, so a real job checkpoints
+    failed = new.get(running["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_restarted"
+    assert "resume starts it again" in failed["error"]["message"]  # no checkpoint was written
+    _wait_status(new, validating["id"], "queued")
+    assert any("validating the files again" in e["message"] for e in new.events(validating["id"]))
+
+
 def test_pages_follow_openai_cursors():
     items = [{"id": f"x{i}"} for i in range(5)]
     first = page(items, None, 2)
