@@ -281,15 +281,15 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
     def own() -> list[str]:
         return list(state.backend.models) if state.backend is not None else [state.model_id]
 
-    def fine_tuned() -> list[str]:
-        return jobs.fine_tuned_models() if jobs is not None else []
+    def fine_tuned() -> dict[str, int]:
+        return jobs.fine_tuned_models() if jobs is not None else {}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         tuned = await asyncio.to_thread(fine_tuned)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "loratui"}
                                            for m in own()] +
-                [{"id": m, "object": "model", "created": 0, "owned_by": "loratui-fine-tuning"} for m in tuned]}
+                [{"id": m, "object": "model", "created": t, "owned_by": "loratui-fine-tuning"} for m, t in tuned.items()]}
 
     def _nothing() -> None:
         pass
@@ -309,7 +309,7 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
             except Exception as e:  # noqa: BLE001 - a model that does not load is the server's problem
                 raise ApiError(503, f"the model `{model}` failed to load: {type(e).__name__}: {e}",
                                "server_error") from None
-        served = own() + await asyncio.to_thread(fine_tuned)
+        served = own() + list(await asyncio.to_thread(fine_tuned))
         raise ApiError(404, f"The model `{model}` does not exist: this server serves "
                        + ", ".join(f"`{m}`" for m in served) + ".", param="model", code="model_not_found")
 

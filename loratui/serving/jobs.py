@@ -188,6 +188,17 @@ class FileStore:
         _write_json(self.root / f"{file_id}.json", {**obj, "path": str(stored)})
         return obj
 
+    def add_result(self, filename: str, text: str) -> dict[str, Any]:
+        """A file the server writes (a job's step metrics), with purpose ``fine-tune-results``."""
+        file_id = "file-" + secrets.token_hex(12)
+        stored = self.root / file_id / filename
+        atomic_write_text(stored, text)
+        obj = {"id": file_id, "object": "file", "bytes": stored.stat().st_size, "created_at": _now(),
+               "filename": filename, "purpose": "fine-tune-results", "status": "processed", "status_details": None,
+               "expires_at": None}
+        _write_json(self.root / f"{file_id}.json", {**obj, "path": str(stored)})
+        return obj
+
     def get(self, file_id: str) -> dict[str, Any]:
         record = self._record(file_id)
         if not record.is_file():
@@ -640,6 +651,7 @@ class JobManager:
             if status == "succeeded":
                 changes["fine_tuned_model"] = f"ft:{job['base_name']}:{job['suffix']}:{job['id'].removeprefix('ftjob-')}"
                 changes["trained_tokens"] = self._trained_tokens(job)
+                changes["result_files"] = [self.files.add_result("step_metrics.csv", self._step_metrics(job))["id"]]
             self._update(job_id, **changes)
         if status == "succeeded":
             self._event(job_id, f"New fine-tuned model created: {changes['fine_tuned_model']}")
@@ -746,6 +758,21 @@ class JobManager:
             asked["learning_rate_multiplier"] = round(version["lr"] / template_lr, 6)
         return asked
 
+    def _step_metrics(self, job: dict[str, Any]) -> str:
+        """The job's result file, as OpenAI's: one CSV row per logged training step (and its validation loss)."""
+        rows: dict[int, dict[str, Any]] = {}
+        for event in self._run_events(job):
+            if event.step == "train" and event.type == "metric" and event.at is not None:
+                row = rows.setdefault(event.at, {})
+                for ours, theirs in (("loss", "train_loss"), ("eval_loss", "valid_loss"), ("lr", "learning_rate")):
+                    if ours in event.values:
+                        row[theirs] = event.values[ours]
+        columns = ("step", "train_loss", "valid_loss", "learning_rate")
+        lines = [",".join(columns)]
+        for step in sorted(rows):  # a resumed stretch repeats steps after its checkpoint: the later values win
+            lines.append(",".join([str(step)] + [f"{rows[step][c]:.6g}" if c in rows[step] else "" for c in columns[1:]]))
+        return "\n".join(lines) + "\n"
+
     def _trained_tokens(self, job: dict[str, Any]) -> int | None:
         """Tokens trained on, over every stretch of training (a resumed one counts from its checkpoint)."""
         total = last = 0
@@ -768,7 +795,8 @@ class JobManager:
         return {
             "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"], "error": job["error"],
             "fine_tuned_model": job["fine_tuned_model"], "finished_at": job["finished_at"], "hyperparameters": hyper,
-            "model": job["model"], "organization_id": "loratui", "result_files": [], "seed": job["seed"],
+            "model": job["model"], "organization_id": "loratui", "result_files": job.get("result_files", []),
+            "seed": job["seed"],
             "status": job["status"], "trained_tokens": job.get("trained_tokens"),
             "training_file": job["training_file"], "validation_file": job["validation_file"], "integrations": [],
             "estimated_finish": None, "metadata": job["metadata"],
@@ -827,8 +855,10 @@ class JobManager:
 
     # ---------------------------------------------------------------- models
 
-    def fine_tuned_models(self) -> list[str]:
-        return [j["fine_tuned_model"] for j in self._records() if j["status"] == "succeeded" and j["fine_tuned_model"]]
+    def fine_tuned_models(self) -> dict[str, int]:
+        """Model id -> when its job finished, for every succeeded job."""
+        return {j["fine_tuned_model"]: j["finished_at"] or j["created_at"] for j in self._records()
+                if j["status"] == "succeeded" and j["fine_tuned_model"]}
 
     def model_source(self, model: str) -> tuple[Path, Path | None, str] | None:
         """What serves ``model``: (the run directory, or the base for a checkpoint; the checkpoint or None;

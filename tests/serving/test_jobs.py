@@ -121,12 +121,20 @@ def test_a_job_runs_from_upload_to_chat_and_a_queued_job_cancels(tmp_path, tiny)
         assert [e.id for e in first_two.data] == [e.id for e in events[:2]]
         assert client.fine_tuning.jobs.list_events(job.id, limit=2, after=events[1].id).data[0].id == events[2].id
 
+        [results] = done.result_files  # OpenAI's step metrics CSV
+        assert client.files.retrieve(results).purpose == "fine-tune-results"
+        csv = client.files.content(results).text.splitlines()
+        assert csv[0] == "step,train_loss,valid_loss,learning_rate" and len(csv) - 1 == len(losses)
+        assert float(csv[1].split(",")[1]) == pytest.approx(min(losses, key=lambda e: e.data["step"]).data["train_loss"],
+                                                            rel=1e-5)
+        assert any(row.split(",")[2] for row in csv[1:])  # the validation loss at each evaluation
+
         checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
         assert checkpoints and checkpoints[0].step_number >= checkpoints[-1].step_number
         assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-{checkpoints[0].step_number}"
         assert checkpoints[0].metrics.train_loss is not None
 
-        assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+        assert {m.id: m.created for m in client.models.list().data}[done.fine_tuned_model] == done.finished_at
         chat = [{"role": "user", "content": "How long may visitors park at the library?"}]
         reply = client.chat.completions.create(model=done.fine_tuned_model, messages=chat, max_tokens=8, temperature=0)
         assert reply.model == done.fine_tuned_model and reply.usage.prompt_tokens > 0
