@@ -349,7 +349,7 @@ def _job_settings(args: argparse.Namespace, cfg: Any, target: Any) -> Any:
     from loratui.pipeline.config import load_config
     from loratui.serving.jobs import JobSettings
 
-    template = load_config(args.config, []) if args.config else load_config(None, [])
+    template = load_config(args.config, [])  # no --config: the defaults
     runs_dir = (target.parent if (target / "config.yaml").is_file() else Path(cfg.runs_dir)).resolve()
     root = Path(cfg.serve.jobs_dir).resolve() if cfg.serve.jobs_dir else runs_dir / ".fine_tuning"
     import torch

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratui.serving.backends import Backend, Delta, GenRequest
+from loratui.serving.errors import ApiError
 
 if TYPE_CHECKING:
     from loratui.serving.jobs import JobManager
@@ -122,13 +123,6 @@ class Metrics:
                 f"loratui_queue_depth {state.in_flight}",
             ]
         return "\n".join(lines) + "\n"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -41,6 +41,7 @@ import yaml
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.runs import atomic_write_text
+from loratui.serving.errors import ApiError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 FILE_PURPOSES = ("fine-tune",)
@@ -63,14 +64,6 @@ _CHILD_SHIM = ("import ctypes, os, signal, sys\n"
                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
 
 
-class RequestProblem(Exception):
-    """A request that cannot be served: the API answers ``status`` with OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
 def _now() -> int:
     return int(time.time())
 
@@ -86,12 +79,12 @@ def _read_json(path: Path) -> Any:
 def page(items: list[dict[str, Any]], after: str | None, limit: int, most: int = 100) -> dict[str, Any]:
     """OpenAI's cursor page over ``items`` (already in the order the API lists them)."""
     if not 1 <= limit <= most:
-        raise RequestProblem(400, f"limit: {limit} is out of range (1 to {most})", param="limit")
+        raise ApiError(400, f"limit: {limit} is out of range (1 to {most})", param="limit")
     start = 0
     if after:
         ids = [item["id"] for item in items]
         if after not in ids:
-            raise RequestProblem(400, f"after: no item with id {after!r} in this list", param="after")
+            raise ApiError(400, f"after: no item with id {after!r} in this list", param="after")
         start = ids.index(after) + 1
     chunk = items[start:start + limit]
     out: dict[str, Any] = {"object": "list", "data": chunk, "has_more": start + limit < len(items)}
@@ -114,7 +107,7 @@ def safe_filename(name: str) -> str:
 def validate_training_file(path: Path, filename: str, template: dict[str, Any]) -> str:
     """The data step's reading and row checks on an uploaded file, with the data settings ``template`` holds.
 
-    Returns a one-line summary for ``status_details``; raises :class:`RequestProblem` (400) with the
+    Returns a one-line summary for ``status_details``; raises :class:`ApiError` (400) with the
     validation summary when the file cannot be read or any row is unusable: counts per problem and the
     first rows, by row number and field, as ``data/report.json`` would list them.
     """
@@ -128,9 +121,9 @@ def validate_training_file(path: Path, filename: str, template: dict[str, Any]) 
     try:
         examples = read_examples(cfg, [path], out, "train")
     except LoratuiError as e:
-        hint = f" {e.hint}" if e.hint else ""
-        raise RequestProblem(400, f"{filename}: {e.message.replace(str(path), filename)}{hint}".replace(
-            f"{filename}: {filename}", filename), param="file", code="invalid_file") from None
+        message = e.message.replace(str(path), filename)  # the client's name for it, never the server's path
+        message = message if message.startswith(filename) else f"{filename}: {message}"
+        raise ApiError(400, message + (f" {e.hint}" if e.hint else ""), param="file", code="invalid_file") from None
     info = out.files[0] if out.files else {}
     if out.problems or not examples:
         counts = Counter(p.kind for p in out.problems)
@@ -142,7 +135,7 @@ def validate_training_file(path: Path, filename: str, template: dict[str, Any]) 
         summary = (f"{filename} failed validation: {bad} of {out.rows_read} rows are unusable ({kinds})"
                    if out.problems else f"{filename} failed validation: no examples in {out.rows_read} rows")
         detected = f"; format {info.get('format')} ({info.get('reason')})" if info else ""
-        raise RequestProblem(400, summary + detected + (f". First: {rows}" if rows else "") + ". Fix the rows, "
+        raise ApiError(400, summary + detected + (f". First: {rows}" if rows else "") + ". Fix the rows, "
                              "or give the columns' meaning in the server's data.columns.", param="file",
                              code="invalid_file")
     return f"{len(examples)} examples, {info.get('kind')}, format {info.get('format')} ({info.get('reason')})"
@@ -157,20 +150,20 @@ class FileStore:
 
     def _record(self, file_id: str) -> Path:
         if not re.fullmatch(r"file-[0-9a-f]{24}", file_id):
-            raise RequestProblem(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
+            raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
         return self.root / f"{file_id}.json"
 
     def add(self, upload: Path, filename: str, purpose: str, template: dict[str, Any]) -> dict[str, Any]:
         """Validate ``upload`` (a temporary file, moved or removed) and record it; the file object."""
         if purpose not in FILE_PURPOSES:
-            raise RequestProblem(400, f"purpose: {purpose!r} is not supported here (this server accepts "
+            raise ApiError(400, f"purpose: {purpose!r} is not supported here (this server accepts "
                                  + ", ".join(repr(p) for p in FILE_PURPOSES) + ")", param="purpose")
         from loratui.pipeline.data.loaders import DATA_EXTENSIONS
 
         name = safe_filename(filename)
         ext = Path(name).suffix.lower()
         if ext not in DATA_EXTENSIONS:
-            raise RequestProblem(400, f"{filename}: unsupported file type {ext or '(no extension)'}; fine-tuning "
+            raise ApiError(400, f"{filename}: unsupported file type {ext or '(no extension)'}; fine-tuning "
                                  f"files are {', '.join(sorted(DATA_EXTENSIONS))}", param="file", code="invalid_file")
         file_id = "file-" + secrets.token_hex(12)
         folder = self.root / file_id
@@ -182,34 +175,33 @@ class FileStore:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        obj = {"id": file_id, "object": "file", "bytes": stored.stat().st_size, "created_at": _now(),
-               "filename": filename, "purpose": purpose, "status": "processed", "status_details": details,
-               "expires_at": None}
-        _write_json(self.root / f"{file_id}.json", {**obj, "path": str(stored)})
-        return obj
+        return self._keep(file_id, stored, filename, purpose, details)
 
     def add_result(self, filename: str, text: str) -> dict[str, Any]:
         """A file the server writes (a job's step metrics), with purpose ``fine-tune-results``."""
         file_id = "file-" + secrets.token_hex(12)
         stored = self.root / file_id / filename
         atomic_write_text(stored, text)
+        return self._keep(file_id, stored, filename, "fine-tune-results", None)
+
+    def _keep(self, file_id: str, stored: Path, filename: str, purpose: str, details: str | None) -> dict[str, Any]:
         obj = {"id": file_id, "object": "file", "bytes": stored.stat().st_size, "created_at": _now(),
-               "filename": filename, "purpose": "fine-tune-results", "status": "processed", "status_details": None,
+               "filename": filename, "purpose": purpose, "status": "processed", "status_details": details,
                "expires_at": None}
         _write_json(self.root / f"{file_id}.json", {**obj, "path": str(stored)})
         return obj
 
-    def get(self, file_id: str) -> dict[str, Any]:
+    def record(self, file_id: str) -> dict[str, Any]:
+        """The file object plus ``path``, where the bytes are; 404 for an unknown id."""
         record = self._record(file_id)
         if not record.is_file():
-            raise RequestProblem(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
-        obj = _read_json(record)
+            raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
+        return _read_json(record)
+
+    def get(self, file_id: str) -> dict[str, Any]:
+        obj = self.record(file_id)
         obj.pop("path", None)
         return obj
-
-    def path(self, file_id: str) -> Path:
-        self.get(file_id)
-        return Path(_read_json(self._record(file_id))["path"])
 
     def list(self, purpose: str | None = None, order: str = "desc") -> list[dict[str, Any]]:
         found = []
@@ -262,7 +254,7 @@ def client_settings(extension: Any, metadata: dict[str, str] | None) -> dict[str
     found: dict[str, Any] = {}
     if extension is not None:
         if not isinstance(extension, dict):
-            raise RequestProblem(400, "loratui: expected an object of config settings, e.g. "
+            raise ApiError(400, "loratui: expected an object of config settings, e.g. "
                                  '{"lora": {"r": 16}, "train": {"lr": 1e-4}}', param="loratui")
         _flatten("", extension, found)
     for key, value in (metadata or {}).items():
@@ -274,11 +266,11 @@ def client_settings(extension: Any, metadata: dict[str, str] | None) -> dict[str
     for key in found:
         parts = key.split(".")
         if not all(_KEY_PART.fullmatch(part) for part in parts):
-            raise RequestProblem(400, f"loratui.{key}: not a config setting (dotted names of letters, digits and _)",
+            raise ApiError(400, f"loratui.{key}: not a config setting (dotted names of letters, digits and _)",
                                  param=f"loratui.{key}")
         if parts[0] not in CLIENT_SECTIONS or key in CLIENT_DENIED or len(parts) < 2:
             allowed = ", ".join(f"{s}.*" for s in CLIENT_SECTIONS)
-            raise RequestProblem(400, f"loratui.{key}: not a setting a job request may change (allowed: {allowed}; "
+            raise ApiError(400, f"loratui.{key}: not a setting a job request may change (allowed: {allowed}; "
                                  f"except {', '.join(sorted(CLIENT_DENIED))})", param=f"loratui.{key}")
     return found
 
@@ -289,7 +281,7 @@ def _auto_or(value: Any, name: str, kind: type, positive: bool = True) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
     if not ok or (positive and value <= 0):
         what = "a positive integer" if kind is int else "a positive number"
-        raise RequestProblem(400, f"hyperparameters.{name}: expected 'auto' or {what}, got {value!r}",
+        raise ApiError(400, f"hyperparameters.{name}: expected 'auto' or {what}, got {value!r}",
                              param=f"hyperparameters.{name}")
     return kind(value)
 
@@ -312,14 +304,14 @@ class JobManager:
 
     def _dir(self, job_id: str) -> Path:
         if not re.fullmatch(r"ftjob-[0-9a-f]{12}", job_id):
-            raise RequestProblem(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id",
+            raise ApiError(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id",
                                  code="job_not_found")
         return self.jobs_root / job_id
 
     def _load(self, job_id: str) -> dict[str, Any]:
         path = self._dir(job_id) / "job.json"
         if not path.is_file():
-            raise RequestProblem(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id",
+            raise ApiError(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id",
                                  code="job_not_found")
         return _read_json(path)
 
@@ -358,9 +350,9 @@ class JobManager:
                 if job.get("fine_tuned_model") == model and job["status"] == "succeeded":
                     merged = Path(job["run_dir"]) / "merged"
                     if not (merged / "config.json").is_file():
-                        raise RequestProblem(400, f"model: {model} has no merged weights to train on", param="model")
+                        raise ApiError(400, f"model: {model} has no merged weights to train on", param="model")
                     return str(merged), model.split(":")[1]
-            raise RequestProblem(404, f"model: no succeeded job made {model!r}", param="model", code="model_not_found")
+            raise ApiError(404, f"model: no succeeded job made {model!r}", param="model", code="model_not_found")
         from loratui.pipeline.models import BUILTINS
 
         own = self.s.template.get("model", {}).get("base")
@@ -369,7 +361,7 @@ class JobManager:
         if model == own:  # the job template's own base (which may be a path on the server)
             return model, Path(model).name if Path(model).exists() else model
         offered = [*self.s.served_bases, *(b for b in BUILTINS)]
-        raise RequestProblem(400, f"model: {model!r} is not a model this server fine-tunes: name a model it serves or "
+        raise ApiError(400, f"model: {model!r} is not a model this server fine-tunes: name a model it serves or "
                              f"a built-in one ({', '.join(offered)}), a Hugging Face hub id (org/name), or an ft: "
                              "model of a succeeded job", param="model", code="model_not_found")
 
@@ -382,59 +374,60 @@ class JobManager:
         model = body.get("model")
         training_file = body.get("training_file")
         if not isinstance(model, str):
-            raise RequestProblem(400, "model: required (a base model, a model this server serves, or an ft: model)",
+            raise ApiError(400, "model: required (a base model, a model this server serves, or an ft: model)",
                                  param="model")
         if not isinstance(training_file, str):
-            raise RequestProblem(400, "training_file: required (the id of a file uploaded with purpose fine-tune)",
+            raise ApiError(400, "training_file: required (the id of a file uploaded with purpose fine-tune)",
                                  param="training_file")
         validation_file = body.get("validation_file")
         files = {"training_file": training_file, **({"validation_file": validation_file} if validation_file else {})}
         paths = {}
         for param, file_id in files.items():
             try:
-                paths[param] = self.files.path(str(file_id))
-            except RequestProblem:
-                raise RequestProblem(400, f"{param}: no uploaded file {file_id!r}", param=param,
+                record = self.files.record(str(file_id))
+            except ApiError:
+                raise ApiError(400, f"{param}: no uploaded file {file_id!r}", param=param,
                                      code="file_not_found") from None
-            if self.files.get(str(file_id))["purpose"] != "fine-tune":
-                raise RequestProblem(400, f"{param}: {file_id} was not uploaded with purpose 'fine-tune'", param=param)
+            paths[param] = Path(record["path"])
+            if record["purpose"] != "fine-tune":
+                raise ApiError(400, f"{param}: {file_id} was not uploaded with purpose 'fine-tune'", param=param)
         hyper = body.get("hyperparameters") or {}
         if not isinstance(hyper, dict):
-            raise RequestProblem(400, "hyperparameters: expected an object", param="hyperparameters")
+            raise ApiError(400, "hyperparameters: expected an object", param="hyperparameters")
         hyper = dict(hyper)
         method = body.get("method")
         if method:
             kind = method.get("type") if isinstance(method, dict) else None
             if kind != "supervised":
-                raise RequestProblem(400, f"method.type: {kind!r} is not supported (loratui fine-tunes with "
+                raise ApiError(400, f"method.type: {kind!r} is not supported (loratui fine-tunes with "
                                      "'supervised')", param="method.type")
             supervised = method.get("supervised") or {}
             more = supervised.get("hyperparameters") or {} if isinstance(supervised, dict) else None
             if not isinstance(more, dict):
-                raise RequestProblem(400, "method.supervised.hyperparameters: expected an object",
+                raise ApiError(400, "method.supervised.hyperparameters: expected an object",
                                      param="method.supervised.hyperparameters")
             hyper.update(more)
         unknown = sorted(set(hyper) - set(HYPERPARAMETERS))
         if unknown:
-            raise RequestProblem(400, f"hyperparameters.{unknown[0]}: unknown (known: {', '.join(HYPERPARAMETERS)})",
+            raise ApiError(400, f"hyperparameters.{unknown[0]}: unknown (known: {', '.join(HYPERPARAMETERS)})",
                                  param=f"hyperparameters.{unknown[0]}")
         n_epochs = _auto_or(hyper.get("n_epochs"), "n_epochs", int)
         batch_size = _auto_or(hyper.get("batch_size"), "batch_size", int)
         lr_mult = _auto_or(hyper.get("learning_rate_multiplier"), "learning_rate_multiplier", float)
         suffix = body.get("suffix") or ""
         if not isinstance(suffix, str) or not _SUFFIX.match(suffix):
-            raise RequestProblem(400, "suffix: up to 64 letters, digits, '.', '_' or '-'", param="suffix")
+            raise ApiError(400, "suffix: up to 64 letters, digits, '.', '_' or '-'", param="suffix")
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise RequestProblem(400, f"seed: expected a non-negative integer, got {seed!r}", param="seed")
+            raise ApiError(400, f"seed: expected a non-negative integer, got {seed!r}", param="seed")
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
                 isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
                 for k, v in metadata.items()):
-            raise RequestProblem(400, "metadata: up to 16 string keys (64 characters) and string values (512)",
+            raise ApiError(400, "metadata: up to 16 string keys (64 characters) and string values (512)",
                                  param="metadata")
         if body.get("integrations"):
-            raise RequestProblem(400, "integrations: not supported; set loratui.train.report_to on the server's "
+            raise ApiError(400, "integrations: not supported; set loratui.train.report_to on the server's "
                                  "job template instead", param="integrations")
         settings = client_settings(body.get("loratui"), metadata)
         base, base_name = self._base_of(model)
@@ -463,7 +456,7 @@ class JobManager:
             for part in path:
                 child = node.setdefault(part, {})
                 if not isinstance(child, dict):
-                    raise RequestProblem(400, f"loratui.{key}: {part} is a setting, not a section", param=f"loratui.{key}")
+                    raise ApiError(400, f"loratui.{key}: {part} is a setting, not a section", param=f"loratui.{key}")
                 node = child
             node[last] = value
         if base != self.s.template.get("model", {}).get("base") and base not in self.s.served_bases.values():
@@ -473,7 +466,7 @@ class JobManager:
         except ValidationError as e:  # name the setting and what is allowed
             first = e.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise RequestProblem(400, f"loratui.{where}: {first.get('msg')} (got {first.get('input')!r})",
+            raise ApiError(400, f"loratui.{where}: {first.get('msg')} (got {first.get('input')!r})",
                                  param=f"loratui.{where}") from None
         folder = self._dir(job_id)
         folder.mkdir(parents=True)
@@ -507,15 +500,15 @@ class JobManager:
             for param in ("training_file", "validation_file"):
                 if job[param]:
                     try:
-                        path = self.files.path(job[param])
-                    except RequestProblem:
-                        raise RequestProblem(400, f"{job[param]} was deleted", param=param) from None
-                    validate_training_file(path, self.files.get(job[param])["filename"], template)
+                        record = self.files.record(job[param])
+                    except ApiError:
+                        raise ApiError(400, f"{job[param]} was deleted", param=param) from None
+                    validate_training_file(Path(record["path"]), record["filename"], template)
         except Exception as e:  # noqa: BLE001 - the job fails, the server stays up
             with self.lock:
                 if self._load(job_id)["status"] == "validating_files":  # not cancelled meanwhile
                     error = ({"code": f"invalid_{param}", "message": e.message, "param": param}
-                             if isinstance(e, RequestProblem) else
+                             if isinstance(e, ApiError) else
                              {"code": "validation_error", "message": f"{type(e).__name__}: {e}", "param": None})
                     self._finish(job_id, "failed", error)
             return
@@ -666,7 +659,7 @@ class JobManager:
         with self.lock:
             job = self._load(job_id)
             if job["status"] in TERMINAL:
-                raise RequestProblem(400, f"the job is already {job['status']}", param="fine_tuning_job_id",
+                raise ApiError(400, f"the job is already {job['status']}", param="fine_tuning_job_id",
                                      code="job_not_cancellable")
             proc = self.procs.get(job_id)
             self._update(job_id, status="cancelled", finished_at=_now(), stopping=proc is not None)
@@ -681,17 +674,17 @@ class JobManager:
         with self.lock:
             job = self._load(job_id)
             if job["status"] not in ("failed", "cancelled"):
-                raise RequestProblem(400, f"only a failed or cancelled job resumes; this one is {job['status']}",
+                raise ApiError(400, f"only a failed or cancelled job resumes; this one is {job['status']}",
                                      param="fine_tuning_job_id", code="job_not_resumable")
             if job_id in self.procs:
-                raise RequestProblem(409, "the job's process is still stopping; retry in a moment",
+                raise ApiError(409, "the job's process is still stopping; retry in a moment",
                                      param="fine_tuning_job_id", code="job_stopping")
             if job.get("error") and str(job["error"].get("code", "")).startswith("invalid_"):
-                raise RequestProblem(400, "the job's files failed validation: create a new job with fixed files",
+                raise ApiError(400, "the job's files failed validation: create a new job with fixed files",
                                      param="fine_tuning_job_id", code="job_not_resumable")
             for param in ("training_file", "validation_file"):
                 if job[param] and not (self.files.root / f"{job[param]}.json").is_file():
-                    raise RequestProblem(400, f"the job's {param} {job[param]} was deleted: create a new job",
+                    raise ApiError(400, f"the job's {param} {job[param]} was deleted: create a new job",
                                          param="fine_tuning_job_id", code="job_not_resumable")
             if job.get("started_at") is None:  # cancelled before it ran: its files were maybe never checked
                 self._update(job_id, status="validating_files", error=None, finished_at=None)
@@ -883,7 +876,7 @@ class JobManager:
             self.files.get(file_id)
             for job in self._records():
                 if job["status"] not in TERMINAL and file_id in (job["training_file"], job["validation_file"]):
-                    raise RequestProblem(400, f"{file_id} is used by the fine-tuning job {job['id']}, which has not "
+                    raise ApiError(400, f"{file_id} is used by the fine-tuning job {job['id']}, which has not "
                                          "ended: cancel it or delete the file afterwards", param="file_id",
                                          code="file_in_use")
             return self.files.delete(file_id)

@@ -19,21 +19,17 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from loratui.serving.app import ApiError, _error
-from loratui.serving.jobs import JobManager, RequestProblem, page
+from loratui.serving.errors import ApiError
+from loratui.serving.jobs import JobManager, page
 
 UPLOAD_ROUTE = "/v1/files"
 
 
 def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
-    @app.exception_handler(RequestProblem)
-    async def _problem(request: Request, exc: RequestProblem) -> JSONResponse:
-        return _error(exc.status, exc.message, param=exc.param, code=exc.code)
-
     def _limit(request: Request, default: int = 20) -> int:
         raw = request.query_params.get("limit", str(default))
         if not raw.isdigit():
@@ -91,8 +87,8 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
 
     @app.get(UPLOAD_ROUTE + "/{file_id}/content")
     async def file_content(file_id: str) -> Any:
-        obj = jobs.files.get(file_id)
-        return FileResponse(jobs.files.path(file_id), filename=obj["filename"], media_type="application/octet-stream")
+        record = jobs.files.record(file_id)
+        return FileResponse(record["path"], filename=record["filename"], media_type="application/octet-stream")
 
     @app.delete(UPLOAD_ROUTE + "/{file_id}")
     async def delete_file(file_id: str) -> Any:

@@ -59,7 +59,7 @@ def fine_tuned_loader(jobs: "JobManager", opts: ServeOptions, log: Callable[[str
     else its ONNX, else its merged model), or base + adapter for a ``:ckpt-step-N`` checkpoint."""
     from dataclasses import replace
 
-    from loratui.serving.app import ApiError
+    from loratui.serving.errors import ApiError
 
     plain = replace(opts, adapters=None)
 

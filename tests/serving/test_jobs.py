@@ -17,7 +17,8 @@ import yaml
 
 from loratui.pipeline.config import load_config
 from loratui.serving.backends import GenRequest, TorchBackend
-from loratui.serving.jobs import JobManager, JobSettings, RequestProblem, client_settings, page
+from loratui.serving.errors import ApiError
+from loratui.serving.jobs import JobManager, JobSettings, client_settings, page
 from loratui.serving.server import ServeOptions, prepare
 from tests.serving.test_app import Server
 
@@ -340,14 +341,14 @@ def test_client_settings_take_training_sections_only():
         "lora.r": 8, "train.lr": 1e-4, "lora.method": "dora"}
     for bad in ({"runs_dir": "/tmp"}, {"serve": {"api_key": "k"}}, {"model": {"base": "x"}},
                 {"train": {"resume": True}}, {"eval": {"retention_sources": ["/etc/passwd"]}}):
-        with pytest.raises(RequestProblem, match="not a setting a job request may change"):
+        with pytest.raises(ApiError, match="not a setting a job request may change"):
             client_settings(bad, None)
-    with pytest.raises(RequestProblem, match="expected an object"):
+    with pytest.raises(ApiError, match="expected an object"):
         client_settings(["lora.r=8"], None)
     for sneaky in ({"data": {"source ": ["/etc/hosts"]}}, {"data": {'source=["/etc/hosts"] #': 1}}):
-        with pytest.raises(RequestProblem, match="not a config setting"):
+        with pytest.raises(ApiError, match="not a config setting"):
             client_settings(sneaky, None)
-    with pytest.raises(RequestProblem, match="not a config setting"):
+    with pytest.raises(ApiError, match="not a config setting"):
         client_settings(None, {"loratui.eval.model ": "/elsewhere"})
 
 
@@ -369,9 +370,9 @@ def test_the_manager_guards_models_files_and_resumes(tmp_path):
     upload.write_bytes(_chat_jsonl(8))
     f = jobs.files.add(upload, "u.jsonl", "fine-tune", template)
     for model in (str(tmp_path), "/etc", "../runs/x"):
-        with pytest.raises(RequestProblem, match="not a model this server fine-tunes"):
+        with pytest.raises(ApiError, match="not a model this server fine-tunes"):
             jobs.create({"model": model, "training_file": f["id"]})
-    with pytest.raises(RequestProblem, match="hyperparameters: expected an object"):
+    with pytest.raises(ApiError, match="hyperparameters: expected an object"):
         jobs.create({"model": "tiny", "training_file": f["id"], "hyperparameters": [1]})
     hub = jobs.create({"model": "Qwen/Qwen2.5-0.5B-Instruct", "training_file": f["id"]})
     assert yaml.safe_load((settings.root / "jobs" / hub["id"] / "config.yaml").read_text())["model"] == {
@@ -384,11 +385,11 @@ def test_the_manager_guards_models_files_and_resumes(tmp_path):
     assert jobs.cancel(job["id"])["status"] == "cancelled"
     assert jobs.resume(job["id"])["status"] == "validating_files"  # it never ran: its files are checked again
     _wait_status(jobs, job["id"], "queued")
-    with pytest.raises(RequestProblem, match="used by the fine-tuning job"):
+    with pytest.raises(ApiError, match="used by the fine-tuning job"):
         jobs.delete_file(f["id"])
     jobs.cancel(job["id"])
     assert jobs.delete_file(f["id"])["deleted"]
-    with pytest.raises(RequestProblem, match="was deleted"):
+    with pytest.raises(ApiError, match="was deleted"):
         jobs.resume(job["id"])
     short = job["id"].removeprefix("ftjob-")
     assert jobs.model_source(f"ft:tiny::{short}:ckpt-step-1/../../..") is None
@@ -430,9 +431,9 @@ def test_pages_follow_openai_cursors():
     assert [i["id"] for i in first["data"]] == ["x0", "x1"] and first["has_more"] and first["last_id"] == "x1"
     last = page(items, "x3", 2)
     assert [i["id"] for i in last["data"]] == ["x4"] and not last["has_more"]
-    with pytest.raises(RequestProblem, match="limit: 0 is out of range"):
+    with pytest.raises(ApiError, match="limit: 0 is out of range"):
         page(items, None, 0)
-    with pytest.raises(RequestProblem, match="no item with id 'nope'"):
+    with pytest.raises(ApiError, match="no item with id 'nope'"):
         page(items, "nope", 2)
 
 
