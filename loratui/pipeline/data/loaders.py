@@ -12,11 +12,12 @@ import csv
 import glob
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from loratui.pipeline.data.problems import RowError
+from loratui.pipeline.data.problems import RowError, shorten
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import has_surrogates
 
@@ -179,12 +180,54 @@ def _parse_json_row(line: str) -> Any:
     try:
         value = json.loads(line)
     except json.JSONDecodeError as e:
-        return RowError("invalid_json", f"invalid JSON at column {e.colno}: {e.msg}")
+        return RowError("invalid_json", f"invalid JSON at column {e.colno}: {json_error_text(e)}")
     except (ValueError, RecursionError) as e:  # > 4300-digit integers, nesting deeper than Python's stack
-        return RowError("invalid_json", f"invalid JSON: {type(e).__name__}: {str(e)[:80]}")
+        return RowError("invalid_json", f"invalid JSON: {json_value_error_text(e)}")
     if "\\u" in line and has_surrogates(json.dumps(value, ensure_ascii=False)):
         return RowError("undecodable_bytes", "the row has an escaped lone surrogate (\\udXXX), which is not valid text")
     return value
+
+
+_CONTROL_NAMES = {"\t": ("tab", "\\t"), "\n": ("line break", "\\n"), "\r": ("carriage return", "\\r")}
+
+
+def json_error_text(e: json.JSONDecodeError) -> str:
+    """The decoder's complaint as a whole sentence, with what it usually means.
+
+    CPython's messages end in " at" because ``str(e)`` appends the position ("Invalid control character
+    at: line 1 column 9"); the caller gives the position itself, so the dangling " at" goes.
+    """
+    msg = re.sub(r"\s+at$", "", e.msg)
+    if msg.startswith("Invalid control character"):
+        char = e.doc[e.pos] if 0 <= e.pos < len(e.doc) else ""
+        if char and char in "\r\n" and not e.doc[e.pos:].strip():  # a JSON Lines row that ends inside a string
+            return ("Unterminated string (the line ends inside a string: the row is cut short, or a raw line "
+                    "break split it; escape line breaks as \\n)")
+        code = ord(char) if char else None
+        name, escape = _CONTROL_NAMES.get(char) or (
+            f"control character U+{code:04X}" if code is not None else "control character",
+            f"\\u{code:04x}" if code is not None else "\\uXXXX")
+        return f"Invalid control character (a raw {name} inside a string; escape it as {escape})"
+    if msg.startswith("Unterminated string"):
+        return ("Unterminated string (the string that starts here is never closed: the row is cut short, "
+                "or holds a raw line break)")
+    if msg == "Extra data":
+        return "Extra data (more text follows the first complete JSON value)"
+    if msg.startswith("Expecting property name"):
+        return f"{msg} (names need double quotes, and no comma may come before '}}')"
+    return msg
+
+
+def json_value_error_text(e: Exception) -> str:
+    """Why ``json.loads`` gave up on valid syntax (a huge integer, absurd nesting), in full."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply (arrays or objects inside each other beyond Python's recursion limit)"
+    text = str(e)
+    if "integer string conversion" in text:
+        digits = re.search(r"value has (\d+) digits", text)
+        more = f" ({digits.group(1)} digits)" if digits else ""
+        return f"a number is too long{more}; Python reads integers of at most 4300 digits"
+    return shorten(f"{type(e).__name__}: {text}")
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -200,9 +243,9 @@ def _read_json(path: Path) -> Iterator[Row]:
         if len(lines) > 1 and e.msg == "Extra data" and all(ln.lstrip().startswith("{") for ln in lines[:2]):
             raise LoratuiError(f"{path}: this is JSON Lines (one object per line), not a JSON document",
                                hint="Rename it to .jsonl.") from None
-        raise LoratuiError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise LoratuiError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {json_error_text(e)}") from None
     except (ValueError, RecursionError) as e:
-        raise LoratuiError(f"{path}: invalid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+        raise LoratuiError(f"{path}: invalid JSON: {json_value_error_text(e)}") from None
     if isinstance(value, dict):
         lists = [(k, v) for k, v in value.items() if isinstance(v, list)]
         if len(lists) == 1:
@@ -220,31 +263,116 @@ def _read_json(path: Path) -> Iterator[Row]:
             yield number, _record(item)
 
 
+class _Lines:
+    """A file's physical lines as an iterator that can be moved back (``pos``: the next line's index)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        self.pos = 0
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
+
+
+def _csv_records(path: Path, lines: list[str], delimiter: str, columns: int,
+                 first: int = 1) -> Iterator[tuple[int, Any]]:
+    """(physical line the record starts on, values or RowError) per record; the rule is :func:`_read_csv`'s.
+
+    ``lines[0]`` is physical line ``first``; ``columns`` is the header's column count.
+    """
+    source = _Lines(lines)
+    reader = csv.reader(source, delimiter=delimiter, strict=True)
+    while source.pos < len(lines):
+        start = source.pos  # index of the record's first line
+        line = first + start
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            end, why = first + source.pos - 1, str(e)  # the physical line where the parser stopped
+            if "field larger than field limit" in why:
+                raise LoratuiError(
+                    f"{path}: not valid CSV: the record that starts on line {line} holds a field longer than "
+                    f"{csv.field_size_limit()} characters by line {end}",
+                    hint="Look for an unbalanced quote on that line; for very long texts use JSON Lines.") from None
+            eof = "unexpected end of data" in why
+            if end > line or eof:
+                yield line, _unbalanced(line, end, delimiter, eof, more=start + 1 < len(lines))
+                source.pos = start + 1  # the next line is read on its own: nothing merges into this record
+                continue
+            # a quote followed by text within one line ('"abc"def'): nothing can merge; read leniently
+            yield line, next(csv.reader([lines[start]], delimiter=delimiter), [])
+            continue
+        end = first + source.pos - 1
+        if end > line and len(values) != columns:
+            yield line, RowError(
+                "not_an_object",
+                f"unbalanced quote: a quoted field opens on this line and runs on to line {end}, which makes "
+                f"{len(values)} values where the header names {columns} columns"
+                + (f"; this line is dropped and line {line + 1} is read on its own" if start + 1 < len(lines) else ""))
+            source.pos = start + 1
+            continue
+        yield line, values
+
+
+def _unbalanced(line: int, end: int, delimiter: str, eof: bool, more: bool) -> RowError:
+    sep = "a tab" if delimiter == "\t" else f"'{delimiter}'"
+    if eof and end > line:
+        what = f"is never closed: it runs to the end of the file (line {end})"
+    elif eof:
+        what = "is never closed (the file ends)"
+    else:
+        what = (f"is not closed before line {end}, where a quote is followed by text instead of {sep} or the "
+                f"line end, so lines {line}-{end} would merge into one row")
+    then = f"; this line is dropped and line {line + 1} is read on its own" if more else ""
+    return RowError("not_an_object", f"unbalanced quote: a quoted field opens on this line and {what}{then}")
+
+
 def _read_csv(path: Path) -> Iterator[Row]:
+    """Rows of a CSV/TSV file with a header line, numbered by the physical line they start on.
+
+    A quoted field may hold line breaks (a multi-line cell). An unbalanced quote would make the parser
+    read the following lines into that field, merging rows silently, so a record that spans lines is
+    trusted only when it is well-formed:
+
+    - its quoted field closes with a quote followed by the delimiter or the line end (a quote followed
+      by other text means the "closing" quote really opens a field of a later line);
+    - its quote closes before the end of the file;
+    - it has as many values as the header names columns.
+
+    A record that spans lines and breaks one of these is a ``not_an_object`` problem on the line where
+    it starts. Only that line is given up: reading starts again at the next line, so each later line is
+    judged on its own (and listed too when it is unusable). No row is ever made of text from two records.
+    Within one line nothing can merge, so a stray quote there (``5" screen``, ``"abc"def``) is read
+    leniently, as Python's csv module does. The header must be one line with its quotes closed.
+    """
     text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = io.StringIO(text, newline="").readlines()  # the physical lines, split as the csv module splits them
+    if not lines:
+        raise LoratuiError(f"{path}: the file is empty")
     try:
-        header = next(reader)
-    except StopIteration:
-        raise LoratuiError(f"{path}: the file is empty") from None
-    except csv.Error as e:
-        raise LoratuiError(f"{path}: not valid CSV ({e})") from None
+        header = next(csv.reader([lines[0]], delimiter=delimiter, strict=True), [])
+    except csv.Error:
+        raise LoratuiError(f"{path}: line 1 (the header) has an unbalanced quote",
+                           hint="Name each column on the first line, with every quote closed.") from None
     header = [h.strip() for h in header]
     if any(has_surrogates(h) for h in header):
         raise LoratuiError(f"{path}: line 1 (the header) has bytes that are not UTF-8",
                            hint="Save the file as UTF-8.")
     if not any(header) or len(set(header)) != len(header):
         raise LoratuiError(f"{path}: the first line must name each column once (got {header[:8]})")
-    line = reader.line_num + 1
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise LoratuiError(f"{path}: not valid CSV at line {reader.line_num} ({e})") from None
-        number, line = line, reader.line_num + 1
+    for number, values in _csv_records(path, lines[1:], delimiter, len(header), first=2):
+        if isinstance(values, RowError):
+            yield number, values
+            continue
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
@@ -252,6 +380,9 @@ def _read_csv(path: Path) -> Iterator[Row]:
             continue
         if any(has_surrogates(v) for v in values):
             yield number, RowError("undecodable_bytes", "the row has bytes that are not UTF-8")
+            continue
+        if any("\0" in v for v in values):
+            yield number, RowError("undecodable_bytes", "the row has NUL bytes (binary content), not text")
             continue
         yield number, dict(zip(header, values))
 

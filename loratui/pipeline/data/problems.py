@@ -6,6 +6,7 @@ with its file, row number, field and what was expected, and ends up in ``data/re
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -13,7 +14,8 @@ from typing import Literal
 PROBLEMS: dict[str, str] = {
     "invalid_json": "the line or file is not valid JSON",
     "undecodable_bytes": "the row has bytes that are not UTF-8",
-    "not_an_object": "the row is not an object/record with named fields",
+    "not_an_object": "the row is not an object/record with named fields (CSV: the wrong number of values, "
+                     "or an unbalanced quote)",
     "missing_field": "a required field is missing or null",
     "empty_field": "a required field is empty",
     "wrong_type": "a field has the wrong type",
@@ -39,9 +41,25 @@ DEFAULT_POLICY["too_long"] = "truncate"
 TRUNCATABLE = {"too_long"}
 
 
+def shorten(text: str, width: int = 160) -> str:
+    """``text`` on one line, at most ``width`` characters: cut at a word boundary and marked with "…".
+
+    Messages are never cut mid-word or mid-sentence without the mark, so what is left reads as a whole.
+    """
+    text = re.sub(r"\s+", " ", text).strip()
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    if space >= width // 2:  # a word boundary not too far back; else cut the (very long) word itself
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
 @dataclass(frozen=True)
 class RowProblem:
-    """One problem with one row. ``row`` is 1-based (the line for JSONL, the record for others)."""
+    """One problem with one row. ``row`` is 1-based: the physical line for JSONL and CSV (where a CSV record
+    spans lines, the line it starts on), the position for JSON arrays and Parquet."""
 
     kind: str
     file: str

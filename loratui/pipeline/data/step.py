@@ -685,18 +685,26 @@ def _seq2seq_warnings(cfg: RunConfig, events: EventSink) -> None:
                    "a source text and a target, not a rendered chat", level="warning")
 
 
+def model_cache_key(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs) -> str:
+    """:func:`cache_key` for the inputs :func:`load_model_inputs` resolved."""
+    return cache_key(cfg, files, model.path, model.template.source if model.template is not None else "", model.task)
+
+
 def build_cached(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs, events: EventSink,
-                 should_stop: Any, failure_dir: Path | None = None) -> tuple[Path, bool]:
+                 should_stop: Any, failure_dir: Path | None = None, *, key: str | None = None,
+                 quiet: bool = False) -> tuple[Path, bool]:
     """Build the datasets of ``cfg.data`` into the content-addressed cache (once); returns (folder, hit).
 
     The folder is shared and read-only for callers: the step copies it into the run; the evaluate step
-    reads earlier datasets from it for its retention check.
+    reads earlier datasets from it for its retention check. ``key``: the cache key when the caller has
+    it already; ``quiet``: no log line for a cache hit.
     """
-    key = cache_key(cfg, files, model.path, model.template.source if model.template is not None else "", model.task)
+    key = key or model_cache_key(cfg, files, model)
     cached = datasets_cache() / key
     hit = (cached / "dataset.json").is_file()
     if hit:
-        events.log(f"data: cache hit ({cached}); nothing to recompute")
+        if not quiet:
+            events.log(f"data: cache hit ({cached}); nothing to recompute")
         return cached, True
     try:
         with atomic_dir(cached) as tmp:
@@ -708,30 +716,62 @@ def build_cached(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInput
     return cached, False
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+def _installed_key(run: RunDir) -> str | None:
+    """The cache key of the datasets in the run's data folder, when they are all there."""
+    try:
+        manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not (run.data / "report.json").is_file():
+        return None
+    if not all((run.data / p).is_dir() for p in (manifest.get("splits") or {}).values()):
+        return None
+    return manifest.get("cache_key")
+
+
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, *, quiet: bool = False) -> Any:
+    """The data step. ``quiet`` (for later steps, through :func:`prepare`): when the run's data folder
+    already holds these very datasets, say so in one line instead of logging the data summary again."""
     from loratui.pipeline.steps import StepResult
 
     started = time.monotonic()
     files = split_files(cfg)
-    events.progress(0, 4, task="stages", message="reading")
+    if not quiet:
+        events.progress(0, 4, task="stages", message="reading")
     model = load_model_inputs(cfg, events)
     model_dir, task = model.path, model.task
-    if task == "seq2seq":
+    key = model_cache_key(cfg, files, model)
+    up_to_date = quiet and _installed_key(run) == key and (datasets_cache() / key / "dataset.json").is_file()
+    if quiet and not up_to_date:  # new or changed data: the full account, as `loratui data` gives it
+        quiet = False
+        events.progress(0, 4, task="stages", message="reading")
+    if task == "seq2seq" and not quiet:
         events.log(f"data: {model_dir.name} is an encoder-decoder model: seq2seq examples (source -> target)")
         _seq2seq_warnings(cfg, events)
-    cached, hit = build_cached(cfg, files, model, events, should_stop, failure_dir=run.data)
-    _install(cached, run.data)
+    cached, hit = build_cached(cfg, files, model, events, should_stop, failure_dir=run.data, key=key, quiet=quiet)
+    if not up_to_date:  # the run's folder holds these datasets already otherwise
+        _install(cached, run.data)
     manifest_path = run.data / "dataset.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("model_dir") != str(model_dir):  # the cache is keyed by content; the model may have moved
         manifest["model_dir"] = str(model_dir)
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
-    events.progress(4, 4, task="stages", message="done")
+    if not quiet:
+        events.progress(4, 4, task="stages", message="done")
 
     if cfg.data.max_length == "auto":  # written back so the run is reproducible from config.yaml
         cfg.data.max_length = report["max_length"]
         write_config(run.config, cfg)
+    summary = {"splits": report["splits"], "dropped": report["rows"]["dropped"],
+               "truncated": report["rows"]["truncated"], "max_length": report["max_length"],
+               "template": report["template"], "task": report.get("task", "causal"), "cache_hit": hit,
+               "seconds": round(time.monotonic() - started, 2)}
+    if quiet:
+        dropped = report["rows"]["dropped"]
+        events.log(f"data: up to date ({report['splits']['train']} train rows"
+                   + (f", {dropped} dropped: see {run.data / 'report.json'})" if dropped else ")"))
+        return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
     for f in report["files"]:
         events.log(f"{f['path']} ({f['split']}): {f['format']}, {f['reason']}")
     for kind, count in report["problems"].items():
@@ -740,19 +780,17 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
                   | {"dropped": float(report["rows"]["dropped"]), "tokens_per_epoch": float(report["tokens"]["per_epoch"])})
     for name, kind in (("report.json", "data-report"), ("preview.txt", "data-preview"), ("processed", "dataset")):
         events.artifact(run.data / name, kind=kind)
-    summary = {"splits": report["splits"], "dropped": report["rows"]["dropped"],
-               "truncated": report["rows"]["truncated"], "max_length": report["max_length"],
-               "template": report["template"], "task": report.get("task", "causal"), "cache_hit": hit,
-               "seconds": round(time.monotonic() - started, 2)}
     return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
 
 
 def prepare(cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
     """Run the data step for a later step (a cache hit when nothing changed); returns its manifest.
 
-    Its events go out under the step name ``data``, through the caller's writers.
+    Its events go out under the step name ``data``, through the caller's writers. When the run's data
+    folder is already up to date (the data step ran with these inputs), that is one log line, not the
+    data summary again: ``loratui run`` would otherwise repeat it before train, eval, merge and export.
     """
-    run(cfg, run_dir, EventSink("data", events.writers), should_stop)
+    run(cfg, run_dir, EventSink("data", events.writers), should_stop, quiet=True)
     return json.loads((run_dir.data / "dataset.json").read_text(encoding="utf-8"))
 
 

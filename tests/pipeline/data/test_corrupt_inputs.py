@@ -6,7 +6,8 @@ clear error (exit code 2, a single ``error:`` line naming the file and what is w
 traceback or an internal error (exit 1), and never a row dropped without being listed.
 
 Row-level cases put one bad row among good ones, so training data survives and the step exits 0;
-file-level cases must stop with exit 2.
+file-level cases must stop with exit 2. The ``data_cli`` fixture that runs ``loratui data`` is in
+``conftest.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import tempfile
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loratui.cli import main
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.formats import Example
 from loratui.pipeline.data.loaders import load_file
@@ -33,52 +31,8 @@ from loratui.pipeline.data.problems import PROBLEMS, RowError
 from loratui.pipeline.data.step import Collected, read_examples
 from loratui.pipeline.errors import LoratuiError
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 12  # far more than 32 tokens
 MAX_LENGTH = 32  # the tiny BPE tokenizer renders the shortest alpaca row in 22 tokens, so 16 fits none
-
-
-# --------------------------------------------------------------------------------------------
-# Running the CLI
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CliResult:
-    code: int | None  # None: main() raised instead of returning an exit code
-    err: str
-    report: dict[str, Any] | None
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture
-def tiny(tiny_model_factory: Callable[..., Path]) -> Path:
-    return tiny_model_factory(tokenizer="bpe")
-
-
-@pytest.fixture
-def data_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, tiny: Path):
-    """``run(source, *overrides) -> CliResult``: ``loratui data`` in-process on a fresh home and runs dir."""
-    monkeypatch.setenv("LORATUI_HOME", str(tmp_path / "home"))
-    runs = tmp_path / "runs"
-
-    def run(source: str, *overrides: str) -> CliResult:
-        capfd.readouterr()
-        argv = ["data", f"runs_dir={runs}", "name=x", f"model.base={tiny}", f"data.source={source}", *overrides]
-        try:
-            code: int | None = main(argv)
-            tb = ""
-        except (Exception, SystemExit):  # a traceback would reach the user: record it as one
-            code, tb = None, traceback.format_exc()
-        err = ANSI.sub("", capfd.readouterr().err) + tb
-        report_path = runs / "x" / "data" / "report.json"
-        report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
-        return CliResult(code, err, report)
-
-    return run
 
 
 # --------------------------------------------------------------------------------------------
