@@ -12,8 +12,10 @@ runs/<name>/exports/report.md                 the table (one row per file)
   intermediate is deleted unless ``export.gguf_keep_f16``.
 * Verification (``export.verify``): on ``export.verify_samples`` test rows, teacher-forced top-1
   next-token agreement with the merged model in transformers, perplexity against the merged one,
-  whether greedy replies stop, and decode tokens/s. f32/f16/bf16 must agree on >= 99% of the
-  positions and q8_0 on >= 97%, or the step fails.
+  whether greedy replies stop, and decode tokens/s. f32, f16, bf16 and q8_0 files are judged by
+  :mod:`loratui.exporters.acceptance`: where the merged model's choice is clearer than the type's own
+  rounding can blur, the file must choose the same token. A refused file is not written; the others are,
+  and the table says why it was refused.
 * Files are written under temporary names and renamed only after they pass.
 """
 
@@ -30,15 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratui.exporters.acceptance import Measured, Verdict, judge, measure
 from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged,
                                       merged_reference, run_logged, write_report_section)
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # the converter writes these itself
-TARGETS = {"f32": 0.99, "f16": 0.99, "bf16": 0.99, "q8_0": 0.97}  # minimum top-1 agreement with the merged model
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07}  # others: estimated from their name's bits
 CONVERTER_ENV = "LORATUI_CONVERTER_DIR"
 
@@ -56,6 +58,9 @@ class GgufRow:
     replies_stopped: str | None
     key_facts: float | None
     fallbacks: str | None
+    decided: int | None = None  # positions where the merged model leads by more than the type's noise
+    decided_agreement: float | None = None  # top-1 agreement on those (the acceptance rule)
+    verdict: str | None = None  # "accepted", "refused: ...", "not judged: ..." (None: not verified)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,36 +154,46 @@ class Reference:
     """What every GGUF is checked against: the merged model in transformers on the run's test rows."""
 
     examples: list[Any] = field(default_factory=list)
-    tokens: list[list[int]] = field(default_factory=list)  # its teacher-forced top-1 predictions
+    measured: Measured = field(default_factory=Measured)  # top-1, margins and the types' noise
     perplexity: float | None = None
     stop: set[int] = field(default_factory=set)
     n_ctx: int = 512
 
+    @property
+    def tokens(self) -> list[list[int]]:
+        return self.measured.top1
+
     @classmethod
     def build(cls, cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
-              should_stop: Any) -> "Reference":
+              should_stop: Any, kinds: list[str]) -> "Reference":
+        """``kinds``: the types to be judged (their arithmetic is simulated once here)."""
+        from loratui.pipeline.evaluate.runtimes import StopRequested
+
         examples, stop, model = merged_reference(cfg, run, tokenizer, template, events, should_stop)
-        scored = model.scored(examples, None, should_stop)
-        nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
-        return cls(examples, [s[2] for s in scored], math.exp(nll / count) if count else None, stop,
+        try:
+            measured = measure(model, examples, kinds, should_stop)
+        except StopRequested:
+            raise StepCancelled("cancelled while measuring the merged model; nothing was written") from None
+        return cls(examples, measured, math.exp(measured.nll / measured.count) if measured.count else None, stop,
                    max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64))
 
 
 def verify(path: Path, ref: Reference, tokenizer: Any, max_new_tokens: int, should_stop: Any, label: str,
            lora: Path | None = None) -> dict[str, Any]:
     """The figures of one GGUF (with ``lora`` applied, if given) in llama.cpp: agreement, perplexity,
-    replies (do they stop, do they hold the key fact) and decode speed."""
+    replies (do they stop, do they hold the key fact) and decode speed; ``predicted`` is its teacher-forced
+    top-1 at every labelled position."""
     from loratui.pipeline.evaluate import metrics as M
     from loratui.pipeline.evaluate.runtimes import LlamaCppModel, StopRequested
 
     examples = ref.examples
     model = LlamaCppModel(path, name=label, stop_ids=ref.stop, n_ctx=ref.n_ctx, lora=lora)
     try:
-        predicted = model.predictions(examples, should_stop=should_stop)
-        pairs = model.nll(examples, should_stop=should_stop)
+        scored = model.scored(examples, None, should_stop)
+        predicted = [s[2] for s in scored]
         total = sum(len(r) for r in ref.tokens)
         same = sum(a == b for p, r in zip(predicted, ref.tokens) for a, b in zip(p, r))
-        nll, count = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        nll, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
         ppl = M.loss_metrics(nll, count)["perplexity"] if count else None
         prompted = [e for e in examples if e.prompt_ids and e.reference is not None]
         replies = model.generate([e.prompt_ids for e in prompted], max_new_tokens, should_stop=should_stop)
@@ -194,24 +209,33 @@ def verify(path: Path, ref: Reference, tokenizer: Any, max_new_tokens: int, shou
     return {"top1_agreement": same / total if total else None, "perplexity": ppl,
             "delta_perplexity": (ppl - ref.perplexity) if ppl is not None and ref.perplexity is not None else None,
             "replies_stopped": f"{stopped}/{len(replies)}", "decode_tokens_per_s": tokens_per_s,
-            "key_facts": M.mean(facts) if facts else None, "replies": samples}
+            "key_facts": M.mean(facts) if facts else None, "replies": samples, "predicted": predicted}
 
 
 def verify_row(row: GgufRow, path: Path, final_name: str, ref: Reference, tokenizer: Any, cfg: RunConfig,
                events: EventSink, should_stop: Any, lora: Path | None = None,
-               target: float | None = None) -> tuple[GgufRow, list[dict[str, Any]]]:
-    """``row`` with the figures of ``verify``; raises when top-1 agreement is below the type's target."""
+               judged_as: str | None = None) -> tuple[GgufRow, list[dict[str, Any]]]:
+    """``row`` with the figures of ``verify`` and the verdict of the acceptance rule for type ``judged_as``
+    (default: the row's type; ``""``: measured only). A refused file raises :class:`ExportRefused`, with
+    the row on it as ``.row`` (and its replies as ``.replies``)."""
     figures = verify(path, ref, tokenizer, cfg.eval.max_new_tokens, should_stop, row.type, lora)
-    replies = figures.pop("replies")
-    row = GgufRow(**{**asdict(row), **figures})
-    events.metric({k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v is not None},
-                  split=f"gguf:{row.type}")
-    target = TARGETS.get(row.type) if target is None else target
-    if target is not None and (row.top1_agreement or 0.0) < target:
-        raise LoratuiError(
-            f"{final_name}: top-1 agreement with the merged model {row.top1_agreement:.1%} is below "
-            f"the {target:.0%} target for {row.type}; nothing was written",
-            hint=f"The conversion lost accuracy: see the convert logs in {path.parent}, and report it with the model.")
+    replies, predicted = figures.pop("replies"), figures.pop("predicted")
+    kind = row.type if judged_as is None else judged_as
+    verdict = judge(kind, predicted, ref.measured, final_name) if kind else Verdict(row.type, None, reason="measured only")
+    row = GgufRow(**{**asdict(row), **figures, "decided": verdict.decided if verdict.threshold is not None else None,
+                     "decided_agreement": verdict.agreement,
+                     "verdict": ("accepted" if verdict.accepted and not verdict.reason else
+                                 verdict.reason if verdict.accepted else f"refused: {verdict.reason}")})
+    events.metric({k: float(v) for k, v in {**figures, "decided_agreement": verdict.agreement}.items()
+                   if isinstance(v, (int, float)) and v is not None}, split=f"gguf:{row.type}")
+    if verdict.reason.startswith("not judged"):
+        events.log(f"{final_name}: {verdict.reason}", level="warning")
+    if not verdict.accepted:
+        error = ExportRefused(f"{verdict.reason}; it was not written",
+                              hint="The conversion lost accuracy: the convert log beside the other files says what the "
+                                   "converter did; report it with the model.")
+        error.row, error.replies = row, replies  # type: ignore[attr-defined]
+        raise error
     return row, replies
 
 
@@ -273,8 +297,9 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
 
-    ref = Reference.build(cfg, run, tokenizer, template, events, should_stop) if cfg.export.verify else Reference()
+    ref = Reference.build(cfg, run, tokenizer, template, events, should_stop, quants) if cfg.export.verify else Reference()
     rows_info: list[GgufRow] = []
+    refused: list[str] = []
     replies: dict[str, list[dict[str, Any]]] = {}
 
     direct = [q for q in quants if q in DIRECT]
@@ -301,6 +326,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             if fallbacks[q]:
                 events.log(f"{q}: {fallbacks[q]}", level="warning")
             written.append((tmp, out / f"{stem}-{q}.gguf"))
+        passed: list[tuple[Path, Path]] = []
         for tmp, final in written:
             q = final.stem[len(stem) + 1:]
             size = tmp.stat().st_size
@@ -309,9 +335,17 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                           replies_stopped=None, key_facts=None, fallbacks=fallbacks.get(q))
             if cfg.export.verify:
                 step.note(f"verifying {q} in llama.cpp")
-                row, replies[q] = verify_row(row, tmp, final.name, ref, tokenizer, cfg, events, should_stop)
+                try:
+                    row, replies[q] = verify_row(row, tmp, final.name, ref, tokenizer, cfg, events, should_stop)
+                except ExportRefused as e:
+                    row, replies[q] = e.row, e.replies  # type: ignore[attr-defined]
+                    refused.append(f"{q}: {e.message}")
+                    events.log(f"gguf {e.message}", level="warning")
+                    rows_info.append(row)
+                    continue
             rows_info.append(row)
-        for tmp, final in written:
+            passed.append((tmp, final))
+        for tmp, final in passed:
             os.replace(tmp, final)
             events.artifact(final, kind=f"gguf-{final.stem[len(stem) + 1:]}")
             if cfg.export.ollama_modelfile:
@@ -330,7 +364,8 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
               "files": [{**asdict(r), "replies": replies.get(r.type, [])} for r in rows_info]}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_report_section(run, "GGUF (llama.cpp)", gguf_table(rows_info, ref.perplexity, len(ref.examples)))
-    return {"path": str(out), "files": [r.file for r in rows_info], "merged_perplexity": ref.perplexity,
+    return {"path": str(out), "files": [r.file for r in rows_info if not (r.verdict or "").startswith("refused")],
+            "refused": refused, "merged_perplexity": ref.perplexity,
             "rows": [asdict(r) for r in rows_info], "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -338,15 +373,24 @@ def gguf_table(rows: list[GgufRow], ref_ppl: float | None, samples: int) -> list
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
     lines = [f"Verified in llama.cpp on {samples} test rows against the merged model in transformers "
-             f"(perplexity {f(ref_ppl, '.3f')}). Top-1: teacher-forced next-token agreement with it. Key facts: "
-             "greedy replies in llama.cpp that contain the row's key fact (the evaluate step's `contains`).", "",
-             "| type | file | size | bits/weight | perplexity | delta | top-1 | key facts | decode tok/s | replies stop |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"(perplexity {f(ref_ppl, '.3f')}). Top-1: teacher-forced next-token agreement with it. Decided: the "
+             "same on the positions where the merged model leads by more than the type's own rounding can move "
+             "(the acceptance rule: at most 1% may differ there). Key facts: greedy replies in llama.cpp that "
+             "contain the row's key fact (the evaluate step's `contains`).", "",
+             "| type | file | size | bits/weight | perplexity | delta | top-1 | decided | key facts | decode tok/s "
+             "| replies stop |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        decided = "-" if r.decided is None else f"{pct(r.decided_agreement)} of {r.decided}"
         lines.append(f"| {r.type} | {r.file} | {r.bytes / 2**20:.1f} MiB | {r.bits_per_weight:.2f} | "
-                     f"{f(r.perplexity, '.3f')} | {f(r.delta_perplexity, '+.3f')} | "
-                     f"{'-' if r.top1_agreement is None else f'{r.top1_agreement:.1%}'} | {f(r.key_facts, '.3f')} | "
-                     f"{f(r.decode_tokens_per_s, '.1f')} | {r.replies_stopped or '-'} |")
+                     f"{f(r.perplexity, '.3f')} | {f(r.delta_perplexity, '+.3f')} | {pct(r.top1_agreement)} | "
+                     f"{decided} | {f(r.key_facts, '.3f')} | {f(r.decode_tokens_per_s, '.1f')} | "
+                     f"{r.replies_stopped or '-'} |")
     notes = [f"- {r.type}: {r.fallbacks}" for r in rows if r.fallbacks]
+    notes += [f"- {r.type}: **{r.verdict}**" if r.verdict.startswith("refused") else f"- {r.type}: {r.verdict}"
+              for r in rows if r.verdict and r.verdict != "accepted"]
     return lines + ([""] + notes if notes else [])

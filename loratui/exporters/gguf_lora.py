@@ -10,8 +10,8 @@ runs/<name>/exports/gguf/lora-report.json          the verification figures
 * The adapter is converted by ``convert_lora_entry.py`` on llama.cpp's own converter classes (its tensor
   names and row layout); the base by the same converter as the merged GGUF.
 * Verification (``export.verify``): the base with the adapter applied, in llama.cpp, against the
-  merged model in transformers, with the same targets as the merged GGUF of that type; the base alone
-  is measured too, so the table shows what the adapter changes.
+  merged model in transformers, judged by the same acceptance rule as the merged GGUF of that type
+  (``acceptance.py``); the base alone is measured too, so the table shows what the adapter changes.
 * Refused, with the reason: DoRA (llama.cpp has no magnitude vectors), ``modules_to_save`` and trained
   embeddings or biases (not LoRA pairs), stacked adapters (merge those), encoder-decoder models.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.exporters.common import Stages, check_disk, clean_stale, count_params, ensure_merged, write_report_section
-from loratui.exporters.gguf import (TARGETS, GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
+from loratui.exporters.gguf import (GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
                                     run_converter, verify_row)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError
@@ -108,7 +108,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     ref = Reference()
     if cfg.export.verify:
         ensure_merged(cfg, run, events, should_stop)
-        ref = Reference.build(cfg, run, tokenizer, template, events, should_stop)
+        ref = Reference.build(cfg, run, tokenizer, template, events, should_stop, [kind])
 
     step = Stages(events, 4 if cfg.export.verify else 2, "gguf-lora", "stages", should_stop)
 
@@ -137,10 +137,10 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         if cfg.export.verify:
             step("measuring the base alone in llama.cpp")
             base_row, replies["base"] = verify_row(base_row, base_tmp, base_final.name, ref, tokenizer, cfg, events,
-                                                   should_stop, target=0.0)
+                                                   should_stop, judged_as="")
             step("verifying the base + adapter in llama.cpp")
             lora_row, replies["lora"] = verify_row(lora_row, base_tmp, lora_final.name, ref, tokenizer, cfg, events,
-                                                   should_stop, lora=lora_tmp, target=TARGETS[kind])
+                                                   should_stop, lora=lora_tmp, judged_as=kind)
         rows = [base_row, lora_row]
         step.finish("verified" if cfg.export.verify else "written")
         os.replace(base_tmp, base_final)

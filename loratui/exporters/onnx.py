@@ -18,8 +18,10 @@ Both folders load with no loratui code: ``ORTModelForCausalLM.from_pretrained(di
   channel, activations quantized at run time), with the instruction set of this CPU.
 * Verification (``export.verify``): on ``export.verify_samples`` test rows, the largest logit
   difference and the teacher-forced top-1 agreement with the merged model, perplexity, greedy
-  replies (do they stop, do they hold the key fact), decode and scoring speed. fp32 must agree on
-  >= 99.5% of the positions with logits within 1e-3, or the step fails and writes nothing. int8 has
+  replies (do they stop, do they hold the key fact), decode and scoring speed. fp32 must keep every
+  logit within 1e-3 of the merged model's (the same arithmetic in another summation order differs by
+  about 1e-5); otherwise it is refused and nothing of it is written. Its top-1 agreement is reported,
+  not required: within 1e-3 only near-ties can flip, and which way they go depends on the CPU's kernels. int8 has
   no target: its row says what it costs in perplexity and what it saves.
 * Written to temporary folders beside the final ones and renamed after they pass.
 """
@@ -34,17 +36,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, merged_reference,
                                       run_logged, write_report_section)
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.errors import LoratuiError, StepCancelled
+from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
 TASKS = {"causal": "text-generation-with-past", "seq2seq": "text2text-generation-with-past"}
-FP32_TOP1 = 0.995  # minimum teacher-forced top-1 agreement of the fp32 export with the merged model
 FP32_MAX_DIFF = 1e-3  # largest |logit difference| allowed for fp32
 # int8 is "worth it" when it keeps perplexity within this share of the fp32 export's and agrees this often
 INT8_PPL_SHARE, INT8_TOP1 = 0.02, 0.97
@@ -262,7 +263,8 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                               split=f"onnx:{kind}")
                 if kind == "fp32":
-                    _check_fp32(rows[i])
+                    _check_fp32(rows[i], lambda: write_report_section(
+                        run, TITLE, onnx_table(rows[:1], reference_ppl, torch_decode, n_rows)))
                 del candidate
         stage.finish("verified" if cfg.export.verify else "written")
         for kind, folder, final in variants:
@@ -281,12 +283,15 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             "merged_perplexity": reference_ppl, "seconds": round(time.monotonic() - started, 2)}
 
 
-def _check_fp32(row: OnnxRow) -> None:
-    if (row.top1_agreement or 0.0) < FP32_TOP1 or (row.max_abs_logit_diff or 0.0) > FP32_MAX_DIFF:
-        raise LoratuiError(
-            f"the fp32 ONNX export differs from the merged model: top-1 agreement {row.top1_agreement:.2%} "
-            f"(target >= {FP32_TOP1:.1%}), largest logit difference {row.max_abs_logit_diff:.2e} "
-            f"(target < {FP32_MAX_DIFF:.0e}); nothing was written",
+def _check_fp32(row: OnnxRow, report: Callable[[], None]) -> None:
+    """Refuse an fp32 export that does not compute what the merged model computes (``report`` first writes
+    its row, so the refusal keeps its figures)."""
+    if row.max_abs_logit_diff is None or row.max_abs_logit_diff > FP32_MAX_DIFF:
+        report()
+        raise ExportRefused(
+            f"the fp32 ONNX export differs from the merged model: largest logit difference "
+            f"{row.max_abs_logit_diff:.2e} (at most {FP32_MAX_DIFF:.0e}), top-1 agreement {row.top1_agreement:.2%}; "
+            "nothing was written",
             hint="See exports/onnx.log; try another export.onnx_opset, and report it with the model.")
 
 

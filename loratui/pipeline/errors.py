@@ -26,3 +26,8 @@ class ModelNotFound(LoratuiError):
 
 class StepCancelled(Exception):
     """Raised inside a step when ``should_stop()`` turned true; the runner reports it as cancelled."""
+
+
+class ExportRefused(LoratuiError):
+    """An export whose file failed its verification: nothing of it was written. The export step reports it
+    (with its figures) and goes on with the other formats; the run keeps what passed."""

@@ -55,8 +55,10 @@ def test_every_direct_type_and_k_quant_agrees_in_llama_cpp(exported):
     assert list(rows) == ["f32", "f16", "bf16", "q8_0", "q4_k_m"]
     for q, row in rows.items():
         assert (out / row["file"]).is_file() and row["bytes"] == (out / row["file"]).stat().st_size
-        want = {"f32": 0.99, "f16": 0.99, "bf16": 0.99, "q8_0": 0.97}.get(q, 0.9)
-        assert row["top1_agreement"] >= want, (q, row)
+        if q == "q4_k_m":  # measured only: its arithmetic is not simulated
+            assert row["decided"] is None and "not judged" in row["verdict"] and row["top1_agreement"] >= 0.7
+        else:  # judged on the positions the type cannot blur, on whatever CPU runs this
+            assert row["verdict"] == "accepted" and row["decided"] >= 20 and row["decided_agreement"] >= 0.99, (q, row)
         assert row["perplexity"] > 1 and abs(row["delta_perplexity"]) < 0.05 * row["perplexity"]
         assert row["decode_tokens_per_s"] > 0 and row["replies_stopped"].endswith("/6")
     assert rows["f32"]["bytes"] > rows["f16"]["bytes"] > rows["q8_0"]["bytes"]
@@ -215,14 +217,44 @@ def test_another_family_converts_and_agrees_merged_and_as_a_lora(tmp_path, tiny_
     code, result, mem = _step("export", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
     rows = {r["type"]: r for r in result.summary["formats"]["gguf"]["rows"]}
-    assert rows["f16"]["top1_agreement"] >= 0.99 and rows["q8_0"]["top1_agreement"] >= 0.97
+    assert rows["f16"]["verdict"] == rows["q8_0"]["verdict"] == "accepted"
     # no target for 4-bit; on this tiny, barely trained model it measures about 90%
     assert rows["q4_k_m"]["top1_agreement"] >= 0.8 and rows["q4_k_m"]["replies_stopped"].endswith("/6")
     # the adapter as a LoRA GGUF on the qwen2 base agrees with the merged model as well
     lora = result.summary["formats"]["gguf-lora"]["rows"][1]
-    assert lora["type"] == "base f16 + LoRA f16" and lora["top1_agreement"] >= 0.99
+    assert lora["type"] == "base f16 + LoRA f16" and lora["verdict"] == "accepted" and lora["decided"] >= 20
     from loratui.exporters.inspect import summary
 
     assert summary(RunDir.for_config(cfg).exports / "gguf" / "q-f16.gguf")["architecture"] == "qwen2"
     report = json.loads((RunDir.for_config(cfg).exports / "gguf" / "report.json").read_text())
     assert len(report["files"]) == 3 and len(report["files"][0]["replies"]) == 6 and {"reply", "fact", "contains"} <= set(report["files"][0]["replies"][0])
+
+
+def test_a_file_that_lost_the_adapter_is_refused_and_the_others_are_kept(tmp_path, smol, monkeypatch):
+    """A conversion that computes something else (here: the q8_0 file made from the base, without the
+    adapter) picks other tokens where the merged model's choice is clear: it is refused with its figures,
+    not written, and the step still succeeds with the file that passed."""
+    from loratui.exporters import gguf
+
+    cfg = load_config(None, [*_args(tmp_path, smol), "train.max_steps=12", "export.gguf_quants=[f16, q8_0]"])
+    assert _step("train", cfg)[0] == EXIT_OK
+    real = gguf.convert
+
+    def lossy(merged, out, outtype, *args, **kwargs):
+        return real(smol if outtype == "q8_0" else merged, out, outtype, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "convert", lossy)
+    code, result, mem = _step("export", cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    out = RunDir.for_config(cfg).exports / "gguf"
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["g-f16.gguf"]  # nothing of q8_0 under any name
+    assert not list(out.glob(".*"))
+    summary = result.summary
+    (why,) = summary["refused"]["gguf"]
+    assert why.startswith("q8_0: g-q8_0.gguf: picks another token than the merged model at ")
+    rows = {r["type"]: r for r in summary["formats"]["gguf"]["rows"]}
+    assert rows["f16"]["verdict"] == "accepted" and rows["q8_0"]["verdict"].startswith("refused: ")
+    assert rows["q8_0"]["decided_agreement"] < 0.99 and rows["q8_0"]["perplexity"] is not None
+    assert any("refused" in e.message for e in mem.of_type("log") if e.level == "warning")
+    report = (RunDir.for_config(cfg).exports / "report.md").read_text()
+    assert "| q8_0 | g-q8_0.gguf |" in report and "**refused: g-q8_0.gguf: picks another token" in report
