@@ -32,7 +32,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     """What serve and generate run: a run or an artifact, its config, the runtime."""
     p.add_argument("target", nargs="?", default=None,
-                   help="a run directory, a .gguf file, an ONNX export folder or a merged model directory "
+                   help="a run directory, a .gguf file, an ONNX export folder, a merged model directory, a built-in "
+                   "model (`loratui models list`; prepared if needed) or a hub id (org/name) "
                    "(default: serve.artifact, else the run of --config)")
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
     p.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
@@ -61,9 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = csub.add_parser("show", help="print the resolved config as YAML")
     _add_config_args(show)
-    validate = csub.add_parser("validate", help="check a config file; exit 2 with one line per problem")
+    validate = csub.add_parser("validate", help="check a config file and that the local files it names exist; "
+                               "exit 2 with one line per problem",
+                               description="Checks the schema, then that the local files and folders the config "
+                               "names (model.base when a path, data.source, data.val_source, data.test_source, "
+                               "eval.retention_sources, lora.init_from, eval.model, merge.adapter, serve.artifact) "
+                               "exist. Relative paths resolve against the working directory, not the config "
+                               "file's folder.")
     validate.add_argument("file", help="YAML config to check")
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    validate.add_argument("--no-files", action="store_true",
+                          help="check the schema only, not the files (a config meant for another machine)")
     csub.add_parser("reference", help="print the config reference (Markdown) generated from the schema")
 
     models = sub.add_parser("models", help="list or prepare base models")
@@ -208,8 +217,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(path, args.overrides)
     if args.action == "show":
         sys.stdout.write(cfg.to_yaml())
-    else:
-        print(f"{path}: ok")
+        return 0
+    if not args.no_files:
+        from loratui.pipeline.config import ConfigError, check_local_paths
+
+        problems = check_local_paths(cfg, path, args.overrides)
+        if problems:
+            raise ConfigError(problems)
+    print(f"{path}: ok")
     return 0
 
 
@@ -221,13 +236,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
+        cells = [(r["name"] + (" (default)" if r["default"] else ""), r["source"], "yes" if r["prepared"] else "no",
+                  r["path"] or "-") for r in rows]
+        if not _isatty(sys.stdout):  # a pipe or a file: whole paths, one tab-separated line per model
+            for line in [("name", "source", "prepared", "path"), *cells]:
+                print("\t".join(line))
+            return 0
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("name", "source", "prepared", "path")
-        for r in rows:
-            table.add_row(r["name"] + (" (default)" if r["default"] else ""), r["source"],
-                          "yes" if r["prepared"] else "no", r["path"] or "-")
+        table = Table()
+        for column in ("name", "source", "prepared", "path"):  # a narrow terminal wraps names, never cuts them
+            table.add_column(column, overflow="fold")
+        for row in cells:
+            table.add_row(*row)
         Console().print(table)
         return 0
     name = args.name or models.DEFAULT_MODEL
@@ -286,27 +308,39 @@ def _cmd_score(args: argparse.Namespace) -> int:
         progress=progress, should_stop=should_stop, log=lambda m: console.print(m, highlight=False)))
 
 
-def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    """(target path, config, base model directory or None, format) for serve and generate."""
+def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str, str | None]:
+    """(target path, config, base model directory or None, format, the built-in name or hub id the target was
+    resolved from or None) for serve and generate."""
     from pathlib import Path
 
-    from loratui.pipeline.config import load_config
+    from loratui.pipeline.config import BACKEND_FORMAT, load_config
     from loratui.pipeline.runs import RunDir
+    from loratui.serving.select import nothing_to_serve, resolve_target
 
-    target = Path(args.target) if args.target else None
-    config_file = args.config or (str(target / "config.yaml") if target and (target / "config.yaml").is_file() else None)
+    given = Path(args.target).expanduser() if args.target else None
+    config_file = args.config or (str(given / "config.yaml") if given and (given / "config.yaml").is_file() else None)
     cfg = load_config(config_file, [])
-    if target is None:
-        target = Path(cfg.serve.artifact) if cfg.serve.artifact else RunDir.for_config(cfg).path
+    fmt = args.fmt or BACKEND_FORMAT.get(cfg.serve.backend, cfg.serve.backend)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    spec = args.target or cfg.serve.artifact
+    if spec:
+        resolved = resolve_target(spec, fmt, log)
+        target, source = resolved.path, resolved.model
+        if source is not None:
+            log(f"{args.command}: {source} is {target}")
+    else:
+        target, source = RunDir.for_config(cfg).path, None
+        if not target.exists():
+            raise nothing_to_serve(target, config_file)
     base = None
     if (target / "config.yaml").is_file() and not (target / "merged" / "config.json").is_file():
         from loratui.pipeline.models import resolve_model
 
         base = resolve_model(cfg.model.base, revision=cfg.model.revision).path
-    from loratui.pipeline.config import BACKEND_FORMAT
-
-    fmt = args.fmt or BACKEND_FORMAT.get(cfg.serve.backend, cfg.serve.backend)
-    return target, cfg, base, fmt
+    return target, cfg, base, fmt, source
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -316,7 +350,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from loratui.serving.app import Limits
     from loratui.serving.server import ServeOptions, api_key_from, serve
 
-    target, cfg, base, fmt = _serve_target(args)
+    target, cfg, base, fmt, source = _serve_target(args)
     adapters = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
@@ -335,7 +369,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue,
                                       max_upload_bytes=s.max_upload_mb << 20),
                         adapters=adapters or None, jobs=_job_settings(args, cfg, target) if s.fine_tuning else None,
-                        max_loaded_models=s.max_loaded_models)
+                        max_loaded_models=s.max_loaded_models, source=source)
     serve(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
@@ -403,7 +437,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from loratui.serving.select import choose
     from loratui.serving.server import ServeOptions, build_backend
 
-    target, cfg, base, fmt = _serve_target(args)
+    target, cfg, base, fmt, _source = _serve_target(args)
     console = Console(stderr=True)
     choice = choose(target, fmt, torch.cuda.is_available(), base)
     console.print(f"generate: {choice.reason}", highlight=False)
@@ -420,7 +454,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         backend.close()
 
 
+def _need_terminal(config: str | None, overrides: list[str]) -> None:
+    """The TUI reads keys from stdin and draws on stdout: without a terminal on both (a script, a CI log,
+    ``make run < /dev/null``) it cannot work, so say so at once, before textual is imported."""
+    missing = [name for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)) if not _isatty(stream)]
+    if not missing:
+        return
+    import shlex
+
+    from loratui.pipeline.errors import LoratuiError
+
+    run = shlex.join(["loratui", "run", config or "examples/quickstart.yaml", *overrides])
+    raise LoratuiError(f"the terminal UI needs a terminal, but {' and '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not one (a pipe, a file or /dev/null)",
+                       hint=f"Run the steps headless instead: `{run}`; "
+                       "`loratui --help` lists every command.")
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
+
+
 def _cmd_tui(args: argparse.Namespace) -> int:
+    _need_terminal(args.config, args.overrides)
     from loratui.pipeline.config import load_config
     from loratui.tui.app import create_app
 
@@ -431,13 +490,15 @@ def _cmd_tui(args: argparse.Namespace) -> int:
 
 def _cmd_open(args: argparse.Namespace) -> int:
     from loratui.pipeline.errors import LoratuiError
-    from loratui.tui.app import create_app
     from loratui.tui.state import open_run
 
     try:
         path, overrides, cfg = open_run(args.target, args.overrides)
     except FileNotFoundError as e:
         raise LoratuiError(str(e), hint="Give a run folder (runs/<name>) or a config file.") from None
+    _need_terminal(str(path), overrides)
+    from loratui.tui.app import create_app
+
     create_app(cfg, config_path=path, overrides=overrides).run()
     return 0
 

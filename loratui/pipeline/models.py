@@ -204,6 +204,14 @@ def _resolve_hub(spec: str, revision: str | None, download: bool, log: Log | Non
         raise ModelNotFound(f"{spec}: the hub refused the download ({e})", hint="Check the id, and HF_TOKEN for gated models.") from None
 
 
+def is_hub_id(spec: str) -> bool:
+    """``org/name`` as the hub spells ids, and not written like a path (``./x``, ``/x``, ``a/b/c``, ``x.gguf``).
+    Whether it exists locally is the caller's question: a local path wins."""
+    spec = spec.strip()
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    return not looks_like_path and bool(_HUB_ID.match(spec))
+
+
 def resolve_model(spec: str, *, revision: str | None = None, prepare: bool = True, log: Log | None = None) -> ResolvedModel:
     """Turn ``model.base`` into a local HF directory, importing or downloading when ``prepare``.
 
@@ -227,8 +235,7 @@ def resolve_model(spec: str, *, revision: str | None = None, prepare: bool = Tru
             raise ModelNotFound(f"{local}: a file that is not .gguf; expected a model directory or a .gguf file")
         path = ensure_imported(local.resolve(), None, log) if prepare else imported_dir(local.resolve())
         return ResolvedModel(spec, "gguf", path, str(local.resolve()))
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
-    if not looks_like_path and _HUB_ID.match(spec):
+    if is_hub_id(spec):
         return ResolvedModel(spec, "hub", _resolve_hub(spec, revision, prepare, log), spec)
     close = difflib.get_close_matches(spec, list(BUILTINS), n=1, cutoff=0.6)
     hint = f"Did you mean {close[0]!r}?" if close else (

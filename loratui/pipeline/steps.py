@@ -69,8 +69,16 @@ def load_command(step: str, command: str) -> Callable[..., int]:
     return _load(STEP_COMMANDS[step][command])
 
 
+STOPPING_MESSAGE = b"Stopping after the current step and saving a checkpoint... (Ctrl-C again to abort)\n"
+
+
 class StopFlag:
-    """``should_stop`` for a step: set by SIGTERM/SIGINT (in the main thread) or by ``set()``."""
+    """``should_stop`` for a step: set by SIGTERM/SIGINT (in the main thread) or by ``set()``.
+
+    The first Ctrl-C is acknowledged at once with one line on stderr (a step may take a while to reach the
+    next point where it looks at the flag, such as the end of a training step); SIGTERM, what the TUI and
+    the jobs API send, is not.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -94,6 +102,8 @@ class StopFlag:
         def handler(signum: int, _frame: Any) -> None:
             if signum == signal.SIGINT and self():
                 raise KeyboardInterrupt
+            if signum == signal.SIGINT and not os.environ.get(WORKER_ENV):
+                _acknowledge()
             self.set(signum)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -103,6 +113,15 @@ class StopFlag:
                 signal.signal(s, h)
 
         return restore
+
+
+def _acknowledge() -> None:
+    """Say at once that Ctrl-C was heard: a plain write(2) to fd 2 (no buffers, no locks, no rich), which is
+    safe wherever the signal arrived."""
+    try:
+        os.write(2, STOPPING_MESSAGE)
+    except OSError:  # stderr closed: nothing to tell
+        pass
 
 
 def _write_report(cfg: RunConfig, run: RunDir, events: EventSink) -> None:

@@ -4,13 +4,17 @@ A run directory offers several artifacts. With CUDA, PyTorch serves the merged m
 with the run's adapter). On CPU, llama.cpp serves a GGUF when there is one (fastest here: see the
 GGUF benchmark), preferring q8_0 (closest to the merged model), then q4_k_m, then any other; else
 ONNX Runtime serves the fp32 ONNX export; else PyTorch. A path to one artifact (a ``.gguf`` file, an
-ONNX folder, a merged directory, an adapter folder) is served by its own runtime.
+ONNX folder, a merged directory, an adapter folder) is served by its own runtime. A built-in model name
+or a hub id (what ``model.base`` accepts) is resolved first to its local Hugging Face directory
+(:func:`resolve_target`).
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from loratui.pipeline.errors import LoratuiError
 
@@ -24,6 +28,53 @@ class Choice:
     path: Path  # the model (for torch with an adapter: the base directory)
     adapter: Path | None
     reason: str
+
+
+@dataclass
+class Target:
+    path: Path  # what choose() is given: a run directory or one artifact
+    model: str | None = None  # the built-in name or hub id it was resolved from (None: a path as given)
+
+
+def accepted() -> str:
+    """What ``loratui serve`` and ``generate`` take, in words, with the built-in names."""
+    from loratui.pipeline.models import BUILTINS
+
+    return ("a run directory, a .gguf file, an ONNX export folder, a merged model directory, a built-in model "
+            f"({', '.join(BUILTINS)}) or a hub id (org/name)")
+
+
+def resolve_target(spec: str, fmt: str = "auto", log: Callable[[str], None] | None = None) -> Target:
+    """The target named on the command line. An existing path is taken as it is. A built-in model name is
+    prepared as ``loratui models prepare`` does (imported once into the cache) and served from its Hugging
+    Face directory; with ``--format gguf``, the GGUF it ships is served as it is. A hub id is taken from the
+    Hugging Face cache, else downloaded, else fails with the offline error of ``model.base``."""
+    from loratui.pipeline import models
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        return Target(path)
+    name = spec.strip()
+    if name in models.BUILTINS:
+        if fmt == "gguf":
+            return Target(models.builtin_gguf(name), name)
+        return Target(models.resolve_model(name, log=log).path, name)
+    # `runs/x` is spelt like a hub id: when its folder is here, it is a run that is missing, not a model
+    if models.is_hub_id(name) and not path.parent.is_dir():
+        return Target(models.resolve_model(name, log=log).path, name)
+    close = difflib.get_close_matches(name, list(models.BUILTINS), n=1, cutoff=0.6)
+    raise LoratuiError(f"{spec}: no such run directory, file, built-in model or hub id; serve takes {accepted()}",
+                       hint=f"Did you mean {close[0]!r}?" if close else None)
+
+
+def nothing_to_serve(run: Path, config: str | None) -> LoratuiError:
+    """No target on the command line, no serve.artifact, and the config's run is not there."""
+    from loratui.pipeline.models import DEFAULT_MODEL
+
+    return LoratuiError(f"nothing to serve: no target given and no run at {run} (the run of "
+                        f"{config or 'the default config'}); pass {accepted()}",
+                        hint=f"For example: loratui serve runs/<name>, or loratui serve {DEFAULT_MODEL} (a "
+                        "built-in base model), or --config a config whose run exists.")
 
 
 def _ggufs(run: Path) -> list[Path]:

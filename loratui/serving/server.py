@@ -41,11 +41,15 @@ class ServeOptions:
     adapters: dict[str, Path] | None = None  # several adapters on the base, each its own model id (PyTorch)
     jobs: "JobSettings | None" = None  # the fine-tuning API (served_bases is filled in here)
     max_loaded_models: int = 2  # fine-tuned models kept loaded
+    source: str | None = None  # the built-in name or hub id the target was resolved from (select.resolve_target)
 
 
 def served_base(opts: ServeOptions, choice: Choice) -> str | None:
     """What a fine-tuning job that names the served model starts from (its ``model.base``): a run's merged
-    model, a model directory, a GGUF file (imported); None for an ONNX export or a run not merged yet."""
+    model, a model directory, a GGUF file (imported), the built-in name or hub id served; None for an ONNX export
+    or a run not merged yet."""
+    if opts.source is not None:
+        return opts.source
     if (opts.target / "config.yaml").is_file():
         merged = opts.target / "merged"
         return str(merged.resolve()) if (merged / "config.json").is_file() else None
@@ -157,7 +161,7 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
                         "serves them side by side, one model id each")
     else:
         choice = choose(opts.target, opts.fmt, torch.cuda.is_available(), opts.base)
-    model_id = opts.model_id or (opts.target.name if opts.target.is_dir() else opts.target.stem)
+    model_id = opts.model_id or opts.source or (opts.target.name if opts.target.is_dir() else opts.target.stem)
     log(f"serve: {choice.reason}")
     state = ServerState(model_id=model_id, chosen=choice.reason)
     jobs = pool = None

@@ -398,3 +398,79 @@ def test_eval_needs_at_least_one_metric():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["eval.metrics=[]"])
     assert "eval.metrics" in str(e.value)
+
+
+# ---------------------------------------------------------------- check_local_paths (config validate)
+
+
+def _check(tmp_path: Path, text: str, overrides: list[str] | None = None, name: str = "run.yaml"):
+    from loratui.pipeline.config import check_local_paths
+
+    path = tmp_path / "cfgdir" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    cfg = load_config(path, overrides)
+    return {p.field: p for p in check_local_paths(cfg, path, overrides)}
+
+
+def test_local_paths_that_exist_or_are_not_paths_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# a\n")
+    (tmp_path / "t1.jsonl").write_text("{}\n")
+    (tmp_path / "adapter").mkdir()
+    text = ("model:\n  base: HuggingFaceTB/SmolLM2-135M-Instruct\n"  # a hub id: the data step fetches it
+            "data:\n  source: [quickstart, docs/, 't*.jsonl']\n  val_source: t1.jsonl\n"
+            "lora:\n  init_from: adapter\n"
+            "eval:\n  model: runs/quickstart/merged\n  retention_sources: [quickstart-more]\n"  # made by the run
+            "merge:\n  adapter: runs/quickstart/adapter\n")
+    assert _check(tmp_path, text) == {}
+    assert _check(tmp_path, "model:\n  base: smollm2-135m-instruct\n") == {}
+
+
+def test_each_missing_local_path_is_one_problem_with_field_line_and_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    text = ("model:\n  base: ./models/mine.gguf\n"
+            "data:\n  source: [quickstart, nowhere.jsonl, 'x/*.csv', empty]\n  test_source: /abs/test.jsonl\n"
+            "lora:\n  init_from: runs/old/adapter\n"
+            "eval:\n  retention_sources: [old.jsonl]\n"
+            "serve:\n  artifact: exports/model.gguf\n")
+    problems = _check(tmp_path, text)
+    assert set(problems) == {"model.base", "data.source", "data.test_source", "lora.init_from",
+                             "eval.retention_sources", "serve.artifact"}
+    # one problem per missing item of a list; the field and the line of the list item
+    from loratui.pipeline.config import check_local_paths
+
+    cfg_path = tmp_path / "cfgdir" / "run.yaml"
+    sources = [p for p in check_local_paths(load_config(cfg_path), cfg_path) if p.field == "data.source"]
+    assert [p.line for p in sources] == [4, 4, 4]  # a flow list sits on one line
+    assert "'nowhere.jsonl': no such file, folder or bundled dataset" in sources[0].message
+    assert "'x/*.csv': no files match this pattern" in sources[1].message
+    assert "'empty': folder has no data files" in sources[2].message
+    assert f"resolved against the working directory {tmp_path}" in sources[0].message
+    assert "resolved against" not in problems["data.test_source"].message  # absolute: nothing to resolve
+    assert str(problems["model.base"]).startswith(f"{cfg_path}:2: model.base: './models/mine.gguf': ")
+    assert "not a built-in model (smollm2-135m-instruct)" in problems["model.base"].message
+
+
+def test_a_path_relative_to_the_config_file_gets_the_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfgdir" / "data").mkdir(parents=True)
+    (tmp_path / "cfgdir" / "data" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "cfgdir" / "data" / "more.jsonl").write_text("{}\n")
+    problems = _check(tmp_path, "data:\n  source: data/train.jsonl\n  val_source: 'data/m*.jsonl'\n")
+    for field in ("data.source", "data.val_source"):
+        message = problems[field].message
+        assert f"resolved against the working directory {tmp_path}" in message
+        assert (f"it is there relative to the config file ({tmp_path / 'cfgdir'}), but relative paths resolve against "
+                f"the working directory; run from {tmp_path / 'cfgdir'} or use an absolute path") in message
+    monkeypatch.chdir(tmp_path / "cfgdir")
+    assert _check(tmp_path, "data:\n  source: data/train.jsonl\n") == {}
+
+
+def test_a_path_from_an_override_names_the_override(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = _check(tmp_path, "name: r\n", ["merge.adapter=elsewhere/adapter"])
+    assert problems["merge.adapter"].source == "override 'merge.adapter=elsewhere/adapter'"
+    assert problems["merge.adapter"].line is None
