@@ -168,7 +168,10 @@ def run_step(
         except StepCancelled as e:
             result = StepResult(status="cancelled", summary={"reason": str(e) or "cancelled"})
         if result.status == "cancelled":
-            events.cancelled(resume_from=result.resume_from)
+            # say what stopped it: a step that stops by itself without a signal is a bug to chase
+            why = (f"cancelled by {signal.Signals(stop.signal).name}" if stop.signal is not None else
+                   "cancelled (stop requested)" if stop() else f"cancelled by the step: {result.summary.get('reason', '')}")
+            events.cancelled(message=why, resume_from=result.resume_from)
             return EXIT_CANCELLED, result, events
         if fp is not None:
             uptodate.record_done(run, name, fp)

@@ -785,8 +785,10 @@ class JobManager:
         """The job as OpenAI's API shows it, plus loratui's own details under ``loratui``."""
         hyper = self._resolved(job) if job["status"] != "validating_files" else dict(job["hyperparameters"])
         ckpt = self._latest_checkpoint(job) if job["status"] in ("failed", "cancelled") else None
+        error = {**job["error"], "message": self._for_client(job, job["error"].get("message") or "")} \
+            if job["error"] else None
         return {
-            "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"], "error": job["error"],
+            "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"], "error": error,
             "fine_tuned_model": job["fine_tuned_model"], "finished_at": job["finished_at"], "hyperparameters": hyper,
             "model": job["model"], "organization_id": "loratui", "result_files": job.get("result_files", []),
             "seed": job["seed"],
@@ -794,9 +796,24 @@ class JobManager:
             "training_file": job["training_file"], "validation_file": job["validation_file"], "integrations": [],
             "estimated_finish": None, "metadata": job["metadata"],
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-            "loratui": {"run_dir": job["run_dir"], "settings": job["settings"], "base": job["base"],
-                        "started_at": job["started_at"], "resumable_checkpoint": str(ckpt) if ckpt else None},
+            # the run by its folder's name under the server's runs directory: no server path reaches a client
+            "loratui": {"run_dir": Path(job["run_dir"]).name, "settings": job["settings"],
+                        "base": self._for_client(job, job["base"]), "started_at": job["started_at"],
+                        "resumable_checkpoint": ckpt.name if ckpt else None},
         }
+
+    def _for_client(self, job: dict[str, Any], text: str) -> str:
+        """``text`` without the server's paths: the run's own files relative to the run, an uploaded file by
+        the client's name for it, any other absolute path by its last part."""
+        for file_id in (job.get("training_file"), job.get("validation_file")):
+            if file_id:
+                try:
+                    record = self.files.record(file_id)
+                except ApiError:
+                    continue
+                text = text.replace(str(record["path"]), record["filename"])
+        text = text.replace(str(Path(job["run_dir"])) + os.sep, "").replace(str(Path(job["run_dir"])), ".")
+        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.public(self._load(job_id))
@@ -821,14 +838,15 @@ class JobManager:
                 continue
             merged.append((e["t"], len(merged), {"id": f"ftevent-{short}-j{n}", "object": "fine_tuning.job.event",
                                                  "created_at": int(e["t"]), "level": e["level"],
-                                                 "message": e["message"], "data": e.get("data"),
+                                                 "message": self._for_client(job, e["message"]), "data": e.get("data"),
                                                  "type": e.get("type", "message")}))
         for n, event in enumerate(self._run_events(job)):
             if event.type not in _LIVE_OUTPUT_EVENTS or (event.type == "log" and event.level == "debug"):
                 continue
             level, message, kind, data = _describe(event, Path(job["run_dir"]))
             merged.append((event.t, len(merged), {"id": f"ftevent-{short}-r{n}", "object": "fine_tuning.job.event",
-                                                  "created_at": int(event.t), "level": level, "message": message,
+                                                  "created_at": int(event.t), "level": level,
+                                                  "message": self._for_client(job, message),
                                                   "data": data, "type": kind}))
         return [e for _, _, e in sorted(merged, key=lambda x: (x[0], x[1]), reverse=True)]
 
@@ -880,6 +898,9 @@ class JobManager:
                                          "ended: cancel it or delete the file afterwards", param="file_id",
                                          code="file_in_use")
             return self.files.delete(file_id)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"()]+/)+([^\s/'\"()]+)")
 
 
 def _describe(event: Any, run_dir: Path) -> tuple[str, str, str, dict[str, Any] | None]:

@@ -73,17 +73,20 @@ def test_the_export_loads_with_optimum_alone_and_generates_like_pytorch(exported
     assert int8.generate(**ids, max_new_tokens=4, do_sample=False, min_new_tokens=4).shape[1] == ids["input_ids"].shape[1] + 4
 
 
-def test_a_failed_validation_writes_nothing(tmp_path, tiny_llama, monkeypatch):
-    cfg = load_config(None, _args(tmp_path, tiny_llama))
+def test_a_refused_onnx_export_writes_nothing_and_the_step_goes_on(tmp_path, tiny_llama, monkeypatch):
+    cfg = load_config(None, [*_args(tmp_path, tiny_llama), "export.formats=[onnx, safetensors]"])
     code, _, mem = _step("train", cfg)
     assert code == EXIT_OK, [(e.message, e.hint) for e in mem.of_type("error")]
     monkeypatch.setattr("loratui.exporters.onnx.FP32_MAX_DIFF", 0.0)  # no export can meet it
-    code, _, mem = _step("export", cfg)
-    assert code == EXIT_USER
-    (err,) = mem.of_type("error")
-    assert "the fp32 ONNX export differs from the merged model" in err.message and "nothing was written" in err.message
+    code, result, mem = _step("export", cfg)
+    assert code == EXIT_OK and not mem.of_type("error")
+    (why,) = result.summary["refused"]["onnx"]
+    assert "the fp32 ONNX export differs from the merged model" in why and "nothing was written" in why
+    assert any("onnx refused" in e.message for e in mem.of_type("log") if e.level == "warning")
     exports = RunDir.for_config(cfg).exports
     assert not (exports / "onnx").exists() and not list(exports.glob(".*"))
+    assert "| fp32 |" in (exports / "report.md").read_text()  # its figures stay in the report
+    assert (RunDir.for_config(cfg).merged / "config.json").is_file()  # the other format was written
 
 
 def test_cancelled_during_the_export_writes_nothing(tmp_path, tiny_llama):

@@ -299,6 +299,7 @@ def test_signal_cancels_a_running_step(tmp_path, signum):
 
     events = read_events(run_path / "events.jsonl")
     assert events[-1].type == "cancelled"
+    assert events[-1].message == f"cancelled by {signal.Signals(signum).name}"  # what stopped it
     assert events[-1].resume_from == str(saved)
     assert events[-2].type == "checkpoint"
     assert not [e for e in events if e.type in ("done", "error")]

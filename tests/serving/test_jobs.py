@@ -98,8 +98,11 @@ def test_a_job_runs_from_upload_to_chat_and_a_queued_job_cancels(tmp_path, tiny)
         assert done.hyperparameters.n_epochs == 2 and done.hyperparameters.learning_rate_multiplier == 2
         assert done.hyperparameters.batch_size == 16  # resolved: the effective batch it trained with
         assert done.finished_at >= done.created_at and done.error is None
-        run = Path(done.model_extra["loratui"]["run_dir"])
-        assert run.parent == tmp_path / "runs" and (run / "merged" / "config.json").is_file()
+        assert done.model_extra["loratui"]["run_dir"] == f"ft-{short}"  # a name, never a server path
+        shown = json.dumps(done.model_dump()) + "\n".join(_messages(client, job.id))
+        assert str(tmp_path) not in shown and "support.jsonl" in shown  # uploads by the client's name
+        run = tmp_path / "runs" / done.model_extra["loratui"]["run_dir"]
+        assert (run / "merged" / "config.json").is_file()
         assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["r"] == 4  # the loratui extension field
         assert client.fine_tuning.jobs.retrieve(second.id).status == "cancelled"  # never started
         assert not (tmp_path / "runs" / f"ft-{second.id.removeprefix('ftjob-')}").exists()
@@ -251,11 +254,10 @@ def test_cancel_keeps_the_checkpoint_and_resume_finishes_the_job(tmp_path, tiny)
         assert resumed.status == "queued" and resumed.error is None
         done = _wait(client, job.id, lambda j: j.status == "succeeded")
         assert done.fine_tuned_model == f"ft:tiny:long:{job.id.removeprefix('ftjob-')}"
-        run_events = [json.loads(line) for line in (Path(done.model_extra["loratui"]["run_dir"]) / "events.jsonl")
-                      .read_text().splitlines()]
+        run = tmp_path / "runs" / done.model_extra["loratui"]["run_dir"]
+        run_events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
         last_stretch = [e for e in run_events if e["step"] == "train" and e["type"] == "done"][-1]["summary"]["tokens"]
         assert done.trained_tokens > last_stretch  # both stretches of training count
-        run = Path(done.model_extra["loratui"]["run_dir"])
         logs = (run / "events.jsonl").read_text()
         assert f"checkpoint-{step}" in logs and "resum" in logs  # training went on from the kept checkpoint
         assert any("Fine-tuning job resumed" in m for m in _messages(client, job.id))
@@ -306,7 +308,7 @@ def test_a_server_that_dies_keeps_its_jobs_and_the_running_one_resumes(tmp_path,
         queued = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="next")
         running = _wait(client, job.id, lambda j: j.status == "running" and client.fine_tuning.jobs.checkpoints.list(j.id).data)
         pid = json.loads((tmp_path / "jobs" / "jobs" / job.id / "job.json").read_text())["pid"]
-        assert running.model_extra["loratui"]["run_dir"].startswith(str(tmp_path / "runs"))
+        assert (tmp_path / "runs" / running.model_extra["loratui"]["run_dir"]).is_dir()
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait()
