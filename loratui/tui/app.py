@@ -12,17 +12,26 @@
   failed job opens the one error dialog with its message and hint, never a traceback.
 * Reopening a run (``loratui open``, ``o``) shows each step's last state from ``events.jsonl``,
   including a job still running in another process (followed live) or one that died.
+* **Keys**: the single-character keys (``1``-``6``, ``r``, ``o``, ``q`` ...) act only while something has
+  the focus (the step bar, a table, a log): with nothing focused, typing is stray typing and does nothing
+  (they show dimmed in the footer; Esc focuses the step bar). Showing a step focuses the step bar when
+  the focus would otherwise be lost or left in a hidden view. Fields never select their text on focus.
+* **Saving**: ``ctrl+s`` writes the config file named in the title bar: the file the TUI was started
+  with, or, for ``loratui open runs/<name>``, that run's own ``config.yaml`` (said so in the title and
+  the notification); without a file, ``loratui.yaml``. "Save settings as..." (command palette) writes
+  another file and edits that one from then on.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from rich.markup import escape
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -33,7 +42,7 @@ from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import write_config
 from loratui.tui.forms import ConfigForm, FieldEdited, same_value, value_of
 from loratui.tui.jobs import Job, step_command
-from loratui.tui.screens import StepView
+from loratui.tui.screens import StepView, fmt
 from loratui.tui.screens.data import DataView
 from loratui.tui.screens.evaluate import EvaluateView
 from loratui.tui.screens.export import ExportView
@@ -41,7 +50,7 @@ from loratui.tui.screens.merge import MergeView
 from loratui.tui.screens.serve import ServeView, health
 from loratui.tui.screens.train import TrainView
 from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, open_run, recent_runs, remember
-from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, TextDialog
+from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, SaveAsDialog, TextDialog
 
 VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
 # What each step does, for the step bar and the help (one entry per step, in order).
@@ -57,9 +66,18 @@ HELP = """[b]Keys[/b]
   ctrl+p     command palette          Esc    leave a field (keys work again)
   q          quit (asks while a job runs)
 
+The one-character keys act while the step bar (or a table, a log) has the focus; in a field they are
+text, and with nothing focused they do nothing (Esc focuses the step bar, Tab the next field).
+
 Settings are overrides on top of the config file, like `loratui train --config FILE train.lr=1e-4`;
-they are checked as you type and saved with ctrl+s. Jobs run as `loratui <step> --events jsonl`
-subprocesses: switching steps never stops them, and a cancelled training run keeps a checkpoint."""
+they are checked as you type. ctrl+s writes them to the config file named in the title bar: the one
+you started with or, for a run opened from its folder, the run's own config.yaml (without a file:
+loratui.yaml). "Save settings as..." in the command palette writes another file. Jobs run as
+`loratui <step> --events jsonl` subprocesses: switching steps never stops them, and a cancelled
+training run keeps a checkpoint."""
+# The actions of the one-character keys: they act only while something on the main screen has the focus.
+TYPED_KEY_ACTIONS = frozenset({"show_step", "run_step", "resume", "cancel_job", "show_command", "open_run", "pick_data",
+                               "quit_key"})
 
 
 def display_command(argv: list[str]) -> str:
@@ -81,13 +99,14 @@ class LoratuiApp(App[None]):
         Binding("r", "run_step", "Run", id="run"),
         Binding("R", "resume", "Resume", id="resume", show=False),
         Binding("c", "cancel_job", "Cancel", id="cancel"),
-        Binding("ctrl+s", "save", "Save", id="save"),
+        Binding("ctrl+s", "save", "Save", id="save",
+                tooltip="Write the settings to the config file named in the title bar"),
         Binding("exclamation_mark", "show_command", "Command", id="show-command", key_display="!"),
         Binding("o", "open_run", "Open", id="open"),
         Binding("f", "pick_data", "Pick data", id="pick-data", show=False),
         Binding("f1", "help", "Help", id="help"),
         Binding("escape", "leave_field", "Leave field", id="leave-field", show=False),
-        Binding("q", "quit", "Quit", id="quit"),
+        Binding("q", "quit_key", "Quit", id="quit"),  # its own action: ctrl+q ("quit") works with nothing focused
     ]
 
     def __init__(self, cfg: RunConfig, config_path: str | Path | None = None, overrides: list[str] | None = None,
@@ -107,6 +126,7 @@ class LoratuiApp(App[None]):
         self._health: dict[str, Any] | None = None
         self._shown = 0  # events of the job already rendered
         self._reported = True
+        self._hinted = -1e9  # when "nothing has the focus" was last said
         self.state = RunState.load(cfg)
         self._set_subtitle()
 
@@ -132,8 +152,31 @@ class LoratuiApp(App[None]):
         self.set_interval(0.5, self.poll_server)
 
     def _set_subtitle(self) -> None:
+        """The title bar names the file ctrl+s writes."""
         dirty = " (unsaved edits)" if self.edits else ""
-        self.sub_title = f"{self.cfg.name}: {self.config_path or 'default config'}{dirty}"
+        if self.config_path is None:
+            where = f"default config (ctrl+s writes {self.save_path})"
+        elif self.editing_run_config:
+            where = f"{self.config_path} (the run's own config)"
+        else:
+            where = self.config_path
+        self.sub_title = f"{self.cfg.name}: {where}{dirty}"
+
+    @property
+    def save_path(self) -> Path:
+        """The file ctrl+s writes: the config file being edited (``loratui.yaml`` when there is none)."""
+        return Path(self.config_path or "loratui.yaml")
+
+    @property
+    def editing_run_config(self) -> bool:
+        """True when the config file is the run's own copy (``loratui open runs/<name>``), not a file of the
+        user's: saving writes the run's config.yaml."""
+        if self.config_path is None:
+            return False
+        try:
+            return Path(self.config_path).resolve() == self.state.run.config.resolve()
+        except OSError:
+            return False
 
     def _tab_label(self, i: int, step: str) -> str:
         mark = _MARK.get(self.state.steps.get(step, "todo"), "")
@@ -197,11 +240,38 @@ class LoratuiApp(App[None]):
         return step_command(cli_name(step), self.config_path, self.override_args(), extra)
 
     def action_save(self) -> None:
+        """ctrl+s: write the settings to the config file being edited (named in the title bar)."""
+        self.save_to(self.save_path)
+
+    def action_save_as(self) -> None:
+        """Write the settings to another file, and edit that one from then on."""
+        if self._settings_invalid():
+            return
+
+        def chosen(target: str | None) -> None:
+            if not target:
+                return
+            path = Path(target).expanduser()
+            if path.is_dir():
+                path = path / f"{self.cfg.name}.yaml"
+            if path.exists() and (self.config_path is None or path.resolve() != Path(self.config_path).resolve()):
+                self.push_screen(Confirm(f"{path} exists. Replace it?"),
+                                 lambda yes: self.save_to(path) if yes else None)
+            else:
+                self.save_to(path)
+
+        self.push_screen(SaveAsDialog(f"{self.cfg.name}.yaml", self.config_path), chosen)
+
+    def _settings_invalid(self) -> bool:
         if self.problems:  # never write a config that differs from what the form shows
             key, message = next(iter(self.problems.items()))
             self.push_screen(ErrorDialog("Fix the settings first", f"{key}: {message}", "Nothing was saved."))
+            return True
+        return False
+
+    def save_to(self, path: Path) -> None:
+        if self._settings_invalid():
             return
-        path = Path(self.config_path or "loratui.yaml")
         try:
             write_config(path, self.cfg)
         except OSError as e:
@@ -210,7 +280,11 @@ class LoratuiApp(App[None]):
         self.config_path, self.base_overrides, self.edits, self.base_cfg = str(path), [], {}, self.cfg
         remember(path)
         self._set_subtitle()
-        self.notify(f"saved {path}")
+        if self.editing_run_config:
+            self.notify(f"saved the settings to {path}, the run's own config (the file its steps read). To write "
+                        "another file: Save settings as... in the command palette (ctrl+p).", markup=False)
+        else:
+            self.notify(f"saved the settings to {path}", markup=False)
 
     def action_show_command(self) -> None:
         step = self.current_step
@@ -230,6 +304,35 @@ class LoratuiApp(App[None]):
     def action_leave_field(self) -> None:
         self.main.query_one("#stepbar", Tabs).focus()
 
+    async def action_quit_key(self) -> None:
+        """``q``: quit (asking first while a job runs), as ctrl+q."""
+        await self.action_quit()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The one-character keys do nothing while nothing on the main screen has the focus: such typing is
+        meant for a field, not a command (they show dimmed in the footer meanwhile)."""
+        if action in TYPED_KEY_ACTIONS and self.screen_stack and self.screen is self.main \
+                and self.main.focused is None:
+            return None
+        return True
+
+    def on_key(self, event: events.Key) -> None:
+        if event.is_printable and self.screen_stack and self.screen is self.main and self.main.focused is None:
+            now = time.monotonic()
+            if now - self._hinted > 10:  # once for a burst of typing
+                self._hinted = now
+                self.notify("Nothing has the focus, so typed keys do nothing: Esc focuses the step bar "
+                            "(its keys: r, o, q ...), Tab the next field.", markup=False)
+
+    def _focus_shown(self) -> None:
+        """After showing a step: focus the step bar when the focus is lost or in a view no longer shown (typing
+        would go nowhere, or into a hidden field)."""
+        focused = self.main.focused
+        steps = self.main.query_one("#steps", ContentSwitcher)
+        if focused is None or (steps in focused.ancestors and not any(
+                isinstance(a, StepView) and a.id == steps.current for a in focused.ancestors)):
+            self.main.query_one("#stepbar", Tabs).focus()
+
     def action_pick_data(self) -> None:
         """Choose data.source from a file tree; the pick goes into the form like a typed value."""
         self.action_show_step("data")
@@ -238,6 +341,7 @@ class LoratuiApp(App[None]):
             if path:
                 field = (await self._ensure_view("data")).query_one("#f-data--source")
                 field.value = path  # type: ignore[attr-defined]
+                field.cursor_position = len(path)  # type: ignore[attr-defined]  # typing goes on at its end
                 field.focus()
 
         self.push_screen(FilePicker("."), picked)
@@ -279,6 +383,7 @@ class LoratuiApp(App[None]):
         await self._ensure_view(current)
         switcher.current = current
         self.show_state()
+        self._focus_shown()
 
     async def _ensure_view(self, step: str) -> StepView:
         """The step's view, built and mounted the first time it is needed."""
@@ -343,7 +448,7 @@ class LoratuiApp(App[None]):
 
     def start_server(self) -> None:
         if self.server is not None and self.server.running:
-            self.notify(f"the server is already running at {self.server_url}")
+            self.notify(f"the server is already running at {self.server_url}", markup=False)
             return
         if self.state.steps["serve"] == "blocked":
             self.notify(f"Serve {self.state.why_blocked.get('serve', 'is blocked')}", severity="warning")
@@ -397,7 +502,7 @@ class LoratuiApp(App[None]):
             if e.type == "log" and e.level != "debug":
                 log.write(f"{e.level}: {e.message}" if e.level != "info" else e.message)
             elif e.type == "metric":
-                log.write(" ".join(f"{k}={v:.4g}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else ""))
+                log.write(" ".join(f"{k}={fmt(v)}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else ""))
             elif e.type in ("artifact", "checkpoint"):
                 log.write(f"{e.type}: {e.path}")
         step = STEP_OF_EVENT.get(job.step, job.step)
@@ -435,7 +540,8 @@ class LoratuiApp(App[None]):
             bar.update(total=progress.total, progress=progress.current)
         if running and progress is not None:
             self.main.query_one("#job-status", Static).update(
-                f"[b]{step}[/b] {escape(progress.task)}: {progress.current:g}/{progress.total or '?'} {progress.unit}"
+                f"[b]{escape(step)}[/b] {escape(progress.task)}: {progress.current:g}/{progress.total or '?'} "
+                f"{escape(str(progress.unit or ''))}"
                 f"{speed} {escape(progress.message or '')}")
 
     def poll_run(self) -> None:
@@ -496,6 +602,7 @@ class LoratuiApp(App[None]):
             step = event.tab.id.removeprefix("tab-")
             await self._ensure_view(step)
             self.main.query_one("#steps", ContentSwitcher).current = step
+            self._focus_shown()
 
     def action_show_step(self, step: str) -> None:
         self.main.query_one("#stepbar", Tabs).active = f"tab-{step}"
@@ -515,7 +622,9 @@ class LoratuiApp(App[None]):
         yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
         yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)
         yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)
-        yield SystemCommand("Save settings", "write the config file (ctrl+s)", self.action_save)
+        yield SystemCommand("Save settings", f"write {self.save_path} (ctrl+s)", self.action_save)
+        yield SystemCommand("Save settings as...", "write the settings to another config file, and edit that one",
+                            self.action_save_as)
         yield SystemCommand("Show command", "the loratui command line of the shown step (!)", self.action_show_command)
         yield SystemCommand("Pick training data", "choose data.source from a file tree (f)", self.action_pick_data)
         yield SystemCommand("Open a run", "a run folder, a config file or a recent run (o)", self.action_open_run)

@@ -28,6 +28,7 @@ from loratui.pipeline.config import RunConfig, describe_type
 
 # Fields at the top of the config (not in a section) and the step that shows them.
 TOP_LEVEL = ("name", "runs_dir")
+LABEL_WIDTH = 18  # the names column of a form (app.tcss .field-label): a longer name gets a line of its own
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class FieldSpec:
     @property
     def type_text(self) -> str:
         return describe_type(self.annotation, markdown=False)
+
+    @property
+    def name(self) -> str:
+        """The label of its row: the last part of the dotted key."""
+        return self.key.split(".")[-1]
 
     @property
     def widget_id(self) -> str:
@@ -117,7 +123,9 @@ class FieldEdited(Message):
 
 
 class FieldRow(Vertical):
-    """One setting: label and editor on a line, then the validation message (hidden when valid)."""
+    """One setting: label and editor on a line, then the validation message (hidden when valid). A name
+    too long for the names column (and a space after it) goes on a line of its own above the editor,
+    so it never runs into the value."""
 
     def __init__(self, spec: FieldSpec, value: Any) -> None:
         super().__init__(classes="field-row")
@@ -129,8 +137,11 @@ class FieldRow(Vertical):
 
     def compose(self) -> ComposeResult:
         spec, value = self.spec, self.value
+        long_name = len(spec.name) >= LABEL_WIDTH
+        if long_name:
+            yield Static(spec.name, classes="field-label -long", markup=False)
         with Horizontal(classes="field-line"):
-            yield Static(spec.key.split(".")[-1], classes="field-label")
+            yield Static("" if long_name else spec.name, classes="field-label", markup=False)
             if spec.kind == "switch":
                 yield Switch(bool(value), id=spec.widget_id)
             elif spec.kind == "select":
@@ -140,7 +151,8 @@ class FieldRow(Vertical):
                 chosen = {str(v) for v in value or []}
                 yield SelectionList(*((c, c, c in chosen) for c in spec.choices), id=spec.widget_id, compact=True)
             else:
-                yield Input(as_text(value), placeholder=spec.type_text, id=spec.widget_id, compact=True)
+                yield Input(as_text(value), placeholder=spec.type_text, id=spec.widget_id, compact=True,
+                            select_on_focus=False)  # typing after Tab adds at the end instead of replacing it all
         yield Static(escape(spec.description), classes="field-help")
         yield Static("", classes="field-error")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.markup import escape
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -25,7 +26,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
-            yield Static(self.question, classes="dialog-text")
+            yield Static(self.question, classes="dialog-text", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Yes (y)", id="yes", variant="warning")
                 yield Button("No (n)", id="no")
@@ -90,10 +91,10 @@ class OpenDialog(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box wide-box"):
             yield Static("[b]Open a run[/b]: a run folder or a config file", classes="dialog-title")
-            yield Input(placeholder="runs/my-run  or  my-run.yaml", id="open-path")
+            yield Input(placeholder="runs/my-run  or  my-run.yaml", id="open-path", select_on_focus=False)
             yield Static("Recent" if self.recent else "No recent runs yet.", classes="dialog-hint")
             if self.recent:
-                yield OptionList(*(Option(p, id=p) for p in self.recent), id="open-recent")
+                yield OptionList(*(Option(Text(p), id=p) for p in self.recent), id="open-recent")  # paths, not markup
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.value.strip():
@@ -101,6 +102,27 @@ class OpenDialog(ModalScreen[str | None]):
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
+
+
+class SaveAsDialog(ModalScreen[str | None]):
+    """Save the settings as another config file: type its path (Enter saves, Escape cancels)."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="save-as-close")]
+
+    def __init__(self, suggestion: str, current: str | None) -> None:
+        super().__init__(classes="dialog")
+        self.suggestion, self.current = suggestion, current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-box wide-box"):
+            yield Static("[b]Save settings as[/b]: a config file (Enter saves, Esc cancels)", classes="dialog-title")
+            yield Input(self.suggestion, placeholder="my-run.yaml", id="save-as-path", select_on_focus=False)
+            yield Static(f"Now editing: {self.current}" if self.current else "Now editing: no config file yet",
+                         classes="dialog-hint", markup=False)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.dismiss(event.value.strip())
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")

@@ -65,9 +65,9 @@ async def test_every_view_renders_a_finished_run(tmp_path):
         assert _cells(app, "data-files")[0][:4] == ["train.jsonl", "train", "3", "qa"]
         problems = _cells(app, "data-problems")
         assert [(r[1], r[2], r[3]) for r in problems] == [("2", "missing_field", "answer"), ("3", "empty_field", "answer")]
-        assert _cells(app, "data-lengths") == [["train", "1", "24", "24.0", "24.0", "24", "24"]]
+        assert _cells(app, "data-lengths") == [["train", "1", "24", "24", "24", "24", "24"]]
         preview = app.query_one("#data-preview", Static).render()
-        assert "At 14 Tannery Row" in str(preview) and "⟦" not in str(preview)
+        assert "⟦At 14 Tannery Row, Ostervale.<|im_end|>⟧" in str(preview)  # the markers of preview.txt kept
         assert any("reverse" in str(span.style) for span in preview.spans)
         # jump to a problem row: the raw line of the file shows
         table = app.query_one("#data-problems", DataTable)
@@ -90,8 +90,9 @@ async def test_every_view_renders_a_finished_run(tmp_path):
         assert "parity passed" in _text(app.query_one("#merge-summary"))
         await pilot.press("5")
         rows = _cells(app, "export-table")
-        assert [r[:4] for r in rows] == [["gguf", "q8_0", "demo-q8_0.gguf", "144.8 MB"],
-                                         ["gguf", "q4_k_m", "demo-q4_k_m.gguf", "105.5 MB"]]
+        # the file (wrapped to the width left), its format and type under it, then the size as the report gives it
+        assert [("".join(r[0].splitlines()[:-1]), r[0].splitlines()[-1], r[1]) for r in rows] == \
+            [("demo-q8_0.gguf", "gguf q8_0", "138.1 MiB"), ("demo-q4_k_m.gguf", "gguf q4_k_m", "100.6 MiB")]
 
 
 def test_every_step_has_a_view():

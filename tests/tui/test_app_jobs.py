@@ -183,13 +183,16 @@ async def test_serve_starts_the_server_chats_with_it_streaming_and_stops_it(tmp_
         await pilot.press(*"hello", "enter")
         log = app.query_one("#chat-log", RichLog)
         await _until(pilot, lambda: any("heard" in str(line.text) for line in log.lines))
-        await pilot.press(*"again", "enter")
-        await _until(pilot, lambda: any("(3 messages)" in str(line.text) for line in log.lines))
         assert any("fake-model heard: hello (1 messages)" in str(line.text) for line in log.lines)
+        await pilot.press(*"alone", "enter")  # by default each question goes alone
+        await _until(pilot, lambda: any("alone (1 messages)" in str(line.text) for line in log.lines))
+        app.query_one("#chat-keep-history").value = True  # then the conversation goes with it
+        await pilot.press(*"again", "enter")
+        await _until(pilot, lambda: any("again (5 messages)" in str(line.text) for line in log.lines))
         await pilot.press(*"fail", "enter")  # a failed answer takes its question back out of the history
         await _until(pilot, lambda: any("no answer" in str(line.text) for line in log.lines))
         await pilot.press(*"more", "enter")
-        await _until(pilot, lambda: any("more (5 messages)" in str(line.text) for line in log.lines))
+        await _until(pilot, lambda: any("more (7 messages)" in str(line.text) for line in log.lines))
         await pilot.press("escape", "c")  # stop
         await _until(pilot, lambda: app.server is None and "stopped" in text("#serve-status"))
         assert not _alive(server.pid)

@@ -4,9 +4,11 @@ they never own a job (the App does), so switching steps never stops one."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.markup import escape
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
@@ -26,28 +28,57 @@ def table(widget_id: str, *columns: str) -> DataTable:
 
 
 def fill(t: DataTable, rows: list[tuple[Any, ...]]) -> None:
+    """Replace the rows of a result table: numbers through :func:`fmt`, strings as plain text (escaped: a
+    string cell is markup), :class:`~rich.text.Text` as it is (several lines make a taller row)."""
     t.clear()
     for row in rows:
-        t.add_row(*(escape(str(c)) for c in row))
+        cells = [c if isinstance(c, Text) else cell(c) for c in row]  # Text: already styled, not markup
+        t.add_row(*cells, height=max(len(str(c).splitlines()) or 1 for c in cells))
     t.display = bool(rows)
 
 
+def cell(value: Any) -> str:
+    """A value as markup for a table cell or a summary line: a number through :func:`fmt`, anything else as
+    plain text (escaped)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return fmt(value)
+    return escape(str(value))
+
+
 def fmt(value: Any, digits: int = 4) -> str:
+    """A number for display (every number the views show goes through here): integers as integers, floats
+    to ``digits`` significant digits without binary noise (62.69999999999999 -> 62.7, 24.0 -> 24), no
+    exponent from 1e-4 up (12345.6 -> 12346); None -> ``-``."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) >= 10 ** digits:
+        return f"{value:.0f}"
+    text = f"{value:.{digits}g}"
+    return "0" if text == "-0" else text
+
+
+def percent(value: Any, digits: int = 1) -> str:
+    """A fraction (0..1) as a percentage, as the run report shows it: 1 -> 100.0%, 0.9843 -> 98.4%."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{value:.{digits}%}"
 
 
 def size(n: Any) -> str:
-    if not isinstance(n, (int, float)):
+    """Bytes in binary units, as the run report (exports/report.md) gives them: MiB = 2**20 bytes."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    if n < 2**10:
+        return f"{n:.0f} B"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 class StepView(Vertical):

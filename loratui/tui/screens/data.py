@@ -10,18 +10,23 @@ from rich.markup import escape
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, fill, table
+from loratui.tui.screens import StepView, cell, fill, table
 from loratui.tui.state import RunState
 
 _TRAINED = re.compile(r"⟦(.*?)⟧", re.S)
+_FIRST_EXAMPLE = re.compile(r"^── example ", re.M)
 
 
 def highlight_trained(preview: str) -> str:
-    """The preview as markup: trained tokens (between ⟦ and ⟧) in reverse video, the rest as is."""
-    out, at = [], 0
-    for m in _TRAINED.finditer(preview):
+    """The preview as markup, every character of it shown: in the examples, trained tokens (between ⟦ and
+    ⟧, the markers kept as in preview.txt) in reverse video. The text before the first example (the header
+    that explains the markers) is left as it is: its "⟦ and ⟧" are not trained tokens."""
+    first = _FIRST_EXAMPLE.search(preview)
+    start = first.start() if first else len(preview)
+    out, at = [escape(preview[:start])], start
+    for m in _TRAINED.finditer(preview, start):
         out.append(escape(preview[at:m.start()]))
-        out.append(f"[reverse]{escape(m.group(1))}[/reverse]")
+        out.append(f"[dim]⟦[/dim][reverse]{escape(m.group(1))}[/reverse][dim]⟧[/dim]")
         at = m.end()
     out.append(escape(preview[at:]))
     return "".join(out)
@@ -66,11 +71,12 @@ class DataView(StepView):
             return
         rows, splits = report.get("rows", {}), report.get("splits", {})
         summary.update(
-            f"[b]{rows.get('read', 0)}[/b] rows read, [b]{rows.get('kept', 0)}[/b] kept, "
-            f"{rows.get('dropped', 0)} dropped, {rows.get('truncated', 0)} truncated; "
-            f"train {splits.get('train', 0)} / validation {splits.get('validation', 0)} / test {splits.get('test', 0)}; "
-            f"task {escape(str(report.get('task')))}, template {escape(str(report.get('template')))}, "
-            f"max_length {report.get('max_length')} ({escape(str(report.get('max_length_source')))})"
+            f"[b]{cell(rows.get('read', 0))}[/b] rows read, [b]{cell(rows.get('kept', 0))}[/b] kept, "
+            f"{cell(rows.get('dropped', 0))} dropped, {cell(rows.get('truncated', 0))} truncated; "
+            f"train {cell(splits.get('train', 0))} / validation {cell(splits.get('validation', 0))} / "
+            f"test {cell(splits.get('test', 0))}; task {cell(report.get('task'))}, "
+            f"template {cell(report.get('template'))}, "
+            f"max_length {cell(report.get('max_length'))} ({cell(report.get('max_length_source'))})"
             + (f"; column mapping {escape(str(state.cfg.data.columns))}" if state.cfg.data.columns else ""))
         fill(self.query_one("#data-files", DataTable),
              [(Path(f.get("path", "?")).name, f.get("split", ""), f.get("rows", ""), f.get("format", ""), f.get("reason", ""),
@@ -97,4 +103,4 @@ class DataView(StepView):
             row = p.get("row")
             raw = read_row(p["file"], int(row)) if isinstance(row, int) and p.get("file") else "(no row number)"
             self.query_one("#data-row", Static).update(
-                f"[b]{escape(Path(p.get('file', '?')).name)}:{row}[/b]  {escape(raw)}")
+                f"[b]{escape(Path(p.get('file', '?')).name)}:{cell(row)}[/b]  {escape(raw)}")

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, fill, fmt, table
+from loratui.tui.screens import StepView, cell, fill, fmt, table
 from loratui.tui.state import RunState
 
 
@@ -34,9 +34,12 @@ class EvaluateView(StepView):
                     b, t = base.get(name), tuned.get(name)
                     delta = ds.get("delta", {}).get(name)
                     rows.append((ds.get("name", "?"), name, fmt(b), fmt(t), fmt(delta) if delta is not None else "-"))
+            decoding = metrics.get("decoding") or {}
+            settings = (", ".join(f"{escape(str(k))} {cell(v)}" for k, v in decoding.items())
+                        if isinstance(decoding, dict) else cell(decoding))
             self.query_one("#eval-summary", Static).update(
-                f"{escape(str(metrics.get('target', {}).get('path', '')))} on {metrics.get('device', '?')}, "
-                f"{escape(json.dumps(metrics.get('decoding', {})))}")
+                f"{escape(str(metrics.get('target', {}).get('path', '')))} on {escape(str(metrics.get('device', '?')))}"
+                + (f"; decoding: {settings}" if settings else ""))
         else:
             self.query_one("#eval-summary", Static).update("No evaluation yet.")
         fill(self.query_one("#eval-metrics", DataTable), rows)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import textwrap
+from typing import Any
+
+from rich.markup import escape
+from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, fill, fmt, size, table
+from loratui.tui.screens import StepView, fill, fmt, percent, size, table
 from loratui.tui.state import RunState
+
+# The columns after the first, as the run report (exports/report.md) gives them: binary sizes, the
+# perplexity change with its sign, top-1 agreement as a percentage, key facts as a share of 1 (a mean).
+HEADERS = ("file / type", "size", "Δ ppl", "top-1", "tok/s", "facts")
+
+
+def _signed(value: Any) -> str:
+    """A change with its sign: +0.022, -0.0003."""
+    return fmt(value, 2) if not isinstance(value, (int, float)) or value <= 0 else "+" + fmt(value, 2)
 
 
 class ExportView(StepView):
@@ -15,18 +30,42 @@ class ExportView(StepView):
 
     def compose_results(self) -> ComposeResult:
         yield Static("No exports yet.", id="export-summary")
-        yield table("export-table", "format", "type", "file", "size", "Δ ppl", "top-1", "tokens/s", "facts")
+        yield table("export-table", *HEADERS)
 
     def show_results(self, state: RunState) -> None:
-        rows = []
+        self._files: list[tuple[str, str, tuple[str, ...]]] = []  # (file, "format type", the other cells)
         for report in sorted(state.run.exports.glob("*/report.json")):
             data = state.report(str(report.relative_to(state.run.path)))
             if not isinstance(data, dict):
                 continue
             for f in data.get("files", []):
-                rows.append((report.parent.name, f.get("type", "?"), f.get("file") or f.get("folder") or "-",
-                             size(f.get("bytes")), fmt(f.get("delta_perplexity"), 3), fmt(f.get("top1_agreement"), 4),
-                             fmt(f.get("decode_tokens_per_s"), 3), fmt(f.get("key_facts"), 3)))
-        fill(self.query_one("#export-table", DataTable), rows)
+                self._files.append((str(f.get("file") or f.get("folder") or "-"),
+                                    f"{report.parent.name} {f.get('type', '?')}",
+                                    (size(f.get("bytes")), _signed(f.get("delta_perplexity")),
+                                     percent(f.get("top1_agreement")), fmt(f.get("decode_tokens_per_s"), 3),
+                                     fmt(f.get("key_facts"), 3))))
+        self._fill()
         self.query_one("#export-summary", Static).update(
-            f"{len(rows)} verified file(s) in {state.run.exports}" if rows else "No exports yet.")
+            f"{len(self._files)} verified file(s) in {escape(str(state.run.exports))}" if self._files
+            else "No exports yet.")
+
+    def _fill(self) -> None:
+        """The rows, the first column wrapped to what the other columns leave of the results pane: every
+        column shows without scrolling sideways (a file name takes more lines instead)."""
+        files = getattr(self, "_files", [])
+        others = sum(max(len(HEADERS[i + 1]), *(len(c[i]) for _, _, c in files)) + 2 for i in range(len(HEADERS) - 1)) \
+            if files else 0
+        pane = self.query_one(f"#{self.STEP}-results").scrollable_content_region.width
+        width = max(10, pane - others - 2) if pane else 24  # 2: the padding of the column
+        rows = []
+        for file, kind, cells in files:
+            name = "\n".join(textwrap.wrap(file, width, break_on_hyphens=False) or ["-"])
+            label = "\n".join(textwrap.wrap(kind, width) or ["-"])
+            rows.append((Text(name) + Text("\n") + Text(label, style="dim"), *cells))
+        t = self.query_one("#export-table", DataTable)
+        t.clear(columns=True)  # columns keep their widest width otherwise
+        t.add_columns(*HEADERS)
+        fill(t, rows)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.call_after_refresh(self._fill)

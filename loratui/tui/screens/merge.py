@@ -6,7 +6,7 @@ from rich.markup import escape
 from textual.app import ComposeResult
 from textual.widgets import Static
 
-from loratui.tui.screens import StepView, fmt, size
+from loratui.tui.screens import StepView, cell, percent, size
 from loratui.tui.state import RunState
 
 
@@ -28,6 +28,7 @@ class MergeView(StepView):
         verdict = ("[green]passed[/green]" if parity.get("passed") else "[red]failed[/red]") if parity else "not run"
         out.update(
             f"[b]{escape(str(state.run.merged))}[/b]  {size(total)} of safetensors, {escape(str(record.get('dtype')))}\n"
-            f"base {escape(str(record.get('base')))} + adapter version {record.get('version', '?')}\n"
-            f"parity {verdict}: max |logit diff| {fmt(parity.get('max_abs_diff'))} (tolerance {fmt(parity.get('tolerance'))}), "
-            f"top-1 agreement {fmt(parity.get('top1_agreement'))} over {parity.get('positions', '?')} positions")
+            f"base {escape(str(record.get('base')))} + adapter version {cell(record.get('version', '?'))}\n"
+            f"parity {verdict}: max |logit diff| {cell(parity.get('max_abs_diff'))} "
+            f"(tolerance {cell(parity.get('tolerance'))}), top-1 agreement {percent(parity.get('top1_agreement'))} "
+            f"over {cell(parity.get('positions', '?'))} positions")

@@ -6,7 +6,7 @@ from rich.markup import escape
 from textual.app import ComposeResult
 from textual.widgets import Static
 
-from loratui.tui.screens import StepView, fmt
+from loratui.tui.screens import StepView, cell
 from loratui.tui.state import RunState
 from loratui.tui.widgets import LossChart
 
@@ -26,9 +26,9 @@ class TrainView(StepView):
         lines = []
         if last is not None and last.summary:
             s = last.summary
-            lines.append(f"last run: {s.get('steps', '?')} steps, train loss {fmt(s.get('train_loss'))}, "
-                         f"eval loss {fmt(s.get('eval_loss'))}, {fmt(s.get('tokens_per_s'))} tokens/s, "
-                         f"{fmt(s.get('seconds'))} s; adapter version {s.get('version', '?')}")
+            lines.append(f"last run: {cell(s.get('steps', '?'))} steps, train loss {cell(s.get('train_loss'))}, "
+                         f"eval loss {cell(s.get('eval_loss'))}, {cell(s.get('tokens_per_s'))} tokens/s, "
+                         f"{cell(s.get('seconds'))} s; adapter version {cell(s.get('version', '?'))}")
         checkpoints = sorted(state.run.checkpoints.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime) \
             if state.run.checkpoints.is_dir() else []
         if checkpoints:
