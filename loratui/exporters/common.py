@@ -61,16 +61,21 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any,
                            hint=f"The full output is in {log}.")
 
 
-def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> None:
-    from loratui.pipeline.merge.step import merge
-    from loratui.pipeline.train.history import current_version
+def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+    """``merged/`` for the adapter the config merges; returns the merge's summary.
 
-    record = run.merged / "loratui-merge.json"
-    current = current_version(run)
-    merged_version = json.loads(record.read_text()).get("version") if record.is_file() else None
-    if not (run.merged / "config.json").is_file() or (current and merged_version != current["version"] and not cfg.merge.adapter):
-        events.log("export: merging the current adapter first")
-        merge(cfg, run, EventSink("merge", events.writers), should_stop)
+    Reused as it is when it is complete and was made from the same adapter weights with the same merge
+    settings (its ``loratui-merge.json`` says so); merged again when the adapter changed (a new version, a
+    rollback), a setting changed, or ``merged/`` is missing or incomplete.
+    """
+    from loratui.pipeline.merge.step import current_merge, merge, reused_summary
+
+    record, why = current_merge(cfg, run)
+    if record is not None:
+        events.log(f"export: {why}; not merging again")
+        return reused_summary(run, record)
+    events.log(f"export: merging the current adapter first ({why})")
+    return merge(cfg, run, EventSink("merge", events.writers), should_stop)
 
 
 def count_params(merged: Path) -> int:

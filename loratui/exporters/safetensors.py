@@ -1,7 +1,9 @@
 """Merged safetensors: the merge step under its format name (``loratui export --format safetensors``).
 
 Writes ``runs/<name>/merged/`` (sharded safetensors, tokenizer, chat template, generation config,
-model card), verified in transformers by the merge's parity check.
+model card), verified in transformers by the merge's parity check. A ``merged/`` that is current (made
+from the same adapter with the same merge settings, every file in place) is kept as it is: right after
+the merge step, exporting it costs nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,6 @@ from loratui.pipeline.runs import RunDir
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
-    from loratui.pipeline.merge.step import merge
+    from loratui.exporters.common import ensure_merged
 
-    return merge(cfg, run, events, should_stop)
+    return ensure_merged(cfg, run, events, should_stop)

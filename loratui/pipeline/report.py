@@ -65,9 +65,17 @@ def _train_section(run: RunDir) -> list[str]:
              f"{_num(v.get('effective_batch'))}, {_num(m.get('tokens_per_s'))} tokens/s. Training loss "
              f"{_num(m.get('train_loss_first'))} -> {_num(m.get('train_loss_last'))}, best validation loss "
              f"{_num(m.get('eval_loss_best'))}.", ""]
-    if (run.path / _PLOTS[0][0]).is_file():
+    if (run.path / _PLOTS[0][0]).is_file() and _evaluated_version(run) in (None, v.get("version")):
         lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
     return lines
+
+
+def _evaluated_version(run: RunDir) -> Any:
+    """The adapter version whose curve eval/plots/loss.png shows (None when eval did not say): a plot of another
+    version (before a rollback, or a re-train not evaluated yet) is left out of the training section."""
+    metrics = _json(run.eval / "metrics.json")
+    target = metrics.get("target") if isinstance(metrics, dict) else None
+    return target.get("version") if isinstance(target, dict) else None
 
 
 def _eval_section(run: RunDir) -> list[str]:
@@ -142,10 +150,21 @@ def _usage_section(cfg: RunConfig, run: RunDir) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _label(source: Any) -> str:
+    return ", ".join(map(str, source)) if isinstance(source, list) else str(source)
+
+
+def _data_sources(cfg: RunConfig) -> str:
+    """The training data, and the validation and test files when they are separate ones."""
+    d = cfg.data
+    own = [(split, value) for split, value in (("validation", d.val_source), ("test", d.test_source)) if value]
+    return f"data `{_label(d.source)}`" + "".join(f", {split} `{_label(value)}`" for split, value in own)
+
+
 def render_markdown(cfg: RunConfig, run: RunDir) -> str:
     head = [f"# Run `{cfg.name}`", "",
             f"Base model `{cfg.model.base}`, {cfg.lora.method} rank {cfg.lora.r} on {cfg.lora.target_modules}, "
-            f"data `{cfg.data.source}`. Config: [config.yaml](config.yaml); every event: [events.jsonl](events.jsonl).", ""]
+            f"{_data_sources(cfg)}. Config: [config.yaml](config.yaml); every event: [events.jsonl](events.jsonl).", ""]
     parts = [_data_section(run), _train_section(run), _eval_section(run), _export_section(run), _usage_section(cfg, run)]
     return "\n".join(head + [line for part in parts for line in part]).rstrip() + "\n"
 

@@ -25,6 +25,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.events import read_events
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import STEP_OUTPUTS, RunDir, atomic_write_text
+from loratui.pipeline.train.history import curve_points, load_curve
 
 Status = Literal["todo", "done", "running", "failed", "cancelled", "interrupted", "blocked"]
 
@@ -107,7 +108,7 @@ class RunState:
                 why[step] = f"needs {need[0]}"
             else:
                 steps[step] = "todo"
-        train, evals = loss_curves(events)
+        train, evals = loss_curves(events, run)
         return cls(cfg, run, steps, why, last, train, evals, events)
 
     def report(self, name: str) -> Any:
@@ -147,21 +148,39 @@ def last_runs(events: list[Any]) -> dict[str, LastRun]:
     return runs
 
 
-def loss_curves(events: list[Any]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, loss) of the last training invocation: train loss and eval loss."""
-    train: list[tuple[int, float]] = []
-    evals: list[tuple[int, float]] = []
+def loss_curves(events: list[Any],
+                run: RunDir | None = None) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) points, train and eval, of the training the run shows, in step order.
+
+    While a training invocation is going, or when it stopped without an adapter (cancelled, failed,
+    killed): its own points, after a resume preceded by the curve up to the checkpoint it resumed from
+    (its ``resuming from`` event carries it, from the checkpoint's ``trainer_state.json``). Once a
+    training finished, and with ``run``: the whole curve saved with the current adapter version
+    (``adapters/vN/loss_history.json``, the same curve the report and the evaluate step's plot show),
+    so a rollback shows its own version's curve and never one mixed with another version's.
+    """
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    started = ended = finished = False
     for e in events:
         if e.step != "train":
             continue
         if e.type == "log" and e.level == "debug" and e.message.startswith("train: run "):
-            train, evals = [], []
+            train, evals, started, ended, finished = {}, {}, True, False, False
+        elif e.type == "log" and getattr(e, "curve", None) is not None:  # resumed: the steps before it
+            train, evals = curve_points(e.curve)
         elif e.type == "metric" and e.at is not None:
             if "loss" in e.values:
-                train.append((e.at, e.values["loss"]))
+                train[e.at] = e.values["loss"]
             if "eval_loss" in e.values:
-                evals.append((e.at, e.values["eval_loss"]))
-    return train, evals
+                evals[e.at] = e.values["eval_loss"]
+        elif e.type in ("done", "error", "cancelled"):
+            ended, finished = True, e.type == "done"
+    if run is not None and (finished or not started or (ended and not train and not evals)):
+        saved = load_curve(run.adapter)
+        if saved is not None:
+            train, evals = saved
+    return sorted(train.items()), sorted(evals.items())
 
 
 # ------------------------------------------------------------------------------------ recent runs

@@ -45,3 +45,31 @@ def test_sections_follow_the_artifacts_and_plots_are_embedded_in_the_html(tmp_pa
     page = (run.path / "report.html").read_text()
     assert 'src="data:image/png;base64,' in page and "metrics.png" not in page
     assert "<td>contains</td>" in page
+
+
+def test_the_header_names_separate_validation_and_test_files(tmp_path):
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r", "data.source=train.jsonl",
+                             "data.val_source=val.jsonl", "data.test_source=test.jsonl"])
+    run = RunDir.for_config(cfg).create(cfg)
+    assert "data `train.jsonl`, validation `val.jsonl`, test `test.jsonl`." in render_markdown(cfg, run)
+
+
+def test_the_training_section_shows_the_loss_plot_only_of_the_current_version(tmp_path):
+    cfg, run = _run(tmp_path)
+    (run.path / "adapters").mkdir()
+    versions = [{"version": v, "mode": "fresh", "method": "lora", "r": 8, "alpha": 16, "steps": 10, "lr": 1e-3,
+                 "effective_batch": 16, "metrics": {"train_loss_first": 3.0 + v, "train_loss_last": 1.0}}
+                for v in (1, 2)]
+
+    def current(version):
+        (run.path / "adapters" / "history.json").write_text(json.dumps({"current": version, "versions": versions}))
+
+    (run.eval / "plots").mkdir(parents=True)
+    (run.eval / "plots" / "loss.png").write_bytes(PNG)
+    (run.eval / "metrics.json").write_text(json.dumps({"target": {"kind": "adapter", "version": 2}, "datasets": []}))
+    current(2)
+    text = render_markdown(cfg, run)
+    assert "Adapter version 2" in text and "Training loss 5 -> 1" in text and "eval/plots/loss.png" in text
+    current(1)  # rolled back: the plot (of v2's training) is not v1's curve
+    text = render_markdown(cfg, run)
+    assert "Adapter version 1" in text and "Training loss 4 -> 1" in text and "eval/plots/loss.png" not in text

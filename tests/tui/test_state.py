@@ -113,3 +113,41 @@ def test_loratui_open_with_a_bad_target_is_a_clean_error(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 2 and "no such run directory or config file" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_loss_chart_spans_a_resume_and_shows_the_current_versions_curve(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from loratui.pipeline.events import parse_event
+    from loratui.tui.state import loss_curves
+
+    def ev(kind, **fields):
+        return parse_event({"step": "train", "type": kind, **fields})
+
+    def start():
+        return ev("log", level="debug", message="train: run x in runs/x", pid=999_999_999)
+
+    def loss(at, value):
+        return ev("metric", at=at, split="train", values={"loss": value})
+
+    cancelled = [start(), *(loss(s, 5.0 - s / 10) for s in range(1, 6)), ev("cancelled")]
+    curve = {"train": [[1, 4.9], [2, 4.8], [3, 4.7]], "eval": [[3, 4.5]]}  # checkpoint-3's log_history
+    resumed = [start(), ev("log", message="resuming from runs/x/checkpoints/checkpoint-3", curve=curve),
+               loss(4, 4.55), loss(5, 4.45), ev("metric", at=5, split="validation", values={"eval_loss": 4.4})]
+    # while the resumed run goes: the steps before the checkpoint, then its own (step 4 and 5 as redone)
+    train, evals = loss_curves(cancelled + resumed)
+    assert train == [(1, 4.9), (2, 4.8), (3, 4.7), (4, 4.55), (5, 4.45)]
+    assert evals == [(3, 4.5), (5, 4.4)]
+
+    # finished: the curve saved with the current adapter version, the one the report and eval plot use
+    run = SimpleNamespace(adapter=tmp_path / "adapter")
+    done = cancelled + resumed + [ev("done")]
+    assert loss_curves(done, run)[0] == train  # no saved curve (an older loratui): the events
+    run.adapter.mkdir()
+    (run.adapter / "loss_history.json").write_text(json.dumps({"train": [[1, 1.0], [2, 0.5]], "eval": []}))
+    assert loss_curves(done, run) == ([(1, 1.0), (2, 0.5)], [])  # e.g. after a rollback to another version
+    # a later invocation that failed before training leaves the chart on the current version
+    assert loss_curves(done + [start(), ev("error", message="bad")], run)[0] == [(1, 1.0), (2, 0.5)]
+    # a fresh invocation going on shows only its own points, never mixed with the version's
+    assert loss_curves(done + [start(), loss(1, 9.0)], run)[0] == [(1, 9.0)]

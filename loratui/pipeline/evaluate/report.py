@@ -176,6 +176,21 @@ def write_all(out: Path, sets: list[Any], results: dict[str, dict[str, Any]], in
     written = [("metrics.json", "eval-metrics"), ("metrics.csv", "eval-metrics-csv"),
                ("comparison.md", "eval-comparison"), ("generations.jsonl", "eval-generations")]
     (out / "plots").mkdir()
-    for name in plots.draw_all(out / "plots", sets, results, run.events):
-        written.append((f"plots/{name}", "plot"))
+    drawn = [name for name, ok in (
+        ("loss.png", plots.loss_plot(out / "plots" / "loss.png", *training_curve(info, run))),
+        ("metrics.png", plots.metrics_plot(out / "plots" / "metrics.png", results, sets[0].name, "base vs tuned")),
+        ("retention.png", plots.retention_plot(out / "plots" / "retention.png", sets, results))) if ok]
+    written += [(f"plots/{name}", "plot") for name in drawn]
     return written
+
+
+def training_curve(info: dict[str, Any], run: RunDir) -> tuple[dict[int, float], dict[int, float]]:
+    """The loss curve of the adapter evaluated: the one saved with it by the train step (the whole run, across
+    a resume; its own version's after a rollback or a re-train), else, for adapters from older loratui
+    versions and merged models, the latest training run in events.jsonl."""
+    from loratui.pipeline.evaluate import plots
+    from loratui.pipeline.train.history import load_curve
+
+    target = info.get("target") or {}
+    saved = load_curve(Path(target["path"])) if target.get("kind") == "adapter" and target.get("path") else None
+    return saved if saved is not None else plots.training_curves(run.events)

@@ -217,6 +217,13 @@ def _label(source: Any) -> str:
     return ", ".join(source) if isinstance(source, list) else str(source)
 
 
+def split_source(data: DataSection, split: str) -> str:
+    """Where the rows of ``split`` come from: ``data.test_source`` / ``data.val_source`` when they name their own
+    files, else ``data.source`` (the split is held out from it, or shipped with a bundled dataset)."""
+    own = {"test": data.test_source, "validation": data.val_source}.get(split)
+    return _label(own) if own else _label(data.source)
+
+
 def _retention_sets(cfg: RunConfig, run: RunDir, target: Target, manifest: dict[str, Any], inputs: Any, task: str,
                     events: EventSink, should_stop: Any, warn: Any) -> list[EvalSet]:
     """The earlier datasets to re-score, built (or found) in the data cache; never written into this run."""
@@ -235,7 +242,7 @@ def _retention_sets(cfg: RunConfig, run: RunDir, target: Target, manifest: dict[
             continue
         other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
         split = pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
-        out.append(EvalSet(name, _label(data.source), split,
+        out.append(EvalSet(name, split_source(data, split), split,
                            load_examples(cached / other_manifest["splits"][split], task, inputs.tokenizer,
                                          inputs.template, cfg.eval.fact_field, cfg.eval.max_samples)))
         events.log(f"retention: also scoring {name} ({split} split, {len(out[-1].examples)} rows)")
@@ -317,20 +324,23 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
     from loratui.pipeline.steps import StepResult
     from loratui.pipeline.train.history import check_adapter_base
+    from loratui.pipeline.train.quiet import quiet_bitsandbytes
     from loratui.pipeline.train.settings import resolve_device, resolve_precision
 
+    quiet_bitsandbytes()  # before peft imports bitsandbytes
     started = time.monotonic()
     target = resolve_target(cfg, run)
     manifest = prepare(cfg, run, events, should_stop)
     inputs = load_model_inputs(cfg, events)
     tokenizer, task = inputs.tokenizer, manifest.get("task", "causal")
     split = pick_split(manifest, cfg.eval.split, str(run.data), events, fallback_train=False)
-    sets = [EvalSet("main", _label(cfg.data.source), split,
+    sets = [EvalSet("main", split_source(cfg.data, split), split,
                     load_examples(run.data / manifest["splits"][split], task, tokenizer, inputs.template,
                                   cfg.eval.fact_field, cfg.eval.max_samples))]
     warn = lambda message: events.log(message, level="warning")  # noqa: E731
     trained = target.meta.get("data") or {}
-    if trained.get("cache_key") not in (None, manifest.get("cache_key")) and _label(trained.get("source")) == sets[0].source:
+    if (trained.get("cache_key") not in (None, manifest.get("cache_key"))
+            and _label(trained.get("source")) == _label(cfg.data.source)):
         warn("the data settings differ from the ones the adapter was trained with (seed, ratios, template...): "
              "the test split may hold rows it was trained on")
     sets += _retention_sets(cfg, run, target, manifest, inputs, task, events, should_stop, warn)

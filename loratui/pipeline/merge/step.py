@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -37,6 +38,7 @@ PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # merge.
 # weights) moves logits by about their own scale, far past these.
 RELATIVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.1, "float16": 0.02}
 STAGES = 5
+RECORD = "loratui-merge.json"  # what merged/ was made from: adapter digest, version, settings, parity
 
 
 @dataclass
@@ -94,6 +96,80 @@ def resolve_source(cfg: RunConfig, run: RunDir) -> Source:
             raise LoratuiError(f"{path} was trained on top of {p} (a stack run), which is missing",
                                hint="Restore that adapter version (`loratui train history`), then merge again.")
     return Source(path, stack, meta)
+
+
+def adapter_digest(source: Source) -> str:
+    """SHA-256 over the adapter's config and weights, and those of every adapter stacked under it, in merge
+    order: what the merged weights are made of (the version number alone does not survive a re-created run)."""
+    h = hashlib.sha256()
+    for folder in [*source.stack, source.adapter]:
+        names = sorted(p.name for p in folder.iterdir()
+                       if p.name == "adapter_config.json" or p.name.startswith("adapter_model."))
+        for name in names:
+            h.update(name.encode() + b"\0")
+            with (folder / name).open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def merge_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings the merged weights and files depend on (parity settings do not change them)."""
+    return {"base": cfg.model.base, "revision": cfg.model.revision, "dtype": cfg.merge.dtype,
+            "max_shard_size": cfg.merge.max_shard_size}
+
+
+def missing_files(merged: Path) -> str | None:
+    """Why ``merged`` is not a complete merged model directory, or None when it is."""
+    if not merged.is_dir():
+        return f"{merged} is missing"
+    for name in ("config.json", RECORD, "tokenizer_config.json"):
+        if not (merged / name).is_file():
+            return f"{merged} has no {name}"
+    index = merged / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return f"{index.name} cannot be read"
+        lost = sorted(name for name in shards if not (merged / name).is_file())
+        if lost:
+            return f"{merged} lacks {', '.join(lost)}"
+    elif not (merged / "model.safetensors").is_file():
+        return f"{merged} has no model.safetensors"
+    return None
+
+
+def current_merge(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any] | None, str]:
+    """(the record of ``merged/``, why) when ``merged/`` is complete and was made from the adapter that
+    ``cfg`` merges now, with the same settings; (None, why not) when it must be merged again."""
+    why = missing_files(run.merged)
+    if why:
+        return None, why
+    try:
+        record = json.loads((run.merged / RECORD).read_text(encoding="utf-8"))
+        source = resolve_source(cfg, run)
+    except (OSError, ValueError, LoratuiError) as e:
+        return None, str(e)
+    if record.get("adapter_sha256") is None:
+        return None, f"{RECORD} was written by an older loratui (no adapter digest)"
+    now, then = source.meta.get("version"), record.get("version")
+    if now != then:  # a new version or a rollback: the model card names the version it was made from
+        return None, f"the adapter changed since the last merge (v{then} -> v{now})"
+    if record["adapter_sha256"] != adapter_digest(source):
+        return None, "the adapter's weights changed since the last merge"
+    if record.get("settings") != merge_settings(cfg):
+        return None, "the merge settings changed since the last merge"
+    return record, f"{run.merged} is current (adapter " + (
+        f"v{record['version']}" if record.get("version") is not None else record.get("adapter", "?")) + ")"
+
+
+def reused_summary(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a merge that was not redone: what ``merge`` returned when it wrote ``merged/``."""
+    files = sorted(p.name for p in run.merged.iterdir())
+    return {"merged": str(run.merged), "dtype": record.get("dtype"), "files": files, "parity": record.get("parity"),
+            "seconds": 0.0, "reused": True}
 
 
 def stored_dtype(model_dir: Path) -> str:
@@ -281,6 +357,9 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
     from loratui.pipeline.data.step import model_task
     from loratui.pipeline.merge.card import model_card
     from loratui.pipeline.models import resolve_model
+    from loratui.pipeline.train.quiet import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before peft imports bitsandbytes
 
     def stage(i: int, message: str) -> None:
         if should_stop():
@@ -289,6 +368,7 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
 
     started = time.monotonic()
     source = resolve_source(cfg, run)
+    digest = adapter_digest(source)  # before the merge: an adapter replaced meanwhile reads as changed next time
     if not source.meta:
         events.log(f"{source.adapter} has no loratui.json: if it was trained on top of stacked adapters, they are "
                    "not merged (merge the run's adapter/ or adapters/vN instead)", level="warning")
@@ -358,9 +438,10 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
                        f"moves logits by up to {parity.adapter_effect:.3g}), top-1 agreement "
                        f"{parity.top1_agreement:.1%} over {parity.positions} positions ({parity.examples} examples)")
         (tmp / "README.md").write_text(model_card(cfg, run, source, model_dir, dtype, parity, task), encoding="utf-8")
-        (tmp / "loratui-merge.json").write_text(json.dumps({
+        (tmp / RECORD).write_text(json.dumps({
             "base": cfg.model.base, "base_dir": str(model_dir), "adapter": str(source.adapter),
             "stack": [str(p) for p in source.stack], "version": source.meta.get("version"), "dtype": dtype,
+            "adapter_sha256": digest, "settings": merge_settings(cfg),
             "parity": parity.as_dict() if parity else None}, indent=2) + "\n", encoding="utf-8")
     files = sorted(p.name for p in run.merged.iterdir())
     for name in files:

@@ -4,6 +4,7 @@
 runs/<name>/adapter/                 the current version (PEFT format), what later steps use
 runs/<name>/adapters/v1/ v2/ ...      every version, each with loratui.json (provenance)
 runs/<name>/adapters/history.json     {"current": 2, "versions": [{version, mode, parent, stack, ...}]}
+runs/<name>/adapters/vN/loss_history.json   the version's whole loss curve (train and eval), resumes included
 ```
 A version trained with ``mode: stack`` sits on top of the base with earlier versions merged into it:
 its ``stack`` lists those versions in merge order, and ``loratui.json`` in the adapter folder says
@@ -22,6 +23,7 @@ from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.runs import RunDir, atomic_dir, atomic_write_text
 
 META = "loratui.json"
+CURVE = "loss_history.json"
 
 
 def _history_file(run: RunDir) -> Path:
@@ -55,6 +57,58 @@ def adapter_meta(path: str | Path) -> dict[str, Any]:
     """loratui's provenance file of an adapter folder ({} for adapters from elsewhere)."""
     meta = Path(path) / META
     return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+
+
+def curve_of(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """``{"train": [[step, loss], ...], "eval": [[step, eval_loss], ...]}`` from the Trainer's ``log_history``.
+
+    The Trainer restores ``log_history`` from the checkpoint it resumes from (``trainer_state.json``), so at
+    the end of a resumed run it holds the whole curve: the steps before the interruption (up to the
+    checkpoint, not the ones a killed attempt logged after it) and the ones after. This is the one source
+    of the curve for the report, the evaluate step's plot and the TUI.
+    """
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if not isinstance(step, int):
+            continue
+        if isinstance(entry.get("loss"), (int, float)):
+            train[step] = float(entry["loss"])
+        if isinstance(entry.get("eval_loss"), (int, float)):
+            evals[step] = float(entry["eval_loss"])
+    return {"train": [[s, train[s]] for s in sorted(train)], "eval": [[s, evals[s]] for s in sorted(evals)]}
+
+
+def checkpoint_curve(checkpoint: Path) -> dict[str, list[list[float]]] | None:
+    """The curve up to a training checkpoint, from its ``trainer_state.json`` (None when unreadable)."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return curve_of(state.get("log_history") or [])
+
+
+def curve_points(curve: Any) -> tuple[dict[int, float], dict[int, float]]:
+    """(step -> train loss, step -> eval loss) of a curve as written by :func:`curve_of` ({} for anything else)."""
+    def points(key: str) -> dict[int, float]:
+        rows = curve.get(key) if isinstance(curve, dict) else None
+        return {int(r[0]): float(r[1]) for r in rows or [] if isinstance(r, (list, tuple)) and len(r) == 2}
+
+    try:
+        return points("train"), points("eval")
+    except (TypeError, ValueError):
+        return {}, {}
+
+
+def load_curve(adapter: str | Path) -> tuple[dict[int, float], dict[int, float]] | None:
+    """The loss curve saved with an adapter folder (``adapter/`` or ``adapters/vN``), or None when it has none
+    (trained elsewhere, or by an older loratui)."""
+    try:
+        curve = json.loads((Path(adapter) / CURVE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return curve_points(curve)
 
 
 def check_adapter_base(meta: dict[str, Any], adapter: Path, base: str, model_dir: Path) -> None:

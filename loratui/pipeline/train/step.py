@@ -25,6 +25,7 @@ from loratui.pipeline.runs import RunDir, write_config
 from loratui.pipeline.steps import WORKER_ENV
 from loratui.pipeline.train import history as hist
 from loratui.pipeline.train import settings
+from loratui.pipeline.train.quiet import quiet_bitsandbytes
 
 ATTENTION_PRESETS = {"t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"]}
 
@@ -289,6 +290,7 @@ def _parent_adapter(cfg: RunConfig, run: RunDir) -> tuple[Path, dict[str, Any]]:
 
 
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+    quiet_bitsandbytes()
     if cfg.train.nproc > 1 and not os.environ.get(WORKER_ENV):
         from loratui.pipeline.train.launch import run_distributed
 
@@ -304,6 +306,7 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
 
     from loratui.pipeline.steps import StepResult
 
+    quiet_bitsandbytes()  # before peft imports bitsandbytes
     warnings.filterwarnings("ignore", message="mtime may not be reliable")
     started = time.monotonic()
     rank = int(os.environ.get("RANK", 0))
@@ -389,8 +392,9 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     if rank != 0:
         return StepResult(summary={"rank": rank})
 
-    losses = [h["loss"] for h in callback.history if "loss" in h]
-    evals = [h["eval_loss"] for h in callback.history if "eval_loss" in h]
+    curve = hist.curve_of(trainer.state.log_history)  # the whole run: a resume restored the steps before it
+    losses = [loss for _, loss in curve["train"]]
+    evals = [loss for _, loss in curve["eval"]]
     seconds = round(time.monotonic() - started, 2)
     train_seconds = max(trainer.state.log_history[-1].get("train_runtime", seconds), 1e-9)
     tokens = trainer.tokens_seen * world
@@ -415,6 +419,7 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     with tempfile.TemporaryDirectory(prefix=f".v{version}-", dir=run.path / "adapters") as tmp:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (Path(tmp) / hist.CURVE).write_text(json.dumps(curve) + "\n", encoding="utf-8")
         hist.record(run, entry, Path(tmp))
     events.artifact(run.adapter, kind="adapter")
     if evals and trainer.state.best_metric is not None:
@@ -457,7 +462,7 @@ def _fit(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, model
     for cb in list(trainer.callback_handler.callbacks):  # the Trainer's own console printing; events replace it
         if type(cb).__name__ in ("PrinterCallback", "ProgressCallback"):
             trainer.remove_callback(cb)
-    if resume is not None:
-        events.log(f"resuming from {resume}")
+    if resume is not None:  # the curve so far rides along: the TUI draws the whole run, whatever is deleted later
+        events.log(f"resuming from {resume}", curve=hist.checkpoint_curve(resume))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer, callback

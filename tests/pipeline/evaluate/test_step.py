@@ -223,3 +223,36 @@ def test_loss_plot_uses_the_run_that_produced_the_adapter(tmp_path):
     f.write_text("\n".join(json.dumps(e) for e in events) + "\n")
     train, evals = training_curves(f)
     assert train == {1: 5.0, 2: 3.5, 3: 3.0} and evals == {}
+
+
+def test_a_separate_test_file_is_named_as_the_source_of_the_test_split(tmp_path, tiny_llama):
+    import shutil
+
+    import loratui.data
+
+    bundled = Path(loratui.data.__file__).parent / "quickstart"
+    files = {}
+    for split, name in (("train", "facts-train.jsonl"), ("validation", "facts-val.jsonl"),
+                        ("test", "facts-test.jsonl")):
+        files[split] = tmp_path / name
+        shutil.copy(bundled / f"{split}.jsonl", files[split])
+    cfg = _cfg(tmp_path, tiny_llama, f"data.source={files['train']}", f"data.val_source={files['validation']}",
+               f"data.test_source={files['test']}", "train.max_steps=1", "eval.max_samples=4")
+    assert _step("train", cfg)[0] == EXIT_OK
+    code, _, mem = _step("eval", cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    run = RunDir.for_config(cfg)
+    (main,) = json.loads((run.eval / "metrics.json").read_text())["datasets"]
+    assert main["split"] == "test" and main["source"] == str(files["test"])
+    head = (run.eval / "comparison.md").read_text().split("\n\n")[1]
+    assert f"test split of `{files['test']}`" in head and "facts-train" not in head
+    report = run.report.read_text()
+    assert f"(`{files['test']}`, test split, 4 rows" in report
+    assert f"validation `{files['validation']}`, test `{files['test']}`" in report
+
+    # without a test file the validation split is scored, and named by its own file
+    no_test = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test_source": None, "test_ratio": 0.0})})
+    code, _, mem = _step("eval", no_test)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    (main,) = json.loads((run.eval / "metrics.json").read_text())["datasets"]
+    assert main["split"] == "validation" and main["source"] == str(files["validation"])

@@ -239,7 +239,7 @@ def test_a_killed_merge_leaves_no_merged_directory_and_keeps_an_earlier_one(tmp_
     assert kill_while_writing(), "the merge finished before it could be killed"
     assert not run.merged.exists()
     code, _, mem = _step("merge", cfg)  # clears the leftover and completes
-    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    assert code == EXIT_OK, [e.message for e in [*mem.of_type("error"), *mem.of_type("cancelled")]]
     assert run.merged.is_dir() and not list(run.path.glob(".merged.*.tmp"))
     before = {p.name: p.read_bytes() for p in run.merged.iterdir()}
     assert kill_while_writing()  # a second merge killed halfway: the first one's output is intact
@@ -306,3 +306,27 @@ def test_an_adapter_is_not_merged_into_another_base(tmp_path, tiny_llama, tiny_m
     assert code == EXIT_USER
     (err,) = mem.of_type("error")
     assert f"was trained on {tiny_llama}" in err.message and "model.base=" in (err.hint or "")
+
+
+def test_the_record_tells_whether_merged_is_current(tmp_path, tiny_llama):
+    from loratui.pipeline.merge.step import current_merge
+
+    cfg = _cfg(tmp_path, tiny_llama)
+    assert _step("train", cfg)[0] == EXIT_OK
+    run = RunDir.for_config(cfg)
+    record, why = current_merge(cfg, run)
+    assert record is None and why.endswith("merged is missing")
+    assert _step("merge", cfg)[0] == EXIT_OK
+    record, why = current_merge(cfg, run)
+    assert record is not None and why.endswith("is current (adapter v1)"), why
+    assert len(record["adapter_sha256"]) == 64 and record["settings"]["dtype"] == "auto"
+    # a setting the merged files depend on
+    bf16 = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"dtype": "bfloat16"})})
+    assert current_merge(bf16, run) == (None, "the merge settings changed since the last merge")
+    # the adapter's weights replaced under the same version number
+    weights = run.adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert current_merge(cfg, run) == (None, "the adapter's weights changed since the last merge")
+    # a merged/ written by an older loratui (no digest) is merged again once
+    (run.merged / "loratui-merge.json").write_text(json.dumps({"version": 1, "dtype": "float32"}))
+    assert "older loratui" in current_merge(cfg, run)[1]

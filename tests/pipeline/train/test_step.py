@@ -280,3 +280,99 @@ def test_two_processes_train_one_adapter(tmp_path, tiny_llama):
     run = RunDir.for_config(cfg)
     assert len([e for e in read_events(run.events) if e.type == "done"]) == 1
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(run.adapter))
+
+
+KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def test_the_kernels_hint_filter_drops_only_that_message(caplog):
+    import logging
+
+    from loratui.pipeline.train.quiet import BNB_CPU_LOGGER, quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    quiet_bitsandbytes()  # idempotent
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    assert len([f for f in logger.filters if type(f).__name__ == "_DropKernelsHint"]) == 1
+    with caplog.at_level(logging.WARNING):
+        logger.warning(KERNELS_HINT + ": %s. Please make sure you already `pip install kernels` and the kernels "
+                       ">= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+        logger.warning("some other bitsandbytes warning")
+        logging.getLogger("bitsandbytes.cextension").warning(KERNELS_HINT + " (another logger)")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["some other bitsandbytes warning", KERNELS_HINT + " (another logger)"]
+
+
+def test_a_lora_start_on_cpu_does_not_print_the_bitsandbytes_kernels_hint(tmp_path, tiny_llama):
+    """bitsandbytes logs the hint when peft imports it (on CPUs with AVX512-BF16 and no `kernels` package)."""
+    from loratui.pipeline.runs import write_config
+
+    cfg = _cfg(tmp_path, tiny_llama, "train.max_steps=1", "train.device=cpu")
+    path = tmp_path / "x.yaml"
+    write_config(path, cfg)
+    proc = _spawn_train(path)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert KERNELS_HINT not in stderr and "pip install kernels" not in stderr, stderr
+    assert "train done" in stderr  # stderr was captured: the human view is there
+
+
+def test_a_resumed_training_shows_its_whole_loss_curve_and_never_another_versions(tmp_path, tiny_llama):
+    from loratui.pipeline.events import EventSink, JsonlWriter
+    from loratui.pipeline.report import _num, render_markdown
+    from loratui.tui.state import RunState
+
+    cfg = _cfg(tmp_path, tiny_llama, "train.epochs=1", name="cut")
+    run = RunDir.for_config(cfg)
+    stop = StopFlag()
+    first = MemoryWriter()
+
+    def probe(event):  # SIGTERM's effect, at step 5: a checkpoint at step 6
+        first(event)
+        if event.type == "progress" and event.task == "train" and event.current >= 5:
+            stop.set()
+
+    assert run_step("train", load_step("train"), cfg, writers=[probe], stop=stop)[0] == EXIT_CANCELLED
+    cfg.train.resume = True
+    code, _, rest = _train(cfg)
+    assert code == EXIT_OK
+    want = {**_losses(first), **_losses(rest)}  # equal to an uninterrupted run's (the test above)
+    assert min(_losses(rest)) == 7 and sorted(want) == list(range(1, max(want) + 1))
+
+    # report.md's training section and the TUI's chart start at step 1, not at the resume
+    text = render_markdown(cfg, run)
+    assert f"Training loss {_num(want[1])} -> {_num(want[max(want)])}" in text, text
+    state = RunState.load(cfg)
+    assert [s for s, _ in state.train_loss] == sorted(want)
+    assert [v for _, v in state.train_loss] == pytest.approx([want[s] for s in sorted(want)], abs=1e-6)
+    want_eval = {e.at: e.values["eval_loss"] for mem in (first, rest) for e in mem.of_type("metric")
+                 if "eval_loss" in e.values}
+    assert [s for s, _ in state.eval_loss] == sorted(want_eval) and max(want) in want_eval
+
+    # one source for all: the Trainer's log_history, saved with the version; the resume event carries the steps before
+    from loratui.pipeline.evaluate.report import training_curve
+
+    resumed = next(e for e in rest.of_type("log") if e.message.startswith("resuming from"))
+    assert [s for s, _ in resumed.curve["train"]] == list(range(1, 7))
+    train, evals = hist.load_curve(hist.version_dir(run, 1))
+    assert train == pytest.approx(want, abs=1e-6) and evals == pytest.approx(want_eval, abs=1e-6)
+    assert hist.current_version(run)["metrics"]["train_loss_first"] == pytest.approx(want[1])
+    assert training_curve({"target": {"kind": "adapter", "path": str(run.adapter)}}, run)[0] == train
+
+    # a killed attempt's stray points, then a forced fresh re-train (v2): its curve is its own
+    stray = EventSink("train", [JsonlWriter(run.events)])
+    stray.log("train: run cut in elsewhere", level="debug", pid=999_999_999)
+    for step in range(1, 31):
+        stray.metric({"loss": 99.0}, at=step, split="train")
+    stray.close()
+    code, _, again = _train(_cfg(tmp_path, tiny_llama, "train.max_steps=3", name="cut"))
+    assert code == EXIT_OK
+    v2 = _losses(again)
+    assert sorted(v2) == [1, 2, 3]
+    assert RunState.load(cfg).train_loss == sorted(v2.items())
+    assert training_curve({"target": {"kind": "adapter", "path": str(run.adapter)}}, run)[0] == pytest.approx(v2)
+
+    # rolled back to v1: v1's whole curve again, not the last invocation's
+    hist.rollback(run, 1)
+    assert [s for s, _ in RunState.load(cfg).train_loss] == sorted(want)
+    assert f"Training loss {_num(want[1])} -> " in render_markdown(cfg, run)
