@@ -49,7 +49,7 @@ from loratui.tui.screens.export import ExportView
 from loratui.tui.screens.merge import MergeView
 from loratui.tui.screens.serve import ServeView, health
 from loratui.tui.screens.train import TrainView
-from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, open_run, recent_runs, remember
+from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, loss_curves, open_run, recent_runs, remember
 from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, SaveAsDialog, TextDialog
 
 VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
@@ -508,7 +508,7 @@ class LoratuiApp(App[None]):
         step = STEP_OF_EVENT.get(job.step, job.step)
         if step == "train" and events:
             for view in self.main.query(TrainView):  # when it has been shown
-                view.live(job.metrics("loss"), job.metrics("eval_loss"))
+                view.live(*loss_curves(job.events_so_far()))  # a resumed training: with the steps before it
         self._render_progress(job.step, job.progress(), job.running, self._speed(job.events))
         if job.running or self._reported:
             return

@@ -190,7 +190,7 @@ class Job:
         with self._lock:
             return next((e for e in reversed(self.events) if isinstance(e, Progress) and task in (None, e.task)), None)
 
-    def metrics(self, name: str) -> list[tuple[int | None, float]]:
-        """(step, value) of every metric event holding ``name``: the points of a live loss chart."""
+    def events_so_far(self) -> list[Any]:
+        """A copy of the events read so far (the reader thread keeps appending)."""
         with self._lock:
-            return [(e.at, e.values[name]) for e in self.events if e.type == "metric" and name in e.values]
+            return list(self.events)

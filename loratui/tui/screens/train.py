@@ -37,5 +37,5 @@ class TrainView(StepView):
 
     def live(self, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
         """Points of the running job (the App calls this on its timer); points without a step are skipped."""
-        self.query_one(LossChart).set_points([p for p in train if p[0] is not None],
-                                             [p for p in evals if p[0] is not None])
+        for chart in self.query(LossChart):  # none yet right after the view mounts: the next tick draws
+            chart.set_points([p for p in train if p[0] is not None], [p for p in evals if p[0] is not None])
