@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from loratui.pipeline.train.quiet import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # every command that may load peft (serve, export, score ...), not only the steps
     try:
         if getattr(args, "step", None):
             return _cmd_step(args)

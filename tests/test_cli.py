@@ -306,3 +306,21 @@ def test_config_validate_no_files_checks_the_schema_only(tmp_path, env):
     assert loratui("config", "validate", str(config), env=env).returncode == 2
     proc = loratui("config", "validate", "--no-files", str(config), env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_command_filters_the_bitsandbytes_kernels_hint(capsys):
+    """serve, export and score load peft too: the filter is installed by the CLI, not only by the steps."""
+    import logging
+
+    from loratui.pipeline.train.quiet import BNB_CPU_LOGGER, KERNELS_MESSAGE
+
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    for f in list(logger.filters):
+        logger.removeFilter(f)
+    from loratui import cli
+
+    assert cli.main(["config", "show"]) == 0
+    record = logging.LogRecord(BNB_CPU_LOGGER, logging.WARNING, __file__, 1, KERNELS_MESSAGE + ": No module", None, None)
+    assert not logger.filter(record)
+    other = logging.LogRecord(BNB_CPU_LOGGER, logging.WARNING, __file__, 1, "something else", None, None)
+    assert logger.filter(other)
