@@ -466,7 +466,7 @@ def _need_terminal(config: str | None, overrides: list[str]) -> None:
 
     run = shlex.join(["loratui", "run", config or "examples/quickstart.yaml", *overrides])
     raise LoratuiError(f"the terminal UI needs a terminal, but {' and '.join(missing)} "
-                       f"{'is' if len(missing) == 1 else 'are'} not one (a pipe, a file or /dev/null)",
+                       f"{'is not a terminal' if len(missing) == 1 else 'are not terminals'} (a pipe, a file or /dev/null)",
                        hint=f"Run the steps headless instead: `{run}`; "
                        "`loratui --help` lists every command.")
 
