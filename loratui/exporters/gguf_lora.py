@@ -30,7 +30,7 @@ from loratui.exporters.common import Stages, check_disk, clean_stale, count_para
 from loratui.exporters.gguf import (GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
                                     run_converter, verify_row)
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.errors import LoratuiError
+from loratui.pipeline.errors import ExportRefused, LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
@@ -139,8 +139,13 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             base_row, replies["base"] = verify_row(base_row, base_tmp, base_final.name, ref, tokenizer, cfg, events,
                                                    should_stop, judged_as="")
             step("verifying the base + adapter in llama.cpp")
-            lora_row, replies["lora"] = verify_row(lora_row, base_tmp, lora_final.name, ref, tokenizer, cfg, events,
-                                                   should_stop, lora=lora_tmp, judged_as=kind)
+            try:
+                lora_row, replies["lora"] = verify_row(lora_row, base_tmp, lora_final.name, ref, tokenizer, cfg,
+                                                       events, should_stop, lora=lora_tmp, judged_as=kind)
+            except ExportRefused as e:  # nothing is written; the figures and the reason stay in the report
+                write_report_section(run, TITLE, gguf_table([base_row, e.row], ref.perplexity,  # type: ignore[attr-defined]
+                                                            len(ref.examples)))
+                raise
         rows = [base_row, lora_row]
         step.finish("verified" if cfg.export.verify else "written")
         os.replace(base_tmp, base_final)

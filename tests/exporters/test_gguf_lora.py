@@ -191,3 +191,21 @@ def test_an_architecture_whose_conversion_moves_columns_is_refused(exported, tmp
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "rearranges the inputs of model.layers.0.self_attn.q_proj.weight" in proc.stderr
     assert not out.exists()
+
+
+def test_a_refused_lora_gguf_keeps_its_figures_in_the_report_and_writes_nothing(tmp_path, smol, monkeypatch):
+    """The rule made impossible to meet: the step still succeeds, nothing of gguf-lora is written, and its
+    rows (base alone, base + adapter with the verdict) stay in exports/report.md."""
+    cfg = load_config(None, [*_args(tmp_path, smol), "export.formats=[gguf-lora, safetensors]"])
+    assert _step("train", cfg)[0] == EXIT_OK
+    monkeypatch.setattr("loratui.exporters.acceptance.MAX_FLIP_SHARE", -1.0)  # no file can pass
+    monkeypatch.setattr("loratui.exporters.acceptance.MIN_DECIDED", 0)
+    code, result, mem = _step("export", cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    (why,) = result.summary["refused"]["gguf-lora"]
+    assert "picks another token than the merged model at 0 of the" in why
+    run = RunDir.for_config(cfg)
+    assert not list((run.exports / "gguf").glob("*.gguf")) and not list((run.exports / "gguf").glob(".*"))
+    report = (run.exports / "report.md").read_text()
+    assert "## GGUF LoRA adapter" in report and "**refused: g-lora-f16.gguf: picks another token" in report
+    assert (run.merged / "config.json").is_file()
