@@ -111,14 +111,14 @@ def test_ctrl_c_is_acknowledged_at_once_and_ctrl_c_again_aborts(tmp_path):
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         seen = []
-        while not any("Stopping after the current step" in line for line in seen):
+        while not any("Stopping at the next safe point" in line for line in seen):
             assert time.monotonic() - sent < 5, f"no acknowledgement within 5 s of Ctrl-C; stderr so far: {seen}"
             try:
                 seen.append(err.get(timeout=0.2))
             except queue.Empty:
                 pass
         (line,) = [ln for ln in seen if "Stopping" in ln]
-        assert line.strip() == "Stopping after the current step and saving a checkpoint... (Ctrl-C again to abort)"
+        assert line.strip() == "Stopping at the next safe point (training saves a checkpoint first)... (Ctrl-C again to abort)"
         proc.send_signal(signal.SIGINT)  # the impatient second Ctrl-C
         proc.wait(timeout=15)
         rest = proc.stdout.read()
@@ -134,7 +134,7 @@ def test_sigint_is_acknowledged_on_stderr_and_sigterm_is_not(capfd):
     """SIGTERM is how the TUI and the jobs API stop a step: it stops quietly, as before."""
     from loratui.pipeline.steps import StopFlag
 
-    for signum, said in ((signal.SIGTERM, ""), (signal.SIGINT, "Stopping after the current step")):
+    for signum, said in ((signal.SIGTERM, ""), (signal.SIGINT, "Stopping at the next safe point")):
         stop = StopFlag()
         restore = stop.install()
         try:

@@ -118,7 +118,6 @@ class Measured:
     nll: float = 0.0
     count: int = 0
     noise: dict[str, float] = field(default_factory=dict)  # type -> largest logit change
-    type_agreement: dict[str, float] = field(default_factory=dict)  # type in PyTorch -> top-1 agreement
 
 
 def measure(model: Any, examples: Sequence[Any], kinds: Sequence[str],
@@ -131,9 +130,7 @@ def measure(model: Any, examples: Sequence[Any], kinds: Sequence[str],
     from loratui.pipeline.evaluate.runtimes import IGNORE
 
     kinds = [k for k in dict.fromkeys(kinds) if k in SIMULATED]
-    out = Measured(top1=[[] for _ in examples], margins=[[] for _ in examples],
-                   noise={k: 0.0 for k in kinds}, type_agreement={k: 0.0 for k in kinds})
-    agree = {k: 0 for k in kinds}
+    out = Measured(top1=[[] for _ in examples], margins=[[] for _ in examples], noise={k: 0.0 for k in kinds})
     reference = model.forward_batches(examples, should_stop)
     per_kind = {k: model.forward_batches(examples, should_stop) for k in kinds}
     for batch, logits, target, _real in reference:
@@ -153,9 +150,6 @@ def measure(model: Any, examples: Sequence[Any], kinds: Sequence[str],
             with torch.no_grad():
                 diff = (sim.float() - logits).abs().amax(dim=-1)[counted]
             out.noise[kind] = max(out.noise[kind], float(diff.max()) if diff.numel() else 0.0)
-            agree[kind] += int((sim.float().argmax(-1) == logits.argmax(-1))[counted].sum())
-    for kind in kinds:
-        out.type_agreement[kind] = agree[kind] / out.count if out.count else 1.0
     return out
 
 

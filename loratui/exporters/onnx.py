@@ -152,7 +152,10 @@ def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: An
         _, logits, _, _ = next(batches)
         seconds += time.perf_counter() - started
         ref_logits, logits = ref_logits.float(), logits.float().to(ref_logits.device)
-        diff = max(diff, float((ref_logits - logits).abs()[real].max()))
+        step = float((ref_logits - logits).abs()[real].max())
+        diff = step if not math.isfinite(step) else max(diff, step)  # max(0.0, nan) would be 0.0
+        if not math.isfinite(diff):
+            break
         counted = target != IGNORE
         same += int((ref_logits.argmax(-1) == logits.argmax(-1))[counted].sum())
         total += int(counted.sum())
@@ -283,14 +286,20 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             "merged_perplexity": reference_ppl, "seconds": round(time.monotonic() - started, 2)}
 
 
+def _figure(value: float | None, fmt: str) -> str:
+    return "not measured" if value is None else format(value, fmt) if math.isfinite(value) else str(value)
+
+
 def _check_fp32(row: OnnxRow, report: Callable[[], None]) -> None:
     """Refuse an fp32 export that does not compute what the merged model computes (``report`` first writes
     its row, so the refusal keeps its figures)."""
-    if row.max_abs_logit_diff is None or row.max_abs_logit_diff > FP32_MAX_DIFF:
+    if not (row.max_abs_logit_diff is not None and math.isfinite(row.max_abs_logit_diff)
+            and row.max_abs_logit_diff <= FP32_MAX_DIFF):
         report()
         raise ExportRefused(
             f"the fp32 ONNX export differs from the merged model: largest logit difference "
-            f"{row.max_abs_logit_diff:.2e} (at most {FP32_MAX_DIFF:.0e}), top-1 agreement {row.top1_agreement:.2%}; "
+            f"{_figure(row.max_abs_logit_diff, '.2e')} (at most {FP32_MAX_DIFF:.0e}), top-1 agreement "
+            f"{_figure(row.top1_agreement, '.2%')}; "
             "nothing was written",
             hint="See exports/onnx.log; try another export.onnx_opset, and report it with the model.")
 

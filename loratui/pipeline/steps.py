@@ -69,7 +69,8 @@ def load_command(step: str, command: str) -> Callable[..., int]:
     return _load(STEP_COMMANDS[step][command])
 
 
-STOPPING_MESSAGE = b"Stopping after the current step and saving a checkpoint... (Ctrl-C again to abort)\n"
+STOPPING_MESSAGE = (b"Stopping at the next safe point (training saves a checkpoint first)... "
+                    b"(Ctrl-C again to abort)\n")
 
 
 class StopFlag:

@@ -785,8 +785,8 @@ class JobManager:
         """The job as OpenAI's API shows it, plus loratui's own details under ``loratui``."""
         hyper = self._resolved(job) if job["status"] != "validating_files" else dict(job["hyperparameters"])
         ckpt = self._latest_checkpoint(job) if job["status"] in ("failed", "cancelled") else None
-        error = {**job["error"], "message": self._for_client(job, job["error"].get("message") or "")} \
-            if job["error"] else None
+        clean = self._for_client(job)
+        error = {**job["error"], "message": clean(job["error"].get("message") or "")} if job["error"] else None
         return {
             "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"], "error": error,
             "fine_tuned_model": job["fine_tuned_model"], "finished_at": job["finished_at"], "hyperparameters": hyper,
@@ -798,22 +798,31 @@ class JobManager:
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
             # the run by its folder's name under the server's runs directory: no server path reaches a client
             "loratui": {"run_dir": Path(job["run_dir"]).name, "settings": job["settings"],
-                        "base": self._for_client(job, job["base"]), "started_at": job["started_at"],
+                        "base": clean(job["base"]), "started_at": job["started_at"],
                         "resumable_checkpoint": ckpt.name if ckpt else None},
         }
 
-    def _for_client(self, job: dict[str, Any], text: str) -> str:
-        """``text`` without the server's paths: the run's own files relative to the run, an uploaded file by
-        the client's name for it, any other absolute path by its last part."""
+    def _for_client(self, job: dict[str, Any]) -> Callable[[str], str]:
+        """A function that takes the server's paths out of a text: an uploaded file by the client's name for
+        it, the job's run by its folder's name (its files relative to it), any other absolute path by its
+        last part. Built once per answer (the file records are read once)."""
+        names: list[tuple[str, str]] = []
         for file_id in (job.get("training_file"), job.get("validation_file")):
             if file_id:
                 try:
                     record = self.files.record(file_id)
-                except ApiError:
+                except (ApiError, OSError, ValueError):  # deleted or unreadable: its path is caught below
                     continue
-                text = text.replace(str(record["path"]), record["filename"])
-        text = text.replace(str(Path(job["run_dir"])) + os.sep, "").replace(str(Path(job["run_dir"])), ".")
-        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+                names.append((str(record["path"]), record["filename"]))
+        run = Path(job["run_dir"])
+
+        def clean(text: str) -> str:
+            for path, name in names:
+                text = text.replace(path, name)
+            text = text.replace(str(run) + os.sep, "").replace(str(run), run.name)
+            return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+
+        return clean
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.public(self._load(job_id))
@@ -828,6 +837,7 @@ class JobManager:
         (metrics, logs, checkpoints, each step's end), without the progress ticks."""
         job = self._load(job_id)
         short = job_id.removeprefix("ftjob-")
+        clean = self._for_client(job)
         merged: list[tuple[float, int, dict[str, Any]]] = []
         own = self._dir(job_id) / "events.jsonl"
         lines = own.read_text(encoding="utf-8").splitlines() if own.is_file() else []
@@ -838,7 +848,7 @@ class JobManager:
                 continue
             merged.append((e["t"], len(merged), {"id": f"ftevent-{short}-j{n}", "object": "fine_tuning.job.event",
                                                  "created_at": int(e["t"]), "level": e["level"],
-                                                 "message": self._for_client(job, e["message"]), "data": e.get("data"),
+                                                 "message": clean(e["message"]), "data": e.get("data"),
                                                  "type": e.get("type", "message")}))
         for n, event in enumerate(self._run_events(job)):
             if event.type not in _LIVE_OUTPUT_EVENTS or (event.type == "log" and event.level == "debug"):
@@ -846,7 +856,7 @@ class JobManager:
             level, message, kind, data = _describe(event, Path(job["run_dir"]))
             merged.append((event.t, len(merged), {"id": f"ftevent-{short}-r{n}", "object": "fine_tuning.job.event",
                                                   "created_at": int(event.t), "level": level,
-                                                  "message": self._for_client(job, message),
+                                                  "message": clean(message),
                                                   "data": data, "type": kind}))
         return [e for _, _, e in sorted(merged, key=lambda x: (x[0], x[1]), reverse=True)]
 

@@ -90,7 +90,7 @@ def test_measure_finds_each_types_noise(tiny_llama):
     assert set(m.noise) == {"f32", "f16", "bf16", "q8_0"}  # q4_k_m is not simulated
     assert 0 < m.noise["f32"] < m.noise["f16"] < m.noise["bf16"]
     assert m.noise["f16"] < m.noise["q8_0"]
-    assert m.count == 32 and m.nll > 0 and all(0 <= a <= 1 for a in m.type_agreement.values())
+    assert m.count == 32 and m.nll > 0
     # the reference is the model's own teacher-forced top-1
     scored = wrapped.scored(examples, None, None)
     assert [s[2] for s in scored] == m.top1

@@ -313,3 +313,21 @@ async def test_without_a_config_file_the_title_says_where_ctrl_s_writes(tmp_path
     app = create_app()
     async with app.run_test(size=(100, 30)):
         assert app.sub_title == "quickstart: default config (ctrl+s writes loratui.yaml)"
+
+
+@pytest.mark.anyio
+async def test_a_refused_export_row_is_marked_and_not_counted_as_verified(tmp_path):
+    config = make_run(tmp_path, name="r")
+    write_json(tmp_path / "runs" / "r" / "exports" / "gguf" / "report.json", {"files": [
+        {"type": "f16", "file": "r-f16.gguf", "bytes": 2**20, "top1_agreement": 1.0, "verdict": "accepted"},
+        {"type": "q8_0", "file": "r-q8_0.gguf", "bytes": 2**19, "top1_agreement": 0.4,
+         "verdict": "refused: r-q8_0.gguf: picks another token than the merged model at 9 of 10 positions"}]})
+    app = create_app(load_config(config), config_path=config.name)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("5")
+        await pilot.pause(0.2)
+        names = [r[0].replace("\n", "") for r in _cells(app, "export-table")]
+        assert any(n.startswith("r-q8_0.gguf (refused)") for n in names)
+        assert any(n.startswith("r-f16.gguf") and "refused" not in n for n in names)
+        summary = _plain(app.query_one("#export-summary"))
+        assert "1 verified file(s)" in summary and "1 refused (not written" in summary

@@ -297,13 +297,13 @@ def _csv_records(path: Path, lines: list[str], delimiter: str, columns: int,
             return
         except csv.Error as e:
             end, why = first + source.pos - 1, str(e)  # the physical line where the parser stopped
-            if "field larger than field limit" in why:
+            if "field larger than field limit" in why and end == line:
                 raise LoratuiError(
                     f"{path}: not valid CSV: the record that starts on line {line} holds a field longer than "
                     f"{csv.field_size_limit()} characters by line {end}",
                     hint="Look for an unbalanced quote on that line; for very long texts use JSON Lines.") from None
             eof = "unexpected end of data" in why
-            if end > line or eof:
+            if end > line or eof:  # also a stray quote swallowing the rest of a long file past the field limit
                 yield line, _unbalanced(line, end, delimiter, eof, more=start + 1 < len(lines))
                 source.pos = start + 1  # the next line is read on its own: nothing merges into this record
                 continue

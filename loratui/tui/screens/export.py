@@ -39,14 +39,17 @@ class ExportView(StepView):
             if not isinstance(data, dict):
                 continue
             for f in data.get("files", []):
-                self._files.append((str(f.get("file") or f.get("folder") or "-"),
+                refused = str(f.get("verdict") or "").startswith("refused")  # its row stays; the file was not written
+                self._files.append((str(f.get("file") or f.get("folder") or "-") + (" (refused)" if refused else ""),
                                     f"{report.parent.name} {f.get('type', '?')}",
                                     (size(f.get("bytes")), _signed(f.get("delta_perplexity")),
                                      percent(f.get("top1_agreement")), fmt(f.get("decode_tokens_per_s"), 3),
                                      fmt(f.get("key_facts"), 3))))
         self._fill()
+        refused = sum(name.endswith(" (refused)") for name, _, _ in self._files)
         self.query_one("#export-summary", Static).update(
-            f"{len(self._files)} verified file(s) in {escape(str(state.run.exports))}" if self._files
+            f"{len(self._files) - refused} verified file(s) in {escape(str(state.run.exports))}"
+            + (f"; {refused} refused (not written: exports/report.md says why)" if refused else "") if self._files
             else "No exports yet.")
 
     def _fill(self) -> None:

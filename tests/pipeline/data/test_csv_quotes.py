@@ -127,3 +127,14 @@ def test_fail_policy_stops_on_the_unbalanced_quote(tmp_path: Path) -> None:
     cfg.data.on_problem = {"not_an_object": "fail"}
     with pytest.raises(LoratuiError, match="row 3: unbalanced quote"):
         read_examples(cfg, [path], Collected(), "train")
+
+
+def test_a_stray_quote_before_a_long_file_loses_one_line_not_the_file(tmp_path: Path) -> None:
+    """The open quote would read more than the csv module's field limit (128 KiB) into one field: that is
+    still one unbalanced line, not a broken file."""
+    body = b"".join(b'"q%d","","a%d"\n' % (i, i) for i in range(20000))
+    rows = _rows(tmp_path, HEADER + b'"stray,,x\n' + body)
+    bad = _bad(rows)
+    assert list(bad) == [2] and "unbalanced quote" in bad[2].message
+    good = _good(rows)
+    assert len(good) == 20000 and good[3] == {"instruction": "q0", "input": "", "output": "a0"}
