@@ -150,15 +150,13 @@ def _usage_section(cfg: RunConfig, run: RunDir) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def _label(source: Any) -> str:
-    return ", ".join(map(str, source)) if isinstance(source, list) else str(source)
-
-
 def _data_sources(cfg: RunConfig) -> str:
     """The training data, and the validation and test files when they are separate ones."""
+    from loratui.pipeline.evaluate.step import split_source
+
     d = cfg.data
-    own = [(split, value) for split, value in (("validation", d.val_source), ("test", d.test_source)) if value]
-    return f"data `{_label(d.source)}`" + "".join(f", {split} `{_label(value)}`" for split, value in own)
+    own = [split for split, value in (("validation", d.val_source), ("test", d.test_source)) if value]
+    return ", ".join([f"data `{split_source(d, 'train')}`", *(f"{split} `{split_source(d, split)}`" for split in own)])
 
 
 def render_markdown(cfg: RunConfig, run: RunDir) -> str:

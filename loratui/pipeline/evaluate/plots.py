@@ -145,10 +145,11 @@ def retention_plot(path: Path, sets: list[Any], results: dict[str, dict[str, Any
     return True
 
 
-def draw_all(folder: Path, sets: list[Any], results: dict[str, dict[str, Any]], events_file: Path) -> list[str]:
-    """Draw what applies; returns the file names written."""
+def draw_all(folder: Path, sets: list[Any], results: dict[str, dict[str, Any]],
+             curve: tuple[dict[int, float], dict[int, float]]) -> list[str]:
+    """Draw what applies (``curve``: the train and eval loss to plot); returns the file names written."""
     written = []
-    if loss_plot(folder / "loss.png", *training_curves(events_file)):
+    if loss_plot(folder / "loss.png", *curve):
         written.append("loss.png")
     if metrics_plot(folder / "metrics.png", results, sets[0].name, "base vs tuned"):
         written.append("metrics.png")

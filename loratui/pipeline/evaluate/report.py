@@ -176,10 +176,7 @@ def write_all(out: Path, sets: list[Any], results: dict[str, dict[str, Any]], in
     written = [("metrics.json", "eval-metrics"), ("metrics.csv", "eval-metrics-csv"),
                ("comparison.md", "eval-comparison"), ("generations.jsonl", "eval-generations")]
     (out / "plots").mkdir()
-    drawn = [name for name, ok in (
-        ("loss.png", plots.loss_plot(out / "plots" / "loss.png", *training_curve(info, run))),
-        ("metrics.png", plots.metrics_plot(out / "plots" / "metrics.png", results, sets[0].name, "base vs tuned")),
-        ("retention.png", plots.retention_plot(out / "plots" / "retention.png", sets, results))) if ok]
+    drawn = plots.draw_all(out / "plots", sets, results, training_curve(info, run))
     written += [(f"plots/{name}", "plot") for name in drawn]
     return written
 
