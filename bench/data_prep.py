@@ -232,8 +232,9 @@ def naive_encode(examples: list[Any], tokenizer: Any) -> list[tuple[list[int], l
     out = []
     for ex in examples:
         messages = ex.messages
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                               return_dict=False)
         labels = [-100] * len(prompt) + list(ids[len(prompt):])
         out.append((list(ids), labels))
     return out

@@ -49,8 +49,8 @@ def prompts_of(run: Path, n: int) -> list[list[int]]:
     out = []
     for row in rows.select(range(min(n, len(rows)))):
         messages = json.loads(row["messages"])[:-1]
-        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in out]
+        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return [list(p) for p in out]
 
 
 def transformers_decode(merged: Path, prompts: list[list[int]], tokens: int) -> float:

@@ -63,9 +63,9 @@ def test_each_dockerfile_installs_its_own_hardware_extra_of_pyproject():
     # every extra but dev is a hardware extra that one of the images installs
     assert set(extras) - {"dev"} == set(named.values())
     # the two extras carry the same packages in their CPU and CUDA builds, nothing else
-    assert [r.split("==")[0] for r in extras["cpu"]] == ["onnxruntime"]
-    assert [r.split("==")[0] for r in extras["cuda"]] == ["onnxruntime-gpu"]
-    assert extras["cpu"][0].split("==")[1] == extras["cuda"][0].split("==")[1]
+    assert [r.split("==")[0] for r in extras["cpu"]] == ["onnxruntime", "onnxruntime-genai"]
+    assert [r.split("==")[0] for r in extras["cuda"]] == ["onnxruntime-gpu", "onnxruntime-genai-cuda"]
+    assert [r.split("==")[1] for r in extras["cpu"]] == [r.split("==")[1] for r in extras["cuda"]]
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)

@@ -161,7 +161,7 @@ def build_tokenizer(gguf_path: str | Path, meta: dict[str, Any] | None = None) -
 def import_gguf(gguf_path: str | Path, out_dir: Path, log: Any = None) -> None:
     """Write a HF model directory (float32 safetensors, config, tokenizer) for a GGUF file into ``out_dir``."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     path = Path(gguf_path)
     say = log or (lambda _msg: None)
@@ -169,13 +169,19 @@ def import_gguf(gguf_path: str | Path, out_dir: Path, log: Any = None) -> None:
     arch = meta.get("general.architecture", "?")
     say(f"importing {path.name} ({arch}, {path.stat().st_size / 1e6:.0f} MB): dequantizing weights")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # transformers 5 keeps GGUF weights packed unless asked to unpack them: the import wants a plain
+        # float32 model, trainable and saved as safetensors
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
     except (ValueError, KeyError, NotImplementedError) as e:
         raise LoratuiError(
             f"{path}: transformers cannot load this GGUF ({e})",
             hint="transformers' GGUF loader supports common architectures (llama, mistral, qwen2, "
             "phi3, gemma ...) with F32/F16/BF16/Q8_0/Q4/Q5/Q6/K-quant tensors.",
         ) from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # already unpacked: drop the GGUF quantizer so the model saves as a plain one
+        quantizer.remove_quantization_config(model)
     tokenizer = build_tokenizer(path, meta)
     for key, tok_key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         value = meta.get(f"tokenizer.ggml.{tok_key}_token_id")

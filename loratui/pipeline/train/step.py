@@ -94,7 +94,9 @@ def _wants_padding_free(cfg: RunConfig, model_dir: Path, task: str) -> bool:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         return False
-    return bool(getattr(cls, "_supports_attention_backend", False))
+    from loratui.pipeline.train.fast import padding_free_possible
+
+    return padding_free_possible(config, cls)
 
 
 def load_base(cfg: RunConfig, model_dir: Path, task: str, device: str, precision: str, padding_free: bool,
@@ -200,7 +202,8 @@ def training_arguments(cfg: RunConfig, run: RunDir, resolved: settings.Resolved,
         save_strategy, save_steps = eval_strategy, t.eval_every
     if keep_best and eval_strategy == "steps" and save_steps % t.eval_every:
         save_steps = t.eval_every
-    report = list(t.report_to)
+    # TensorBoard is added by _fit with the run's own folder (transformers 5 dropped `logging_dir`)
+    report = [r for r in t.report_to if r != "tensorboard"]
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=resolved["train.batch_size"],
@@ -210,7 +213,7 @@ def training_arguments(cfg: RunConfig, run: RunDir, resolved: settings.Resolved,
         max_steps=t.max_steps,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=float(t.warmup_ratio),  # transformers 5: a float below 1 is a share of the steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
@@ -226,7 +229,6 @@ def training_arguments(cfg: RunConfig, run: RunDir, resolved: settings.Resolved,
         save_total_limit=t.save_total_limit,
         logging_strategy="steps",
         logging_steps=t.logging_every,
-        logging_dir=str(run.path / "tensorboard"),
         load_best_model_at_end=keep_best,
         metric_for_best_model="eval_loss" if keep_best else None,
         greater_is_better=False if keep_best else None,
@@ -241,8 +243,19 @@ def training_arguments(cfg: RunConfig, run: RunDir, resolved: settings.Resolved,
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
         ddp_find_unused_parameters=False,
         log_level="warning",
-        save_safetensors=True,
     )
+
+
+def _tensorboard(run: RunDir) -> Any:
+    """transformers' TensorBoard callback, writing into ``<run>/tensorboard`` (needs the tensorboard package)."""
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise LoratuiError("train.report_to names tensorboard, but the tensorboard package is not installed",
+                           hint="pip install tensorboard, or remove it from train.report_to") from exc
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.path / "tensorboard")))
 
 
 def _collator(padding_free: bool, cfg: RunConfig, tokenizer: Any, model: Any) -> Any:
@@ -457,6 +470,8 @@ def _fit(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, model
     )
     callback = EventsCallback(events, should_stop, lambda: trainer.tokens_seen, world_size=args.world_size)
     trainer.add_callback(callback)
+    if "tensorboard" in cfg.train.report_to:
+        trainer.add_callback(_tensorboard(run))
     if cfg.train.early_stopping_patience is not None and val_ds is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     for cb in list(trainer.callback_handler.callbacks):  # the Trainer's own console printing; events replace it
