@@ -2,8 +2,14 @@
 
 ``make_tiny_model(out_dir, family=..., tokenizer=...)`` writes a Hugging Face directory that every
 step can load like a real checkpoint. Families: ``llama`` and ``qwen2`` (two decoder families with
-different attention biases), and ``t5`` (an encoder-decoder, T5ForConditionalGeneration, for the
-seq2seq path). Tokenizers:
+different attention biases), ``t5`` (an encoder-decoder, T5ForConditionalGeneration, for the
+seq2seq path), and two families that exist only in transformers 5:
+- ``qwen3_5``: Qwen3_5ForCausalLM (Qwen3.5 text), a hybrid of Gated-DeltaNet linear-attention layers
+  and gated full-attention layers, one full layer every ``QWEN3_5_FULL_EVERY`` (the real models' 3:1
+  pattern; ``layers`` is rounded up to a multiple of it so both kinds appear).
+- ``gemma4``: Gemma4ForCausalLM (Gemma 4 text), sliding-window and full-attention layers with
+  different head sizes, per-layer input embeddings and proportional RoPE on the full layers.
+Tokenizers:
 - ``smollm2``: the SmolLM2 tokenizer (49k byte-level BPE, ChatML template), the one the GGUF importer
   rebuilds; llama.cpp's converter recognises it, so GGUF export can be tested on these models.
 - ``bpe``: a 400-token byte-level BPE trained here on a few lines, with the same special tokens and
@@ -72,7 +78,7 @@ def _small_bpe_tokenizer(flavour: Literal["chatml", "t5"] = "chatml") -> Any:
 def make_tiny_model(
     out_dir: str | Path,
     *,
-    family: Literal["llama", "qwen2", "t5"] = "llama",
+    family: Literal["llama", "qwen2", "t5", "qwen3_5", "gemma4"] = "llama",
     tokenizer: Literal["smollm2", "bpe"] = "bpe",
     hidden: int = 64,
     layers: int = 2,
@@ -96,14 +102,84 @@ def make_tiny_model(
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5, rope_theta=10000.0,
     )
-    config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+    if family == "qwen3_5":
+        config = _qwen3_5_config(common, heads)
+    elif family == "gemma4":
+        config = _gemma4_config(common)
+    else:
+        config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "qwen3_5":
+        _realistic_linear_attention(model)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+QWEN3_5_FULL_EVERY = 4  # llama.cpp's qwen35 reads the layer kinds from this interval, as the real models use
+
+
+def _qwen3_5_config(common: dict[str, Any], heads: int) -> Any:
+    """Qwen3.5 text: 3 Gated-DeltaNet layers, then 1 gated full-attention layer (repeated).
+
+    Full attention: head_dim 32 (q_proj is twice as wide: query and output gate), RoPE on a quarter of
+    it as in the real models, with interleaved MRoPE sections that fit those 8 dimensions (llama.cpp
+    asserts the sections fit; the real [11, 11, 10] would not). Linear attention: 2 key heads and 4
+    value heads of 16 (more value than key heads, as in the real models, so the converter's
+    value-head reordering is exercised; llama.cpp assumes equal key and value head sizes).
+    """
+    from transformers import Qwen3_5TextConfig
+
+    layers = -(-common["num_hidden_layers"] // QWEN3_5_FULL_EVERY) * QWEN3_5_FULL_EVERY
+    rope = {"rope_type": "default", "rope_theta": common["rope_theta"], "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    kwargs = {k: v for k, v in common.items() if k not in ("rope_theta", "num_hidden_layers", "rms_norm_eps")}
+    return Qwen3_5TextConfig(
+        **kwargs, num_hidden_layers=layers, rms_norm_eps=1e-6, head_dim=32, rope_parameters=rope,
+        layer_types=["full_attention" if (i + 1) % QWEN3_5_FULL_EVERY == 0 else "linear_attention" for i in range(layers)],
+        linear_num_key_heads=max(1, heads // 2), linear_num_value_heads=heads, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4,
+    )
+
+
+def _realistic_linear_attention(model: Any) -> None:
+    """Short-convolution weights of a trained model's size (std 0.5) instead of the 0.02 initialization.
+
+    With 0.02, the queries and keys reaching the Gated DeltaNet's L2 normalization have squared norms
+    around 1e-4, where its epsilon (1e-6 inside the root in transformers, a floor of ``rms_norm_eps`` on
+    the norm in llama.cpp) moves the result by about 0.3%: enough to flip near-ties between the two
+    runtimes. Trained Qwen3.5 checkpoints are nowhere near there.
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                layer.linear_attn.conv1d.weight.normal_(0.0, 0.5)
+
+
+def _gemma4_config(common: dict[str, Any]) -> Any:
+    """Gemma 4 text: sliding-window layers and a full-attention last layer (head_dim 16 / 32), per-layer
+    input embeddings of 8 per layer, proportional RoPE on a quarter of the full layers' heads."""
+    from transformers import Gemma4TextConfig
+
+    layers = common["num_hidden_layers"]
+    kwargs = {k: v for k, v in common.items() if k not in ("rope_theta",)}
+    return Gemma4TextConfig(
+        **kwargs, head_dim=16, global_head_dim=32, sliding_window=GEMMA4_WINDOW,
+        layer_types=["full_attention" if i == layers - 1 else "sliding_attention" for i in range(layers)],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": common["rope_theta"]},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1_000_000.0}},
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"],
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
+    )
+
+
+GEMMA4_WINDOW = 32  # shorter than the test rows, so the sliding window really cuts
 
 
 def _make_tiny_t5(out: Path, tokenizer: str, hidden: int, layers: int, heads: int, intermediate: int,

@@ -279,7 +279,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     merged = run.merged
     if model_task(merged) != "causal":
         raise LoratuiError("GGUF export is for decoder-only (causal) models; this one is encoder-decoder",
-                           hint="Export it with --format onnx or serve the merged safetensors.")
+                           hint="Export the merged safetensors (--format safetensors) and serve them with PyTorch.")
     out = run.exports / "gguf"
     clean_stale(out)
     params = count_params(merged)

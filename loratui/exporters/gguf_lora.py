@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.exporters.common import Stages, check_disk, clean_stale, count_params, ensure_merged, write_report_section
-from loratui.exporters.gguf import (GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
+from loratui.exporters.gguf import (GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table, recorded_pre,
                                     run_converter, verify_row)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError
@@ -57,7 +57,7 @@ def check_adapter(adapter: Path) -> dict[str, Any]:
                            hint="Export the merged model instead: --format gguf.")
     if "SEQ_2_SEQ" in str(config.get("task_type", "")):
         raise LoratuiError("GGUF export is for decoder-only (causal) models; this adapter is for an encoder-decoder",
-                           hint="Export the merged model with --format onnx or serve it with PyTorch.")
+                           hint="Export the merged safetensors (--format safetensors) and serve them with PyTorch.")
     return config
 
 
@@ -91,7 +91,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     check_adapter_base(source.meta, source.adapter, cfg.model.base, model_dir)
     if model_task(model_dir, cfg.model.trust_remote_code) != "causal":
         raise LoratuiError("GGUF export is for decoder-only (causal) models; this one is encoder-decoder",
-                           hint="Export the merged model with --format onnx or serve it with PyTorch.")
+                           hint="Export the merged safetensors (--format safetensors) and serve them with PyTorch.")
     refuse_quantized(model_dir)
     out = run.exports / "gguf"
     out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +120,10 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     try:
         step(f"converting the base to {kind}")
         stage_base(model_dir, tokenizer, stage)
+        pre = recorded_pre(cfg)
         run_converter("convert_entry.py", [str(stage.resolve()), "--outfile", str(base_tmp.resolve()), "--outtype", kind,
-                                           "--model-name", f"{stem}-base"], log, should_stop, f"converting the base to {kind}")
+                                           "--model-name", f"{stem}-base"], log, should_stop, f"converting the base to {kind}",
+                      {"LORATUI_GGUF_PRE": pre} if pre else {})
         step(f"converting the adapter to a {kind} LoRA GGUF")
         run_converter("convert_lora_entry.py", [str(source.adapter.resolve()), str(stage.resolve()),
                                                 str(lora_tmp.resolve()), kind, f"{stem}-lora"], log, should_stop,

@@ -41,15 +41,22 @@ def _sdpa_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
 def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, *, cu_seq_lens_q: torch.Tensor | None = None,
                      loratui_prefix: int = 0, scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+                     sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention for a padding-free batch of one row: segments given by ``cu_seq_lens_q``.
 
     ``loratui_prefix`` > 0: the first segment is a prefix shared by all later segments, which attend
-    to it in full and to themselves causally. Without ``cu_seq_lens_q`` (generation, padded
-    batches) this is plain SDPA with the mask transformers built.
+    to it in full and to themselves causally. ``sliding_window`` (a sliding-attention layer: Gemma,
+    Mistral, ...): a query sees only the last ``sliding_window`` positions, itself included, as in
+    transformers' own masks (the shared prefix counts as positions before the example's own). Without
+    ``cu_seq_lens_q`` (generation, padded batches) this is plain SDPA with the mask transformers built.
     """
+    if cu_seq_lens_q is not None and (kwargs.get("softcap") or kwargs.get("s_aux") is not None):
+        raise NotImplementedError("padding-free attention has no soft-capping or attention sinks "
+                                  "(padding_free_possible rules such models out)")
     if cu_seq_lens_q is None:
-        return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                              sliding_window=sliding_window, **kwargs)
+    window = int(sliding_window) if sliding_window else None
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
     bounds = cu_seq_lens_q.tolist()
@@ -63,11 +70,17 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     for start, q, k, v in parts:
         if p and start == 0:
             prefix_k, prefix_v = k, v
+        n = q.shape[2]
         if p and start >= p:
-            n = q.shape[2]
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
+            if window is not None and window < p + n:  # key j (prefix, then own) is seen from query i when j > p + i - window
+                mask.triu_(p - window + 1)
             outs.append(F.scaled_dot_product_attention(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2),
                                                        attn_mask=mask, dropout_p=drop, scale=scaling, enable_gqa=gqa))
+        elif window is not None and window < n:
+            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_().triu_(1 - window)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling,
+                                                       enable_gqa=gqa))
         else:
             outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling,
                                                        enable_gqa=gqa))
@@ -84,12 +97,49 @@ def register_attention() -> str:
     return ATTENTION
 
 
-def supports_padding_free(model: Any) -> bool:
-    """True for causal LMs whose attention goes through transformers' attention interface."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "is_encoder_decoder", False):
+# Layer kinds (transformers' ``config.layer_types``) that carry a state along the sequence: recurrent
+# scans (Mamba, Gated DeltaNet, lightning attention: "linear_attention"), short convolutions ("conv",
+# LFM2) and layers that mix attention with one of those ("hybrid", "hybrid_sliding").
+STATEFUL_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding"})
+
+
+def carries_state(config: Any, model_class: Any = None) -> bool:
+    """Whether some layer of the model runs a state from token to token instead of attending.
+
+    Packing examples into one row is exact only when every token mixer keeps to its own example, and
+    :func:`varlen_attention` does that for attention alone. A recurrent layer would hand the state left
+    by one example to the next unless the model itself cuts it at the segment bounds, and in
+    transformers 5.19 none does: Qwen3.5's and Qwen3-Next's Gated DeltaNet pass ``cu_seq_lens_q`` on
+    to the chunked delta rule only, whose PyTorch fallback (used without the flash-linear-attention
+    kernels: always on CPU) ignores it, and their short causal convolution gets no segment bounds at
+    all (it would need ``seq_idx``), so it mixes the last tokens of one example into the next even with
+    the kernels. Such models train on padded batches.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = set(getattr(text, "layer_types", None) or ())
+    return bool(types & STATEFUL_LAYER_TYPES) or bool(getattr(model_class, "_is_stateful", False))
+
+
+def padding_free_possible(config: Any, model_class: Any) -> bool:
+    """True for a causal LM of ``model_class`` whose every token mixer can be confined to one example:
+    attention through transformers' attention interface (where :func:`varlen_attention` plugs in) and
+    no layer that :func:`carries_state`. Decided from the config, before the weights are loaded."""
+    if getattr(config, "is_encoder_decoder", False):
         return False
-    return bool(getattr(base, "_supports_attention_backend", False))
+    if not getattr(model_class, "_supports_attention_backend", False):
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # logit soft-capping (Gemma 2) and attention sinks (gpt-oss) change the attention itself, and
+    # varlen_attention computes plain softmax attention
+    if getattr(text, "attn_logit_softcapping", None) or getattr(text, "model_type", "") == "gpt_oss":
+        return False
+    return not carries_state(config, model_class)
+
+
+def supports_padding_free(model: Any) -> bool:
+    """:func:`padding_free_possible` for a loaded model (a peft model: its base)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return padding_free_possible(base.config, type(base))
 
 
 def accepts_logits_to_keep(model: Any) -> bool:
