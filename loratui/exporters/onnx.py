@@ -1,28 +1,32 @@
-"""ONNX for onnxruntime: the merged model exported by optimum (optimum-onnx), optionally quantized to
-int8, and each file verified in onnxruntime against the merged model in PyTorch.
+"""ONNX for ONNX Runtime: the merged model built by onnxruntime-genai's model builder, in fp32 and
+optionally int4 and int8 (weight-only), and each folder verified in onnxruntime against the merged model in PyTorch.
 
 ```
-runs/<name>/exports/onnx/        model.onnx (+ model.onnx_data past 2 GB), config, generation config, tokenizer
-runs/<name>/exports/onnx-int8/   the same with int8 weights (export.onnx_int8, --int8)
+runs/<name>/exports/onnx/        model.onnx + model.onnx.data, genai_config.json, tokenizer, chat template, configs
+runs/<name>/exports/onnx-int4/   the same with int4 weights (export.onnx_quants: [int4], --onnx-quant int4)
+runs/<name>/exports/onnx-int8/   ... with int8 weights (export.onnx_quants: [int8])
 runs/<name>/exports/onnx/report.json   the verification figures
-runs/<name>/exports/report.md          the table (one row per file)
+runs/<name>/exports/report.md          the table (one row per folder)
 ```
-Both folders load with no loratui code: ``ORTModelForCausalLM.from_pretrained(dir)`` (or
-``ORTModelForSeq2SeqLM`` for encoder-decoder models).
+Both folders run with no loratui code: ``onnxruntime_genai.Model(dir)`` generates (its own loop, KV cache,
+search options from genai_config.json), and ``onnxruntime.InferenceSession(dir + "/model.onnx")`` scores.
 
-* Export: ``optimum.exporters.onnx.main_export`` in its own process (cancellable; the exporter's
-  memory goes with it), task ``text-generation-with-past`` (``text2text-generation-with-past`` for
-  encoder-decoder), opset ``export.onnx_opset``. optimum writes the weights as external data when
-  the model is over protobuf's 2 GB limit.
-* int8: onnxruntime's dynamic quantization through optimum's ``ORTQuantizer`` (weights int8 per
-  channel, activations quantized at run time), with the instruction set of this CPU.
-* Verification (``export.verify``): on ``export.verify_samples`` test rows, the largest logit
-  difference and the teacher-forced top-1 agreement with the merged model, perplexity, greedy
-  replies (do they stop, do they hold the key fact), decode and scoring speed. fp32 must keep every
-  logit within 1e-3 of the merged model's (the same arithmetic in another summation order differs by
-  about 1e-5); otherwise it is refused and nothing of it is written. Its top-1 agreement is reported,
-  not required: within 1e-3 only near-ties can flip, and which way they go depends on the CPU's kernels. int8 has
-  no target: its row says what it costs in perplexity and what it saves.
+* Why this builder (and not optimum or ``torch.onnx.export``): it writes the graph ONNX Runtime's own
+  fused CPU and CUDA kernels run (GroupQueryAttention with a KV cache, MatMulNBits for int4,
+  SkipSimplifiedLayerNormalization, RotaryEmbedding), in seconds, for the decoder families users tune,
+  with a generation loop that needs no PyTorch. It runs in its own process (cancellable; its memory goes
+  with it). It has no encoder-decoder models: a T5/FLAN-T5/PEGASUS run is refused with the alternatives.
+* int4, int8: weight-only, block-wise (blocks of 32, symmetric) for every MatMul, the builder's defaults for
+  CPU (int8 activations inside MatMulNBits). int4 reads the tied embedding from the int4 lm_head; int8
+  keeps an fp32 embedding table.
+* The stop tokens: genai_config.json's ``eos_token_id`` becomes EOS plus the chat template's end-of-turn
+  tokens (the Modelfile's rule), so onnxruntime-genai stops where the trained model does.
+* Verification (``export.verify``): on ``export.verify_samples`` test rows, the largest logit difference and
+  the teacher-forced top-1 agreement with the merged model, perplexity, greedy replies (do they stop, do
+  they hold the key fact), decode and scoring speed. fp32 must keep every logit within 1e-3 of the merged
+  model's and agree on at least 99.5% of positions (the same arithmetic in another summation order differs
+  by about 1e-5); a quantized one must agree on at least 97%. A folder that misses is refused: nothing of it is
+  written and its row says why.
 * Written to temporary folders beside the final ones and renamed after they pass.
 """
 
@@ -45,42 +49,15 @@ from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 
-TASKS = {"causal": "text-generation-with-past", "seq2seq": "text2text-generation-with-past"}
 FP32_MAX_DIFF = 1e-3  # largest |logit difference| allowed for fp32
-# int8 is "worth it" when it keeps perplexity within this share of the fp32 export's and agrees this often
-INT8_PPL_SHARE, INT8_TOP1 = 0.02, 0.97
+FP32_TOP1 = 0.995  # and the least top-1 agreement
+QUANT_TOP1 = 0.97  # a quantized model below this is refused: not worth shipping
+QUANT_BLOCK = 32
 TITLE = "ONNX (onnxruntime)"
+BUILDER = "onnxruntime_genai.models.builder"
+# files the builder does not write that make the folder a complete model directory
 CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-           "chat_template.jinja", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "added_tokens.json")
-
-EXPORT_CODE = """
-import sys
-from optimum.exporters.onnx import main_export
-main_export(sys.argv[1], output=sys.argv[2], task=sys.argv[3], opset=int(sys.argv[4]), device="cpu",
-            do_validation=False, trust_remote_code=sys.argv[5] == "1")
-"""
-# dynamic int8 for every .onnx of the folder, with the instructions this CPU has
-QUANTIZE_CODE = """
-import sys
-from pathlib import Path
-from optimum.onnxruntime import ORTQuantizer
-from optimum.onnxruntime.configuration import AutoQuantizationConfig
-flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
-# without VNNI, u8 x s8 products can saturate: onnxruntime's advice is 7-bit weights (reduce_range)
-if "avx512_vnni" in flags:
-    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
-elif "avx512f" in flags:
-    config = AutoQuantizationConfig.avx512(is_static=False, per_channel=True, reduce_range=True)
-elif "avx2" in flags:
-    config = AutoQuantizationConfig.avx2(is_static=False, per_channel=True, reduce_range=True)
-else:
-    config = AutoQuantizationConfig.arm64(is_static=False, per_channel=True)
-print("int8 config:", config)
-for onnx in sorted(Path(sys.argv[1]).glob("*.onnx")):
-    external = onnx.with_name(onnx.name + "_data").exists()
-    ORTQuantizer.from_pretrained(sys.argv[1], file_name=onnx.name).quantize(
-        save_dir=sys.argv[2], quantization_config=config, file_suffix="", use_external_data_format=external)
-"""
+           "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @dataclass
@@ -88,25 +65,74 @@ class OnnxRow:
     type: str
     folder: str
     bytes: int
-    max_abs_logit_diff: float | None
-    top1_agreement: float | None
-    perplexity: float | None
-    delta_perplexity: float | None
-    key_facts: float | None
-    replies_stopped: str | None
-    decode_tokens_per_s: float | None
-    scoring_rows_per_s: float | None
+    max_abs_logit_diff: float | None = None
+    top1_agreement: float | None = None
+    perplexity: float | None = None
+    delta_perplexity: float | None = None
+    key_facts: float | None = None
+    replies_stopped: str | None = None
+    decode_tokens_per_s: float | None = None
+    scoring_rows_per_s: float | None = None
+    verdict: str | None = None  # passed, or why it was refused; None: not verified
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".onnx", ".onnx_data", ".data"))
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data")))
 
 
 def carry_files(source: Path, dest: Path) -> None:
-    """Config, generation config and tokenizer files, so the folder loads on its own."""
+    """Config, generation config and tokenizer files the builder did not write, so the folder is also a
+    complete model directory (the builder writes tokenizer.json, tokenizer_config.json and the chat template)."""
     for name in CARRIED:
         if (source / name).is_file() and not (dest / name).exists():
             shutil.copy2(source / name, dest / name)
+
+
+def builder_command(merged: Path, out: Path, precision: str, cache: Path) -> list[str]:
+    """onnxruntime-genai's model builder, for the CPU execution provider."""
+    cmd = [sys.executable, "-m", BUILDER, "-i", str(merged), "-o", str(out), "-p", precision, "-e", "cpu",
+           "-c", str(cache)]
+    if precision in ("int4", "int8"):
+        cmd += ["--extra_options", f"block_size={QUANT_BLOCK}", "is_symmetric=true"]
+    return cmd
+
+
+def set_stop_tokens(folder: Path, stop: list[int]) -> None:
+    """genai_config.json stops at EOS and the chat template's end-of-turn tokens, as the trained model does."""
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["model"]["eos_token_id"] = stop[0] if len(stop) == 1 else stop
+    atomic_write_text(path, json.dumps(config, indent=4) + "\n")
+
+
+def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
+    from loratui.exporters.ollama import stop_tokens
+
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (stop_tokens(tokenizer, template) if template else
+                                                        [tokenizer.eos_token])]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+
+def build(merged: Path, out: Path, precision: str, log: Path, should_stop: Any, trust_remote_code: bool) -> None:
+    """One folder from the builder (in its own process), completed with the merged model's files."""
+    cache = out.with_name(out.name + ".cache")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # the merged folder is local: never reach for a hub
+    cmd = builder_command(merged, out, precision, cache)
+    if trust_remote_code:
+        cmd += (["hf_remote=true"] if "--extra_options" in cmd else ["--extra_options", "hf_remote=true"])
+    try:
+        run_logged(cmd, env, log, should_stop, what=f"building the {precision} ONNX model")
+    except LoratuiError as e:
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if "not currently supported" in text or "is not supported" in text:
+            arch = json.loads((merged / "config.json").read_text(encoding="utf-8")).get("architectures", ["?"])[0]
+            raise LoratuiError(f"onnxruntime-genai's model builder does not support {arch}: no ONNX export for it",
+                               hint="Export GGUF (llama.cpp, Ollama) or safetensors instead; "
+                                    f"the builder's output is in {log}.") from None
+        raise e
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    carry_files(merged, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,17 +142,19 @@ def carry_files(source: Path, dest: Path) -> None:
 
 def timed_decode(model: Any, prompt: list[int], n: int = 64) -> float:
     """Greedy decode tokens/s, batch 1, ``n`` new tokens whatever they are (prompt processing included
-    once, as in a chat turn), after a short warm-up."""
+    once, as in a chat turn), after a short warm-up. ``model``: a TorchModel or an OnnxModel."""
     import torch
 
-    ids = torch.tensor([prompt], device=model.device)
+    from loratui.pipeline.evaluate.runtimes import OnnxModel
 
     def run(tokens: int) -> int:
+        if isinstance(model, OnnxModel):  # onnxruntime-genai's own loop
+            return sum(1 for _ in model.model.tokens(prompt, tokens, min_new_tokens=tokens))
+        ids = torch.tensor([prompt], device=model.device)
         greedy = model._greedy(tokens)
         greedy.min_new_tokens = tokens
         with torch.inference_mode():
-            out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy,
-                                       use_model_defaults=False)
+            out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
         return out.shape[1] - (ids.shape[1] if model.task == "causal" else 1)
 
     run(4)  # warm-up: the first calls allocate and pick kernels
@@ -200,57 +228,56 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     from transformers import AutoTokenizer
 
     from loratui.pipeline.data.step import load_model_inputs, model_task
-    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, import_onnxruntime, load_onnx
+    from loratui.pipeline.evaluate.ort import import_genai, import_onnxruntime
+    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, load_onnx
 
-    import_onnxruntime()  # before any work: the verification and the int8 step need it
+    import_onnxruntime()  # before any work: the builder and the verification need both
+    import_genai()
     started = time.monotonic()
     ensure_merged(cfg, run, events, should_stop)
     merged = run.merged
-    task = model_task(merged, cfg.model.trust_remote_code)
-    int8 = cfg.export.onnx_int8
-    out, out8 = run.exports / "onnx", run.exports / "onnx-int8"
+    if model_task(merged, cfg.model.trust_remote_code) != "causal":
+        raise LoratuiError("ONNX export is for decoder-only models: onnxruntime-genai's model builder has no "
+                           "encoder-decoder (T5, FLAN-T5, PEGASUS) path",
+                           hint="Export safetensors (export.formats=[safetensors]) and serve it with PyTorch "
+                                "(loratui serve --format torch), or run optimum-cli export onnx in a separate "
+                                "environment.")
+    quants = list(dict.fromkeys(cfg.export.onnx_quants))
+    out = run.exports / "onnx"
     run.exports.mkdir(parents=True, exist_ok=True)
     clean_stale(run.exports)
     params = count_params(merged)
-    # fp32 weights, the exporter's own copy while it writes, int8 weights
-    check_disk(run.exports, params * (4 + 4 + (1 if int8 else 0)), "fp32 ONNX" + (" plus int8" if int8 else ""))
+    # fp32 weights, and int8 (plus an fp32 embedding) or int4 weights with their scales
+    check_disk(run.exports, params * (4 + sum(5 if q == "int8" else 1 for q in quants)),
+               " plus ".join(["fp32 ONNX", *quants]))
     log = run.exports / "onnx.log"
     log.write_text("", encoding="utf-8")
-    tmp, tmp8 = run.exports / ".onnx.tmp", run.exports / ".onnx-int8.tmp"
-    stage = Stages(events, 1 + (1 if int8 else 0) + (1 + (1 if int8 else 0) if cfg.export.verify else 0), "onnx",
-                   "stages", should_stop)
+    variants = [("fp32", run.exports / ".onnx.tmp", out)] + [
+        (q, run.exports / f".onnx-{q}.tmp", run.exports / f"onnx-{q}") for q in quants]
+    stage = Stages(events, len(variants) * (2 if cfg.export.verify else 1), "onnx", "stages", should_stop)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
+    template = load_model_inputs(cfg, events).template
+    stop_list = stop_token_ids(tokenizer, template)
 
     rows: list[OnnxRow] = []
     samples: dict[str, list[dict[str, Any]]] = {}
     reference_ppl = torch_decode = None
     n_rows = 0
+    kept = []
     try:
-        stage(f"exporting with optimum ({TASKS[task]}, opset {cfg.export.onnx_opset}) - minutes for large models")
-        run_logged([sys.executable, "-c", EXPORT_CODE, str(merged), str(tmp), TASKS[task], str(cfg.export.onnx_opset),
-                    "1" if cfg.model.trust_remote_code else "0"], dict(os.environ), log, should_stop,
-                   what="exporting to ONNX")
-        carry_files(merged, tmp)
-        variants = [("fp32", tmp, out)]
-        if int8:
-            stage("quantizing to int8 (dynamic)")
-            tmp8.mkdir()
-            run_logged([sys.executable, "-c", QUANTIZE_CODE, str(tmp), str(tmp8)], dict(os.environ), log, should_stop,
-                       what="quantizing the ONNX model to int8")
-            carry_files(tmp, tmp8)
-            variants.append(("int8", tmp8, out8))
         for kind, folder, final in variants:
-            rows.append(OnnxRow(kind, final.name, folder_bytes(folder), None, None, None, None, None, None, None, None))
+            stage(f"building the {kind} model with onnxruntime-genai")
+            build(merged, folder, kind, log, should_stop, cfg.model.trust_remote_code)
+            set_stop_tokens(folder, stop_list)
+            rows.append(OnnxRow(kind, final.name, folder_bytes(folder)))
         if cfg.export.verify:
-            tokenizer = AutoTokenizer.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
-            examples, stop, reference = merged_reference(cfg, run, tokenizer, load_model_inputs(cfg, events).template,
-                                                         events, should_stop, task)
+            examples, stop, reference = merged_reference(cfg, run, tokenizer, template, events, should_stop)
             n_rows = len(examples)
-            pad = reference.pad_id
             prompt = next((e.prompt_ids for e in examples if e.prompt_ids), examples[0].input_ids[:16])
             torch_decode = timed_decode(reference, prompt)
             for i, (kind, folder, final) in enumerate(variants):
                 stage(f"verifying {kind} in onnxruntime")
-                candidate = OnnxModel(load_onnx(folder, task), name=kind, task=task, pad_id=pad, stop_ids=stop)
+                candidate = OnnxModel(load_onnx(folder), name=kind, pad_id=reference.pad_id, stop_ids=stop)
                 try:
                     figures = compare(reference, candidate, examples, should_stop)
                     said = replies(candidate, examples, tokenizer, cfg.eval.max_new_tokens, should_stop)
@@ -262,76 +289,106 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                 ppl = figures["perplexity"]
                 rows[i] = OnnxRow(**{**asdict(rows[i]), **figures, **said, "decode_tokens_per_s": decode,
                                      "delta_perplexity": ppl - reference_ppl if ppl and reference_ppl else None})
+                rows[i].verdict = judge(rows[i])
                 events.metric({k: float(v) for k, v in asdict(rows[i]).items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                               split=f"onnx:{kind}")
-                if kind == "fp32":
-                    _check_fp32(rows[i], lambda: write_report_section(
-                        run, TITLE, onnx_table(rows[:1], reference_ppl, torch_decode, n_rows)))
                 del candidate
+            if rows[0].verdict != "passed":
+                write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
+                raise ExportRefused(f"the fp32 ONNX export differs from the merged model ({rows[0].verdict}); "
+                                    "nothing was written",
+                                    hint=f"See {log}, and report it with the model.")
         stage.finish("verified" if cfg.export.verify else "written")
-        for kind, folder, final in variants:
-            _replace_dir(folder, final)
-            events.artifact(final, kind=f"onnx-{kind}")
+        for row, (kind, folder, final) in zip(rows, variants):
+            if row.verdict in (None, "passed"):
+                _replace_dir(folder, final)
+                events.artifact(final, kind=f"onnx-{kind}")
+                kept.append(row.folder)
+            else:
+                shutil.rmtree(final, ignore_errors=True)  # an older folder of this type no longer matches the model
+                events.log(f"onnx {kind}: refused ({row.verdict}); not written", level="warning")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(tmp8, ignore_errors=True)
+        for _kind, folder, _final in variants:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder.with_name(folder.name + ".cache"), ignore_errors=True)
 
-    report = {"task": TASKS[task], "opset": cfg.export.onnx_opset, "merged_perplexity": reference_ppl,
-              "merged_decode_tokens_per_s": torch_decode, "params": params,
+    report = {"builder": f"onnxruntime-genai {_genai_version()}", "merged_perplexity": reference_ppl,
+              "merged_decode_tokens_per_s": torch_decode, "params": params, "stop_token_ids": stop_list,
               "files": [{**asdict(r), "replies": samples.get(r.type, [])} for r in rows]}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
-    return {"path": str(out), "folders": [r.folder for r in rows], "rows": [asdict(r) for r in rows],
+    return {"path": str(out), "folders": kept, "rows": [asdict(r) for r in rows],
+            "refused": [r.folder for r in rows if r.verdict not in (None, "passed")],
             "merged_perplexity": reference_ppl, "seconds": round(time.monotonic() - started, 2)}
+
+
+def _genai_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime-genai") if _installed("onnxruntime-genai") else version("onnxruntime-genai-cuda")
+
+
+def _installed(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(name)
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def _figure(value: float | None, fmt: str) -> str:
     return "not measured" if value is None else format(value, fmt) if math.isfinite(value) else str(value)
 
 
-def _check_fp32(row: OnnxRow, report: Callable[[], None]) -> None:
-    """Refuse an fp32 export that does not compute what the merged model computes (``report`` first writes
-    its row, so the refusal keeps its figures)."""
-    if not (row.max_abs_logit_diff is not None and math.isfinite(row.max_abs_logit_diff)
-            and row.max_abs_logit_diff <= FP32_MAX_DIFF):
-        report()
-        raise ExportRefused(
-            f"the fp32 ONNX export differs from the merged model: largest logit difference "
-            f"{_figure(row.max_abs_logit_diff, '.2e')} (at most {FP32_MAX_DIFF:.0e}), top-1 agreement "
-            f"{_figure(row.top1_agreement, '.2%')}; "
-            "nothing was written",
-            hint="See exports/onnx.log; try another export.onnx_opset, and report it with the model.")
+def judge(row: OnnxRow) -> str:
+    """``passed``, or why the folder is refused: fp32 must compute what the merged model computes, a
+    quantized model must keep the top-1 agreement that makes it worth using."""
+    diff, top1 = row.max_abs_logit_diff, row.top1_agreement
+    if top1 is None or diff is None or not math.isfinite(diff):
+        return f"refused: no finite figures (largest logit difference {_figure(diff, '.2e')})"
+    if row.type == "fp32":
+        if diff > FP32_MAX_DIFF or top1 < FP32_TOP1:
+            return (f"refused: largest logit difference {diff:.2e} (at most {FP32_MAX_DIFF:.0e}), top-1 agreement "
+                    f"{top1:.2%} (at least {FP32_TOP1:.1%})")
+        return "passed"
+    if top1 < QUANT_TOP1:
+        return f"refused: top-1 agreement {top1:.1%} (at least {QUANT_TOP1:.0%} for {row.type} to be worth using)"
+    return "passed"
 
 
-def int8_verdict(fp32: OnnxRow, int8: OnnxRow) -> str:
-    """Whether int8 is worth it for this model, by the figures in its row."""
-    if None in (fp32.perplexity, int8.perplexity, int8.top1_agreement):
-        return "int8: not verified (export.verify is off)."
-    share = (int8.perplexity - fp32.perplexity) / fp32.perplexity
-    size = fp32.bytes / max(int8.bytes, 1)
-    speed = (int8.scoring_rows_per_s or 0) / (fp32.scoring_rows_per_s or 1)
-    worth = share <= INT8_PPL_SHARE and int8.top1_agreement >= INT8_TOP1
-    return (f"int8 against fp32: perplexity {share:+.1%}, top-1 agreement {int8.top1_agreement:.1%}, {size:.1f}x smaller, "
-            f"scoring {speed:.2f}x. " + ("Worth it for this model" if worth else "Not worth it for this model")
-            + f" (the bar: perplexity within +{INT8_PPL_SHARE:.0%} and top-1 agreement >= {INT8_TOP1:.0%}).")
+def quant_summary(fp32: OnnxRow, quant: OnnxRow) -> str:
+    """What a quantized model costs and saves for this model, by the figures in its row."""
+    if None in (fp32.perplexity, quant.perplexity, quant.top1_agreement):
+        return f"{quant.type}: not verified (export.verify is off)."
+    share = (quant.perplexity - fp32.perplexity) / fp32.perplexity
+    size = fp32.bytes / max(quant.bytes, 1)
+    decode = (quant.decode_tokens_per_s or 0) / (fp32.decode_tokens_per_s or 1)
+    return (f"{quant.type} against fp32: perplexity {share:+.1%}, top-1 agreement {quant.top1_agreement:.1%}, "
+            f"{size:.1f}x smaller, decode {decode:.2f}x. "
+            + ("Kept" if quant.verdict == "passed" else "Refused, not written")
+            + f" (the bar: top-1 agreement >= {QUANT_TOP1:.0%}).")
 
 
 def onnx_table(rows: list[OnnxRow], ref_ppl: float | None, torch_decode: float | None, samples: int) -> list[str]:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"Verified in onnxruntime on {samples} test rows against the merged model in PyTorch fp32 "
-             f"(perplexity {f(ref_ppl, '.3f')}, decode {f(torch_decode, '.1f')} tok/s). Max diff: largest |logit "
-             "difference|. Top-1: teacher-forced next-token agreement. Scoring: rows/s of the teacher-forced pass.", "",
+    lines = [f"Built by onnxruntime-genai's model builder; verified in onnxruntime on {samples} test rows against "
+             f"the merged model in PyTorch fp32 (perplexity {f(ref_ppl, '.3f')}, decode {f(torch_decode, '.1f')} "
+             "tok/s). Max diff: largest |logit difference|. Top-1: teacher-forced next-token agreement. Decode: "
+             "onnxruntime-genai, batch 1. Scoring: rows/s of the teacher-forced pass.", "",
              "| type | folder | size | max diff | top-1 | perplexity | delta | key facts | replies stop | decode tok/s "
-             "| scoring rows/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| scoring rows/s | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r.type} | {r.folder}/ | {r.bytes / 2**20:.1f} MiB | {f(r.max_abs_logit_diff, '.2e')} | "
                      f"{'-' if r.top1_agreement is None else f'{r.top1_agreement:.1%}'} | {f(r.perplexity, '.3f')} | "
                      f"{f(r.delta_perplexity, '+.3f')} | {f(r.key_facts, '.3f')} | {r.replies_stopped or '-'} | "
-                     f"{f(r.decode_tokens_per_s, '.1f')} | {f(r.scoring_rows_per_s, '.1f')} |")
-    if len(rows) == 2:
-        lines += ["", int8_verdict(rows[0], rows[1])]
+                     f"{f(r.decode_tokens_per_s, '.1f')} | {f(r.scoring_rows_per_s, '.1f')} | "
+                     f"{r.verdict or 'not verified'} |")
+    if len(rows) > 1:
+        lines += [""] + [quant_summary(rows[0], r) for r in rows[1:]]
     return lines

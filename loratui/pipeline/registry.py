@@ -52,7 +52,8 @@ STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
                       "help": "formats to write instead of export.formats (safetensors, gguf, gguf-lora, onnx)"}, "export.formats"),
         ("--quant", {"type": lambda v: f"[{v}]", "metavar": "TYPE[,TYPE]",
                      "help": "GGUF types instead of export.gguf_quants (q4_k_m, q8_0, f16 ...)"}, "export.gguf_quants"),
-        ("--int8", {"action": "store_const", "const": "true",
-                    "help": "also write an int8 ONNX model (export.onnx_int8)"}, "export.onnx_int8"),
+        ("--onnx-quant", {"type": lambda v: f"[{v}]", "metavar": "TYPE[,TYPE]",
+                          "help": "quantized ONNX models to write beside fp32 (int4, int8), instead of "
+                                  "export.onnx_quants"}, "export.onnx_quants"),
     ],
 }

@@ -132,11 +132,9 @@ def _usage_section(cfg: RunConfig, run: RunDir) -> list[str]:
             lines += ["The adapter on its base in llama.cpp:", "", "```bash",
                       f"llama-cli -m {base.relative_to(run.path)} --lora {lora.relative_to(run.path)} -cnv", "```", ""]
     if (run.exports / "onnx" / "report.json").is_file():
-        lines += ["ONNX Runtime (optimum), no loratui needed:", "", "```python",
-                  "from optimum.onnxruntime import ORTModelForCausalLM",
-                  "from transformers import AutoTokenizer",
-                  f'model = ORTModelForCausalLM.from_pretrained("{run.exports / "onnx"}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{run.exports / "onnx"}")', "```", "",
+        folder = run.exports / ("onnx-int4" if (run.exports / "onnx-int4" / "genai_config.json").is_file() else "onnx")
+        lines += ["ONNX Runtime (onnxruntime-genai), no loratui needed:", "", "```python", *genai_snippet(folder),
+                  "```", "",
                   f"Batch scoring: `loratui score --model {run.exports / 'onnx'} --input rows.jsonl --output scores.jsonl`", ""]
     if (run.merged / "config.json").is_file():
         lines += ["transformers (merged safetensors):", "", "```python",
@@ -193,3 +191,22 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
     atomic_write_text(run.report, markdown)
     atomic_write_text(run.path / "report.html", render_html(markdown, run, f"loratui run {cfg.name}"))
     return run.report
+
+
+def genai_snippet(folder: Path) -> list[str]:
+    """Python that chats with an ONNX export through onnxruntime-genai alone (tests run it)."""
+    return ["import json",
+            "import onnxruntime_genai as og",
+            "",
+            f'model = og.Model("{folder}")',
+            "tokenizer = og.Tokenizer(model)",
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            "prompt = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)",
+            "params = og.GeneratorParams(model)",
+            "params.set_search_options(max_length=512)",
+            "generator = og.Generator(model, params)",
+            "generator.append_tokens(tokenizer.encode(prompt))",
+            "stream = tokenizer.create_stream()",
+            "while not generator.is_done():",
+            "    generator.generate_next_token()",
+            '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)']

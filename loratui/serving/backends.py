@@ -242,7 +242,7 @@ class LlamaCppBackend:
 
 
 # --------------------------------------------------------------------------------------------
-# transformers models (PyTorch, and ONNX Runtime through optimum)
+# transformers models (PyTorch), and ONNX exports (onnxruntime-genai)
 # --------------------------------------------------------------------------------------------
 
 
@@ -267,8 +267,8 @@ class _HFBase:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template: use /v1/completions")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return [int(i) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -571,8 +571,8 @@ class _Row(Decoding):
 
 
 class OnnxBackend(_HFBase):
-    """An ONNX export in onnxruntime (optimum's ORTModelForCausalLM): one request at a time, greedy or
-    sampled with transformers' generate, streamed token by token."""
+    """An ONNX export folder (onnxruntime-genai's layout): one request at a time, greedy or sampled by
+    onnxruntime-genai's own generation loop, streamed token by token."""
 
     kind = "onnxruntime"
 
@@ -583,35 +583,19 @@ class OnnxBackend(_HFBase):
 
         self.model_id = model_id
         self.models: dict[str, str | None] = {model_id: None}
-        self.model = load_onnx(model_dir, "causal", threads=threads)
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        self._setup_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), eos)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or context_length
-        self.context_length = min(context_length, limit)
+        self.model = load_onnx(model_dir, threads=threads)
+        self._setup_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), sorted(self.model.eos_ids))
+        self.context_length = min(context_length, self.model.context_length)
         self.lock = threading.Lock()
+        self.model.genai_model  # load now: the first request should not pay for it
 
     def _tokens(self, req: GenRequest) -> Iterator[int]:
-        """One forward per token with the model's KV cache (the same loop as TorchBackend, batch of one)."""
-        import torch
-
-        generator = torch.Generator()
-        generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**63))
-        ids = torch.tensor([req.prompt_ids])
-        mask = torch.ones_like(ids)
-        past = None
-        step = ids
-        with torch.inference_mode():
-            while True:
-                position = torch.arange(mask.shape[1] - step.shape[1], mask.shape[1]).unsqueeze(0)
-                out = self.model(input_ids=step, attention_mask=mask, position_ids=position, past_key_values=past,
-                                 use_cache=True)
-                past = out.past_key_values
-                token = _sample(out.logits[0, -1], req.temperature, req.top_p, generator)
-                yield token
-                step = torch.tensor([[token]])
-                mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
-                if mask.shape[1] >= self.context_length:
-                    return
+        tokens = self.model.tokens(req.prompt_ids, max(self.context_length - len(req.prompt_ids), 0),
+                                   temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        try:
+            yield from tokens
+        finally:
+            tokens.close()
 
     def stream(self, req: GenRequest) -> Iterator[Delta]:
         started = time.monotonic()

@@ -91,7 +91,7 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
     common = {"name": path.name, "task": "causal", "pad_id": pad, "stop_ids": set(), "batch_size": batch_size,
               "token_budget": max(4096, batch_size * 256)}
     if kind == "onnx":
-        model: Any = OnnxModel(load_onnx(path, "causal", threads=threads), **common)
+        model: Any = OnnxModel(load_onnx(path, threads=threads), **common)
     else:
         import torch
 

@@ -166,6 +166,16 @@ def test_unknown_override_key_suggests_close_match():
     assert "did you mean 'lr'" in problems[0].message
 
 
+def test_a_retired_setting_says_what_replaced_it(tmp_path):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("export:\n  formats: [onnx]\n  onnx_int8: true\n  onnx_opset: 17\n")
+    problems = {p.field: p for p in _problems(cfg, [])}
+    assert set(problems) == {"export.onnx_int8", "export.onnx_opset"}
+    assert problems["export.onnx_int8"].line == 3
+    assert problems["export.onnx_int8"].message.startswith("no longer a setting: use export.onnx_quants: [int8]")
+    assert "model builder" in problems["export.onnx_opset"].message
+
+
 # --------------------------------------------------------------------------------------------
 # Error messages for files
 # --------------------------------------------------------------------------------------------

@@ -58,9 +58,8 @@ class Server:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_model_factory):
     """A tiny model with SmolLM2's tokenizer (a chat template) as a directory, an f32 GGUF and an ONNX export."""
-    from optimum.exporters.onnx import main_export
-
     from loratui.exporters.gguf import converter_dir
+    from loratui.exporters.onnx import build
 
     model = tiny_model_factory(tokenizer="smollm2")
     tmp = tmp_path_factory.mktemp("serve")
@@ -69,8 +68,7 @@ def artifacts(tmp_path_factory, tiny_model_factory):
     subprocess.run([sys.executable, "-c", entry, str(model), "--outfile", str(gguf), "--outtype", "f32"], check=True,
                    cwd=converter_dir(), env={**os.environ, "PYTHONPATH": str(converter_dir())}, capture_output=True)
     onnx = tmp / "onnx"
-    main_export(str(model), output=str(onnx), task="text-generation-with-past", opset=18, device="cpu",
-                do_validation=False)
+    build(model, onnx, "fp32", tmp / "onnx.log", lambda: False, False)
     return {"torch": model, "gguf": gguf, "onnx": onnx}
 
 

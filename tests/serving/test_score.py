@@ -19,14 +19,13 @@ ROWS = [{"id": "a", "prompt": "Where is the library?", "completion": " At 14 Tan
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory, tiny_model_factory):
-    """The tiny model exported by optimum (the same call the exporter makes), tokenizer beside it."""
-    from optimum.exporters.onnx import main_export
+    """The tiny model built into an ONNX folder by the exporter's own call (onnxruntime-genai's builder)."""
+    from loratui.exporters.onnx import build
 
     model = tiny_model_factory()
-    out = tmp_path_factory.mktemp("score") / "onnx"
-    main_export(str(model), output=str(out), task="text-generation-with-past", opset=18, device="cpu",
-                do_validation=False)
-    return model, out
+    tmp = tmp_path_factory.mktemp("score")
+    build(model, tmp / "onnx", "fp32", tmp / "onnx.log", lambda: False, False)
+    return model, tmp / "onnx"
 
 
 def _write(path: Path, rows: list, extra_lines: tuple[str, ...] = ()) -> Path:

@@ -85,6 +85,29 @@ class StopRequested(Exception):
     pass
 
 
+def one_at_a_time(prompts: Sequence[list[int]], stream: Callable[[list[int]], Iterator[int]], max_new_tokens: int,
+                  stops: set[int], progress: Progress | None, should_stop: Callable[[], bool] | None) -> list[list[int]]:
+    """Greedy replies from a runtime that decodes one prompt at a time (``stream(prompt)``: its new token
+    ids), each cut before its first stop token and at ``max_new_tokens``."""
+    out = []
+    for prompt in prompts:
+        if should_stop and should_stop():
+            raise StopRequested
+        reply: list[int] = []
+        tokens = stream(prompt)
+        try:  # close the generator before anything else touches the model (an abandoned one can crash)
+            for t in tokens:
+                if t in stops or len(reply) >= max_new_tokens:
+                    break
+                reply.append(int(t))
+        finally:
+            tokens.close()
+        out.append(reply)
+        if progress:
+            progress(1)
+    return out
+
+
 class _Scoring:
     """``nll`` and ``predictions`` from one teacher-forced pass: ``scored`` gives (nll sum, count, top-1 ids)."""
 
@@ -116,17 +139,26 @@ class TorchModel(_Scoring):
 
     def _greedy(self, max_new_tokens: int) -> Any:
         """Plain greedy decoding. The model's generation_config.json is not applied: its repetition penalty,
-        minimum length or banned n-grams would change the replies the metrics compare."""
+        minimum length or banned n-grams would change the replies the metrics compare. transformers 5 fills
+        every setting left unset here from the model's own config, so each one that changes greedy replies
+        is set to its neutral value."""
         from transformers import GenerationConfig
 
         own = getattr(self.model, "generation_config", None)
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                 eos_token_id=sorted(self.stop_ids) or None, pad_token_id=self.pad_id,
-                                forced_bos_token_id=getattr(own, "forced_bos_token_id", None))
+                                forced_bos_token_id=getattr(own, "forced_bos_token_id", None),
+                                min_new_tokens=0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+                                no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
+                                suppress_tokens=[], begin_suppress_tokens=[],
+                                remove_invalid_values=False)
 
     @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
+
+    def _logits(self, ids: Any, mask: Any) -> Any:
+        return self.model(input_ids=ids, attention_mask=mask).logits
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
@@ -149,7 +181,7 @@ class TorchModel(_Scoring):
                     mask[row, longest - len(p):] = 1
             with torch.inference_mode():
                 gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=self._greedy(max_new_tokens), use_model_defaults=False)
+                                          generation_config=self._greedy(max_new_tokens))
             new = gen[:, longest:] if self.task == "causal" else gen[:, 1:]  # seq2seq: after the start token
             for row, i in enumerate(batch):
                 out[i] = cut_at_stop(new[row].tolist(), self.stop_ids | {self.pad_id})
@@ -187,7 +219,7 @@ class TorchModel(_Scoring):
                     decoder_ids = decoder_ids.masked_fill(decoder_ids == IGNORE, self.pad_id)
                     logits = self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
                 else:
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                    logits = self._logits(ids, mask)[:, :-1]
             if self.task == "seq2seq":
                 real = torch.zeros_like(labels, dtype=torch.bool)
                 for row, i in enumerate(batch):
@@ -234,64 +266,41 @@ class TorchModel(_Scoring):
         return out
 
 
-def import_onnxruntime() -> Any:
-    """The ``onnxruntime`` module, or a clear error naming the extra that installs it."""
-    try:
-        import onnxruntime
-    except ImportError as e:
-        from loratui.pipeline.errors import LoratuiError
-
-        raise LoratuiError(f"onnxruntime is not installed ({e})",
-                           hint="Install loratui with one of its ONNX Runtime builds: pip install 'loratui[cpu]', "
-                                "or 'loratui[cuda]' for onnxruntime-gpu (never both).") from e
-    return onnxruntime
-
-
-def ort_session_options(threads: int | None = None) -> Any:
-    """onnxruntime settings for CPU work: every graph optimization, one intra-op thread per core, and no
-    busy-waiting between runs (spinning threads slow the PyTorch code that generate() runs between
-    the model's calls, onnxruntime#13808)."""
-    import os
-
-    ort = import_onnxruntime()
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
-def ort_provider() -> str:
-    """CUDA when onnxruntime was built with it and a GPU is there, else CPU."""
-    ort = import_onnxruntime()
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        import torch
-
-        if torch.cuda.is_available():
-            return "CUDAExecutionProvider"
-    return "CPUExecutionProvider"
-
-
-def load_onnx(model_dir: Path, task: str, file_name: str | None = None, threads: int | None = None) -> Any:
-    """optimum's ORTModel for an ONNX export directory (``file_name``: which .onnx, for a decoder-only model)."""
-    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForSeq2SeqLM
-
-    options = {"provider": ort_provider(), "session_options": ort_session_options(threads), "use_cache": True}
-    if task == "seq2seq":
-        return ORTModelForSeq2SeqLM.from_pretrained(str(model_dir), **options)
-    return ORTModelForCausalLM.from_pretrained(str(model_dir), file_name=file_name, **options)
-
-
 class OnnxModel(TorchModel):
-    """An ONNX export in onnxruntime, through optimum's ORTModel classes. They offer transformers'
-    forward and generate, so batching, padding, scoring and decoding are TorchModel's."""
+    """A decoder-only ONNX export (see :mod:`loratui.pipeline.evaluate.ort`): teacher-forced batches through
+    onnxruntime, replies through onnxruntime-genai's generation loop. Batching, scoring and the metrics
+    are TorchModel's; only the forward pass and the decoding differ."""
+
+    def __init__(self, decoder: Any, *, name: str, task: str = "causal", pad_id: int, stop_ids: set[int],
+                 batch_size: int = 8, token_budget: int = 4096):
+        if task != "causal":
+            from loratui.pipeline.errors import LoratuiError
+
+            raise LoratuiError("ONNX exports are decoder-only: an encoder-decoder model has no ONNX path here")
+        super().__init__(decoder, name=name, task=task, pad_id=pad_id, stop_ids=stop_ids, batch_size=batch_size,
+                         token_budget=token_budget)
 
     @property
     def device(self) -> Any:
-        return self.model.device
+        return "cpu"
+
+    def _logits(self, ids: Any, mask: Any) -> Any:
+        import torch
+
+        return torch.from_numpy(self.model.logits(ids.numpy(), mask.numpy()))
+
+    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+        return one_at_a_time(prompts, lambda p: self.model.tokens(p, max_new_tokens), max_new_tokens,
+                             self.stop_ids | {self.pad_id}, progress, should_stop)
+
+
+def load_onnx(folder: Path, threads: int | None = None) -> Any:
+    """An :class:`~loratui.pipeline.evaluate.ort.OnnxDecoder` for an export folder (clear errors for old or
+    foreign folders; nothing is loaded until it is used)."""
+    from loratui.pipeline.evaluate.ort import OnnxDecoder
+
+    return OnnxDecoder(folder, threads=threads)
 
 
 class LlamaCppModel(_Scoring):
@@ -322,23 +331,9 @@ class LlamaCppModel(_Scoring):
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
-        out = []
-        for p in prompts:
-            if should_stop and should_stop():
-                raise StopRequested
-            reply: list[int] = []
-            tokens = self.llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
-            try:  # close the generator before anything else touches the model (an abandoned one can crash)
-                for t in tokens:
-                    if t in self.stop_ids or len(reply) >= max_new_tokens:
-                        break
-                    reply.append(int(t))
-            finally:
-                tokens.close()
-            out.append(reply)
-            if progress:
-                progress(1)
-        return out
+        return one_at_a_time(prompts, lambda p: self.llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                                                  repeat_penalty=1.0, reset=True),
+                             max_new_tokens, self.stop_ids, progress, should_stop)
 
     def _labelled(self, e: Example) -> tuple[Any, Any]:
         """(log-probability of each labelled token, top-1 prediction at each labelled position)."""
