@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in bench/, one after the other, into one table: bench/results.md.
 
 First brings the quickstart run up to date with the artifacts the benchmarks read (`loratui run
-examples/quickstart.yaml`, with the q4_k_m and q8_0 GGUF and the fp32 and int8 ONNX exports; a run that
+examples/quickstart.yaml`, with the q4_k_m and q8_0 GGUF and the fp32, int4 and int8 ONNX exports; a run that
 is already there is skipped step by step). Then each script runs alone on the machine with ``--json``,
 and appends its headline figures: what was measured, the baseline measured in the same script, the
 ratio, the target and whether it is met. The full output of each script goes to bench/logs/<name>.log.
@@ -27,9 +27,9 @@ REPO = BENCH.parent
 # (script, extra arguments); the scripts that read the quickstart run get --run
 SCRIPTS: list[tuple[str, list[str]]] = [
     ("data_prep", []), ("train_throughput", []), ("quickstart_quality", ["--run"]), ("gguf_decode", ["--run"]),
-    ("onnx_scoring", ["--run"]), ("serve_throughput", ["--run"]), ("tui_startup", []),
+    ("onnx_scoring", ["--run"]), ("onnx_decode", ["--run"]), ("serve_throughput", ["--run"]), ("tui_startup", []),
 ]
-EXPORTS = ["export.formats=[safetensors,gguf,onnx]", "export.gguf_quants=[q4_k_m,q8_0]", "export.onnx_int8=true"]
+EXPORTS = ["export.formats=[safetensors,gguf,onnx]", "export.gguf_quants=[q4_k_m,q8_0]", "export.onnx_quants=[int4,int8]"]
 
 
 def machine() -> str:

@@ -319,7 +319,8 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
     return {"path": str(out), "folders": kept, "rows": [asdict(r) for r in rows],
-            "refused": [r.folder for r in rows if r.verdict not in (None, "passed")],
+            "refused": [f"{r.type}: {r.verdict.removeprefix('refused: ')}" for r in rows
+                        if r.verdict not in (None, "passed")],
             "merged_perplexity": reference_ppl, "seconds": round(time.monotonic() - started, 2)}
 
 

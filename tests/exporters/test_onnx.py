@@ -52,7 +52,8 @@ def test_fp32_is_written_and_verified_and_each_quantized_model_is_judged(exporte
         assert row["verdict"] == ("passed" if kept else f"refused: top-1 agreement {row['top1_agreement']:.1%} "
                                                         f"(at least 97% for {kind} to be worth using)")
         assert (run.exports / f"onnx-{kind}").is_dir() == kept
-        refused += [] if kept else [f"onnx-{kind}"]
+        refused += [] if kept else [f"{kind}: top-1 agreement {row['top1_agreement']:.1%} (at least 97% for {kind} to "
+                                    "be worth using)"]
     assert result.summary["formats"]["onnx"]["refused"] == refused
     for row in rows.values():
         assert row["decode_tokens_per_s"] > 0 and row["scoring_rows_per_s"] > 0 and row["replies_stopped"].endswith("/6")

@@ -80,6 +80,18 @@ def test_auto_settings_are_written_to_config(tmp_path, tiny_llama):
     assert any("lora.r = 8" in r and "tokens" in r for r in reasons)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_is_fp32_on_any_cpu_and_bf16_only_when_asked(monkeypatch, native_bf16):
+    """The same run on AVX2 and AVX512-BF16 CPUs: bf16 there cost the quickstart quality for 17% speed."""
+    from loratui.pipeline.train import settings
+
+    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native_bf16)
+    assert settings.resolve_precision(load_config(None, []), "cpu").value == "fp32"
+    assert settings.resolve_precision(load_config(None, ["train.precision=bf16"]), "cpu").value == "bf16"
+    assert settings.resolve_precision(load_config(None, []), "cuda", cuda_bf16=True).value == "bf16"
+    assert settings.resolve_precision(load_config(None, []), "cuda", cuda_bf16=False).value == "fp16"
+
+
 def test_prompt_tokens_carry_no_loss(tmp_path, tiny_llama):
     """The collated batch trains exactly the data step's label tokens, each predicted from its own example."""
     from datasets import load_from_disk
