@@ -73,3 +73,16 @@ def test_the_training_section_shows_the_loss_plot_only_of_the_current_version(tm
     current(1)  # rolled back: the plot (of v2's training) is not v1's curve
     text = render_markdown(cfg, run)
     assert "Adapter version 1" in text and "Training loss 4 -> 1" in text and "eval/plots/loss.png" not in text
+
+
+def test_the_onnx_snippet_names_the_smallest_folder_that_passed(tmp_path):
+    cfg, run = _run(tmp_path)
+    (run.exports / "onnx").mkdir(parents=True)
+    (run.exports / "onnx" / "report.json").write_text("{}")
+    (run.exports / "onnx" / "genai_config.json").write_text("{}")
+    assert f'og.Model("{run.exports / "onnx"}")' in render_markdown(cfg, run)
+    (run.exports / "onnx-int8").mkdir()
+    (run.exports / "onnx-int8" / "genai_config.json").write_text("{}")  # int4 was refused: not there
+    text = render_markdown(cfg, run)
+    assert f'og.Model("{run.exports / "onnx-int8"}")' in text and "import onnxruntime_genai as og" in text
+    assert f"loratui score --model {run.exports / 'onnx'}" in text
