@@ -217,15 +217,17 @@ def test_another_family_converts_and_agrees_merged_and_as_a_lora(tmp_path, tiny_
     # is recognized by its hash)
     monkeypatch.setattr("loratui.exporters.gguf.recorded_pre", lambda cfg: "qwen2")
     monkeypatch.setattr("loratui.exporters.gguf_lora.recorded_pre", lambda cfg: "qwen2")
-    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.gguf_quants=[f16, q8_0, q4_k_m]",
-                             "export.formats=[gguf, gguf-lora]"])
+    # every test row: a tiny model trained 3 steps (in fp32) leads clearly at few positions, and the
+    # acceptance rule needs 20 such positions to judge a file
+    cfg = load_config(None, [*_args(tmp_path, qwen, name="q"), "export.verify_samples=29",
+                             "export.gguf_quants=[f16, q8_0, q4_k_m]", "export.formats=[gguf, gguf-lora]"])
     assert _step("train", cfg)[0] == EXIT_OK
     code, result, mem = _step("export", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
     rows = {r["type"]: r for r in result.summary["formats"]["gguf"]["rows"]}
     assert rows["f16"]["verdict"] == rows["q8_0"]["verdict"] == "accepted"
     # no target for 4-bit; on this tiny, barely trained model it measures about 90%
-    assert rows["q4_k_m"]["top1_agreement"] >= 0.8 and rows["q4_k_m"]["replies_stopped"].endswith("/6")
+    assert rows["q4_k_m"]["top1_agreement"] >= 0.8 and rows["q4_k_m"]["replies_stopped"].endswith("/29")
     # the adapter as a LoRA GGUF on the qwen2 base agrees with the merged model as well
     lora = result.summary["formats"]["gguf-lora"]["rows"][1]
     assert lora["type"] == "base f16 + LoRA f16" and lora["verdict"] == "accepted" and lora["decided"] >= 20
@@ -233,7 +235,8 @@ def test_another_family_converts_and_agrees_merged_and_as_a_lora(tmp_path, tiny_
 
     assert summary(RunDir.for_config(cfg).exports / "gguf" / "q-f16.gguf")["architecture"] == "qwen2"
     report = json.loads((RunDir.for_config(cfg).exports / "gguf" / "report.json").read_text())
-    assert len(report["files"]) == 3 and len(report["files"][0]["replies"]) == 6 and {"reply", "fact", "contains"} <= set(report["files"][0]["replies"][0])
+    assert len(report["files"]) == 3 and len(report["files"][0]["replies"]) == 29
+    assert {"reply", "fact", "contains"} <= set(report["files"][0]["replies"][0])
 
 
 def test_a_file_that_lost_the_adapter_is_refused_and_the_others_are_kept(tmp_path, smol, monkeypatch):

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from loratui.pipeline.errors import LoratuiError
 
 GENAI_CONFIG = "genai_config.json"
-_NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "float32"}
+_NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}  # the KV cache types numpy can hold
 
 
 def _import(module: str, package: str, extras: str) -> Any:
