@@ -300,7 +300,7 @@ class MergeSection(Section):
     parity_prompts: int = Field(8, ge=1, description="Examples (from the run's test data) the parity check runs.")
     parity_tolerance: float | None = Field(
         None, gt=0, description="Largest allowed absolute logit difference (empty: by dtype, a share of the "
-        "largest logit: float32 1e-5, float16 0.02, bfloat16 0.1)."
+        "largest logit: float32 1e-5 (never below 1e-4), float16 0.02, bfloat16 0.1)."
     )
 
 
