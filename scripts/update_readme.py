@@ -1,4 +1,5 @@
-"""Regenerate the config reference block in README.md from the schema (`make docs`)."""
+"""Regenerate the generated blocks of README.md (`make docs`): the config reference from the schema and the
+model-family support table from the family registry."""
 
 from __future__ import annotations
 
@@ -6,16 +7,24 @@ import sys
 from pathlib import Path
 
 from loratui.pipeline.config import config_reference_markdown
+from loratui.pipeline.families import support_table_markdown
 
-START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+BLOCKS = {"config-reference": config_reference_markdown, "family-support": support_table_markdown}
+
+
+def _replace(readme: str, name: str, text: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, sep, rest = readme.partition(start)
+    _, sep2, tail = rest.partition(end)
+    if not sep or not sep2:
+        raise SystemExit(f"README.md needs the markers {start} and {end}")
+    return f"{head}{start}\n{text}{end}{tail}"
 
 
 def render(readme: str) -> str:
-    head, sep, rest = readme.partition(START)
-    _, sep2, tail = rest.partition(END)
-    if not sep or not sep2:
-        raise SystemExit(f"README.md needs the markers {START} and {END}")
-    return f"{head}{START}\n{config_reference_markdown()}{END}{tail}"
+    for name, make in BLOCKS.items():
+        readme = _replace(readme, name, make())
+    return readme
 
 
 if __name__ == "__main__":

@@ -3,12 +3,42 @@
 ``make_tiny_model(out_dir, family=..., tokenizer=...)`` writes a Hugging Face directory that every
 step can load like a real checkpoint. Families: ``llama`` and ``qwen2`` (two decoder families with
 different attention biases), ``t5`` (an encoder-decoder, T5ForConditionalGeneration, for the
-seq2seq path), and two families that exist only in transformers 5:
+seq2seq path), two families that exist only in transformers 5:
 - ``qwen3_5``: Qwen3_5ForCausalLM (Qwen3.5 text), a hybrid of Gated-DeltaNet linear-attention layers
   and gated full-attention layers, one full layer every ``QWEN3_5_FULL_EVERY`` (the real models' 3:1
   pattern; ``layers`` is rounded up to a multiple of it so both kinds appear).
 - ``gemma4``: Gemma4ForCausalLM (Gemma 4 text), sliding-window and full-attention layers with
   different head sizes, per-layer input embeddings and proportional RoPE on the full layers.
+and one family per architecture whose attention or layout differs from Llama's in a way that matters
+to training (sliding windows are ``SLIDING_WINDOW`` = 8 tokens, shorter than test rows, so they cut):
+- ``llama3``: LlamaForCausalLM with Llama 3.x ``llama3`` RoPE scaling (factor 8, theta 500k, an
+  original context of 64 so all three frequency bands of the scaling occur at head_dim 16).
+- ``mistral``: MistralForCausalLM, a sliding window on every layer (passed from the config).
+- ``ministral``: MinistralForCausalLM (model_type ``ministral``), ``layer_types`` alternating
+  sliding-window and full layers.
+- ``ministral3``: Ministral3ForCausalLM (Ministral 3 / Mistral 3 text), YaRN RoPE and the Llama-4
+  position-dependent query scale (``llama_4_scaling_beta``; ``original_max_position_embeddings`` is 16
+  here so the scale changes inside test rows).
+- ``qwen3``: Qwen3ForCausalLM, per-head RMSNorm on queries and keys, explicit head_dim.
+- ``qwen3_moe``: Qwen3MoeForCausalLM, 4 experts, top-2 with normalized weights. Loaded, transformers 5
+  holds the experts as 3-D Parameters ``mlp.experts.gate_up_proj`` / ``down_proj`` (not nn.Linear, so
+  peft's all-linear misses them); the saved checkpoint keeps the released per-expert layout
+  (``mlp.experts.N.gate_proj.weight`` ...).
+- ``gemma2``: Gemma2ForCausalLM, attention logit soft-capping of 1.0 (so the cap really bends the
+  scores), final logit soft-capping 5.0, ``query_pre_attn_scalar`` 24 (scaling != head_dim ** -0.5),
+  alternating sliding-window / full layers, pre- and post-norms, scaled embeddings.
+- ``gemma3``: Gemma3ForCausalLM (model_type ``gemma3_text``), sliding and full layers with their own
+  RoPE bases, query/key norms, ``query_pre_attn_scalar`` 24.
+- ``phi3``: Phi3ForCausalLM, fused ``qkv_proj`` and ``gate_up_proj``, a sliding window on every layer.
+- ``granite``: GraniteForCausalLM, embedding / residual / logits multipliers and
+  ``attention_multiplier`` 0.1 as the attention scaling.
+- ``olmo2``: Olmo2ForCausalLM, post-norms only and RMSNorm over the whole query / key projections.
+- ``smollm3``: SmolLM3ForCausalLM, 4 layers (at least) with ``no_rope_layers``: every 4th has no RoPE.
+- ``gpt_oss``: GptOssForCausalLM, attention sinks (a learned logit per head, initialized at std 1 so
+  they matter), alternating sliding-window / full layers, biased projections, 4 experts top-2 (3-D
+  expert Parameters with biases, also on disk), YaRN RoPE. The tokenizer has no harmony special tokens.
+Every family takes ``hidden`` / ``heads`` / ``kv_heads`` / ``layers`` / ``intermediate`` (MoE experts
+use ``intermediate // 2`` each) and builds in well under a second.
 Tokenizers:
 - ``smollm2``: the SmolLM2 tokenizer (49k byte-level BPE, ChatML template), the one the GGUF importer
   rebuilds; llama.cpp's converter recognises it, so GGUF export can be tested on these models.
@@ -75,10 +105,17 @@ def _small_bpe_tokenizer(flavour: Literal["chatml", "t5"] = "chatml") -> Any:
     return fast
 
 
+Family = Literal["llama", "qwen2", "t5", "qwen3_5", "gemma4", "llama3", "mistral", "ministral", "ministral3",
+                 "qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "gpt_oss"]
+CAUSAL_FAMILIES = ("llama", "qwen2", "qwen3_5", "gemma4", "llama3", "mistral", "ministral", "ministral3", "qwen3",
+                   "qwen3_moe", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "gpt_oss")
+SLIDING_WINDOW = 8  # the sliding window of the mistral, ministral, gemma2, gemma3, phi3 and gpt_oss families
+
+
 def make_tiny_model(
     out_dir: str | Path,
     *,
-    family: Literal["llama", "qwen2", "t5", "qwen3_5", "gemma4"] = "llama",
+    family: Family = "llama",
     tokenizer: Literal["smollm2", "bpe"] = "bpe",
     hidden: int = 64,
     layers: int = 2,
@@ -106,12 +143,22 @@ def make_tiny_model(
         config = _qwen3_5_config(common, heads)
     elif family == "gemma4":
         config = _gemma4_config(common)
+    elif family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family in _FAMILY_CONFIGS:
+        config = _FAMILY_CONFIGS[family](common)
     else:
-        config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+        raise ValueError(f"unknown tiny model family {family!r}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if family == "qwen3_5":
         _realistic_linear_attention(model)
+    if family == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 1.0)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
@@ -180,6 +227,123 @@ def _gemma4_config(common: dict[str, Any]) -> Any:
 
 
 GEMMA4_WINDOW = 32  # shorter than the test rows, so the sliding window really cuts
+
+
+def _head_dim(common: dict[str, Any]) -> int:
+    return common["hidden_size"] // common["num_attention_heads"]
+
+
+def _alternating(layers: int) -> list[str]:
+    """Sliding-window and full-attention layers in turn, starting with a sliding one (Gemma 2's pattern)."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+
+
+def _llama3_config(common: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
+
+    kwargs = {k: v for k, v in common.items() if k != "rope_theta"}
+    rope = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": common["max_position_embeddings"] // 8}
+    return LlamaConfig(**kwargs, rope_parameters=rope)
+
+
+def _mistral_config(common: dict[str, Any]) -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(**common, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW)
+
+
+def _ministral_config(common: dict[str, Any]) -> Any:
+    from transformers import MinistralConfig
+
+    return MinistralConfig(**common, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW,
+                           layer_types=_alternating(common["num_hidden_layers"]))
+
+
+def _ministral3_config(common: dict[str, Any]) -> Any:
+    from transformers import Ministral3Config
+
+    kwargs = {k: v for k, v in common.items() if k != "rope_theta"}
+    rope = {"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": common["max_position_embeddings"] / 16,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    return Ministral3Config(**kwargs, head_dim=_head_dim(common), rope_parameters=rope)
+
+
+def _qwen3_config(common: dict[str, Any]) -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**common, head_dim=_head_dim(common))
+
+
+def _qwen3_moe_config(common: dict[str, Any]) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**common, head_dim=_head_dim(common), num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=common["intermediate_size"] // 2, norm_topk_prob=True,
+                          decoder_sparse_step=1)
+
+
+def _gemma2_config(common: dict[str, Any]) -> Any:
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**common, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW,
+                        attn_logit_softcapping=1.0, final_logit_softcapping=5.0, query_pre_attn_scalar=24,
+                        hidden_activation="gelu_pytorch_tanh")
+
+
+def _gemma3_config(common: dict[str, Any]) -> Any:
+    from transformers import Gemma3TextConfig
+
+    kwargs = {k: v for k, v in common.items() if k != "rope_theta"}
+    return Gemma3TextConfig(**kwargs, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW,
+                            query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                            layer_types=_alternating(common["num_hidden_layers"]))
+
+
+def _phi3_config(common: dict[str, Any]) -> Any:
+    from transformers import Phi3Config
+
+    return Phi3Config(**common, sliding_window=SLIDING_WINDOW, original_max_position_embeddings=512)
+
+
+def _granite_config(common: dict[str, Any]) -> Any:
+    from transformers import GraniteConfig
+
+    return GraniteConfig(**common, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+                         attention_multiplier=0.1)
+
+
+def _olmo2_config(common: dict[str, Any]) -> Any:
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**common)
+
+
+def _smollm3_config(common: dict[str, Any]) -> Any:
+    from transformers import SmolLM3Config
+
+    kwargs = {**common, "num_hidden_layers": max(4, common["num_hidden_layers"])}
+    return SmolLM3Config(**kwargs, no_rope_layer_interval=4)
+
+
+def _gpt_oss_config(common: dict[str, Any]) -> Any:
+    from transformers import GptOssConfig
+
+    kwargs = {k: v for k, v in common.items() if k not in ("rope_theta", "intermediate_size")}
+    rope = {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": common["max_position_embeddings"] // 32}
+    return GptOssConfig(**kwargs, head_dim=_head_dim(common), intermediate_size=common["intermediate_size"] // 2,
+                        num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
+                        rope_parameters=rope)
+
+
+_FAMILY_CONFIGS = {
+    "llama3": _llama3_config, "mistral": _mistral_config, "ministral": _ministral_config,
+    "ministral3": _ministral3_config, "qwen3": _qwen3_config, "qwen3_moe": _qwen3_moe_config,
+    "gemma2": _gemma2_config, "gemma3": _gemma3_config, "phi3": _phi3_config, "granite": _granite_config,
+    "olmo2": _olmo2_config, "smollm3": _smollm3_config, "gpt_oss": _gpt_oss_config,
+}
 
 
 def _make_tiny_t5(out: Path, tokenizer: str, hidden: int, layers: int, heads: int, intermediate: int,

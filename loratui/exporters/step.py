@@ -22,6 +22,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     from loratui.pipeline.steps import StepResult
 
     formats = list(dict.fromkeys(cfg.export.formats))
+    _check_family(cfg, run, formats, events)
     started = time.monotonic()
     results: dict[str, Any] = {}
     artifacts: list[str] = []
@@ -44,3 +45,17 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
                    + "; ".join(f"{fmt} {why}" for fmt, whys in refused.items() for why in whys), level="warning")
     return StepResult(summary={"formats": results, "refused": refused, "seconds": round(time.monotonic() - started, 2)},
                       artifacts=[a for a in artifacts if a])
+
+
+def _check_family(cfg: RunConfig, run: RunDir, formats: list[str], events: EventSink) -> None:
+    """Refuse the formats this model's family cannot take before anything is merged or converted."""
+    import json
+
+    from loratui.pipeline.families import check
+
+    manifest = run.data / "dataset.json"
+    try:
+        model_dir = json.loads(manifest.read_text(encoding="utf-8"))["model_dir"]
+    except (OSError, ValueError, KeyError):
+        model_dir = run.merged  # no data manifest: the merged model has the same config
+    check(model_dir, formats, warn=lambda text: events.log(text, level="warning"))

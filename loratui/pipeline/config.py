@@ -138,10 +138,12 @@ class LoraSection(Section):
         description="Dropout on the adapter input. 0 (as in Unsloth and LLaMA-Factory) skips a random mask "
         "per adapted layer, about 15% of a CPU training step.",
     )
-    target_modules: Union[list[str], Literal["all-linear", "attention"]] = Field(
+    target_modules: Union[list[str], Literal["all-linear", "attention", "mlp"]] = Field(
         "all-linear",
-        description="Modules to adapt: `all-linear` (every attention and MLP projection, not the output "
-        "head), `attention` (`q_proj, v_proj`, the original LoRA recipe) or a list of module names.",
+        description="Modules to adapt: `all-linear` (every attention and MLP projection and MoE experts, not "
+        "the output head or a vision tower), `attention` (the query and value projections, `q_proj, v_proj`, "
+        "the original LoRA recipe; `qkv_proj` where the family fuses them), `mlp` (the MLP projections or "
+        "experts) or a list of module names. The README's family table lists each family's names.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
     modules_to_save: list[str] = Field(

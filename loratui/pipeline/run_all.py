@@ -37,6 +37,25 @@ def enabled_steps(cfg: RunConfig, skip: tuple[str, ...] = ()) -> list[str]:
     return [s for s in steps if s != "export" or cfg.export.formats]
 
 
+def preflight(cfg: RunConfig, steps: list[str]) -> None:
+    """Refuse, before the first step starts, a step or export format this model's family cannot take
+    (:mod:`loratui.pipeline.families`): an ONNX export that cannot work must not wait for the training.
+    A model that is not resolvable here yet (a built-in not prepared, a hub id not downloaded) is checked
+    by each step when it gets there."""
+    from loratui.pipeline.families import check
+    from loratui.pipeline.errors import ModelNotFound
+    from loratui.pipeline.models import resolve_model
+
+    wanted = [s for s in ("train", "merge") if s in steps]
+    if "export" in steps:
+        wanted += [f for f in dict.fromkeys(cfg.export.formats) if f != "safetensors"]
+    try:
+        model = resolve_model(cfg.model.base, revision=cfg.model.revision, prepare=False)
+    except ModelNotFound:
+        return
+    check(model.path, wanted)
+
+
 def _train_resumable(cfg: RunConfig, run: RunDir) -> bool:
     """An interrupted train step with these settings left a checkpoint to continue from."""
     from loratui.pipeline.train.step import complete_checkpoints
@@ -55,6 +74,7 @@ def run_all(cfg: RunConfig, *, writers: list[Writer] | None = None, stop: StopFl
     Returns (exit code, one outcome per enabled step)."""
     run = RunDir.for_config(cfg)
     steps = enabled_steps(cfg, skip)
+    preflight(cfg, steps)
     stop = stop or StopFlag()
     restore = stop.install()  # Ctrl-C between two steps stops the run too
     try:

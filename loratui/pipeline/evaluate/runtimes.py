@@ -395,11 +395,14 @@ def load_torch(model_dir: Path, task: str, device: str, precision: str, trust_re
     """A model for inference in ``precision`` (fp32, bf16, fp16), on ``device``."""
     import torch
 
+    from loratui.pipeline.families import attention_implementation
     from loratui.pipeline.models import model_class
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    # the family's own attention where SDPA would drop part of it (soft-capping, sinks)
+    attention = {"attn_implementation": attention_implementation(model_dir)} if task == "causal" else {}
     model = model_class(task).from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                                **({"attn_implementation": "sdpa"} if task == "causal" else {}))
+                                              **attention)
     if device == "cuda":
         model = model.to("cuda")
     return model.eval()

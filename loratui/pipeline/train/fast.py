@@ -7,6 +7,10 @@ at every position. Here a micro-batch becomes one sequence:
 
 * **No padding.** Attention stays inside each example: :func:`varlen_attention` runs one SDPA call
   per example (a registered transformers attention implementation), so no example sees another.
+  Sliding windows are cut inside each example; logit soft-capping (Gemma 2) and attention sinks
+  (gpt-oss) are computed exactly as transformers' eager attention does. Models it cannot serve
+  (recurrent or convolutional layers, encoder-decoders, bidirectional attention) are named with the
+  reason by :func:`padding_free_refusal` and train on padded batches.
 * **Shared prefix.** When every example of the micro-batch starts with the same tokens and none of
   them is trained (a default system prompt, an instruction header), that prefix is computed once;
   each example attends to it and its gradient is summed over the examples, exactly as if every
@@ -38,29 +42,108 @@ def _sdpa_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+                        additive: torch.Tensor | None, scaling: float, dropout: float, training: bool,
+                        softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention written out as transformers' eager implementations of Gemma 2 and gpt-oss compute it,
+    for what SDPA cannot express: logit soft-capping (``tanh(s / cap) * cap`` before the mask) and
+    attention sinks (a learned logit per head appended as one more key column, softmax, column dropped).
+
+    ``allowed``: boolean mask broadcast over the scores (True = attend), or ``additive``: a float mask
+    added to them (0 / the dtype's minimum, as transformers builds it), or neither. Returns
+    (batch, heads, queries, head_dim) like SDPA.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # transformers' repeat_kv: query head h uses key/value head h // groups
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    elif additive is not None:
+        scores = scores + additive
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[2], 1).to(scores.dtype)
+        combined = torch.cat((scores, sink), dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        weights = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        weights = F.dropout(weights, p=dropout, training=training).to(value.dtype)
+    else:
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = F.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, value)
+
+
+def _explicit_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float, dropout: float, softcap: float | None,
+                       sinks: torch.Tensor | None, is_causal: bool | None) -> tuple[torch.Tensor, None]:
+    """Soft-capping or sinks without segment bounds (generation, a padded batch): the mask transformers
+    built (``sdpa_mask``: boolean, or None where plain causal attention is exact), as in SDPA."""
+    allowed = additive = None
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[2]]
+        if mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            additive = mask
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        n, m = query.shape[2], key.shape[2]
+        if causal and n > 1:  # queries are the last n of the m positions
+            allowed = torch.ones(n, m, dtype=torch.bool, device=query.device).tril_(m - n)
+    out = _explicit_attention(query, key, value, allowed, additive, scaling, dropout, module.training, softcap, sinks)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, *, cu_seq_lens_q: torch.Tensor | None = None,
                      loratui_prefix: int = 0, scaling: float | None = None, dropout: float = 0.0,
-                     sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     s_aux: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention for a padding-free batch of one row: segments given by ``cu_seq_lens_q``.
 
     ``loratui_prefix`` > 0: the first segment is a prefix shared by all later segments, which attend
     to it in full and to themselves causally. ``sliding_window`` (a sliding-attention layer: Gemma,
     Mistral, ...): a query sees only the last ``sliding_window`` positions, itself included, as in
-    transformers' own masks (the shared prefix counts as positions before the example's own). Without
-    ``cu_seq_lens_q`` (generation, padded batches) this is plain SDPA with the mask transformers built.
+    transformers' own masks (the shared prefix counts as positions before the example's own).
+    ``softcap`` (Gemma 2's attention logit soft-capping) and ``s_aux`` (gpt-oss's attention sinks, one
+    logit per head) are computed exactly as transformers' eager attention of those models does
+    (:func:`_explicit_attention`), segment by segment; everything else runs SDPA. ``scaling`` is the
+    model's own (Gemma's ``query_pre_attn_scalar``, Granite's ``attention_multiplier``); None means
+    head_dim ** -0.5. Without ``cu_seq_lens_q`` (generation, padded batches) this is plain SDPA with the
+    mask transformers built, or the explicit computation with that mask for soft-capping or sinks.
     """
-    if cu_seq_lens_q is not None and (kwargs.get("softcap") or kwargs.get("s_aux") is not None):
-        raise NotImplementedError("padding-free attention has no soft-capping or attention sinks "
-                                  "(padding_free_possible rules such models out)")
+    explicit = bool(softcap) or s_aux is not None
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
     if cu_seq_lens_q is None:
+        if explicit:
+            return _explicit_fallback(module, query, key, value, attention_mask, scaling,
+                                      dropout if module.training else 0.0, softcap, s_aux, kwargs.get("is_causal"))
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                               sliding_window=sliding_window, **kwargs)
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        raise NotImplementedError("padding-free attention is causal only (padding_free_refusal rules out "
+                                  "bidirectional models)")
     window = int(sliding_window) if sliding_window else None
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
     bounds = cu_seq_lens_q.tolist()
     p = int(loratui_prefix)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` None: plain causal attention over a segment of its own."""
+        if explicit:
+            if mask is None:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
+            return _explicit_attention(q, k, v, mask, None, scaling, drop, module.training, softcap, s_aux)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling,
+                                                  enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling, enable_gqa=gqa)
+
     # split (not slice): the backward of a split concatenates once, where each slice's backward would
     # fill a zero tensor the size of the whole sequence
     sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
@@ -75,15 +158,11 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
             if window is not None and window < p + n:  # key j (prefix, then own) is seen from query i when j > p + i - window
                 mask.triu_(p - window + 1)
-            outs.append(F.scaled_dot_product_attention(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2),
-                                                       attn_mask=mask, dropout_p=drop, scale=scaling, enable_gqa=gqa))
+            outs.append(attend(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2), mask))
         elif window is not None and window < n:
-            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_().triu_(1 - window)
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling,
-                                                       enable_gqa=gqa))
+            outs.append(attend(q, k, v, torch.ones(n, n, dtype=torch.bool, device=q.device).tril_().triu_(1 - window)))
         else:
-            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling,
-                                                       enable_gqa=gqa))
+            outs.append(attend(q, k, v, None))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -120,20 +199,37 @@ def carries_state(config: Any, model_class: Any = None) -> bool:
     return bool(types & STATEFUL_LAYER_TYPES) or bool(getattr(model_class, "_is_stateful", False))
 
 
-def padding_free_possible(config: Any, model_class: Any) -> bool:
-    """True for a causal LM of ``model_class`` whose every token mixer can be confined to one example:
-    attention through transformers' attention interface (where :func:`varlen_attention` plugs in) and
-    no layer that :func:`carries_state`. Decided from the config, before the weights are loaded."""
+def padding_free_refusal(config: Any, model_class: Any) -> str | None:
+    """Why a causal LM of ``model_class`` cannot train padding-free (None: it can), in words for the log.
+
+    Padding-free needs every token mixer confined to one example: attention through transformers'
+    attention interface (where :func:`varlen_attention` plugs in; it computes sliding windows,
+    soft-capping and attention sinks exactly), causal, and no layer that :func:`carries_state`.
+    Decided from the config, before the weights are loaded."""
+    name = getattr(model_class, "__name__", str(model_class))
     if getattr(config, "is_encoder_decoder", False):
-        return False
-    if not getattr(model_class, "_supports_attention_backend", False):
-        return False
+        return f"{name} is an encoder-decoder model; padding-free packing is for decoder-only models"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    # logit soft-capping (Gemma 2) and attention sinks (gpt-oss) change the attention itself, and
-    # varlen_attention computes plain softmax attention
-    if getattr(text, "attn_logit_softcapping", None) or getattr(text, "model_type", "") == "gpt_oss":
-        return False
-    return not carries_state(config, model_class)
+    if carries_state(config, model_class):
+        kinds = sorted(set(getattr(text, "layer_types", None) or ()) & STATEFUL_LAYER_TYPES)
+        what = f"layers of kind {', '.join(kinds)}" if kinds else "stateful layers"
+        return (f"{name} has {what} that carry a state from token to token (recurrent scans or short "
+                "convolutions), which transformers does not reset at packed example bounds")
+    if not getattr(model_class, "_supports_attention_backend", False):
+        return (f"{name} does not run its attention through transformers' attention interface, so the "
+                "packed examples could not be kept apart")
+    # True (Gemma 3 embedding models) or "all" (Gemma 4): text attends both ways; Gemma 4's "vision" is
+    # bidirectional among image tokens only, causal for text
+    bidirectional = getattr(text, "use_bidirectional_attention", None)
+    if bidirectional is True or bidirectional == "all":
+        return f"{name} attends bidirectionally (use_bidirectional_attention); padding-free attention is causal"
+    return None
+
+
+def padding_free_possible(config: Any, model_class: Any) -> bool:
+    """True for a causal LM of ``model_class`` that can train padding-free: :func:`padding_free_refusal`
+    has no objection."""
+    return padding_free_refusal(config, model_class) is None
 
 
 def supports_padding_free(model: Any) -> bool:

@@ -27,9 +27,6 @@ from loratui.pipeline.train import history as hist
 from loratui.pipeline.train import settings
 from loratui.pipeline.train.quiet import quiet_bitsandbytes
 
-ATTENTION_PRESETS = {"t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"]}
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
@@ -83,7 +80,20 @@ def load_splits(run: RunDir, manifest: dict[str, Any]) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _wants_padding_free(cfg: RunConfig, model_dir: Path, task: str) -> bool:
+def _check_family(cfg: RunConfig, model_dir: Path, events: EventSink | None) -> None:
+    """Refuse training a family that cannot be trained; warn when a configured export format will be
+    refused for it later (``loratui run`` refuses that before this step even starts)."""
+    from loratui.pipeline.families import check, refusal
+
+    warn = (lambda text: events.log(text, level="warning")) if events is not None else None
+    check(model_dir, ["train"], warn=warn)
+    for fmt in dict.fromkeys(cfg.export.formats):
+        error = refusal(model_dir, fmt)
+        if error is not None and warn is not None:
+            warn(f"export.formats names {fmt}, which this model cannot take: {error.message}")
+
+
+def _wants_padding_free(cfg: RunConfig, model_dir: Path, task: str, events: EventSink | None = None) -> bool:
     if not cfg.train.padding_free or task != "causal":
         return False
     from transformers import AutoConfig
@@ -93,10 +103,14 @@ def _wants_padding_free(cfg: RunConfig, model_dir: Path, task: str) -> bool:
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
-        return False
-    from loratui.pipeline.train.fast import padding_free_possible
+        why: str | None = f"{type(config).__name__} has no causal-LM class in transformers"
+    else:
+        from loratui.pipeline.train.fast import padding_free_refusal
 
-    return padding_free_possible(config, cls)
+        why = padding_free_refusal(config, cls)
+    if why is not None and events is not None:
+        events.log(f"padded batches: padding-free training is off for this model because {why}")
+    return why is None
 
 
 def load_base(cfg: RunConfig, model_dir: Path, task: str, device: str, precision: str, padding_free: bool,
@@ -111,7 +125,9 @@ def load_base(cfg: RunConfig, model_dir: Path, task: str, device: str, precision
     if padding_free:
         kwargs["attn_implementation"] = register_attention()
     elif task == "causal":
-        kwargs["attn_implementation"] = "sdpa"
+        from loratui.pipeline.families import attention_implementation
+
+        kwargs["attn_implementation"] = attention_implementation(model_dir)
     quantize = cfg.lora.method == "qlora"
     if quantize and stack:  # merging into a 4-bit model rounds; merge on the full-precision base first
         events.log("stack on qlora: earlier adapters are merged into the full-precision base, then it is quantized")
@@ -158,11 +174,11 @@ def _quantize_in_place(model: Any, cfg: RunConfig, device: str, precision: str, 
                                                   **{k: v for k, v in kwargs.items() if k != "quantization_config"})
 
 
-def target_modules(cfg: RunConfig, model: Any) -> Any:
-    t = cfg.lora.target_modules
-    if t == "attention":
-        return ATTENTION_PRESETS.get(getattr(model.config, "model_type", ""), ["q_proj", "v_proj"])
-    return t
+def lora_targets(cfg: RunConfig, model: Any) -> dict[str, Any]:
+    """``lora.target_modules`` resolved for this model's family (``target_modules``/``target_parameters``)."""
+    from loratui.pipeline.families import lora_targets as resolve
+
+    return resolve(cfg.lora.target_modules, model.config)
 
 
 def add_adapter(cfg: RunConfig, model: Any, task: str, resolved: settings.Resolved, init_from: Path | None) -> Any:
@@ -173,7 +189,7 @@ def add_adapter(cfg: RunConfig, model: Any, task: str, resolved: settings.Resolv
     lora = cfg.lora
     config = LoraConfig(
         r=resolved["lora.r"], lora_alpha=resolved["lora.alpha"], lora_dropout=lora.dropout,
-        target_modules=target_modules(cfg, model), use_rslora=lora.use_rslora, use_dora=lora.method == "dora",
+        **lora_targets(cfg, model), use_rslora=lora.use_rslora, use_dora=lora.method == "dora",
         modules_to_save=lora.modules_to_save or None,
         task_type=TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.CAUSAL_LM,
     )
@@ -360,7 +376,8 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     else:
         init_from = parent_path if mode == "continue" else None
 
-    padding_free = _wants_padding_free(cfg, model_dir, task)
+    _check_family(cfg, model_dir, events if rank == 0 else None)
+    padding_free = _wants_padding_free(cfg, model_dir, task, events if rank == 0 else None)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     micro, accum = resolved["train.batch_size"], resolved["train.grad_accum"]
     while True:
