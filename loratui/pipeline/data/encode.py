@@ -8,6 +8,17 @@ tokenized once with offsets, and a token is trained when it starts inside an ass
 template does not end the last answer with EOS, EOS is appended and trained, so the model learns to
 stop.
 
+That needs a template whose render of a conversation starts with its render of every shorter one.
+Many rewrite earlier turns instead: Qwen3 shows the reasoning only after the last question, Phi-3.5
+appends EOS only at the end, GPT-OSS ends the last answer with ``<|return|>`` and earlier ones with
+``<|end|>``, the DeepSeek-R1 distills strip the reasoning from every answer. A row such a template
+renders inconsistently becomes one example per assistant turn (:func:`render_examples`): the
+conversation up to that turn, rendered as if it were the last (exactly what the model sees when it
+writes that reply), with only that reply trained. Where a generation prompt opens a think block
+(``<think>\n``, R1), the reply is what the model writes after it: the reasoning, the answer, the end
+of turn. The examples of a row are numbered by ``chunk`` from its last turn (0, the whole
+conversation, as before) backwards, so evaluation still generates one reply per row.
+
 Encoder-decoder (seq2seq) models: an example is a source text for the encoder and a target for the
 decoder (:func:`seq2seq_texts`, :func:`encode_seq2seq_batch`); ``labels`` are the target's ids, EOS
 last, all trained, and no chat template is involved.
@@ -23,33 +34,50 @@ from typing import Any
 
 import numpy as np
 
-from loratui.pipeline.data.templates import ChatTemplate, content_is_opaque
+from loratui.pipeline.data.templates import ChatTemplate, content_is_opaque, has_reasoning
 from loratui.pipeline.errors import LoratuiError
 
 IGNORE = -100
-PIPELINE_ROWS = 250  # rows rendered per tokenizer call inside a batch
+PIPELINE_ROWS = 250  # rendered examples per tokenizer call inside a batch
+
+Spans = list[tuple[int, int]]
+# One example of a row: its text, the character spans to train, and how many of the row's messages it holds.
+Rendered = tuple[str, Spans, int]
+
+# What a generation prompt may add after the start of the reply the template renders: a think block
+# opened for the model to reason in, or an empty one closed (the thinking mode is off).
+_OPENS_THINK = re.compile(r"<think>(\s*)")
+_CLOSED_THINK = re.compile(r"<think>\s*</think>\s*")
+_OPENING_TAG = re.compile(r"\s*<think>")
+_PROBE = "\x00loratui-reply\x00"
+
+
+class RewritesEarlierTurns(LoratuiError):
+    """The template renders a conversation differently from its own prefixes: one render cannot hold every turn."""
 
 
 def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str,
-                train_on_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+                train_on_prompt: bool) -> tuple[str, Spans]:
     """The rendered text and the character spans to train on (the reference implementation).
 
     An assistant span runs from the end of the generation prompt to the end of its turn: through the
     last EOS inside the turn when the template writes one there, else to the turn's end; when the
-    last answer has no EOS, EOS is appended and trained.
+    last answer has no EOS, EOS is appended and trained. Raises :class:`RewritesEarlierTurns` when
+    one render cannot be split into the turns (then :func:`render_examples` renders per turn).
     """
-    full = template.render(messages)
+    flags = {has_reasoning(m["content"]) for m in messages if m["role"] == "assistant"}
+    if template.thinking_switch and len(flags) > 1:  # one render cannot switch thinking per reply
+        raise _rewrites(template)
+    thinking = flags == {True}
+    full = template.render(messages, thinking=thinking)
     spans: list[tuple[int, int]] = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = template.render(messages[:k], add_generation_prompt=True)
-        upto = full if k == len(messages) - 1 else template.render(messages[: k + 1])
+        before = template.render(messages[:k], add_generation_prompt=True, thinking=thinking)
+        upto = full if k == len(messages) - 1 else template.render(messages[: k + 1], thinking=thinking)
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise LoratuiError(
-                f"the {template.name} chat template renders a conversation differently from its own prefixes, "
-                "so the assistant turns cannot be located",
-                hint="Choose a named template with data.template (chatml, alpaca, llama2, phi).")
+            raise _rewrites(template)
         start = len(before)
         end = upto.rfind(eos, start) if eos else -1
         spans.append((start, end + len(eos) if end >= 0 else len(upto)))
@@ -61,6 +89,92 @@ def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str
     return full, spans
 
 
+def _rewrites(template: ChatTemplate) -> RewritesEarlierTurns:
+    return RewritesEarlierTurns(
+        f"the {template.name} chat template renders a conversation differently from its own prefixes, "
+        "so the assistant turns cannot be located in one render")
+
+
+def render_turn(messages: list[dict[str, str]], k: int, template: ChatTemplate, eos: str,
+                train_on_prompt: bool, where: str = "") -> tuple[str, Spans]:
+    """``messages[:k + 1]`` as the model sees it when it writes reply ``k``, with only that reply trained.
+
+    The text is the template's render of the conversation ending with reply ``k``; the trained span
+    starts where the generation prompt (:meth:`ChatTemplate.reply_prompt`) ends and runs to the end of
+    the turn, with the same EOS rules as :func:`render_chat`. When the generation prompt is not the
+    start of that render, see :func:`_after_think_prompt`. ``where`` (file, row) goes into errors.
+    """
+    prompt = template.reply_prompt(messages[: k + 1])
+    text = template.render(messages[: k + 1], thinking=has_reasoning(messages[k]["content"]))
+    if not text.startswith(prompt):
+        text = _after_think_prompt(messages, k, template, prompt, text, where)
+    start = len(prompt)
+    found = text.rfind(eos, start) if eos else -1
+    end = found + len(eos) if found >= 0 else len(text)
+    if eos and eos not in text[start:end]:
+        text += eos
+        end = len(text)
+    return text, [(0, len(text)) if train_on_prompt else (start, end)]
+
+
+def _after_think_prompt(messages: list[dict[str, str]], k: int, template: ChatTemplate, prompt: str, text: str,
+                        where: str) -> str:
+    """The text for reply ``k`` when the generation prompt is not the start of the rendered reply (R1).
+
+    A probe reply locates where the template starts writing the reply. Up to there, the generation
+    prompt and the render must agree; what the prompt adds after it must be a think block: an empty,
+    closed one (the reply is then what the template writes for it) or an open one, which the model
+    fills with its reasoning, so the reply is the message's own ``<think>`` block and answer (without
+    the opening the prompt already holds) followed by what the template writes after a reply.
+    """
+    thinking = has_reasoning(messages[k]["content"])
+    probe = template.render([*messages[:k], {"role": "assistant", "content": _PROBE}], thinking=thinking)
+    at = probe.find(_PROBE)
+    head = probe[:at] if at >= 0 else None
+    added = prompt[len(head):] if head is not None and prompt.startswith(head) and text.startswith(head) else None
+    origin = f"{where}: " if where else ""
+    if added is not None and _CLOSED_THINK.fullmatch(added):
+        return prompt + text[len(head):]
+    opened = _OPENS_THINK.fullmatch(added) if added is not None else None
+    if opened is None:
+        raise LoratuiError(
+            f"{origin}the {template.name} chat template renders the conversation before assistant message {k} "
+            "with a generation prompt that is not how it renders that message, so the reply cannot be located",
+            hint="Choose a named template with data.template (chatml, alpaca, llama2, phi).")
+    content = messages[k]["content"]
+    tag = _OPENING_TAG.match(content)
+    if tag is None:
+        raise LoratuiError(
+            f"{origin}the {template.name} chat template opens a think block for every reply ({added!r}), "
+            f"but assistant message {k} has no reasoning, so there is nothing faithful to train after it",
+            hint="Start each assistant message with its reasoning, as '<think>...</think>' before the answer, "
+            "or choose a template without a thinking mode with data.template.")
+    reply = content[tag.end():]
+    space = opened.group(1)  # the prompt's own whitespace after <think> stands for the message's
+    reply = reply[len(space):] if reply.startswith(space) else reply.lstrip()
+    return prompt + reply + probe[at + len(_PROBE):]
+
+
+def render_examples(messages: list[dict[str, str]], template: ChatTemplate, eos: str, train_on_prompt: bool,
+                    where: str = "") -> list[Rendered]:
+    """A chat row's examples: one (:func:`render_chat`) or, when its template rewrites earlier turns,
+    one per assistant turn (:func:`render_turn`). With ``train_on_prompt`` the latter is only the last
+    turn's, the whole conversation trained in full. Template errors name the row (``where``)."""
+    from jinja2 import TemplateError
+
+    try:
+        try:
+            return [(*render_chat(messages, template, eos, train_on_prompt), len(messages))]
+        except RewritesEarlierTurns:
+            pass
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        return [(*render_turn(messages, k, template, eos, train_on_prompt, where), k + 1)
+                for k in (turns[-1:] if train_on_prompt else turns)]
+    except TemplateError as e:
+        raise LoratuiError(f"{where + ': ' if where else ''}the {template.name} chat template cannot render "
+                           f"this conversation: {e}") from None
+
+
 _SLOT = re.compile("\x00(\\d+)\x00")
 
 
@@ -68,30 +182,37 @@ class ShapeRenderer:
     """Renders chats by filling placeholders into one Jinja render per role sequence.
 
     Used only for templates that copy contents verbatim (``content_is_opaque``); a row whose content
-    holds the EOS text or a NUL character takes the reference path. Output is identical to
-    :func:`render_chat` (tested).
+    holds the EOS text or a NUL character, whose reasoning the template takes in another way
+    (:meth:`ChatTemplate.adapts`), or whose shape the template renders inconsistently takes the
+    reference path. Output is identical to :func:`render_examples` (tested).
     """
 
     def __init__(self, template: ChatTemplate, eos: str, train_on_prompt: bool):
         self.template, self.eos, self.train_on_prompt = template, eos, train_on_prompt
-        self._shapes: dict[tuple[str, ...], tuple[list[str | int], list[tuple[int, int]]]] = {}
+        self._shapes: dict[tuple[str, ...], tuple[list[str | int], Spans] | None] = {}
 
-    def _shape(self, roles: tuple[str, ...]) -> tuple[list[str | int], list[tuple[int, int]]]:
-        shape = self._shapes.get(roles)
-        if shape is None:
+    def _shape(self, roles: tuple[str, ...]) -> tuple[list[str | int], Spans] | None:
+        if roles not in self._shapes:
             probe = [{"role": r, "content": f"\x00{i}\x00"} for i, r in enumerate(roles)]
-            full, spans = render_chat(probe, self.template, self.eos, self.train_on_prompt)
+            try:
+                full, spans = render_chat(probe, self.template, self.eos, self.train_on_prompt)
+            except RewritesEarlierTurns:
+                self._shapes[roles] = None
+                return None
             pieces: list[str | int] = []
             for i, part in enumerate(_SLOT.split(full)):
                 pieces.append(int(part) if i % 2 else part)
-            shape = self._shapes[roles] = (pieces, spans)
-        return shape
+            self._shapes[roles] = (pieces, spans)
+        return self._shapes[roles]
 
-    def __call__(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    def __call__(self, messages: list[dict[str, str]], where: str = "") -> list[Rendered]:
         contents = [m["content"] for m in messages]
-        if any(self.eos and self.eos in c or "\x00" in c for c in contents):
-            return render_chat(messages, self.template, self.eos, self.train_on_prompt)
-        pieces, spans = self._shape(tuple(m["role"] for m in messages))
+        shape = None
+        if not (any(self.eos and self.eos in c or "\x00" in c for c in contents) or self.template.adapts(messages)):
+            shape = self._shape(tuple(m["role"] for m in messages))
+        if shape is None:
+            return render_examples(messages, self.template, self.eos, self.train_on_prompt, where)
+        pieces, spans = shape
         # probe position p -> real position: add the growth of every slot that ends before p
         out, probe_pos, shift, moved = [], 0, 0, []
         for piece in pieces:
@@ -114,7 +235,7 @@ class ShapeRenderer:
                 delta = total
             return p + delta
 
-        return "".join(out), [(real(a), real(b)) for a, b in spans]
+        return [("".join(out), [(real(a), real(b)) for a, b in spans], len(messages))]
 
 
 def clean_backend(tokenizer: Any) -> Any:
@@ -141,6 +262,12 @@ def _tokenize(backend: Any, texts: list[str]) -> tuple[Any, Any, Any]:
     return lengths, ids, starts
 
 
+def _where(source: str) -> str:
+    """``file:row`` (the ``source`` column) as errors name a row: ``file, row N``."""
+    file, _, row = source.rpartition(":")
+    return f"{file}, row {row}"
+
+
 def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: ChatTemplate,
                  train_on_prompt: bool, chunk_tokens: int, chunk_overlap: int) -> Any:
     """``datasets.map`` function: rows with ``messages``/``text`` -> a table of input_ids, labels, ...
@@ -148,33 +275,48 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
     Vectorized over the batch: one call into the Rust tokenizer, masks from the token offsets with
     numpy, list columns built straight from flat arrays. Documents (``document`` true) are split into
     windows of ``chunk_tokens`` with ``chunk_overlap`` tokens of context; overlapping tokens are
-    trained once (in the earlier window).
+    trained once (in the earlier window). A chat row whose template rewrites earlier turns becomes one
+    example per assistant turn (:func:`render_examples`), each with the messages it holds.
     """
     import pyarrow as pa
 
     texts: list[str] = []
-    spans: list[list[tuple[int, int]]] = []
+    spans: list[Spans] = []
+    origin: list[int] = []  # example -> its row in the batch
+    messages_out: list[str] = []  # example -> its messages column
+    turn_chunk: list[int] = []  # example -> chunk (for chats split per turn: turns after it)
+    render: Any
     if content_is_opaque(template.source):
         render = ShapeRenderer(template, eos, train_on_prompt)
     else:
-        def render(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-            return render_chat(messages, template, eos, train_on_prompt)
+        def render(messages: list[dict[str, str]], where: str) -> list[Rendered]:
+            return render_examples(messages, template, eos, train_on_prompt, where)
     # Render chunk i+1 while the Rust tokenizer (which releases the GIL) encodes chunk i.
     pending = []
+    submitted = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for messages_json, text in zip(batch["messages"], batch["text"]):
+        for i, (messages_json, text) in enumerate(zip(batch["messages"], batch["text"])):
             if messages_json:
-                full, sp = render(json.loads(messages_json))
+                messages = json.loads(messages_json)
+                examples = render(messages, _where(batch["source"][i]))
+                for j, (full, sp, held) in enumerate(examples):
+                    texts.append(full)
+                    spans.append(sp)
+                    messages_out.append(messages_json if held == len(messages)
+                                        else json.dumps(messages[:held], ensure_ascii=False))
+                    turn_chunk.append(len(examples) - 1 - j)
+                    origin.append(i)
             else:
-                full = text + eos
-                sp = [(0, len(full))]
-            texts.append(full)
-            spans.append(sp)
-            if len(texts) % PIPELINE_ROWS == 0:
-                pending.append(pool.submit(_tokenize, backend, texts[-PIPELINE_ROWS:]))
-        rest = len(texts) % PIPELINE_ROWS
-        if rest:
-            pending.append(pool.submit(_tokenize, backend, texts[-rest:]))
+                texts.append(text + eos)
+                spans.append([(0, len(texts[-1]))])
+                messages_out.append(messages_json)
+                turn_chunk.append(0)
+                origin.append(i)
+            while len(texts) - submitted >= PIPELINE_ROWS:
+                pending.append(pool.submit(_tokenize, backend, texts[submitted:submitted + PIPELINE_ROWS]))
+                submitted += PIPELINE_ROWS
+        if len(texts) > submitted:
+            pending.append(pool.submit(_tokenize, backend, texts[submitted:]))
         chunks = [future.result() for future in pending]
     n = len(texts)
     lengths = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
@@ -190,16 +332,16 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
     labels = np.where(trained, ids, IGNORE)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
 
-    # windows: (row, start, end, index) in flat coordinates; one per row except long documents
+    # windows: (example, start, end, chunk) in flat coordinates; one per example except long documents
     windows: list[tuple[int, int, int, int]] = []
     for i in range(n):
         lo, hi = int(bounds[i]), int(bounds[i + 1])
-        if batch["document"][i] and hi - lo > chunk_tokens:
+        if batch["document"][origin[i]] and hi - lo > chunk_tokens:
             step = max(1, chunk_tokens - chunk_overlap)
             for w, s in enumerate(range(lo, hi - chunk_overlap, step)):
                 windows.append((i, s, min(s + chunk_tokens, hi), w))
         else:
-            windows.append((i, lo, hi, 0))
+            windows.append((i, lo, hi, turn_chunk[i]))
     if len(windows) != n:
         pieces_ids, pieces_labels = [], []
         for _, lo, hi, w in windows:
@@ -211,15 +353,31 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
         ids, labels = np.concatenate(pieces_ids), np.concatenate(pieces_labels)
         bounds = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi, _ in windows])])
     offsets = pa.array(bounds.astype(np.int32))
-    rows = [i for i, *_ in windows]
+    examples_of = [i for i, *_ in windows]
     return pa.table({
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.astype(np.int32))),
-        "source": [batch["source"][i] for i in rows],
-        "messages": [batch["messages"][i] for i in rows],
-        "meta": [batch["meta"][i] for i in rows],
+        "source": [batch["source"][origin[i]] for i in examples_of],
+        "messages": [messages_out[i] for i in examples_of],
+        "meta": [batch["meta"][origin[i]] for i in examples_of],
         "chunk": [w for *_, w in windows],
     })
+
+
+def per_turn_counts(ds: Any) -> tuple[int, int]:
+    """(chat rows split into one example per assistant turn, the examples they became) in ``ds``.
+
+    Read from the columns :func:`encode_batch` writes: the earlier turns of a split row are the chat
+    examples with ``chunk`` > 0, and each split row has exactly one with ``chunk`` 1.
+    """
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    chat = pc.not_equal(table.column("messages"), "")
+    chunk = table.column("chunk")
+    rows = pc.sum(pc.and_(chat, pc.equal(chunk, 1))).as_py() or 0
+    earlier = pc.sum(pc.and_(chat, pc.greater(chunk, 0))).as_py() or 0
+    return rows, rows + earlier
 
 
 def seq2seq_texts(messages: list[dict[str, str]]) -> tuple[str, str]:

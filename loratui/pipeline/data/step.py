@@ -3,7 +3,7 @@
 Writes ``runs/<name>/data/``:
   report.json, report.md   what was read, detected, dropped or truncated (row by row), split, tokenized
   preview.txt              examples through the template with the trained tokens marked, length stats
-  dataset.json             manifest for later steps: task, splits, template, max_length, cache key
+  dataset.json             manifest for later steps: task, splits, template, render_date, max_length, cache key
   processed/<split>/       ``datasets`` saved to disk: input_ids, labels, source, messages, meta
 
 The task follows the model (:func:`model_task`): ``causal`` for decoder-only models (a chat through
@@ -14,10 +14,17 @@ are source lengths and ``tokens.target.<split>`` target lengths).
 
 The result is cached in ``$LORATUI_HOME/datasets/<key>`` under a key over the file contents, the
 tokenizer, the template and the data settings; a second run with the same inputs only copies it.
+
+``render_date`` (ISO, in dataset.json and, for templates that write the date, in the report): the
+date a chat template that inserts "today" renders with. It is the day the data step first ran for
+the run, read back from the run's dataset.json ever after (:func:`run_render_date`), so renders,
+cache key and later steps do not change with the calendar. It enters the cache key only for
+templates that write the date.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -30,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.data.encode import token_counts
+from loratui.pipeline.data.encode import per_turn_counts, token_counts
 from loratui.pipeline.data.formats import Example, apply_columns, detect_format, to_example
 from loratui.pipeline.data.loaders import bundled_split, expand_sources, is_bundled, load_file
 from loratui.pipeline.data.problems import DEFAULT_POLICY, PROBLEMS, RowError, RowProblem
@@ -434,6 +441,18 @@ def _preview_text(splits: dict[str, Any], tokenizer: Any, report: dict[str, Any]
     return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
 
 
+def _render_notes(report: dict[str, Any]) -> list[str]:
+    """Sentences on how the chat template shaped the examples: rows split per turn, the date it wrote."""
+    notes = []
+    if report.get("per_turn"):
+        p = report["per_turn"]
+        notes.append(f"{p['rows']} multi-turn rows became {p['examples']} per-turn examples because {p['why']}.")
+    if report.get("render_date"):
+        notes.append(f"The chat template writes today's date: every example is rendered with {report['render_date']}, "
+                     "the date recorded for this run.")
+    return notes
+
+
 def _problem_lists(out: Collected) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
     return ([p.to_dict() for p in ordered if p.action != "truncated"],
@@ -464,6 +483,9 @@ def _report_markdown(report: dict[str, Any]) -> str:
     out += ["", f"Rows read: {rows['read']}; kept: {rows['kept']} "
             f"(train {report['splits']['train']}, validation {report['splits']['validation']}, "
             f"test {report['splits']['test']}); dropped: {rows['dropped']}; truncated: {rows['truncated']}.", ""]
+    notes = _render_notes(report)
+    if notes:
+        out += [*notes, ""]
     if report["problems"]:
         out += ["| problem | rows | policy | meaning |", "|---|---|---|---|"]
         for kind, count in report["problems"].items():
@@ -500,8 +522,10 @@ def _tokenizer_fingerprint(model_dir: Path) -> str:
 
 
 def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, template_source: str,
-              task: Task = "causal") -> str:
-    """Key over the inputs of the build. The task enters only for seq2seq, so causal keys stay as they were."""
+              task: Task = "causal", render_rules: str = "") -> str:
+    """Key over the inputs of the build. The task enters only for seq2seq, and ``render_rules``
+    (:attr:`ChatTemplate.render_rules`: the render date, reasoning handling) only when there are any,
+    so the keys of other inputs stay as they were."""
     h = hashlib.sha256()
     settings = cfg.data.model_dump(mode="json", exclude={"preview_examples"})
     h.update(json.dumps({"version": DATA_VERSION, "settings": settings}, sort_keys=True).encode())
@@ -512,6 +536,8 @@ def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, tem
     h.update(template_source.encode())
     if task != "causal":
         h.update(f"task:{task}".encode())
+    if render_rules:
+        h.update(f"render:{render_rules}".encode())
     return h.hexdigest()[:20]
 
 
@@ -552,6 +578,8 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     splits = split_examples(cfg, by_split, out)
     encoded = {s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task)
                for s, rows in splits.items()}
+    split_rows = [per_turn_counts(ds) for ds in encoded.values() if ds is not None and not seq2seq]
+    per_turn = {"rows": sum(r for r, _ in split_rows), "examples": sum(e for _, e in split_rows)}
     events.progress(2, 4, task="stages", message="tokenized")
     context = _model_context(tokenizer, model_dir)
     if seq2seq:  # max_length bounds the source and the target each; auto fits the longest of either
@@ -611,12 +639,18 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
         "tokens": tokens,
         "cache_key": key,
     }
+    if per_turn["rows"]:
+        report["per_turn"] = per_turn | {"why": f"the {template.name} chat template rewrites earlier turns, so each "
+                                         "assistant turn is trained as the model sees it when it is the last"}
+    if template is not None and template.uses_date:
+        report["render_date"] = template.date.isoformat()
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out_dir / "report.md", _report_markdown(report))
     atomic_write_text(out_dir / "preview.txt", _preview_text(encoded, tokenizer, report, cfg.data.preview_examples))
     manifest = {"task": task, "splits": {s: str(Path("processed") / s) for s, n in counts.items() if n},
                 "counts": counts, "template": template.name if template is not None else None,
-                "chat_template": template.source if template is not None else None, "max_length": max_length,
+                "chat_template": template.source if template is not None else None,
+                "render_date": template.date.isoformat() if template is not None else None, "max_length": max_length,
                 "model_dir": str(model_dir), "cache_key": key, "data_version": DATA_VERSION}
     atomic_write_text(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
     return report
@@ -665,8 +699,21 @@ def load_model_inputs(cfg: RunConfig, events: EventSink) -> ModelInputs:
         raise LoratuiError(f"{model.path}: the data step needs a fast (Rust) tokenizer for offsets",
                            hint="Provide tokenizer.json with the model.")
     task = model_task(model.path, cfg.model.trust_remote_code)
-    template = resolve_template(cfg.data.template, tokenizer) if task == "causal" else None
+    template = None
+    if task == "causal":
+        template = resolve_template(cfg.data.template, tokenizer, run_render_date(RunDir.for_config(cfg)))
     return ModelInputs(tokenizer, template, model.path, task)
+
+
+def run_render_date(run: RunDir) -> dt.date:
+    """The date chat templates render "today" as in this run: the one its data step recorded, else today."""
+    from loratui.pipeline.data.templates import today
+
+    try:
+        recorded = json.loads((run.data / "dataset.json").read_text(encoding="utf-8")).get("render_date")
+        return dt.date.fromisoformat(recorded)
+    except (OSError, ValueError, TypeError, AttributeError):  # no data yet, or a manifest from before the date
+        return today()
 
 
 def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any, Any, Path]:
@@ -687,7 +734,9 @@ def _seq2seq_warnings(cfg: RunConfig, events: EventSink) -> None:
 
 def model_cache_key(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs) -> str:
     """:func:`cache_key` for the inputs :func:`load_model_inputs` resolved."""
-    return cache_key(cfg, files, model.path, model.template.source if model.template is not None else "", model.task)
+    template = model.template
+    return cache_key(cfg, files, model.path, template.source if template is not None else "", model.task,
+                     template.render_rules if template is not None else "")
 
 
 def build_cached(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs, events: EventSink,
@@ -774,6 +823,8 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, *, qui
         return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
     for f in report["files"]:
         events.log(f"{f['path']} ({f['split']}): {f['format']}, {f['reason']}")
+    for line in _render_notes(report):
+        events.log(f"data: {line}")
     for kind, count in report["problems"].items():
         events.log(f"{count} rows: {kind} ({report['policy'][kind]}): {PROBLEMS[kind]}", level="warning")
     events.metric({f"rows_{s}": float(n) for s, n in report["splits"].items()}

@@ -116,12 +116,18 @@ def test_render_matches_transformers_apply_chat_template(tok):
 def test_template_that_is_not_prefix_consistent_is_a_clear_error(tok):
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
+    from loratui.pipeline.data.encode import RewritesEarlierTurns, render_examples
+
     template = resolve_template("chatml", tok)
     # starts with the number of messages, so a shorter conversation is not a prefix of a longer one
     template.source = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     template._compiled = _compile_jinja_template(template.source)
-    with pytest.raises(LoratuiError, match="cannot be located"):
+    with pytest.raises(RewritesEarlierTurns, match="cannot be located"):
         render_chat(CHAT, template, tok.eos_token, False)
+    # nor is the generation prompt the start of the reply, even per turn: no faithful split, the row is named
+    with pytest.raises(LoratuiError, match="^data.jsonl, row 3: .*cannot be located") as e:
+        render_examples(CHAT, template, tok.eos_token, False, "data.jsonl, row 3")
+    assert "data.template" in e.value.hint
 
 
 def test_unknown_template_name(tok):
@@ -187,7 +193,8 @@ def test_shape_renderer_equals_the_reference(tok, name, train_on_prompt):
         for _ in range(turns):
             messages += [{"role": "user", "content": rng.choice(samples[2:])},
                          {"role": "assistant", "content": rng.choice(samples[2:])}]
-        assert fast(messages) == render_chat(messages, template, tok.eos_token, train_on_prompt), messages
+        assert fast(messages) == [(*render_chat(messages, template, tok.eos_token, train_on_prompt), len(messages))], \
+            messages
     assert content_is_opaque(template.source) == (name != "llama2")
 
 
