@@ -55,6 +55,7 @@ QUANT_TOP1 = 0.97  # a quantized model below this is refused: not worth shipping
 QUANT_BLOCK = 32
 TITLE = "ONNX (onnxruntime)"
 BUILDER = "onnxruntime_genai.models.builder"
+ENTRY = Path(__file__).with_name("onnx_entry.py")
 # files the builder does not write that make the folder a complete model directory
 CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
            "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -89,8 +90,10 @@ def carry_files(source: Path, dest: Path) -> None:
 
 
 def builder_command(merged: Path, out: Path, precision: str, cache: Path) -> list[str]:
-    """onnxruntime-genai's model builder, for the CPU execution provider."""
-    cmd = [sys.executable, "-m", BUILDER, "-i", str(merged), "-o", str(out), "-p", precision, "-e", "cpu",
+    """onnxruntime-genai's model builder, for the CPU execution provider (through onnx_entry.py, which
+    adapts two transformers-5 configs to it)."""
+    # run as -c: as a script, its folder would be first on sys.path, and exporters/inspect.py would shadow the stdlib's
+    cmd = [sys.executable, "-c", ENTRY.read_text(encoding="utf-8"), "-i", str(merged), "-o", str(out), "-p", precision, "-e", "cpu",
            "-c", str(cache)]
     if precision in ("int4", "int8"):
         cmd += ["--extra_options", f"block_size={QUANT_BLOCK}", "is_symmetric=true"]

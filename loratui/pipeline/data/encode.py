@@ -16,8 +16,12 @@ renders inconsistently becomes one example per assistant turn (:func:`render_exa
 conversation up to that turn, rendered as if it were the last (exactly what the model sees when it
 writes that reply), with only that reply trained. Where a generation prompt opens a think block
 (``<think>\n``, R1), the reply is what the model writes after it: the reasoning, the answer, the end
-of turn. The examples of a row are numbered by ``chunk`` from its last turn (0, the whole
-conversation, as before) backwards, so evaluation still generates one reply per row.
+of turn. Where it closes an empty reasoning block instead (Gemma 4's ``<|channel>thought\n<channel|>``),
+or the template writes the earlier conversation differently before a question than before a reply
+(Mistral Nemo puts the system prompt into the last question only), the example is that generation
+prompt followed by the reply as the template writes it. The examples of a row are numbered by
+``chunk`` from its last turn (0, the whole conversation, as before) backwards, so evaluation still
+generates one reply per row.
 
 Encoder-decoder (seq2seq) models: an example is a source text for the encoder and a target for the
 decoder (:func:`seq2seq_texts`, :func:`encode_seq2seq_batch`); ``labels`` are the target's ids, EOS
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,9 +50,10 @@ Spans = list[tuple[int, int]]
 Rendered = tuple[str, Spans, int]
 
 # What a generation prompt may add after the start of the reply the template renders: a think block
-# opened for the model to reason in, or an empty one closed (the thinking mode is off).
+# opened for the model to reason in, or an empty reasoning block closed (the thinking mode is off:
+# R1-Qwen's think block, Gemma 4's thought channel).
 _OPENS_THINK = re.compile(r"<think>(\s*)")
-_CLOSED_THINK = re.compile(r"<think>\s*</think>\s*")
+_CLOSED_THINK = re.compile(r"<think>\s*</think>\s*|<\|channel>thought\s*<channel\|>\s*")
 _OPENING_TAG = re.compile(r"\s*<think>")
 _PROBE = "\x00loratui-reply\x00"
 
@@ -102,12 +108,12 @@ def render_turn(messages: list[dict[str, str]], k: int, template: ChatTemplate, 
     The text is the template's render of the conversation ending with reply ``k``; the trained span
     starts where the generation prompt (:meth:`ChatTemplate.reply_prompt`) ends and runs to the end of
     the turn, with the same EOS rules as :func:`render_chat`. When the generation prompt is not the
-    start of that render, see :func:`_after_think_prompt`. ``where`` (file, row) goes into errors.
+    start of that render, see :func:`_after_generation_prompt`. ``where`` (file, row) goes into errors.
     """
     prompt = template.reply_prompt(messages[: k + 1])
     text = template.render(messages[: k + 1], thinking=has_reasoning(messages[k]["content"]))
     if not text.startswith(prompt):
-        text = _after_think_prompt(messages, k, template, prompt, text, where)
+        text = _after_generation_prompt(messages, k, template, prompt, text, where)
     start = len(prompt)
     found = text.rfind(eos, start) if eos else -1
     end = found + len(eos) if found >= 0 else len(text)
@@ -117,23 +123,32 @@ def render_turn(messages: list[dict[str, str]], k: int, template: ChatTemplate, 
     return text, [(0, len(text)) if train_on_prompt else (start, end)]
 
 
-def _after_think_prompt(messages: list[dict[str, str]], k: int, template: ChatTemplate, prompt: str, text: str,
-                        where: str) -> str:
-    """The text for reply ``k`` when the generation prompt is not the start of the rendered reply (R1).
+def _after_generation_prompt(messages: list[dict[str, str]], k: int, template: ChatTemplate, prompt: str,
+                             text: str, where: str) -> str:
+    """The text for reply ``k`` when the generation prompt is not the start of the rendered reply.
 
-    A probe reply locates where the template starts writing the reply. Up to there, the generation
-    prompt and the render must agree; what the prompt adds after it must be a think block: an empty,
-    closed one (the reply is then what the template writes for it) or an open one, which the model
-    fills with its reasoning, so the reply is the message's own ``<think>`` block and answer (without
-    the opening the prompt already holds) followed by what the template writes after a reply.
+    The example is what the model sees at inference, the generation prompt, followed by the reply it
+    must write there. A probe reply locates where the template starts writing the reply (the head);
+    the reply is what the render holds after the head. The prompt must end where the head ends:
+
+    - It may hold the head as it is, or the head with text inserted before its end: the template
+      renders the earlier conversation differently when it ends with a question (Mistral Nemo writes
+      the system prompt into the last question only, so no finished turn shows it).
+    - After the head it may add an empty, closed reasoning block (the thinking mode is off: R1-Qwen's
+      ``<think>\n\n</think>\n\n``, Gemma 4's ``<|channel>thought\n<channel|>``); the reply is then what
+      the template writes for the message. Or it may open a think block (R1), which the model fills
+      with its reasoning: the reply is the message's own ``<think>`` block and answer (without the
+      opening the prompt already holds) followed by what the template writes after a reply.
+
+    Anything else is an error naming the row: the reply cannot be placed after the prompt faithfully.
     """
     thinking = has_reasoning(messages[k]["content"])
     probe = template.render([*messages[:k], {"role": "assistant", "content": _PROBE}], thinking=thinking)
     at = probe.find(_PROBE)
-    head = probe[:at] if at >= 0 else None
-    added = prompt[len(head):] if head is not None and prompt.startswith(head) and text.startswith(head) else None
+    head = probe[:at] if at >= 0 and text.startswith(probe[:at]) else None
+    added = _added_after(prompt, head) if head is not None else None
     origin = f"{where}: " if where else ""
-    if added is not None and _CLOSED_THINK.fullmatch(added):
+    if added is not None and (added == "" or _CLOSED_THINK.fullmatch(added)):
         return prompt + text[len(head):]
     opened = _OPENS_THINK.fullmatch(added) if added is not None else None
     if opened is None:
@@ -153,6 +168,20 @@ def _after_think_prompt(messages: list[dict[str, str]], k: int, template: ChatTe
     space = opened.group(1)  # the prompt's own whitespace after <think> stands for the message's
     reply = reply[len(space):] if reply.startswith(space) else reply.lstrip()
     return prompt + reply + probe[at + len(_PROBE):]
+
+
+def _added_after(prompt: str, head: str) -> str | None:
+    """What ``prompt`` holds after the end of ``head``, the render up to where a reply starts.
+
+    The prompt starts with the head, or is the head with text inserted before its end (everything of
+    the head after the first difference comes back, in one piece, later in the prompt); else None.
+    """
+    if prompt.startswith(head):
+        return prompt[len(head):]
+    same = len(os.path.commonprefix([prompt, head]))
+    rest = head[same:]
+    found = prompt.rfind(rest)
+    return prompt[found + len(rest):] if found >= same else None
 
 
 def render_examples(messages: list[dict[str, str]], template: ChatTemplate, eos: str, train_on_prompt: bool,

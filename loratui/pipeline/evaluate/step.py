@@ -100,7 +100,7 @@ def load_examples(split_dir: Path, task: str, tokenizer: Any, template: Any, fac
                 e.prompt, _ = seq2seq_texts(messages)
                 e.prompt_ids = list(row["input_ids"])
             else:
-                text = template.render(messages[:-1], add_generation_prompt=True)
+                text = template.reply_prompt(messages)
                 e.prompt_ids = backend.encode(text, add_special_tokens=False).ids
                 e.prompt = next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), text)
         out.append(e)

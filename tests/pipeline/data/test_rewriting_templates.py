@@ -41,6 +41,9 @@ class Family:
     bos: str | None = None
 
 
+_MISTRAL_V7 = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+_GEMMA4 = ("<|turn>", "<turn|>", "<|channel>", "<channel|>")
+
 FAMILIES = {
     "qwen3": Family("Qwen-Qwen3-0.6B", "<|im_end|>", ("<think>", "</think>")),
     "phi3.5": Family("microsoft-Phi-3.5-mini-instruct", "<|endoftext|>",
@@ -53,6 +56,12 @@ FAMILIES = {
     "llama3.2": Family("meta-llama-Llama-3.2-3B-Instruct", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>"),
                        "<|begin_of_text|>"),
     "smollm3": Family("HuggingFaceTB-SmolLM3-3B", "<|im_end|>", ("<think>", "</think>")),
+    "mistral-nemo": Family("mistralai-Mistral-Nemo-Instruct-2407", "</s>", ("[INST]", "[/INST]"), "<s>"),
+    "devstral": Family("unsloth-mistral-Devstral-Small-2507", "</s>", _MISTRAL_V7, "<s>"),
+    "ministral3-reasoning": Family("mistralai-Ministral-3-14B-Reasoning-2512", "</s>", _MISTRAL_V7, "<s>"),
+    "mistral-small-3.2": Family("Mistral-Small-3.2-24B-Instruct-2506", "</s>", _MISTRAL_V7, "<s>"),
+    "gemma4": Family("google-gemma-4-31B-it", "<turn|>", _GEMMA4, "<bos>"),
+    "gemma4-interleaved": Family("google-gemma-4-31B-it-interleaved", "<turn|>", _GEMMA4, "<bos>"),
 }
 
 
@@ -250,6 +259,93 @@ def test_r1_that_always_thinks_names_a_row_without_reasoning():
     with pytest.raises(LoratuiError, match=r"^chats.jsonl, row 7: .*opens a think block.*no reasoning") as e:
         _encode(tok, [_chat(None, reasoning=False)], sources=["chats.jsonl:7"])
     assert "<think>" in e.value.hint
+
+
+# --------------------------------------------------------------------------------------------
+# Generation prompts that are not the start of the rendered reply (Mistral Nemo, Gemma 4)
+# --------------------------------------------------------------------------------------------
+
+
+def _two_turns(system: str | None) -> list[dict[str, str]]:
+    """Two questions and answers, as the family matrix feeds them."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": "When does the library open?"},
+                       {"role": "assistant", "content": "It opens at 9:00 from Monday to Friday."},
+                       {"role": "user", "content": "And on Saturday?"},
+                       {"role": "assistant", "content": "On Saturday it opens at 10:00."}]
+
+
+def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """The (start, end) positions of each run of trained labels."""
+    runs: list[tuple[int, int]] = []
+    for i, label in enumerate(labels):
+        if label == IGNORE:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+# What these templates write after the end of a reply (untrained): Gemma 4 ends a turn with "<turn|>\n".
+_AFTER_REPLY = {"gemma4": "\n", "gemma4-interleaved": "\n"}
+
+
+@pytest.mark.parametrize("system", [None, "You answer for the city library."])
+@pytest.mark.parametrize("family", ["mistral-nemo", "gemma4", "gemma4-interleaved", "devstral",
+                                    "ministral3-reasoning", "mistral-small-3.2"])
+def test_each_reply_is_trained_after_the_prompt_the_model_sees_at_inference(family, system):
+    """At inference the conversation so far is rendered with the generation prompt and the model writes the
+    reply (content and end of turn) after it. Mistral Nemo writes the system prompt into the last question
+    only, so a finished turn renders without it; Gemma 4's prompt closes an empty thought channel that a
+    finished turn does not hold. Whatever the longer render looks like, every trained reply is exactly
+    those tokens after exactly that prompt, and the per-turn example holds nothing else before it."""
+    tok = _tokenizer(family)
+    messages = _two_turns(system)
+    out = _encode(tok, [messages])
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    per_turn = family.startswith("gemma4") or (family == "mistral-nemo" and system is not None)
+    assert len(out["input_ids"]) == (len(turns) if per_turn else 1)
+    for j, k in enumerate(turns):
+        prompt = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True,
+                                         strftime_now=_clock(DAY))
+        prompt_ids, reply_ids = _ids(tok, prompt), _ids(tok, messages[k]["content"] + tok.eos_token)
+        if per_turn:
+            ids, labels = out["input_ids"][j], out["labels"][j]
+            tail = _ids(tok, _AFTER_REPLY.get(family, ""))
+            assert ids == prompt_ids + reply_ids + tail, f"turn {j}: not the prompt the model sees, then its reply"
+            assert labels == [IGNORE] * len(prompt_ids) + reply_ids + [IGNORE] * len(tail), f"turn {j}"
+            assert json.loads(out["messages"][j]) == messages[: k + 1] and out["chunk"][j] == len(turns) - 1 - j
+        else:  # a prefix-consistent render: each reply's prompt is the render before it
+            ids, labels = out["input_ids"][0], out["labels"][0]
+            start, end = _trained_runs(labels)[j]
+            assert ids[:start] == prompt_ids and ids[start:end] == reply_ids, f"turn {j}"
+    if family == "mistral-nemo" and system:
+        first, second = (tok.decode(ids) for ids in out["input_ids"])
+        assert first.startswith(f"<s>[INST]{system}\n\nWhen does the library open?[/INST]")
+        assert f"[INST]{system}\n\nAnd on Saturday?[/INST]" in second and second.count(system) == 1, \
+            "the system prompt shows only in the last question, as at inference"
+
+
+_CHATML_WITH_PROMPT = (  # ChatML with another generation prompt (PROMPT)
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'PROMPT' }}{% endif %}")
+
+
+@pytest.mark.parametrize("generation_prompt", ["<|im_start|>assistant\nSure: ", "<|im_start|>bot\n"])
+def test_a_generation_prompt_that_does_not_end_where_the_reply_starts_names_the_row(generation_prompt):
+    """A prompt that writes text the rendered reply lacks, or opens another turn than the render: the reply
+    cannot be placed after it faithfully."""
+    tok = _tokenizer("qwen3")
+    template = resolve_template("chatml", tok, DAY)
+    template.source = _CHATML_WITH_PROMPT.replace("PROMPT", generation_prompt.replace("\n", "\\n"))
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template._compiled = _compile_jinja_template(template.source)
+    messages = _two_turns("Be brief.")
+    with pytest.raises(LoratuiError, match=r"^chats.jsonl, row 3: .*not how it renders that message"):
+        _encode(tok, [messages], template, sources=["chats.jsonl:3"])
 
 
 def test_train_on_prompt_trains_the_whole_conversation_once():
