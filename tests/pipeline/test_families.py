@@ -115,3 +115,10 @@ def test_run_refuses_an_impossible_export_before_training(tmp_path: Path, monkey
     with pytest.raises(LoratuiError, match="onnx"):
         run_all_module.run_all(cfg)
     assert ran == []
+
+
+def test_the_alternatives_offered_are_formats_the_family_can_take(tmp_path: Path) -> None:
+    ministral = families.refusal(_model_dir(tmp_path, model_type="ministral"), "onnx")
+    assert "gguf" not in ministral.hint and "safetensors" in ministral.hint
+    olmo = families.refusal(_model_dir(tmp_path, model_type="olmo2"), "onnx")
+    assert "gguf or safetensors" in olmo.hint
