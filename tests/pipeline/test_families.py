@@ -122,3 +122,13 @@ def test_the_alternatives_offered_are_formats_the_family_can_take(tmp_path: Path
     assert "gguf" not in ministral.hint and "safetensors" in ministral.hint
     olmo = families.refusal(_model_dir(tmp_path, model_type="olmo2"), "onnx")
     assert "gguf or safetensors" in olmo.hint
+
+
+@pytest.mark.parametrize(("family", "expected"), [("gemma2", "eager"), ("gpt_oss", "eager"), ("llama", "sdpa")])
+def test_inference_loads_each_family_with_the_attention_that_computes_it(tiny_model_factory, family: str,
+                                                                         expected: str) -> None:
+    """Evaluation, merge parity, export references and serving all load through load_torch."""
+    from loratui.pipeline.evaluate.runtimes import load_torch
+
+    model = load_torch(tiny_model_factory(family=family, tokenizer="bpe"), "causal", "cpu", "fp32")
+    assert model.config._attn_implementation == expected
