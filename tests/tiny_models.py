@@ -32,11 +32,13 @@ to training (sliding windows are ``SLIDING_WINDOW`` = 8 tokens, shorter than tes
 - ``phi3``: Phi3ForCausalLM, fused ``qkv_proj`` and ``gate_up_proj``, a sliding window on every layer.
 - ``granite``: GraniteForCausalLM, embedding / residual / logits multipliers and
   ``attention_multiplier`` 0.1 as the attention scaling.
-- ``olmo2``: Olmo2ForCausalLM, post-norms only and RMSNorm over the whole query / key projections.
+- ``olmo2``: Olmo2ForCausalLM, post-norms only and RMSNorm over the whole query / key projections; an
+  untied output head, as released (llama.cpp's olmo2 graph requires one).
 - ``smollm3``: SmolLM3ForCausalLM, 4 layers (at least) with ``no_rope_layers``: every 4th has no RoPE.
 - ``gpt_oss``: GptOssForCausalLM, attention sinks (a learned logit per head, initialized at std 1 so
   they matter), alternating sliding-window / full layers, biased projections, 4 experts top-2 (3-D
-  expert Parameters with biases, also on disk), YaRN RoPE. The tokenizer has no harmony special tokens.
+  expert Parameters with biases, also on disk), YaRN RoPE, an untied output head (as released; llama.cpp's
+  gpt-oss graph requires one). The tokenizer has no harmony special tokens.
 Every family takes ``hidden`` / ``heads`` / ``kv_heads`` / ``layers`` / ``intermediate`` (MoE experts
 use ``intermediate // 2`` each) and builds in well under a second.
 Tokenizers:
@@ -46,11 +48,27 @@ Tokenizers:
   template: the fastest option when the vocabulary does not matter. For ``t5`` it is trained with
   T5's special tokens instead (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) and has no chat template, like
   T5 / FLAN-T5 checkpoints.
+- ``qwen2``: Qwen's own vocabulary (Qwen2 / Qwen2.5 / Qwen3, 152k tokens), rebuilt from llama.cpp's
+  vocab-only GGUF of the family assets (``make assets``) with the ChatML template: transformers 5 gives
+  every ``qwen2`` model Qwen2's pre-tokenizer whatever its tokenizer.json says, and llama.cpp's converter
+  recognizes that pre-tokenizer with Qwen's vocabulary only. Built once, kept beside the assets.
+- ``spm``: a SentencePiece BPE vocabulary (byte fallback, about 600 pieces) trained here on a few lines,
+  shipped as checkpoints of SentencePiece families ship it: ``tokenizer.model`` beside the transformers
+  tokenizer made from it (llama.cpp's converter reads the ``.model`` for Gemma 2 and Phi-3, and for
+  Gemma 3 when there is one). Laid out like the family's own (:data:`SPM_LAYOUTS`): Gemma's
+  (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, ``<start_of_turn>`` 106, ``<end_of_turn>`` 107 in
+  the SentencePiece model, no dummy prefix, BOS added) for ``gemma2`` / ``gemma3``, Llama 2's
+  (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, a dummy prefix) with Phi-3's chat tokens added after the
+  SentencePiece vocabulary for ``phi3``. Trained with the ``sentencepiece`` package of llama.cpp's
+  converter folder (requirements-converter.txt), in its own process, so the test environment needs
+  no SentencePiece of its own.
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +123,133 @@ def _small_bpe_tokenizer(flavour: Literal["chatml", "t5"] = "chatml") -> Any:
     return fast
 
 
+@dataclass(frozen=True)
+class SpmLayout:
+    """A SentencePiece vocabulary laid out as a family's released one."""
+
+    ids: dict[str, int]  # trainer ids: pad_id, eos_id, bos_id, unk_id (-1: none)
+    pieces: dict[str, str]  # their pieces: pad_piece ...
+    user_defined: tuple[str, ...]  # pieces of the SentencePiece model right after those
+    dummy_prefix: bool  # SentencePiece's add_dummy_prefix (a space before the text)
+    tokenizer_class: str  # the transformers class its checkpoints name
+    added: tuple[str, ...] = ()  # special tokens added after the SentencePiece vocabulary (tokenizer.json)
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+    add_bos: bool = False
+
+
+_GEMMA_SPM = SpmLayout(
+    ids={"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3},
+    pieces={"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>"},
+    # <mask> 4, [@BOS@] 5, <unused0..99> 6..105, then the turn markers at 106 and 107 as in Gemma 2 / 3
+    user_defined=("<mask>", "[@BOS@]", *(f"<unused{i}>" for i in range(100)), "<start_of_turn>", "<end_of_turn>"),
+    dummy_prefix=False, tokenizer_class="GemmaTokenizer", bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True)
+SPM_LAYOUTS: dict[str, SpmLayout] = {
+    "gemma2": _GEMMA_SPM, "gemma3": _GEMMA_SPM,
+    # Phi-3.5-mini: Llama 2's SentencePiece model, the chat tokens added after it (32000 and up there)
+    "phi3": SpmLayout(
+        ids={"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1},
+        pieces={"unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}, user_defined=(), dummy_prefix=True,
+        tokenizer_class="LlamaTokenizer",
+        added=("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"),
+        bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>"),
+}
+SPM_FILE = "tokenizer.model"
+
+_SPM_SCRIPT = """
+import json, shutil, sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+out, layout, corpus = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(corpus), model_prefix=str(out / "spm"), model_type="bpe", vocab_size=600,
+    hard_vocab_limit=False, byte_fallback=True, split_digits=True, character_coverage=1.0,
+    allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+    add_dummy_prefix=layout["dummy_prefix"], minloglevel=2, **layout["ids"], **layout["pieces"],
+    **({"user_defined_symbols": layout["user_defined"]} if layout["user_defined"] else {}))
+source = out / "source"
+source.mkdir()
+shutil.move(str(out / "spm.model"), str(source / "tokenizer.model"))
+import transformers
+from tokenizers import AddedToken
+
+cls = getattr(transformers, layout["tokenizer_class"])
+tok = cls.from_pretrained(str(source), legacy=False, add_bos_token=layout["add_bos"], add_eos_token=False)
+if layout["added"]:
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                          for t in layout["added"]]})
+for key in ("bos", "eos", "pad"):
+    if layout[key]:
+        setattr(tok, key + "_token", layout[key])
+tok.save_pretrained(str(out / "hf"))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _spm_tokenizer(family: str) -> tuple[Any, Path]:
+    """(the transformers tokenizer, its tokenizer.model) for ``family``'s SentencePiece layout."""
+    import atexit
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from loratui.exporters.gguf import converter_dir
+
+    layout = SPM_LAYOUTS.get(family)
+    if layout is None:
+        raise ValueError(f"no SentencePiece layout for the tiny model family {family!r}: {sorted(SPM_LAYOUTS)}")
+    out = Path(tempfile.mkdtemp(prefix=f"tiny-spm-{family}-"))
+    atexit.register(shutil.rmtree, out, True)  # the models made from it hold their own copy
+    corpus = _CORPUS[:5] + [f"{t} {t.lower()} {t.upper()}" for t in _CORPUS[:5]]
+    folder = converter_dir()  # llama.cpp's converter folder: its own sentencepiece, first on the path
+    proc = subprocess.run([sys.executable, "-c", _SPM_SCRIPT, str(out), json.dumps(dataclasses.asdict(layout)),
+                           json.dumps(corpus)], capture_output=True, text=True, cwd=str(folder),
+                          env={**os.environ, "PYTHONPATH": str(folder)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"training the SentencePiece vocabulary failed:\n{proc.stderr[-3000:]}")
+    tok = AutoTokenizer.from_pretrained(str(out / "hf"))
+    tok.chat_template = CHATML
+    return tok, out / "source" / SPM_FILE
+
+
+@functools.lru_cache(maxsize=None)
+def _qwen2_tokenizer() -> Any:
+    """Qwen's own tokenizer (Qwen2 / Qwen2.5: 152k tokens, Qwen2's pre-tokenizer) with the ChatML template,
+    rebuilt from llama.cpp's vocab-only GGUF of the family assets (tests/family_assets.py) as the GGUF importer
+    rebuilds one. Built once (about 10 s) and kept beside the assets, in ``tokenizers/qwen2/``."""
+    import os
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from tests.family_assets import vocab
+
+    source = vocab("qwen2")
+    kept = source.parent.parent / "tokenizers" / "qwen2"
+    if not (kept / "tokenizer.json").is_file():
+        from loratui.pipeline.gguf_import import build_tokenizer
+
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".qwen2-", dir=kept.parent))
+        build_tokenizer(source).save_pretrained(str(staging))
+        try:
+            os.rename(staging, kept)  # whole or not at all; another process may have been first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(kept))
+    tok.chat_template = CHATML
+    return tok
+
+
 Family = Literal["llama", "qwen2", "t5", "qwen3_5", "gemma4", "llama3", "mistral", "ministral", "ministral3",
                  "qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "gpt_oss"]
 CAUSAL_FAMILIES = ("llama", "qwen2", "qwen3_5", "gemma4", "llama3", "mistral", "ministral", "ministral3", "qwen3",
@@ -116,7 +261,7 @@ def make_tiny_model(
     out_dir: str | Path,
     *,
     family: Family = "llama",
-    tokenizer: Literal["smollm2", "bpe"] = "bpe",
+    tokenizer: Literal["smollm2", "bpe", "spm", "qwen2"] = "bpe",
     hidden: int = 64,
     layers: int = 2,
     heads: int = 4,
@@ -132,7 +277,13 @@ def make_tiny_model(
     out = Path(out_dir)
     if family == "t5":
         return _make_tiny_t5(out, tokenizer, hidden, layers, heads, intermediate, seed)
-    tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer()
+    spm_file = None
+    if tokenizer == "spm":
+        tok, spm_file = _spm_tokenizer(family)
+    elif tokenizer == "qwen2":
+        tok = _qwen2_tokenizer()
+    else:
+        tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer()
     common = dict(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
@@ -162,8 +313,16 @@ def make_tiny_model(
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out, spm_file)
     return out
+
+
+def save_tokenizer(tok: Any, out: str | Path, spm_file: Path | None = None) -> None:
+    """``tok`` into ``out`` as a released checkpoint holds it: with the SentencePiece model it was made from
+    (``spm_file``; None: it has none), which transformers 5's save_pretrained leaves out."""
+    tok.save_pretrained(str(out))
+    if spm_file is not None and spm_file.is_file():
+        shutil.copyfile(spm_file, Path(out) / SPM_FILE)
 
 
 QWEN3_5_FULL_EVERY = 4  # llama.cpp's qwen35 reads the layer kinds from this interval, as the real models use
@@ -317,7 +476,8 @@ def _granite_config(common: dict[str, Any]) -> Any:
 def _olmo2_config(common: dict[str, Any]) -> Any:
     from transformers import Olmo2Config
 
-    return Olmo2Config(**common)
+    # untied, as every released OLMo 2: llama.cpp's olmo2 graph requires its own output matrix
+    return Olmo2Config(**{**common, "tie_word_embeddings": False})
 
 
 def _smollm3_config(common: dict[str, Any]) -> Any:
@@ -330,7 +490,9 @@ def _smollm3_config(common: dict[str, Any]) -> Any:
 def _gpt_oss_config(common: dict[str, Any]) -> Any:
     from transformers import GptOssConfig
 
+    # untied, as gpt-oss-20b/120b: llama.cpp's gpt-oss graph requires its own output matrix
     kwargs = {k: v for k, v in common.items() if k not in ("rope_theta", "intermediate_size")}
+    kwargs["tie_word_embeddings"] = False
     rope = {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
             "truncate": False, "original_max_position_embeddings": common["max_position_embeddings"] // 32}
     return GptOssConfig(**kwargs, head_dim=_head_dim(common), intermediate_size=common["intermediate_size"] // 2,

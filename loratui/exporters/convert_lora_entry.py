@@ -7,9 +7,14 @@ it, imports nothing from loratui.
 How: the base architecture's converter class is subclassed. It is handed each adapted weight's
 ``lora_B`` in place of the weight, so whatever it does to the weight's rows (renaming, llama.cpp's
 q/k row permutation, splitting fused projections) happens to ``lora_B`` too; ``lora_A`` (the input
-side) is written as is. That holds only for row operations, so for each kind of module the result is
-checked once against the converter's output for the full product ``B @ A``; an architecture whose
-conversion touches the columns is refused rather than written wrong.
+side) is written as is. Where the converter rearranges a weight's columns instead (Qwen3.5's
+Gated-DeltaNet ``out_proj``, whose inputs are the value heads it reorders), it is handed ``lora_A``
+and ``lora_B`` is written as is. For each kind of module the chosen side is checked once against the
+converter's output for the full product ``B @ A``; a conversion that rearranges both sides of one
+weight is refused rather than written wrong.
+
+Multi-token-prediction layers (Qwen3.5, Qwen3-Next) are left out, as the merged GGUF leaves them out
+when the checkpoint has none: transformers drops them on load, so no adapter reaches them.
 
 llama.cpp scales an adapter by ``adapter.lora.alpha / rank``. rsLoRA and per-module rank or alpha
 patterns scale differently; their ratio is folded into ``lora_B`` so every module keeps peft's scale.
@@ -89,6 +94,10 @@ def main() -> None:
 
     class Adapter(model_class):  # type: ignore[misc, valid-type]
         model_arch = model_class.model_arch
+        # the adapter never holds MTP tensors (transformers drops them on load), and index_tensors below
+        # reads none from the base, so the converter must not count on finding any
+        no_mtp = True
+        mtp_only = False
 
         def index_tensors(self, remote_hf_model_id=None):  # type: ignore[no-untyped-def]
             return {}  # the base's weights are not read: only its config
@@ -112,33 +121,53 @@ def main() -> None:
 
         def modify_tensors(self, data_torch, name, bid):  # type: ignore[no-untyped-def]
             a = pairs[name][0]
-            self.check_rows_only(name, bid, a, data_torch)
-            converted = list(super().modify_tensors(data_torch, name, bid))
+            side = self.side_of(name, bid, a, data_torch)
+            if side == "rows":  # the converter's row operations applied to B; A as is
+                converted = [(n, a, b) for n, b in super().modify_tensors(data_torch, name, bid)]
+            else:  # its column operations applied to A; B as is
+                converted = [(n, t, data_torch) for n, t in super().modify_tensors(a, name, bid)]
             if not converted:
                 refuse(f"the adapter adapts {name}, which llama.cpp's {arch} graph does not have as a "
                        "separate weight (a tied output head?)")
-            for new_name, b in converted:
-                if not new_name.endswith(".weight") or b.dim() != 2:
-                    refuse(f"{name}: llama.cpp's converter turns it into {new_name} of shape {tuple(b.shape)}, "
-                           "which cannot carry a LoRA pair")
-                yield new_name + ".lora_a", a
-                yield new_name + ".lora_b", b
+            for new_name, lora_a, lora_b in converted:
+                if not new_name.endswith(".weight") or lora_a.dim() != 2 or lora_b.dim() != 2:
+                    refuse(f"{name}: llama.cpp's converter turns it into {new_name}, which cannot carry a LoRA pair")
+                yield new_name + ".lora_a", lora_a
+                yield new_name + ".lora_b", lora_b
 
-        checked: set[str] = set()
+        sides: dict[str, str] = {}
 
-        def check_rows_only(self, name, bid, a, b):  # type: ignore[no-untyped-def]
-            """Once per kind of module: converting B then multiplying by A must equal converting B @ A."""
+        def side_of(self, name, bid, a, b):  # type: ignore[no-untyped-def]
+            """Once per kind of module: which factor follows the converter, checked against converting B @ A.
+
+            ``rows``: converting B then multiplying by A equals converting B @ A (renames, row permutations,
+            splits of fused projections). ``columns``: B times A converted equals it (the inputs reordered).
+            """
             kind = re.sub(r"\.\d+\.", ".N.", name)
-            if kind in self.checked:
-                return
-            self.checked.add(kind)
+            if kind in self.sides:
+                return self.sides[kind]
             full = dict(super().modify_tensors(b @ a, name, bid))
-            rows = {n: t @ a for n, t in super().modify_tensors(b, name, bid)}
-            same = set(full) == set(rows) and all(
-                full[n].shape == rows[n].shape and torch.allclose(full[n], rows[n], rtol=1e-4, atol=1e-6) for n in full)
-            if not same:
-                refuse(f"llama.cpp's converter for {arch} rearranges the inputs of {name}, so its LoRA pair "
-                       "cannot be converted on its own; export the merged model with --format gguf instead")
+
+            def same(product: dict) -> bool:
+                return set(full) == set(product) and all(
+                    full[n].shape == product[n].shape and torch.allclose(full[n], product[n], rtol=1e-4, atol=1e-6)
+                    for n in full)
+
+            def attempt(make):  # type: ignore[no-untyped-def]
+                try:  # a reshape meant for the weight's own rows or columns may not fit the rank
+                    return same(make())
+                except (RuntimeError, ValueError, IndexError, AssertionError):
+                    return False
+
+            if attempt(lambda: {n: t @ a for n, t in super(Adapter, self).modify_tensors(b, name, bid)}):
+                self.sides[kind] = "rows"
+            elif attempt(lambda: {n: b @ t for n, t in super(Adapter, self).modify_tensors(a, name, bid)}):
+                self.sides[kind] = "columns"
+            else:
+                refuse(f"llama.cpp's converter for {arch} rearranges both the outputs and the inputs of {name} "
+                       "(the rows and the columns of its weight), so its LoRA pair cannot be converted on its own; "
+                       "export the merged model with --format gguf instead")
+            return self.sides[kind]
 
     with torch.inference_mode():
         model = Adapter(base, ftype, outfile, hparams=hparams, eager=True, model_name=name)

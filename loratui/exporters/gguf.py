@@ -17,6 +17,11 @@ runs/<name>/exports/report.md                 the table (one row per file)
   rounding can blur, the file must choose the same token. A refused file is not written; the others are,
   and the table says why it was refused.
 * Files are written under temporary names and renamed only after they pass.
+* SentencePiece vocabularies (Gemma, Phi-3, Llama 2, Mistral v0.1 ...): llama.cpp's converter reads
+  ``tokenizer.model`` and the added tokens listed in ``tokenizer_config.json``, and transformers 5 saves
+  neither into the merged model (only ``tokenizer.json``). The converter then reads a staged view of the
+  merged model with the base's ``tokenizer.model`` and the tokenizer's added tokens
+  (:func:`converter_input`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -107,6 +113,64 @@ def recorded_pre(cfg: RunConfig) -> str | None:
         return None
     pre = read_gguf_metadata(builtin_gguf(cfg.model.base)).get("tokenizer.ggml.pre")
     return str(pre) if pre else None
+
+
+SPM_MODEL = "tokenizer.model"  # a SentencePiece vocabulary, as checkpoints of SentencePiece families ship it
+
+
+def base_dir(cfg: RunConfig) -> Path | None:
+    """The base model's local folder, if it is on this machine (nothing is downloaded or imported)."""
+    from loratui.pipeline.models import resolve_model
+
+    try:
+        path = resolve_model(cfg.model.base, revision=cfg.model.revision, prepare=False).path
+    except LoratuiError:
+        return None
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def list_added_tokens(folder: Path, tokenizer: Any) -> None:
+    """``tokenizer``'s added tokens as ``added_tokens_decoder`` in ``folder``'s tokenizer_config.json, where
+    llama.cpp's converter reads them for a SentencePiece vocabulary (it would write the chat tokens of Gemma or
+    Phi-3 as plain or unused pieces otherwise). transformers 4 wrote that list itself; transformers 5 keeps
+    it in tokenizer.json only. A linked tokenizer_config.json is replaced by a file, never written through."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if not decoder:
+        return
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if config.get("added_tokens_decoder"):
+        return
+    config["added_tokens_decoder"] = {
+        str(i): {"content": str(t.content), "lstrip": bool(getattr(t, "lstrip", False)),
+                 "normalized": bool(getattr(t, "normalized", False)), "rstrip": bool(getattr(t, "rstrip", False)),
+                 "single_word": bool(getattr(t, "single_word", False)), "special": bool(getattr(t, "special", False))}
+        for i, t in sorted(decoder.items())}
+    path.unlink(missing_ok=True)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def converter_input(model_dir: Path, tokenizer: Any, base: Path | None, stage: Path) -> Path:
+    """The folder llama.cpp's converter reads for ``model_dir`` (a model transformers 5 saved).
+
+    ``model_dir`` itself, unless the model's vocabulary is a SentencePiece model (``tokenizer.model`` in the
+    base folder ``base`` or in ``model_dir``): then ``stage``, a view of ``model_dir`` (its files linked) with
+    the base's ``tokenizer.model`` where ``model_dir`` lacks it and the tokenizer's added tokens listed in
+    tokenizer_config.json (:func:`list_added_tokens`). The caller removes ``stage``.
+    """
+    spm = next((p for p in (model_dir / SPM_MODEL, base / SPM_MODEL if base else None) if p and p.is_file()), None)
+    if spm is None:
+        return model_dir
+    stage.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.is_file() and item.name != "tokenizer_config.json":
+            (stage / item.name).symlink_to(item.resolve())
+    if not (stage / SPM_MODEL).exists():
+        (stage / SPM_MODEL).symlink_to(spm.resolve())
+    if (model_dir / "tokenizer_config.json").is_file():
+        shutil.copyfile(model_dir / "tokenizer_config.json", stage / "tokenizer_config.json")
+    list_added_tokens(stage, tokenizer)
+    return stage
 
 
 def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any,
@@ -296,6 +360,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
+    stage = out / f".{stem}-merged-stage.tmp"
 
     ref = Reference.build(cfg, run, tokenizer, template, events, should_stop, quants) if cfg.export.verify else Reference()
     rows_info: list[GgufRow] = []
@@ -309,13 +374,14 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
 
     written: list[tuple[Path, Path]] = []  # (temporary, final)
     try:
+        source = converter_input(merged, tokenizer, base_dir(cfg), stage)
         if derived and "f16" not in direct:
             step("converting to f16 (intermediate)")
-            convert(merged, f16_tmp, "f16", log, pre, should_stop, stem)
+            convert(source, f16_tmp, "f16", log, pre, should_stop, stem)
         for q in direct:
             step(f"converting to {q}")
             tmp = out / f".{stem}-{q}.gguf.tmp"
-            convert(merged, tmp, q, log, pre, should_stop, stem)
+            convert(source, tmp, q, log, pre, should_stop, stem)
             written.append((tmp, out / f"{stem}-{q}.gguf"))
         f16_source = next((t for t, f in written if f.name.endswith("-f16.gguf")), f16_tmp)
         fallbacks: dict[str, str | None] = {}
@@ -359,6 +425,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         for tmp, _final in written:
             tmp.unlink(missing_ok=True)
         f16_tmp.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
 
     report = {"merged_perplexity": ref.perplexity, "samples": len(ref.examples), "params": params,
               "files": [{**asdict(r), "replies": replies.get(r.type, [])} for r in rows_info]}

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from loratui.exporters.common import Stages, check_disk, clean_stale, count_params, ensure_merged, write_report_section
-from loratui.exporters.gguf import (GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table, recorded_pre,
-                                    run_converter, verify_row)
+from loratui.exporters.gguf import (SPM_MODEL, GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
+                                    list_added_tokens, recorded_pre, run_converter, verify_row)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError
 from loratui.pipeline.events import EventSink
@@ -63,12 +63,15 @@ def check_adapter(adapter: Path) -> dict[str, Any]:
 
 def stage_base(model_dir: Path, tokenizer: Any, stage: Path) -> None:
     """A folder the converter reads as the base: its weights and config (linked, not copied) and the
-    tokenizer carrying the chat template the adapter was trained with."""
+    tokenizer carrying the chat template the adapter was trained with (with the base's tokenizer.model and
+    the added tokens listed for the converter, for a SentencePiece vocabulary: see gguf.converter_input)."""
     stage.mkdir(parents=True)
     tokenizer.save_pretrained(str(stage))  # first: saving must never write through a link into the base
     for item in model_dir.iterdir():
         if item.is_file() and not (stage / item.name).exists():
             (stage / item.name).symlink_to(item.resolve())
+    if (stage / SPM_MODEL).exists():
+        list_added_tokens(stage, tokenizer)
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:

@@ -267,3 +267,48 @@ def test_a_file_that_lost_the_adapter_is_refused_and_the_others_are_kept(tmp_pat
     assert any("refused" in e.message for e in mem.of_type("log") if e.level == "warning")
     report = (RunDir.for_config(cfg).exports / "report.md").read_text()
     assert "| q8_0 | g-q8_0.gguf |" in report and "**refused: g-q8_0.gguf: picks another token" in report
+
+
+def test_a_sentencepiece_vocabulary_reaches_the_converter_with_its_chat_tokens(tmp_path, tiny_model_factory):
+    """Gemma / Phi-3 ship tokenizer.model, which llama.cpp's converter reads with the added tokens listed in
+    tokenizer_config.json; transformers 5 saves neither into the merged model. The converter reads a view of
+    the merged model with the base's tokenizer.model and the tokens listed, so Gemma's turn markers are
+    control tokens in the GGUF (llama.cpp matches them whole in a prompt and stops at <end_of_turn>)."""
+    from transformers import AutoTokenizer
+
+    from loratui.exporters.gguf import SPM_MODEL, converter_input, run_converter
+    from loratui.pipeline.gguf_import import read_gguf_metadata
+
+    base = tiny_model_factory(family="gemma2", tokenizer="spm")
+    merged = tmp_path / "merged"  # as the merge step writes it
+    merged.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (merged / name).write_bytes((base / name).read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    # special, as google/gemma-2-2b-it's tokenizer lists them
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.eos_token = "<end_of_turn>"
+    tokenizer.save_pretrained(str(merged))
+    assert not (merged / SPM_MODEL).exists()  # what transformers 5 leaves out
+    assert "added_tokens_decoder" not in json.loads((merged / "tokenizer_config.json").read_text())
+
+    stage = tmp_path / "stage"
+    source = converter_input(merged, tokenizer, base, stage)
+    assert source == stage and (stage / SPM_MODEL).resolve() == (base / SPM_MODEL).resolve()
+    listed = json.loads((stage / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert listed["106"]["content"] == "<start_of_turn>" and listed["107"]["content"] == "<end_of_turn>"
+    assert "added_tokens_decoder" not in json.loads((merged / "tokenizer_config.json").read_text())  # untouched
+
+    out = tmp_path / "g.gguf"
+    run_converter("convert_entry.py", [str(source), "--outfile", str(out), "--outtype", "f32"], tmp_path / "log",
+                  lambda: False, "converting")
+    meta = read_gguf_metadata(out)
+    control = 3  # gguf.TokenType.CONTROL
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert [(tokens[i], types[i]) for i in (106, 107)] == [("<start_of_turn>", control), ("<end_of_turn>", control)]
+    assert meta["tokenizer.ggml.eos_token_id"] == 107 and meta["tokenizer.ggml.add_bos_token"] is True
+
+    # a byte-level BPE model is converted from its own folder, as before
+    smol = tiny_model_factory(tokenizer="smollm2")
+    assert converter_input(smol, AutoTokenizer.from_pretrained(str(smol)), smol, tmp_path / "none") == smol
+    assert not (tmp_path / "none").exists()

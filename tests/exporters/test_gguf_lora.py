@@ -167,30 +167,61 @@ def test_rslora_and_rank_or_alpha_patterns_keep_peft_scale(tmp_path):
     assert factors(rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 16}) == {"q_proj": 1.0, "up_proj": 2.0}
 
 
-def test_an_architecture_whose_conversion_moves_columns_is_refused(exported, tmp_path):
-    """The row-only check can fail: here llama's conversion is patched to also reverse q_proj's columns,
-    which a lora_B alone cannot follow."""
+def _convert_patched(cfg, out: Path, patch: str):
+    """convert_lora_entry.py on the run's adapter, with ``patch`` (Python) run first in its process."""
     import os
     import subprocess
     import sys
 
     from loratui.exporters.gguf import converter_dir
 
-    cfg, _ = exported
     entry = (Path(__file__).parents[2] / "loratui" / "exporters" / "convert_lora_entry.py").read_text()
-    patch = ("import conversion.llama as L\n"
-             "original = L.LlamaModel.modify_tensors\n"
-             "def moved(self, data, name, bid):\n"
-             "    yield from original(self, data.flip(-1) if 'q_proj' in name else data, name, bid)\n"
-             "L.LlamaModel.modify_tensors = moved\n")
-    out = tmp_path / "x.gguf"
     entry = entry.replace("from __future__ import annotations", "")  # must come first; the patch goes first
-    proc = subprocess.run([sys.executable, "-c", patch + entry, str(RunDir.for_config(cfg).adapter), str(cfg.model.base),
-                           str(out), "f32", "x"], capture_output=True, text=True, cwd=converter_dir(),
-                          env={**os.environ, "PYTHONPATH": str(converter_dir())})
+    return subprocess.run([sys.executable, "-c", patch + entry, str(RunDir.for_config(cfg).adapter),
+                           str(cfg.model.base), str(out), "f32", "x"], capture_output=True, text=True,
+                          cwd=converter_dir(), env={**os.environ, "PYTHONPATH": str(converter_dir())})
+
+
+def _flip_columns_of(module: str) -> str:
+    """A patch: llama's conversion also reverses the columns (the inputs) of ``module``."""
+    return ("import conversion.llama as L\n"
+            "original = L.LlamaModel.modify_tensors\n"
+            "def moved(self, data, name, bid):\n"
+            f"    yield from original(self, data.flip(-1) if {module!r} in name else data, name, bid)\n"
+            "L.LlamaModel.modify_tensors = moved\n")
+
+
+def test_an_architecture_whose_conversion_moves_rows_and_columns_of_one_weight_is_refused(exported, tmp_path):
+    """Rows follow lora_B and columns lora_A, but not both at once: q_proj's rows are permuted by llama's
+    conversion (RoPE layout), and here it is patched to also reverse its columns."""
+    cfg, _ = exported
+    out = tmp_path / "x.gguf"
+    proc = _convert_patched(cfg, out, _flip_columns_of("q_proj"))
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "rearranges the inputs of model.layers.0.self_attn.q_proj.weight" in proc.stderr
+    assert "rearranges both the outputs and the inputs of model.layers.0.self_attn.q_proj.weight" in proc.stderr
     assert not out.exists()
+
+
+def test_a_conversion_that_moves_only_columns_is_followed_by_lora_a(exported, tmp_path):
+    """A weight whose inputs the converter reorders (as Qwen3.5's out_proj, by value head): lora_A's columns
+    are reordered with them and lora_B is written as is, so B @ A is the converted weight's delta."""
+    import numpy as np
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+
+    cfg, _ = exported
+    out = tmp_path / "x.gguf"
+    proc = _convert_patched(cfg, out, _flip_columns_of("v_proj"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tensors = {t.name: np.asarray(t.data) for t in GGUFReader(str(out)).tensors}
+    peft = load_file(str(RunDir.for_config(cfg).adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.0.self_attn.v_proj"
+    a, b = peft[f"{prefix}.lora_A.weight"], peft[f"{prefix}.lora_B.weight"]
+    np.testing.assert_allclose(tensors["blk.0.attn_v.weight.lora_a"], a[:, ::-1], rtol=1e-6)
+    np.testing.assert_allclose(tensors["blk.0.attn_v.weight.lora_b"], b, rtol=1e-6)
+    # the other modules keep the row side: A as peft wrote it
+    np.testing.assert_allclose(tensors["blk.0.attn_output.weight.lora_a"],
+                               peft["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"], rtol=1e-6)
 
 
 def test_a_refused_lora_gguf_keeps_its_figures_in_the_report_and_writes_nothing(tmp_path, smol, monkeypatch):
@@ -209,3 +240,52 @@ def test_a_refused_lora_gguf_keeps_its_figures_in_the_report_and_writes_nothing(
     report = (run.exports / "report.md").read_text()
     assert "## GGUF LoRA adapter" in report and "**refused: g-lora-f16.gguf: picks another token" in report
     assert (run.merged / "config.json").is_file()
+
+
+def test_a_qwen3_5_adapter_on_its_gated_deltanet_projections_computes_the_merged_model(tmp_path, tiny_model_factory):
+    """Qwen3.5: the converter reorders the linear-attention value heads, on the rows of in_proj_qkv / in_proj_z /
+    in_proj_a / in_proj_b (lora_B follows) and on the columns of out_proj (lora_A follows), and its class
+    expects multi-token-prediction layers unless told there are none. The LoRA GGUF on the base GGUF gives
+    the merged GGUF's logits in llama.cpp."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loratui.exporters.gguf import run_converter
+
+    base = tiny_model_factory(family="qwen3_5", tokenizer="smollm2")
+    torch.manual_seed(0)
+    modules = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj", "o_proj", "down_proj"]
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False))
+    with torch.no_grad():  # a delta of the weights' own size, so a wrong layout shows in the logits
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    net.save_pretrained(str(tmp_path / "adapter"))
+    merged = tmp_path / "merged"
+    net.merge_and_unload().save_pretrained(str(merged))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(merged))
+    log = tmp_path / "convert.log"
+    files = {k: tmp_path / f"{k}.gguf" for k in ("base", "merged", "lora")}
+    for kind, source in (("base", base), ("merged", merged)):
+        run_converter("convert_entry.py", [str(source), "--outfile", str(files[kind]), "--outtype", "f32"], log,
+                      lambda: False, kind)
+    run_converter("convert_lora_entry.py", [str(tmp_path / "adapter"), str(base), str(files["lora"]), "f32", "x"],
+                  log, lambda: False, "the adapter")
+
+    def logits(path: Path, lora: Path | None = None) -> np.ndarray:
+        llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64,
+                              logits_all=True, verbose=False)
+        try:
+            tokens = llm.tokenize(b"The library opens at nine on weekdays and at ten on Saturday.")
+            llm.eval(tokens)
+            return np.array(llm.scores[:len(tokens)])
+        finally:
+            llm.close()
+
+    want, got, without = logits(files["merged"]), logits(files["base"], files["lora"]), logits(files["base"])
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), np.abs(got - want).max()
+    assert np.abs(without - want).max() > 0.05 * np.abs(want).max()  # the adapter matters
