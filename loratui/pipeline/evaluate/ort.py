@@ -129,6 +129,8 @@ class OnnxDecoder:
         """Logits [batch, length, vocab] (numpy float32) for right-padded ``input_ids`` [batch, length]."""
         import numpy as np
 
+        if self.config["model"]["decoder"].get("sliding_window"):
+            return self._genai_logits(input_ids, attention_mask)
         session = self.session
         batch = input_ids.shape[0]
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
@@ -136,6 +138,29 @@ class OnnxDecoder:
         for name, heads, dtype in self._empty_past:  # an empty cache: the whole sequence is the prompt
             feeds[name] = np.zeros((batch, heads, 0, self._head_size), dtype=dtype)
         return session.run(["logits"], feeds)[0].astype(np.float32, copy=False)
+
+    def _genai_logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        """:meth:`logits` through onnxruntime-genai, one row at a time, for graphs with sliding-window
+        layers: their GroupQueryAttention keeps a windowed KV cache that must hold at least the window,
+        so the empty cache of the plain session is refused ("KV cache capacity (0) must be at least
+        local_window_size"), while onnxruntime-genai allocates the cache it needs and returns the
+        prompt's logits at every position."""
+        import numpy as np
+
+        og = import_genai()
+        batch, length = input_ids.shape
+        out = np.zeros((batch, length, self.vocab_size), dtype=np.float32)
+        for row in range(batch):
+            n = int(attention_mask[row].sum())
+            params = og.GeneratorParams(self.genai_model)
+            params.set_search_options(max_length=n + 1, batch_size=1)
+            generator = og.Generator(self.genai_model, params)
+            try:
+                generator.append_tokens([[int(t) for t in input_ids[row, :n]]])
+                out[row, :n] = np.asarray(generator.get_output("logits"), dtype=np.float32).reshape(n, -1)
+            finally:
+                del generator
+        return out
 
     # -- generation --------------------------------------------------------------------------
 
