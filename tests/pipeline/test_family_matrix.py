@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class Spec:
     tokenizer: str = "smollm2"
     config: tuple[tuple[str, object], ...] = ()  # config values of the family's released checkpoints (key, value)
     sizes: tuple[tuple[str, int], ...] = ()  # make_tiny_model sizes (layers, ...) other than its defaults
+    tiny: str | None = None  # the tests/tiny_models.py family, when not the registry's key
 
 
 # llama.cpp derives Gemma 2 / 3's attention scale from the head size (1/sqrt(head_dim); 27B: hidden / heads),
@@ -52,10 +54,18 @@ _GEMMA_SCALE = ("query_pre_attn_scalar", 16)
 _GEMMA3_LAYERS = ("layer_types", ["sliding_attention"] * 5 + ["full_attention"])
 
 
+_MISTRAL3 = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]")
+
 MATRIX: dict[str, Spec] = {
+    # Llama 3's RoPE scaling (llama3-type rope_scaling: llama.cpp's rope_freqs tensor) and its date-writing template
     "llama": Spec("meta-llama-Llama-3.2-3B-Instruct",
-                  ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
-    "mistral": Spec("mistralai-Mistral-Nemo-Instruct-2407", ("[INST]", "[/INST]"), None),
+                  ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>",
+                  tiny="llama3"),
+    # no sliding window, as Mistral 7B v0.2/v0.3 and Nemo ship (sliding_window: null)
+    "mistral": Spec("mistralai-Mistral-Nemo-Instruct-2407", ("[INST]", "[/INST]"), None,
+                    config=(("sliding_window", None),)),
+    "ministral": Spec("mistralai-Mistral-Nemo-Instruct-2407", ("[INST]", "[/INST]"), None),
+    "ministral3": Spec("mistralai-Ministral-3-14B-Reasoning-2512", _MISTRAL3, None),
     # Qwen's own vocabulary: transformers 5 tokenizes every qwen2 model with Qwen2's pre-tokenizer
     # (Qwen2Tokenizer) whatever its tokenizer.json says, and llama.cpp's converter recognizes that
     # pre-tokenizer by the ids it gives Qwen's vocabulary, not SmolLM2's
@@ -67,7 +77,7 @@ MATRIX: dict[str, Spec] = {
                    tokenizer="spm", config=(_GEMMA_SCALE,)),
     "gemma3": Spec("google-gemma-2-2b-it", ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", system=False,
                    tokenizer="spm", config=(_GEMMA_SCALE, _GEMMA3_LAYERS), sizes=(("layers", 6),)),
-    "gemma4": Spec("google-gemma-4-31B-it", ("<|turn>", "<turn|>"), "<turn|>"),
+    "gemma4": Spec("google-gemma-4-31B-it", ("<|turn>", "<turn|>"), "<turn|>", tokenizer="spm"),
     # a sliding window covering the whole context, as Phi-3.5-mini's and Phi-4-mini's (262144): llama.cpp
     # ignores Phi-3's window ("Phi SWA is currently disabled"), which is exact only then (the tiny model's own
     # window of 8 is for the training tests)
@@ -79,6 +89,7 @@ MATRIX: dict[str, Spec] = {
     "smollm3": Spec("HuggingFaceTB-SmolLM3-3B", ("<think>", "</think>"), "<|im_end|>"),
     "gpt_oss": Spec("openai-gpt-oss-120b", ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"),
                     "<|return|>"),
+    "t5": Spec(None),  # encoder-decoder: no chat template (the data step joins the turns into source and target)
 }
 
 CHATS = [
@@ -117,6 +128,9 @@ def _with_template(model: Path, out: Path, spec: Spec) -> Path:
     from tests.family_assets import template
     from tests.tiny_models import SPM_FILE, save_tokenizer
 
+    if json.loads((model / "config.json").read_text()).get("is_encoder_decoder"):
+        shutil.copytree(model, out)
+        return out
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     net = AutoModelForCausalLM.from_pretrained(str(model))
     if spec.specials:
@@ -151,8 +165,8 @@ def _ok(name: str, cfg):
 @pytest.mark.parametrize("family", sorted(MATRIX))
 def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_factory) -> None:
     spec = MATRIX[family]
-    model = _with_template(tiny_model_factory(family=family, tokenizer=spec.tokenizer, **dict(spec.sizes)),
-                           tmp_path / "model", spec)
+    tiny = tiny_model_factory(family=spec.tiny or family, tokenizer=spec.tokenizer, **dict(spec.sizes))
+    model = _with_template(tiny, tmp_path / "model", spec)
     entry = families.family_of(model)
     assert entry is not None and entry.key == family
     allowed = [f for f in EXPORTS if families.refusal(model, f) is None]
@@ -193,8 +207,44 @@ def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_facto
         errors = [e.message for e in mem.of_type("error")]
         assert code != EXIT_OK and errors and families.refusal(model, fmt).message in errors[0], errors
 
+    if "gguf" in allowed or "onnx" in allowed:
+        _same_template_everywhere(run, spec, allowed)
     # serve: one chat completion through the official client, from the best artifact on this machine
-    _serve_one_chat(run.path, family)
+    refusal = families.refusal(model, "serve")
+    if refusal is None:
+        _serve_one_chat(run.path, family)
+    else:
+        from loratui.pipeline.errors import LoratuiError
+        from loratui.serving.select import choose
+
+        with pytest.raises(LoratuiError) as e:
+            choose(run.path, "auto", cuda=False)
+        assert e.value.message == refusal.message
+
+
+def _same_template_everywhere(run: RunDir, spec: Spec, allowed: list[str]) -> None:
+    """The trained template travels: the merged model, the GGUF and the ONNX folder render the same
+    conversation identically, and the Ollama Modelfile stops at the family's end of turn."""
+    from transformers import AutoTokenizer
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from loratui.exporters.inspect import summary
+
+    chat = [m for m in CHATS[0] if spec.system or m["role"] != "system"][:-1]
+    merged = AutoTokenizer.from_pretrained(str(run.merged))
+    want = merged.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    if "gguf" in allowed:
+        (gguf,) = (run.exports / "gguf").glob("*-f32.gguf")
+        source = summary(gguf)["chat_template"]
+        tokens = {k: v for k, v in merged.special_tokens_map.items() if isinstance(v, str)}
+        got = _compile_jinja_template(source).render(messages=chat, add_generation_prompt=True, **tokens)
+        assert got == want
+        if spec.eos:
+            modelfile = gguf.with_suffix(".Modelfile").read_text()
+            assert f"PARAMETER stop {json.dumps(spec.eos)}" in modelfile, modelfile
+    if "onnx" in allowed:
+        onnx = AutoTokenizer.from_pretrained(str(run.exports / "onnx"))
+        assert onnx.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want
 
 
 def _serve_one_chat(run_dir: Path, family: str) -> None:

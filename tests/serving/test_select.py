@@ -69,7 +69,7 @@ def test_a_missing_run_is_not_taken_for_a_hub_id(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     with pytest.raises(LoratuiError, match=r"runs/missing: no such run directory, file, built-in model or hub id; "
-                                           r"serve takes a run directory, .*built-in model \(smollm2-135m-instruct\)"):
+                                           r"serve takes a run directory, .*built-in model \(smollm2-135m-instruct[,)]"):
         resolve_target("runs/missing")
 
 
