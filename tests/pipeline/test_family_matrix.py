@@ -161,6 +161,11 @@ def _ok(name: str, cfg):
     return result, mem
 
 
+def test_every_family_of_the_registry_is_in_the_matrix() -> None:
+    """The README's support table lists the registry: no row may claim a cell this test does not drive."""
+    assert {f.key for f in families.FAMILIES} == set(MATRIX)
+
+
 @pytest.mark.family_matrix
 @pytest.mark.parametrize("family", sorted(MATRIX))
 def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_factory) -> None:
