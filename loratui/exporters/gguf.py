@@ -161,6 +161,7 @@ def converter_input(model_dir: Path, tokenizer: Any, base: Path | None, stage: P
     spm = next((p for p in (model_dir / SPM_MODEL, base / SPM_MODEL if base else None) if p and p.is_file()), None)
     if spm is None:
         return model_dir
+    shutil.rmtree(stage, ignore_errors=True)  # left by an export that was killed
     stage.mkdir(parents=True)
     for item in model_dir.iterdir():
         if item.is_file() and item.name != "tokenizer_config.json":
