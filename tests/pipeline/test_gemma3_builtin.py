@@ -16,6 +16,8 @@ import json
 import pytest
 
 from loratui.pipeline import models
+from tests.pipeline.builtin_model import hf, llama, prepared  # noqa: F401 (fixtures)
+from tests.pipeline.builtin_model import assert_same_ids_as_llama_cpp, held_to_answer, next_token_choices
 from tests.pipeline.test_smollm2 import AGREEMENT_TEXTS, tokenizer_corpus
 
 NAME = "gemma3-270m"
@@ -49,30 +51,6 @@ def gemma_texts() -> list[str]:
     return texts + [" ".join(AGREEMENT_TEXTS[i % len(AGREEMENT_TEXTS)] for i in range(14))]
 
 
-@pytest.fixture(scope="module")
-def prepared():
-    return models.resolve_model(NAME)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(models.builtin_gguf(NAME)), n_ctx=1024, logits_all=True, n_threads=2,
-                seed=0, verbose=False)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def hf(prepared):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(prepared.path), dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(prepared.path))
-
-
 def test_prepared_and_listed(prepared):
     assert prepared.source == "builtin" and (prepared.path / "model.safetensors").is_file()
     assert models.resolve_model(NAME).path == prepared.path, "prepared once, then cached"
@@ -99,17 +77,7 @@ def test_imported_config_is_gemma3_270m(prepared):
 
 
 def test_tokenizer_matches_llama_cpp_ids(hf, llama):
-    _, tok = hf
-    corpus = gemma_corpus()
-    assert len(corpus) >= 200
-    mismatches = []
-    for text in corpus:
-        ours = tok.encode(text, add_special_tokens=True)
-        theirs = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        if ours != theirs:
-            mismatches.append((text, ours, theirs))
-    print(f"\ntokenizer parity (Gemma 3): {len(corpus) - len(mismatches)}/{len(corpus)} strings give identical ids")
-    assert not mismatches, mismatches[:5]
+    assert_same_ids_as_llama_cpp(hf[1], llama, gemma_corpus(), add_bos=True, label="Gemma 3")
 
 
 def test_tokenizer_conventions(hf):
@@ -128,19 +96,12 @@ def test_tokenizer_conventions(hf):
 def test_top1_agreement_with_llama_cpp(hf, llama):
     """Teacher-forced next-token choices, imported float32 model vs llama.cpp on the Q4_K_M file (which also
     rounds the activations of its quantized products to 8 bits), including positions past the window."""
-    import numpy as np
-    import torch
-
     model, tok = hf
     agree = total = past = past_total = 0
     for text in gemma_texts():
         ids = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         assert ids == tok.encode(text)
-        llama.reset()
-        llama.eval(ids)
-        theirs = np.asarray(llama.scores[: len(ids)]).argmax(-1)
-        with torch.no_grad():
-            ours = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+        ours, theirs = next_token_choices(model, llama, ids)
         agree += int((ours == theirs).sum())
         total += len(ids)
         past += int((ours[512:] == theirs[512:]).sum())
@@ -166,10 +127,7 @@ def test_same_answer_from_both_runtimes(hf, llama, prompt, expected):
     """transformers' greedy continuation holds the fact; llama.cpp is held to it as in test_smollm2.py: its
     log-likelihood of that continuation, and its choice at every position transformers decides by more
     than llama.cpp's 8-bit rounding of activations can move (simulated in PyTorch)."""
-    import numpy as np
     import torch
-
-    from loratui.exporters.acceptance import SAFETY, simulated
 
     model, tok = hf
     prompt_ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -179,31 +137,13 @@ def test_same_answer_from_both_runtimes(hf, llama, prompt, expected):
     ours = tok.decode(answer, skip_special_tokens=True)
     assert expected in ours
 
-    full, start = torch.tensor([prompt_ids[0].tolist() + answer]), prompt_ids.shape[1] - 1
-    with torch.no_grad():
-        exact = model(full).logits[0, start:-1]
-        with simulated(model, "q8_0"):
-            rounded = model(full).logits[0, start:-1]
-    noise = float((rounded - exact).abs().max())
-    top2 = exact.topk(2, dim=-1).values
-    decided = ((top2[:, 0] - top2[:, 1]) > 2 * SAFETY * noise).numpy()
-
-    llama.reset()
-    llama.eval(full[0].tolist())
-    # a copy: llama.scores is llama.cpp's own buffer, which the generation below writes over
-    theirs = np.array(llama.scores[: full.shape[1]], dtype=np.float32)[start:-1]
+    held = held_to_answer(model, llama, prompt_ids[0].tolist(), answer)
     greedy = llama.create_completion(prompt_ids[0].tolist(), max_tokens=12, temperature=0.0)["choices"][0]["text"]
-
-    def logp(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(-1, keepdims=True)
-        return (x - np.log(np.exp(x).sum(-1, keepdims=True)))[np.arange(len(answer)), answer]
-
-    ll_ours, ll_theirs = logp(exact.numpy()), logp(theirs)
     print(f"\n{prompt!r}\n  transformers (imported): {ours!r}\n  llama.cpp (Q4_K_M) greedy: {greedy!r}\n"
-          f"  per-token log-likelihood: transformers {ll_ours.mean():.3f}, llama.cpp {ll_theirs.mean():.3f}; "
-          f"{int(decided.sum())}/{len(answer)} positions lead by more than {2 * SAFETY * noise:.2f} logits")
-    assert abs(ll_ours.mean() - ll_theirs.mean()) < 0.15
-    assert (theirs.argmax(-1) == exact.numpy().argmax(-1))[decided].all()
+          f"  per-token log-likelihood: transformers {held['ll_ours']:.3f}, llama.cpp {held['ll_theirs']:.3f}; "
+          f"{held['decided']}/{len(answer)} positions lead by more than {held['margin']:.2f} logits")
+    assert abs(held["ll_ours"] - held["ll_theirs"]) < 0.15
+    assert held["same_where_decided"]
 
 
 def test_padding_free_is_exact_on_the_sliding_window_layers(prepared):
@@ -248,7 +188,7 @@ def test_padding_free_is_exact_on_the_sliding_window_layers(prepared):
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                      reduction="sum") / trained
         loss.backward()
-        return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         """|a - b| / |b| over all LoRA gradients together."""

@@ -14,6 +14,8 @@ import sys
 import pytest
 
 from loratui.pipeline import models
+from tests.pipeline.builtin_model import hf, llama, prepared  # noqa: F401 (fixtures)
+from tests.pipeline.builtin_model import assert_same_ids_as_llama_cpp, held_to_answer, next_token_choices
 
 pytestmark = pytest.mark.real_model
 
@@ -51,30 +53,6 @@ def tokenizer_corpus() -> list[str]:
     return corpus
 
 
-@pytest.fixture(scope="module")
-def prepared():
-    return models.resolve_model(NAME)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(models.builtin_gguf(NAME)), n_ctx=1024, logits_all=True, n_threads=2,
-                seed=0, verbose=False)
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def hf(prepared):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(prepared.path), dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(prepared.path))
-
-
 def test_models_list_json_shows_the_prepared_default(prepared):
     out = subprocess.run([sys.executable, "-m", "loratui", "models", "list", "--json"],
                          capture_output=True, text=True, check=True)
@@ -100,17 +78,7 @@ def test_imported_config_is_smollm2(prepared):
 
 
 def test_tokenizer_matches_llama_cpp_ids(hf, llama):
-    _, tok = hf
-    corpus = tokenizer_corpus()
-    assert len(corpus) >= 200
-    mismatches = []
-    for text in corpus:
-        ours = tok.encode(text, add_special_tokens=True)
-        theirs = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        if ours != theirs:
-            mismatches.append((text, ours, theirs))
-    print(f"\ntokenizer parity: {len(corpus) - len(mismatches)}/{len(corpus)} strings give identical ids")
-    assert not mismatches, mismatches[:5]
+    assert_same_ids_as_llama_cpp(hf[1], llama, tokenizer_corpus(), add_bos=False, label="SmolLM2")
 
 
 def test_tokenizer_conventions(hf):
@@ -156,20 +124,12 @@ AGREEMENT_TEXTS = [
 
 
 def test_top1_agreement_with_llama_cpp(hf, llama):
-    import numpy as np
-    import torch
-
     model, _ = hf
     agree = total = 0
     for text in AGREEMENT_TEXTS:
-        ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        llama.reset()
-        llama.eval(ids)
-        theirs = np.asarray(llama.scores[: len(ids)]).argmax(-1)
-        with torch.no_grad():
-            ours = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+        ours, theirs = next_token_choices(model, llama, llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
         agree += int((ours == theirs).sum())
-        total += len(ids)
+        total += len(ours)
     rate = agree / total
     print(f"\nteacher-forced top-1 agreement, imported fp32 (transformers) vs Q4_1 GGUF (llama.cpp): "
           f"{rate:.1%} over {total} positions")
@@ -197,10 +157,7 @@ def test_chat_answer_from_both_runtimes(hf, llama, question, expected):
     PyTorch, loratui/exporters/acceptance.py). Its own greedy words are not asserted: on this model every
     answer holds positions that lead by less than that (measured: 1 of 8, 0 of 12 and 0 of 9 positions lead
     by more), so they could differ on another CPU without anything being wrong."""
-    import numpy as np
     import torch
-
-    from loratui.exporters.acceptance import SAFETY, simulated
 
     model, tok = hf
     messages = [{"role": "user", "content": question}]
@@ -211,26 +168,9 @@ def test_chat_answer_from_both_runtimes(hf, llama, question, expected):
     ours = tok.decode(answer, skip_special_tokens=True).strip()
     assert expected in ours
 
-    full, start = torch.tensor([prompt[0].tolist() + answer]), prompt.shape[1] - 1
-    with torch.no_grad():
-        exact = model(full).logits[0, start:-1]
-        with simulated(model, "q8_0"):  # the imported weights are Q4_1's already: only the products' rounding
-            rounded = model(full).logits[0, start:-1]
-    noise = float((rounded - exact).abs().max())
-    top2 = exact.topk(2, dim=-1).values
-    decided = ((top2[:, 0] - top2[:, 1]) > 2 * SAFETY * noise).numpy()
-
-    llama.reset()
-    llama.eval(full[0].tolist())
-    theirs = np.asarray(llama.scores[: full.shape[1]], dtype=np.float32)[start:-1]
-
-    def logp(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(-1, keepdims=True)
-        return (x - np.log(np.exp(x).sum(-1, keepdims=True)))[np.arange(len(answer)), answer]
-
-    ll_ours, ll_theirs = logp(exact.numpy()), logp(theirs)
+    held = held_to_answer(model, llama, prompt[0].tolist(), answer)
     print(f"\n{question}\n  transformers (imported): {ours!r}\n  per-token log-likelihood of it: transformers "
-          f"{ll_ours.mean():.3f}, llama.cpp (Q4_1) {ll_theirs.mean():.3f}; {int(decided.sum())}/{len(answer)} positions "
-          f"lead by more than {2 * SAFETY * noise:.2f} logits")
-    assert abs(ll_ours.mean() - ll_theirs.mean()) < 0.15  # nats per token (a broken model: several)
-    assert (theirs.argmax(-1) == exact.numpy().argmax(-1))[decided].all()
+          f"{held['ll_ours']:.3f}, llama.cpp (Q4_1) {held['ll_theirs']:.3f}; {held['decided']}/{len(answer)} positions "
+          f"lead by more than {held['margin']:.2f} logits")
+    assert abs(held["ll_ours"] - held["ll_theirs"]) < 0.15  # nats per token (a broken model: several)
+    assert held["same_where_decided"]
