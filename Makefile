@@ -17,13 +17,18 @@ STAMP := $(VENV)/.loratui-installed
 CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model assets gemma3 lint-imports lint-docker bench docs clean-venv
+.PHONY: run test test-slow setup model assets gemma3 lint-imports lint-docker bench docs clean-venv
 
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
 
+# The everyday suite leaves out the tests marked `slow` (minutes each: the family matrix, the Gemma 3 270M
+# fine-tune); `make test-slow` runs only those, and CI (.ci/run) runs both.
 test: setup model assets gemma3 lint-imports lint-docker
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup model assets gemma3
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

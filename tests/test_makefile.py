@@ -32,6 +32,21 @@ def test_make_run_sets_up_then_opens_the_tui():
     assert prepare and tui and prepare[0] < tui[0], dry.stdout
 
 
+def test_the_optional_gemma3_model_is_installed_for_the_tests_not_for_make_run():
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+
+    def dry(target: str) -> str:
+        return subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+
+    assert ".[gemma3]" not in dry("run")
+    test = dry("test")
+    assert ".[gemma3]" in test and 'pytest -m "not slow"' in test
+    assert "pytest -m slow" in dry("test-slow")
+    ci = (REPO / ".ci" / "run").read_text().split()
+    assert ci.index("test") < ci.index("test-slow"), "CI runs the everyday suite, then the slow tests"
+
+
 @pytest.mark.skipif(not _built(), reason="needs the .venv that `make setup` built, up to date")
 def test_make_run_without_a_terminal_exits_at_once_and_keeps_the_setup():
     before = STAMP.stat().st_mtime

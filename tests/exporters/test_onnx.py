@@ -123,6 +123,7 @@ def test_a_refused_onnx_export_writes_nothing_and_the_step_goes_on(tmp_path, tin
     code, _, mem = _step("train", cfg)
     assert code == EXIT_OK, [(e.message, e.hint) for e in mem.of_type("error")]
     monkeypatch.setattr("loratui.exporters.onnx.FP32_MAX_DIFF", 0.0)  # no export can meet it
+    monkeypatch.setattr("loratui.exporters.onnx.FP32_MAX_REL_DIFF", 0.0)
     code, result, mem = _step("export", cfg)
     assert code == EXIT_OK and not mem.of_type("error")
     (why,) = result.summary["refused"]["onnx"]
@@ -176,3 +177,20 @@ def test_without_onnxruntime_the_export_names_the_extra_before_any_work(tmp_path
     (err,) = mem.of_type("error")
     assert "onnxruntime is not installed" in err.message and "loratui[cpu]" in err.hint
     assert not RunDir.for_config(cfg).merged.exists()  # nothing was merged or written first
+
+
+def test_the_fp32_tolerance_scales_with_the_logits():
+    """1e-3, or 1e-4 of the merged model's largest logit: Gemma 3 270M's fp32 graph (logits up to 131)
+    differs by 7.1e-3 and is right; the same difference on logits of 5 or 20 is refused, as is a top-1 loss."""
+    from loratui.exporters.onnx import OnnxRow, judge
+
+    def row(diff: float, scale: float, top1: float = 1.0) -> OnnxRow:
+        return OnnxRow("fp32", "onnx", 0, max_abs_logit_diff=diff, reference_max_abs_logit=scale, top1_agreement=top1)
+
+    assert judge(row(7.1e-3, 131.3)) == "passed"
+    assert judge(row(9e-4, 5.0)) == "passed"
+    assert judge(row(7.1e-3, 5.0)).startswith("refused: largest logit difference 7.10e-03 (at most 1.0e-03)")
+    assert judge(row(7.1e-3, 20.0)).startswith("refused: largest logit difference 7.10e-03 (at most 2.0e-03)")
+    assert "at most 1.3e-02" in judge(row(2e-2, 131.3))
+    assert "top-1 agreement 99.00%" in judge(row(1e-4, 131.3, top1=0.99))
+

@@ -461,7 +461,7 @@ def test_each_missing_local_path_is_one_problem_with_field_line_and_directory(tm
     assert f"resolved against the working directory {tmp_path}" in sources[0].message
     assert "resolved against" not in problems["data.test_source"].message  # absolute: nothing to resolve
     assert str(problems["model.base"]).startswith(f"{cfg_path}:2: model.base: './models/mine.gguf': ")
-    assert "not a built-in model (smollm2-135m-instruct)" in problems["model.base"].message
+    assert "not a built-in model (smollm2-135m-instruct, gemma3-270m)" in problems["model.base"].message
 
 
 def test_a_path_relative_to_the_config_file_gets_the_hint(tmp_path, monkeypatch):

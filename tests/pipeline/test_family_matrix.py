@@ -166,6 +166,7 @@ def test_every_family_of_the_registry_is_in_the_matrix() -> None:
     assert {f.key for f in families.FAMILIES} == set(MATRIX)
 
 
+@pytest.mark.slow
 @pytest.mark.family_matrix
 @pytest.mark.parametrize("family", sorted(MATRIX))
 def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_factory) -> None:

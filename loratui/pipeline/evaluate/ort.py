@@ -153,7 +153,7 @@ class OnnxDecoder:
         for row in range(batch):
             n = int(attention_mask[row].sum())
             params = og.GeneratorParams(self.genai_model)
-            params.set_search_options(max_length=n + 1, batch_size=1)
+            params.set_search_options(max_length=self._cache_length(n + 1), batch_size=1)
             generator = og.Generator(self.genai_model, params)
             try:
                 generator.append_tokens([[int(t) for t in input_ids[row, :n]]])
@@ -161,6 +161,14 @@ class OnnxDecoder:
             finally:
                 del generator
         return out
+
+    def _cache_length(self, needed: int) -> int:
+        """The generator's max_length for ``needed`` positions: at least the sliding window, since
+        onnxruntime-genai's KV cache is max_length long and GroupQueryAttention refuses a windowed cache
+        shorter than its window ("KV cache capacity (31) must be at least local_window_size (512)" for a
+        short Gemma 3 prompt)."""
+        window = (self.config["model"]["decoder"].get("sliding_window") or {}).get("window_size") or 0
+        return max(needed, min(int(window), self.context_length))
 
     # -- generation --------------------------------------------------------------------------
 
@@ -184,7 +192,7 @@ class OnnxDecoder:
         if len(prompt) >= total:
             return
         params = og.GeneratorParams(model)
-        search: dict[str, Any] = {"max_length": total, "batch_size": 1,
+        search: dict[str, Any] = {"max_length": self._cache_length(total), "batch_size": 1,
                                   "min_length": min(len(prompt) + min_new_tokens, total)}
         if temperature > 0:
             search.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=self.vocab_size)
@@ -196,7 +204,10 @@ class OnnxDecoder:
         generator = og.Generator(model, params)
         try:
             generator.append_tokens([list(prompt)])
-            while not generator.is_done():
+            # the generator may run longer than asked (its max_length is at least the window): stop at total
+            for _ in range(total - len(prompt)):
+                if generator.is_done():
+                    break
                 generator.generate_next_token()
                 yield int(generator.get_next_tokens()[0])
         finally:

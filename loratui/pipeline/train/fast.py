@@ -311,7 +311,9 @@ def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits:
                   cu_seq_lens_q=inputs["cu_seq_lens_q"], loratui_prefix=int(inputs["loratui_prefix"]))
     if keep_logits:
         outputs = model(**kwargs, logits_to_keep=keep)
-        logits = outputs.logits[0]
+        # squeeze, not [0]: the backward of a select fills a zero tensor the size of the logits first
+        # (283 x 262,144 floats on a Gemma 3 micro-batch: 0.1 s a step)
+        logits = outputs.logits.squeeze(0)
     else:
         outputs = model(**kwargs)
         logits = outputs.logits[0, keep]
