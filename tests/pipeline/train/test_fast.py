@@ -9,8 +9,11 @@ import torch
 
 from loratui.pipeline.train.fast import (
     IGNORE,
+    HeadTransform,
     PaddingFreeCollator,
     carries_state,
+    frozen_head,
+    linear_cross_entropy,
     packed_loss,
     padding_free_possible,
     register_attention,
@@ -164,3 +167,125 @@ def test_a_linear_attention_model_is_not_packed(tiny_model_factory):
         after, _ = logits([examples[0], {**examples[1], "input_ids": [7] * len(examples[1]["input_ids"])}, examples[2]])
     torch.testing.assert_close(after[:bounds[1]], before[:bounds[1]])  # causal: the first example is untouched
     assert not torch.allclose(after[bounds[2]:], before[bounds[2]:], atol=1e-4)  # the state leaked into the third
+
+
+def _plain_loss(hidden, weight, bias, targets, transform):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if transform.divide is not None:
+        logits = logits / transform.divide
+    if transform.multiply is not None:
+        logits = logits * transform.multiply
+    if transform.softcap:
+        logits = torch.tanh(logits / transform.softcap) * transform.softcap
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+@pytest.mark.parametrize("transform", [HeadTransform(), HeadTransform(divide=8.0), HeadTransform(multiply=0.0625),
+                                       HeadTransform(softcap=2.0)], ids=["plain", "granite", "cohere", "softcap"])
+@pytest.mark.parametrize("rows", [7, 50, 1000])  # blocks with a short last one, even blocks, one block
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_equals_the_head_then_the_loss(transform, rows, with_bias):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 16, generator=g)
+    bias = torch.randn(200, generator=g) if with_bias else None
+    hidden = torch.randn(9, 16, generator=g)
+    targets = torch.tensor([0, 6, 7, 49, 50, 51, 150, 198, 199])  # at block edges
+    if transform.softcap:  # logits well past the cap, where tanh bends them
+        assert _plain_loss(hidden, weight, bias, targets, HeadTransform()).item() > 0
+        assert torch.nn.functional.linear(hidden, weight).abs().max() > 3 * transform.softcap
+
+    want_hidden = hidden.clone().requires_grad_(True)
+    want = _plain_loss(want_hidden, weight, bias, targets, transform)
+    want.backward()
+    got_hidden = hidden.clone().requires_grad_(True)
+    got = linear_cross_entropy(got_hidden, weight, bias, targets, transform, rows)
+    (got * 3.0).backward()  # the backward scales by the incoming gradient
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # float rounding: the vocabulary is summed in another order (each gradient sums 200 rows)
+    scale = want_hidden.grad.abs().max().item()
+    torch.testing.assert_close(got_hidden.grad, 3.0 * want_hidden.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_linear_cross_entropy_in_bf16_and_without_gradients():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 32, generator=g).bfloat16()
+    hidden = torch.randn(5, 32, generator=g).bfloat16().requires_grad_(True)
+    targets = torch.tensor([1, 99, 100, 250, 299])
+    want = _plain_loss(hidden, weight, None, targets, HeadTransform())
+    want.backward()
+    want_grad, hidden.grad = hidden.grad, None
+    got = linear_cross_entropy(hidden, weight, None, targets, rows=64)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-3)
+    assert hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), want_grad.float(), rtol=2e-2, atol=2e-3)
+    with torch.no_grad():  # evaluation: the loss only
+        assert linear_cross_entropy(hidden, weight, None, targets, rows=64).item() == pytest.approx(got.item())
+
+
+def test_linear_cross_entropy_refuses_what_it_cannot_compute():
+    weight = torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"\[0, 10\).*got 3 to 10"):
+        linear_cross_entropy(torch.randn(2, 4), weight, None, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy(torch.randn(2, 4), weight.requires_grad_(True), None, torch.tensor([3, 4]))
+
+
+def _two_batches(model, batch, trained):
+    """packed_loss twice on the same batch: (loss, logits' shape, LoRA gradients) of each."""
+    out = []
+    for _ in range(2):
+        model.zero_grad()
+        loss, outputs = packed_loss(model, batch, torch.tensor(trained), keep_logits=True)
+        loss.backward()
+        out.append((loss.item(), tuple(outputs.logits.shape), _grads(model)))
+    return out
+
+
+def test_a_head_that_does_more_than_its_config_says_keeps_the_models_own_loss(tiny_llama):
+    """A model that changes its logits in a way the config does not tell (here a hook multiplies them by 4) fails
+    the first batch's comparison and keeps computing the loss from its own logits."""
+    examples = _examples([], 3)
+    batch = PaddingFreeCollator(share_prefix=False)(examples)
+    trained = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
+
+    plain = _model(tiny_llama, register_attention())
+    (_, _, _), (plain_loss, plain_shape, _) = _two_batches(plain, batch, trained)
+    assert plain_shape[1] == 0  # in blocks: the model computed no logits
+
+    doubled = _model(tiny_llama, register_attention())
+    head = frozen_head(doubled)[0]
+    head.register_forward_hook(lambda module, args, out: out * 4)
+    reference = _padded_loss(doubled, examples).item()
+    (first, _, first_grads), (second, shape, second_grads) = _two_batches(doubled, batch, trained)
+    assert shape[1] == trained  # the model's own logits, every time
+    assert first == pytest.approx(reference, abs=1e-5) and second == pytest.approx(reference, abs=1e-5)
+    assert abs(second - plain_loss) > 1e-2  # the hook matters (a thousand times the tolerance)
+    for name in first_grads:
+        torch.testing.assert_close(second_grads[name], first_grads[name])
+
+
+def test_a_trained_head_is_not_computed_in_blocks(tiny_llama):
+    """LoRA on the LM head (or a trained head) needs the head's own gradient: the model's path, exact."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), attn_implementation=register_attention(),
+                                                 dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    assert frozen_head(model) is None
+    examples = _examples([], 3)
+    trained = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
+    batch = PaddingFreeCollator(share_prefix=False)(examples)
+    (first, _, _), (second, shape, grads) = _two_batches(model, batch, trained)
+    assert shape[1] == trained and second == pytest.approx(first)
+    assert any("lm_head" in name for name in grads)
+
+
+def test_head_blocks_are_cache_sized():
+    """About 4 MiB of head weights per block: more rows for a narrow or a bf16 head, never thin slices."""
+    from loratui.pipeline.train.fast import head_block_rows
+
+    assert head_block_rows(torch.empty(262_144, 640)) == 1638  # Gemma 3 270M, fp32
+    assert head_block_rows(torch.empty(262_144, 640, dtype=torch.bfloat16)) == 3276
+    assert head_block_rows(torch.empty(151_936, 4096)) == 256  # Qwen3-8B: the minimum
