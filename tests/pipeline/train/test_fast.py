@@ -181,7 +181,8 @@ def _plain_loss(hidden, weight, bias, targets, transform):
 
 
 @pytest.mark.parametrize("transform", [HeadTransform(), HeadTransform(divide=8.0), HeadTransform(multiply=0.0625),
-                                       HeadTransform(softcap=2.0)], ids=["plain", "granite", "cohere", "softcap"])
+                                       HeadTransform(softcap=2.0), HeadTransform(divide=0.5, softcap=2.0)],
+                         ids=["plain", "granite", "cohere", "softcap", "scaled-then-capped"])
 @pytest.mark.parametrize("rows", [7, 50, 1000])  # blocks with a short last one, even blocks, one block
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_cross_entropy_equals_the_head_then_the_loss(transform, rows, with_bias):
@@ -242,9 +243,24 @@ def _two_batches(model, batch, trained):
     return out
 
 
-def test_a_head_that_does_more_than_its_config_says_keeps_the_models_own_loss(tiny_llama):
-    """A model that changes its logits in a way the config does not tell (here a hook multiplies them by 4) fails
-    the first batch's comparison and keeps computing the loss from its own logits."""
+def _scaled_llama_class():
+    """A Llama that multiplies its logits by 4, which nothing in its config tells."""
+    from transformers import LlamaForCausalLM
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 4
+            return out
+
+    return ScaledLlama
+
+
+def test_a_model_that_does_more_to_its_logits_than_its_config_says_keeps_its_own_loss(tiny_llama):
+    """The first batch's comparison fails (with a warning), and every batch takes the loss from the model's
+    own logits: the same loss and gradients as the padded computation of the model's logits."""
+    from peft import LoraConfig, get_peft_model
+
     examples = _examples([], 3)
     batch = PaddingFreeCollator(share_prefix=False)(examples)
     trained = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
@@ -253,16 +269,90 @@ def test_a_head_that_does_more_than_its_config_says_keeps_the_models_own_loss(ti
     (_, _, _), (plain_loss, plain_shape, _) = _two_batches(plain, batch, trained)
     assert plain_shape[1] == 0  # in blocks: the model computed no logits
 
-    doubled = _model(tiny_llama, register_attention())
-    head = frozen_head(doubled)[0]
-    head.register_forward_hook(lambda module, args, out: out * 4)
-    reference = _padded_loss(doubled, examples).item()
-    (first, _, first_grads), (second, shape, second_grads) = _two_batches(doubled, batch, trained)
+    torch.manual_seed(0)
+    base = _scaled_llama_class().from_pretrained(str(tiny_llama), attn_implementation=register_attention(),
+                                                 dtype=torch.float32)
+    torch.manual_seed(1)
+    scaled = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    with pytest.warns(UserWarning, match="differ from its head's output"):
+        (first, _, first_grads), (second, shape, second_grads) = _two_batches(scaled, batch, trained)
     assert shape[1] == trained  # the model's own logits, every time
+    # the reference: the padded batch through the model, cross-entropy of its (scaled) logits
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.tensor([e["input_ids"] + [0] * (longest - len(e["input_ids"])) for e in examples])
+    mask = (torch.arange(longest)[None, :] < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    labels = torch.tensor([e["labels"] + [IGNORE] * (longest - len(e["labels"])) for e in examples])
+    with torch.no_grad():
+        logits = scaled(input_ids=ids, attention_mask=mask).logits
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                  ignore_index=IGNORE, reduction="sum").item() / trained
     assert first == pytest.approx(reference, abs=1e-5) and second == pytest.approx(reference, abs=1e-5)
-    assert abs(second - plain_loss) > 1e-2  # the hook matters (a thousand times the tolerance)
+    assert abs(second - plain_loss) > 1e-2  # the scaling matters (a thousand times the tolerance)
     for name in first_grads:
         torch.testing.assert_close(second_grads[name], first_grads[name])
+
+
+def test_a_config_that_says_more_than_the_model_does_keeps_its_own_loss(tiny_llama):
+    """A soft-cap in the config that the model class never applies (Llama ignores the field): the
+    comparison fails and the model's own loss stands."""
+    model = _model(tiny_llama, register_attention())
+    model.get_base_model().config.final_logit_softcapping = 0.5
+    examples = _examples([], 3)
+    batch = PaddingFreeCollator(share_prefix=False)(examples)
+    trained = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
+    reference = _padded_loss(model, examples).item()
+    with pytest.warns(UserWarning, match="final_logit|softcap"):
+        (first, _, _), (second, shape, _) = _two_batches(model, batch, trained)
+    assert shape[1] == trained and second == pytest.approx(reference, abs=1e-5)
+
+
+def test_a_head_with_hooks_of_its_own_is_not_replaced(tiny_llama):
+    """Someone watching the head's output (a forward hook) would see empty logits: the model's path."""
+    model = _model(tiny_llama, register_attention())
+    head = frozen_head(model)[0]
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert frozen_head(model) is None
+    examples = _examples([], 3)
+    trained = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
+    _two_batches(model, PaddingFreeCollator(share_prefix=False)(examples), trained)
+    assert [s[1] for s in seen] == [trained, trained]
+
+
+def test_the_blocked_head_without_gradients_and_without_trained_tokens(tiny_llama):
+    """Evaluation (no_grad) gives the same loss on the blocked path; a batch with nothing to train gives
+    0 and still a gradient graph (every process of a DDP run must take part in the backward)."""
+    model = _model(tiny_llama, register_attention())
+    examples = _examples([], 3)
+    trained = sum(sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples)
+    batch = PaddingFreeCollator(share_prefix=False)(examples)
+    (_, _, _), (loss, shape, _) = _two_batches(model, batch, trained)
+    assert shape[1] == 0
+    with torch.no_grad():
+        again, outputs = packed_loss(model, batch, torch.tensor(trained), keep_logits=True)
+    assert outputs.logits.shape[1] == 0 and again.item() == pytest.approx(loss, rel=1e-6)
+    nothing = PaddingFreeCollator(share_prefix=False)([{**e, "labels": [IGNORE] * len(e["labels"])} for e in examples])
+    zero, outputs = packed_loss(model, nothing, None, keep_logits=True)
+    assert outputs.logits.shape[1] == 0 and zero.item() == 0.0 and zero.requires_grad
+    zero.backward()
+
+
+def test_a_block_of_masked_tokens_is_no_nan():
+    """A bias of -inf over a whole block of vocabulary rows (tokens masked out) leaves the loss and the
+    gradient finite and equal to the plain computation."""
+    g = torch.Generator().manual_seed(0)
+    weight, hidden = torch.randn(60, 8, generator=g), torch.randn(4, 8, generator=g)
+    bias = torch.zeros(60)
+    bias[20:40] = float("-inf")
+    targets = torch.tensor([0, 19, 40, 59])
+    want_hidden = hidden.clone().requires_grad_(True)
+    want = _plain_loss(want_hidden, weight, bias, targets, HeadTransform())
+    want.backward()
+    got_hidden = hidden.clone().requires_grad_(True)
+    got = linear_cross_entropy(got_hidden, weight, bias, targets, rows=20)
+    got.backward()
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(got_hidden.grad, want_hidden.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_a_trained_head_is_not_computed_in_blocks(tiny_llama):
