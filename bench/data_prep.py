@@ -25,8 +25,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
 from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -311,8 +313,13 @@ def main() -> int:
 
         with env("LORATUI_HOME", str(tmp / "home")):
             from loratui.pipeline.config import load_config
-            from loratui.pipeline.data.step import (Collected, encode_examples, load_tokenizer_and_template,
-                                                    read_examples, split_examples)
+            from loratui.pipeline.data.step import (
+                Collected,
+                encode_examples,
+                load_tokenizer_and_template,
+                read_examples,
+                split_examples,
+            )
             from loratui.pipeline.events import null_sink
 
             # 1. The full step, cold cache, `--repeat` times (the cache is emptied before each run);
@@ -323,7 +330,6 @@ def main() -> int:
                 seconds, result, _ = step_run(overrides, "bench-cold" if k == 0 else f"bench-cold-{k}")
                 cold_runs.append(seconds)
             step_s = statistics.median(cold_runs)
-            cold = result.summary
             report_path = tmp / "runs" / "bench-cold" / "data" / "report.json"
             report = json.loads(report_path.read_text(encoding="utf-8"))
 

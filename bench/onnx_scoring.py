@@ -26,6 +26,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+
 from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 TEST = Path(__file__).resolve().parent.parent / "loratui" / "data" / "quickstart" / "test.jsonl"
 

@@ -191,8 +191,15 @@ def child(kind: str, data_dir: str, micro: int, accum: int, steps: int) -> None:
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     manifest = json.loads((Path(data_dir) / "dataset.json").read_text())
     train = load_from_disk(str(Path(data_dir) / manifest["splits"]["train"])).select_columns(["input_ids", "labels"])

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EXAMPLES = """\
 examples:
@@ -275,7 +276,14 @@ def _run_batch(label: str, verb: str, console: Any, work: Callable[..., dict[str
     shows progress, one line sums up. ``work(progress, should_stop)`` returns the summary."""
     import signal
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     stop = {"asked": False}
 

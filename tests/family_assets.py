@@ -16,7 +16,7 @@ import pytest
 _SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "family_assets.py"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _script():
     """scripts/family_assets.py as a module (scripts/ is not a package): one source for the folder's location."""
     spec = importlib.util.spec_from_file_location("family_assets_script", _SCRIPT)

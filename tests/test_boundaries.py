@@ -55,7 +55,7 @@ def test_the_check_can_fail():
 
 @pytest.mark.parametrize("argv", [["--help"], ["config", "--help"], ["models", "--help"]])
 def test_help_does_not_import_torch(argv):
-    code = ("import loratui.cli\ntry:\n    loratui.cli.main(%r)\nexcept SystemExit:\n    pass" % (argv,))
+    code = f"import loratui.cli\ntry:\n    loratui.cli.main({argv!r})\nexcept SystemExit:\n    pass"
     loaded = _loaded_after(code)
     assert not {"torch", "transformers", "textual", "pydantic"} & loaded
 

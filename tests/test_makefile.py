@@ -60,3 +60,14 @@ def test_make_run_without_a_terminal_exits_at_once_and_keeps_the_setup():
     assert took < 5, f"make run took {took:.1f}s without a terminal"
     assert STAMP.stat().st_mtime == before and (VENV / "bin" / "loratui").is_file()  # nothing rebuilt or undone
     assert "smollm2-135m-instruct: " in proc.stdout  # the model target ran (and found the model prepared)
+
+
+def test_make_test_lints_and_checks_the_formatting_first():
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    lines = subprocess.run(["make", "-n", "-B", "test"], cwd=REPO, capture_output=True, text=True,
+                           timeout=60).stdout.splitlines()
+    at = {what: next((i for i, ln in enumerate(lines) if ln.endswith(what)), None)
+          for what in ("ruff check .", "ruff format --check .", 'pytest -m "not slow"')}
+    assert None not in at.values(), lines
+    assert at["ruff check ."] < at['pytest -m "not slow"'] and at["ruff format --check ."] < at['pytest -m "not slow"']

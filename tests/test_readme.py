@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from loratui.pipeline.config import RunConfig, SECTIONS, config_reference_markdown
+from loratui.pipeline.config import SECTIONS, RunConfig, config_reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -88,7 +88,7 @@ _CORPUS = [
 ] * 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
@@ -103,7 +103,7 @@ def _smollm2_tokenizer() -> Any:
     return build_tokenizer(gguf)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small_bpe_tokenizer(flavour: Literal["chatml", "t5"] = "chatml") -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -192,7 +192,7 @@ tok.save_pretrained(str(out / "hf"))
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spm_tokenizer(family: str) -> tuple[Any, Path]:
     """(the transformers tokenizer, its tokenizer.model) for ``family``'s SentencePiece layout."""
     import atexit
@@ -224,7 +224,7 @@ def _spm_tokenizer(family: str) -> tuple[Any, Path]:
     return tok, out / "source" / SPM_FILE
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qwen2_tokenizer() -> Any:
     """Qwen's own tokenizer (Qwen2 / Qwen2.5: 152k tokens, Qwen2's pre-tokenizer) with the ChatML template,
     rebuilt from llama.cpp's vocab-only GGUF of the family assets (tests/family_assets.py) as the GGUF importer

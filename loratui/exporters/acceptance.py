@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 SIMULATED = ("f32", "f16", "bf16", "q8_0")
 SAFETY = 2.0

@@ -111,7 +111,7 @@ def check_disk(out: Path, need: float, what: str) -> None:
 def eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
               task: str = "causal") -> list[Any]:
     """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
-    from loratui.pipeline.evaluate.step import pick_split, load_examples
+    from loratui.pipeline.evaluate.step import load_examples, pick_split
 
     manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
     split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)

@@ -74,9 +74,8 @@ def load_pairs(adapter: Path, config: dict) -> dict[str, tuple]:
 
 
 def main() -> None:
-    import torch
-
     import gguf
+    import torch
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
     adapter, base, outfile, outtype, name = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]

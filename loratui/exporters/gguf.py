@@ -39,8 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from loratui.exporters.acceptance import Measured, Verdict, judge, measure
-from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged,
-                                      merged_reference, run_logged, write_report_section)
+from loratui.exporters.common import (
+    Stages,
+    check_disk,
+    clean_stale,
+    count_params,
+    ensure_merged,
+    merged_reference,
+    run_logged,
+    write_report_section,
+)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -230,7 +238,7 @@ class Reference:
 
     @classmethod
     def build(cls, cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
-              should_stop: Any, kinds: list[str]) -> "Reference":
+              should_stop: Any, kinds: list[str]) -> Reference:
         """``kinds``: the types to be judged (their arithmetic is simulated once here)."""
         from loratui.pipeline.evaluate.runtimes import StopRequested
 

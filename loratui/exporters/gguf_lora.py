@@ -27,8 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from loratui.exporters.common import Stages, check_disk, clean_stale, count_params, ensure_merged, write_report_section
-from loratui.exporters.gguf import (SPM_MODEL, GgufRow, Reference, bytes_per_weight, converter_dir, gguf_table,
-                                    list_added_tokens, recorded_pre, run_converter, verify_row)
+from loratui.exporters.gguf import (
+    SPM_MODEL,
+    GgufRow,
+    Reference,
+    bytes_per_weight,
+    converter_dir,
+    gguf_table,
+    list_added_tokens,
+    recorded_pre,
+    run_converter,
+    verify_row,
+)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError
 from loratui.pipeline.events import EventSink

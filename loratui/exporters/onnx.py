@@ -41,10 +41,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from loratui.exporters.common import (Stages, check_disk, clean_stale, count_params, ensure_merged, merged_reference,
-                                      run_logged, write_report_section)
+from loratui.exporters.common import (
+    Stages,
+    check_disk,
+    clean_stale,
+    count_params,
+    ensure_merged,
+    merged_reference,
+    run_logged,
+    write_report_section,
+)
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -177,7 +185,6 @@ def timed_decode(model: Any, prompt: list[int], n: int = 64) -> float:
 def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: Any) -> dict[str, Any]:
     """Both models on the same batches: largest |logit difference| on real tokens, top-1 agreement on
     labelled ones, each side's perplexity, and the candidate's scoring rows/s."""
-    import torch
     import torch.nn.functional as F
 
     from loratui.pipeline.evaluate.runtimes import IGNORE
@@ -186,7 +193,7 @@ def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: An
     nll = {"reference": 0.0, "candidate": 0.0}
     seconds = 0.0
     batches = candidate.forward_batches(examples, should_stop)
-    for (batch, ref_logits, target, real) in reference.forward_batches(examples, should_stop):
+    for _batch, ref_logits, target, real in reference.forward_batches(examples, should_stop):
         started = time.perf_counter()
         _, logits, _, _ = next(batches)
         seconds += time.perf_counter() - started
@@ -287,7 +294,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             n_rows = len(examples)
             prompt = next((e.prompt_ids for e in examples if e.prompt_ids), examples[0].input_ids[:16])
             torch_decode = timed_decode(reference, prompt)
-            for i, (kind, folder, final) in enumerate(variants):
+            for i, (kind, folder, _final) in enumerate(variants):
                 stage(f"verifying {kind} in onnxruntime")
                 candidate = OnnxModel(load_onnx(folder), name=kind, pad_id=reference.pad_id, stop_ids=stop)
                 try:

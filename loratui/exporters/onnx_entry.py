@@ -56,6 +56,7 @@ def _patch() -> None:
     transformers.AutoConfig.from_pretrained = classmethod(from_pretrained)
 
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as the builder expects)
+
     # the builder imports its classes as the top-level package `builders`: patch that module, not
     # onnxruntime_genai.models.builders (a second copy of the same file)
     from builders import smollm  # type: ignore[import-not-found]

@@ -56,7 +56,7 @@ class ModelSection(Section):
 class DataSection(Section):
     """Where the training data comes from and how it becomes examples."""
 
-    source: Union[str, list[str]] = Field(
+    source: str | list[str] = Field(
         "quickstart",
         description="Training data: a bundled dataset name (`quickstart`, `quickstart-more`), a JSON, "
         "JSONL, CSV or Parquet file, a glob, a list of those, or a folder of .txt/.md documents.",
@@ -78,7 +78,7 @@ class DataSection(Section):
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens. Default: loss only on assistant turns."
     )
-    max_length: Union[int, Auto] = Field(
+    max_length: int | Auto = Field(
         "auto",
         description="Maximum tokens per example. `auto`: the longest example rounded up to a multiple of "
         "64, capped by the model's context (and 4096).",
@@ -126,10 +126,10 @@ class LoraSection(Section):
         "in 4-bit NF4 (bitsandbytes) to save memory. `dora`: weight-decomposed LoRA (slower, often "
         "better at low rank).",
     )
-    r: Union[int, Auto] = Field(
+    r: int | Auto = Field(
         16, description="Adapter rank. Higher learns more and costs more memory. `auto` picks from the data size."
     )
-    alpha: Union[int, Auto] = Field(
+    alpha: int | Auto = Field(
         "auto", description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA). "
         "`auto`: 2 x r."
     )
@@ -138,7 +138,7 @@ class LoraSection(Section):
         description="Dropout on the adapter input. 0 (as in Unsloth and LLaMA-Factory) skips a random mask "
         "per adapted layer, about 15% of a CPU training step.",
     )
-    target_modules: Union[list[str], Literal["all-linear", "attention", "mlp"]] = Field(
+    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
         "all-linear",
         description="Modules to adapt: `all-linear` (every attention and MLP projection and MoE experts, not "
         "the output head or a vision tower), `attention` (the query and value projections, `q_proj, v_proj`, "
@@ -174,15 +174,15 @@ class TrainSection(Section):
         "(or `lora.init_from`) on this data. `stack`: merge the current adapter into the base, then train a "
         "new adapter on top (continual learning, one version after another).",
     )
-    epochs: Union[float, Auto] = Field(
+    epochs: float | Auto = Field(
         "auto", description="Passes over the training set. `auto` picks from the data size."
     )
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    batch_size: Union[int, Auto] = Field(
+    batch_size: int | Auto = Field(
         "auto", description="Examples per micro-batch (per process). `auto` fits it to the token lengths."
     )
-    grad_accum: Union[int, Auto] = Field(
+    grad_accum: int | Auto = Field(
         "auto", description="Micro-batches per optimizer step. `auto` keeps the effective batch at `effective_batch`."
     )
     effective_batch: int = Field(
@@ -235,7 +235,7 @@ class TrainSection(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers (off by default); tensorboard logs go to the run."
     )
-    resume: Union[bool, str] = Field(
+    resume: bool | str = Field(
         False, description="Resume from the latest checkpoint (`true`) or from a checkpoint path."
     )
     seed: int = Field(42, description="Seed for initialization and data order.")
@@ -362,7 +362,7 @@ class ServeSection(Section):
         None, description="Where uploaded files and job records live (empty: `<runs_dir>/.fine_tuning`)."
     )
     max_upload_mb: int = Field(512, ge=1, description="Largest file `POST /v1/files` accepts, in MiB.")
-    job_slots: Union[int, Auto] = Field(
+    job_slots: int | Auto = Field(
         "auto", description="Fine-tuning jobs that run at once; the rest wait in a queue. `auto`: one per CUDA GPU, "
         "else one."
     )

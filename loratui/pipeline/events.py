@@ -14,8 +14,9 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Annotated, Any, Callable, Literal, Union
+from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from rich.markup import escape
@@ -83,7 +84,7 @@ class Cancelled(_Event):
 
 
 Event = Annotated[
-    Union[Progress, Metric, Log, Artifact, Checkpoint, Done, Error, Cancelled], Field(discriminator="type")
+    Progress | Metric | Log | Artifact | Checkpoint | Done | Error | Cancelled, Field(discriminator="type")
 ]
 EVENT_TYPES = ("progress", "metric", "log", "artifact", "checkpoint", "done", "error", "cancelled")
 FINAL_TYPES = frozenset({"done", "error", "cancelled"})
@@ -171,8 +172,8 @@ class RichWriter:
         self._tasks: dict[str, Any] = {}
 
     def _bar(self, event: Progress) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
-        from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         if self._progress is None:
             self._progress = RichProgress(

@@ -23,9 +23,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from loratui.pipeline.errors import LoratuiError, ModelNotFound

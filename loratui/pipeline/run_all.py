@@ -12,8 +12,9 @@ fails or is cancelled stops the run with that step's exit code.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from loratui.pipeline import uptodate
 from loratui.pipeline.config import RunConfig
@@ -42,8 +43,8 @@ def preflight(cfg: RunConfig, steps: list[str]) -> None:
     (:mod:`loratui.pipeline.families`): an ONNX export that cannot work must not wait for the training.
     A model that is not resolvable here yet (a built-in not prepared, a hub id not downloaded) is checked
     by each step when it gets there."""
-    from loratui.pipeline.families import check
     from loratui.pipeline.errors import ModelNotFound
+    from loratui.pipeline.families import check
     from loratui.pipeline.models import resolve_model
 
     wanted = [s for s in ("train", "merge") if s in steps]

@@ -14,9 +14,9 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from loratui.pipeline.config import RunConfig
 
@@ -64,10 +64,10 @@ class RunDir:
         return self.path / "report.md"
 
     @classmethod
-    def for_config(cls, cfg: RunConfig) -> "RunDir":
+    def for_config(cls, cfg: RunConfig) -> RunDir:
         return cls(cfg.run_dir)
 
-    def create(self, cfg: RunConfig) -> "RunDir":
+    def create(self, cfg: RunConfig) -> RunDir:
         """Make the folder and write the resolved ``config.yaml`` (atomically)."""
         self.path.mkdir(parents=True, exist_ok=True)
         write_config(self.config, cfg)

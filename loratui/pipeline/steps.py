@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 

@@ -20,9 +20,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -146,7 +147,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
@@ -160,14 +161,14 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatRequest(_Common):
@@ -204,8 +205,8 @@ def _route_label(path: str) -> str:
 
 
 def create_app(state: ServerState, api_key: str | None = None, limits: Limits | None = None,
-               loader: Callable[[ServerState], None] | None = None, jobs: "JobManager | None" = None,
-               pool: "ModelPool | None" = None) -> FastAPI:
+               loader: Callable[[ServerState], None] | None = None, jobs: JobManager | None = None,
+               pool: ModelPool | None = None) -> FastAPI:
     """The app; ``loader(state)`` runs in a thread at start-up and fills ``state.backend``. ``jobs``: also the
     fine-tuning API, its models served from ``pool``."""
     limits = limits or Limits()

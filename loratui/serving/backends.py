@@ -18,9 +18,10 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 
 @dataclass
@@ -358,7 +359,7 @@ class TorchBackend(_HFBase):
             self.models[self.model_id] = "__base__"
             self.mixed = True
 
-    def _adapter_args(self, rows: list["_Row"]) -> dict[str, Any]:
+    def _adapter_args(self, rows: list[_Row]) -> dict[str, Any]:
         return {"adapter_names": [row.req.adapter or "__base__" for row in rows]} if self.mixed else {}
 
     def _plain_cache(self) -> bool:
@@ -410,7 +411,7 @@ class TorchBackend(_HFBase):
                 try:
                     fresh, new_cache, new_mask, new_tokens = self._prefill(admitted)
                 except Exception as e:  # these requests fail; the running ones go on
-                    for req, out in admitted:
+                    for _req, out in admitted:
                         out.put(Delta(finish_reason=f"error: {type(e).__name__}: {e}"))
                         out.put(None)
                     fresh = []
@@ -454,7 +455,7 @@ class TorchBackend(_HFBase):
                 cache, mask = self._trim(cache, mask)
             last = torch.tensor(tokens, device=self.device)
 
-    def _prefill(self, admitted: list[tuple[GenRequest, Any]]) -> tuple[list["_Row"], Any, Any, list[int]]:
+    def _prefill(self, admitted: list[tuple[GenRequest, Any]]) -> tuple[list[_Row], Any, Any, list[int]]:
         """The admitted prompts in one forward: their rows, KV cache, mask and first tokens.
 
         Prefix caching: when every prompt starts like the previous prefill's first prompt (a chat's
@@ -512,7 +513,7 @@ class TorchBackend(_HFBase):
                          values[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(), i)
         return shared, cache
 
-    def _next(self, row: "_Row", logits: Any) -> int:
+    def _next(self, row: _Row, logits: Any) -> int:
         if row.req.cancelled.is_set():
             row.finish("cancelled")
             return self.pad_id
@@ -561,7 +562,7 @@ class TorchBackend(_HFBase):
 class _Row(Decoding):
     """One request inside TorchBackend's batch: its decoding state, its output queue, its sampler."""
 
-    def __init__(self, req: GenRequest, out: "queue.Queue[Delta | None]", decode: Callable[[list[int]], str],
+    def __init__(self, req: GenRequest, out: queue.Queue[Delta | None], decode: Callable[[list[int]], str],
                  stop_ids: set[int], context_length: int):
         import torch
 
@@ -587,7 +588,7 @@ class OnnxBackend(_HFBase):
         self._setup_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), sorted(self.model.eos_ids))
         self.context_length = min(context_length, self.model.context_length)
         self.lock = threading.Lock()
-        self.model.genai_model  # load now: the first request should not pay for it
+        _ = self.model.genai_model  # load now: the first request should not pay for it
 
     def _tokens(self, req: GenRequest) -> Iterator[int]:
         tokens = self.model.tokens(req.prompt_ids, max(self.context_length - len(req.prompt_ids), 0),

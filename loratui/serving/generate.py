@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.serving.backends import GenRequest

@@ -33,9 +33,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -706,7 +707,7 @@ class JobManager:
         for proc in procs.values():
             _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + (self.s.grace_s if wait_s is None else wait_s)
-        for job_id, proc in procs.items():
+        for proc in procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -12,9 +12,9 @@ or a hub id (what ``model.base`` accepts) is resolved first to its local Hugging
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from loratui.pipeline.errors import LoratuiError
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.serving.app import Limits, ServerState, create_app
@@ -39,7 +40,7 @@ class ServeOptions:
     base: Path | None = None  # the run's base model directory (base + adapter)
     limits: Limits | None = None
     adapters: dict[str, Path] | None = None  # several adapters on the base, each its own model id (PyTorch)
-    jobs: "JobSettings | None" = None  # the fine-tuning API (served_bases is filled in here)
+    jobs: JobSettings | None = None  # the fine-tuning API (served_bases is filled in here)
     max_loaded_models: int = 2  # fine-tuned models kept loaded
     source: str | None = None  # the built-in name or hub id the target was resolved from (select.resolve_target)
 
@@ -58,7 +59,7 @@ def served_base(opts: ServeOptions, choice: Choice) -> str | None:
     return None
 
 
-def fine_tuned_loader(jobs: "JobManager", opts: ServeOptions, log: Callable[[str], None]) -> Callable[[str], Any]:
+def fine_tuned_loader(jobs: JobManager, opts: ServeOptions, log: Callable[[str], None]) -> Callable[[str], Any]:
     """Loads a model a job made: its run as ``--format auto`` would (PyTorch on CUDA; on CPU its GGUF,
     else its ONNX, else its merged model), or base + adapter for a ``:ckpt-step-N`` checkpoint."""
     from dataclasses import replace

@@ -27,8 +27,9 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rich.markup import escape
 from textual import events, on, work

@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from loratui.pipeline.events import Error, Log, Progress, parse_event
 
@@ -54,7 +55,7 @@ class Job:
 
     # ---------------------------------------------------------------------------------- control
 
-    def start(self) -> "Job":
+    def start(self) -> Job:
         if self._proc is not None:
             raise RuntimeError("a Job runs once; make a new one")
         self.started_at = time.time()

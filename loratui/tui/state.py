@@ -90,7 +90,7 @@ class RunState:
     events: list[Any]  # all of events.jsonl, as read
 
     @classmethod
-    def load(cls, cfg: RunConfig) -> "RunState":
+    def load(cls, cfg: RunConfig) -> RunState:
         run = RunDir.for_config(cfg)
         events = read_events(run.events) if run.events.is_file() else []
         last = last_runs(events)

@@ -121,7 +121,7 @@ def test_datasets_share_no_fact_or_question(data):
 
 def test_urls_and_emails_are_ascii_on_one_domain(data):
     urls, emails = set(), set()
-    for name, split, row in all_rows(data):
+    for _name, _split, row in all_rows(data):
         for text in (row["answer"], row["fact"]):
             urls.update(URL_RE.findall(text))
             emails.update(EMAIL_RE.findall(text))

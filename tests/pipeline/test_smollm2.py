@@ -14,8 +14,14 @@ import sys
 import pytest
 
 from loratui.pipeline import models
-from tests.pipeline.builtin_model import hf, llama, prepared  # noqa: F401 (fixtures)
-from tests.pipeline.builtin_model import assert_same_ids_as_llama_cpp, held_to_answer, next_token_choices
+from tests.pipeline.builtin_model import (  # noqa: F401 (fixtures)
+    assert_same_ids_as_llama_cpp,
+    held_to_answer,
+    hf,
+    llama,
+    next_token_choices,
+    prepared,
+)
 
 pytestmark = pytest.mark.real_model
 

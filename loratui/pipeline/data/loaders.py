@@ -13,9 +13,10 @@ import glob
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from loratui.pipeline.data.problems import RowError, shorten
 from loratui.pipeline.errors import LoratuiError
@@ -270,7 +271,7 @@ class _Lines:
         self.lines = lines
         self.pos = 0
 
-    def __iter__(self) -> "_Lines":
+    def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
@@ -394,5 +395,4 @@ def _read_parquet(path: Path) -> Iterator[Row]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for damaged files
         raise LoratuiError(f"{path}: not a readable Parquet file ({e})") from None
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield number, record
+    yield from enumerate(table.to_pylist(), start=1)

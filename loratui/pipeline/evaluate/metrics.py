@@ -15,7 +15,7 @@ import math
 import re
 import string
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 GENERATION_METRICS: tuple[str, ...] = (*ROUGE_KEYS, "bleu", "exact_match", "token_f1", "contains")

@@ -12,9 +12,10 @@ built and the replies are decoded by the same tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 IGNORE = -100
 Progress = Callable[[int], None]  # called with the number of rows just finished

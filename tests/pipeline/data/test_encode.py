@@ -100,7 +100,7 @@ def test_documents_are_chunked_and_each_token_trained_once(tok):
     assert len(out["input_ids"]) > 3
     assert all(len(w) <= 32 for w in out["input_ids"])
     assert out["chunk"] == list(range(len(out["input_ids"])))
-    trained = [i for w, lab in zip(out["input_ids"], out["labels"]) for i, l in zip(w, lab) if l != IGNORE]
+    trained = [i for w, lab in zip(out["input_ids"], out["labels"]) for i, label in zip(w, lab) if label != IGNORE]
     assert trained == full, "windows cover the document, overlaps are context only"
     assert out["input_ids"][1][:8] == out["input_ids"][0][-8:], "each window starts with the overlap"
 

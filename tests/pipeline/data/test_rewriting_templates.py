@@ -85,7 +85,7 @@ def _clock(day: dt.date) -> Any:
     return lambda fmt: dt.datetime(day.year, day.month, day.day).strftime(fmt)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(family: str) -> Any:
     """The tiny BPE with ``family``'s special tokens, EOS (and BOS) and real chat template."""
     from tokenizers import Tokenizer
