@@ -67,7 +67,7 @@ def test_make_test_lints_and_checks_the_formatting_first():
         pytest.skip("no make")
     lines = subprocess.run(["make", "-n", "-B", "test"], cwd=REPO, capture_output=True, text=True,
                            timeout=60).stdout.splitlines()
-    at = {what: next((i for i, ln in enumerate(lines) if ln.endswith(what)), None)
+    at = {what: next((i for i, ln in enumerate(lines) if ln.rstrip().endswith(what)), None)
           for what in ("ruff check .", "ruff format --check .", 'pytest -m "not slow"')}
     assert None not in at.values(), lines
     assert at["ruff check ."] < at['pytest -m "not slow"'] and at["ruff format --check ."] < at['pytest -m "not slow"']
