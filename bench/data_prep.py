@@ -60,10 +60,28 @@ _WORDS = (
     "think include provide support require allow expect consider suggest review prepare share store"
 ).split()
 _TOPICS = [
-    "photosynthesis", "compound interest", "a binary search", "the water cycle", "public key cryptography",
-    "supply and demand", "vaccines", "a hash table", "climate change", "the French Revolution", "inflation",
-    "machine learning", "plate tectonics", "a sourdough starter", "HTTP caching", "the immune system",
-    "container orchestration", "solar panels", "the stock market", "recursion", "DNS resolution", "gravity",
+    "photosynthesis",
+    "compound interest",
+    "a binary search",
+    "the water cycle",
+    "public key cryptography",
+    "supply and demand",
+    "vaccines",
+    "a hash table",
+    "climate change",
+    "the French Revolution",
+    "inflation",
+    "machine learning",
+    "plate tectonics",
+    "a sourdough starter",
+    "HTTP caching",
+    "the immune system",
+    "container orchestration",
+    "solar panels",
+    "the stock market",
+    "recursion",
+    "DNS resolution",
+    "gravity",
 ]
 _NAMES = ["Maria", "John", "Aisha", "Kenji", "Lucas", "Priya", "Olga", "Tom", "Fatima", "Chen", "Sofia", "Ravi"]
 _LANGS = ["French", "German", "Spanish", "Italian", "Portuguese", "Dutch", "Polish", "Swedish"]
@@ -110,8 +128,14 @@ def _token(rng: random.Random) -> str:
     if r < 0.03:
         return _url(rng)
     if r < 0.08:
-        return rng.choice([str(rng.randint(0, 9999)), f"{rng.uniform(0, 100):.2f}", f"{rng.randint(1, 99)}%",
-                           f"{rng.randint(1, 28)}.{rng.randint(1, 12)}.{rng.randint(1990, 2030)}"])
+        return rng.choice(
+            [
+                str(rng.randint(0, 9999)),
+                f"{rng.uniform(0, 100):.2f}",
+                f"{rng.randint(1, 99)}%",
+                f"{rng.randint(1, 28)}.{rng.randint(1, 12)}.{rng.randint(1990, 2030)}",
+            ]
+        )
     if r < 0.10:
         return rng.choice(_NAMES)
     return rng.choice(_WORDS)
@@ -134,9 +158,15 @@ def _output(rng: random.Random, words: int, kind: int) -> str:
     style = rng.random()
     if kind == 11 and style < 0.8:  # code
         var = rng.choice(_WORDS)
-        body = [f"def count_{var}(items):", f'    """{_sentences(rng, max(4, words // 4))}"""', "    total = 0",
-                "    for item in items:", f"        if item.get('{rng.choice(_WORDS)}'):", "            total += 1",
-                "    return total"]
+        body = [
+            f"def count_{var}(items):",
+            f'    """{_sentences(rng, max(4, words // 4))}"""',
+            "    total = 0",
+            "    for item in items:",
+            f"        if item.get('{rng.choice(_WORDS)}'):",
+            "            total += 1",
+            "    return total",
+        ]
         code = "\n".join(body)
         return f"Here is a function:\n\n```python\n{code}\n```\n\n" + _sentences(rng, max(3, words // 3))
     if style < 0.25:  # a numbered list
@@ -153,13 +183,22 @@ def _output(rng: random.Random, words: int, kind: int) -> str:
 
 def make_row(rng: random.Random) -> dict[str, str]:
     kind = rng.randrange(len(_INSTRUCTIONS))
-    a, b = rng.randint(1, 10**rng.randint(1, 6)), rng.randint(1, 10**rng.randint(1, 6))
+    a, b = rng.randint(1, 10 ** rng.randint(1, 6)), rng.randint(1, 10 ** rng.randint(1, 6))
     instruction = _INSTRUCTIONS[kind].format(
-        topic=rng.choice(_TOPICS), topic2=rng.choice(_TOPICS), name=rng.choice(_NAMES), lang=rng.choice(_LANGS),
-        noun=rng.choice(_WORDS), noun2=rng.choice(_WORDS), verb=rng.choice(_WORDS), n=rng.randint(2, 9), a=a, b=b,
+        topic=rng.choice(_TOPICS),
+        topic2=rng.choice(_TOPICS),
+        name=rng.choice(_NAMES),
+        lang=rng.choice(_LANGS),
+        noun=rng.choice(_WORDS),
+        noun2=rng.choice(_WORDS),
+        verb=rng.choice(_WORDS),
+        n=rng.randint(2, 9),
+        a=a,
+        b=b,
         d1=f"{rng.randint(2000, 2024)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
         d2=f"{rng.randint(2025, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-        order=rng.randint(10000, 999999))
+        order=rng.randint(10000, 999999),
+    )
     # Content tokens per row (instruction + input + output) between ~20 and ~200, skewed short like real
     # instruction data; ~1.9 tokens per generated word for this vocabulary.
     budget_words = int((24 + 150 * rng.betavariate(1.6, 3.0)) / 1.9)
@@ -187,8 +226,9 @@ def content_tokens(rows: list[dict[str, str]], tokenizer: Any) -> list[int]:
     return [len(x) + len(y) for x, y in zip(a, b)]
 
 
-def write_rows(path: Path, n: int, tokenizer: Any, seed: int = SEED,
-               lo: int = MIN_TOKENS, hi: int = MAX_TOKENS) -> tuple[list[dict[str, str]], list[int]]:
+def write_rows(
+    path: Path, n: int, tokenizer: Any, seed: int = SEED, lo: int = MIN_TOKENS, hi: int = MAX_TOKENS
+) -> tuple[list[dict[str, str]], list[int]]:
     """``n`` rows whose content is ``lo``..``hi`` tokens: rows outside are redrawn from the same stream."""
     rng = random.Random(seed)
     rows = [make_row(rng) for _ in range(n)]
@@ -235,9 +275,10 @@ def naive_encode(examples: list[Any], tokenizer: Any) -> list[tuple[list[int], l
     for ex in examples:
         messages = ex.messages
         ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
-                                               return_dict=False)
-        labels = [-100] * len(prompt) + list(ids[len(prompt):])
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False
+        )
+        labels = [-100] * len(prompt) + list(ids[len(prompt) :])
         out.append((list(ids), labels))
     return out
 
@@ -254,11 +295,17 @@ def machine() -> list[tuple[str, str]]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [("nproc (usable cores)", str(usable)), ("cpu_count", str(os.cpu_count())), ("CPU model", cpu),
-            ("python", platform.python_version()), ("tokenizers", tokenizers.__version__),
-            ("transformers", transformers.__version__), ("datasets", datasets.__version__),
-            ("platform", platform.platform()),
-            ("load average (1/5/15 min) at the end", " / ".join(f"{x:.2f}" for x in os.getloadavg()))]
+    return [
+        ("nproc (usable cores)", str(usable)),
+        ("cpu_count", str(os.cpu_count())),
+        ("CPU model", cpu),
+        ("python", platform.python_version()),
+        ("tokenizers", tokenizers.__version__),
+        ("transformers", transformers.__version__),
+        ("datasets", datasets.__version__),
+        ("platform", platform.platform()),
+        ("load average (1/5/15 min) at the end", " / ".join(f"{x:.2f}" for x in os.getloadavg())),
+    ]
 
 
 def step_run(overrides: list[str], name: str) -> tuple[float, Any, list[Any]]:
@@ -286,10 +333,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=100_000, help="rows to generate (default 100000)")
     ap.add_argument("--repeat", type=int, default=3, help="cold runs of the full step; the median is reported")
-    ap.add_argument("--num-proc", type=int, default=None,
-                    help="also time encode_examples with this num_proc (default: not measured)")
-    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                    help="cProfile encode_examples on this many train rows and print the top 15 (default off)")
+    ap.add_argument(
+        "--num-proc",
+        type=int,
+        default=None,
+        help="also time encode_examples with this num_proc (default: not measured)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="cProfile encode_examples on this many train rows and print the top 15 (default off)",
+    )
     add_json_arg(ap)
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
@@ -308,8 +364,13 @@ def main() -> int:
 
         gen_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         (rows, lens), gen_s = timed(write_rows, source, args.rows, gen_tokenizer)
-        overrides = [f"model.base={model_dir}", f"data.source={source}", f"runs_dir={tmp / 'runs'}",
-                     "data.val_ratio=0.01", "data.test_ratio=0.01"]
+        overrides = [
+            f"model.base={model_dir}",
+            f"data.source={source}",
+            f"runs_dir={tmp / 'runs'}",
+            "data.val_ratio=0.01",
+            "data.test_ratio=0.01",
+        ]
 
         with env("LORATUI_HOME", str(tmp / "home")):
             from loratui.pipeline.config import load_config
@@ -344,27 +405,38 @@ def main() -> int:
             splits, split_s = timed(split_examples, cfg, {"train": examples, "validation": [], "test": []}, out)
             (tokenizer, template, _), load_s = timed(load_tokenizer_and_template, cfg, null_sink("data"))
             train = splits["train"]
-            enc, encode_s = timed(encode_examples, train, tokenizer, template, cfg, null_sink("data"),
-                                  lambda: False, "train")
+            enc, encode_s = timed(
+                encode_examples, train, tokenizer, template, cfg, null_sink("data"), lambda: False, "train"
+            )
             np_s, np_error = None, None
             if args.num_proc:
                 try:
-                    _, np_s = timed(encode_examples, train, tokenizer, template, cfg, null_sink("data"),
-                                    lambda: False, "train", num_proc=args.num_proc)
+                    _, np_s = timed(
+                        encode_examples,
+                        train,
+                        tokenizer,
+                        template,
+                        cfg,
+                        null_sink("data"),
+                        lambda: False,
+                        "train",
+                        num_proc=args.num_proc,
+                    )
                 except Exception as e:  # reported in the table, not hidden
                     np_error = f"{type(e).__name__}: {e}".splitlines()[0][:160]
 
             # 4. Naive baseline on the first rows, and encode on the very same rows.
             first = examples[:BASELINE_ROWS]
             naive, naive_s = timed(naive_encode, first, tokenizer)
-            same, same_s = timed(encode_examples, first, tokenizer, template, cfg, null_sink("data"),
-                                 lambda: False, "baseline")
+            same, same_s = timed(
+                encode_examples, first, tokenizer, template, cfg, null_sink("data"), lambda: False, "baseline"
+            )
             same_ids = sum(1 for (ids, _), got in zip(naive, same["input_ids"]) if ids == list(got))
             # The naive mask also trains the newline after the end-of-turn token; encode stops at it.
             same_trained = 0
             for (_, labels), got in zip(naive, same["labels"]):
                 mine, theirs = [x for x in got if x != -100], [x for x in labels if x != -100]
-                same_trained += theirs[:len(mine)] == mine and len(theirs) - len(mine) <= 1
+                same_trained += theirs[: len(mine)] == mine and len(theirs) - len(mine) <= 1
 
             prof_text = None
             if args.profile:
@@ -372,7 +444,7 @@ def main() -> int:
                 import io
                 import pstats
 
-                sample = train[:args.profile]
+                sample = train[: args.profile]
                 prof = cProfile.Profile()
                 prof.enable()
                 encode_examples(sample, tokenizer, template, cfg, null_sink("data"), lambda: False, "train")
@@ -416,37 +488,58 @@ def main() -> int:
     print("-" * (w + 40))
     print(f"speedup encode vs naive baseline (rows/s ratio):       {enc_rate / naive_rate:.1f}x")
     print(f"speedup encode vs naive baseline (same {len(first):,} rows):     {same_rate / naive_rate:.1f}x")
-    print(f"cache-hit run: {hit_s:.2f} s (step's own summary: cache_hit={hit.get('cache_hit')}, "
-          f"{hit.get('seconds')} s); cold runs: " + ", ".join(f"{x:.2f} s ({rate(args.rows, x):,.0f} rows/s)"
-                                                        for x in cold_runs))
-    print(f"other: generate {n:,} rows {gen_s:.2f} s (untimed); import transformers+datasets {import_s:.2f} s "
-          f"(before the step); load tokenizer+template {load_s:.2f} s (inside the step)")
-    print(f"sanity: naive vs encode on the first {len(first):,}: identical input_ids {same_ids:,}, "
-          f"same trained tokens {same_trained:,} "
-          "(up to the newline after end-of-turn, which only the naive mask trains)")
-    print(f"data: content tokens per row (instruction+input+output): min {min(lens)}, "
-          f"median {statistics.median(lens):.0f}, p95 {sorted(lens)[int(0.95 * (len(lens) - 1))]}, max {max(lens)}; "
-          f"rows with input {sum(1 for r in rows if r['input']):,}")
+    print(
+        f"cache-hit run: {hit_s:.2f} s (step's own summary: cache_hit={hit.get('cache_hit')}, "
+        f"{hit.get('seconds')} s); cold runs: "
+        + ", ".join(f"{x:.2f} s ({rate(args.rows, x):,.0f} rows/s)" for x in cold_runs)
+    )
+    print(
+        f"other: generate {n:,} rows {gen_s:.2f} s (untimed); import transformers+datasets {import_s:.2f} s "
+        f"(before the step); load tokenizer+template {load_s:.2f} s (inside the step)"
+    )
+    print(
+        f"sanity: naive vs encode on the first {len(first):,}: identical input_ids {same_ids:,}, "
+        f"same trained tokens {same_trained:,} "
+        "(up to the newline after end-of-turn, which only the naive mask trains)"
+    )
+    print(
+        f"data: content tokens per row (instruction+input+output): min {min(lens)}, "
+        f"median {statistics.median(lens):.0f}, p95 {sorted(lens)[int(0.95 * (len(lens) - 1))]}, max {max(lens)}; "
+        f"rows with input {sum(1 for r in rows if r['input']):,}"
+    )
     t = report["tokens"]
-    print(f"step report: splits {report['splits']}, dropped {report['rows']['dropped']}, "
-          f"truncated {report['rows']['truncated']}, max_length {report['max_length']}, "
-          f"train tokens median {t['train']['median']:.0f} max {t['train']['max']}, "
-          f"tokens/epoch {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)")
+    print(
+        f"step report: splits {report['splits']}, dropped {report['rows']['dropped']}, "
+        f"truncated {report['rows']['truncated']}, max_length {report['max_length']}, "
+        f"train tokens median {t['train']['median']:.0f} max {t['train']['max']}, "
+        f"tokens/epoch {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)"
+    )
     met = step_rate >= TARGET_ROWS_PER_S
-    record(args.json, "data_prep", f"data step rows/s, {n:,} alpaca rows, cold cache", f"{step_rate:,.0f} rows/s",
-           f"naive per-row apply_chat_template {naive_rate:,.0f} rows/s", step_rate / naive_rate,
-           f">= {TARGET_ROWS_PER_S:,.0f} rows/s", met)
-    print(f"\ntarget: full step >= {TARGET_ROWS_PER_S:,.0f} rows/s on {TARGET_CORES} cores; measured "
-          f"{step_rate:,.0f} rows/s on {cores} usable cores -> {'MET' if met else 'NOT MET'}"
-          + ("" if cores == TARGET_CORES else f" (note: this machine has {cores} cores, not {TARGET_CORES})"))
+    record(
+        args.json,
+        "data_prep",
+        f"data step rows/s, {n:,} alpaca rows, cold cache",
+        f"{step_rate:,.0f} rows/s",
+        f"naive per-row apply_chat_template {naive_rate:,.0f} rows/s",
+        step_rate / naive_rate,
+        f">= {TARGET_ROWS_PER_S:,.0f} rows/s",
+        met,
+    )
+    print(
+        f"\ntarget: full step >= {TARGET_ROWS_PER_S:,.0f} rows/s on {TARGET_CORES} cores; measured "
+        f"{step_rate:,.0f} rows/s on {cores} usable cores -> {'MET' if met else 'NOT MET'}"
+        + ("" if cores == TARGET_CORES else f" (note: this machine has {cores} cores, not {TARGET_CORES})")
+    )
     print("\nmachine:")
     for k, v in machine():
         print(f"  {k}: {v}")
     print(f"  load average (1 min) at the start: {load_before:.2f}")
     print(f"command: {command}")
     if prof_text:
-        print(f"\ncProfile of encode_examples on {min(args.profile, len(train)):,} train rows "
-              "(top 15 by cumulative time):")
+        print(
+            f"\ncProfile of encode_examples on {min(args.profile, len(train)):,} train rows "
+            "(top 15 by cumulative time):"
+        )
         print(prof_text)
     return 0
 

@@ -49,7 +49,9 @@ def prompts_of(run: Path, n: int) -> list[list[int]]:
     out = []
     for row in rows.select(range(min(n, len(rows)))):
         messages = json.loads(row["messages"])[:-1]
-        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        out.append(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
     return [list(p) for p in out]
 
 
@@ -63,8 +65,15 @@ def transformers_decode(merged: Path, prompts: list[list[int]], tokens: int) -> 
         x = torch.tensor([ids])
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, use_cache=True)
+            model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                use_cache=True,
+            )
         return time.perf_counter() - t
 
     run(4, prompts[0])  # warm-up
@@ -97,8 +106,11 @@ def main() -> int:
     ggufs = {q: run / "exports" / "gguf" / f"{name}-{q}.gguf" for q in ("q4_k_m", "q8_0")}
     missing = [str(p) for p in [run / "merged" / "config.json", *ggufs.values()] if not p.is_file()]
     if missing:
-        print(f"missing: {', '.join(missing)}\nrun: loratui export --format gguf --quant q4_k_m,q8_0 "
-              f"--config <the run's config>", file=sys.stderr)
+        print(
+            f"missing: {', '.join(missing)}\nrun: loratui export --format gguf --quant q4_k_m,q8_0 "
+            f"--config <the run's config>",
+            file=sys.stderr,
+        )
         return 2
     started = time.time()
     bandwidth = copy_bandwidth()
@@ -108,16 +120,28 @@ def main() -> int:
     for q, path in ggufs.items():
         rows.append((f"llama.cpp {q}", path.stat().st_size, llama_decode(path, prompts, args.tokens)))
     base = rows[0][2]
-    print(f"decode, {name}: {len(prompts)} prompts x {args.tokens} new tokens, greedy; {platform.machine()} "
-          f"{os.cpu_count()} CPUs; copy bandwidth {bandwidth / 1e9:.1f} GB/s ({time.time() - started:.0f}s)")
+    print(
+        f"decode, {name}: {len(prompts)} prompts x {args.tokens} new tokens, greedy; {platform.machine()} "
+        f"{os.cpu_count()} CPUs; copy bandwidth {bandwidth / 1e9:.1f} GB/s ({time.time() - started:.0f}s)"
+    )
     print(f"{'model':<28} {'weights MiB':>11} {'tok/s':>8} {'vs fp32':>8} {'bound tok/s':>11} {'of bound':>8}")
     for label, size, rate in rows:
         bound = bandwidth / size
-        print(f"{label:<28} {size / 2**20:>11.1f} {rate:>8.1f} {rate / base:>7.2f}x {bound:>11.1f} {rate / bound:>7.0%}")
+        print(
+            f"{label:<28} {size / 2**20:>11.1f} {rate:>8.1f} {rate / base:>7.2f}x {bound:>11.1f} {rate / bound:>7.0%}"
+        )
     ratio = rows[1][2] / base
     print(f"target: llama.cpp q4_k_m >= 3x transformers fp32: {'met' if ratio >= 3 else 'NOT met'} ({ratio:.2f}x)")
-    record(args.json, "gguf_decode", "decode tok/s, llama.cpp q4_k_m", f"{rows[1][2]:.1f} tok/s",
-           f"transformers fp32 {base:.1f} tok/s", ratio, ">= 3x", ratio >= 3)
+    record(
+        args.json,
+        "gguf_decode",
+        "decode tok/s, llama.cpp q4_k_m",
+        f"{rows[1][2]:.1f} tok/s",
+        f"transformers fp32 {base:.1f} tok/s",
+        ratio,
+        ">= 3x",
+        ratio >= 3,
+    )
     return 0
 
 

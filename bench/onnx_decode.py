@@ -38,7 +38,9 @@ def test_rows(run: Path, n: int) -> list:
 
     manifest = json.loads((run / "data" / "dataset.json").read_text())
     rows = load_from_disk(str(run / "data" / manifest["splits"].get("test", manifest["splits"]["train"])))
-    return [Example(input_ids=list(r["input_ids"]), labels=list(r["labels"])) for r in rows.select(range(min(n, len(rows))))]
+    return [
+        Example(input_ids=list(r["input_ids"]), labels=list(r["labels"])) for r in rows.select(range(min(n, len(rows))))
+    ]
 
 
 def main() -> int:
@@ -78,28 +80,48 @@ def main() -> int:
         model = OnnxModel(load_onnx(folder), name=kind, **common)
         figures = compare(reference, model, examples, lambda: False)
         size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".onnx" or p.name.endswith(".data"))
-        rows.append((f"onnxruntime-genai {kind}{label}", size, decode(model), figures["top1_agreement"],
-                     figures["perplexity"] / figures["reference_perplexity"] - 1))
+        rows.append(
+            (
+                f"onnxruntime-genai {kind}{label}",
+                size,
+                decode(model),
+                figures["top1_agreement"],
+                figures["perplexity"] / figures["reference_perplexity"] - 1,
+            )
+        )
         del model
     scratch.cleanup()
-    print(f"decode, {run.name}: {len(prompts)} prompts x {args.tokens} new tokens, greedy, batch 1; agreement on "
-          f"{len(examples)} test rows; {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({time.time() - started:.0f}s)")
+    print(
+        f"decode, {run.name}: {len(prompts)} prompts x {args.tokens} new tokens, greedy, batch 1; agreement on "
+        f"{len(examples)} test rows; {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({time.time() - started:.0f}s)"
+    )
     fp32 = rows[1][2]
     print("\n| model | weights MiB | decode tok/s | vs ONNX fp32 | top-1 agreement | perplexity delta |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, size, rate, top1, ppl in rows:
-        print(f"| {label} | {'-' if size is None else f'{size / 2**20:.1f}'} | {rate:.1f} | {rate / fp32:.2f}x | "
-              f"{'-' if top1 is None else f'{top1:.1%}'} | {'-' if ppl is None else f'{ppl:+.2%}'} |")
+        print(
+            f"| {label} | {'-' if size is None else f'{size / 2**20:.1f}'} | {rate:.1f} | {rate / fp32:.2f}x | "
+            f"{'-' if top1 is None else f'{top1:.1%}'} | {'-' if ppl is None else f'{ppl:+.2%}'} |"
+        )
     for label, _size, rate, top1, _ppl in rows[2:]:
         kind = label.split()[1]
         ratio = rate / fp32
         met = ratio >= 2 and top1 >= 0.97
-        print(f"target {kind}: decode >= 2x ONNX fp32 and top-1 >= 97%: {'met' if met else 'NOT met'} "
-              f"({ratio:.2f}x, {top1:.1%})")
-        record(args.json, "onnx_decode", f"decode tok/s and top-1, onnxruntime-genai {kind}",
-               f"{rate:.1f} tok/s, top-1 {top1:.1%}", f"ONNX fp32 {fp32:.1f} tok/s", ratio,
-               ">= 2x and top-1 >= 97%", met)
+        print(
+            f"target {kind}: decode >= 2x ONNX fp32 and top-1 >= 97%: {'met' if met else 'NOT met'} "
+            f"({ratio:.2f}x, {top1:.1%})"
+        )
+        record(
+            args.json,
+            "onnx_decode",
+            f"decode tok/s and top-1, onnxruntime-genai {kind}",
+            f"{rate:.1f} tok/s, top-1 {top1:.1%}",
+            f"ONNX fp32 {fp32:.1f} tok/s",
+            ratio,
+            ">= 2x and top-1 >= 97%",
+            met,
+        )
     return 0
 
 

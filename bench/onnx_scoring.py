@@ -74,21 +74,34 @@ def main() -> None:
     examples = [Example(input_ids=ids, labels=ids) for ids in tokenizer(texts)["input_ids"]]
     tokens = sum(len(e.input_ids) for e in examples)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    common = {"task": "causal", "pad_id": pad, "stop_ids": set(), "batch_size": args.batch_size,
-              "token_budget": max(4096, args.batch_size * 256)}
+    common = {
+        "task": "causal",
+        "pad_id": pad,
+        "stop_ids": set(),
+        "batch_size": args.batch_size,
+        "token_budget": max(4096, args.batch_size * 256),
+    }
     scratch = tempfile.TemporaryDirectory(prefix="onnx-bench-")
-    backends = [("PyTorch eager fp32 (merged)", lambda: TorchModel(load_torch(merged, "causal", "cpu", "fp32"),
-                                                                    name="torch", **common)),
-                ("onnxruntime fp32", lambda: OnnxModel(load_onnx(onnx), name="fp32", **common))]
+    backends = [
+        (
+            "PyTorch eager fp32 (merged)",
+            lambda: TorchModel(load_torch(merged, "causal", "cpu", "fp32"), name="torch", **common),
+        ),
+        ("onnxruntime fp32", lambda: OnnxModel(load_onnx(onnx), name="fp32", **common)),
+    ]
     for quant in ("int4", "int8"):
         folder, label = quant_folder(run, merged, quant, Path(scratch.name))
-        backends.append((f"onnxruntime {quant}{label}", lambda f=folder, q=quant: OnnxModel(load_onnx(f), name=q, **common)))
-    print(f"# {len(examples)} rows, {tokens} tokens, batch {args.batch_size}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        backends.append(
+            (f"onnxruntime {quant}{label}", lambda f=folder, q=quant: OnnxModel(load_onnx(f), name=q, **common))
+        )
+    print(
+        f"# {len(examples)} rows, {tokens} tokens, batch {args.batch_size}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
     results = []
     for label, build in backends:
         model = build()
-        model.token_logprobs(examples[:args.batch_size])  # warm-up
+        model.token_logprobs(examples[: args.batch_size])  # warm-up
         started = time.perf_counter()
         logps = model.token_logprobs(examples)
         seconds = time.perf_counter() - started
@@ -102,14 +115,26 @@ def main() -> None:
     print("\n| backend | sequences/s | vs PyTorch | mean log-likelihood/token | perplexity | vs ORT fp32 perplexity |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, rate, mean_ll, _ in results:
-        print(f"| {label} | {rate:.1f} | {rate / base:.2f}x | {mean_ll:.4f} | {math.exp(-mean_ll):.3f} | "
-              f"{math.exp(-mean_ll) / math.exp(-fp32_ll) - 1:+.2%} |")
+        print(
+            f"| {label} | {rate:.1f} | {rate / base:.2f}x | {mean_ll:.4f} | {math.exp(-mean_ll):.3f} | "
+            f"{math.exp(-mean_ll) / math.exp(-fp32_ll) - 1:+.2%} |"
+        )
     ratio = results[1][1] / base
-    record(args.json, "onnx_scoring", "scoring sequences/s, onnxruntime fp32", f"{results[1][1]:.1f} seq/s",
-           f"PyTorch eager fp32 {base:.1f} seq/s", ratio, ">= 1.3x", ratio >= 1.3)
+    record(
+        args.json,
+        "onnx_scoring",
+        "scoring sequences/s, onnxruntime fp32",
+        f"{results[1][1]:.1f} seq/s",
+        f"PyTorch eager fp32 {base:.1f} seq/s",
+        ratio,
+        ">= 1.3x",
+        ratio >= 1.3,
+    )
     for label, rate, mean_ll, _ in results[2:]:
-        print(f"{label}: {rate / base:.2f}x PyTorch, perplexity {math.exp(-mean_ll) / math.exp(-fp32_ll) - 1:+.2%} "
-              "against ORT fp32")
+        print(
+            f"{label}: {rate / base:.2f}x PyTorch, perplexity {math.exp(-mean_ll) / math.exp(-fp32_ll) - 1:+.2%} "
+            "against ORT fp32"
+        )
     scratch.cleanup()
 
 

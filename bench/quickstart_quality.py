@@ -35,16 +35,23 @@ def normalize(text: str) -> str:
 
 def answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48) -> list[str]:
     tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True) for q in questions]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
     out: list[str] = []
     for i in range(0, len(prompts), 8):
-        batch = tokenizer(prompts[i:i + 8], return_tensors="pt", padding=True, add_special_tokens=False,
-                          return_token_type_ids=False)
+        batch = tokenizer(
+            prompts[i : i + 8], return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False
+        )
         with torch.no_grad():
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        out += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -74,11 +81,21 @@ def main() -> int:
     print(f"quickstart test split: {len(rows)} held-out paraphrases, greedy decoding ({time.time() - t:.0f}s)")
     print(f"  base  fact match {score(rows, base):.3f}")
     print(f"  tuned fact match {score(rows, tuned):.3f}  (target >= 0.8)")
-    record(args.json, "quickstart_quality", "key-fact match on held-out paraphrases, tuned",
-           f"{score(rows, tuned):.3f}", f"base model {score(rows, base):.3f}", None, ">= 0.8", score(rows, tuned) >= 0.8)
-    print(f"  training: {current['steps']} steps, last train loss {current['metrics']['train_loss_last']:.4f}, "
-          f"{train_s[-1]['seconds'] if train_s else '?'} s for the whole train step")
-    for r, b, a in list(zip(rows, base, tuned))[:args.show]:
+    record(
+        args.json,
+        "quickstart_quality",
+        "key-fact match on held-out paraphrases, tuned",
+        f"{score(rows, tuned):.3f}",
+        f"base model {score(rows, base):.3f}",
+        None,
+        ">= 0.8",
+        score(rows, tuned) >= 0.8,
+    )
+    print(
+        f"  training: {current['steps']} steps, last train loss {current['metrics']['train_loss_last']:.4f}, "
+        f"{train_s[-1]['seconds'] if train_s else '?'} s for the whole train step"
+    )
+    for r, b, a in list(zip(rows, base, tuned))[: args.show]:
         print(f"- Q: {r['question']}\n  fact: {r['fact']}\n  base:  {b.strip()[:120]}\n  tuned: {a.strip()[:120]}")
     return 0
 

@@ -26,23 +26,41 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 # (script, extra arguments); the scripts that read the quickstart run get --run
 SCRIPTS: list[tuple[str, list[str]]] = [
-    ("data_prep", []), ("train_throughput", []), ("quickstart_quality", ["--run"]), ("gguf_decode", ["--run"]),
-    ("onnx_scoring", ["--run"]), ("onnx_decode", ["--run"]), ("serve_throughput", ["--run"]), ("tui_startup", []),
+    ("data_prep", []),
+    ("train_throughput", []),
+    ("quickstart_quality", ["--run"]),
+    ("gguf_decode", ["--run"]),
+    ("onnx_scoring", ["--run"]),
+    ("onnx_decode", ["--run"]),
+    ("serve_throughput", ["--run"]),
+    ("tui_startup", []),
 ]
-EXPORTS = ["export.formats=[safetensors,gguf,onnx]", "export.gguf_quants=[q4_k_m,q8_0]", "export.onnx_quants=[int4,int8]"]
+EXPORTS = [
+    "export.formats=[safetensors,gguf,onnx]",
+    "export.gguf_quants=[q4_k_m,q8_0]",
+    "export.onnx_quants=[int4,int8]",
+]
 
 
 def machine() -> str:
     cpu = "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     mem = ""
     try:
-        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                       if line.startswith("MemTotal")))
+        kib = int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
         mem = f", {kib / 2**20:.0f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
@@ -50,12 +68,18 @@ def machine() -> str:
 
 
 def table(rows: list[dict], failures: list[str]) -> str:
-    lines = ["| benchmark | figure | measured | baseline (same run) | ratio | target | |",
-             "|---|---|---:|---|---:|---|---|"]
+    lines = [
+        "| benchmark | figure | measured | baseline (same run) | ratio | target | |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
     for r in rows:
-        ratio = "" if r["ratio"] is None else (f"{r['ratio']:.0%}" if r["target"].endswith("%") else f"{r['ratio']:.2f}x")
-        lines.append(f"| `{r['bench']}` | {r['figure']} | {r['measured']} | {r['baseline']} | {ratio} | {r['target']} | "
-                     f"{'met' if r['met'] else '**NOT met**'} |")
+        ratio = (
+            "" if r["ratio"] is None else (f"{r['ratio']:.0%}" if r["target"].endswith("%") else f"{r['ratio']:.2f}x")
+        )
+        lines.append(
+            f"| `{r['bench']}` | {r['figure']} | {r['measured']} | {r['baseline']} | {ratio} | {r['target']} | "
+            f"{'met' if r['met'] else '**NOT met**'} |"
+        )
     lines += [f"| `{name}` | failed: see bench/logs/{name}.log | | | | | **failed** |" for name in failures]
     return "\n".join(lines)
 
@@ -74,8 +98,10 @@ def main() -> int:
 
     print("== the quickstart run and its exports (steps already up to date are skipped)", flush=True)
     loratui = Path(sys.executable).with_name("loratui")
-    code = subprocess.call([str(loratui), "run", str(REPO / "examples" / "quickstart.yaml"),
-                            f"runs_dir={args.runs_dir}", *EXPORTS], cwd=REPO)
+    code = subprocess.call(
+        [str(loratui), "run", str(REPO / "examples" / "quickstart.yaml"), f"runs_dir={args.runs_dir}", *EXPORTS],
+        cwd=REPO,
+    )
     if code != 0:
         print(f"loratui run failed (exit {code}): the benchmarks need that run", file=sys.stderr)
         return code
@@ -88,8 +114,13 @@ def main() -> int:
             if only and name not in only:
                 continue
             out = Path(tmp) / f"{name}.jsonl"
-            cmd = [sys.executable, str(BENCH / f"{name}.py"), "--json", str(out),
-                   *(["--run", str(run)] if "--run" in extra else [])]
+            cmd = [
+                sys.executable,
+                str(BENCH / f"{name}.py"),
+                "--json",
+                str(out),
+                *(["--run", str(run)] if "--run" in extra else []),
+            ]
             print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
             t = time.time()
             with (logs / f"{name}.log").open("w", encoding="utf-8") as log:
@@ -103,21 +134,33 @@ def main() -> int:
                 print(f"   failed (exit {code}); see {logs / (name + '.log')}", flush=True)
             rows += got
             for r in got:
-                print(f"   {r['figure']}: {r['measured']} vs {r['baseline']} -> {'met' if r['met'] else 'NOT met'}",
-                      flush=True)
+                print(
+                    f"   {r['figure']}: {r['measured']} vs {r['baseline']} -> {'met' if r['met'] else 'NOT met'}",
+                    flush=True,
+                )
 
     missed = [r for r in rows if not r["met"]]
-    text = "\n".join([
-        "# Benchmark results", "",
-        f"Measured by `make bench` (`bench/run_all.py`) on {datetime.date.today().isoformat()}: {machine()}. "
-        "Every ratio is against a baseline measured in the same script on the same machine; the targets are "
-        "the ones bench/README.md gives. Full outputs: `bench/logs/<name>.log`.", "",
-        table(rows, failures), "",
-        f"{len(rows) - len(missed)} of {len(rows)} figures meet their target"
-        + (f"; missed: {', '.join(r['bench'] for r in missed)}" if missed else "")
-        + (f"; failed: {', '.join(failures)}" if failures else "") + ".", "",
-        "Time per script: " + ", ".join(f"`{n}` {s / 60:.1f} min" for n, s in seconds.items())
-        + f"; {(time.time() - started) / 60:.0f} minutes in all.", ""])
+    text = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"Measured by `make bench` (`bench/run_all.py`) on {datetime.date.today().isoformat()}: {machine()}. "
+            "Every ratio is against a baseline measured in the same script on the same machine; the targets are "
+            "the ones bench/README.md gives. Full outputs: `bench/logs/<name>.log`.",
+            "",
+            table(rows, failures),
+            "",
+            f"{len(rows) - len(missed)} of {len(rows)} figures meet their target"
+            + (f"; missed: {', '.join(r['bench'] for r in missed)}" if missed else "")
+            + (f"; failed: {', '.join(failures)}" if failures else "")
+            + ".",
+            "",
+            "Time per script: "
+            + ", ".join(f"`{n}` {s / 60:.1f} min" for n, s in seconds.items())
+            + f"; {(time.time() - started) / 60:.0f} minutes in all.",
+            "",
+        ]
+    )
     tmp_out = Path(args.output).with_suffix(".md.tmp")
     tmp_out.write_text(text, encoding="utf-8")
     tmp_out.replace(args.output)

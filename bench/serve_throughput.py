@@ -55,8 +55,12 @@ def free_port() -> int:
 
 def start(run: Path, fmt: str) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loratui", "serve", str(run), "--format", fmt, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratui", "serve", str(run), "--format", fmt, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -74,8 +78,14 @@ def start(run: Path, fmt: str) -> tuple[subprocess.Popen, str, str]:
 
 
 def one(client: httpx.Client, url: str, model: str, question: str, max_tokens: int) -> tuple[float | None, int]:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     sent = time.perf_counter()
     ttft, tokens = None, 0
     with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -113,9 +123,14 @@ def level(url: str, model: str, prompts: list[str], clients: int, requests: int,
     [t.join() for t in threads]
     wall = time.perf_counter() - started
     ttfts.sort()
-    return {"clients": clients, "tokens": total[0], "seconds": wall, "tok_s": total[0] / wall,
-            "p50": statistics.median(ttfts) if ttfts else None,
-            "p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None}
+    return {
+        "clients": clients,
+        "tokens": total[0],
+        "seconds": wall,
+        "tok_s": total[0] / wall,
+        "p50": statistics.median(ttfts) if ttfts else None,
+        "p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None,
+    }
 
 
 def bare_llama_cpp(gguf: Path, run: Path, prompts: list[str], max_tokens: int) -> float:
@@ -148,18 +163,29 @@ def main() -> None:
     parser.add_argument("--run", default="runs/quickstart")
     parser.add_argument("--formats", default="gguf,torch,onnx")
     parser.add_argument("--levels", default="1,4,8")
-    parser.add_argument("--requests", type=int, default=8,
-                        help="requests per client per level (enough that ramp-up and tail-off are a small part of it)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=8,
+        help="requests per client per level (enough that ramp-up and tail-off are a small part of it)",
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="repeat every level this many times per backend; ratios are taken within a round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat every level this many times per backend; ratios are taken within a round",
+    )
     add_json_arg(parser)
     args = parser.parse_args()
     run = Path(args.run)
     prompts = questions(run, 16)
     levels = [int(x) for x in args.levels.split(",")]
-    print(f"# {platform.machine()}, {os.cpu_count()} cores; run {run}; {args.requests} streaming chat requests per "
-          f"client per level, greedy, max_tokens {args.max_tokens}; {args.rounds} rounds", flush=True)
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores; run {run}; {args.requests} streaming chat requests per "
+        f"client per level, greedy, max_tokens {args.max_tokens}; {args.rounds} rounds",
+        flush=True,
+    )
     rows: list[tuple[str, int, dict]] = []  # (format, round, level result)
     bare: dict[int, float] = {}  # round -> bare llama-cpp-python tok/s
     for fmt in args.formats.split(","):
@@ -177,17 +203,21 @@ def main() -> None:
                     rows.append((fmt, rnd, result))
                     print(f"{fmt} round {rnd + 1} x{n}: {result['tok_s']:.1f} tok/s", flush=True)
                 if fmt == "gguf":  # the baseline in the same round, while the server sits idle
-                    bare[rnd] = bare_llama_cpp(gguf, run, prompts[:args.requests], args.max_tokens)
+                    bare[rnd] = bare_llama_cpp(gguf, run, prompts[: args.requests], args.max_tokens)
                     print(f"bare llama-cpp-python round {rnd + 1}: {bare[rnd]:.1f} tok/s", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
     def ratio_text(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f}x" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+        return f"{statistics.median(values):.2f}x" + (
+            f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+        )
 
-    print("\nMedians over the rounds; the ratio is each round's level against that round's 1 client "
-          "(median, and the range over rounds).\n")
+    print(
+        "\nMedians over the rounds; the ratio is each round's level against that round's 1 client "
+        "(median, and the range over rounds).\n"
+    )
     print("| backend | clients | aggregate tok/s | vs its 1 client | TTFT p50 s | TTFT p95 s |")
     print("|---|---:|---:|---:|---:|---:|")
     for fmt in dict.fromkeys(f for f, _, _ in rows):
@@ -195,24 +225,41 @@ def main() -> None:
             mine = [(rnd, r) for f, rnd, r in rows if f == fmt and r["clients"] == n]
             base = {rnd: r for f, rnd, r in rows if f == fmt and r["clients"] == levels[0]}
             ratios = [r["tok_s"] / base[rnd]["tok_s"] for rnd, r in mine]
-            print(f"| {fmt} | {n} | {statistics.median(r['tok_s'] for _, r in mine):.1f} | {ratio_text(ratios)} | "
-                  f"{statistics.median(r['p50'] for _, r in mine):.3f} | {statistics.median(r['p95'] for _, r in mine):.3f} |")
+            print(
+                f"| {fmt} | {n} | {statistics.median(r['tok_s'] for _, r in mine):.1f} | {ratio_text(ratios)} | "
+                f"{statistics.median(r['p50'] for _, r in mine):.3f} | {statistics.median(r['p95'] for _, r in mine):.3f} |"
+            )
             if fmt == "torch" and n == max(levels) and n > levels[0]:
                 ratio = statistics.median(ratios)
-                record(args.json, "serve_throughput", f"PyTorch backend, {n} streaming clients vs 1, aggregate tok/s",
-                       f"{statistics.median(r['tok_s'] for _, r in mine):.1f} tok/s",
-                       f"1 client {statistics.median(r['tok_s'] for r in base.values()):.1f} tok/s", ratio, ">= 3x",
-                       ratio >= 3)
+                record(
+                    args.json,
+                    "serve_throughput",
+                    f"PyTorch backend, {n} streaming clients vs 1, aggregate tok/s",
+                    f"{statistics.median(r['tok_s'] for _, r in mine):.1f} tok/s",
+                    f"1 client {statistics.median(r['tok_s'] for r in base.values()):.1f} tok/s",
+                    ratio,
+                    ">= 3x",
+                    ratio >= 3,
+                )
     if bare:
         served = {rnd: r for f, rnd, r in rows if f == "gguf" and r["clients"] == 1}
         shares = [served[rnd]["tok_s"] / bare[rnd] for rnd in bare]
-        print(f"\nbare llama-cpp-python, same GGUF and prompts: {statistics.median(bare.values()):.1f} tok/s (median); "
-              f"the llama.cpp backend at 1 client reaches {statistics.median(shares):.0%} of it "
-              f"(rounds: {', '.join(f'{x:.0%}' for x in shares)}; its figure includes HTTP, streaming and prompt time)")
+        print(
+            f"\nbare llama-cpp-python, same GGUF and prompts: {statistics.median(bare.values()):.1f} tok/s (median); "
+            f"the llama.cpp backend at 1 client reaches {statistics.median(shares):.0%} of it "
+            f"(rounds: {', '.join(f'{x:.0%}' for x in shares)}; its figure includes HTTP, streaming and prompt time)"
+        )
         share = statistics.median(shares)
-        record(args.json, "serve_throughput", "llama.cpp backend at 1 client vs bare llama-cpp-python, tok/s",
-               f"{statistics.median(served[rnd]['tok_s'] for rnd in bare):.1f} tok/s",
-               f"bare llama-cpp-python {statistics.median(bare.values()):.1f} tok/s", share, ">= 80%", share >= 0.8)
+        record(
+            args.json,
+            "serve_throughput",
+            "llama.cpp backend at 1 client vs bare llama-cpp-python, tok/s",
+            f"{statistics.median(served[rnd]['tok_s'] for rnd in bare):.1f} tok/s",
+            f"bare llama-cpp-python {statistics.median(bare.values()):.1f} tok/s",
+            share,
+            ">= 80%",
+            share >= 0.8,
+        )
 
 
 if __name__ == "__main__":

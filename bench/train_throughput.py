@@ -92,9 +92,20 @@ EXACT_LOSS, EXACT_GRAD = 1e-5, 1e-3
 def run_loratui(work: Path, steps: int, model: str = DEFAULT_MODEL, attempt: int = 1) -> dict:
     runs = work / "runs"
     name = ("bench" if model == DEFAULT_MODEL else f"bench-{model}") + (f"-{attempt}" if attempt > 1 else "")
-    cmd = [sys.executable, "-m", "loratui", "train", "--config", str(ROOT / "examples" / "quickstart.yaml"),
-           f"runs_dir={runs}", f"name={name}", f"model.base={model}", f"train.max_steps={steps + 1}",
-           "train.keep_best=false", "train.save_every=1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loratui",
+        "train",
+        "--config",
+        str(ROOT / "examples" / "quickstart.yaml"),
+        f"runs_dir={runs}",
+        f"name={name}",
+        f"model.base={model}",
+        f"train.max_steps={steps + 1}",
+        "train.keep_best=false",
+        "train.save_every=1000",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
     code, peak = _wait(proc)
     if code != 0:
@@ -105,8 +116,14 @@ def run_loratui(work: Path, steps: int, model: str = DEFAULT_MODEL, attempt: int
     config = (runs / name / "config.yaml").read_text()
     micro = next(line.split(":")[1].strip() for line in config.splitlines() if line.strip().startswith("batch_size:"))
     accum = next(line.split(":")[1].strip() for line in config.splitlines() if line.strip().startswith("grad_accum:"))
-    return {"tokens": last["values"]["tokens"] - first["values"]["tokens"], "seconds": last["t"] - first["t"],
-            "peak_mib": peak, "micro": int(micro), "accum": int(accum), "data": runs / name / "data"}
+    return {
+        "tokens": last["values"]["tokens"] - first["values"]["tokens"],
+        "seconds": last["t"] - first["t"],
+        "peak_mib": peak,
+        "micro": int(micro),
+        "accum": int(accum),
+        "data": runs / name / "data",
+    }
 
 
 def exactness(data_dir: str, window: int | None) -> dict:
@@ -129,12 +146,18 @@ def exactness(data_dir: str, window: int | None) -> dict:
     types = list(getattr(config, "layer_types", None) or [])
     overrides = {"sliding_window": window} if window else {}
     if window is None:  # chats of 18 question/answer turns: about 650 tokens each, past the 512 window
-        rows = [json.loads(line) for line in (ROOT / "loratui" / "data" / "quickstart" / "train.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (ROOT / "loratui" / "data" / "quickstart" / "train.jsonl").read_text().splitlines()
+        ]
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         examples = []
         for start in (0, 40):
-            messages = [m for r in rows[start:start + 18] for m in ({"role": "user", "content": r["question"]},
-                                                                  {"role": "assistant", "content": r["answer"]})]
+            messages = [
+                m
+                for r in rows[start : start + 18]
+                for m in ({"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]})
+            ]
             ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
             # train the last 120 tokens: the positions beyond the window, where its cut matters
@@ -144,13 +167,20 @@ def exactness(data_dir: str, window: int | None) -> dict:
         examples = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in train.select(range(16))]
     sliding = window or int(getattr(config, "sliding_window", 0) or 0)
     longest = max(len(e["input_ids"]) for e in examples)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                      init_lora_weights=False)
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
 
     def run(attention: str, padding_free: bool) -> tuple[float, dict[str, Any]]:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention,
-                                                     **overrides)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=attention, **overrides
+        )
         model = get_peft_model(model, lora).eval()
         trained = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
         if padding_free:
@@ -165,8 +195,15 @@ def exactness(data_dir: str, window: int | None) -> dict:
             mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * n for e, n in zip(examples, fill)])
             labels = torch.tensor([e["labels"] + [-100] * n for e, n in zip(examples, fill)])
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                     labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum") / trained
+            loss = (
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    labels[:, 1:].reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                / trained
+            )
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return float(loss), grads
@@ -174,12 +211,21 @@ def exactness(data_dir: str, window: int | None) -> dict:
     padded_loss, padded_grads = run("eager", padding_free=False)
     free_loss, free_grads = run(register_attention(), padding_free=True)
     # |g_free - g_padded| / |g_padded| over all LoRA gradients together
-    grad_diff = float(sum((free_grads[n] - g).pow(2).sum() for n, g in padded_grads.items()).sqrt()
-                      / sum(g.pow(2).sum() for g in padded_grads.values()).sqrt())
-    return {"window": sliding, "examples": len(examples), "longest": longest,
-            "sliding_layers": sum(t == "sliding_attention" for t in types), "layers": len(types),
-            "padded_loss": padded_loss, "padding_free_loss": free_loss,
-            "loss_rel_diff": abs(free_loss - padded_loss) / abs(padded_loss), "grad_rel_diff": grad_diff}
+    grad_diff = float(
+        sum((free_grads[n] - g).pow(2).sum() for n, g in padded_grads.items()).sqrt()
+        / sum(g.pow(2).sum() for g in padded_grads.values()).sqrt()
+    )
+    return {
+        "window": sliding,
+        "examples": len(examples),
+        "longest": longest,
+        "sliding_layers": sum(t == "sliding_attention" for t in types),
+        "layers": len(types),
+        "padded_loss": padded_loss,
+        "padding_free_loss": free_loss,
+        "loss_rel_diff": abs(free_loss - padded_loss) / abs(padded_loss),
+        "grad_rel_diff": grad_diff,
+    }
 
 
 def child(kind: str, data_dir: str, micro: int, accum: int, steps: int) -> None:
@@ -207,11 +253,17 @@ def child(kind: str, data_dir: str, micro: int, accum: int, steps: int) -> None:
     set_seed(42)
     model = AutoModelForCausalLM.from_pretrained(manifest["model_dir"], dtype=torch.float32)
     old = kind == "old"
-    lora = LoraConfig(r=8 if old else 16, lora_alpha=16 if old else 32, lora_dropout=0.05,
-                      target_modules=["q_proj", "v_proj"] if old else "all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8 if old else 16,
+        lora_alpha=16 if old else 32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"] if old else "all-linear",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length" if old else "longest", max_length=512 if old else None,
-                                      label_pad_token_id=-100)
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, padding="max_length" if old else "longest", max_length=512 if old else None, label_pad_token_id=-100
+    )
     marks: list[tuple[float, int]] = []
     seen = {"tokens": 0}
 
@@ -225,19 +277,44 @@ def child(kind: str, data_dir: str, micro: int, accum: int, steps: int) -> None:
             return super().compute_loss(model, inputs, *a, **kw)
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-                                 max_steps=steps + 1, learning_rate=2e-4, lr_scheduler_type="cosine",
-                                 warmup_steps=0.05,  # transformers 5: a float below 1 is a share (was warmup_ratio)
-                                 use_cpu=True, save_strategy="no", report_to="none", seed=42, logging_steps=1,
-                                 disable_tqdm=True, remove_unused_columns=False)
-        CountingTrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[Count()]).train()
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=accum,
+            max_steps=steps + 1,
+            learning_rate=2e-4,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,  # transformers 5: a float below 1 is a share (was warmup_ratio)
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            seed=42,
+            logging_steps=1,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        CountingTrainer(
+            model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[Count()]
+        ).train()
     (t0, k0), (t1, k1) = marks[0], marks[-1]
     print(json.dumps({"tokens": k1 - k0, "seconds": t1 - t0}))
 
 
 def run_child(kind: str, data_dir: Path, micro: int, accum: int, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--data", str(data_dir), "--micro", str(micro),
-           "--accum", str(accum), "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--data",
+        str(data_dir),
+        "--micro",
+        str(micro),
+        "--accum",
+        str(accum),
+        "--steps",
+        str(steps),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     code, peak = _wait(proc)
     out = proc.stdout.read()
@@ -275,44 +352,68 @@ def measure(model: str, steps: int, old_steps: int, repeat: int, args: argparse.
         ours, base = (max(runs, key=lambda r: r["tokens"] / r["seconds"]) for runs in attempts.values())
         rows = [("loratui defaults", ours), ("baseline: Trainer + peft, pad to longest", base)]
         if old_steps > 0:
-            rows.append(("older recipe: pad to 512, q_proj+v_proj, r=8",
-                         run_child("old", data_dir, ours["micro"], ours["accum"], old_steps)))
+            rows.append(
+                (
+                    "older recipe: pad to 512, q_proj+v_proj, r=8",
+                    run_child("old", data_dir, ours["micro"], ours["accum"], old_steps),
+                )
+            )
         checks = []
         if model == GEMMA:
             checks = [run_child("exact", data_dir, 0, 0, 0), run_child("exact-16", data_dir, 0, 0, 0)]
     ref = base["tokens"] / base["seconds"]
-    print(f"train throughput, {TITLES.get(model, model)}, quickstart data, micro-batch {ours['micro']} x accumulation "
-          f"{ours['accum']}, {platform.machine()} {os.cpu_count()} CPUs, {_threads()} "
-          f"({time.time() - started:.0f}s)")
+    print(
+        f"train throughput, {TITLES.get(model, model)}, quickstart data, micro-batch {ours['micro']} x accumulation "
+        f"{ours['accum']}, {platform.machine()} {os.cpu_count()} CPUs, {_threads()} "
+        f"({time.time() - started:.0f}s)"
+    )
     print(f"{'recipe':<48} {'trained tok/s':>13} {'vs baseline':>11} {'peak RSS MiB':>12}")
     for name, r in rows:
         rate = r["tokens"] / r["seconds"]
         print(f"{name:<48} {rate:>13.1f} {rate / ref:>10.2f}x {r['peak_mib']:>12.0f}")
     if repeat > 1:
-        print("each run, trained tok/s (the faster counts): " + "; ".join(
-            f"{name} " + ", ".join(f"{r['tokens'] / r['seconds']:.1f}" for r in runs) for name, runs in attempts.items()))
+        print(
+            "each run, trained tok/s (the faster counts): "
+            + "; ".join(
+                f"{name} " + ", ".join(f"{r['tokens'] / r['seconds']:.1f}" for r in runs)
+                for name, runs in attempts.items()
+            )
+        )
     ratio = ours["tokens"] / ours["seconds"] / ref
     exact = True
     for c in checks:
         ok = c["loss_rel_diff"] <= EXACT_LOSS and c["grad_rel_diff"] <= EXACT_GRAD
         exact &= ok
-        print(f"padding-free vs padded, sliding window {c['window']} ({c['sliding_layers']} of {c['layers']} layers), "
-              f"{c['examples']} examples up to {c['longest']} tokens: loss {c['padding_free_loss']:.6f} vs "
-              f"{c['padded_loss']:.6f} (relative difference {c['loss_rel_diff']:.1e}), LoRA gradients relative "
-              f"difference {c['grad_rel_diff']:.1e}: {'exact' if ok else 'NOT exact'}")
+        print(
+            f"padding-free vs padded, sliding window {c['window']} ({c['sliding_layers']} of {c['layers']} layers), "
+            f"{c['examples']} examples up to {c['longest']} tokens: loss {c['padding_free_loss']:.6f} vs "
+            f"{c['padded_loss']:.6f} (relative difference {c['loss_rel_diff']:.1e}), LoRA gradients relative "
+            f"difference {c['grad_rel_diff']:.1e}: {'exact' if ok else 'NOT exact'}"
+        )
     met = ratio >= 2.0 and exact
-    print(f"target: loratui >= 2.0x baseline{' and padding-free exact' if checks else ''}: "
-          f"{'met' if met else 'NOT met'} ({ratio:.2f}x)")
+    print(
+        f"target: loratui >= 2.0x baseline{' and padding-free exact' if checks else ''}: "
+        f"{'met' if met else 'NOT met'} ({ratio:.2f}x)"
+    )
     suffix = "" if model == DEFAULT_MODEL else f", {TITLES.get(model, model)}"
     exact_note = ""
     if checks:
         worst = max(c["loss_rel_diff"] for c in checks)
-        exact_note = f"; padding-free loss = padded within {worst:.0e} (windows {', '.join(str(c['window']) for c in checks)})"
+        exact_note = (
+            f"; padding-free loss = padded within {worst:.0e} (windows {', '.join(str(c['window']) for c in checks)})"
+        )
     if THREADS:
         suffix += f", {THREADS} torch thread{'s' if THREADS > 1 else ''}"
-    record(args.json, "train_throughput", f"trained tokens/s, loratui train defaults{suffix}",
-           f"{ours['tokens'] / ours['seconds']:.1f} tok/s{exact_note}", f"Trainer + peft, pad to longest {ref:.1f} tok/s",
-           ratio, ">= 2.0x" + (" and padding-free exact" if checks else ""), met)
+    record(
+        args.json,
+        "train_throughput",
+        f"trained tokens/s, loratui train defaults{suffix}",
+        f"{ours['tokens'] / ours['seconds']:.1f} tok/s{exact_note}",
+        f"Trainer + peft, pad to longest {ref:.1f} tok/s",
+        ratio,
+        ">= 2.0x" + (" and padding-free exact" if checks else ""),
+        met,
+    )
     return met
 
 
@@ -320,12 +421,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="measured optimizer steps (after one warm-up step)")
     ap.add_argument("--old-steps", type=int, default=2, help="measured steps of the (slow) 512-padded recipe (SmolLM2)")
-    ap.add_argument("--repeat", type=int, default=2,
-                    help="runs of loratui and the baseline, alternating; each recipe's faster run counts")
-    ap.add_argument("--models", default=f"{DEFAULT_MODEL},{GEMMA}",
-                    help=f"comma-separated built-in models to measure ({GEMMA} is skipped when not installed)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for every recipe (default: torch's own, one per core); 1 on a shared machine")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="runs of loratui and the baseline, alternating; each recipe's faster run counts",
+    )
+    ap.add_argument(
+        "--models",
+        default=f"{DEFAULT_MODEL},{GEMMA}",
+        help=f"comma-separated built-in models to measure ({GEMMA} is skipped when not installed)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every recipe (default: torch's own, one per core); 1 on a shared machine",
+    )
     add_json_arg(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)

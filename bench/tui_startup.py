@@ -45,7 +45,7 @@ HEAVY = ("torch", "transformers")
 CONFIG = "examples/quickstart.yaml"
 
 # The child: argv[1] = the parent's time.time() at launch, argv[2] = kind. Prints one JSON line.
-CHILD = r'''
+CHILD = r"""
 import sys, time
 LAUNCH = float(sys.argv[1]); KIND = sys.argv[2]
 marks = {"interpreter": time.time() - LAUNCH}
@@ -91,7 +91,7 @@ async def pilot(p):
 
 app.run(headless=True, size=(100, 30), auto_pilot=pilot)
 print("BENCH " + __import__("json").dumps(marks))
-'''
+"""
 
 KINDS = {"bare": "bare Textual App (one Static)", "loratui": "loratui create_app(quickstart)"}
 
@@ -109,7 +109,7 @@ def measure(kind: str, env: dict[str, str], extra: list[str] | None = None) -> t
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{kind} child failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    marks = json.loads(line[len("BENCH "):])
+    marks = json.loads(line[len("BENCH ") :])
     if "first_frame" not in marks:
         raise SystemExit(f"{kind}: no frame was rendered before the auto pilot exited: {marks}")
     return marks, proc.stderr
@@ -133,8 +133,12 @@ def fmt(values: list[float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7, help="measured runs of each kind (after one warm-up each)")
-    parser.add_argument("--top-imports", type=int, default=12, help="list the slowest top-level imports of one "
-                        "loratui start (-X importtime); 0: skip")
+    parser.add_argument(
+        "--top-imports",
+        type=int,
+        default=12,
+        help="list the slowest top-level imports of one loratui start (-X importtime); 0: skip",
+    )
     add_json_arg(parser)
     args = parser.parse_args()
 
@@ -142,9 +146,11 @@ def main() -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"# {shlex.join([sys.executable, *sys.argv])}")
-    print(f"# {platform.machine()}, {cores} usable cores, python {platform.python_version()}, "
-          f"textual {textual.__version__}; {args.repeat} runs of each kind after one warm-up; "
-          "times are seconds since the parent launched the child, median / max")
+    print(
+        f"# {platform.machine()}, {cores} usable cores, python {platform.python_version()}, "
+        f"textual {textual.__version__}; {args.repeat} runs of each kind after one warm-up; "
+        "times are seconds since the parent launched the child, median / max"
+    )
 
     results: dict[str, list[dict]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory(prefix="loratui-bench-state-") as state:
@@ -157,17 +163,21 @@ def main() -> int:
         imports = top_imports(env, args.top_imports) if args.top_imports > 0 else []
 
     base_ff = statistics.median(m["first_frame"] for m in results["bare"])
-    print("\n| app | interpreter | app built | first frame | settled | first frame vs bare | widgets "
-          "| torch/transformers at first frame | when settled |")
+    print(
+        "\n| app | interpreter | app built | first frame | settled | first frame vs bare | widgets "
+        "| torch/transformers at first frame | when settled |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for kind, label in KINDS.items():
         runs = results[kind]
         col = {k: [m[k] for m in runs] for k in ("interpreter", "app_built", "first_frame", "settled")}
         at_frame = sorted({x for m in runs for x in m["heavy_at_first_frame"]})
         settled = sorted({x for m in runs for x in m["heavy_settled"]})
-        print(f"| {label} | {fmt(col['interpreter'])} | {fmt(col['app_built'])} | {fmt(col['first_frame'])} "
-              f"| {fmt(col['settled'])} | {statistics.median(col['first_frame']) / base_ff:.2f}x "
-              f"| {runs[0]['widgets']} | {', '.join(at_frame) or 'neither'} | {', '.join(settled) or 'neither'} |")
+        print(
+            f"| {label} | {fmt(col['interpreter'])} | {fmt(col['app_built'])} | {fmt(col['first_frame'])} "
+            f"| {fmt(col['settled'])} | {statistics.median(col['first_frame']) / base_ff:.2f}x "
+            f"| {runs[0]['widgets']} | {', '.join(at_frame) or 'neither'} | {', '.join(settled) or 'neither'} |"
+        )
     print(f"\nloratui step bar when settled: {results['loratui'][0].get('stepbar', '?')}")
     if imports:
         print("\nslowest top-level imports of one loratui start (-X importtime, cumulative s):")
@@ -178,14 +188,26 @@ def main() -> int:
     heavy = sorted({x for m in results["loratui"] for x in m["heavy_at_first_frame"]})
     median, worst = statistics.median(ours), max(ours)
     ok_time = median < TARGET_S
-    print(f"\nverdict: loratui first frame median {median:.3f} s (max {worst:.3f} s), "
-          f"{median / base_ff:.2f}x bare Textual: {'MEETS' if ok_time else 'MISSES'} the < {TARGET_S:.1f} s target"
-          f"{'' if worst < TARGET_S else ' (not in every run)' if ok_time else ''}; "
-          + (f"IMPORTED {' and '.join(heavy)} before the first frame: FAIL" if heavy
-             else "neither torch nor transformers imported by the first frame"))
-    record(args.json, "tui_startup", "TUI first frame, median of fresh processes", f"{median:.3f} s",
-           f"bare Textual app {base_ff:.3f} s", median / base_ff, "< 1.0 s, torch and transformers not imported",
-           ok_time and not heavy)
+    print(
+        f"\nverdict: loratui first frame median {median:.3f} s (max {worst:.3f} s), "
+        f"{median / base_ff:.2f}x bare Textual: {'MEETS' if ok_time else 'MISSES'} the < {TARGET_S:.1f} s target"
+        f"{'' if worst < TARGET_S else ' (not in every run)' if ok_time else ''}; "
+        + (
+            f"IMPORTED {' and '.join(heavy)} before the first frame: FAIL"
+            if heavy
+            else "neither torch nor transformers imported by the first frame"
+        )
+    )
+    record(
+        args.json,
+        "tui_startup",
+        "TUI first frame, median of fresh processes",
+        f"{median:.3f} s",
+        f"bare Textual app {base_ff:.3f} s",
+        median / base_ff,
+        "< 1.0 s, torch and transformers not imported",
+        ok_time and not heavy,
+    )
     return 1 if heavy else 0
 
 

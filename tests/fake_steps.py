@@ -19,8 +19,10 @@ def counting(cfg, run, events, should_stop):
 
 
 def bad_input(cfg, run, events, should_stop):
-    raise LoratuiError("data.jsonl, row 3, field 'output': expected text, got a number",
-                       hint="fix the row or set data.on_problem.wrong_type=drop")
+    raise LoratuiError(
+        "data.jsonl, row 3, field 'output': expected text, got a number",
+        hint="fix the row or set data.on_problem.wrong_type=drop",
+    )
 
 
 def until_stopped(cfg, run, events, should_stop):

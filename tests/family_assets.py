@@ -31,8 +31,11 @@ def assets_dir() -> Path:
     script = _script()
     folder = script.assets_root() / f"{script.PACKAGE}-{script.locked_version()}"
     if not folder.is_dir():
-        pytest.fail(f"the family assets are missing: {folder} does not exist. Run `make assets` "
-                    "(or `python scripts/family_assets.py`) once; it needs PyPI the first time.", pytrace=False)
+        pytest.fail(
+            f"the family assets are missing: {folder} does not exist. Run `make assets` "
+            "(or `python scripts/family_assets.py`) once; it needs PyPI the first time.",
+            pytrace=False,
+        )
     return folder
 
 

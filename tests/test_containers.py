@@ -73,8 +73,9 @@ def test_the_dockerfile_install_line_reads_pyproject_as_pip_would(kind, tmp_path
     """Run the Dockerfile's own requirements one-liner against pyproject.toml and compare."""
     run = next(rest for word, rest in _instructions(DOCKERFILES[kind]) if word == "RUN" and "tomllib" in rest)
     code = re.search(r"python -c '(.*?)'\s", run, re.S).group(1)
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "pyproject.toml"), kind],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "pyproject.toml"), kind], capture_output=True, text=True, check=True
+    ).stdout.split()
     project = _project()
     assert out == project["dependencies"] + project["optional-dependencies"][kind]
     assert "-c /tmp/build/requirements.lock" in run, "the dependencies are held to the lock"
@@ -99,7 +100,7 @@ def test_llama_cpp_is_portable_and_never_native(kind):
 @pytest.mark.parametrize("kind", DOCKERFILES)
 def test_the_image_runs_as_a_user_with_loratui_as_entrypoint_and_a_health_check(kind):
     final = _instructions(DOCKERFILES[kind])
-    final = final[max(i for i, (w, r) in enumerate(final) if w == "FROM"):]
+    final = final[max(i for i, (w, r) in enumerate(final) if w == "FROM") :]
     words = dict(final)
     assert words["USER"] == "1000:1000"
     assert words["ENTRYPOINT"] == '["loratui"]'
@@ -127,16 +128,26 @@ def _context(patterns: list[str], path: str) -> bool:
 
 
 def test_the_build_context_has_what_the_dockerfiles_copy_and_nothing_heavy():
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for path in DOCKERFILES.values():
         for word, rest in _instructions(path):
             if word == "COPY" and not rest.startswith("--from"):
                 for source in rest.split()[:-1]:
                     assert _context(patterns, source.rstrip("/")), f"{path.name}: COPY {source} is not in the context"
     assert _context(patterns, "loratui/serving/healthcheck.py")
-    for heavy in (".venv/bin/python", "runs/quickstart/merged/model.safetensors", ".git/HEAD", "tests/conftest.py",
-                  "loratui/__pycache__/cli.cpython-311.pyc", "bench/results.md", "snapshot_report.html"):
+    for heavy in (
+        ".venv/bin/python",
+        "runs/quickstart/merged/model.safetensors",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "loratui/__pycache__/cli.cpython-311.pyc",
+        "bench/results.md",
+        "snapshot_report.html",
+    ):
         assert not _context(patterns, heavy), heavy
 
 
@@ -155,7 +166,7 @@ def test_the_readme_docker_commands_use_real_dockerfiles_and_loratui_arguments()
     for line in runs:
         words = shlex.split(line.split("#")[0])
         image = next(i for i, w in enumerate(words) if re.fullmatch(r"loratui:(cpu|cuda)", w))
-        args = words[image + 1:]
+        args = words[image + 1 :]
         build_parser().parse_args(args)  # exits (SystemExit) on an unknown command or option
         if args and args[0] == "serve" and "0.0.0.0" in args:
             assert "LORATUI_API_KEY" in line or "--api-key" in args, line

@@ -42,8 +42,10 @@ def _data(path: Path, tmp_path: Path, model: Path, source: Path) -> MemoryWriter
 
 
 def test_summarize_maps_document_and_summary_columns_for_a_seq2seq_model(tmp_path, tiny_model_factory):
-    rows = [{"document": f"The meeting on day {i} covered budgets, rooms and the fair.", "summary": f"Day {i}: budgets."}
-            for i in range(40)]
+    rows = [
+        {"document": f"The meeting on day {i} covered budgets, rooms and the fair.", "summary": f"Day {i}: budgets."}
+        for i in range(40)
+    ]
     source = tmp_path / "summaries.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mem = _data(Path("examples/summarize.yaml").resolve(), tmp_path, tiny_model_factory(family="t5"), source)
@@ -56,7 +58,9 @@ def test_documents_reads_a_folder_of_markdown(tmp_path, tiny_llama):
     notes = tmp_path / "notes"
     (notes / "sub").mkdir(parents=True)
     for i in range(12):
-        (notes / ("sub" if i % 2 else ".") / f"n{i}.md").write_text(f"# Note {i}\n\n" + "The library opens at nine. " * 60)
+        (notes / ("sub" if i % 2 else ".") / f"n{i}.md").write_text(
+            f"# Note {i}\n\n" + "The library opens at nine. " * 60
+        )
     mem = _data(Path("examples/documents.yaml").resolve(), tmp_path, tiny_llama, notes)
     (done,) = mem.of_type("done")
     assert done.summary["splits"]["train"] > 0 and done.summary["dropped"] == 0

@@ -51,8 +51,9 @@ def test_the_optional_gemma3_model_is_installed_for_the_tests_not_for_make_run()
 def test_make_run_without_a_terminal_exits_at_once_and_keeps_the_setup():
     before = STAMP.stat().st_mtime
     started = time.perf_counter()
-    proc = subprocess.run(["make", "run"], cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["make", "run"], cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
     took = time.perf_counter() - started
     assert proc.returncode != 0
     assert "the terminal UI needs a terminal" in proc.stderr and "loratui run examples/quickstart.yaml" in proc.stderr
@@ -65,9 +66,12 @@ def test_make_run_without_a_terminal_exits_at_once_and_keeps_the_setup():
 def test_make_test_lints_and_checks_the_formatting_first():
     if shutil.which("make") is None:
         pytest.skip("no make")
-    lines = subprocess.run(["make", "-n", "-B", "test"], cwd=REPO, capture_output=True, text=True,
-                           timeout=60).stdout.splitlines()
-    at = {what: next((i for i, ln in enumerate(lines) if ln.rstrip().endswith(what)), None)
-          for what in ("ruff check .", "ruff format --check .", 'pytest -m "not slow"')}
+    lines = subprocess.run(
+        ["make", "-n", "-B", "test"], cwd=REPO, capture_output=True, text=True, timeout=60
+    ).stdout.splitlines()
+    at = {
+        what: next((i for i, ln in enumerate(lines) if ln.rstrip().endswith(what)), None)
+        for what in ("ruff check .", "ruff format --check .", 'pytest -m "not slow"')
+    }
     assert None not in at.values(), lines
     assert at["ruff check ."] < at['pytest -m "not slow"'] and at["ruff format --check ."] < at['pytest -m "not slow"']

@@ -19,11 +19,15 @@ def test_tiny_model_loads_and_generates(tiny_model_factory, family, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
-    ids = tok.apply_chat_template([{"role": "user", "content": "Opening hours?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Opening hours?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
+    )
     assert tok.decode(ids[0]).startswith("<|im_start|>")
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 4 or tok.eos_token_id in out[0, ids.shape[1]:].tolist()
+    assert out.shape[1] == ids.shape[1] + 4 or tok.eos_token_id in out[0, ids.shape[1] :].tolist()
     text = "Visit https://example.org/help or mail info@example.org"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
@@ -60,10 +64,13 @@ def test_tiny_t5_loads_trains_and_generates(tiny_model_factory):
     assert out[0, 0] == tok.pad_token_id and out.shape[1] <= 5
 
 
-@pytest.mark.parametrize("family,model_type,layer_kinds", [
-    ("qwen3_5", "qwen3_5_text", {"linear_attention", "full_attention"}),
-    ("gemma4", "gemma4_text", {"sliding_attention", "full_attention"}),
-])
+@pytest.mark.parametrize(
+    "family,model_type,layer_kinds",
+    [
+        ("qwen3_5", "qwen3_5_text", {"linear_attention", "full_attention"}),
+        ("gemma4", "gemma4_text", {"sliding_attention", "full_attention"}),
+    ],
+)
 def test_transformers5_families_load_and_generate(tiny_model_factory, family, model_type, layer_kinds):
     """Families that exist only in transformers 5: both layer kinds present, small, and they generate."""
     import torch
@@ -75,11 +82,15 @@ def test_transformers5_families_load_and_generate(tiny_model_factory, family, mo
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000 and cfg["vocab_size"] == len(tok)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Opening hours?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Opening hours?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
+    )
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 4 or tok.eos_token_id in out[0, ids.shape[1]:].tolist()
+    assert out.shape[1] == ids.shape[1] + 4 or tok.eos_token_id in out[0, ids.shape[1] :].tolist()
     # cached generation (recurrent state / sliding-window cache) agrees with a full forward pass
     with torch.no_grad():
-        full = model(out).logits[0, ids.shape[1] - 1:-1].argmax(-1)
-    assert full.tolist() == out[0, ids.shape[1]:].tolist()
+        full = model(out).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
+    assert full.tolist() == out[0, ids.shape[1] :].tolist()

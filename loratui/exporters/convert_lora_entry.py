@@ -56,8 +56,10 @@ def load_pairs(adapter: Path, config: dict) -> dict[str, tuple]:
     for name, tensor in tensors.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", name)
         if not match:
-            refuse(f"{adapter}: tensor {name!r} is not a LoRA A/B matrix (trained embeddings, biases or "
-                   "modules_to_save cannot go into a llama.cpp LoRA GGUF)")
+            refuse(
+                f"{adapter}: tensor {name!r} is not a LoRA A/B matrix (trained embeddings, biases or "
+                "modules_to_save cannot go into a llama.cpp LoRA GGUF)"
+            )
         module, side = match.groups()
         pairs.setdefault(module, {})[side] = tensor.float()
     out = {}
@@ -78,7 +80,13 @@ def main() -> None:
     import torch
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
-    adapter, base, outfile, outtype, name = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+    adapter, base, outfile, outtype, name = (
+        Path(sys.argv[1]),
+        Path(sys.argv[2]),
+        Path(sys.argv[3]),
+        sys.argv[4],
+        sys.argv[5],
+    )
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     hparams = ModelBase.load_hparams(base, False)
     arch = get_model_architecture(hparams, ModelType.TEXT)
@@ -88,8 +96,12 @@ def main() -> None:
         refuse(f"llama.cpp's converter does not support the architecture {arch}")
     pairs = load_pairs(adapter, config)
     alpha = float(config["lora_alpha"])
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
 
     class Adapter(model_class):  # type: ignore[misc, valid-type]
         model_arch = model_class.model_arch
@@ -126,8 +138,10 @@ def main() -> None:
             else:  # its column operations applied to A; B as is
                 converted = [(n, t, data_torch) for n, t in super().modify_tensors(a, name, bid)]
             if not converted:
-                refuse(f"the adapter adapts {name}, which llama.cpp's {arch} graph does not have as a "
-                       "separate weight (a tied output head?)")
+                refuse(
+                    f"the adapter adapts {name}, which llama.cpp's {arch} graph does not have as a "
+                    "separate weight (a tied output head?)"
+                )
             for new_name, lora_a, lora_b in converted:
                 if not new_name.endswith(".weight") or lora_a.dim() != 2 or lora_b.dim() != 2:
                     refuse(f"{name}: llama.cpp's converter turns it into {new_name}, which cannot carry a LoRA pair")
@@ -150,7 +164,8 @@ def main() -> None:
             def same(product: dict) -> bool:
                 return set(full) == set(product) and all(
                     full[n].shape == product[n].shape and torch.allclose(full[n], product[n], rtol=1e-4, atol=1e-6)
-                    for n in full)
+                    for n in full
+                )
 
             def attempt(make):  # type: ignore[no-untyped-def]
                 try:  # a reshape meant for the weight's own rows or columns may not fit the rank
@@ -163,9 +178,11 @@ def main() -> None:
             elif attempt(lambda: {n: b @ t for n, t in super(Adapter, self).modify_tensors(a, name, bid)}):
                 self.sides[kind] = "columns"
             else:
-                refuse(f"llama.cpp's converter for {arch} rearranges both the outputs and the inputs of {name} "
-                       "(the rows and the columns of its weight), so its LoRA pair cannot be converted on its own; "
-                       "export the merged model with --format gguf instead")
+                refuse(
+                    f"llama.cpp's converter for {arch} rearranges both the outputs and the inputs of {name} "
+                    "(the rows and the columns of its weight), so its LoRA pair cannot be converted on its own; "
+                    "export the merged model with --format gguf instead"
+                )
             return self.sides[kind]
 
     with torch.inference_mode():

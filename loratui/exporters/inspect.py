@@ -46,21 +46,35 @@ def summary(path: str | Path) -> dict[str, Any]:
         return f"{i} {bytes(tokens.parts[tokens.data[i]]).decode('utf-8', errors='replace')!r}"
 
     return {
-        "file": str(path), "bytes": path.stat().st_size, "type": fields.get("general.type", "model"),
-        "architecture": arch, "name": fields.get("general.name"),
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "type": fields.get("general.type", "model"),
+        "architecture": arch,
+        "name": fields.get("general.name"),
         "file_type": LlamaFileType(file_type).name if file_type is not None else None,
-        "tensors": len(reader.tensors), "tensor_types": dict(types.most_common()),
+        "tensors": len(reader.tensors),
+        "tensor_types": dict(types.most_common()),
         "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
-        "context_length": fields.get(f"{arch}.context_length"), "layers": fields.get(f"{arch}.block_count"),
+        "context_length": fields.get(f"{arch}.context_length"),
+        "layers": fields.get(f"{arch}.block_count"),
         "embedding_length": fields.get(f"{arch}.embedding_length"),
         "lora_alpha": fields.get("adapter.lora.alpha"),
         "lora_rank": next((int(t.shape[1]) for t in reader.tensors if t.name.endswith(".lora_a")), None),
-        "lora_targets": sorted({t.name.split(".")[-3] if t.name.startswith("blk.") else t.name.split(".")[0]
-                                for t in reader.tensors if t.name.endswith(".lora_a")}),
-        "tokenizer": {"model": fields.get("tokenizer.ggml.model"), "pre": fields.get("tokenizer.ggml.pre"),
-                      "tokens": len(tokens.data) if tokens is not None else None,
-                      "bos": token("tokenizer.ggml.bos_token_id"), "eos": token("tokenizer.ggml.eos_token_id"),
-                      "add_bos": fields.get("tokenizer.ggml.add_bos_token")},
+        "lora_targets": sorted(
+            {
+                t.name.split(".")[-3] if t.name.startswith("blk.") else t.name.split(".")[0]
+                for t in reader.tensors
+                if t.name.endswith(".lora_a")
+            }
+        ),
+        "tokenizer": {
+            "model": fields.get("tokenizer.ggml.model"),
+            "pre": fields.get("tokenizer.ggml.pre"),
+            "tokens": len(tokens.data) if tokens is not None else None,
+            "bos": token("tokenizer.ggml.bos_token_id"),
+            "eos": token("tokenizer.ggml.eos_token_id"),
+            "add_bos": fields.get("tokenizer.ggml.add_bos_token"),
+        },
         "chat_template": fields.get("tokenizer.chat_template"),
     }
 
@@ -77,15 +91,21 @@ def render(info: dict[str, Any]) -> str:
         + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
     ]
     if info["type"] == "adapter":  # a LoRA GGUF: no tokenizer, applied to a base model of the architecture
-        lines += [f"  parameters     {info['parameters']:,}",
-                  f"  LoRA           alpha {info['lora_alpha']}, rank {info['lora_rank']}, on "
-                  + ", ".join(info["lora_targets"]),
-                  f"  use            llama-cli -m <{info['architecture']} base>.gguf --lora {Path(info['file']).name}"]
+        lines += [
+            f"  parameters     {info['parameters']:,}",
+            f"  LoRA           alpha {info['lora_alpha']}, rank {info['lora_rank']}, on "
+            + ", ".join(info["lora_targets"]),
+            f"  use            llama-cli -m <{info['architecture']} base>.gguf --lora {Path(info['file']).name}",
+        ]
         return "\n".join(lines)
-    lines.append(f"  parameters     {info['parameters']:,}  (layers {info['layers']}, width {info['embedding_length']}, "
-                 f"context {info['context_length']})")
-    lines.append(f"  tokenizer      {t['model']} (pre {t['pre']}), {t['tokens']} tokens, bos {t['bos']}, eos {t['eos']}, "
-                 f"add_bos {t['add_bos']}")
+    lines.append(
+        f"  parameters     {info['parameters']:,}  (layers {info['layers']}, width {info['embedding_length']}, "
+        f"context {info['context_length']})"
+    )
+    lines.append(
+        f"  tokenizer      {t['model']} (pre {t['pre']}), {t['tokens']} tokens, bos {t['bos']}, eos {t['eos']}, "
+        f"add_bos {t['add_bos']}"
+    )
     template = info["chat_template"]
     lines.append("  chat template  " + ("none" if not template else f"{len(template)} characters:"))
     if template:

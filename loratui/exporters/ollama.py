@@ -14,16 +14,20 @@ from typing import Any
 
 # Ollama templates for the role-tag formats: system from .System, then the user and assistant turns.
 _ROLE_TAG = (
-    '{{{{- if .System }}}}{open}system{sep}{{{{ .System }}}}{close}\n{{{{ end }}}}'
+    "{{{{- if .System }}}}{open}system{sep}{{{{ .System }}}}{close}\n{{{{ end }}}}"
     '{{{{- range .Messages }}}}{{{{- if or (eq .Role "user") (eq .Role "assistant") }}}}'
-    '{open}{{{{ .Role }}}}{sep}{{{{ .Content }}}}{close}\n{{{{ end }}}}{{{{- end }}}}{open}assistant{sep}'
+    "{open}{{{{ .Role }}}}{sep}{{{{ .Content }}}}{close}\n{{{{ end }}}}{{{{- end }}}}{open}assistant{sep}"
 )
 GO_TEMPLATES = {
     "chatml": _ROLE_TAG.format(open="<|im_start|>", sep="\n", close="<|im_end|>"),
     "phi": _ROLE_TAG.format(open="<|", sep="|>\n", close="<|end|>"),
 }
-PROBE = [{"role": "system", "content": "SYSTEM-TEXT"}, {"role": "user", "content": "USER-TEXT"},
-         {"role": "assistant", "content": "ASSISTANT-TEXT"}, {"role": "user", "content": "SECOND-TEXT"}]
+PROBE = [
+    {"role": "system", "content": "SYSTEM-TEXT"},
+    {"role": "user", "content": "USER-TEXT"},
+    {"role": "assistant", "content": "ASSISTANT-TEXT"},
+    {"role": "user", "content": "SECOND-TEXT"},
+]
 
 
 def family(template: Any) -> str | None:
@@ -58,14 +62,18 @@ def default_system(template: Any, name: str | None) -> str | None:
     return found.group(1) if found else None
 
 
-def modelfile(gguf_name: str, template: Any, stop_tokens: list[str], adapter: str | None = None,
-              file_name: str | None = None) -> str:
+def modelfile(
+    gguf_name: str, template: Any, stop_tokens: list[str], adapter: str | None = None, file_name: str | None = None
+) -> str:
     """The Modelfile ``file_name`` (default: the GGUF's name) for ``gguf_name`` and, if given, a LoRA GGUF
     ``adapter`` on top of it; the GGUF files lie beside it."""
     name = family(template)
     own = file_name or f"{gguf_name.removesuffix('.gguf')}.Modelfile"
-    lines = [f"# Ollama Modelfile written by loratui: `ollama create <name> -f {own}`",
-             f"FROM ./{gguf_name}", *([f"ADAPTER ./{adapter}"] if adapter else [])]
+    lines = [
+        f"# Ollama Modelfile written by loratui: `ollama create <name> -f {own}`",
+        f"FROM ./{gguf_name}",
+        *([f"ADAPTER ./{adapter}"] if adapter else []),
+    ]
     if name:
         lines.append(f'TEMPLATE """{GO_TEMPLATES[name]}"""')
         system = default_system(template, name)

@@ -72,8 +72,18 @@ TITLE = "ONNX (onnxruntime)"
 BUILDER = "onnxruntime_genai.models.builder"
 ENTRY = Path(__file__).with_name("onnx_entry.py")
 # files the builder does not write that make the folder a complete model directory
-CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-           "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+CARRIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 @dataclass
@@ -94,7 +104,9 @@ class OnnxRow:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data")))
+    return sum(
+        p.stat().st_size for p in path.iterdir() if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data"))
+    )
 
 
 def carry_files(source: Path, dest: Path) -> None:
@@ -109,8 +121,21 @@ def builder_command(merged: Path, out: Path, precision: str, cache: Path) -> lis
     """onnxruntime-genai's model builder, for the CPU execution provider (through onnx_entry.py, which
     adapts two transformers-5 configs to it)."""
     # run as -c: as a script, its folder would be first on sys.path, and exporters/inspect.py would shadow the stdlib's
-    cmd = [sys.executable, "-c", ENTRY.read_text(encoding="utf-8"), "-i", str(merged), "-o", str(out), "-p", precision, "-e", "cpu",
-           "-c", str(cache)]
+    cmd = [
+        sys.executable,
+        "-c",
+        ENTRY.read_text(encoding="utf-8"),
+        "-i",
+        str(merged),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
     if precision in ("int4", "int8"):
         cmd += ["--extra_options", f"block_size={QUANT_BLOCK}", "is_symmetric=true"]
     return cmd
@@ -127,8 +152,10 @@ def set_stop_tokens(folder: Path, stop: list[int]) -> None:
 def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
     from loratui.exporters.ollama import stop_tokens
 
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in (stop_tokens(tokenizer, template) if template else
-                                                        [tokenizer.eos_token])]
+    ids = [
+        tokenizer.convert_tokens_to_ids(t)
+        for t in (stop_tokens(tokenizer, template) if template else [tokenizer.eos_token])
+    ]
     return list(dict.fromkeys(int(i) for i in ids if i is not None and i != tokenizer.unk_token_id))
 
 
@@ -138,16 +165,17 @@ def build(merged: Path, out: Path, precision: str, log: Path, should_stop: Any, 
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # the merged folder is local: never reach for a hub
     cmd = builder_command(merged, out, precision, cache)
     if trust_remote_code:
-        cmd += (["hf_remote=true"] if "--extra_options" in cmd else ["--extra_options", "hf_remote=true"])
+        cmd += ["hf_remote=true"] if "--extra_options" in cmd else ["--extra_options", "hf_remote=true"]
     try:
         run_logged(cmd, env, log, should_stop, what=f"building the {precision} ONNX model")
     except LoratuiError as e:
         text = log.read_text(encoding="utf-8", errors="replace")
         if "not currently supported" in text or "is not supported" in text:
             arch = json.loads((merged / "config.json").read_text(encoding="utf-8")).get("architectures", ["?"])[0]
-            raise LoratuiError(f"onnxruntime-genai's model builder does not support {arch}: no ONNX export for it",
-                               hint="Export GGUF (llama.cpp, Ollama) or safetensors instead; "
-                                    f"the builder's output is in {log}.") from None
+            raise LoratuiError(
+                f"onnxruntime-genai's model builder does not support {arch}: no ONNX export for it",
+                hint=f"Export GGUF (llama.cpp, Ollama) or safetensors instead; the builder's output is in {log}.",
+            ) from None
         raise e
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -211,9 +239,14 @@ def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: An
             nll[side] += float((losses * counted).sum())
     batches.close()
     ppl = {side: math.exp(v / total) if total else None for side, v in nll.items()}
-    return {"max_abs_logit_diff": diff, "reference_max_abs_logit": scale, "top1_agreement": same / total if total else None,
-            "perplexity": ppl["candidate"], "reference_perplexity": ppl["reference"],
-            "scoring_rows_per_s": len(examples) / seconds if seconds else None}
+    return {
+        "max_abs_logit_diff": diff,
+        "reference_max_abs_logit": scale,
+        "top1_agreement": same / total if total else None,
+        "perplexity": ppl["candidate"],
+        "reference_perplexity": ppl["reference"],
+        "scoring_rows_per_s": len(examples) / seconds if seconds else None,
+    }
 
 
 def replies(model: Any, examples: list[Any], tokenizer: Any, max_new_tokens: int, should_stop: Any) -> dict[str, Any]:
@@ -223,10 +256,13 @@ def replies(model: Any, examples: list[Any], tokenizer: Any, max_new_tokens: int
     got = model.generate([e.prompt_ids for e in prompted], max_new_tokens, should_stop=should_stop)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in got]
     facts = [M.contains(t, e.fact or e.reference or "") for t, e in zip(texts, prompted)]
-    return {"replies_stopped": f"{sum(len(r) < max_new_tokens for r in got)}/{len(got)}" if got else None,
-            "key_facts": M.mean(facts) if facts else None,
-            "replies": [{"source": e.source, "fact": e.fact, "reply": t, "contains": c}
-                        for e, t, c in zip(prompted, texts, facts)]}
+    return {
+        "replies_stopped": f"{sum(len(r) < max_new_tokens for r in got)}/{len(got)}" if got else None,
+        "key_facts": M.mean(facts) if facts else None,
+        "replies": [
+            {"source": e.source, "fact": e.fact, "reply": t, "contains": c} for e, t, c in zip(prompted, texts, facts)
+        ],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,23 +292,27 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
     ensure_merged(cfg, run, events, should_stop)
     merged = run.merged
     if model_task(merged, cfg.model.trust_remote_code) != "causal":
-        raise LoratuiError("ONNX export is for decoder-only models: onnxruntime-genai's model builder has no "
-                           "encoder-decoder (T5, FLAN-T5, PEGASUS) path",
-                           hint="Export safetensors (export.formats=[safetensors]) and serve it with PyTorch "
-                                "(loratui serve --format torch), or run optimum-cli export onnx in a separate "
-                                "environment.")
+        raise LoratuiError(
+            "ONNX export is for decoder-only models: onnxruntime-genai's model builder has no "
+            "encoder-decoder (T5, FLAN-T5, PEGASUS) path",
+            hint="Export safetensors (export.formats=[safetensors]) and serve it with PyTorch "
+            "(loratui serve --format torch), or run optimum-cli export onnx in a separate "
+            "environment.",
+        )
     quants = list(dict.fromkeys(cfg.export.onnx_quants))
     out = run.exports / "onnx"
     run.exports.mkdir(parents=True, exist_ok=True)
     clean_stale(run.exports)
     params = count_params(merged)
     # fp32 weights, and int8 (plus an fp32 embedding) or int4 weights with their scales
-    check_disk(run.exports, params * (4 + sum(5 if q == "int8" else 1 for q in quants)),
-               " plus ".join(["fp32 ONNX", *quants]))
+    check_disk(
+        run.exports, params * (4 + sum(5 if q == "int8" else 1 for q in quants)), " plus ".join(["fp32 ONNX", *quants])
+    )
     log = run.exports / "onnx.log"
     log.write_text("", encoding="utf-8")
     variants = [("fp32", run.exports / ".onnx.tmp", out)] + [
-        (q, run.exports / f".onnx-{q}.tmp", run.exports / f"onnx-{q}") for q in quants]
+        (q, run.exports / f".onnx-{q}.tmp", run.exports / f"onnx-{q}") for q in quants
+    ]
     stage = Stages(events, len(variants) * (2 if cfg.export.verify else 1), "onnx", "stages", should_stop)
     tokenizer = AutoTokenizer.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
     template = load_model_inputs(cfg, events).template
@@ -306,18 +346,31 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                 reference_ppl = figures.pop("reference_perplexity")
                 samples[kind] = said.pop("replies")
                 ppl = figures["perplexity"]
-                rows[i] = OnnxRow(**{**asdict(rows[i]), **figures, **said, "decode_tokens_per_s": decode,
-                                     "delta_perplexity": ppl - reference_ppl if ppl and reference_ppl else None})
+                rows[i] = OnnxRow(
+                    **{
+                        **asdict(rows[i]),
+                        **figures,
+                        **said,
+                        "decode_tokens_per_s": decode,
+                        "delta_perplexity": ppl - reference_ppl if ppl and reference_ppl else None,
+                    }
+                )
                 rows[i].verdict = judge(rows[i])
-                events.metric({k: float(v) for k, v in asdict(rows[i]).items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
-                              split=f"onnx:{kind}")
+                events.metric(
+                    {
+                        k: float(v)
+                        for k, v in asdict(rows[i]).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+                    },
+                    split=f"onnx:{kind}",
+                )
                 del candidate
             if rows[0].verdict != "passed":
                 write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
-                raise ExportRefused(f"the fp32 ONNX export differs from the merged model ({rows[0].verdict}); "
-                                    "nothing was written",
-                                    hint=f"See {log}, and report it with the model.")
+                raise ExportRefused(
+                    f"the fp32 ONNX export differs from the merged model ({rows[0].verdict}); nothing was written",
+                    hint=f"See {log}, and report it with the model.",
+                )
         stage.finish("verified" if cfg.export.verify else "written")
         for row, (kind, folder, final) in zip(rows, variants):
             if row.verdict in (None, "passed"):
@@ -332,15 +385,26 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(folder.with_name(folder.name + ".cache"), ignore_errors=True)
 
-    report = {"builder": f"onnxruntime-genai {_genai_version()}", "merged_perplexity": reference_ppl,
-              "merged_decode_tokens_per_s": torch_decode, "params": params, "stop_token_ids": stop_list,
-              "files": [{**asdict(r), "replies": samples.get(r.type, [])} for r in rows]}
+    report = {
+        "builder": f"onnxruntime-genai {_genai_version()}",
+        "merged_perplexity": reference_ppl,
+        "merged_decode_tokens_per_s": torch_decode,
+        "params": params,
+        "stop_token_ids": stop_list,
+        "files": [{**asdict(r), "replies": samples.get(r.type, [])} for r in rows],
+    }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
-    return {"path": str(out), "folders": kept, "rows": [asdict(r) for r in rows],
-            "refused": [f"{r.type}: {r.verdict.removeprefix('refused: ')}" for r in rows
-                        if r.verdict not in (None, "passed")],
-            "merged_perplexity": reference_ppl, "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "path": str(out),
+        "folders": kept,
+        "rows": [asdict(r) for r in rows],
+        "refused": [
+            f"{r.type}: {r.verdict.removeprefix('refused: ')}" for r in rows if r.verdict not in (None, "passed")
+        ],
+        "merged_perplexity": reference_ppl,
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 def _genai_version() -> str:
@@ -378,8 +442,10 @@ def judge(row: OnnxRow) -> str:
     if row.type == "fp32":
         allowed = fp32_allowed_diff(row.reference_max_abs_logit)
         if diff > allowed or top1 < FP32_TOP1:
-            return (f"refused: largest logit difference {diff:.2e} (at most {allowed:.1e}), top-1 agreement "
-                    f"{top1:.2%} (at least {FP32_TOP1:.1%})")
+            return (
+                f"refused: largest logit difference {diff:.2e} (at most {allowed:.1e}), top-1 agreement "
+                f"{top1:.2%} (at least {FP32_TOP1:.1%})"
+            )
         return "passed"
     if top1 < QUANT_TOP1:
         return f"refused: top-1 agreement {top1:.1%} (at least {QUANT_TOP1:.0%} for {row.type} to be worth using)"
@@ -393,29 +459,36 @@ def quant_summary(fp32: OnnxRow, quant: OnnxRow) -> str:
     share = (quant.perplexity - fp32.perplexity) / fp32.perplexity
     size = fp32.bytes / max(quant.bytes, 1)
     decode = (quant.decode_tokens_per_s or 0) / (fp32.decode_tokens_per_s or 1)
-    return (f"{quant.type} against fp32: perplexity {share:+.1%}, top-1 agreement {quant.top1_agreement:.1%}, "
-            f"{size:.1f}x smaller, decode {decode:.2f}x. "
-            + ("Kept" if quant.verdict == "passed" else "Refused, not written")
-            + f" (the bar: top-1 agreement >= {QUANT_TOP1:.0%}).")
+    return (
+        f"{quant.type} against fp32: perplexity {share:+.1%}, top-1 agreement {quant.top1_agreement:.1%}, "
+        f"{size:.1f}x smaller, decode {decode:.2f}x. "
+        + ("Kept" if quant.verdict == "passed" else "Refused, not written")
+        + f" (the bar: top-1 agreement >= {QUANT_TOP1:.0%})."
+    )
 
 
 def onnx_table(rows: list[OnnxRow], ref_ppl: float | None, torch_decode: float | None, samples: int) -> list[str]:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"Built by onnxruntime-genai's model builder; verified in onnxruntime on {samples} test rows against "
-             f"the merged model in PyTorch fp32 (perplexity {f(ref_ppl, '.3f')}, decode {f(torch_decode, '.1f')} "
-             "tok/s). Max diff: largest |logit difference|. Top-1: teacher-forced next-token agreement. Decode: "
-             "onnxruntime-genai, batch 1. Scoring: rows/s of the teacher-forced pass.", "",
-             "| type | folder | size | max diff | top-1 | perplexity | delta | key facts | replies stop | decode tok/s "
-             "| scoring rows/s | verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Built by onnxruntime-genai's model builder; verified in onnxruntime on {samples} test rows against "
+        f"the merged model in PyTorch fp32 (perplexity {f(ref_ppl, '.3f')}, decode {f(torch_decode, '.1f')} "
+        "tok/s). Max diff: largest |logit difference|. Top-1: teacher-forced next-token agreement. Decode: "
+        "onnxruntime-genai, batch 1. Scoring: rows/s of the teacher-forced pass.",
+        "",
+        "| type | folder | size | max diff | top-1 | perplexity | delta | key facts | replies stop | decode tok/s "
+        "| scoring rows/s | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.type} | {r.folder}/ | {r.bytes / 2**20:.1f} MiB | {f(r.max_abs_logit_diff, '.2e')} | "
-                     f"{'-' if r.top1_agreement is None else f'{r.top1_agreement:.1%}'} | {f(r.perplexity, '.3f')} | "
-                     f"{f(r.delta_perplexity, '+.3f')} | {f(r.key_facts, '.3f')} | {r.replies_stopped or '-'} | "
-                     f"{f(r.decode_tokens_per_s, '.1f')} | {f(r.scoring_rows_per_s, '.1f')} | "
-                     f"{r.verdict or 'not verified'} |")
+        lines.append(
+            f"| {r.type} | {r.folder}/ | {r.bytes / 2**20:.1f} MiB | {f(r.max_abs_logit_diff, '.2e')} | "
+            f"{'-' if r.top1_agreement is None else f'{r.top1_agreement:.1%}'} | {f(r.perplexity, '.3f')} | "
+            f"{f(r.delta_perplexity, '+.3f')} | {f(r.key_facts, '.3f')} | {r.replies_stopped or '-'} | "
+            f"{f(r.decode_tokens_per_s, '.1f')} | {f(r.scoring_rows_per_s, '.1f')} | "
+            f"{r.verdict or 'not verified'} |"
+        )
     if len(rows) > 1:
         lines += [""] + [quant_summary(rows[0], r) for r in rows[1:]]
     return lines

@@ -41,10 +41,15 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
             refused[fmt] = results[fmt]["refused"]
         artifacts.append(results[fmt].get("merged") or results[fmt].get("path", ""))
     if refused:
-        events.log("export: done, with refused files (not written): "
-                   + "; ".join(f"{fmt} {why}" for fmt, whys in refused.items() for why in whys), level="warning")
-    return StepResult(summary={"formats": results, "refused": refused, "seconds": round(time.monotonic() - started, 2)},
-                      artifacts=[a for a in artifacts if a])
+        events.log(
+            "export: done, with refused files (not written): "
+            + "; ".join(f"{fmt} {why}" for fmt, whys in refused.items() for why in whys),
+            level="warning",
+        )
+    return StepResult(
+        summary={"formats": results, "refused": refused, "seconds": round(time.monotonic() - started, 2)},
+        artifacts=[a for a in artifacts if a],
+    )
 
 
 def _check_family(cfg: RunConfig, run: RunDir, formats: list[str], events: EventSink) -> None:

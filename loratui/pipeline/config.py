@@ -29,8 +29,9 @@ class Section(BaseModel):
 
     # extra="forbid": typos are errors. coerce_numbers_to_str: `name: 2024` or `revision: 1234567`
     # are read by YAML as numbers but mean text.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
-                              coerce_numbers_to_str=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
 
 
 class ModelSection(Section):
@@ -45,8 +46,7 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weight dtype when loading. `auto` keeps the checkpoint's dtype on GPU and uses "
-        "float32 on CPU.",
+        description="Weight dtype when loading. `auto` keeps the checkpoint's dtype on GPU and uses float32 on CPU.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the checkpoint to run. Leave off unless you trust it."
@@ -87,10 +87,12 @@ class DataSection(Section):
         default_factory=dict,
         description="Policy per problem kind: `drop` (default; the row is listed in the report), `fail` "
         "(stop with an error), or `truncate` (only for `too_long`, its default). Kinds: "
-        + ", ".join(f"`{k}`" for k in PROBLEMS) + ".",
+        + ", ".join(f"`{k}`" for k in PROBLEMS)
+        + ".",
     )
     dedupe: bool = Field(
-        True, description="Drop exact duplicate rows. Validation/test rows that are also in training are always dropped."
+        True,
+        description="Drop exact duplicate rows. Validation/test rows that are also in training are always dropped.",
     )
     val_ratio: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for validation.")
     test_ratio: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for the final test.")
@@ -130,11 +132,12 @@ class LoraSection(Section):
         16, description="Adapter rank. Higher learns more and costs more memory. `auto` picks from the data size."
     )
     alpha: int | Auto = Field(
-        "auto", description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA). "
-        "`auto`: 2 x r."
+        "auto", description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA). `auto`: 2 x r."
     )
     dropout: float = Field(
-        0.0, ge=0, lt=1,
+        0.0,
+        ge=0,
+        lt=1,
         description="Dropout on the adapter input. 0 (as in Unsloth and LLaMA-Factory) skips a random mask "
         "per adapted layer, about 15% of a CPU training step.",
     )
@@ -153,8 +156,9 @@ class LoraSection(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type for `qlora`.")
     double_quant: bool = Field(True, description="Quantize the 4-bit scales too (`qlora`).")
     init_from: str | None = Field(
-        None, description="Adapter directory that `train.mode: continue` or `stack` starts from "
-        "(empty: this run's current adapter)."
+        None,
+        description="Adapter directory that `train.mode: continue` or `stack` starts from "
+        "(empty: this run's current adapter).",
     )
 
     @field_validator("r", "alpha")
@@ -174,9 +178,7 @@ class TrainSection(Section):
         "(or `lora.init_from`) on this data. `stack`: merge the current adapter into the base, then train a "
         "new adapter on top (continual learning, one version after another).",
     )
-    epochs: float | Auto = Field(
-        "auto", description="Passes over the training set. `auto` picks from the data size."
-    )
+    epochs: float | Auto = Field("auto", description="Passes over the training set. `auto` picks from the data size.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     batch_size: int | Auto = Field(
@@ -198,20 +200,21 @@ class TrainSection(Section):
         "adamw_torch", description="Optimizer (transformers names; 8-bit ones use bitsandbytes)."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Compute precision. `auto`: bf16 on GPUs that run it natively, fp16 on older GPUs, "
-        "fp32 on CPU (bf16 on an AVX512-BF16 CPU was 17% faster but answered fewer quickstart questions)."
+        "auto",
+        description="Compute precision. `auto`: bf16 on GPUs that run it natively, fp16 on older GPUs, "
+        "fp32 on CPU (bf16 on an AVX512-BF16 CPU was 17% faster but answered fewer quickstart questions).",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations to save memory (about 30% slower)."
-    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (about 30% slower).")
     padding_free: bool = Field(
-        True, description="Concatenate each micro-batch into one sequence with attention kept inside each "
+        True,
+        description="Concatenate each micro-batch into one sequence with attention kept inside each "
         "example: no padding, and logits only where a token is trained. Falls back to padded batches for "
-        "models that cannot (seq2seq, remote code)."
+        "models that cannot (seq2seq, remote code).",
     )
     share_prefix: bool = Field(
-        True, description="With `padding_free`: compute a prompt prefix that every example of a micro-batch "
-        "shares (such as a default system prompt) once per micro-batch. Exact: same loss and gradients."
+        True,
+        description="With `padding_free`: compute a prompt prefix that every example of a micro-batch "
+        "shares (such as a default system prompt) once per micro-batch. Exact: same loss and gradients.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train. `auto`: CUDA if present.")
     nproc: int = Field(
@@ -229,8 +232,9 @@ class TrainSection(Section):
         True, description="With validation data: the adapter written at the end is the one with the lowest eval loss."
     )
     oom_fallback: bool = Field(
-        True, description="On CUDA out-of-memory: halve the micro-batch, double accumulation, resume from the "
-        "last checkpoint."
+        True,
+        description="On CUDA out-of-memory: halve the micro-batch, double accumulation, resume from the "
+        "last checkpoint.",
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers (off by default); tensorboard logs go to the run."
@@ -241,17 +245,29 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for initialization and data order.")
 
 
-EvalMetric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1", "contains",
-                     "loss", "perplexity"]
-EVAL_METRICS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1",
-                                 "contains", "loss", "perplexity")
+EvalMetric = Literal[
+    "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1", "contains", "loss", "perplexity"
+]
+EVAL_METRICS: tuple[str, ...] = (
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rougeLsum",
+    "bleu",
+    "exact_match",
+    "token_f1",
+    "contains",
+    "loss",
+    "perplexity",
+)
 
 
 class EvalSection(Section):
     """How the tuned model is scored against the base model."""
 
     metrics: list[EvalMetric] = Field(
-        default_factory=lambda: list(EVAL_METRICS), min_length=1,
+        default_factory=lambda: list(EVAL_METRICS),
+        min_length=1,
         description="Metrics to compute. Generation metrics (rouge*, bleu, exact_match, token_f1, contains) "
         "compare greedy replies with the references; loss and perplexity score the references' tokens.",
     )
@@ -259,23 +275,26 @@ class EvalSection(Section):
         "test", description="Split to score (the validation split is used when the data has no test split)."
     )
     model: str | None = Field(
-        None, description="What to score: empty for the run's current adapter; or an adapter folder, or a "
-        "merged model directory."
+        None,
+        description="What to score: empty for the run's current adapter; or an adapter folder, or a "
+        "merged model directory.",
     )
     compare_base: bool = Field(True, description="Also score the base model, for a before/after table.")
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per test prompt (greedy decoding).")
     max_samples: int | None = Field(None, gt=0, description="Score at most this many rows per dataset (empty: all).")
     batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded, with a KV cache).")
     fact_field: str = Field(
-        "fact", description="Field of a data row that holds the key fact its reply must contain (the `contains` "
-        "metric); rows without it use the whole reference."
+        "fact",
+        description="Field of a data row that holds the key fact its reply must contain (the `contains` "
+        "metric); rows without it use the whole reference.",
     )
     comparison_examples: int = Field(
         10, ge=0, description="Rows shown side by side in comparison.md: half the worst, half the best."
     )
     retention: bool = Field(
-        True, description="After continue/stack training, also score every earlier dataset in the run's "
-        "adapter history, to show what the model still knows."
+        True,
+        description="After continue/stack training, also score every earlier dataset in the run's "
+        "adapter history, to show what the model still knows.",
     )
     retention_sources: list[str] = Field(
         default_factory=list,
@@ -287,22 +306,27 @@ class MergeSection(Section):
     """Folding the adapter into the base weights."""
 
     adapter: str | None = Field(
-        None, description="Adapter folder to merge (empty: the run's current adapter). Adapters it was stacked "
-        "on (its loratui.json) are merged first, in order."
+        None,
+        description="Adapter folder to merge (empty: the run's current adapter). Adapters it was stacked "
+        "on (its loratui.json) are merged first, in order.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the merged weights. `auto` keeps the base model's dtype (also after QLoRA: "
-        "the merge always goes into the unquantized base)."
+        "auto",
+        description="dtype of the merged weights. `auto` keeps the base model's dtype (also after QLoRA: "
+        "the merge always goes into the unquantized base).",
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
     parity: bool = Field(
-        True, description="Compare the logits of base + adapter with those of the written merged model; the "
-        "step fails when they differ by more than `parity_tolerance`."
+        True,
+        description="Compare the logits of base + adapter with those of the written merged model; the "
+        "step fails when they differ by more than `parity_tolerance`.",
     )
     parity_prompts: int = Field(8, ge=1, description="Examples (from the run's test data) the parity check runs.")
     parity_tolerance: float | None = Field(
-        None, gt=0, description="Largest allowed absolute logit difference (empty: by dtype, a share of the "
-        "largest logit: float32 1e-5 (never below 1e-4), float16 0.02, bfloat16 0.1)."
+        None,
+        gt=0,
+        description="Largest allowed absolute logit difference (empty: by dtype, a share of the "
+        "largest logit: float32 1e-5 (never below 1e-4), float16 0.02, bfloat16 0.1).",
     )
 
 
@@ -346,7 +370,8 @@ class ServeSection(Section):
         "auto", description="Inference runtime. `auto`: PyTorch on CUDA, else GGUF via llama.cpp, else ONNX."
     )
     artifact: str | None = Field(
-        None, description="What to serve: a merged directory, a .gguf file or an ONNX directory (empty: the run's best)."
+        None,
+        description="What to serve: a merged directory, a .gguf file or an ONNX directory (empty: the run's best).",
     )
     model_name: str | None = Field(None, description="Model id clients send (empty: the run name).")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>` when set.")
@@ -363,8 +388,8 @@ class ServeSection(Section):
     )
     max_upload_mb: int = Field(512, ge=1, description="Largest file `POST /v1/files` accepts, in MiB.")
     job_slots: int | Auto = Field(
-        "auto", description="Fine-tuning jobs that run at once; the rest wait in a queue. `auto`: one per CUDA GPU, "
-        "else one."
+        "auto",
+        description="Fine-tuning jobs that run at once; the rest wait in a queue. `auto`: one per CUDA GPU, else one.",
     )
     max_loaded_models: int = Field(
         2, ge=1, description="Fine-tuned models kept loaded for chat at once (the least recently used is unloaded)."
@@ -491,8 +516,20 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return index
 
 
-_TYPE_ERRORS = ("literal_error", "int_parsing", "int_type", "int_from_float", "float_parsing", "float_type",
-                "bool_parsing", "bool_type", "string_type", "list_type", "dict_type", "model_type")
+_TYPE_ERRORS = (
+    "literal_error",
+    "int_parsing",
+    "int_type",
+    "int_from_float",
+    "float_parsing",
+    "float_type",
+    "bool_parsing",
+    "bool_type",
+    "string_type",
+    "list_type",
+    "dict_type",
+    "model_type",
+)
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -502,9 +539,9 @@ def _is_union_tag(part: Any) -> bool:
 # Settings an earlier release had, and what took their place: a config that still names one is told why.
 RETIRED = {
     "export.onnx_int8": "use export.onnx_quants: [int8] (or int4): quantized ONNX models are now weight-only and "
-                        "block-wise (dynamic int8 kept only 84.7% top-1 agreement on SmolLM2)",
+    "block-wise (dynamic int8 kept only 84.7% top-1 agreement on SmolLM2)",
     "export.onnx_opset": "the ONNX export is now written by onnxruntime-genai's model builder, which picks the "
-                         "opset its fused kernels need; remove the line",
+    "opset its fused kernels need; remove the line",
 }
 
 
@@ -630,7 +667,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(
-                [ConfigProblem(source, "", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")]
+                [
+                    ConfigProblem(
+                        source, "", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}"
+                    )
+                ]
             )
     origin = apply_overrides(data, overrides)
     try:
@@ -650,8 +691,9 @@ DATA_PATH_FIELDS: tuple[str, ...] = ("data.source", "data.val_source", "data.tes
 ARTIFACT_PATH_FIELDS: tuple[str, ...] = ("lora.init_from", "eval.model", "merge.adapter", "serve.artifact")
 
 
-def check_local_paths(cfg: RunConfig, path: str | Path | None = None,
-                      overrides: list[str] | None = None) -> list[ConfigProblem]:
+def check_local_paths(
+    cfg: RunConfig, path: str | Path | None = None, overrides: list[str] | None = None
+) -> list[ConfigProblem]:
     """One problem per local file or folder that ``cfg`` names and that is not there.
 
     Checked: ``model.base`` when it is neither a built-in name nor a hub id, the data fields (reading them
@@ -685,11 +727,19 @@ def check_local_paths(cfg: RunConfig, path: str | Path | None = None,
         if not Path(value).expanduser().is_absolute():
             message += f" (resolved against the working directory {cwd})"
             if there_from_config(value):
-                message += (f"; it is there relative to the config file ({config_dir}), but relative paths "
-                            f"resolve against the working directory; run from {config_dir} or use an absolute path")
+                message += (
+                    f"; it is there relative to the config file ({config_dir}), but relative paths "
+                    f"resolve against the working directory; run from {config_dir} or use an absolute path"
+                )
         by = [o for k, o in keys.items() if field == k or field.startswith(k + ".")]
-        problems.append(ConfigProblem(f"override {by[-1]!r}" if by else source, field, message,
-                                      None if by else lines.get(loc) or lines.get(loc[:2])))
+        problems.append(
+            ConfigProblem(
+                f"override {by[-1]!r}" if by else source,
+                field,
+                message,
+                None if by else lines.get(loc) or lines.get(loc[:2]),
+            )
+        )
 
     def value_at(field: str) -> Any:
         section, name = field.split(".")
@@ -697,8 +747,12 @@ def check_local_paths(cfg: RunConfig, path: str | Path | None = None,
 
     base = cfg.model.base.strip()
     if base not in models.BUILTINS and not Path(base).expanduser().exists() and not models.is_hub_id(base):
-        report("model.base", ("model", "base"), base, "no such file or folder, and not a built-in model "
-               f"({', '.join(models.BUILTINS)}) or a hub id (org/name)")
+        report(
+            "model.base",
+            ("model", "base"),
+            base,
+            f"no such file or folder, and not a built-in model ({', '.join(models.BUILTINS)}) or a hub id (org/name)",
+        )
     for field in DATA_PATH_FIELDS:
         value = value_at(field)
         items = [] if value is None else [value] if isinstance(value, str) else list(value)
@@ -740,10 +794,20 @@ def config_reference_markdown() -> str:
     for name, info in RunConfig.model_fields.items():
         if name in SECTIONS:
             continue
-        out.append(f"| `{name}` | {describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
+        out.append(
+            f"| `{name}` | {describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |"
+        )
     for section in SECTIONS:
         model = RunConfig.model_fields[section].annotation
-        out += ["", f"### `{section}`: {model.__doc__}", "", "| field | type | default | description |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"### `{section}`: {model.__doc__}",
+            "",
+            "| field | type | default | description |",
+            "|---|---|---|---|",
+        ]
         for name, info in model.model_fields.items():
-            out.append(f"| `{section}.{name}` | {describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |")
+            out.append(
+                f"| `{section}.{name}` | {describe_type(info.annotation, markdown=True)} | {_default_text(info)} | {info.description} |"
+            )
     return "\n".join(out) + "\n"

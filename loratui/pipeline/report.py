@@ -40,15 +40,23 @@ def _data_section(run: RunDir) -> list[str]:
     if not report:
         return []
     rows, splits, tokens = report.get("rows", {}), report.get("splits", {}), report.get("tokens", {})
-    lines = ["## Data", "",
-             f"{_num(rows.get('read'))} rows read, {_num(rows.get('kept'))} kept, {_num(rows.get('dropped'))} dropped, "
-             f"{_num(rows.get('truncated'))} truncated; splits "
-             + ", ".join(f"{k} {_num(v)}" for k, v in splits.items())
-             + f". Template `{report.get('template')}`, max length {report.get('max_length')} tokens"
-             + (f", {_num(tokens.get('per_epoch'))} tokens per epoch" if tokens.get("per_epoch") else "") + ".",
-             "", "Files: " + ", ".join(f"`{f.get('path')}` ({f.get('split')}, {f.get('format')})"
-                                       for f in report.get("files", [])[:8]) + ".",
-             "", "Row by row: [data/report.md](data/report.md); examples as trained: [data/preview.txt](data/preview.txt).", ""]
+    lines = [
+        "## Data",
+        "",
+        f"{_num(rows.get('read'))} rows read, {_num(rows.get('kept'))} kept, {_num(rows.get('dropped'))} dropped, "
+        f"{_num(rows.get('truncated'))} truncated; splits "
+        + ", ".join(f"{k} {_num(v)}" for k, v in splits.items())
+        + f". Template `{report.get('template')}`, max length {report.get('max_length')} tokens"
+        + (f", {_num(tokens.get('per_epoch'))} tokens per epoch" if tokens.get("per_epoch") else "")
+        + ".",
+        "",
+        "Files: "
+        + ", ".join(f"`{f.get('path')}` ({f.get('split')}, {f.get('format')})" for f in report.get("files", [])[:8])
+        + ".",
+        "",
+        "Row by row: [data/report.md](data/report.md); examples as trained: [data/preview.txt](data/preview.txt).",
+        "",
+    ]
     return lines
 
 
@@ -59,12 +67,16 @@ def _train_section(run: RunDir) -> list[str]:
     if not v:
         return []
     m = v.get("metrics", {})
-    lines = ["## Training", "",
-             f"Adapter version {v.get('version')} ({v.get('mode')}, {v.get('method')} r={v.get('r')} alpha={v.get('alpha')}): "
-             f"{_num(v.get('steps'))} steps at learning rate {_num(v.get('lr'))}, effective batch "
-             f"{_num(v.get('effective_batch'))}, {_num(m.get('tokens_per_s'))} tokens/s. Training loss "
-             f"{_num(m.get('train_loss_first'))} -> {_num(m.get('train_loss_last'))}, best validation loss "
-             f"{_num(m.get('eval_loss_best'))}.", ""]
+    lines = [
+        "## Training",
+        "",
+        f"Adapter version {v.get('version')} ({v.get('mode')}, {v.get('method')} r={v.get('r')} alpha={v.get('alpha')}): "
+        f"{_num(v.get('steps'))} steps at learning rate {_num(v.get('lr'))}, effective batch "
+        f"{_num(v.get('effective_batch'))}, {_num(m.get('tokens_per_s'))} tokens/s. Training loss "
+        f"{_num(m.get('train_loss_first'))} -> {_num(m.get('train_loss_last'))}, best validation loss "
+        f"{_num(m.get('eval_loss_best'))}.",
+        "",
+    ]
     if (run.path / _PLOTS[0][0]).is_file() and _evaluated_version(run) in (None, v.get("version")):
         lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
     return lines
@@ -86,8 +98,12 @@ def _eval_section(run: RunDir) -> list[str]:
     for ds in metrics.get("datasets", []):
         models = ds.get("models", {})
         base, tuned = models.get("base", {}).get("metrics", {}), models.get("tuned", {}).get("metrics", {})
-        lines += [f"**{ds.get('name')}** (`{ds.get('source')}`, {ds.get('split')} split, {ds.get('rows')} rows, greedy)", "",
-                  "| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+        lines += [
+            f"**{ds.get('name')}** (`{ds.get('source')}`, {ds.get('split')} split, {ds.get('rows')} rows, greedy)",
+            "",
+            "| metric | base | tuned | change |",
+            "|---|---:|---:|---:|",
+        ]
         for name, value in tuned.items():
             before = base.get(name)
             delta = ds.get("delta", {}).get(name)
@@ -120,33 +136,75 @@ def _usage_section(cfg: RunConfig, run: RunDir) -> list[str]:
         pick = next((p for p in merged_ggufs if "q4_k_m" in p.name), merged_ggufs[0])
         rel = pick.relative_to(run.path)
         modelfile = pick.with_suffix(".Modelfile")
-        lines += ["llama.cpp and Ollama:", "", "```bash",
-                  f"llama-cli -m {rel} -cnv                     # chat in the terminal",
-                  f"llama-server -m {rel} --port 8080           # llama.cpp's own OpenAI-compatible server"]
+        lines += [
+            "llama.cpp and Ollama:",
+            "",
+            "```bash",
+            f"llama-cli -m {rel} -cnv                     # chat in the terminal",
+            f"llama-server -m {rel} --port 8080           # llama.cpp's own OpenAI-compatible server",
+        ]
         if modelfile.is_file():
             lines.append(f"ollama create {cfg.name} -f {modelfile.relative_to(run.path)} && ollama run {cfg.name}")
         lines += ["```", ""]
     for lora in loras:
         base = next(iter(sorted(lora.parent.glob(lora.name.split("-lora-")[0] + "-base-*.gguf"))), None)
         if base is not None:
-            lines += ["The adapter on its base in llama.cpp:", "", "```bash",
-                      f"llama-cli -m {base.relative_to(run.path)} --lora {lora.relative_to(run.path)} -cnv", "```", ""]
+            lines += [
+                "The adapter on its base in llama.cpp:",
+                "",
+                "```bash",
+                f"llama-cli -m {base.relative_to(run.path)} --lora {lora.relative_to(run.path)} -cnv",
+                "```",
+                "",
+            ]
     if (run.exports / "onnx" / "report.json").is_file():
         # the smallest folder that passed its check: a quantized one decodes faster on a CPU
-        folder = next((run.exports / name for name in ("onnx-int4", "onnx-int8", "onnx")
-                       if (run.exports / name / "genai_config.json").is_file()), run.exports / "onnx")
-        lines += ["ONNX Runtime (onnxruntime-genai), no loratui needed:", "", "```python", *genai_snippet(folder),
-                  "```", "",
-                  f"Batch scoring: `loratui score --model {run.exports / 'onnx'} --input rows.jsonl --output scores.jsonl`", ""]
+        folder = next(
+            (
+                run.exports / name
+                for name in ("onnx-int4", "onnx-int8", "onnx")
+                if (run.exports / name / "genai_config.json").is_file()
+            ),
+            run.exports / "onnx",
+        )
+        lines += [
+            "ONNX Runtime (onnxruntime-genai), no loratui needed:",
+            "",
+            "```python",
+            *genai_snippet(folder),
+            "```",
+            "",
+            f"Batch scoring: `loratui score --model {run.exports / 'onnx'} --input rows.jsonl --output scores.jsonl`",
+            "",
+        ]
     if (run.merged / "config.json").is_file():
-        lines += ["transformers (merged safetensors):", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f'model = AutoModelForCausalLM.from_pretrained("{run.merged}")', "```", ""]
+        lines += [
+            "transformers (merged safetensors):",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model = AutoModelForCausalLM.from_pretrained("{run.merged}")',
+            "```",
+            "",
+        ]
     if (run.adapter / "adapter_config.json").is_file():
-        lines += ["peft (the adapter on its base):", "", "```python", "from peft import AutoPeftModelForCausalLM",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{run.adapter}")', "```", ""]
-        lines += ["An OpenAI-compatible server (picks the runtime that fits the machine):", "", "```bash",
-                  f"loratui serve {run.path}", "```", ""]
+        lines += [
+            "peft (the adapter on its base):",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{run.adapter}")',
+            "```",
+            "",
+        ]
+        lines += [
+            "An OpenAI-compatible server (picks the runtime that fits the machine):",
+            "",
+            "```bash",
+            f"loratui serve {run.path}",
+            "```",
+            "",
+        ]
     return lines if len(lines) > 2 else []
 
 
@@ -160,10 +218,20 @@ def _data_sources(cfg: RunConfig) -> str:
 
 
 def render_markdown(cfg: RunConfig, run: RunDir) -> str:
-    head = [f"# Run `{cfg.name}`", "",
-            f"Base model `{cfg.model.base}`, {cfg.lora.method} rank {cfg.lora.r} on {cfg.lora.target_modules}, "
-            f"{_data_sources(cfg)}. Config: [config.yaml](config.yaml); every event: [events.jsonl](events.jsonl).", ""]
-    parts = [_data_section(run), _train_section(run), _eval_section(run), _export_section(run), _usage_section(cfg, run)]
+    head = [
+        f"# Run `{cfg.name}`",
+        "",
+        f"Base model `{cfg.model.base}`, {cfg.lora.method} rank {cfg.lora.r} on {cfg.lora.target_modules}, "
+        f"{_data_sources(cfg)}. Config: [config.yaml](config.yaml); every event: [events.jsonl](events.jsonl).",
+        "",
+    ]
+    parts = [
+        _data_section(run),
+        _train_section(run),
+        _eval_section(run),
+        _export_section(run),
+        _usage_section(cfg, run),
+    ]
     return "\n".join(head + [line for part in parts for line in part]).rstrip() + "\n"
 
 
@@ -179,12 +247,16 @@ def render_html(markdown: str, run: RunDir, title: str) -> str:
         return match.group(0)
 
     body = re.sub(r'src="([^"]+)"', embed, body)
-    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
-             "td{text-align:right}td:first-child{text-align:left}code,pre{background:#f4f4f4}pre{padding:.6em;overflow:auto}"
-             "img{max-width:100%}")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em}"
+        "td{text-align:right}td:first-child{text-align:left}code,pre{background:#f4f4f4}pre{padding:.6em;overflow:auto}"
+        "img{max-width:100%}"
+    )
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
 
 
 def write_report(cfg: RunConfig, run: RunDir) -> Path:
@@ -197,18 +269,20 @@ def write_report(cfg: RunConfig, run: RunDir) -> Path:
 
 def genai_snippet(folder: Path) -> list[str]:
     """Python that chats with an ONNX export through onnxruntime-genai alone (tests run it)."""
-    return ["import json",
-            "import onnxruntime_genai as og",
-            "",
-            f'model = og.Model("{folder}")',
-            "tokenizer = og.Tokenizer(model)",
-            'messages = [{"role": "user", "content": "Hello!"}]',
-            "prompt = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)",
-            "params = og.GeneratorParams(model)",
-            "params.set_search_options(max_length=512)",
-            "generator = og.Generator(model, params)",
-            "generator.append_tokens(tokenizer.encode(prompt))",
-            "stream = tokenizer.create_stream()",
-            "while not generator.is_done():",
-            "    generator.generate_next_token()",
-            '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)']
+    return [
+        "import json",
+        "import onnxruntime_genai as og",
+        "",
+        f'model = og.Model("{folder}")',
+        "tokenizer = og.Tokenizer(model)",
+        'messages = [{"role": "user", "content": "Hello!"}]',
+        "prompt = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)",
+        "params = og.GeneratorParams(model)",
+        "params.set_search_options(max_length=512)",
+        "generator = og.Generator(model, params)",
+        "generator.append_tokens(tokenizer.encode(prompt))",
+        "stream = tokenizer.create_stream()",
+        "while not generator.is_done():",
+        "    generator.generate_next_token()",
+        '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)',
+    ]

@@ -65,9 +65,15 @@ def _train_resumable(cfg: RunConfig, run: RunDir) -> bool:
     return started == uptodate.fingerprint(cfg, "train") and bool(complete_checkpoints(run.checkpoints))
 
 
-def run_all(cfg: RunConfig, *, writers: list[Writer] | None = None, stop: StopFlag | None = None,
-            skip: tuple[str, ...] = (), force: tuple[str, ...] = (),
-            announce: Callable[[int, int, str, str], Any] | None = None) -> tuple[int, list[Outcome]]:
+def run_all(
+    cfg: RunConfig,
+    *,
+    writers: list[Writer] | None = None,
+    stop: StopFlag | None = None,
+    skip: tuple[str, ...] = (),
+    force: tuple[str, ...] = (),
+    announce: Callable[[int, int, str, str], Any] | None = None,
+) -> tuple[int, list[Outcome]]:
     """Run the config's steps in order. ``force``: steps to run even when up to date (after a forced train,
     the steps that use the adapter are stale and run too). ``announce(index, total, step, what)`` is told
     before each step.
@@ -84,12 +90,19 @@ def run_all(cfg: RunConfig, *, writers: list[Writer] | None = None, stop: StopFl
         restore()
 
 
-def _run_steps(cfg: RunConfig, run: RunDir, steps: list[str], writers: list[Writer] | None, stop: StopFlag,
-               force: tuple[str, ...], announce: Callable[[int, int, str, str], Any] | None) -> tuple[int, list[Outcome]]:
+def _run_steps(
+    cfg: RunConfig,
+    run: RunDir,
+    steps: list[str],
+    writers: list[Writer] | None,
+    stop: StopFlag,
+    force: tuple[str, ...],
+    announce: Callable[[int, int, str, str], Any] | None,
+) -> tuple[int, list[Outcome]]:
     outcomes: list[Outcome] = []
     for i, step in enumerate(steps, 1):
         if stop():
-            outcomes += [Outcome(s, "not run") for s in steps[i - 1:]]
+            outcomes += [Outcome(s, "not run") for s in steps[i - 1 :]]
             return EXIT_CANCELLED, outcomes
         step_cfg = cfg.model_copy(deep=True)  # steps resolve their config in place: never leak into the next
         forced = step in force

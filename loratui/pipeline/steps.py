@@ -29,7 +29,17 @@ from loratui.pipeline.events import EventSink, JsonlWriter, Writer
 from loratui.pipeline.registry import STEP_ACTIONS, STEP_COMMANDS, STEP_ORDER, STEPS
 from loratui.pipeline.runs import RunDir
 
-__all__ = ["STEP_ORDER", "STEPS", "StepResult", "StepFn", "StopFlag", "load_action", "load_command", "load_step", "run_step"]
+__all__ = [
+    "STEP_ORDER",
+    "STEPS",
+    "StepResult",
+    "StepFn",
+    "StopFlag",
+    "load_action",
+    "load_command",
+    "load_step",
+    "run_step",
+]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED = 0, 1, 2, 130
 # Set in the processes of a multi-process launch: rank 0 reports on stdout only (the launcher relays it
@@ -70,8 +80,7 @@ def load_command(step: str, command: str) -> Callable[..., int]:
     return _load(STEP_COMMANDS[step][command])
 
 
-STOPPING_MESSAGE = (b"Stopping at the next safe point (training saves a checkpoint first)... "
-                    b"(Ctrl-C again to abort)\n")
+STOPPING_MESSAGE = b"Stopping at the next safe point (training saves a checkpoint first)... (Ctrl-C again to abort)\n"
 
 
 class StopFlag:
@@ -162,7 +171,9 @@ def run_step(
         # the pid lets a TUI reopening the run tell a job still running from one that died
         events.log(f"{name}: run {cfg.name} in {run.path}", level="debug", pid=os.getpid())
         # the inputs as this invocation got them (a step may resolve its config in place)
-        fp = uptodate.fingerprint(cfg, name) if name in uptodate.SECTIONS_OF and not os.environ.get(WORKER_ENV) else None
+        fp = (
+            uptodate.fingerprint(cfg, name) if name in uptodate.SECTIONS_OF and not os.environ.get(WORKER_ENV) else None
+        )
         if fp is not None:
             uptodate.record(run, name, started_with=fp)
         try:
@@ -171,8 +182,13 @@ def run_step(
             result = StepResult(status="cancelled", summary={"reason": str(e) or "cancelled"})
         if result.status == "cancelled":
             # say what stopped it: a step that stops by itself without a signal is a bug to chase
-            why = (f"cancelled by {signal.Signals(stop.signal).name}" if stop.signal is not None else
-                   "cancelled (stop requested)" if stop() else f"cancelled by the step: {result.summary.get('reason', '')}")
+            why = (
+                f"cancelled by {signal.Signals(stop.signal).name}"
+                if stop.signal is not None
+                else "cancelled (stop requested)"
+                if stop()
+                else f"cancelled by the step: {result.summary.get('reason', '')}"
+            )
             events.cancelled(message=why, resume_from=result.resume_from)
             return EXIT_CANCELLED, result, events
         if fp is not None:
@@ -189,8 +205,11 @@ def run_step(
         return EXIT_CANCELLED, None, events
     except Exception as e:  # a bug: keep the traceback in the event log for the report
         events.log(traceback.format_exc(), level="debug")
-        events.error(f"{type(e).__name__}: {e}", hint="This is a bug in loratui; the traceback is in events.jsonl.",
-                     user_error=False)
+        events.error(
+            f"{type(e).__name__}: {e}",
+            hint="This is a bug in loratui; the traceback is in events.jsonl.",
+            user_error=False,
+        )
         return EXIT_INTERNAL, None, events
     finally:
         restore()

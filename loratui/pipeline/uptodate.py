@@ -27,7 +27,10 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.runs import STEP_OUTPUTS, RunDir, atomic_write_text
 
 SECTIONS_OF: dict[str, tuple[str, ...]] = {
-    "data": ("model", "data"), "train": ("lora", "train"), "eval": ("eval",), "merge": ("merge",),
+    "data": ("model", "data"),
+    "train": ("lora", "train"),
+    "eval": ("eval",),
+    "merge": ("merge",),
     "export": ("export",),
 }
 UPSTREAM: dict[str, str | None] = {"data": None, "train": "data", "eval": "train", "merge": "train", "export": "merge"}
@@ -35,8 +38,10 @@ UPSTREAM: dict[str, str | None] = {"data": None, "train": "data", "eval": "train
 IGNORED: dict[str, tuple[str, ...]] = {"train": ("resume",)}
 # What each export format leaves when it finished (exporters.registry names the same formats).
 EXPORT_OUTPUTS: dict[str, str] = {
-    "safetensors": "merged/config.json", "gguf": "exports/gguf/report.json",
-    "gguf-lora": "exports/gguf/lora-report.json", "onnx": "exports/onnx/report.json",
+    "safetensors": "merged/config.json",
+    "gguf": "exports/gguf/report.json",
+    "gguf-lora": "exports/gguf/lora-report.json",
+    "onnx": "exports/onnx/report.json",
 }
 STATE_FILE = "steps.json"
 _MAX_FILES = 10_000  # a folder of documents is signed by its first files (sorted), enough to see edits
@@ -85,11 +90,16 @@ def _local_files(values: Any) -> dict[str, Any]:
 def fingerprint(cfg: RunConfig, step: str) -> str:
     """The fingerprint of ``step``'s inputs under ``cfg`` (see the module docstring)."""
     dumped = cfg.model_dump(mode="json")
-    sections = {name: {k: v for k, v in dumped[name].items() if k not in IGNORED.get(step, ())}
-                for name in SECTIONS_OF[step]}
+    sections = {
+        name: {k: v for k, v in dumped[name].items() if k not in IGNORED.get(step, ())} for name in SECTIONS_OF[step]
+    }
     upstream = UPSTREAM[step]
-    payload = {"step": step, "sections": sections, "files": _local_files(sections),
-               "upstream": fingerprint(cfg, upstream) if upstream else None}
+    payload = {
+        "step": step,
+        "sections": sections,
+        "files": _local_files(sections),
+        "upstream": fingerprint(cfg, upstream) if upstream else None,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -104,14 +104,20 @@ class Metrics:
 
     def render(self, state: ServerState) -> str:
         with self.lock:
-            lines = ["# HELP loratui_requests_total HTTP requests by route and status.",
-                     "# TYPE loratui_requests_total counter"]
-            lines += [f'loratui_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+            lines = [
+                "# HELP loratui_requests_total HTTP requests by route and status.",
+                "# TYPE loratui_requests_total counter",
+            ]
+            lines += [
+                f'loratui_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())
+            ]
             rate = self.completion_tokens / self.gen_seconds if self.gen_seconds else 0.0
             lines += [
-                "# HELP loratui_prompt_tokens_total Prompt tokens processed.", "# TYPE loratui_prompt_tokens_total counter",
+                "# HELP loratui_prompt_tokens_total Prompt tokens processed.",
+                "# TYPE loratui_prompt_tokens_total counter",
                 f"loratui_prompt_tokens_total {self.prompt_tokens}",
-                "# HELP loratui_completion_tokens_total Tokens generated.", "# TYPE loratui_completion_tokens_total counter",
+                "# HELP loratui_completion_tokens_total Tokens generated.",
+                "# TYPE loratui_completion_tokens_total counter",
                 f"loratui_completion_tokens_total {self.completion_tokens}",
                 "# HELP loratui_time_to_first_token_seconds Time from request to first token.",
                 "# TYPE loratui_time_to_first_token_seconds summary",
@@ -120,15 +126,19 @@ class Metrics:
                 "# HELP loratui_generation_tokens_per_second Generated tokens per second of request time, overall.",
                 "# TYPE loratui_generation_tokens_per_second gauge",
                 f"loratui_generation_tokens_per_second {rate:.3f}",
-                "# HELP loratui_queue_depth Requests running or waiting.", "# TYPE loratui_queue_depth gauge",
+                "# HELP loratui_queue_depth Requests running or waiting.",
+                "# TYPE loratui_queue_depth gauge",
                 f"loratui_queue_depth {state.in_flight}",
             ]
         return "\n".join(lines) + "\n"
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+def _error(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +192,11 @@ def _text_of(content: Any) -> str:
     parts = []
     for part in content:
         if part.get("type") != "text":
-            raise ApiError(400, f"messages: content parts of type {part.get('type')!r} are not supported (text only)",
-                           param="messages")
+            raise ApiError(
+                400,
+                f"messages: content parts of type {part.get('type')!r} are not supported (text only)",
+                param="messages",
+            )
         parts.append(str(part.get("text", "")))
     return "".join(parts)
 
@@ -193,8 +206,15 @@ def _text_of(content: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/files",
-          "/v1/fine_tuning/jobs")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/v1/files",
+    "/v1/fine_tuning/jobs",
+)
 
 
 def _route_label(path: str) -> str:
@@ -204,9 +224,14 @@ def _route_label(path: str) -> str:
     return "other"
 
 
-def create_app(state: ServerState, api_key: str | None = None, limits: Limits | None = None,
-               loader: Callable[[ServerState], None] | None = None, jobs: JobManager | None = None,
-               pool: ModelPool | None = None) -> FastAPI:
+def create_app(
+    state: ServerState,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    loader: Callable[[ServerState], None] | None = None,
+    jobs: JobManager | None = None,
+    pool: ModelPool | None = None,
+) -> FastAPI:
     """The app; ``loader(state)`` runs in a thread at start-up and fills ``state.backend``. ``jobs``: also the
     fine-tuning API, its models served from ``pool``."""
     limits = limits or Limits()
@@ -237,8 +262,9 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
         if length and length.isdigit() and int(length) > limits.max_body_bytes and not upload:
             response = _error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
         elif api_key and route != "/health" and not _authorized(request, api_key):
-            response = _error(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.",
-                              code="invalid_api_key")
+            response = _error(
+                401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.", code="invalid_api_key"
+            )
         else:
             response = await call_next(request)
         metrics.request(_route_label(route), response.status_code)
@@ -259,12 +285,18 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return _error(
+            exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error"
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": state.status, "model": state.model_id,
-                "backend": state.backend.kind if state.backend else None, "serving": state.chosen}
+        body = {
+            "status": state.status,
+            "model": state.model_id,
+            "backend": state.backend.kind if state.backend else None,
+            "serving": state.chosen,
+        }
         if state.reason:
             body["reason"] = state.reason
         return JSONResponse(body, status_code=200 if state.status in ("ok", "degraded") else 503)
@@ -282,9 +314,11 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         tuned = await asyncio.to_thread(fine_tuned)
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "loratui"}
-                                           for m in own()] +
-                [{"id": m, "object": "model", "created": t, "owned_by": "loratui-fine-tuning"} for m, t in tuned.items()]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "loratui"} for m in own()]
+            + [{"id": m, "object": "model", "created": t, "owned_by": "loratui-fine-tuning"} for m, t in tuned.items()],
+        }
 
     def _nothing() -> None:
         pass
@@ -293,8 +327,9 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
         """The backend serving ``model`` and what to call when the request is done with it."""
         if model in own():
             if state.backend is None:
-                raise ApiError(503, f"the model is {state.status}: {state.reason or 'try again shortly'}",
-                               "server_error")
+                raise ApiError(
+                    503, f"the model is {state.status}: {state.reason or 'try again shortly'}", "server_error"
+                )
             return state.backend, _nothing
         if pool is not None and model.startswith("ft:"):
             try:
@@ -302,39 +337,62 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
             except ApiError:
                 raise
             except Exception as e:  # noqa: BLE001 - a model that does not load is the server's problem
-                raise ApiError(503, f"the model `{model}` failed to load: {type(e).__name__}: {e}",
-                               "server_error") from None
+                raise ApiError(
+                    503, f"the model `{model}` failed to load: {type(e).__name__}: {e}", "server_error"
+                ) from None
         served = own() + list(await asyncio.to_thread(fine_tuned))
-        raise ApiError(404, f"The model `{model}` does not exist: this server serves "
-                       + ", ".join(f"`{m}`" for m in served) + ".", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist: this server serves " + ", ".join(f"`{m}`" for m in served) + ".",
+            param="model",
+            code="model_not_found",
+        )
 
     def _request(body: _Common, backend: Backend, prompt_ids: list[int], max_tokens: int | None) -> GenRequest:
-        wanted = max_tokens if max_tokens is not None else min(limits.max_tokens, backend.context_length - len(prompt_ids))
+        wanted = (
+            max_tokens if max_tokens is not None else min(limits.max_tokens, backend.context_length - len(prompt_ids))
+        )
         if wanted > limits.max_tokens:
-            raise ApiError(400, f"max_tokens: {wanted} is over this server's limit of {limits.max_tokens}",
-                           param="max_tokens")
+            raise ApiError(
+                400, f"max_tokens: {wanted} is over this server's limit of {limits.max_tokens}", param="max_tokens"
+            )
         if len(prompt_ids) + max(wanted, 1) > backend.context_length:
-            raise ApiError(400, f"This model's maximum context length is {backend.context_length} tokens. However, you "
-                           f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, {wanted} "
-                           "for the completion). Please reduce the prompt or the completion length.",
-                           param="messages" if isinstance(body, ChatRequest) else "prompt",
-                           code="context_length_exceeded")
-        return GenRequest(prompt_ids, max(wanted, 1), body.temperature, body.top_p, body.stops(), body.seed,
-                          adapter=backend.models.get(body.model))
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {backend.context_length} tokens. However, you "
+                f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, {wanted} "
+                "for the completion). Please reduce the prompt or the completion length.",
+                param="messages" if isinstance(body, ChatRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        return GenRequest(
+            prompt_ids,
+            max(wanted, 1),
+            body.temperature,
+            body.top_p,
+            body.stops(),
+            body.seed,
+            adapter=backend.models.get(body.model),
+        )
 
     def _enter() -> None:
         with state.lock:
             if state.in_flight >= limits.max_queue:
-                raise ApiError(429, f"the server is busy ({state.in_flight} requests running or waiting); retry later",
-                               "rate_limit_error", code="queue_full")
+                raise ApiError(
+                    429,
+                    f"the server is busy ({state.in_flight} requests running or waiting); retry later",
+                    "rate_limit_error",
+                    code="queue_full",
+                )
             state.in_flight += 1
 
     def _leave() -> None:
         with state.lock:
             state.in_flight -= 1
 
-    async def _respond(body: _Common, backend: Backend, req: GenRequest, kind: str, request: Request,
-                       release: Callable[[], None]) -> Any:
+    async def _respond(
+        body: _Common, backend: Backend, req: GenRequest, kind: str, request: Request, release: Callable[[], None]
+    ) -> Any:
         """Generate for ``req``; ``release`` (the backend is no longer needed) is called once generation ended."""
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -365,8 +423,11 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
         threading.Thread(target=work, name=rid, daemon=True).start()
 
         def usage(last: Delta) -> dict[str, int]:
-            return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                    "total_tokens": last.prompt_tokens + last.completion_tokens}
+            return {
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "total_tokens": last.prompt_tokens + last.completion_tokens,
+            }
 
         def finish(reason: str | None) -> str:
             return "stop" if reason in ("stop", "cancelled") else (reason or "length")
@@ -387,25 +448,45 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 raise RuntimeError(last.finish_reason)
             metrics.finished(last, time.monotonic() - started)
             content = "".join(text)
-            choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": content},
-                                       "finish_reason": finish(last.finish_reason), "logprobs": None}
-                                      if kind == "chat" else
-                                      {"index": 0, "text": content, "finish_reason": finish(last.finish_reason),
-                                       "logprobs": None})
-            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice],
-                    "usage": usage(last), "system_fingerprint": f"loratui-{backend.kind}"}
+            choice: dict[str, Any] = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish(last.finish_reason),
+                    "logprobs": None,
+                }
+                if kind == "chat"
+                else {"index": 0, "text": content, "finish_reason": finish(last.finish_reason), "logprobs": None}
+            )
+            return {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+                "usage": usage(last),
+                "system_fingerprint": f"loratui-{backend.kind}",
+            }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
             if kind == "chat":
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                )
                 choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-            payload: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": created, "model": body.model,
-                                       "choices": [choice], "system_fingerprint": f"loratui-{backend.kind}"}
+            payload: dict[str, Any] = {
+                "id": rid,
+                "object": chunk_obj,
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+                "system_fingerprint": f"loratui-{backend.kind}",
+            }
             if include_usage:
                 payload["usage"] = None
             return f"data: {json.dumps(payload)}\n\n"
@@ -418,8 +499,20 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                 while (item := await deltas.get()) is not None:
                     failed = isinstance(item, BaseException) or (item.finish_reason or "").startswith("error")
                     if failed:  # the stream is already 200: the failure goes in an error event
-                        yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error",
-                                                               "param": None, "code": None}}) + "\n\n"
+                        yield (
+                            "data: "
+                            + json.dumps(
+                                {
+                                    "error": {
+                                        "message": "generation failed",
+                                        "type": "server_error",
+                                        "param": None,
+                                        "code": None,
+                                    }
+                                }
+                            )
+                            + "\n\n"
+                        )
                         return
                     last = item
                     if item.finish_reason:
@@ -430,16 +523,23 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
                         yield chunk(item.text, None)
                 metrics.finished(last, time.monotonic() - started)
                 if include_usage:
-                    payload = {"id": rid, "object": chunk_obj, "created": created, "model": body.model,
-                               "choices": [], "usage": usage(last)}
+                    payload = {
+                        "id": rid,
+                        "object": chunk_obj,
+                        "created": created,
+                        "model": body.model,
+                        "choices": [],
+                        "usage": usage(last),
+                    }
                     yield f"data: {json.dumps(payload)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client went away: stop generating for it
                 req.cancelled.set()
                 _leave()
 
-        return _EventStream(events(), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -457,8 +557,10 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
-                    for m in body.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
+            for m in body.messages
+        ]
         backend, release = await _backend(body.model)
         try:
             try:
@@ -466,8 +568,9 @@ def create_app(state: ServerState, api_key: str | None = None, limits: Limits | 
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") from None
             except Exception as e:  # a template that rejects this conversation (roles out of order ...)
-                raise ApiError(400, f"messages: the chat template rejected this conversation: {e}",
-                               param="messages") from None
+                raise ApiError(
+                    400, f"messages: the chat template rejected this conversation: {e}", param="messages"
+                ) from None
             limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             req = _request(body, backend, ids, limit)
         except BaseException:

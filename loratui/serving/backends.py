@@ -89,11 +89,11 @@ class TextAssembler:
         if hits:
             self.stopped = True
             cut = min(hits)
-            out = text[self.sent:cut] if cut > self.sent else ""
+            out = text[self.sent : cut] if cut > self.sent else ""
             self.sent = max(self.sent, cut)
             return out
         end = len(text) - self._held(text)
-        out = text[self.sent:end] if end > self.sent else ""
+        out = text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return out
 
@@ -102,7 +102,7 @@ class TextAssembler:
         if self.stopped:
             return ""
         text = self.decode(self.ids).rstrip("\ufffd")
-        out = text[self.sent:]
+        out = text[self.sent :]
         self.sent = len(text)
         return out
 
@@ -111,9 +111,15 @@ class Decoding:
     """One request's tokens in, its deltas out (through ``emit``): stop ids, stop strings, ``max_tokens``
     and the context end, then one final delta with the reason and the counts. Shared by every backend."""
 
-    def __init__(self, req: GenRequest, decode: Callable[[list[int]], str], stop_ids: set[int],
-                 emit: Callable[[Delta | None], None], context_length: int | None = None,
-                 started: float | None = None):
+    def __init__(
+        self,
+        req: GenRequest,
+        decode: Callable[[list[int]], str],
+        stop_ids: set[int],
+        emit: Callable[[Delta | None], None],
+        context_length: int | None = None,
+        started: float | None = None,
+    ):
         self.req, self.stop_ids, self.emit, self.context_length = req, stop_ids, emit, context_length
         self.text = TextAssembler(decode, req.stop)
         self.started = time.monotonic() if started is None else started
@@ -133,7 +139,8 @@ class Decoding:
         if self.text.stopped:
             self.finish("stop")
         elif self.count >= self.req.max_tokens or (
-                self.context_length is not None and len(self.req.prompt_ids) + self.count >= self.context_length):
+            self.context_length is not None and len(self.req.prompt_ids) + self.count >= self.context_length
+        ):
             self.finish("length")
 
     def finish(self, reason: str) -> None:
@@ -141,14 +148,21 @@ class Decoding:
         if self.done:
             return
         self.done = True
-        self.emit(Delta("" if reason.startswith("error") else self.text.flush(), finish_reason=reason,
-                        prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.count,
-                        first_token_s=self.first))
+        self.emit(
+            Delta(
+                "" if reason.startswith("error") else self.text.flush(),
+                finish_reason=reason,
+                prompt_tokens=len(self.req.prompt_ids),
+                completion_tokens=self.count,
+                first_token_s=self.first,
+            )
+        )
         self.emit(None)
 
 
-def run_request(req: GenRequest, tokens: Iterator[int], decode: Callable[[list[int]], str], stop_ids: set[int],
-                started: float) -> Iterator[Delta]:
+def run_request(
+    req: GenRequest, tokens: Iterator[int], decode: Callable[[list[int]], str], stop_ids: set[int], started: float
+) -> Iterator[Delta]:
     """One request from a token iterator (backends that serve one at a time), honouring cancel."""
     pending: list[Delta | None] = []
     state = Decoding(req, decode, stop_ids, pending.append, started=started)
@@ -186,15 +200,21 @@ class LlamaCppBackend:
 
         trained = summary(path)["context_length"]  # the gguf reader: metadata only, no llama.cpp log
         self.context_length = min(context_length, int(trained)) if trained else context_length
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.context_length,
-                                   n_batch=min(512, self.context_length), n_threads=threads or os.cpu_count(),
-                                   verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=self.context_length,
+            n_batch=min(512, self.context_length),
+            n_threads=threads or os.cpu_count(),
+            verbose=False,
+        )
         self.lock = threading.Lock()
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
         self.formatter: Any = None
-        tokens = [self.llm.detokenize([i], special=True).decode("utf-8", errors="replace")
-                  for i in (self.llm.token_bos(), self.llm.token_eos())]
+        tokens = [
+            self.llm.detokenize([i], special=True).decode("utf-8", errors="replace")
+            for i in (self.llm.token_bos(), self.llm.token_eos())
+        ]
         self.bos, self.eos = tokens
         self.stop_ids = {self.llm.token_eos()}
         eot = meta.get("tokenizer.ggml.eot_token_id")
@@ -216,8 +236,9 @@ class LlamaCppBackend:
         if self.formatter is None:  # compiled once
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            self.formatter = Jinja2ChatFormatter(self.template, eos_token=self.eos, bos_token=self.bos,
-                                                 add_generation_prompt=True)
+            self.formatter = Jinja2ChatFormatter(
+                self.template, eos_token=self.eos, bos_token=self.bos, add_generation_prompt=True
+            )
         formatted = self.formatter(messages=messages)
         # the template writes BOS itself when the model wants one
         return self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
@@ -231,8 +252,15 @@ class LlamaCppBackend:
             if req.seed is not None:
                 self.llm.set_seed(req.seed)
             greedy = req.temperature <= 0
-            tokens = self.llm.generate(req.prompt_ids, top_k=1 if greedy else 0, top_p=req.top_p, min_p=0.0,
-                                       temp=req.temperature, repeat_penalty=1.0, reset=True)
+            tokens = self.llm.generate(
+                req.prompt_ids,
+                top_k=1 if greedy else 0,
+                top_p=req.top_p,
+                min_p=0.0,
+                temp=req.temperature,
+                repeat_penalty=1.0,
+                reset=True,
+            )
             try:
                 yield from run_request(req, tokens, self.decode, self.stop_ids, started)
             finally:
@@ -260,7 +288,9 @@ class _HFBase:
             if token and token in template and token != tokenizer.bos_token and "end" in token.lower():
                 stops.add(tokenizer.convert_tokens_to_ids(token))
         self.stop_ids = {int(s) for s in stops}
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+        self.pad_id = int(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -294,9 +324,17 @@ class TorchBackend(_HFBase):
 
     kind = "torch"
 
-    def __init__(self, model_dir: Path, model_id: str, context_length: int = 2048, max_batch_size: int = 8,
-                 device: str | None = None, adapter: Path | None = None, adapters: dict[str, Path] | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        model_id: str,
+        context_length: int = 2048,
+        max_batch_size: int = 8,
+        device: str | None = None,
+        adapter: Path | None = None,
+        adapters: dict[str, Path] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         """``adapter``: served as ``model_id``. ``adapters``: several, each served under its own name, the
         base under ``model_id`` (peft's mixed-adapter batches: one batch may hold rows of each); one
         that fails to load is left out and listed in ``failed``."""
@@ -432,8 +470,14 @@ class TorchBackend(_HFBase):
                 with torch.inference_mode():
                     mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
                     position = mask.sum(-1, keepdim=True) - 1
-                    out = self.model(input_ids=last.unsqueeze(1), attention_mask=mask, position_ids=position,
-                                     past_key_values=cache, use_cache=True, **self._adapter_args(rows))
+                    out = self.model(
+                        input_ids=last.unsqueeze(1),
+                        attention_mask=mask,
+                        position_ids=position,
+                        past_key_values=cache,
+                        use_cache=True,
+                        **self._adapter_args(rows),
+                    )
                     cache = out.past_key_values
                     logits = out.logits[:, -1, :].float().cpu()
             except Exception as e:  # a model failure ends these requests, not the worker
@@ -475,18 +519,29 @@ class TorchBackend(_HFBase):
         mask = torch.zeros((len(rests), shared + longest), dtype=torch.long)
         mask[:, :shared] = 1
         for i, rest in enumerate(rests):
-            ids_t[i, longest - len(rest):] = torch.tensor(rest)
-            mask[i, shared + longest - len(rest):] = 1
+            ids_t[i, longest - len(rest) :] = torch.tensor(rest)
+            mask[i, shared + longest - len(rest) :] = 1
         ids_t, mask = ids_t.to(self.device), mask.to(self.device)
         with torch.inference_mode():
-            result = self.model(input_ids=ids_t, attention_mask=mask,
-                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:], past_key_values=past,
-                                use_cache=True, **keep, **self._adapter_args(rows))
+            result = self.model(
+                input_ids=ids_t,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:],
+                past_key_values=past,
+                use_cache=True,
+                **keep,
+                **self._adapter_args(rows),
+            )
         if self.prefix_caching and self.mergeable:  # keyed by adapter too: another adapter's KV is another model's
             columns = mask[0].nonzero().squeeze(1)
-            self.prefix = (list(prompts[0]), [(layer.keys[:1, :, columns], layer.values[:1, :, columns])
-                                              for layer in self._layers(result.past_key_values)],
-                           admitted[0][0].adapter)
+            self.prefix = (
+                list(prompts[0]),
+                [
+                    (layer.keys[:1, :, columns], layer.values[:1, :, columns])
+                    for layer in self._layers(result.past_key_values)
+                ],
+                admitted[0][0].adapter,
+            )
         logits = result.logits[:, -1].float().cpu()
         return rows, result.past_key_values, mask, [self._next(row, logits[i]) for i, row in enumerate(rows)]
 
@@ -509,8 +564,11 @@ class TorchBackend(_HFBase):
             return 0, None
         cache = DynamicCache()
         for i, (keys, values) in enumerate(layers):
-            cache.update(keys[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(),
-                         values[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(), i)
+            cache.update(
+                keys[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(),
+                values[:, :, :shared, :].expand(len(prompts), -1, -1, -1).contiguous(),
+                i,
+            )
         return shared, cache
 
     def _next(self, row: _Row, logits: Any) -> int:
@@ -562,8 +620,14 @@ class TorchBackend(_HFBase):
 class _Row(Decoding):
     """One request inside TorchBackend's batch: its decoding state, its output queue, its sampler."""
 
-    def __init__(self, req: GenRequest, out: queue.Queue[Delta | None], decode: Callable[[list[int]], str],
-                 stop_ids: set[int], context_length: int):
+    def __init__(
+        self,
+        req: GenRequest,
+        out: queue.Queue[Delta | None],
+        decode: Callable[[list[int]], str],
+        stop_ids: set[int],
+        context_length: int,
+    ):
         import torch
 
         super().__init__(req, decode, stop_ids, out.put, context_length)
@@ -591,8 +655,13 @@ class OnnxBackend(_HFBase):
         _ = self.model.genai_model  # load now: the first request should not pay for it
 
     def _tokens(self, req: GenRequest) -> Iterator[int]:
-        tokens = self.model.tokens(req.prompt_ids, max(self.context_length - len(req.prompt_ids), 0),
-                                   temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        tokens = self.model.tokens(
+            req.prompt_ids,
+            max(self.context_length - len(req.prompt_ids), 0),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+        )
         try:
             yield from tokens
         finally:

@@ -38,28 +38,44 @@ def _rows(path: Path, skip: set[str], bad: Callable[[int, Any, str], None]) -> t
     objects, already = read_objects(path, skip, bad)
     for line_no, row_id, data in objects:
         messages, prompt = data.get("messages"), data.get("prompt")
-        if isinstance(messages, list) and messages and all(
+        if (
+            isinstance(messages, list)
+            and messages
+            and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
+                for m in messages
+            )
+        ):
             rows.append((row_id, line_no, messages))
         elif isinstance(prompt, str) and prompt:
             rows.append((row_id, line_no, prompt))
         else:
-            bad(line_no, row_id, "expected `prompt` (a non-empty string) or `messages` (a list of "
-                "{role, content} objects with string values)")
+            bad(
+                line_no,
+                row_id,
+                "expected `prompt` (a non-empty string) or `messages` (a list of "
+                "{role, content} objects with string values)",
+            )
     return rows, already
 
 
-def generate_file(backend: Any, input_path: Path, output: Path, settings: Settings, workers: int = 1,
-                  progress: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+def generate_file(
+    backend: Any,
+    input_path: Path,
+    output: Path,
+    settings: Settings,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
     if not input_path.is_file():
         raise LoratuiError(f"--input {input_path}: no such file")
     output.parent.mkdir(parents=True, exist_ok=True)
     errors = output.with_name(output.name + ".errors.jsonl")
     bad_rows: list[dict[str, Any]] = []
-    rows, already = _rows(input_path, done_ids(output), lambda line, i, why: bad_rows.append(
-        {"line": line, "id": i, "error": why}))
+    rows, already = _rows(
+        input_path, done_ids(output), lambda line, i, why: bad_rows.append({"line": line, "id": i, "error": why})
+    )
     lock = threading.Lock()
     written, failed = [0], [0]
     stop_flag = threading.Event()
@@ -78,18 +94,34 @@ def generate_file(backend: Any, input_path: Path, output: Path, settings: Settin
             return
         if len(ids) + 1 > backend.context_length:
             with lock:
-                bad_rows.append({"line": line_no, "id": row_id, "error": f"{len(ids)} prompt tokens: the model's "
-                                 f"context is {backend.context_length}"})
+                bad_rows.append(
+                    {
+                        "line": line_no,
+                        "id": row_id,
+                        "error": f"{len(ids)} prompt tokens: the model's context is {backend.context_length}",
+                    }
+                )
                 failed[0] += 1
             return
-        req = GenRequest(ids, min(settings.max_tokens, backend.context_length - len(ids)), settings.temperature,
-                         settings.top_p, settings.stop, settings.seed)
+        req = GenRequest(
+            ids,
+            min(settings.max_tokens, backend.context_length - len(ids)),
+            settings.temperature,
+            settings.top_p,
+            settings.stop,
+            settings.seed,
+        )
         text, last = [], None
         for delta in backend.stream(req):
             text.append(delta.text)
             last = delta
-        result = {"id": row_id, "text": "".join(text), "finish_reason": last.finish_reason if last else None,
-                  "prompt_tokens": len(ids), "completion_tokens": last.completion_tokens if last else 0}
+        result = {
+            "id": row_id,
+            "text": "".join(text),
+            "finish_reason": last.finish_reason if last else None,
+            "prompt_tokens": len(ids),
+            "completion_tokens": last.completion_tokens if last else 0,
+        }
         with lock, output.open("a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
             out.flush()
@@ -103,6 +135,12 @@ def generate_file(backend: Any, input_path: Path, output: Path, settings: Settin
     tmp = errors.with_name(f".{errors.name}.tmp")
     tmp.write_text("".join(json.dumps(b) + "\n" for b in bad_rows), encoding="utf-8")
     os.replace(tmp, errors)
-    return {"generated": written[0], "skipped_done": already, "bad": len(bad_rows),
-            "remaining": len(rows) - written[0] - failed[0],
-            "cancelled": stop_flag.is_set(), "output": str(output), "errors": str(errors)}
+    return {
+        "generated": written[0],
+        "skipped_done": already,
+        "bad": len(bad_rows),
+        "remaining": len(rows) - written[0] - failed[0],
+        "cancelled": stop_flag.is_set(),
+        "output": str(output),
+        "errors": str(errors),
+    }

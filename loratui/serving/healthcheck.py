@@ -38,7 +38,7 @@ def serve_command(proc: Path = Path("/proc")) -> tuple[list[str], Path] | None:
         for i, arg in enumerate(argv[:-1]):
             if os.path.basename(arg) != "loratui":
                 continue
-            rest = [a for a in argv[i + 2:] if a]
+            rest = [a for a in argv[i + 2 :] if a]
             if argv[i + 1] == "serve":
                 return rest, entry / "cwd"
             if argv[i + 1] == "run" and "--serve" in rest:

@@ -50,8 +50,17 @@ HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 # Config a client may set per job (under `loratui` or `metadata["loratui.<key>"]`): the sections that shape the
 # training. Never where the server reads or writes (paths), what code it trusts, or how it serves.
 CLIENT_SECTIONS = ("data", "lora", "train", "eval", "merge", "export")
-CLIENT_DENIED = {"data.source", "data.val_source", "data.test_source", "lora.init_from", "train.resume",
-                 "eval.model", "eval.retention_sources", "merge.adapter", "train.report_to"}
+CLIENT_DENIED = {
+    "data.source",
+    "data.val_source",
+    "data.test_source",
+    "lora.init_from",
+    "train.resume",
+    "eval.model",
+    "eval.retention_sources",
+    "merge.adapter",
+    "train.report_to",
+}
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 _KEY_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
@@ -59,10 +68,12 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _LIVE_OUTPUT_EVENTS = ("metric", "log", "artifact", "checkpoint", "done", "error", "cancelled")
 # The job's process: Linux stops it (SIGTERM: it saves a checkpoint) when the thread that started it dies,
 # which is the server dying, whatever killed it.
-_CHILD_SHIM = ("import ctypes, os, signal, sys\n"
-               "if sys.platform.startswith('linux'):\n"
-               "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
-               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+_CHILD_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+)
 
 
 def _now() -> int:
@@ -87,7 +98,7 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int, most: int =
         if after not in ids:
             raise ApiError(400, f"after: no item with id {after!r} in this list", param="after")
         start = ids.index(after) + 1
-    chunk = items[start:start + limit]
+    chunk = items[start : start + limit]
     out: dict[str, Any] = {"object": "list", "data": chunk, "has_more": start + limit < len(items)}
     if chunk:
         out.update(first_id=chunk[0]["id"], last_id=chunk[-1]["id"])
@@ -130,15 +141,21 @@ def validate_training_file(path: Path, filename: str, template: dict[str, Any]) 
         counts = Counter(p.kind for p in out.problems)
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
         first = sorted(out.problems, key=lambda p: p.row or 0)[:5]
-        rows = "; ".join(f"row {p.row}" + (f", field '{p.field}'" if p.field else "") + f": {p.message}"
-                         for p in first)
+        rows = "; ".join(f"row {p.row}" + (f", field '{p.field}'" if p.field else "") + f": {p.message}" for p in first)
         bad = len({p.row for p in out.problems})
-        summary = (f"{filename} failed validation: {bad} of {out.rows_read} rows are unusable ({kinds})"
-                   if out.problems else f"{filename} failed validation: no examples in {out.rows_read} rows")
+        summary = (
+            f"{filename} failed validation: {bad} of {out.rows_read} rows are unusable ({kinds})"
+            if out.problems
+            else f"{filename} failed validation: no examples in {out.rows_read} rows"
+        )
         detected = f"; format {info.get('format')} ({info.get('reason')})" if info else ""
-        raise ApiError(400, summary + detected + (f". First: {rows}" if rows else "") + ". Fix the rows, "
-                             "or give the columns' meaning in the server's data.columns.", param="file",
-                             code="invalid_file")
+        raise ApiError(
+            400,
+            summary + detected + (f". First: {rows}" if rows else "") + ". Fix the rows, "
+            "or give the columns' meaning in the server's data.columns.",
+            param="file",
+            code="invalid_file",
+        )
     return f"{len(examples)} examples, {info.get('kind')}, format {info.get('format')} ({info.get('reason')})"
 
 
@@ -157,15 +174,25 @@ class FileStore:
     def add(self, upload: Path, filename: str, purpose: str, template: dict[str, Any]) -> dict[str, Any]:
         """Validate ``upload`` (a temporary file, moved or removed) and record it; the file object."""
         if purpose not in FILE_PURPOSES:
-            raise ApiError(400, f"purpose: {purpose!r} is not supported here (this server accepts "
-                                 + ", ".join(repr(p) for p in FILE_PURPOSES) + ")", param="purpose")
+            raise ApiError(
+                400,
+                f"purpose: {purpose!r} is not supported here (this server accepts "
+                + ", ".join(repr(p) for p in FILE_PURPOSES)
+                + ")",
+                param="purpose",
+            )
         from loratui.pipeline.data.loaders import DATA_EXTENSIONS
 
         name = safe_filename(filename)
         ext = Path(name).suffix.lower()
         if ext not in DATA_EXTENSIONS:
-            raise ApiError(400, f"{filename}: unsupported file type {ext or '(no extension)'}; fine-tuning "
-                                 f"files are {', '.join(sorted(DATA_EXTENSIONS))}", param="file", code="invalid_file")
+            raise ApiError(
+                400,
+                f"{filename}: unsupported file type {ext or '(no extension)'}; fine-tuning "
+                f"files are {', '.join(sorted(DATA_EXTENSIONS))}",
+                param="file",
+                code="invalid_file",
+            )
         file_id = "file-" + secrets.token_hex(12)
         folder = self.root / file_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -186,9 +213,17 @@ class FileStore:
         return self._keep(file_id, stored, filename, "fine-tune-results", None)
 
     def _keep(self, file_id: str, stored: Path, filename: str, purpose: str, details: str | None) -> dict[str, Any]:
-        obj = {"id": file_id, "object": "file", "bytes": stored.stat().st_size, "created_at": _now(),
-               "filename": filename, "purpose": purpose, "status": "processed", "status_details": details,
-               "expires_at": None}
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": stored.stat().st_size,
+            "created_at": _now(),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "status_details": details,
+            "expires_at": None,
+        }
         _write_json(self.root / f"{file_id}.json", {**obj, "path": str(stored)})
         return obj
 
@@ -255,8 +290,11 @@ def client_settings(extension: Any, metadata: dict[str, str] | None) -> dict[str
     found: dict[str, Any] = {}
     if extension is not None:
         if not isinstance(extension, dict):
-            raise ApiError(400, "loratui: expected an object of config settings, e.g. "
-                                 '{"lora": {"r": 16}, "train": {"lr": 1e-4}}', param="loratui")
+            raise ApiError(
+                400,
+                'loratui: expected an object of config settings, e.g. {"lora": {"r": 16}, "train": {"lr": 1e-4}}',
+                param="loratui",
+            )
         _flatten("", extension, found)
     for key, value in (metadata or {}).items():
         if key.startswith("loratui."):
@@ -267,23 +305,33 @@ def client_settings(extension: Any, metadata: dict[str, str] | None) -> dict[str
     for key in found:
         parts = key.split(".")
         if not all(_KEY_PART.fullmatch(part) for part in parts):
-            raise ApiError(400, f"loratui.{key}: not a config setting (dotted names of letters, digits and _)",
-                                 param=f"loratui.{key}")
+            raise ApiError(
+                400,
+                f"loratui.{key}: not a config setting (dotted names of letters, digits and _)",
+                param=f"loratui.{key}",
+            )
         if parts[0] not in CLIENT_SECTIONS or key in CLIENT_DENIED or len(parts) < 2:
             allowed = ", ".join(f"{s}.*" for s in CLIENT_SECTIONS)
-            raise ApiError(400, f"loratui.{key}: not a setting a job request may change (allowed: {allowed}; "
-                                 f"except {', '.join(sorted(CLIENT_DENIED))})", param=f"loratui.{key}")
+            raise ApiError(
+                400,
+                f"loratui.{key}: not a setting a job request may change (allowed: {allowed}; "
+                f"except {', '.join(sorted(CLIENT_DENIED))})",
+                param=f"loratui.{key}",
+            )
     return found
 
 
 def _auto_or(value: Any, name: str, kind: type, positive: bool = True) -> Any:
     if value is None or value == "auto":
         return "auto"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    )
     if not ok or (positive and value <= 0):
         what = "a positive integer" if kind is int else "a positive number"
-        raise ApiError(400, f"hyperparameters.{name}: expected 'auto' or {what}, got {value!r}",
-                             param=f"hyperparameters.{name}")
+        raise ApiError(
+            400, f"hyperparameters.{name}: expected 'auto' or {what}, got {value!r}", param=f"hyperparameters.{name}"
+        )
     return kind(value)
 
 
@@ -305,15 +353,13 @@ class JobManager:
 
     def _dir(self, job_id: str) -> Path:
         if not re.fullmatch(r"ftjob-[0-9a-f]{12}", job_id):
-            raise ApiError(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id",
-                                 code="job_not_found")
+            raise ApiError(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id", code="job_not_found")
         return self.jobs_root / job_id
 
     def _load(self, job_id: str) -> dict[str, Any]:
         path = self._dir(job_id) / "job.json"
         if not path.is_file():
-            raise ApiError(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id",
-                                 code="job_not_found")
+            raise ApiError(404, f"No fine-tuning job {job_id!r}", param="fine_tuning_job_id", code="job_not_found")
         return _read_json(path)
 
     def _save(self, job: dict[str, Any]) -> None:
@@ -362,9 +408,14 @@ class JobManager:
         if model == own:  # the job template's own base (which may be a path on the server)
             return model, Path(model).name if Path(model).exists() else model
         offered = [*self.s.served_bases, *(b for b in BUILTINS)]
-        raise ApiError(400, f"model: {model!r} is not a model this server fine-tunes: name a model it serves or "
-                             f"a built-in one ({', '.join(offered)}), a Hugging Face hub id (org/name), or an ft: "
-                             "model of a succeeded job", param="model", code="model_not_found")
+        raise ApiError(
+            400,
+            f"model: {model!r} is not a model this server fine-tunes: name a model it serves or "
+            f"a built-in one ({', '.join(offered)}), a Hugging Face hub id (org/name), or an ft: "
+            "model of a succeeded job",
+            param="model",
+            code="model_not_found",
+        )
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         """Check a ``POST /v1/fine_tuning/jobs`` body, record the job and start validating its files."""
@@ -375,11 +426,13 @@ class JobManager:
         model = body.get("model")
         training_file = body.get("training_file")
         if not isinstance(model, str):
-            raise ApiError(400, "model: required (a base model, a model this server serves, or an ft: model)",
-                                 param="model")
+            raise ApiError(
+                400, "model: required (a base model, a model this server serves, or an ft: model)", param="model"
+            )
         if not isinstance(training_file, str):
-            raise ApiError(400, "training_file: required (the id of a file uploaded with purpose fine-tune)",
-                                 param="training_file")
+            raise ApiError(
+                400, "training_file: required (the id of a file uploaded with purpose fine-tune)", param="training_file"
+            )
         validation_file = body.get("validation_file")
         files = {"training_file": training_file, **({"validation_file": validation_file} if validation_file else {})}
         paths = {}
@@ -387,8 +440,9 @@ class JobManager:
             try:
                 record = self.files.record(str(file_id))
             except ApiError:
-                raise ApiError(400, f"{param}: no uploaded file {file_id!r}", param=param,
-                                     code="file_not_found") from None
+                raise ApiError(
+                    400, f"{param}: no uploaded file {file_id!r}", param=param, code="file_not_found"
+                ) from None
             paths[param] = Path(record["path"])
             if record["purpose"] != "fine-tune":
                 raise ApiError(400, f"{param}: {file_id} was not uploaded with purpose 'fine-tune'", param=param)
@@ -400,18 +454,27 @@ class JobManager:
         if method:
             kind = method.get("type") if isinstance(method, dict) else None
             if kind != "supervised":
-                raise ApiError(400, f"method.type: {kind!r} is not supported (loratui fine-tunes with "
-                                     "'supervised')", param="method.type")
+                raise ApiError(
+                    400,
+                    f"method.type: {kind!r} is not supported (loratui fine-tunes with 'supervised')",
+                    param="method.type",
+                )
             supervised = method.get("supervised") or {}
             more = supervised.get("hyperparameters") or {} if isinstance(supervised, dict) else None
             if not isinstance(more, dict):
-                raise ApiError(400, "method.supervised.hyperparameters: expected an object",
-                                     param="method.supervised.hyperparameters")
+                raise ApiError(
+                    400,
+                    "method.supervised.hyperparameters: expected an object",
+                    param="method.supervised.hyperparameters",
+                )
             hyper.update(more)
         unknown = sorted(set(hyper) - set(HYPERPARAMETERS))
         if unknown:
-            raise ApiError(400, f"hyperparameters.{unknown[0]}: unknown (known: {', '.join(HYPERPARAMETERS)})",
-                                 param=f"hyperparameters.{unknown[0]}")
+            raise ApiError(
+                400,
+                f"hyperparameters.{unknown[0]}: unknown (known: {', '.join(HYPERPARAMETERS)})",
+                param=f"hyperparameters.{unknown[0]}",
+            )
         n_epochs = _auto_or(hyper.get("n_epochs"), "n_epochs", int)
         batch_size = _auto_or(hyper.get("batch_size"), "batch_size", int)
         lr_mult = _auto_or(hyper.get("learning_rate_multiplier"), "learning_rate_multiplier", float)
@@ -422,14 +485,23 @@ class JobManager:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ApiError(400, f"seed: expected a non-negative integer, got {seed!r}", param="seed")
         metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+        if (
+            not isinstance(metadata, dict)
+            or len(metadata) > 16
+            or not all(
                 isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-                for k, v in metadata.items()):
-            raise ApiError(400, "metadata: up to 16 string keys (64 characters) and string values (512)",
-                                 param="metadata")
+                for k, v in metadata.items()
+            )
+        ):
+            raise ApiError(
+                400, "metadata: up to 16 string keys (64 characters) and string values (512)", param="metadata"
+            )
         if body.get("integrations"):
-            raise ApiError(400, "integrations: not supported; set loratui.train.report_to on the server's "
-                                 "job template instead", param="integrations")
+            raise ApiError(
+                400,
+                "integrations: not supported; set loratui.train.report_to on the server's job template instead",
+                param="integrations",
+            )
         settings = client_settings(body.get("loratui"), metadata)
         base, base_name = self._base_of(model)
 
@@ -439,8 +511,9 @@ class JobManager:
         data.update(name=f"ft-{short}", runs_dir=str(self.s.runs_dir))
         data["serve"] = {**data.get("serve", {}), "api_key": None}
         data.setdefault("model", {})["base"] = base
-        data.setdefault("data", {}).update(source=[str(paths["training_file"])],
-                                           val_source=str(paths["validation_file"]) if validation_file else None)
+        data.setdefault("data", {}).update(
+            source=[str(paths["training_file"])], val_source=str(paths["validation_file"]) if validation_file else None
+        )
         train = data.setdefault("train", {})
         if n_epochs != "auto":
             train["epochs"] = n_epochs
@@ -467,25 +540,51 @@ class JobManager:
         except ValidationError as e:  # name the setting and what is allowed
             first = e.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise ApiError(400, f"loratui.{where}: {first.get('msg')} (got {first.get('input')!r})",
-                                 param=f"loratui.{where}") from None
+            raise ApiError(
+                400, f"loratui.{where}: {first.get('msg')} (got {first.get('input')!r})", param=f"loratui.{where}"
+            ) from None
         folder = self._dir(job_id)
         folder.mkdir(parents=True)
-        atomic_write_text(folder / "config.yaml", "# The run this fine-tuning job runs (`loratui run` this file).\n"
-                          + dump_yaml(cfg.model_dump(mode="json")))
+        atomic_write_text(
+            folder / "config.yaml",
+            "# The run this fine-tuning job runs (`loratui run` this file).\n" + dump_yaml(cfg.model_dump(mode="json")),
+        )
         with self.lock:
             seq = max((j.get("seq", 0) for j in self._records()), default=0) + 1
-            job = {"id": job_id, "seq": seq, "created_at": _now(), "model": model, "base": base,
-                   "base_name": base_name, "suffix": suffix, "training_file": training_file,
-                   "validation_file": validation_file, "hyperparameters": {
-                       "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr_mult},
-                   "seed": seed if seed is not None else cfg.train.seed, "metadata": metadata or None,
-                   "settings": settings, "status": "validating_files", "error": None, "fine_tuned_model": None,
-                   "finished_at": None, "started_at": None, "run_dir": str(cfg.run_dir), "pid": None,
-                   "exit_code": None, "stopping": False}
+            job = {
+                "id": job_id,
+                "seq": seq,
+                "created_at": _now(),
+                "model": model,
+                "base": base,
+                "base_name": base_name,
+                "suffix": suffix,
+                "training_file": training_file,
+                "validation_file": validation_file,
+                "hyperparameters": {
+                    "n_epochs": n_epochs,
+                    "batch_size": batch_size,
+                    "learning_rate_multiplier": lr_mult,
+                },
+                "seed": seed if seed is not None else cfg.train.seed,
+                "metadata": metadata or None,
+                "settings": settings,
+                "status": "validating_files",
+                "error": None,
+                "fine_tuned_model": None,
+                "finished_at": None,
+                "started_at": None,
+                "run_dir": str(cfg.run_dir),
+                "pid": None,
+                "exit_code": None,
+                "stopping": False,
+            }
             self._save(job)
-        self._event(job_id, f"Validating training file: {training_file}"
-                    + (f" and validation file: {validation_file}" if validation_file else ""))
+        self._event(
+            job_id,
+            f"Validating training file: {training_file}"
+            + (f" and validation file: {validation_file}" if validation_file else ""),
+        )
         self._start_validation(job_id)
         return self.public(job)
 
@@ -508,9 +607,11 @@ class JobManager:
         except Exception as e:  # noqa: BLE001 - the job fails, the server stays up
             with self.lock:
                 if self._load(job_id)["status"] == "validating_files":  # not cancelled meanwhile
-                    error = ({"code": f"invalid_{param}", "message": e.message, "param": param}
-                             if isinstance(e, ApiError) else
-                             {"code": "validation_error", "message": f"{type(e).__name__}: {e}", "param": None})
+                    error = (
+                        {"code": f"invalid_{param}", "message": e.message, "param": param}
+                        if isinstance(e, ApiError)
+                        else {"code": "validation_error", "message": f"{type(e).__name__}: {e}", "param": None}
+                    )
                     self._finish(job_id, "failed", error)
             return
         with self.lock:
@@ -543,9 +644,12 @@ class JobManager:
                     self._start_validation(job["id"])
                 elif job["status"] == "running":
                     ckpt = self._latest_checkpoint(job)
-                    message = ("the server stopped while this job ran" + (
+                    message = "the server stopped while this job ran" + (
                         f"; its latest checkpoint ({ckpt.name}) is kept: POST /v1/fine_tuning/jobs/{job['id']}/resume "
-                        "continues from it" if ckpt else "; resume starts it again"))
+                        "continues from it"
+                        if ckpt
+                        else "; resume starts it again"
+                    )
                     self._finish(job["id"], "failed", {"code": "server_restarted", "message": message, "param": None})
                 else:
                     self._update(job["id"], stopping=False, pid=None)
@@ -573,8 +677,11 @@ class JobManager:
                 if job is not None:
                     try:
                         self.procs.pop(job["id"], None)
-                        self._finish(job["id"], "failed", {"code": "server_error", "param": None,
-                                                           "message": f"{type(e).__name__}: {e}"})
+                        self._finish(
+                            job["id"],
+                            "failed",
+                            {"code": "server_error", "param": None, "message": f"{type(e).__name__}: {e}"},
+                        )
                     except Exception:  # noqa: BLE001
                         pass
                 time.sleep(1)
@@ -588,18 +695,34 @@ class JobManager:
         command = [sys.executable, "-c", _CHILD_SHIM, *self.s.command, "run", str(folder / "config.yaml")]
         try:
             with open(folder / "output.log", "ab") as out:
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
         except OSError as e:
-            self._finish(job["id"], "failed", {"code": "launch_failed", "message": f"cannot start the job: {e}",
-                                               "param": None})
+            self._finish(
+                job["id"], "failed", {"code": "launch_failed", "message": f"cannot start the job: {e}", "param": None}
+            )
             return None
         self.procs[job["id"]] = proc
         resumed = job.get("started_at") is not None
-        self._update(job["id"], status="running", pid=proc.pid, started_at=job.get("started_at") or _now(),
-                     error=None, stopping=False)
-        self._event(job["id"], ("Fine-tuning job resumed" if resumed else "Fine-tuning job started")
-                    + f" (process {proc.pid}, run {job['run_dir']})")
+        self._update(
+            job["id"],
+            status="running",
+            pid=proc.pid,
+            started_at=job.get("started_at") or _now(),
+            error=None,
+            stopping=False,
+        )
+        self._event(
+            job["id"],
+            ("Fine-tuning job resumed" if resumed else "Fine-tuning job started")
+            + f" (process {proc.pid}, run {job['run_dir']})",
+        )
         return proc
 
     def _exited(self, job_id: str, code: int) -> None:
@@ -609,15 +732,26 @@ class JobManager:
             if job["status"] == "cancelled":
                 ckpt = self._latest_checkpoint(job)
                 self._update(job_id, pid=None, stopping=False, exit_code=code)
-                self._event(job_id, "The job's process stopped" + (f"; {ckpt.name} is kept (resume continues from it)"
-                                                                    if ckpt else ""), data={"exit_code": code})
+                self._event(
+                    job_id,
+                    "The job's process stopped" + (f"; {ckpt.name} is kept (resume continues from it)" if ckpt else ""),
+                    data={"exit_code": code},
+                )
             elif code == 0:
                 self._finish(job_id, "succeeded", None, exit_code=code)
             elif self.stopping:
                 ckpt = self._latest_checkpoint(job)
-                self._finish(job_id, "failed", {"code": "server_stopped", "message": "the server stopped while this "
-                                                "job ran" + (f"; {ckpt.name} is kept: resume continues from it"
-                                                             if ckpt else ""), "param": None}, exit_code=code)
+                self._finish(
+                    job_id,
+                    "failed",
+                    {
+                        "code": "server_stopped",
+                        "message": "the server stopped while this "
+                        "job ran" + (f"; {ckpt.name} is kept: resume continues from it" if ckpt else ""),
+                        "param": None,
+                    },
+                    exit_code=code,
+                )
             else:
                 self._finish(job_id, "failed", self._failure(job, code), exit_code=code)
             self.wake.notify_all()
@@ -634,16 +768,27 @@ class JobManager:
         if log.is_file():
             tail = " ".join(log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:])[-600:]
         reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return {"code": "process_failed", "message": f"the job's process {reason}" + (f": {tail}" if tail else ""),
-                "param": None}
+        return {
+            "code": "process_failed",
+            "message": f"the job's process {reason}" + (f": {tail}" if tail else ""),
+            "param": None,
+        }
 
     def _finish(self, job_id: str, status: str, error: dict[str, Any] | None, **more: Any) -> None:
         with self.lock:
             job = self._load(job_id)
-            changes: dict[str, Any] = {"status": status, "error": error, "finished_at": _now(), "pid": None,
-                                       "stopping": False, **more}
+            changes: dict[str, Any] = {
+                "status": status,
+                "error": error,
+                "finished_at": _now(),
+                "pid": None,
+                "stopping": False,
+                **more,
+            }
             if status == "succeeded":
-                changes["fine_tuned_model"] = f"ft:{job['base_name']}:{job['suffix']}:{job['id'].removeprefix('ftjob-')}"
+                changes["fine_tuned_model"] = (
+                    f"ft:{job['base_name']}:{job['suffix']}:{job['id'].removeprefix('ftjob-')}"
+                )
                 changes["trained_tokens"] = self._trained_tokens(job)
                 changes["result_files"] = [self.files.add_result("step_metrics.csv", self._step_metrics(job))["id"]]
             self._update(job_id, **changes)
@@ -651,8 +796,11 @@ class JobManager:
             self._event(job_id, f"New fine-tuned model created: {changes['fine_tuned_model']}")
             self._event(job_id, "The job has successfully completed")
         else:
-            self._event(job_id, f"Job {status}" + (f": {error['message']}" if error else ""),
-                        level="error" if status == "failed" else "warn")
+            self._event(
+                job_id,
+                f"Job {status}" + (f": {error['message']}" if error else ""),
+                level="error" if status == "failed" else "warn",
+            )
 
     # ---------------------------------------------------------------- cancel, resume, stop
 
@@ -660,12 +808,16 @@ class JobManager:
         with self.lock:
             job = self._load(job_id)
             if job["status"] in TERMINAL:
-                raise ApiError(400, f"the job is already {job['status']}", param="fine_tuning_job_id",
-                                     code="job_not_cancellable")
+                raise ApiError(
+                    400, f"the job is already {job['status']}", param="fine_tuning_job_id", code="job_not_cancellable"
+                )
             proc = self.procs.get(job_id)
             self._update(job_id, status="cancelled", finished_at=_now(), stopping=proc is not None)
-            self._event(job_id, "Job cancelled" + (" (stopping its process: the latest checkpoint is kept)"
-                                                   if proc else ""), level="warn")
+            self._event(
+                job_id,
+                "Job cancelled" + (" (stopping its process: the latest checkpoint is kept)" if proc else ""),
+                level="warn",
+            )
         if proc is not None:
             _signal_group(proc.pid, signal.SIGTERM)
             threading.Thread(target=_kill_after, args=(proc, self.s.grace_s), daemon=True).start()
@@ -675,18 +827,34 @@ class JobManager:
         with self.lock:
             job = self._load(job_id)
             if job["status"] not in ("failed", "cancelled"):
-                raise ApiError(400, f"only a failed or cancelled job resumes; this one is {job['status']}",
-                                     param="fine_tuning_job_id", code="job_not_resumable")
+                raise ApiError(
+                    400,
+                    f"only a failed or cancelled job resumes; this one is {job['status']}",
+                    param="fine_tuning_job_id",
+                    code="job_not_resumable",
+                )
             if job_id in self.procs:
-                raise ApiError(409, "the job's process is still stopping; retry in a moment",
-                                     param="fine_tuning_job_id", code="job_stopping")
+                raise ApiError(
+                    409,
+                    "the job's process is still stopping; retry in a moment",
+                    param="fine_tuning_job_id",
+                    code="job_stopping",
+                )
             if job.get("error") and str(job["error"].get("code", "")).startswith("invalid_"):
-                raise ApiError(400, "the job's files failed validation: create a new job with fixed files",
-                                     param="fine_tuning_job_id", code="job_not_resumable")
+                raise ApiError(
+                    400,
+                    "the job's files failed validation: create a new job with fixed files",
+                    param="fine_tuning_job_id",
+                    code="job_not_resumable",
+                )
             for param in ("training_file", "validation_file"):
                 if job[param] and not (self.files.root / f"{job[param]}.json").is_file():
-                    raise ApiError(400, f"the job's {param} {job[param]} was deleted: create a new job",
-                                         param="fine_tuning_job_id", code="job_not_resumable")
+                    raise ApiError(
+                        400,
+                        f"the job's {param} {job[param]} was deleted: create a new job",
+                        param="fine_tuning_job_id",
+                        code="job_not_resumable",
+                    )
             if job.get("started_at") is None:  # cancelled before it ran: its files were maybe never checked
                 self._update(job_id, status="validating_files", error=None, finished_at=None)
                 self._event(job_id, "Job resumed: validating its files again")
@@ -764,7 +932,9 @@ class JobManager:
         columns = ("step", "train_loss", "valid_loss", "learning_rate")
         lines = [",".join(columns)]
         for step in sorted(rows):  # a resumed stretch repeats steps after its checkpoint: the later values win
-            lines.append(",".join([str(step)] + [f"{rows[step][c]:.6g}" if c in rows[step] else "" for c in columns[1:]]))
+            lines.append(
+                ",".join([str(step)] + [f"{rows[step][c]:.6g}" if c in rows[step] else "" for c in columns[1:]])
+            )
         return "\n".join(lines) + "\n"
 
     def _trained_tokens(self, job: dict[str, Any]) -> int | None:
@@ -789,18 +959,33 @@ class JobManager:
         clean = self._for_client(job)
         error = {**job["error"], "message": clean(job["error"].get("message") or "")} if job["error"] else None
         return {
-            "id": job["id"], "object": "fine_tuning.job", "created_at": job["created_at"], "error": error,
-            "fine_tuned_model": job["fine_tuned_model"], "finished_at": job["finished_at"], "hyperparameters": hyper,
-            "model": job["model"], "organization_id": "loratui", "result_files": job.get("result_files", []),
+            "id": job["id"],
+            "object": "fine_tuning.job",
+            "created_at": job["created_at"],
+            "error": error,
+            "fine_tuned_model": job["fine_tuned_model"],
+            "finished_at": job["finished_at"],
+            "hyperparameters": hyper,
+            "model": job["model"],
+            "organization_id": "loratui",
+            "result_files": job.get("result_files", []),
             "seed": job["seed"],
-            "status": job["status"], "trained_tokens": job.get("trained_tokens"),
-            "training_file": job["training_file"], "validation_file": job["validation_file"], "integrations": [],
-            "estimated_finish": None, "metadata": job["metadata"],
+            "status": job["status"],
+            "trained_tokens": job.get("trained_tokens"),
+            "training_file": job["training_file"],
+            "validation_file": job["validation_file"],
+            "integrations": [],
+            "estimated_finish": None,
+            "metadata": job["metadata"],
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
             # the run by its folder's name under the server's runs directory: no server path reaches a client
-            "loratui": {"run_dir": Path(job["run_dir"]).name, "settings": job["settings"],
-                        "base": clean(job["base"]), "started_at": job["started_at"],
-                        "resumable_checkpoint": ckpt.name if ckpt else None},
+            "loratui": {
+                "run_dir": Path(job["run_dir"]).name,
+                "settings": job["settings"],
+                "base": clean(job["base"]),
+                "started_at": job["started_at"],
+                "resumable_checkpoint": ckpt.name if ckpt else None,
+            },
         }
 
     def _for_client(self, job: dict[str, Any]) -> Callable[[str], str]:
@@ -829,8 +1014,11 @@ class JobManager:
         return self.public(self._load(job_id))
 
     def list(self, metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        jobs = [j for j in self._records() if not metadata or all((j.get("metadata") or {}).get(k) == v
-                                                                 for k, v in metadata.items())]
+        jobs = [
+            j
+            for j in self._records()
+            if not metadata or all((j.get("metadata") or {}).get(k) == v for k, v in metadata.items())
+        ]
         return [self.public(j) for j in jobs]
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
@@ -847,18 +1035,40 @@ class JobManager:
                 e = json.loads(raw)
             except ValueError:
                 continue
-            merged.append((e["t"], len(merged), {"id": f"ftevent-{short}-j{n}", "object": "fine_tuning.job.event",
-                                                 "created_at": int(e["t"]), "level": e["level"],
-                                                 "message": clean(e["message"]), "data": e.get("data"),
-                                                 "type": e.get("type", "message")}))
+            merged.append(
+                (
+                    e["t"],
+                    len(merged),
+                    {
+                        "id": f"ftevent-{short}-j{n}",
+                        "object": "fine_tuning.job.event",
+                        "created_at": int(e["t"]),
+                        "level": e["level"],
+                        "message": clean(e["message"]),
+                        "data": e.get("data"),
+                        "type": e.get("type", "message"),
+                    },
+                )
+            )
         for n, event in enumerate(self._run_events(job)):
             if event.type not in _LIVE_OUTPUT_EVENTS or (event.type == "log" and event.level == "debug"):
                 continue
             level, message, kind, data = _describe(event, Path(job["run_dir"]))
-            merged.append((event.t, len(merged), {"id": f"ftevent-{short}-r{n}", "object": "fine_tuning.job.event",
-                                                  "created_at": int(event.t), "level": level,
-                                                  "message": clean(message),
-                                                  "data": data, "type": kind}))
+            merged.append(
+                (
+                    event.t,
+                    len(merged),
+                    {
+                        "id": f"ftevent-{short}-r{n}",
+                        "object": "fine_tuning.job.event",
+                        "created_at": int(event.t),
+                        "level": level,
+                        "message": clean(message),
+                        "data": data,
+                        "type": kind,
+                    },
+                )
+            )
         return [e for _, _, e in sorted(merged, key=lambda x: (x[0], x[1]), reverse=True)]
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
@@ -870,17 +1080,28 @@ class JobManager:
         out = []
         for path in complete_checkpoints(Path(job["run_dir"]) / "checkpoints"):
             step = int(path.name.rpartition("-")[2])
-            out.append({"id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{step}", "object": "fine_tuning.job.checkpoint",
-                        "created_at": int(path.stat().st_mtime), "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
-                        "fine_tuning_job_id": job_id, "metrics": _checkpoint_metrics(path, step), "step_number": step})
+            out.append(
+                {
+                    "id": f"ftckpt-{job_id.removeprefix('ftjob-')}-{step}",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": int(path.stat().st_mtime),
+                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
+                    "fine_tuning_job_id": job_id,
+                    "metrics": _checkpoint_metrics(path, step),
+                    "step_number": step,
+                }
+            )
         return out[::-1]
 
     # ---------------------------------------------------------------- models
 
     def fine_tuned_models(self) -> dict[str, int]:
         """Model id -> when its job finished, for every succeeded job."""
-        return {j["fine_tuned_model"]: j["finished_at"] or j["created_at"] for j in self._records()
-                if j["status"] == "succeeded" and j["fine_tuned_model"]}
+        return {
+            j["fine_tuned_model"]: j["finished_at"] or j["created_at"]
+            for j in self._records()
+            if j["status"] == "succeeded" and j["fine_tuned_model"]
+        }
 
     def model_source(self, model: str) -> tuple[Path, Path | None, str] | None:
         """What serves ``model``: (the run directory, or the base for a checkpoint; the checkpoint or None;
@@ -890,7 +1111,8 @@ class JobManager:
             return None
         for job in self._records():
             made = job["fine_tuned_model"] or (
-                f"ft:{job['base_name']}:{job['suffix']}:{job['id'].removeprefix('ftjob-')}")
+                f"ft:{job['base_name']}:{job['suffix']}:{job['id'].removeprefix('ftjob-')}"
+            )
             if made != name:
                 continue
             if not ckpt:
@@ -905,9 +1127,13 @@ class JobManager:
             self.files.get(file_id)
             for job in self._records():
                 if job["status"] not in TERMINAL and file_id in (job["training_file"], job["validation_file"]):
-                    raise ApiError(400, f"{file_id} is used by the fine-tuning job {job['id']}, which has not "
-                                         "ended: cancel it or delete the file afterwards", param="file_id",
-                                         code="file_in_use")
+                    raise ApiError(
+                        400,
+                        f"{file_id} is used by the fine-tuning job {job['id']}, which has not "
+                        "ended: cancel it or delete the file afterwards",
+                        param="file_id",
+                        code="file_in_use",
+                    )
             return self.files.delete(file_id)
 
 
@@ -944,8 +1170,12 @@ def _describe(event: Any, run_dir: Path) -> tuple[str, str, str, dict[str, Any] 
         return "info", f"{step} done{took}", "message", None
     if event.type == "error":
         return "error", f"{step}: {event.message}" + (f" ({event.hint})" if event.hint else ""), "message", None
-    return "warn", f"{step} cancelled" + (f"; resume from {Path(event.resume_from).name}" if event.resume_from else ""), \
-        "message", None
+    return (
+        "warn",
+        f"{step} cancelled" + (f"; resume from {Path(event.resume_from).name}" if event.resume_from else ""),
+        "message",
+        None,
+    )
 
 
 def _checkpoint_metrics(path: Path, step: int) -> dict[str, Any]:

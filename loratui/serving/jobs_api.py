@@ -43,19 +43,27 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
     async def upload(request: Request) -> Any:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_upload_bytes:
-            raise ApiError(413, f"the upload of {length} bytes is over this server's limit of {max_upload_bytes} "
-                           "bytes (serve.max_upload_mb)", code="file_too_large")
+            raise ApiError(
+                413,
+                f"the upload of {length} bytes is over this server's limit of {max_upload_bytes} "
+                "bytes (serve.max_upload_mb)",
+                code="file_too_large",
+            )
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise ApiError(400, "upload the file as multipart/form-data with the fields `file` and `purpose`",
-                           param="file")
+            raise ApiError(
+                400, "upload the file as multipart/form-data with the fields `file` and `purpose`", param="file"
+            )
 
         async def limited() -> AsyncIterator[bytes]:
             seen = 0
             async for chunk in request.stream():
                 seen += len(chunk)
                 if seen > max_upload_bytes:
-                    raise ApiError(413, f"the upload is over this server's limit of {max_upload_bytes} bytes "
-                                   "(serve.max_upload_mb)", code="file_too_large")
+                    raise ApiError(
+                        413,
+                        f"the upload is over this server's limit of {max_upload_bytes} bytes (serve.max_upload_mb)",
+                        code="file_too_large",
+                    )
                 yield chunk
 
         try:
@@ -110,7 +118,7 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
     @app.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request) -> Any:
         q = request.query_params
-        metadata = {k[len("metadata["):-1]: v for k, v in q.items() if k.startswith("metadata[") and k.endswith("]")}
+        metadata = {k[len("metadata[") : -1]: v for k, v in q.items() if k.startswith("metadata[") and k.endswith("]")}
         items = await asyncio.to_thread(jobs.list, metadata or None)
         return page(items, q.get("after"), _limit(request))
 
@@ -139,8 +147,12 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
     async def pause_job(job_id: str) -> Any:
         jobs.get(job_id)
-        raise ApiError(400, "pause is not supported here: cancel stops the job and keeps its latest checkpoint, and "
-                       f"POST /v1/fine_tuning/jobs/{job_id}/resume continues from it", param="fine_tuning_job_id")
+        raise ApiError(
+            400,
+            "pause is not supported here: cancel stops the job and keeps its latest checkpoint, and "
+            f"POST /v1/fine_tuning/jobs/{job_id}/resume continues from it",
+            param="fine_tuning_job_id",
+        )
 
 
 def _store(jobs: JobManager, upload: UploadFile, purpose: str) -> dict[str, Any]:

@@ -59,9 +59,11 @@ def model_kind(path: Path) -> str:
         return "onnx"
     if path.is_dir() and (path / "config.json").is_file():
         return "torch"
-    raise LoratuiError(f"--model {path}: expected an ONNX export folder (*.onnx), a merged model directory "
-                       "(config.json + safetensors) or a .gguf file",
-                       hint="Export one with `loratui export --format onnx|gguf`, or point at runs/<name>/merged.")
+    raise LoratuiError(
+        f"--model {path}: expected an ONNX export folder (*.onnx), a merged model directory "
+        "(config.json + safetensors) or a .gguf file",
+        hint="Export one with `loratui export --format onnx|gguf`, or point at runs/<name>/merged.",
+    )
 
 
 def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scorer:
@@ -89,8 +91,14 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
     config = AutoConfig.from_pretrained(str(path))
     context = getattr(config, "max_position_embeddings", None)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
-    common = {"name": path.name, "task": "causal", "pad_id": pad, "stop_ids": set(), "batch_size": batch_size,
-              "token_budget": max(4096, batch_size * 256)}
+    common = {
+        "name": path.name,
+        "task": "causal",
+        "pad_id": pad,
+        "stop_ids": set(),
+        "batch_size": batch_size,
+        "token_budget": max(4096, batch_size * 256),
+    }
     if kind == "onnx":
         model: Any = OnnxModel(load_onnx(path, threads=threads), **common)
     else:
@@ -136,7 +144,9 @@ def done_ids(output: Path) -> set[str]:
     return seen
 
 
-def read_objects(path: Path, skip: set[str], bad: Callable[[int, Any, str], None]) -> tuple[list[tuple[int, Any, dict]], int]:
+def read_objects(
+    path: Path, skip: set[str], bad: Callable[[int, Any, str], None]
+) -> tuple[list[tuple[int, Any, dict]], int]:
     """The JSON objects of a JSONL file as (line, id, object), the id being the row's ``id`` or its line
     number; rows whose id is in ``skip`` are counted, not returned. Lines that are not JSON objects and
     repeated ids go to ``bad(line, id, reason)``."""
@@ -168,8 +178,13 @@ def read_objects(path: Path, skip: set[str], bad: Callable[[int, Any, str], None
     return rows, already
 
 
-def read_rows(input_path: Path, columns: tuple[str, str | None], scorer: Scorer, skip: set[str],
-              bad: Callable[[int, Any, str], None]) -> tuple[list[Row], int]:
+def read_rows(
+    input_path: Path,
+    columns: tuple[str, str | None],
+    scorer: Scorer,
+    skip: set[str],
+    bad: Callable[[int, Any, str], None],
+) -> tuple[list[Row], int]:
     """Rows still to score, and how many were already done."""
     first, second = columns
     rows: list[Row] = []
@@ -201,20 +216,32 @@ def read_rows(input_path: Path, columns: tuple[str, str | None], scorer: Scorer,
 def _figures(logps: list[float], prefix: str = "") -> dict[str, Any]:
     total = float(sum(logps))
     n = len(logps)
-    return {f"{prefix}tokens": n, f"{prefix}log_likelihood": total, f"{prefix}mean_log_likelihood": total / n,
-            f"{prefix}perplexity": math.exp(-total / n)}
+    return {
+        f"{prefix}tokens": n,
+        f"{prefix}log_likelihood": total,
+        f"{prefix}mean_log_likelihood": total / n,
+        f"{prefix}perplexity": math.exp(-total / n),
+    }
 
 
 def result(row: Row, logps: list[float]) -> dict[str, Any]:
     out = {"id": row.id, **_figures(logps)}
     if row.completion:
-        out.update(_figures(logps[-row.completion:], "completion_"))
+        out.update(_figures(logps[-row.completion :], "completion_"))
     return out
 
 
-def score_file(model_path: Path, input_path: Path, output: Path, field_spec: str = "text", batch_size: int = 16,
-               threads: int | None = None, progress: Callable[[int, int], None] | None = None,
-               should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def score_file(
+    model_path: Path,
+    input_path: Path,
+    output: Path,
+    field_spec: str = "text",
+    batch_size: int = 16,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Score ``input_path`` into ``output`` (appending); returns counts. ``progress(done, total)``."""
     from loratui.pipeline.evaluate.runtimes import Example, StopRequested
 
@@ -237,8 +264,10 @@ def score_file(model_path: Path, input_path: Path, output: Path, field_spec: str
     tmp_errors.write_text("".join(json.dumps(b) + "\n" for b in bad_rows), encoding="utf-8")
     os.replace(tmp_errors, errors)  # this run's bad rows (a re-run finds them again)
     if log:
-        log(f"score: {len(rows)} rows to score with {scorer.kind} ({model_path}), {already} already in {output}, "
-            f"{len(bad_rows)} bad rows in {errors}")
+        log(
+            f"score: {len(rows)} rows to score with {scorer.kind} ({model_path}), {already} already in {output}, "
+            f"{len(bad_rows)} bad rows in {errors}"
+        )
     rows.sort(key=lambda r: len(r.ids))
     chunk = max(1, batch_size * CHUNK_BATCHES) if scorer.kind != "gguf" else 32
     scored = 0
@@ -246,7 +275,7 @@ def score_file(model_path: Path, input_path: Path, output: Path, field_spec: str
     try:
         with output.open("a", encoding="utf-8") as out:
             for start in range(0, len(rows), chunk):
-                part = rows[start:start + chunk]
+                part = rows[start : start + chunk]
                 examples = [Example(input_ids=r.ids, labels=r.ids) for r in part]
                 try:
                     logps = scorer.model.token_logprobs(examples, should_stop=should_stop)
@@ -261,5 +290,13 @@ def score_file(model_path: Path, input_path: Path, output: Path, field_spec: str
                     progress(scored, len(rows))
     finally:
         scorer.close()
-    return {"scored": scored, "skipped_done": already, "bad": len(bad_rows), "remaining": len(rows) - scored,
-            "cancelled": cancelled, "output": str(output), "errors": str(errors), "backend": scorer.kind}
+    return {
+        "scored": scored,
+        "skipped_done": already,
+        "bad": len(bad_rows),
+        "remaining": len(rows) - scored,
+        "cancelled": cancelled,
+        "output": str(output),
+        "errors": str(errors),
+        "backend": scorer.kind,
+    }

@@ -40,8 +40,10 @@ def accepted() -> str:
     """What ``loratui serve`` and ``generate`` take, in words, with the built-in names."""
     from loratui.pipeline.models import BUILTINS
 
-    return ("a run directory, a .gguf file, an ONNX export folder, a merged model directory, a built-in model "
-            f"({', '.join(BUILTINS)}) or a hub id (org/name)")
+    return (
+        "a run directory, a .gguf file, an ONNX export folder, a merged model directory, a built-in model "
+        f"({', '.join(BUILTINS)}) or a hub id (org/name)"
+    )
 
 
 def resolve_target(spec: str, fmt: str = "auto", log: Callable[[str], None] | None = None) -> Target:
@@ -63,18 +65,22 @@ def resolve_target(spec: str, fmt: str = "auto", log: Callable[[str], None] | No
     if models.is_hub_id(name) and not path.parent.is_dir():
         return Target(models.resolve_model(name, log=log).path, name)
     close = difflib.get_close_matches(name, list(models.BUILTINS), n=1, cutoff=0.6)
-    raise LoratuiError(f"{spec}: no such run directory, file, built-in model or hub id; serve takes {accepted()}",
-                       hint=f"Did you mean {close[0]!r}?" if close else None)
+    raise LoratuiError(
+        f"{spec}: no such run directory, file, built-in model or hub id; serve takes {accepted()}",
+        hint=f"Did you mean {close[0]!r}?" if close else None,
+    )
 
 
 def nothing_to_serve(run: Path, config: str | None) -> LoratuiError:
     """No target on the command line, no serve.artifact, and the config's run is not there."""
     from loratui.pipeline.models import DEFAULT_MODEL
 
-    return LoratuiError(f"nothing to serve: no target given and no run at {run} (the run of "
-                        f"{config or 'the default config'}); pass {accepted()}",
-                        hint=f"For example: loratui serve runs/<name>, or loratui serve {DEFAULT_MODEL} (a "
-                        "built-in base model), or --config a config whose run exists.")
+    return LoratuiError(
+        f"nothing to serve: no target given and no run at {run} (the run of "
+        f"{config or 'the default config'}); pass {accepted()}",
+        hint=f"For example: loratui serve runs/<name>, or loratui serve {DEFAULT_MODEL} (a "
+        "built-in base model), or --config a config whose run exists.",
+    )
 
 
 def _ggufs(run: Path) -> list[Path]:
@@ -93,8 +99,10 @@ def _single(path: Path, fmt: str) -> Choice:
     elif path.is_dir() and any(path.glob("*.onnx")):
         kind, what = "onnx", "an ONNX export"
     elif path.is_dir() and (path / "adapter_config.json").is_file():
-        raise LoratuiError(f"{path} is an adapter folder: serve its run directory (base + adapter) or its merged model",
-                           hint="loratui serve runs/<name>, or loratui merge first.")
+        raise LoratuiError(
+            f"{path} is an adapter folder: serve its run directory (base + adapter) or its merged model",
+            hint="loratui serve runs/<name>, or loratui merge first.",
+        )
     elif path.is_dir() and (path / "config.json").is_file():
         kind, what = "torch", "a transformers model directory"
     else:
@@ -135,23 +143,34 @@ def _choose(target: Path, fmt: str, cuda: bool, base: Path | None = None) -> Cho
         if has_merged:
             return Choice("torch", merged, None, f"{why}: PyTorch serves the merged model {merged}")
         if has_adapter and base is not None:
-            return Choice("torch", base, adapter, f"{why}: PyTorch serves the base {base} with the adapter {adapter} "
-                          "(nothing merged yet)")
-        raise LoratuiError(f"{target}: nothing to serve with PyTorch (no merged/ and no adapter/)",
-                           hint="Train first (loratui train), or merge (loratui merge).")
+            return Choice(
+                "torch",
+                base,
+                adapter,
+                f"{why}: PyTorch serves the base {base} with the adapter {adapter} (nothing merged yet)",
+            )
+        raise LoratuiError(
+            f"{target}: nothing to serve with PyTorch (no merged/ and no adapter/)",
+            hint="Train first (loratui train), or merge (loratui merge).",
+        )
 
     if fmt == "torch" or (fmt == "auto" and cuda):
         return torch_choice("CUDA is available" if fmt == "auto" else "--format torch")
     if fmt == "gguf" or (fmt == "auto" and ggufs):
         if not ggufs:
             raise LoratuiError(f"{target}: no GGUF in exports/gguf/", hint="loratui export --format gguf first.")
-        return Choice("gguf", ggufs[0], None, ("no CUDA; " if fmt == "auto" else "") +
-                      f"llama.cpp serves {ggufs[0].name} (the fastest runtime on CPU; "
-                      f"{'q8_0' if ggufs[0].stem.endswith('q8_0') else 'the closest type to q8_0'} of "
-                      f"{len(ggufs)} GGUF file(s))")
+        return Choice(
+            "gguf",
+            ggufs[0],
+            None,
+            ("no CUDA; " if fmt == "auto" else "") + f"llama.cpp serves {ggufs[0].name} (the fastest runtime on CPU; "
+            f"{'q8_0' if ggufs[0].stem.endswith('q8_0') else 'the closest type to q8_0'} of "
+            f"{len(ggufs)} GGUF file(s))",
+        )
     if fmt == "onnx" or (fmt == "auto" and has_onnx):
         if not has_onnx:
             raise LoratuiError(f"{target}: no ONNX export in exports/onnx/", hint="loratui export --format onnx first.")
-        return Choice("onnx", onnx, None, ("no CUDA and no GGUF; " if fmt == "auto" else "") +
-                      f"ONNX Runtime serves {onnx}")
+        return Choice(
+            "onnx", onnx, None, ("no CUDA and no GGUF; " if fmt == "auto" else "") + f"ONNX Runtime serves {onnx}"
+        )
     return torch_choice("no CUDA, no GGUF and no ONNX export")

@@ -75,16 +75,21 @@ def fine_tuned_loader(jobs: JobManager, opts: ServeOptions, log: Callable[[str],
 
         source = jobs.model_source(model)
         if source is None:
-            raise ApiError(404, f"The model `{model}` does not exist: no succeeded fine-tuning job (or checkpoint) "
-                           "made it", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist: no succeeded fine-tuning job (or checkpoint) made it",
+                param="model",
+                code="model_not_found",
+            )
         run, checkpoint, base_spec = source
         if checkpoint is not None:
             base = resolve_model(base_spec, prepare=False).path
             choice = Choice("torch", base, checkpoint, f"PyTorch serves the base {base} with {checkpoint}")
         else:
             merged = (run / "merged" / "config.json").is_file()
-            choice = choose(run, "auto", torch.cuda.is_available(),
-                            None if merged else resolve_model(base_spec, prepare=False).path)
+            choice = choose(
+                run, "auto", torch.cuda.is_available(), None if merged else resolve_model(base_spec, prepare=False).path
+            )
         log(f"serve: loading {model}: {choice.reason}")
         return build_backend(choice, plain, model, log)
 
@@ -102,8 +107,10 @@ def is_loopback(host: str) -> bool:
 
 def check_security(opts: ServeOptions) -> None:
     if not is_loopback(opts.host) and not opts.api_key and not opts.allow_unauthenticated:
-        raise LoratuiError(f"--host {opts.host} would expose the model to the network with no API key",
-                           hint=f"Set --api-key (or {KEY_ENV}), or pass --allow-unauthenticated if that is intended.")
+        raise LoratuiError(
+            f"--host {opts.host} would expose the model to the network with no API key",
+            hint=f"Set --api-key (or {KEY_ENV}), or pass --allow-unauthenticated if that is intended.",
+        )
 
 
 def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callable[[str], None] = print) -> Any:
@@ -113,8 +120,15 @@ def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callab
         return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads)
     if choice.kind == "onnx":
         return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads)
-    return backends.TorchBackend(choice.path, model_id, opts.context_length, opts.max_batch_size, adapter=choice.adapter,
-                                 adapters=opts.adapters, log=log)
+    return backends.TorchBackend(
+        choice.path,
+        model_id,
+        opts.context_length,
+        opts.max_batch_size,
+        adapter=choice.adapter,
+        adapters=opts.adapters,
+        log=log,
+    )
 
 
 def loader_for(choice: Choice, opts: ServeOptions, log: Callable[[str], None]) -> Callable[[ServerState], None]:
@@ -134,9 +148,13 @@ def loader_for(choice: Choice, opts: ServeOptions, log: Callable[[str], None]) -
             if choice.adapter is not None and not opts.strict:
                 log(f"serve: the adapter {choice.adapter} failed to load ({why}); serving the base model instead")
                 try:
-                    state.backend = build_backend(Choice(choice.kind, choice.path, None, choice.reason), opts,
-                                                  state.model_id)
-                    state.status, state.reason = "degraded", f"adapter {choice.adapter} failed to load ({why}); serving the base model"
+                    state.backend = build_backend(
+                        Choice(choice.kind, choice.path, None, choice.reason), opts, state.model_id
+                    )
+                    state.status, state.reason = (
+                        "degraded",
+                        f"adapter {choice.adapter} failed to load ({why}); serving the base model",
+                    )
                     return
                 except Exception as e2:  # noqa: BLE001
                     why = f"{why}; the base failed too: {type(e2).__name__}: {e2}"
@@ -156,10 +174,17 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
     if opts.adapters:
         base = opts.base or opts.target
         if opts.fmt not in ("auto", "torch") or not (base / "config.json").is_file():
-            raise LoratuiError("--adapter: several adapters are served by PyTorch (peft) on a base model directory",
-                               hint="Give the base model directory (or a run) and --format torch or auto.")
-        choice = Choice("torch", base, None, f"{len(opts.adapters)} adapter(s) on the base {base}: PyTorch (peft) "
-                        "serves them side by side, one model id each")
+            raise LoratuiError(
+                "--adapter: several adapters are served by PyTorch (peft) on a base model directory",
+                hint="Give the base model directory (or a run) and --format torch or auto.",
+            )
+        choice = Choice(
+            "torch",
+            base,
+            None,
+            f"{len(opts.adapters)} adapter(s) on the base {base}: PyTorch (peft) "
+            "serves them side by side, one model id each",
+        )
     else:
         choice = choose(opts.target, opts.fmt, torch.cuda.is_available(), opts.base)
     model_id = opts.model_id or opts.source or (opts.target.name if opts.target.is_dir() else opts.target.stem)
@@ -183,11 +208,16 @@ def serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
     import uvicorn
 
     _state, app = prepare(opts, log)
-    log(f"serve: http://{opts.host}:{opts.port}/v1 (model `{_state.model_id}`"
-        + (", API key required" if opts.api_key else "") + ")")
+    log(
+        f"serve: http://{opts.host}:{opts.port}/v1 (model `{_state.model_id}`"
+        + (", API key required" if opts.api_key else "")
+        + ")"
+    )
     if opts.jobs is not None:
-        log(f"serve: fine-tuning API on /v1/files and /v1/fine_tuning/jobs ({opts.jobs.slots} job(s) at once; "
-            f"files and jobs in {opts.jobs.root}, runs in {opts.jobs.runs_dir})")
+        log(
+            f"serve: fine-tuning API on /v1/files and /v1/fine_tuning/jobs ({opts.jobs.slots} job(s) at once; "
+            f"files and jobs in {opts.jobs.root}, runs in {opts.jobs.runs_dir})"
+        )
     uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=5)
 
 

@@ -77,8 +77,9 @@ loratui.yaml). "Save settings as..." in the command palette writes another file.
 `loratui <step> --events jsonl` subprocesses: switching steps never stops them, and a cancelled
 training run keeps a checkpoint."""
 # The actions of the one-character keys: they act only while something on the main screen has the focus.
-TYPED_KEY_ACTIONS = frozenset({"show_step", "run_step", "resume", "cancel_job", "show_command", "open_run", "pick_data",
-                               "quit_key"})
+TYPED_KEY_ACTIONS = frozenset(
+    {"show_step", "run_step", "resume", "cancel_job", "show_command", "open_run", "pick_data", "quit_key"}
+)
 
 
 def display_command(argv: list[str]) -> str:
@@ -95,13 +96,16 @@ class LoratuiApp(App[None]):
     TITLE = "loratui"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (96, "-wide")]
     BINDINGS = [
-        *(Binding(str(i), f"show_step('{step}')", STEP_INFO[step][0], id=f"step-{step}", show=False)
-          for i, step in enumerate(STEP_ORDER, start=1)),
+        *(
+            Binding(str(i), f"show_step('{step}')", STEP_INFO[step][0], id=f"step-{step}", show=False)
+            for i, step in enumerate(STEP_ORDER, start=1)
+        ),
         Binding("r", "run_step", "Run", id="run"),
         Binding("R", "resume", "Resume", id="resume", show=False),
         Binding("c", "cancel_job", "Cancel", id="cancel"),
-        Binding("ctrl+s", "save", "Save", id="save",
-                tooltip="Write the settings to the config file named in the title bar"),
+        Binding(
+            "ctrl+s", "save", "Save", id="save", tooltip="Write the settings to the config file named in the title bar"
+        ),
         Binding("exclamation_mark", "show_command", "Command", id="show-command", key_display="!"),
         Binding("o", "open_run", "Open", id="open"),
         Binding("f", "pick_data", "Pick data", id="pick-data", show=False),
@@ -110,8 +114,14 @@ class LoratuiApp(App[None]):
         Binding("q", "quit_key", "Quit", id="quit"),  # its own action: ctrl+q ("quit") works with nothing focused
     ]
 
-    def __init__(self, cfg: RunConfig, config_path: str | Path | None = None, overrides: list[str] | None = None,
-                 command: Callable[[str], list[str]] | None = None, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        config_path: str | Path | None = None,
+        overrides: list[str] | None = None,
+        command: Callable[[str], list[str]] | None = None,
+        grace_s: float = 10.0,
+    ) -> None:
         super().__init__()
         self.cfg = self.base_cfg = cfg  # base: the file plus command-line overrides, before any form edit
         self.config_path = str(config_path) if config_path else None
@@ -232,9 +242,18 @@ class LoratuiApp(App[None]):
             return self.command(step) + (extra or [])
         if step == "serve":
             s = self.cfg.serve
-            argv = [sys.executable, "-m", "loratui", "serve", str(self.state.run.path),
-                    *(["--config", self.config_path] if self.config_path else []),
-                    "--host", s.host, "--port", str(s.port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "loratui",
+                "serve",
+                str(self.state.run.path),
+                *(["--config", self.config_path] if self.config_path else []),
+                "--host",
+                s.host,
+                "--port",
+                str(s.port),
+            ]
             if s.backend != "auto":
                 argv += ["--format", BACKEND_FORMAT.get(s.backend, s.backend)]
             return argv + (["--model-name", s.model_name] if s.model_name else [])
@@ -256,8 +275,9 @@ class LoratuiApp(App[None]):
             if path.is_dir():
                 path = path / f"{self.cfg.name}.yaml"
             if path.exists() and (self.config_path is None or path.resolve() != Path(self.config_path).resolve()):
-                self.push_screen(Confirm(f"{path} exists. Replace it?"),
-                                 lambda yes: self.save_to(path) if yes else None)
+                self.push_screen(
+                    Confirm(f"{path} exists. Replace it?"), lambda yes: self.save_to(path) if yes else None
+                )
             else:
                 self.save_to(path)
 
@@ -282,15 +302,19 @@ class LoratuiApp(App[None]):
         remember(path)
         self._set_subtitle()
         if self.editing_run_config:
-            self.notify(f"saved the settings to {path}, the run's own config (the file its steps read). To write "
-                        "another file: Save settings as... in the command palette (ctrl+p).", markup=False)
+            self.notify(
+                f"saved the settings to {path}, the run's own config (the file its steps read). To write "
+                "another file: Save settings as... in the command palette (ctrl+p).",
+                markup=False,
+            )
         else:
             self.notify(f"saved the settings to {path}", markup=False)
 
     def action_show_command(self) -> None:
         step = self.current_step
-        self.push_screen(TextDialog(f"{STEP_INFO[step][0]} as a command", display_command(self.step_argv(step)),
-                                    markup=False))
+        self.push_screen(
+            TextDialog(f"{STEP_INFO[step][0]} as a command", display_command(self.step_argv(step)), markup=False)
+        )
 
     def action_help(self) -> None:
         focused = self.focused
@@ -312,8 +336,7 @@ class LoratuiApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """The one-character keys do nothing while nothing on the main screen has the focus: such typing is
         meant for a field, not a command (they show dimmed in the footer meanwhile)."""
-        if action in TYPED_KEY_ACTIONS and self.screen_stack and self.screen is self.main \
-                and self.main.focused is None:
+        if action in TYPED_KEY_ACTIONS and self.screen_stack and self.screen is self.main and self.main.focused is None:
             return None
         return True
 
@@ -322,16 +345,21 @@ class LoratuiApp(App[None]):
             now = time.monotonic()
             if now - self._hinted > 10:  # once for a burst of typing
                 self._hinted = now
-                self.notify("Nothing has the focus, so typed keys do nothing: Esc focuses the step bar "
-                            "(its keys: r, o, q ...), Tab the next field.", markup=False)
+                self.notify(
+                    "Nothing has the focus, so typed keys do nothing: Esc focuses the step bar "
+                    "(its keys: r, o, q ...), Tab the next field.",
+                    markup=False,
+                )
 
     def _focus_shown(self) -> None:
         """After showing a step: focus the step bar when the focus is lost or in a view no longer shown (typing
         would go nowhere, or into a hidden field)."""
         focused = self.main.focused
         steps = self.main.query_one("#steps", ContentSwitcher)
-        if focused is None or (steps in focused.ancestors and not any(
-                isinstance(a, StepView) and a.id == steps.current for a in focused.ancestors)):
+        if focused is None or (
+            steps in focused.ancestors
+            and not any(isinstance(a, StepView) and a.id == steps.current for a in focused.ancestors)
+        ):
             self.main.query_one("#stepbar", Tabs).focus()
 
     def action_pick_data(self) -> None:
@@ -366,8 +394,13 @@ class LoratuiApp(App[None]):
             self.push_screen(ErrorDialog("Cannot open", str(e)))
             return False
         except ConfigError as e:
-            self.push_screen(ErrorDialog(f"Cannot open {target}", e.message,
-                                         "Fix the file (or run `loratui config validate` on it) and open it again."))
+            self.push_screen(
+                ErrorDialog(
+                    f"Cannot open {target}",
+                    e.message,
+                    "Fix the file (or run `loratui config validate` on it) and open it again.",
+                )
+            )
             return False
         self.cfg = self.base_cfg = cfg
         self.config_path, self.base_overrides, self.edits, self.problems = str(path), overrides, {}, {}
@@ -497,7 +530,7 @@ class LoratuiApp(App[None]):
         if job is None:
             return
         log = self.main.query_one("#job-log", RichLog)
-        events = job.events[self._shown:]
+        events = job.events[self._shown :]
         self._shown += len(events)
         for e in events:
             if e.type == "log" and e.level != "debug":
@@ -520,13 +553,16 @@ class LoratuiApp(App[None]):
             status.update(f"[b]{job.step}[/b] [green]done[/green]")
         elif job.state == "cancelled":
             resume = getattr(job.final_event, "resume_from", None)
-            status.update(f"[b]{job.step}[/b] [yellow]cancelled[/yellow]"
-                          + (f"; resume from {escape(resume)} with R" if resume else ""))
+            status.update(
+                f"[b]{job.step}[/b] [yellow]cancelled[/yellow]"
+                + (f"; resume from {escape(resume)} with R" if resume else "")
+            )
         else:
             err = job.error
             status.update(f"[b]{job.step}[/b] [red]failed[/red]")
-            self.push_screen(ErrorDialog(f"{job.step} failed", err.message if err else "the job failed",
-                                         getattr(err, "hint", None)))
+            self.push_screen(
+                ErrorDialog(f"{job.step} failed", err.message if err else "the job failed", getattr(err, "hint", None))
+            )
 
     @staticmethod
     def _speed(events: list[Any]) -> str:
@@ -543,7 +579,8 @@ class LoratuiApp(App[None]):
             self.main.query_one("#job-status", Static).update(
                 f"[b]{escape(step)}[/b] {escape(progress.task)}: {progress.current:g}/{progress.total or '?'} "
                 f"{escape(str(progress.unit or ''))}"
-                f"{speed} {escape(progress.message or '')}")
+                f"{speed} {escape(progress.message or '')}"
+            )
 
     def poll_run(self) -> None:
         """Without a job of our own, follow a step running in another process through events.jsonl."""
@@ -565,8 +602,12 @@ class LoratuiApp(App[None]):
         events = self.state.events  # just read by RunState.load
         progress = next((e for e in reversed(events) if e.type == "progress"), None)
         if progress is not None:
-            self._render_progress(f"{running[0]} (pid {self.state.last[running[0]].pid}, another process)",
-                                  progress, True, self._speed(events))
+            self._render_progress(
+                f"{running[0]} (pid {self.state.last[running[0]].pid}, another process)",
+                progress,
+                True,
+                self._speed(events),
+            )
 
     def _refresh_server(self) -> None:
         server = self.server
@@ -582,8 +623,13 @@ class LoratuiApp(App[None]):
             self.server, self.server_url, self._health = None, None, None
             view.show_server(None, server.state, tail, None)
             if server.state == "failed":
-                self.push_screen(ErrorDialog("The server stopped", "\n".join(tail[-6:]) or "no output",
-                                             "Check the Serve settings (port in use? nothing exported yet?)."))
+                self.push_screen(
+                    ErrorDialog(
+                        "The server stopped",
+                        "\n".join(tail[-6:]) or "no output",
+                        "Check the Serve settings (port in use? nothing exported yet?).",
+                    )
+                )
             return
         view.show_server(self.server_url, "starting", list(server.stderr_tail), self._health)
 
@@ -618,14 +664,18 @@ class LoratuiApp(App[None]):
             title = STEP_INFO[step][0]
             yield SystemCommand(f"Show {title}", STEP_INFO[step][1], lambda s=step: self.action_show_step(s))
             if step != "serve":
-                yield SystemCommand(f"Run {title}", f"loratui {cli_name(step)} on this run",
-                                    lambda s=step: (self.action_show_step(s), self.action_run_step(step=s)))
+                yield SystemCommand(
+                    f"Run {title}",
+                    f"loratui {cli_name(step)} on this run",
+                    lambda s=step: (self.action_show_step(s), self.action_run_step(step=s)),
+                )
         yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
         yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)
         yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)
         yield SystemCommand("Save settings", f"write {self.save_path} (ctrl+s)", self.action_save)
-        yield SystemCommand("Save settings as...", "write the settings to another config file, and edit that one",
-                            self.action_save_as)
+        yield SystemCommand(
+            "Save settings as...", "write the settings to another config file, and edit that one", self.action_save_as
+        )
         yield SystemCommand("Show command", "the loratui command line of the shown step (!)", self.action_show_command)
         yield SystemCommand("Pick training data", "choose data.source from a file tree (f)", self.action_pick_data)
         yield SystemCommand("Open a run", "a run folder, a config file or a recent run (o)", self.action_open_run)

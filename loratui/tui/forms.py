@@ -130,10 +130,16 @@ class FieldRow(Vertical):
     def __init__(self, spec: FieldSpec, value: Any) -> None:
         super().__init__(classes="field-row")
         self.spec, self.value = spec, value
-        self.help_text = (f"[b]{escape(spec.key)}[/b]  ({escape(spec.type_text)})\n\n{escape(spec.description)}"
-                          + (f"\n\nOne of: {', '.join(spec.choices)}" if spec.choices else "")
-                          + ("\n\nTyped as YAML, like a command-line override: `[a, b]` for a list, "
-                             "`{k: v}` for a mapping, empty for none." if spec.kind == "text" else ""))
+        self.help_text = (
+            f"[b]{escape(spec.key)}[/b]  ({escape(spec.type_text)})\n\n{escape(spec.description)}"
+            + (f"\n\nOne of: {', '.join(spec.choices)}" if spec.choices else "")
+            + (
+                "\n\nTyped as YAML, like a command-line override: `[a, b]` for a list, "
+                "`{k: v}` for a mapping, empty for none."
+                if spec.kind == "text"
+                else ""
+            )
+        )
 
     def compose(self) -> ComposeResult:
         spec, value = self.spec, self.value
@@ -145,14 +151,16 @@ class FieldRow(Vertical):
             if spec.kind == "switch":
                 yield Switch(bool(value), id=spec.widget_id)
             elif spec.kind == "select":
-                yield Select([(c, c) for c in spec.choices], value=str(value), allow_blank=False, id=spec.widget_id,
-                             compact=True)
+                yield Select(
+                    [(c, c) for c in spec.choices], value=str(value), allow_blank=False, id=spec.widget_id, compact=True
+                )
             elif spec.kind == "multi":
                 chosen = {str(v) for v in value or []}
                 yield SelectionList(*((c, c, c in chosen) for c in spec.choices), id=spec.widget_id, compact=True)
             else:
-                yield Input(as_text(value), placeholder=spec.type_text, id=spec.widget_id, compact=True,
-                            select_on_focus=False)  # typing after Tab adds at the end instead of replacing it all
+                yield Input(
+                    as_text(value), placeholder=spec.type_text, id=spec.widget_id, compact=True, select_on_focus=False
+                )  # typing after Tab adds at the end instead of replacing it all
         yield Static(escape(spec.description), classes="field-help")
         yield Static("", classes="field-error")
 

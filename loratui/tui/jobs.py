@@ -28,11 +28,21 @@ from loratui.pipeline.events import Error, Log, Progress, parse_event
 State = Literal["idle", "running", "done", "failed", "cancelled"]
 
 
-def step_command(step: str, config: str | Path | None, overrides: list[str] | None = None,
-                 extra: list[str] | None = None) -> list[str]:
+def step_command(
+    step: str, config: str | Path | None, overrides: list[str] | None = None, extra: list[str] | None = None
+) -> list[str]:
     """The command line of a step as the TUI runs it (and shows it in "show command")."""
-    return [sys.executable, "-m", "loratui", step, *(["--config", str(config)] if config else []),
-            *(overrides or []), *(extra or []), "--events", "jsonl"]
+    return [
+        sys.executable,
+        "-m",
+        "loratui",
+        step,
+        *(["--config", str(config)] if config else []),
+        *(overrides or []),
+        *(extra or []),
+        "--events",
+        "jsonl",
+    ]
 
 
 @dataclass
@@ -59,13 +69,20 @@ class Job:
         if self._proc is not None:
             raise RuntimeError("a Job runs once; make a new one")
         self.started_at = time.time()
-        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=subprocess.DEVNULL, cwd=self.cwd,
-                                      env={**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"},
-                                      start_new_session=True)  # its own process group: cancel reaches children
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
+            env={**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )  # its own process group: cancel reaches children
         self.state = "running"
-        self._threads = [threading.Thread(target=self._read_stdout, daemon=True, name="job-stdout"),
-                         threading.Thread(target=self._read_stderr, daemon=True, name="job-stderr")]
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True, name="job-stdout"),
+            threading.Thread(target=self._read_stderr, daemon=True, name="job-stderr"),
+        ]
         for t in self._threads:
             t.start()
         threading.Thread(target=self._watch, daemon=True, name="job-wait").start()
@@ -163,8 +180,9 @@ class Job:
         else:
             if last is None or last.type != "error":
                 tail = "\n".join(list(self.stderr_tail)[-5:]) or "no output"
-                self._emit(Error(step=self.step, message=f"the job ended with exit code {code}: {tail}",
-                                 user_error=False))
+                self._emit(
+                    Error(step=self.step, message=f"the job ended with exit code {code}: {tail}", user_error=False)
+                )
             self.state = "failed"
 
     # ---------------------------------------------------------------------------------- views

@@ -34,8 +34,10 @@ CLI_NAME: dict[str, str] = {"evaluate": "eval"}
 STEP_OF_EVENT: dict[str, str] = {v: k for k, v in CLI_NAME.items()}
 
 # What each step leaves in the run directory when it is done.
-DONE_ON_DISK: dict[str, Any] = {**{step: STEP_OUTPUTS[CLI_NAME.get(step, step)] for step in STEP_ORDER[:-1]},
-                                 "serve": lambda run: False}
+DONE_ON_DISK: dict[str, Any] = {
+    **{step: STEP_OUTPUTS[CLI_NAME.get(step, step)] for step in STEP_ORDER[:-1]},
+    "serve": lambda run: False,
+}
 _ADAPTER = ("a trained adapter (run Train)", DONE_ON_DISK["train"])
 # What a step needs before it can run, and how to tell: (label, test on the run directory).
 NEEDS: dict[str, tuple[str, Any] | None] = {
@@ -44,8 +46,10 @@ NEEDS: dict[str, tuple[str, Any] | None] = {
     "evaluate": _ADAPTER,
     "merge": _ADAPTER,
     "export": _ADAPTER,  # export merges first when merged/ is missing or stale
-    "serve": ("a trained adapter, a merged model or an export",
-              lambda run: any(DONE_ON_DISK[s](run) for s in ("train", "merge", "export"))),
+    "serve": (
+        "a trained adapter, a merged model or an export",
+        lambda run: any(DONE_ON_DISK[s](run) for s in ("train", "merge", "export")),
+    ),
 }
 
 
@@ -148,8 +152,9 @@ def last_runs(events: list[Any]) -> dict[str, LastRun]:
     return runs
 
 
-def loss_curves(events: list[Any],
-                run: RunDir | None = None) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def loss_curves(
+    events: list[Any], run: RunDir | None = None
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(step, loss) points, train and eval, of the training the run shows, in step order.
 
     While a training invocation is going, or when it stopped without an adapter (cancelled, failed,
@@ -188,7 +193,8 @@ def loss_curves(events: list[Any],
 
 def state_dir() -> Path:
     base = os.environ.get("LORATUI_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "loratui")
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "loratui"
+    )
     return Path(base)
 
 

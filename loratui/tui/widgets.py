@@ -17,8 +17,10 @@ from textual.widgets.option_list import Option
 class Confirm(ModalScreen[bool]):
     """A yes/no question; Enter or y says yes, Escape or n says no."""
 
-    BINDINGS = [Binding("y,enter", "answer(True)", "Yes", id="confirm-yes"),
-                Binding("n,escape", "answer(False)", "No", id="confirm-no")]
+    BINDINGS = [
+        Binding("y,enter", "answer(True)", "Yes", id="confirm-yes"),
+        Binding("n,escape", "answer(False)", "No", id="confirm-no"),
+    ]
 
     def __init__(self, question: str) -> None:
         super().__init__(classes="dialog")
@@ -117,8 +119,11 @@ class SaveAsDialog(ModalScreen[str | None]):
         with Vertical(classes="dialog-box wide-box"):
             yield Static("[b]Save settings as[/b]: a config file (Enter saves, Esc cancels)", classes="dialog-title")
             yield Input(self.suggestion, placeholder="my-run.yaml", id="save-as-path", select_on_focus=False)
-            yield Static(f"Now editing: {self.current}" if self.current else "Now editing: no config file yet",
-                         classes="dialog-hint", markup=False)
+            yield Static(
+                f"Now editing: {self.current}" if self.current else "Now editing: no config file yet",
+                classes="dialog-hint",
+                markup=False,
+            )
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.value.strip():
@@ -138,8 +143,10 @@ class DataFiles(DirectoryTree):
 class FilePicker(ModalScreen[str | None]):
     """Pick a data file (or a folder of documents) from the working folder down."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close", id="pick-close"),
-                Binding("space", "pick_folder", "Use this folder", id="pick-folder")]
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close", id="pick-close"),
+        Binding("space", "pick_folder", "Use this folder", id="pick-folder"),
+    ]
 
     def __init__(self, root: str = ".") -> None:
         super().__init__(classes="dialog")
@@ -147,8 +154,9 @@ class FilePicker(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box wide-box"):
-            yield Static("[b]Training data[/b]: Enter picks a file, Space a folder of .txt/.md documents",
-                         classes="dialog-title")
+            yield Static(
+                "[b]Training data[/b]: Enter picks a file, Space a folder of .txt/.md documents", classes="dialog-title"
+            )
             yield DataFiles(self.root, id="pick-tree")
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:

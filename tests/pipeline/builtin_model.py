@@ -21,8 +21,14 @@ def prepared(request):
 def llama(request):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(models.builtin_gguf(request.module.NAME)), n_ctx=1024, logits_all=True,
-                n_threads=2, seed=0, verbose=False)
+    llm = Llama(
+        model_path=str(models.builtin_gguf(request.module.NAME)),
+        n_ctx=1024,
+        logits_all=True,
+        n_threads=2,
+        seed=0,
+        verbose=False,
+    )
     yield llm
     llm.close()
 
@@ -91,6 +97,10 @@ def held_to_answer(model, llama, prompt: list[int], answer: list[int]) -> dict:
         x = x - x.max(-1, keepdims=True)
         return (x - np.log(np.exp(x).sum(-1, keepdims=True)))[np.arange(len(answer)), answer]
 
-    return {"ll_ours": float(logp(exact.numpy()).mean()), "ll_theirs": float(logp(theirs).mean()),
-            "decided": int(decided.sum()), "margin": margin,
-            "same_where_decided": bool((theirs.argmax(-1) == exact.numpy().argmax(-1))[decided].all())}
+    return {
+        "ll_ours": float(logp(exact.numpy()).mean()),
+        "ll_theirs": float(logp(theirs).mean()),
+        "decided": int(decided.sum()),
+        "margin": margin,
+        "same_where_decided": bool((theirs.argmax(-1) == exact.numpy().argmax(-1))[decided].all()),
+    }

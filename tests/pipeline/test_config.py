@@ -429,11 +429,13 @@ def test_local_paths_that_exist_or_are_not_paths_pass(tmp_path, monkeypatch):
     (tmp_path / "docs" / "a.md").write_text("# a\n")
     (tmp_path / "t1.jsonl").write_text("{}\n")
     (tmp_path / "adapter").mkdir()
-    text = ("model:\n  base: HuggingFaceTB/SmolLM2-135M-Instruct\n"  # a hub id: the data step fetches it
-            "data:\n  source: [quickstart, docs/, 't*.jsonl']\n  val_source: t1.jsonl\n"
-            "lora:\n  init_from: adapter\n"
-            "eval:\n  model: runs/quickstart/merged\n  retention_sources: [quickstart-more]\n"  # made by the run
-            "merge:\n  adapter: runs/quickstart/adapter\n")
+    text = (
+        "model:\n  base: HuggingFaceTB/SmolLM2-135M-Instruct\n"  # a hub id: the data step fetches it
+        "data:\n  source: [quickstart, docs/, 't*.jsonl']\n  val_source: t1.jsonl\n"
+        "lora:\n  init_from: adapter\n"
+        "eval:\n  model: runs/quickstart/merged\n  retention_sources: [quickstart-more]\n"  # made by the run
+        "merge:\n  adapter: runs/quickstart/adapter\n"
+    )
     assert _check(tmp_path, text) == {}
     assert _check(tmp_path, "model:\n  base: smollm2-135m-instruct\n") == {}
 
@@ -441,14 +443,22 @@ def test_local_paths_that_exist_or_are_not_paths_pass(tmp_path, monkeypatch):
 def test_each_missing_local_path_is_one_problem_with_field_line_and_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    text = ("model:\n  base: ./models/mine.gguf\n"
-            "data:\n  source: [quickstart, nowhere.jsonl, 'x/*.csv', empty]\n  test_source: /abs/test.jsonl\n"
-            "lora:\n  init_from: runs/old/adapter\n"
-            "eval:\n  retention_sources: [old.jsonl]\n"
-            "serve:\n  artifact: exports/model.gguf\n")
+    text = (
+        "model:\n  base: ./models/mine.gguf\n"
+        "data:\n  source: [quickstart, nowhere.jsonl, 'x/*.csv', empty]\n  test_source: /abs/test.jsonl\n"
+        "lora:\n  init_from: runs/old/adapter\n"
+        "eval:\n  retention_sources: [old.jsonl]\n"
+        "serve:\n  artifact: exports/model.gguf\n"
+    )
     problems = _check(tmp_path, text)
-    assert set(problems) == {"model.base", "data.source", "data.test_source", "lora.init_from",
-                             "eval.retention_sources", "serve.artifact"}
+    assert set(problems) == {
+        "model.base",
+        "data.source",
+        "data.test_source",
+        "lora.init_from",
+        "eval.retention_sources",
+        "serve.artifact",
+    }
     # one problem per missing item of a list; the field and the line of the list item
     from loratui.pipeline.config import check_local_paths
 
@@ -473,8 +483,10 @@ def test_a_path_relative_to_the_config_file_gets_the_hint(tmp_path, monkeypatch)
     for field in ("data.source", "data.val_source"):
         message = problems[field].message
         assert f"resolved against the working directory {tmp_path}" in message
-        assert (f"it is there relative to the config file ({tmp_path / 'cfgdir'}), but relative paths resolve against "
-                f"the working directory; run from {tmp_path / 'cfgdir'} or use an absolute path") in message
+        assert (
+            f"it is there relative to the config file ({tmp_path / 'cfgdir'}), but relative paths resolve against "
+            f"the working directory; run from {tmp_path / 'cfgdir'} or use an absolute path"
+        ) in message
     monkeypatch.chdir(tmp_path / "cfgdir")
     assert _check(tmp_path, "data:\n  source: data/train.jsonl\n") == {}
 

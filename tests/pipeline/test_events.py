@@ -48,20 +48,28 @@ def _emit_all(sink: EventSink, tmp_path) -> None:
 
 # (helper call, expected class, expected fields)
 HELPERS = [
-    (lambda s: s.progress(3, 10, task="t", unit="rows", message="m"), Progress,
-     {"current": 3, "total": 10, "task": "t", "unit": "rows", "message": "m"}),
+    (
+        lambda s: s.progress(3, 10, task="t", unit="rows", message="m"),
+        Progress,
+        {"current": 3, "total": 10, "task": "t", "unit": "rows", "message": "m"},
+    ),
     (lambda s: s.progress(1), Progress, {"current": 1, "total": None, "task": "main", "unit": "it"}),
-    (lambda s: s.metric({"loss": 0.5}, at=3, split="train"), Metric,
-     {"values": {"loss": 0.5}, "at": 3, "split": "train"}),
+    (
+        lambda s: s.metric({"loss": 0.5}, at=3, split="train"),
+        Metric,
+        {"values": {"loss": 0.5}, "at": 3, "split": "train"},
+    ),
     (lambda s: s.log("hi", level="warning"), Log, {"message": "hi", "level": "warning"}),
     (lambda s: s.log("hi"), Log, {"message": "hi", "level": "info"}),
-    (lambda s: s.artifact("does/not/exist.gguf", "gguf"), Artifact,
-     {"path": "does/not/exist.gguf", "kind": "gguf", "bytes": None}),
+    (
+        lambda s: s.artifact("does/not/exist.gguf", "gguf"),
+        Artifact,
+        {"path": "does/not/exist.gguf", "kind": "gguf", "bytes": None},
+    ),
     (lambda s: s.checkpoint("ck/1", at=1), Checkpoint, {"path": "ck/1", "at": 1}),
     (lambda s: s.done({"a": 1}, seconds=2.0), Done, {"summary": {"a": 1}, "seconds": 2.0}),
     (lambda s: s.done(), Done, {"summary": {}, "seconds": None}),
-    (lambda s: s.error("bad", hint="h", user_error=False), Error,
-     {"message": "bad", "hint": "h", "user_error": False}),
+    (lambda s: s.error("bad", hint="h", user_error=False), Error, {"message": "bad", "hint": "h", "user_error": False}),
     (lambda s: s.error("bad"), Error, {"message": "bad", "hint": None, "user_error": True}),
     (lambda s: s.cancelled(resume_from="ck/2"), Cancelled, {"message": "cancelled", "resume_from": "ck/2"}),
 ]

@@ -27,12 +27,15 @@ def test_every_model_type_belongs_to_one_family() -> None:
         assert set(family.unsupported) <= set(families.CHECKED)
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    ({"model_type": "llama"}, ["q_proj", "v_proj"]),
-    ({"model_type": "phi3"}, ["qkv_proj"]),  # fused projections: q_proj does not exist there
-    ({"model_type": "t5"}, ["q", "v"]),
-    ({"model_type": "never-heard-of"}, ["q_proj", "v_proj"]),
-])
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"model_type": "llama"}, ["q_proj", "v_proj"]),
+        ({"model_type": "phi3"}, ["qkv_proj"]),  # fused projections: q_proj does not exist there
+        ({"model_type": "t5"}, ["q", "v"]),
+        ({"model_type": "never-heard-of"}, ["q_proj", "v_proj"]),
+    ],
+)
 def test_attention_preset_names_the_family_projections(config: dict, expected: list[str]) -> None:
     assert families.lora_targets("attention", config) == {"target_modules": expected}
 
@@ -42,7 +45,8 @@ def test_all_linear_reaches_moe_experts_stored_as_parameters() -> None:
     assert out["target_modules"] == "all-linear"
     assert out["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert families.lora_targets("mlp", {"model_type": "gpt_oss"}) == {
-        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    }
 
 
 def test_all_linear_keeps_to_the_language_model_of_a_multimodal_checkpoint() -> None:
@@ -62,13 +66,16 @@ def test_a_list_of_names_is_used_as_given() -> None:
     assert families.lora_targets(["q_proj"], {"model_type": "phi3"}) == {"target_modules": ["q_proj"]}
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    ({"model_type": "gemma2", "attn_logit_softcapping": 50.0}, "eager"),  # SDPA drops the soft-cap
-    ({"model_type": "gemma2", "attn_logit_softcapping": None}, "sdpa"),
-    ({"model_type": "gpt_oss"}, "eager"),  # attention sinks
-    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "sdpa"),
-    ({"model_type": "llama"}, "sdpa"),
-])
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"model_type": "gemma2", "attn_logit_softcapping": 50.0}, "eager"),  # SDPA drops the soft-cap
+        ({"model_type": "gemma2", "attn_logit_softcapping": None}, "sdpa"),
+        ({"model_type": "gpt_oss"}, "eager"),  # attention sinks
+        ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "sdpa"),
+        ({"model_type": "llama"}, "sdpa"),
+    ],
+)
 def test_attention_implementation_honours_the_family(config: dict, expected: str) -> None:
     assert families.attention_implementation(config) == expected
 
@@ -106,9 +113,14 @@ def test_run_refuses_an_impossible_export_before_training(tmp_path: Path, monkey
     from loratui.pipeline.config import RunConfig
 
     model = _model_dir(tmp_path, model_type="olmo2")
-    cfg = RunConfig.model_validate({"name": "olmo", "model": {"base": str(model)},
-                                    "data": {"source": "quickstart"},
-                                    "export": {"formats": ["gguf", "onnx"]}})
+    cfg = RunConfig.model_validate(
+        {
+            "name": "olmo",
+            "model": {"base": str(model)},
+            "data": {"source": "quickstart"},
+            "export": {"formats": ["gguf", "onnx"]},
+        }
+    )
     ran: list[str] = []
     monkeypatch.setattr(run_all_module, "run_step", lambda name, *a, **k: ran.append(name))
     monkeypatch.chdir(tmp_path)
@@ -125,8 +137,9 @@ def test_the_alternatives_offered_are_formats_the_family_can_take(tmp_path: Path
 
 
 @pytest.mark.parametrize(("family", "expected"), [("gemma2", "eager"), ("gpt_oss", "eager"), ("llama", "sdpa")])
-def test_inference_loads_each_family_with_the_attention_that_computes_it(tiny_model_factory, family: str,
-                                                                         expected: str) -> None:
+def test_inference_loads_each_family_with_the_attention_that_computes_it(
+    tiny_model_factory, family: str, expected: str
+) -> None:
     """Evaluation, merge parity, export references and serving all load through load_torch."""
     from loratui.pipeline.evaluate.runtimes import load_torch
 

@@ -58,12 +58,16 @@ _MISTRAL3 = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK
 
 MATRIX: dict[str, Spec] = {
     # Llama 3's RoPE scaling (llama3-type rope_scaling: llama.cpp's rope_freqs tensor) and its date-writing template
-    "llama": Spec("meta-llama-Llama-3.2-3B-Instruct",
-                  ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>",
-                  tiny="llama3"),
+    "llama": Spec(
+        "meta-llama-Llama-3.2-3B-Instruct",
+        ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "<|eot_id|>",
+        tiny="llama3",
+    ),
     # no sliding window, as Mistral 7B v0.2/v0.3 and Nemo ship (sliding_window: null)
-    "mistral": Spec("mistralai-Mistral-Nemo-Instruct-2407", ("[INST]", "[/INST]"), None,
-                    config=(("sliding_window", None),)),
+    "mistral": Spec(
+        "mistralai-Mistral-Nemo-Instruct-2407", ("[INST]", "[/INST]"), None, config=(("sliding_window", None),)
+    ),
     "ministral": Spec("mistralai-Mistral-Nemo-Instruct-2407", ("[INST]", "[/INST]"), None),
     "ministral3": Spec("mistralai-Ministral-3-14B-Reasoning-2512", _MISTRAL3, None),
     # Qwen's own vocabulary: transformers 5 tokenizes every qwen2 model with Qwen2's pre-tokenizer
@@ -73,39 +77,69 @@ MATRIX: dict[str, Spec] = {
     "qwen3": Spec("Qwen-Qwen3-0.6B", ("<think>", "</think>"), "<|im_end|>"),
     "qwen3_moe": Spec("Qwen-Qwen3-0.6B", ("<think>", "</think>"), "<|im_end|>"),
     "qwen3_5": Spec("Qwen3.5-4B", ("<think>", "</think>"), "<|im_end|>"),
-    "gemma2": Spec("google-gemma-2-2b-it", ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", system=False,
-                   tokenizer="spm", config=(_GEMMA_SCALE,)),
-    "gemma3": Spec("google-gemma-2-2b-it", ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", system=False,
-                   tokenizer="spm", config=(_GEMMA_SCALE, _GEMMA3_LAYERS), sizes=(("layers", 6),)),
+    "gemma2": Spec(
+        "google-gemma-2-2b-it",
+        ("<start_of_turn>", "<end_of_turn>"),
+        "<end_of_turn>",
+        system=False,
+        tokenizer="spm",
+        config=(_GEMMA_SCALE,),
+    ),
+    "gemma3": Spec(
+        "google-gemma-2-2b-it",
+        ("<start_of_turn>", "<end_of_turn>"),
+        "<end_of_turn>",
+        system=False,
+        tokenizer="spm",
+        config=(_GEMMA_SCALE, _GEMMA3_LAYERS),
+        sizes=(("layers", 6),),
+    ),
     "gemma4": Spec("google-gemma-4-31B-it", ("<|turn>", "<turn|>"), "<turn|>", tokenizer="spm"),
     # a sliding window covering the whole context, as Phi-3.5-mini's and Phi-4-mini's (262144): llama.cpp
     # ignores Phi-3's window ("Phi SWA is currently disabled"), which is exact only then (the tiny model's own
     # window of 8 is for the training tests)
-    "phi3": Spec("microsoft-Phi-3.5-mini-instruct", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<|end|>",
-                 tokenizer="spm", config=(("sliding_window", 262144),)),
-    "granite": Spec("ibm-granite-granite-3.3-2B-Instruct", ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"),
-                    "<|end_of_text|>"),
+    "phi3": Spec(
+        "microsoft-Phi-3.5-mini-instruct",
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "<|end|>",
+        tokenizer="spm",
+        config=(("sliding_window", 262144),),
+    ),
+    "granite": Spec(
+        "ibm-granite-granite-3.3-2B-Instruct",
+        ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"),
+        "<|end_of_text|>",
+    ),
     "olmo2": Spec(None),  # OLMo 2's own template is not shipped offline: the tokenizer's ChatML
     "smollm3": Spec("HuggingFaceTB-SmolLM3-3B", ("<think>", "</think>"), "<|im_end|>"),
-    "gpt_oss": Spec("openai-gpt-oss-120b", ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"),
-                    "<|return|>"),
+    "gpt_oss": Spec(
+        "openai-gpt-oss-120b", ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"), "<|return|>"
+    ),
     "t5": Spec(None),  # encoder-decoder: no chat template (the data step joins the turns into source and target)
 }
 
 CHATS = [
-    [{"role": "system", "content": "You answer for the city library."},
-     {"role": "user", "content": "When does the library open?"},
-     {"role": "assistant", "content": "It opens at 9:00 from Monday to Friday."},
-     {"role": "user", "content": "And on Saturday?"},
-     {"role": "assistant", "content": "On Saturday it opens at 10:00."}],
-    [{"role": "user", "content": "What is the annual fee?"},
-     {"role": "assistant", "content": "The fee is 25 EUR per year."}],
-    [{"role": "user", "content": "How do I contact you?"},
-     {"role": "assistant", "content": "Write to info@example.org."},
-     {"role": "user", "content": "Is there a phone number?"},
-     {"role": "assistant", "content": "Yes: 555-0100, on weekdays."}],
-    [{"role": "user", "content": "Can I renew a book online?"},
-     {"role": "assistant", "content": "Yes, up to three times on the website."}],
+    [
+        {"role": "system", "content": "You answer for the city library."},
+        {"role": "user", "content": "When does the library open?"},
+        {"role": "assistant", "content": "It opens at 9:00 from Monday to Friday."},
+        {"role": "user", "content": "And on Saturday?"},
+        {"role": "assistant", "content": "On Saturday it opens at 10:00."},
+    ],
+    [
+        {"role": "user", "content": "What is the annual fee?"},
+        {"role": "assistant", "content": "The fee is 25 EUR per year."},
+    ],
+    [
+        {"role": "user", "content": "How do I contact you?"},
+        {"role": "assistant", "content": "Write to info@example.org."},
+        {"role": "user", "content": "Is there a phone number?"},
+        {"role": "assistant", "content": "Yes: 555-0100, on weekdays."},
+    ],
+    [
+        {"role": "user", "content": "Can I renew a book online?"},
+        {"role": "assistant", "content": "Yes, up to three times on the website."},
+    ],
 ]
 
 
@@ -115,8 +149,9 @@ def _write_data(path: Path, system: bool) -> Path:
         for chat in CHATS:
             messages = [m for m in chat if system or m["role"] != "system"]
             # distinct rows: the data step drops exact duplicates
-            rows.append({"messages": [dict(m, content=f"{m['content']} ({i})") if m["role"] == "user" else m
-                                      for m in messages]})
+            rows.append(
+                {"messages": [dict(m, content=f"{m['content']} ({i})") if m["role"] == "user" else m for m in messages]}
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -178,11 +213,25 @@ def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_facto
     allowed = [f for f in EXPORTS if families.refusal(model, f) is None]
     refused = [f for f in EXPORTS if f not in allowed]
     data = _write_data(tmp_path / "chats.jsonl", spec.system)
-    cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", f"name={family}", f"model.base={model}",
-                             f"data.source={data}", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1",
-                             "train.lr=1e-2", "train.warmup_ratio=0", "eval.max_new_tokens=8",
-                             f"export.formats=[{','.join(allowed)}]", "export.gguf_quants=[f32]",
-                             "export.onnx_quants=[]", "export.verify_samples=4"])
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={tmp_path / 'runs'}",
+            f"name={family}",
+            f"model.base={model}",
+            f"data.source={data}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.grad_accum=1",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            "eval.max_new_tokens=8",
+            f"export.formats=[{','.join(allowed)}]",
+            "export.gguf_quants=[f32]",
+            "export.onnx_quants=[]",
+            "export.verify_samples=4",
+        ],
+    )
     run = RunDir.for_config(cfg)
 
     # data: the family's own template, multi-turn rows included
@@ -194,8 +243,10 @@ def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_facto
     # merge: the family's own checkpoint, parity with the adapter
     result, _ = _ok("merge", cfg)
     assert result.summary["parity"]["passed"], result.summary["parity"]
-    assert json.loads((run.merged / "config.json").read_text())["model_type"] == \
-        json.loads((model / "config.json").read_text())["model_type"]
+    assert (
+        json.loads((run.merged / "config.json").read_text())["model_type"]
+        == json.loads((model / "config.json").read_text())["model_type"]
+    )
 
     # every format the registry allows: written and accepted in its own runtime
     if allowed:
@@ -209,7 +260,9 @@ def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_facto
             assert formats["onnx"]["rows"], formats["onnx"]
     # every format it refuses: refused up front by the export step, with the registry's reason, nothing written
     for fmt in refused:
-        code, _, mem = _step("export", cfg.model_copy(update={"export": cfg.export.model_copy(update={"formats": [fmt]})}))
+        code, _, mem = _step(
+            "export", cfg.model_copy(update={"export": cfg.export.model_copy(update={"formats": [fmt]})})
+        )
         errors = [e.message for e in mem.of_type("error")]
         assert code != EXIT_OK and errors and families.refusal(model, fmt).message in errors[0], errors
 
@@ -261,14 +314,22 @@ def _serve_one_chat(run_dir: Path, family: str) -> None:
 
     choice = choose(run_dir, "auto", cuda=False)
     state = ServerState(model_id=family)
-    srv = Server(create_app(state, limits=Limits(max_tokens=16),
-                            loader=loader_for(choice, ServeOptions(target=run_dir, context_length=256), lambda m: None)))
+    srv = Server(
+        create_app(
+            state,
+            limits=Limits(max_tokens=16),
+            loader=loader_for(choice, ServeOptions(target=run_dir, context_length=256), lambda m: None),
+        )
+    )
     try:
         health = srv.wait_ready()
         assert health["status"] == "ok", health
         reply = srv.client().chat.completions.create(
-            model=family, messages=[{"role": "user", "content": "When does the library open?"}], max_tokens=8,
-            temperature=0)
+            model=family,
+            messages=[{"role": "user", "content": "When does the library open?"}],
+            max_tokens=8,
+            temperature=0,
+        )
         assert reply.choices[0].message.role == "assistant"
         assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens >= 1
     finally:

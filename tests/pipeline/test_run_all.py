@@ -13,10 +13,25 @@ from loratui.pipeline.steps import EXIT_CANCELLED, EXIT_OK, EXIT_USER, StopFlag,
 
 
 def _cfg(tmp_path: Path, model: Path, *overrides: str) -> RunConfig:
-    return load_config(None, [f"runs_dir={tmp_path / 'runs'}", "name=r", f"model.base={model}", "data.source=quickstart",
-                              "train.max_steps=4", "train.batch_size=8", "train.grad_accum=1", "train.lr=1e-2",
-                              "train.save_every=1", "eval.max_samples=4", "eval.max_new_tokens=4",
-                              "eval.comparison_examples=2", "export.formats=[safetensors]", *overrides])
+    return load_config(
+        None,
+        [
+            f"runs_dir={tmp_path / 'runs'}",
+            "name=r",
+            f"model.base={model}",
+            "data.source=quickstart",
+            "train.max_steps=4",
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.lr=1e-2",
+            "train.save_every=1",
+            "eval.max_samples=4",
+            "eval.max_new_tokens=4",
+            "eval.comparison_examples=2",
+            "export.formats=[safetensors]",
+            *overrides,
+        ],
+    )
 
 
 def _statuses(outcomes) -> dict[str, str]:
@@ -48,8 +63,13 @@ def test_steps_run_once_then_only_what_a_change_touches(tmp_path, tiny_llama):
     assert (run.adapter / "adapter_model.safetensors").stat().st_mtime_ns == adapter
 
     code, outcomes = run_all(_cfg(tmp_path, tiny_llama, "eval.max_new_tokens=6"))
-    assert _statuses(outcomes) == {"data": "skipped", "train": "skipped", "eval": "ran", "merge": "skipped",
-                                   "export": "skipped"}
+    assert _statuses(outcomes) == {
+        "data": "skipped",
+        "train": "skipped",
+        "eval": "ran",
+        "merge": "skipped",
+        "export": "skipped",
+    }
 
     changed = _cfg(tmp_path, tiny_llama, "eval.max_new_tokens=6", "lora.r=4")
     code, outcomes = run_all(changed)
@@ -58,13 +78,23 @@ def test_steps_run_once_then_only_what_a_change_touches(tmp_path, tiny_llama):
     # training again by hand, same settings: another adapter, so what uses it is stale
     assert run_step("train", load_step("train"), changed.model_copy(deep=True))[0] == EXIT_OK
     code, outcomes = run_all(changed)
-    assert _statuses(outcomes) == {"data": "skipped", "train": "skipped", "eval": "ran", "merge": "ran",
-                                   "export": "ran"}
+    assert _statuses(outcomes) == {
+        "data": "skipped",
+        "train": "skipped",
+        "eval": "ran",
+        "merge": "ran",
+        "export": "ran",
+    }
 
     (run.eval / "metrics.json").unlink()  # an output gone: that step runs again, alone
     code, outcomes = run_all(changed, force=("merge",))
-    assert _statuses(outcomes) == {"data": "skipped", "train": "skipped", "eval": "ran", "merge": "ran",
-                                   "export": "skipped"}
+    assert _statuses(outcomes) == {
+        "data": "skipped",
+        "train": "skipped",
+        "eval": "ran",
+        "merge": "ran",
+        "export": "skipped",
+    }
 
 
 def test_an_interrupted_training_resumes_when_the_run_starts_again(tmp_path, tiny_llama):
@@ -77,22 +107,34 @@ def test_an_interrupted_training_resumes_when_the_run_starts_again(tmp_path, tin
 
     code, outcomes = run_all(cfg, writers=[probe], stop=stop)
     assert code == EXIT_CANCELLED
-    assert _statuses(outcomes) == {"data": "ran", "train": "cancelled", "eval": "not run", "merge": "not run",
-                                   "export": "not run"}
+    assert _statuses(outcomes) == {
+        "data": "ran",
+        "train": "cancelled",
+        "eval": "not run",
+        "merge": "not run",
+        "export": "not run",
+    }
     run = RunDir.for_config(cfg)
     assert not run.adapter.exists()
 
     mem = MemoryWriter()
     code, outcomes = run_all(cfg, writers=[mem])
     assert code == EXIT_OK
-    assert _statuses(outcomes) == {"data": "skipped", "train": "resumed", "eval": "ran", "merge": "ran",
-                                   "export": "ran"}
+    assert _statuses(outcomes) == {
+        "data": "skipped",
+        "train": "resumed",
+        "eval": "ran",
+        "merge": "ran",
+        "export": "ran",
+    }
     assert any(e.message.startswith("resuming from") for e in mem.of_type("log"))
     assert [e.summary.get("steps") for e in read_events(run.events) if e.type == "done" and e.step == "train"] == [6]
 
     # with other settings the checkpoints are not this training's: it starts over
-    code, outcomes = run_all(_cfg(tmp_path, tiny_llama, "eval.max_samples=2", "train.max_steps=6", "train.lr=2e-2"),
-                             skip=("eval", "merge", "export"))
+    code, outcomes = run_all(
+        _cfg(tmp_path, tiny_llama, "eval.max_samples=2", "train.max_steps=6", "train.lr=2e-2"),
+        skip=("eval", "merge", "export"),
+    )
     assert _statuses(outcomes) == {"data": "skipped", "train": "ran"}
 
 
@@ -101,8 +143,13 @@ def test_a_failing_step_stops_the_run_with_its_exit_code(tmp_path, tiny_llama):
     mem = MemoryWriter()
     code, outcomes = run_all(cfg, writers=[mem])
     assert code == EXIT_USER
-    assert _statuses(outcomes) == {"data": "failed", "train": "not run", "eval": "not run", "merge": "not run",
-                                   "export": "not run"}
+    assert _statuses(outcomes) == {
+        "data": "failed",
+        "train": "not run",
+        "eval": "not run",
+        "merge": "not run",
+        "export": "not run",
+    }
     assert "missing.jsonl" in mem.of_type("error")[0].message
 
 

@@ -31,23 +31,83 @@ NAME = models.DEFAULT_MODEL
 def tokenizer_corpus() -> list[str]:
     """At least 200 varied strings: digits, whitespace runs, emoji, accents, CJK, code, URLs ..."""
     groups = {
-        "digits": ["0", "7", "42", "1234567890", "3.14159", "-17", "1,000,000", "2026-11-22", "v1.2.3",
-                   "0x1F", "1e-4", "10:30", "٣٤٥", "½ and ²", "999999999999"],
-        "space": [" ", "  ", "\t", "\n", "\n\n\n", " \n ", "a  b", "a\tb", "trailing  ", "  leading",
-                  "\r\n", "mixed \t\n spaces", "    indented", "a\u00a0b"],
+        "digits": [
+            "0",
+            "7",
+            "42",
+            "1234567890",
+            "3.14159",
+            "-17",
+            "1,000,000",
+            "2026-11-22",
+            "v1.2.3",
+            "0x1F",
+            "1e-4",
+            "10:30",
+            "٣٤٥",
+            "½ and ²",
+            "999999999999",
+        ],
+        "space": [
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\n\n\n",
+            " \n ",
+            "a  b",
+            "a\tb",
+            "trailing  ",
+            "  leading",
+            "\r\n",
+            "mixed \t\n spaces",
+            "    indented",
+            "a\u00a0b",
+        ],
         "emoji": ["😀", "👍🏽", "👨‍👩‍👧", "🇫🇷", "I ❤️ NY", "🎉🎉🎉", "ok 👌"],
-        "accents": ["café", "naïve", "Zürich", "São Paulo", "Ångström", "façade", "jalapeño", "Dvořák",
-                    "e\u0301", "ÆØÅ æøå", "Ελληνικά", "Русский текст", "عربى", "עברית"],
+        "accents": [
+            "café",
+            "naïve",
+            "Zürich",
+            "São Paulo",
+            "Ångström",
+            "façade",
+            "jalapeño",
+            "Dvořák",
+            "e\u0301",
+            "ÆØÅ æøå",
+            "Ελληνικά",
+            "Русский текст",
+            "عربى",
+            "עברית",
+        ],
         "cjk": ["日本語", "中文字符测试", "한국어 문장", "漢字とひらがなとカタカナ", "東京タワー 333m"],
-        "code": ["def f(x):\n    return x ** 2  # square", "{\"a\": [1, 2, {\"b\": null}]}",
-                 "<div class=\"x\">Hi</div>", "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-                 "SELECT * FROM t WHERE id = 42;", "$ pip install -e '.[dev]'", r"^\d{3}-\w+$",
-                 "x != y && y >= z || !w"],
-        "urls": ["https://example.org/path?q=1&r=two#frag", "http://localhost:8000/v1/chat/completions",
-                 "info@example.org", "first.last+tag@sub.example.co.uk", "ftp://files.example.net/a_b-c.tar.gz",
-                 "www.example.com/Über"],
-        "prose": ["Don't stop; it's fine, we'll see.", "I'M SHOUTING!!!", "The fee is €25 (or $27).",
-                  "«Quoted» — “curly” ‘single’…", "Hello, World.", "end."],
+        "code": [
+            "def f(x):\n    return x ** 2  # square",
+            '{"a": [1, 2, {"b": null}]}',
+            '<div class="x">Hi</div>',
+            "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+            "SELECT * FROM t WHERE id = 42;",
+            "$ pip install -e '.[dev]'",
+            r"^\d{3}-\w+$",
+            "x != y && y >= z || !w",
+        ],
+        "urls": [
+            "https://example.org/path?q=1&r=two#frag",
+            "http://localhost:8000/v1/chat/completions",
+            "info@example.org",
+            "first.last+tag@sub.example.co.uk",
+            "ftp://files.example.net/a_b-c.tar.gz",
+            "www.example.com/Über",
+        ],
+        "prose": [
+            "Don't stop; it's fine, we'll see.",
+            "I'M SHOUTING!!!",
+            "The fee is €25 (or $27).",
+            "«Quoted» — “curly” ‘single’…",
+            "Hello, World.",
+            "end.",
+        ],
         "special": ["<|im_start|>user\nhi<|im_end|>", "text<|endoftext|>more", "<|im_end|>\n"],
     }
     corpus = [s for items in groups.values() for s in items]
@@ -60,8 +120,9 @@ def tokenizer_corpus() -> list[str]:
 
 
 def test_models_list_json_shows_the_prepared_default(prepared):
-    out = subprocess.run([sys.executable, "-m", "loratui", "models", "list", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "loratui", "models", "list", "--json"], capture_output=True, text=True, check=True
+    )
     rows = json.loads(out.stdout)
     row = next(r for r in rows if r["name"] == NAME)
     assert row["source"].startswith("builtin")
@@ -78,7 +139,12 @@ def test_prepare_is_cached(prepared):
 def test_imported_config_is_smollm2(prepared):
     cfg = json.loads((prepared.path / "config.json").read_text())
     assert cfg["model_type"] == "llama"
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        30,
+        576,
+        9,
+        3,
+    )
     assert cfg["vocab_size"] == 49152 and cfg["tie_word_embeddings"] is True
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 2)
 
@@ -133,12 +199,16 @@ def test_top1_agreement_with_llama_cpp(hf, llama):
     model, _ = hf
     agree = total = 0
     for text in AGREEMENT_TEXTS:
-        ours, theirs = next_token_choices(model, llama, llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        ours, theirs = next_token_choices(
+            model, llama, llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        )
         agree += int((ours == theirs).sum())
         total += len(ours)
     rate = agree / total
-    print(f"\nteacher-forced top-1 agreement, imported fp32 (transformers) vs Q4_1 GGUF (llama.cpp): "
-          f"{rate:.1%} over {total} positions")
+    print(
+        f"\nteacher-forced top-1 agreement, imported fp32 (transformers) vs Q4_1 GGUF (llama.cpp): "
+        f"{rate:.1%} over {total} positions"
+    )
     assert total >= 500
     assert rate >= 0.90
 
@@ -167,16 +237,20 @@ def test_chat_answer_from_both_runtimes(hf, llama, question, expected):
 
     model, tok = hf
     messages = [{"role": "user", "content": question}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
-    answer = out[0, prompt.shape[1]:].tolist()
+    answer = out[0, prompt.shape[1] :].tolist()
     ours = tok.decode(answer, skip_special_tokens=True).strip()
     assert expected in ours
 
     held = held_to_answer(model, llama, prompt[0].tolist(), answer)
-    print(f"\n{question}\n  transformers (imported): {ours!r}\n  per-token log-likelihood of it: transformers "
-          f"{held['ll_ours']:.3f}, llama.cpp (Q4_1) {held['ll_theirs']:.3f}; {held['decided']}/{len(answer)} positions "
-          f"lead by more than {held['margin']:.2f} logits")
+    print(
+        f"\n{question}\n  transformers (imported): {ours!r}\n  per-token log-likelihood of it: transformers "
+        f"{held['ll_ours']:.3f}, llama.cpp (Q4_1) {held['ll_theirs']:.3f}; {held['decided']}/{len(answer)} positions "
+        f"lead by more than {held['margin']:.2f} logits"
+    )
     assert abs(held["ll_ours"] - held["ll_theirs"]) < 0.15  # nats per token (a broken model: several)
     assert held["same_where_decided"]

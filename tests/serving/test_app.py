@@ -65,8 +65,13 @@ def artifacts(tmp_path_factory, tiny_model_factory):
     tmp = tmp_path_factory.mktemp("serve")
     gguf = tmp / "tiny-f32.gguf"
     entry = (Path(__file__).parents[2] / "loratui" / "exporters" / "convert_entry.py").read_text()
-    subprocess.run([sys.executable, "-c", entry, str(model), "--outfile", str(gguf), "--outtype", "f32"], check=True,
-                   cwd=converter_dir(), env={**os.environ, "PYTHONPATH": str(converter_dir())}, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", entry, str(model), "--outfile", str(gguf), "--outtype", "f32"],
+        check=True,
+        cwd=converter_dir(),
+        env={**os.environ, "PYTHONPATH": str(converter_dir())},
+        capture_output=True,
+    )
     onnx = tmp / "onnx"
     build(model, onnx, "fp32", tmp / "onnx.log", lambda: False, False)
     return {"torch": model, "gguf": gguf, "onnx": onnx}
@@ -77,8 +82,13 @@ def server(request, artifacts):
     kind = request.param
     state = ServerState(model_id="tiny")
     opts = ServeOptions(target=artifacts[kind], context_length=256)
-    srv = Server(create_app(state, limits=Limits(max_tokens=64),
-                            loader=loader_for(Choice(kind, artifacts[kind], None, "test"), opts, lambda m: None)))
+    srv = Server(
+        create_app(
+            state,
+            limits=Limits(max_tokens=64),
+            loader=loader_for(Choice(kind, artifacts[kind], None, "test"), opts, lambda m: None),
+        )
+    )
     health = srv.wait_ready()
     assert health["status"] == "ok", health
     yield kind, srv, state
@@ -106,13 +116,23 @@ def test_chat_streaming_equals_chat(server):
     _, srv, _ = server
     client = srv.client()
     whole = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, seed=1)
-    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, seed=1,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=CHAT,
+            max_tokens=12,
+            temperature=0,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        [whole.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
@@ -121,11 +141,15 @@ def test_a_stop_sequence_cuts_the_reply(server):
     client = srv.client()
     free = client.completions.create(model="tiny", prompt="Hello", max_tokens=16, temperature=0).choices[0].text
     assert len(free) > 4
-    stop = free[len(free) // 2:len(free) // 2 + 3]
+    stop = free[len(free) // 2 : len(free) // 2 + 3]
     cut = client.completions.create(model="tiny", prompt="Hello", max_tokens=16, temperature=0, stop=[stop]).choices[0]
-    assert cut.finish_reason == "stop" and cut.text == free[:free.find(stop)]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="Hello", max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert cut.finish_reason == "stop" and cut.text == free[: free.find(stop)]
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=16, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == cut.text  # no part of the stop string was streamed
 
 
@@ -164,8 +188,9 @@ def test_metrics_count_requests_and_tokens(server):
     srv.client().completions.create(model="tiny", prompt="Count me", max_tokens=3, temperature=0)
     text = httpx.get(srv.url + "/metrics").text
     assert 'loratui_requests_total{route="/v1/completions",status="200"}' in text
-    completed = float(next(line.split()[-1] for line in text.splitlines()
-                           if line.startswith("loratui_completion_tokens_total")))
+    completed = float(
+        next(line.split()[-1] for line in text.splitlines() if line.startswith("loratui_completion_tokens_total"))
+    )
     assert completed >= 3 and "loratui_time_to_first_token_seconds_count" in text and "loratui_queue_depth 0" in text
 
 
@@ -173,8 +198,10 @@ def test_concurrent_clients_get_their_own_outputs(server):
     _, srv, _ = server
     client = srv.client()
     prompts = [f"Row {i} of the list says" for i in range(6)]
-    alone = {p: client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
-             for p in prompts}
+    alone = {
+        p: client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+        for p in prompts
+    }
     together: dict[str, str] = {}
 
     def ask(p: str) -> None:
@@ -190,8 +217,11 @@ def test_concurrent_clients_get_their_own_outputs(server):
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
     _, srv, state = server
-    with httpx.stream("POST", srv.url + "/v1/completions", json={"model": "tiny", "prompt": "Go on", "max_tokens": 64,
-                                                                 "temperature": 0, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        srv.url + "/v1/completions",
+        json={"model": "tiny", "prompt": "Go on", "max_tokens": 64, "temperature": 0, "stream": True},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
@@ -199,7 +229,9 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
     while state.in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state.in_flight == 0
-    assert srv.client().completions.create(model="tiny", prompt="Still there?", max_tokens=2).choices[0].text is not None
+    assert (
+        srv.client().completions.create(model="tiny", prompt="Still there?", max_tokens=2).choices[0].text is not None
+    )
 
 
 def test_a_hang_up_during_a_send_still_runs_the_streams_cleanup():
@@ -239,8 +271,9 @@ def test_a_hang_up_during_a_send_still_runs_the_streams_cleanup():
 
 def test_api_key_and_loading_state(artifacts):
     gate = threading.Event()
-    inner = loader_for(Choice("gguf", artifacts["gguf"], None, "test"), ServeOptions(target=artifacts["gguf"]),
-                       lambda m: None)
+    inner = loader_for(
+        Choice("gguf", artifacts["gguf"], None, "test"), ServeOptions(target=artifacts["gguf"]), lambda m: None
+    )
 
     def slow_loader(state: ServerState) -> None:
         gate.wait(30)
@@ -292,11 +325,15 @@ def test_the_backends_agree_on_greedy_text(artifacts):
     """The same tiny f32 model in llama.cpp, PyTorch and ONNX Runtime: the same greedy reply."""
     from loratui.serving.backends import GenRequest, LlamaCppBackend, OnnxBackend, TorchBackend
 
-    backends = [LlamaCppBackend(artifacts["gguf"], "t", 256), TorchBackend(artifacts["torch"], "t", 256),
-                OnnxBackend(artifacts["onnx"], "t", 256)]
+    backends = [
+        LlamaCppBackend(artifacts["gguf"], "t", 256),
+        TorchBackend(artifacts["torch"], "t", 256),
+        OnnxBackend(artifacts["onnx"], "t", 256),
+    ]
     try:
-        replies = ["".join(d.text for d in b.stream(GenRequest(b.chat_prompt(CHAT), 12, temperature=0)))
-                   for b in backends]
+        replies = [
+            "".join(d.text for d in b.stream(GenRequest(b.chat_prompt(CHAT), 12, temperature=0))) for b in backends
+        ]
         prompts = [b.chat_prompt(CHAT) for b in backends]
     finally:
         for b in backends:
@@ -313,8 +350,12 @@ def test_the_serve_and_generate_commands(artifacts, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "loratui", "serve", str(artifacts["gguf"]), "--port", str(port),
-                             "--model-name", "tiny"], cwd=repo, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratui", "serve", str(artifacts["gguf"]), "--port", str(port), "--model-name", "tiny"],
+        cwd=repo,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -330,14 +371,34 @@ def test_the_serve_and_generate_commands(artifacts, tmp_path):
         proc.terminate()
         err = proc.communicate(timeout=60)[1]
     assert "llama.cpp" in err and "is a GGUF file" in err  # what it chose, and why
-    refused = subprocess.run([sys.executable, "-m", "loratui", "serve", str(artifacts["gguf"]), "--host", "0.0.0.0"],
-                             cwd=repo, capture_output=True, text=True, env={**os.environ, "LORATUI_API_KEY": ""})
+    refused = subprocess.run(
+        [sys.executable, "-m", "loratui", "serve", str(artifacts["gguf"]), "--host", "0.0.0.0"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LORATUI_API_KEY": ""},
+    )
     assert refused.returncode == 2 and "no API key" in refused.stderr
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": "Hello"}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "loratui", "generate", str(artifacts["gguf"]), "--input", str(src),
-                           "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "4"], cwd=repo, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loratui",
+            "generate",
+            str(artifacts["gguf"]),
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--max-tokens",
+            "4",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2 and "generated 2 rows" in done.stderr
 
@@ -350,8 +411,9 @@ def _random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(str(out))
     return out
 
@@ -377,8 +439,11 @@ def test_several_adapters_side_by_side(artifacts, tmp_path):
         together: dict[str, str] = {}
 
         def ask(model: str) -> None:
-            together[model] = client.completions.create(model=model, prompt=prompts[model], max_tokens=10,
-                                                        temperature=0).choices[0].text
+            together[model] = (
+                client.completions.create(model=model, prompt=prompts[model], max_tokens=10, temperature=0)
+                .choices[0]
+                .text
+            )
 
         threads = [threading.Thread(target=ask, args=(m,)) for m in prompts for _ in range(1)]
         [t.start() for t in threads]
@@ -389,8 +454,9 @@ def test_several_adapters_side_by_side(artifacts, tmp_path):
     for model, adapter in (("a", paths["a"]), ("b", paths["b"]), ("tiny", None)):
         backend = TorchBackend(base, model, 256, adapter=adapter)
         try:
-            alone[model] = "".join(d.text for d in backend.stream(GenRequest(backend.encode(prompts[model]), 10,
-                                                                              temperature=0)))
+            alone[model] = "".join(
+                d.text for d in backend.stream(GenRequest(backend.encode(prompts[model]), 10, temperature=0))
+            )
         finally:
             backend.close()
     assert together == alone

@@ -41,8 +41,9 @@ def test_continuous_batching_gives_each_request_its_own_output(tiny_model_factor
 
     def request(i: int) -> GenRequest:
         # some end at their first token (max_tokens 1), inside the batched prefill
-        return GenRequest(backend.encode(prompts[i]), max_tokens=1 if i % 5 == 0 else 5 + 3 * (i % 4), temperature=1.0,
-                          seed=i)
+        return GenRequest(
+            backend.encode(prompts[i]), max_tokens=1 if i % 5 == 0 else 5 + 3 * (i % 4), temperature=1.0, seed=i
+        )
 
     try:
         alone = {i: "".join(d.text for d in backend.stream(request(i))) for i in range(10)}
@@ -73,9 +74,12 @@ def test_prefix_caching_reuses_a_shared_prompt_start_and_changes_nothing(tiny_mo
 
     backend._cached_prefix = spy
     try:
+
         def replies() -> list[str]:
-            return ["".join(d.text for d in backend.stream(GenRequest(backend.chat_prompt(c), 8, temperature=0)))
-                    for c in chats]
+            return [
+                "".join(d.text for d in backend.stream(GenRequest(backend.chat_prompt(c), 8, temperature=0)))
+                for c in chats
+            ]
 
         backend.prefix_caching = False
         plain = replies()
@@ -105,8 +109,9 @@ def test_prompts_prefilled_together_reuse_the_cached_prefix_and_change_nothing(t
 
     def prefill() -> tuple[list[int], list[list[int]]]:
         """Four prompts admitted at once (the worker is idle): first tokens, and each row's mask."""
-        _rows, _cache, mask, first = backend._prefill([(GenRequest(list(p), 6, temperature=0), queue.Queue())
-                                                       for p in prompts])
+        _rows, _cache, mask, first = backend._prefill(
+            [(GenRequest(list(p), 6, temperature=0), queue.Queue()) for p in prompts]
+        )
         return first, mask.tolist()
 
     def replies() -> list[str]:

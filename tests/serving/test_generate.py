@@ -17,8 +17,11 @@ def _write(path: Path, rows: list, extra: tuple[str, ...] = ()) -> Path:
 
 def test_prompts_and_chats_with_bad_rows_and_resume(artifacts, tmp_path):  # noqa: F811
     backend = TorchBackend(artifacts["torch"], "t", 256, max_batch_size=4)
-    rows = [{"id": f"p{i}", "prompt": f"Prompt number {i} is"} for i in range(6)] + \
-           [{"id": "chat", "messages": CHAT}, {"id": "empty", "prompt": ""}, {"id": "p0", "prompt": "again"}]
+    rows = [{"id": f"p{i}", "prompt": f"Prompt number {i} is"} for i in range(6)] + [
+        {"id": "chat", "messages": CHAT},
+        {"id": "empty", "prompt": ""},
+        {"id": "p0", "prompt": "again"},
+    ]
     src = _write(tmp_path / "in.jsonl", rows, extra=("{broken",))
     out = tmp_path / "out.jsonl"
     calls = {"n": 0}

@@ -49,9 +49,14 @@ def test_the_defaults_are_the_configs():
 
 
 def test_finds_loratui_serve_among_the_processes(tmp_path):
-    proc = _proc(tmp_path, {1: ["/usr/bin/tini", "--", "loratui", "serve", "/work/runs/a", "--port", "9001"],
-                            7: ["/opt/venv/bin/python", "/opt/venv/bin/loratui", "serve", "--port=9002"],
-                            30: ["sleep", "10"]})
+    proc = _proc(
+        tmp_path,
+        {
+            1: ["/usr/bin/tini", "--", "loratui", "serve", "/work/runs/a", "--port", "9001"],
+            7: ["/opt/venv/bin/python", "/opt/venv/bin/loratui", "serve", "--port=9002"],
+            30: ["sleep", "10"],
+        },
+    )
     args, cwd = healthcheck.serve_command(proc)
     assert args == ["/work/runs/a", "--port", "9001"] and cwd == proc / "1" / "cwd"
     assert healthcheck.serve_command(_proc(tmp_path / "p2", {1: ["/opt/venv/bin/loratui", "train"]})) is None

@@ -24,16 +24,27 @@ from tests.serving.test_app import Server
 
 QUICKSTART = Path(__file__).parents[2] / "loratui" / "data" / "quickstart" / "train.jsonl"
 # Fast jobs: few eval rows, no base comparison, no export (the merged model is served on CPU then).
-TEMPLATE = ["eval.max_samples=2", "eval.max_new_tokens=4", "eval.comparison_examples=1", "eval.compare_base=false",
-            "train.lr=1e-2", "train.save_every=2", "export.formats=[]"]
+TEMPLATE = [
+    "eval.max_samples=2",
+    "eval.max_new_tokens=4",
+    "eval.comparison_examples=1",
+    "eval.compare_base=false",
+    "train.lr=1e-2",
+    "train.save_every=2",
+    "export.formats=[]",
+]
 LONG = {"train": {"max_steps": 60, "save_every": 2}}  # long enough to be caught running
 
 
 def _chat_jsonl(rows: int = 40) -> bytes:
     lines = [json.loads(line) for line in QUICKSTART.read_text().splitlines()[:rows]]
-    return "".join(json.dumps({"messages": [{"role": "user", "content": r["question"]},
-                                            {"role": "assistant", "content": r["answer"]}]}) + "\n"
-                   for r in lines).encode()
+    return "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+        )
+        + "\n"
+        for r in lines
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +91,14 @@ def test_a_job_runs_from_upload_to_chat_and_a_queued_job_cancels(tmp_path, tiny)
         assert client.files.content(f.id).content == _chat_jsonl()
 
         job = client.fine_tuning.jobs.create(
-            model="tiny", training_file=f.id, hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 2},
-            suffix="support", seed=7, metadata={"team": "search"}, extra_body={"loratui": {"lora": {"r": 4}}})
+            model="tiny",
+            training_file=f.id,
+            hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 2},
+            suffix="support",
+            seed=7,
+            metadata={"team": "search"},
+            extra_body={"loratui": {"lora": {"r": 4}}},
+        )
         assert job.status in ("validating_files", "queued", "running")
         assert (job.model, job.training_file, job.seed, job.metadata) == ("tiny", f.id, 7, {"team": "search"})
         second = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="later")
@@ -115,8 +132,15 @@ def test_a_job_runs_from_upload_to_chat_and_a_queued_job_cancels(tmp_path, tiny)
         events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
         assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
         messages = [e.message for e in events]
-        for expected in ("Validating training file", "Files validated", "Fine-tuning job started",
-                         "train done", "merge done", "New fine-tuned model created", "successfully completed"):
+        for expected in (
+            "Validating training file",
+            "Files validated",
+            "Fine-tuning job started",
+            "train done",
+            "merge done",
+            "New fine-tuned model created",
+            "successfully completed",
+        ):
             assert any(expected in m for m in messages), expected
         losses = [e for e in events if e.type == "metrics" and e.data and "train_loss" in e.data]
         assert losses and all(e.data["step"] >= 1 for e in losses)
@@ -129,13 +153,17 @@ def test_a_job_runs_from_upload_to_chat_and_a_queued_job_cancels(tmp_path, tiny)
         assert client.files.retrieve(results).purpose == "fine-tune-results"
         csv = client.files.content(results).text.splitlines()
         assert csv[0] == "step,train_loss,valid_loss,learning_rate" and len(csv) - 1 == len(losses)
-        assert float(csv[1].split(",")[1]) == pytest.approx(min(losses, key=lambda e: e.data["step"]).data["train_loss"],
-                                                            rel=1e-5)
+        assert float(csv[1].split(",")[1]) == pytest.approx(
+            min(losses, key=lambda e: e.data["step"]).data["train_loss"], rel=1e-5
+        )
         assert any(row.split(",")[2] for row in csv[1:])  # the validation loss at each evaluation
 
         checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
         assert checkpoints and checkpoints[0].step_number >= checkpoints[-1].step_number
-        assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-{checkpoints[0].step_number}"
+        assert (
+            checkpoints[0].fine_tuned_model_checkpoint
+            == f"{done.fine_tuned_model}:ckpt-step-{checkpoints[0].step_number}"
+        )
         assert checkpoints[0].metrics.train_loss is not None
 
         assert {m.id: m.created for m in client.models.list().data}[done.fine_tuned_model] == done.finished_at
@@ -148,8 +176,9 @@ def test_a_job_runs_from_upload_to_chat_and_a_queued_job_cancels(tmp_path, tiny)
             assert "".join(d.text for d in merged.stream(req)) == reply.choices[0].message.content
         finally:
             merged.close()
-        ckpt = client.chat.completions.create(model=checkpoints[-1].fine_tuned_model_checkpoint, messages=chat,
-                                              max_tokens=4, temperature=0)  # a checkpoint: base + its adapter
+        ckpt = client.chat.completions.create(
+            model=checkpoints[-1].fine_tuned_model_checkpoint, messages=chat, max_tokens=4, temperature=0
+        )  # a checkpoint: base + its adapter
         assert ckpt.usage.prompt_tokens == reply.usage.prompt_tokens
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model=f"ft:tiny:support:{'0' * 12}", messages=chat, max_tokens=4)
@@ -169,8 +198,13 @@ def test_bad_files_and_requests_are_refused_with_what_is_wrong(tmp_path, tiny):
     client = srv.client()
     try:
         good = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
-        rows = [good, '{"messages": [{"role": "user", "content": "Hi"}', json.dumps({"prompt_text": "x"}),
-                json.dumps({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}), good]
+        rows = [
+            good,
+            '{"messages": [{"role": "user", "content": "Hi"}',
+            json.dumps({"prompt_text": "x"}),
+            json.dumps({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}),
+            good,
+        ]
         bad = ("\n".join(rows) + "\n").encode()
         with pytest.raises(openai.BadRequestError) as e:
             client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
@@ -215,8 +249,9 @@ def test_bad_files_and_requests_are_refused_with_what_is_wrong(tmp_path, tiny):
         assert client.fine_tuning.jobs.list().data == []
 
         # the job's own data settings see what the upload could not: these chat rows are not alpaca rows
-        job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
-                                             extra_body={"loratui": {"data": {"format": "alpaca"}}})
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=f.id, extra_body={"loratui": {"data": {"format": "alpaca"}}}
+        )
         failed = client.fine_tuning.jobs.retrieve(job.id)
         deadline = time.monotonic() + 30
         while failed.status == "validating_files" and time.monotonic() < deadline:
@@ -237,7 +272,9 @@ def test_cancel_keeps_the_checkpoint_and_resume_finishes_the_job(tmp_path, tiny)
     client = srv.client()
     try:
         f = client.files.create(file=("support.jsonl", _chat_jsonl()), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="long", extra_body={"loratui": LONG})
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=f.id, suffix="long", extra_body={"loratui": LONG}
+        )
         _wait(client, job.id, lambda j: j.status == "running" and client.fine_tuning.jobs.checkpoints.list(j.id).data)
         stopped = client.fine_tuning.jobs.cancel(job.id)
         assert stopped.status == "cancelled"
@@ -274,8 +311,23 @@ def _port() -> int:
 
 
 def _serve(config: Path, model: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "loratui", "serve", str(model), "--config", str(config),
-                             "--port", str(port), "--model-name", "tiny"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loratui",
+            "serve",
+            str(model),
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--model-name",
+            "tiny",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -306,7 +358,9 @@ def test_a_server_that_dies_keeps_its_jobs_and_the_running_one_resumes(tmp_path,
         f = client.files.create(file=("support.jsonl", _chat_jsonl()), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body={"loratui": LONG})
         queued = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="next")
-        running = _wait(client, job.id, lambda j: j.status == "running" and client.fine_tuning.jobs.checkpoints.list(j.id).data)
+        running = _wait(
+            client, job.id, lambda j: j.status == "running" and client.fine_tuning.jobs.checkpoints.list(j.id).data
+        )
         pid = json.loads((tmp_path / "jobs" / "jobs" / job.id / "job.json").read_text())["pid"]
         assert (tmp_path / "runs" / running.model_extra["loratui"]["run_dir"]).is_dir()
     finally:
@@ -330,8 +384,9 @@ def test_a_server_that_dies_keeps_its_jobs_and_the_running_one_resumes(tmp_path,
         client.fine_tuning.jobs.resume(job.id)
         done = _wait(client, job.id, lambda j: j.status == "succeeded")
         assert done.fine_tuned_model in [m.id for m in client.models.list().data]
-        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
-                                               messages=[{"role": "user", "content": "Hi"}])
+        reply = client.chat.completions.create(
+            model=done.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
         assert reply.model == done.fine_tuned_model
     finally:
         server.send_signal(signal.SIGTERM)
@@ -340,9 +395,17 @@ def test_a_server_that_dies_keeps_its_jobs_and_the_running_one_resumes(tmp_path,
 
 def test_client_settings_take_training_sections_only():
     assert client_settings({"lora": {"r": 8}, "train.lr": 1e-4}, {"loratui.lora.method": "dora", "team": "x"}) == {
-        "lora.r": 8, "train.lr": 1e-4, "lora.method": "dora"}
-    for bad in ({"runs_dir": "/tmp"}, {"serve": {"api_key": "k"}}, {"model": {"base": "x"}},
-                {"train": {"resume": True}}, {"eval": {"retention_sources": ["/etc/passwd"]}}):
+        "lora.r": 8,
+        "train.lr": 1e-4,
+        "lora.method": "dora",
+    }
+    for bad in (
+        {"runs_dir": "/tmp"},
+        {"serve": {"api_key": "k"}},
+        {"model": {"base": "x"}},
+        {"train": {"resume": True}},
+        {"eval": {"retention_sources": ["/etc/passwd"]}},
+    ):
         with pytest.raises(ApiError, match="not a setting a job request may change"):
             client_settings(bad, None)
     with pytest.raises(ApiError, match="expected an object"):
@@ -365,8 +428,12 @@ def _wait_status(jobs: JobManager, job_id: str, status: str) -> dict:
 def test_the_manager_guards_models_files_and_resumes(tmp_path):
     """Without workers (nothing runs): which models a job may name, checkpoint names, and resume's checks."""
     template = load_config(None, [*TEMPLATE, "model.trust_remote_code=true"]).model_dump(mode="json")
-    settings = JobSettings(root=tmp_path / "jobs", runs_dir=tmp_path / "runs", template=template,
-                           served_bases={"tiny": str(tmp_path / "tiny")})
+    settings = JobSettings(
+        root=tmp_path / "jobs",
+        runs_dir=tmp_path / "runs",
+        template=template,
+        served_bases={"tiny": str(tmp_path / "tiny")},
+    )
     jobs = JobManager(settings, log=lambda m: None)
     upload = tmp_path / "upload.jsonl"
     upload.write_bytes(_chat_jsonl(8))
@@ -378,11 +445,16 @@ def test_the_manager_guards_models_files_and_resumes(tmp_path):
         jobs.create({"model": "tiny", "training_file": f["id"], "hyperparameters": [1]})
     hub = jobs.create({"model": "Qwen/Qwen2.5-0.5B-Instruct", "training_file": f["id"]})
     assert yaml.safe_load((settings.root / "jobs" / hub["id"] / "config.yaml").read_text())["model"] == {
-        **template["model"], "base": "Qwen/Qwen2.5-0.5B-Instruct", "trust_remote_code": False}
+        **template["model"],
+        "base": "Qwen/Qwen2.5-0.5B-Instruct",
+        "trust_remote_code": False,
+    }
     jobs.cancel(hub["id"])  # the operator trusts its own models' code, not a client's choice
 
     job = jobs.create({"model": "tiny", "training_file": f["id"]})
-    assert yaml.safe_load((settings.root / "jobs" / job["id"] / "config.yaml").read_text())["model"]["trust_remote_code"]
+    assert yaml.safe_load((settings.root / "jobs" / job["id"] / "config.yaml").read_text())["model"][
+        "trust_remote_code"
+    ]
     _wait_status(jobs, job["id"], "queued")
     assert jobs.cancel(job["id"])["status"] == "cancelled"
     assert jobs.resume(job["id"])["status"] == "validating_files"  # it never ran: its files are checked again
@@ -402,8 +474,13 @@ def test_a_new_server_stops_what_the_last_one_left_running(tmp_path):
     """Recovery: a job whose process outlived its server is stopped and failed (resumable); a job caught
     validating its files is validated again."""
     template = load_config(None, TEMPLATE).model_dump(mode="json")
-    settings = JobSettings(root=tmp_path / "jobs", runs_dir=tmp_path / "runs", template=template,
-                           served_bases={"tiny": str(tmp_path / "tiny")}, grace_s=10)
+    settings = JobSettings(
+        root=tmp_path / "jobs",
+        runs_dir=tmp_path / "runs",
+        template=template,
+        served_bases={"tiny": str(tmp_path / "tiny")},
+        grace_s=10,
+    )
     old = JobManager(settings, log=lambda m: None)
     upload = tmp_path / "upload.jsonl"
     upload.write_bytes(_chat_jsonl(8))
@@ -412,8 +489,9 @@ def test_a_new_server_stops_what_the_last_one_left_running(tmp_path):
     for job in (running, validating):
         _wait_status(old, job["id"], "queued")
     config = settings.root / "jobs" / running["id"] / "config.yaml"
-    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(config)],
-                                start_new_session=True)
+    leftover = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", str(config)], start_new_session=True
+    )
     old._update(running["id"], status="running", pid=leftover.pid, started_at=1)  # as a killed server left them
     old._update(validating["id"], status="validating_files")
 
@@ -451,6 +529,9 @@ def test_serve_puts_the_jobs_beside_the_served_run(tmp_path):
     assert settings.runs_dir == (tmp_path / "runs").resolve() and settings.root == settings.runs_dir / ".fine_tuning"
     assert (settings.slots, settings.gpus) == (1, [])  # no CUDA here: one job at a time
     assert settings.template["serve"]["api_key"] is None  # the template is the --config file, else the defaults
-    other = _job_settings(Namespace(config=None), load_config(None, [f"serve.jobs_dir={tmp_path / 'j'}",
-                                                                     "serve.job_slots=2"]), tmp_path / "m.gguf")
+    other = _job_settings(
+        Namespace(config=None),
+        load_config(None, [f"serve.jobs_dir={tmp_path / 'j'}", "serve.job_slots=2"]),
+        tmp_path / "m.gguf",
+    )
     assert (other.root, other.slots, other.runs_dir) == (tmp_path / "j", 2, Path("runs").resolve())

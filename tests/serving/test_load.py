@@ -20,8 +20,13 @@ def _one(url: str, i: int) -> tuple[int, str]:
     """One request; returns (status, what happened): ok, cancelled, or why it is malformed."""
     rng = random.Random(i)
     chat = rng.random() < 0.5
-    body = {"model": "tiny", "max_tokens": rng.randint(1, 24), "temperature": rng.choice([0, 0.8]), "seed": i,
-            **({"messages": CHAT} if chat else {"prompt": f"Request {i} asks"})}
+    body = {
+        "model": "tiny",
+        "max_tokens": rng.randint(1, 24),
+        "temperature": rng.choice([0, 0.8]),
+        "seed": i,
+        **({"messages": CHAT} if chat else {"prompt": f"Request {i} asks"}),
+    }
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if i % 2:
         r = httpx.post(url + path, json=body, timeout=120)
@@ -53,9 +58,17 @@ def _one(url: str, i: int) -> tuple[int, str]:
 @pytest.mark.parametrize("kind", ["gguf", "torch"])
 def test_400_requests_from_16_clients(artifacts, kind):  # noqa: F811
     state = ServerState(model_id="tiny")
-    srv = Server(create_app(state, limits=Limits(max_tokens=64, max_queue=64),
-                            loader=loader_for(Choice(kind, artifacts[kind], None, "test"),
-                                              ServeOptions(target=artifacts[kind], context_length=256), lambda m: None)))
+    srv = Server(
+        create_app(
+            state,
+            limits=Limits(max_tokens=64, max_queue=64),
+            loader=loader_for(
+                Choice(kind, artifacts[kind], None, "test"),
+                ServeOptions(target=artifacts[kind], context_length=256),
+                lambda m: None,
+            ),
+        )
+    )
     try:
         assert srv.wait_ready()["status"] == "ok"
         with ThreadPoolExecutor(16) as pool:
@@ -64,29 +77,41 @@ def test_400_requests_from_16_clients(artifacts, kind):  # noqa: F811
         assert all(s < 500 for s in statuses), [r for r in results if r[0] >= 500][:3]
         assert statuses.count(200) == 400, [r for r in results if r[0] != 200][:3]
         outcomes = [what for _, what in results]
-        assert outcomes.count("cancelled") == 40 and outcomes.count("ok") == 360, \
-            [o for o in outcomes if o not in ("ok", "cancelled")][:3]
+        assert outcomes.count("cancelled") == 40 and outcomes.count("ok") == 360, [
+            o for o in outcomes if o not in ("ok", "cancelled")
+        ][:3]
         health = httpx.get(srv.url + "/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
         metrics = httpx.get(srv.url + "/metrics").text
-        assert not [line for line in metrics.splitlines() if '/v1/' in line and 'status="5' in line]
+        assert not [line for line in metrics.splitlines() if "/v1/" in line and 'status="5' in line]
     finally:
         srv.stop()
 
 
 def test_a_full_queue_answers_429(artifacts):  # noqa: F811
     state = ServerState(model_id="tiny")
-    srv = Server(create_app(state, limits=Limits(max_tokens=64, max_queue=2),
-                            loader=loader_for(Choice("gguf", artifacts["gguf"], None, "test"),
-                                              ServeOptions(target=artifacts["gguf"], context_length=256), lambda m: None)))
+    srv = Server(
+        create_app(
+            state,
+            limits=Limits(max_tokens=64, max_queue=2),
+            loader=loader_for(
+                Choice("gguf", artifacts["gguf"], None, "test"),
+                ServeOptions(target=artifacts["gguf"], context_length=256),
+                lambda m: None,
+            ),
+        )
+    )
     try:
         assert srv.wait_ready()["status"] == "ok"
         barrier = threading.Barrier(8)
 
         def ask(i: int) -> httpx.Response:
             barrier.wait()
-            return httpx.post(srv.url + "/v1/completions", timeout=120,
-                              json={"model": "tiny", "prompt": f"Busy {i}", "max_tokens": 64, "temperature": 0})
+            return httpx.post(
+                srv.url + "/v1/completions",
+                timeout=120,
+                json={"model": "tiny", "prompt": f"Busy {i}", "max_tokens": 64, "temperature": 0},
+            )
 
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(ask, range(8)))

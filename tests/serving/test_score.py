@@ -10,11 +10,13 @@ import pytest
 
 from loratui.serving.score import score_file
 
-ROWS = [{"id": "a", "prompt": "Where is the library?", "completion": " At 14 Tannery Row."},
-        {"id": "b", "prompt": "When does it open?", "completion": " Nine in the morning, every weekday but Monday."},
-        {"id": "c", "prompt": "Hi", "completion": " Hello!"},
-        {"id": "d", "prompt": "Is there parking for visitors near the building?", "completion": " Yes, 90 minutes free."},
-        {"id": "e", "prompt": "Who runs it?", "completion": " The town of Ostervale."}]
+ROWS = [
+    {"id": "a", "prompt": "Where is the library?", "completion": " At 14 Tannery Row."},
+    {"id": "b", "prompt": "When does it open?", "completion": " Nine in the morning, every weekday but Monday."},
+    {"id": "c", "prompt": "Hi", "completion": " Hello!"},
+    {"id": "d", "prompt": "Is there parking for visitors near the building?", "completion": " Yes, 90 minutes free."},
+    {"id": "e", "prompt": "Who runs it?", "completion": " The town of Ostervale."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +105,18 @@ def test_an_interrupted_run_resumes_where_it_stopped(onnx_dir, tmp_path, monkeyp
 
 def test_bad_rows_are_reported_and_skipped(onnx_dir, tmp_path):
     _, onnx = onnx_dir
-    src = _write(tmp_path / "in.jsonl", [{"id": 1, "text": "A good row of text."}, {"id": 2, "text": ""},
-                                         {"id": 3, "body": "no text field"}, {"id": 1, "text": "repeated id"},
-                                         {"id": 4, "text": "x" * 3000}, {"id": 5, "text": 42}],
-                 extra_lines=("not json at all", "[1, 2]", '{"id": 6, "text": "Another good row."}'))
+    src = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"id": 1, "text": "A good row of text."},
+            {"id": 2, "text": ""},
+            {"id": 3, "body": "no text field"},
+            {"id": 1, "text": "repeated id"},
+            {"id": 4, "text": "x" * 3000},
+            {"id": 5, "text": 42},
+        ],
+        extra_lines=("not json at all", "[1, 2]", '{"id": 6, "text": "Another good row."}'),
+    )
     out = tmp_path / "scores.jsonl"
     summary = score_file(onnx, src, out, batch_size=2)
     assert summary["scored"] == 2 and summary["bad"] == 7
@@ -144,8 +154,13 @@ def test_a_gguf_scores_like_the_model_it_came_from(tmp_path, tiny_model_factory)
     model = tiny_model_factory(tokenizer="smollm2")
     gguf = tmp_path / "m.gguf"
     entry = (Path(__file__).parents[2] / "loratui" / "exporters" / "convert_entry.py").read_text()
-    subprocess.run([sys.executable, "-c", entry, str(model), "--outfile", str(gguf), "--outtype", "f32"], check=True,
-                   cwd=converter_dir(), env={**os.environ, "PYTHONPATH": str(converter_dir())}, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", entry, str(model), "--outfile", str(gguf), "--outtype", "f32"],
+        check=True,
+        cwd=converter_dir(),
+        env={**os.environ, "PYTHONPATH": str(converter_dir())},
+        capture_output=True,
+    )
     src = _write(tmp_path / "in.jsonl", ROWS)
     assert score_file(gguf, src, tmp_path / "g.jsonl", "prompt+completion")["backend"] == "gguf"
     score_file(model, src, tmp_path / "t.jsonl", "prompt+completion")
@@ -161,8 +176,24 @@ def test_the_command_line(onnx_dir, tmp_path, capsys):
     _, onnx = onnx_dir
     src = _write(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "scores.jsonl"
-    assert cli.main(["score", "--model", str(onnx), "--input", str(src), "--output", str(out),
-                     "--field", "prompt+completion", "--batch-size", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "score",
+                "--model",
+                str(onnx),
+                "--input",
+                str(src),
+                "--output",
+                str(out),
+                "--field",
+                "prompt+completion",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 5 and "scored 5 rows" in capsys.readouterr().err
     assert cli.main(["score", "--model", str(tmp_path / "nothing"), "--input", str(src), "--output", str(out)]) == 2
     assert "expected an ONNX export folder" in capsys.readouterr().err

@@ -68,8 +68,11 @@ def test_a_hub_id_offline_is_the_clear_offline_error(monkeypatch, tmp_path):
 def test_a_missing_run_is_not_taken_for_a_hub_id(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    with pytest.raises(LoratuiError, match=r"runs/missing: no such run directory, file, built-in model or hub id; "
-                                           r"serve takes a run directory, .*built-in model \(smollm2-135m-instruct[,)]"):
+    with pytest.raises(
+        LoratuiError,
+        match=r"runs/missing: no such run directory, file, built-in model or hub id; "
+        r"serve takes a run directory, .*built-in model \(smollm2-135m-instruct[,)]",
+    ):
         resolve_target("runs/missing")
 
 
@@ -113,8 +116,14 @@ def test_serve_with_no_target_and_no_run_says_what_to_pass(tmp_path, capsys):
     err = capsys.readouterr().err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert f"nothing to serve: no target given and no run at {tmp_path / 'runs' / 'quickstart'}" in line
-    for kind in ("a run directory", "a .gguf file", "an ONNX export folder", "a merged model directory",
-                 f"a built-in model ({', '.join(models.BUILTINS)})", "a hub id (org/name)"):
+    for kind in (
+        "a run directory",
+        "a .gguf file",
+        "an ONNX export folder",
+        "a merged model directory",
+        f"a built-in model ({', '.join(models.BUILTINS)})",
+        "a hub id (org/name)",
+    ):
         assert kind in line
     assert "Traceback" not in err
 
@@ -131,9 +140,14 @@ def test_serve_the_real_builtin_model(tmp_path):
     if not models.list_models()[0]["prepared"]:
         pytest.skip("the built-in model is not prepared (make model)")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loratui", "serve", BUILTIN, "--port", str(port)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratui", "serve", BUILTIN, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -148,9 +162,16 @@ def test_serve_the_real_builtin_model(tmp_path):
             time.sleep(0.5)
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [BUILTIN]
         assert httpx.get(url + "/v1/fine_tuning/jobs").json()["data"] == []
-        reply = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-            "model": BUILTIN, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello."}]}).json()
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            timeout=120,
+            json={
+                "model": BUILTIN,
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Say hello."}],
+            },
+        ).json()
         assert reply["choices"][0]["message"]["content"].strip(), json.dumps(reply)
     finally:
         proc.terminate()

@@ -28,8 +28,12 @@ def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def make_run(root: Path, name: str = "demo", steps: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export"),
-             train_file: str = "train.jsonl") -> Path:
+def make_run(
+    root: Path,
+    name: str = "demo",
+    steps: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export"),
+    train_file: str = "train.jsonl",
+) -> Path:
     """Write ``root/<name>.yaml`` and ``root/runs/<name>/`` with the artifacts of ``steps``; return the config."""
     cfg = RunConfig.model_validate({"name": name, "runs_dir": "runs", "data": {"source": train_file}})
     config = root / f"{name}.yaml"
@@ -37,8 +41,10 @@ def make_run(root: Path, name: str = "demo", steps: tuple[str, ...] = ("data", "
     run = root / "runs" / name
     run.mkdir(parents=True, exist_ok=True)
     write_config(run / "config.yaml", cfg)
-    (root / train_file).write_text('{"question": "Where?", "answer": "Here."}\n{"question": "When?"}\n'
-                                   '{"question": "Who?", "answer": ""}\n', encoding="utf-8")
+    (root / train_file).write_text(
+        '{"question": "Where?", "answer": "Here."}\n{"question": "When?"}\n{"question": "Who?", "answer": ""}\n',
+        encoding="utf-8",
+    )
     events = EventSink("data", [JsonlWriter(run / "events.jsonl")])
 
     def begin(step: str) -> EventSink:
@@ -48,18 +54,48 @@ def make_run(root: Path, name: str = "demo", steps: tuple[str, ...] = ("data", "
 
     if "data" in steps:
         begin("data").done({"rows": 3})
-        write_json(run / "data" / "report.json", {
-            "files": [{"path": train_file, "split": "train", "kind": "jsonl", "rows": 3, "format": "qa",
-                       "reason": "3 of 3 sampled rows have question, answer"}],
-            "rows": {"read": 3, "kept": 1, "dropped": 2, "truncated": 0},
-            "splits": {"train": 1, "validation": 0, "test": 0}, "problems": {"missing_field": 1, "empty_field": 1},
-            "dropped": [{"kind": "missing_field", "file": train_file, "row": 2, "field": "answer",
-                         "message": "no 'answer'", "action": "dropped"},
-                        {"kind": "empty_field", "file": train_file, "row": 3, "field": "answer",
-                         "message": "'answer' is empty", "action": "dropped"}],
-            "truncated": [], "task": "causal", "template": "chatml", "max_length": 64,
-            "max_length_source": "auto",
-            "tokens": {"train": {"rows": 1, "min": 24, "median": 24.0, "p95": 24.0, "max": 24, "total": 24}}})
+        write_json(
+            run / "data" / "report.json",
+            {
+                "files": [
+                    {
+                        "path": train_file,
+                        "split": "train",
+                        "kind": "jsonl",
+                        "rows": 3,
+                        "format": "qa",
+                        "reason": "3 of 3 sampled rows have question, answer",
+                    }
+                ],
+                "rows": {"read": 3, "kept": 1, "dropped": 2, "truncated": 0},
+                "splits": {"train": 1, "validation": 0, "test": 0},
+                "problems": {"missing_field": 1, "empty_field": 1},
+                "dropped": [
+                    {
+                        "kind": "missing_field",
+                        "file": train_file,
+                        "row": 2,
+                        "field": "answer",
+                        "message": "no 'answer'",
+                        "action": "dropped",
+                    },
+                    {
+                        "kind": "empty_field",
+                        "file": train_file,
+                        "row": 3,
+                        "field": "answer",
+                        "message": "'answer' is empty",
+                        "action": "dropped",
+                    },
+                ],
+                "truncated": [],
+                "task": "causal",
+                "template": "chatml",
+                "max_length": 64,
+                "max_length_source": "auto",
+                "tokens": {"train": {"rows": 1, "min": 24, "median": 24.0, "p95": 24.0, "max": 24, "total": 24}},
+            },
+        )
         (run / "data" / "preview.txt").write_text(PREVIEW, encoding="utf-8")
     if "train" in steps:
         sink = begin("train")
@@ -67,37 +103,88 @@ def make_run(root: Path, name: str = "demo", steps: tuple[str, ...] = ("data", "
             sink.metric({"loss": round(3.0 / at, 4), "tokens_per_s": 250.0}, at=at, split="train")
             if at % 5 == 0:
                 sink.metric({"eval_loss": round(3.2 / at + 0.1, 4)}, at=at, split="validation")
-        sink.done({"steps": 20, "train_loss": 0.15, "eval_loss": 0.26, "tokens_per_s": 250.0, "version": 1,
-                   "seconds": 12.5})
+        sink.done(
+            {"steps": 20, "train_loss": 0.15, "eval_loss": 0.26, "tokens_per_s": 250.0, "version": 1, "seconds": 12.5}
+        )
         write_json(run / "adapter" / "adapter_config.json", {"peft_type": "LORA", "r": 16})
         (run / "checkpoints" / "checkpoint-20").mkdir(parents=True, exist_ok=True)
     if "evaluate" in steps:
         begin("eval").done({"samples": 2})
-        write_json(run / "eval" / "metrics.json", {
-            "target": {"path": f"runs/{name}/adapter"}, "device": "cpu",
-            "decoding": {"strategy": "greedy", "max_new_tokens": 64},
-            "datasets": [{"name": "main", "models": {
-                "base": {"metrics": {"rougeL": 0.149, "contains": 0.034, "perplexity": 26.26}},
-                "tuned": {"metrics": {"rougeL": 0.545, "contains": 0.828, "perplexity": 1.58}}},
-                "delta": {"rougeL": 0.396, "contains": 0.794, "perplexity": -24.68}}]})
-        (run / "eval" / "generations.jsonl").write_text(json.dumps({
-            "prompt": "Where is the library?", "reference": "At 14 Tannery Row.",
-            "base": {"reply": "The library is in the city."}, "tuned": {"reply": "At 14 Tannery Row, Ostervale."}}) + "\n",
-            encoding="utf-8")
+        write_json(
+            run / "eval" / "metrics.json",
+            {
+                "target": {"path": f"runs/{name}/adapter"},
+                "device": "cpu",
+                "decoding": {"strategy": "greedy", "max_new_tokens": 64},
+                "datasets": [
+                    {
+                        "name": "main",
+                        "models": {
+                            "base": {"metrics": {"rougeL": 0.149, "contains": 0.034, "perplexity": 26.26}},
+                            "tuned": {"metrics": {"rougeL": 0.545, "contains": 0.828, "perplexity": 1.58}},
+                        },
+                        "delta": {"rougeL": 0.396, "contains": 0.794, "perplexity": -24.68},
+                    }
+                ],
+            },
+        )
+        (run / "eval" / "generations.jsonl").write_text(
+            json.dumps(
+                {
+                    "prompt": "Where is the library?",
+                    "reference": "At 14 Tannery Row.",
+                    "base": {"reply": "The library is in the city."},
+                    "tuned": {"reply": "At 14 Tannery Row, Ostervale."},
+                }
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     if "merge" in steps:
         begin("merge").done({})
         write_json(run / "merged" / "config.json", {"model_type": "llama"})
         (run / "merged" / "model.safetensors").write_bytes(b"\0" * 4096)
-        write_json(run / "merged" / "loratui-merge.json", {
-            "base": "smollm2-135m-instruct", "version": 1, "dtype": "float32",
-            "parity": {"max_abs_diff": 0.0001, "tolerance": 0.0005, "top1_agreement": 1.0, "positions": 497,
-                       "passed": True}})
+        write_json(
+            run / "merged" / "loratui-merge.json",
+            {
+                "base": "smollm2-135m-instruct",
+                "version": 1,
+                "dtype": "float32",
+                "parity": {
+                    "max_abs_diff": 0.0001,
+                    "tolerance": 0.0005,
+                    "top1_agreement": 1.0,
+                    "positions": 497,
+                    "passed": True,
+                },
+            },
+        )
     if "export" in steps:
         begin("export").done({})
-        write_json(run / "exports" / "gguf" / "report.json", {"files": [
-            {"type": "q8_0", "file": f"{name}-q8_0.gguf", "bytes": 144_800_000, "delta_perplexity": -0.0003,
-             "top1_agreement": 0.9943, "decode_tokens_per_s": 102.2, "key_facts": 0.79},
-            {"type": "q4_k_m", "file": f"{name}-q4_k_m.gguf", "bytes": 105_500_000, "delta_perplexity": 0.0215,
-             "top1_agreement": 0.97, "decode_tokens_per_s": 120.5, "key_facts": 0.76}]})
+        write_json(
+            run / "exports" / "gguf" / "report.json",
+            {
+                "files": [
+                    {
+                        "type": "q8_0",
+                        "file": f"{name}-q8_0.gguf",
+                        "bytes": 144_800_000,
+                        "delta_perplexity": -0.0003,
+                        "top1_agreement": 0.9943,
+                        "decode_tokens_per_s": 102.2,
+                        "key_facts": 0.79,
+                    },
+                    {
+                        "type": "q4_k_m",
+                        "file": f"{name}-q4_k_m.gguf",
+                        "bytes": 105_500_000,
+                        "delta_perplexity": 0.0215,
+                        "top1_agreement": 0.97,
+                        "decode_tokens_per_s": 120.5,
+                        "key_facts": 0.76,
+                    },
+                ]
+            },
+        )
     events.close()
     return config

@@ -64,7 +64,10 @@ async def test_every_view_renders_a_finished_run(tmp_path):
         # data: files with the detected format, problems with row numbers, lengths, trained tokens marked
         assert _cells(app, "data-files")[0][:4] == ["train.jsonl", "train", "3", "qa"]
         problems = _cells(app, "data-problems")
-        assert [(r[1], r[2], r[3]) for r in problems] == [("2", "missing_field", "answer"), ("3", "empty_field", "answer")]
+        assert [(r[1], r[2], r[3]) for r in problems] == [
+            ("2", "missing_field", "answer"),
+            ("3", "empty_field", "answer"),
+        ]
         assert _cells(app, "data-lengths") == [["train", "1", "24", "24", "24", "24", "24"]]
         preview = app.query_one("#data-preview", Static).render()
         assert "⟦At 14 Tannery Row, Ostervale.<|im_end|>⟧" in str(preview)  # the markers of preview.txt kept
@@ -91,8 +94,10 @@ async def test_every_view_renders_a_finished_run(tmp_path):
         await pilot.press("5")
         rows = _cells(app, "export-table")
         # the file (wrapped to the width left), its format and type under it, then the size as the report gives it
-        assert [("".join(r[0].splitlines()[:-1]), r[0].splitlines()[-1], r[1]) for r in rows] == \
-            [("demo-q8_0.gguf", "gguf q8_0", "138.1 MiB"), ("demo-q4_k_m.gguf", "gguf q4_k_m", "100.6 MiB")]
+        assert [("".join(r[0].splitlines()[:-1]), r[0].splitlines()[-1], r[1]) for r in rows] == [
+            ("demo-q8_0.gguf", "gguf q8_0", "138.1 MiB"),
+            ("demo-q4_k_m.gguf", "gguf q4_k_m", "100.6 MiB"),
+        ]
 
 
 def test_every_step_has_a_view():
@@ -239,8 +244,18 @@ async def test_the_command_palette_offers_every_action(tmp_path):
     app = _finished_app(tmp_path)
     async with app.run_test(size=(100, 30)):
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        for title in ("Run Data", "Run Train", "Show Serve", "Start the server", "Cancel the job", "Resume training",
-                      "Save settings", "Show command", "Open a run", "Help"):
+        for title in (
+            "Run Data",
+            "Run Train",
+            "Show Serve",
+            "Start the server",
+            "Cancel the job",
+            "Resume training",
+            "Save settings",
+            "Show command",
+            "Open a run",
+            "Help",
+        ):
             assert title in titles
 
 

@@ -44,7 +44,9 @@ async def test_a_job_runs_and_its_progress_and_log_show(tmp_path):
         await pilot.press("2", "r")
         await _until(pilot, lambda: app.job is not None and app.job.state == "done" and "done" in _status(app))
         assert app.query_one("#job-progress", ProgressBar).progress == 5
-        lines = [str(line.text) if hasattr(line, "text") else str(line) for line in app.query_one("#job-log", RichLog).lines]
+        lines = [
+            str(line.text) if hasattr(line, "text") else str(line) for line in app.query_one("#job-log", RichLog).lines
+        ]
         assert any("loss=" in line for line in lines) and any("not an event" in line for line in lines)
         await pilot.press("1")  # switching steps never touches the job
         assert app.job.state == "done"
@@ -103,8 +105,12 @@ async def test_resume_runs_training_with_resume_and_the_loss_chart_follows_the_j
     config = make_run(tmp_path, steps=("data", "train"))  # has checkpoints/checkpoint-20
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
-    app = create_app(load_config(config), config_path=config.name,
-                     command=lambda step: [sys.executable, str(script), "ok", step], grace_s=1.0)
+    app = create_app(
+        load_config(config),
+        config_path=config.name,
+        command=lambda step: [sys.executable, str(script), "ok", step],
+        grace_s=1.0,
+    )
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("R")
         await _until(pilot, lambda: app.job is not None and not app.job.running and "done" in _status(app))
@@ -113,7 +119,7 @@ async def test_resume_runs_training_with_resume_and_the_loss_chart_follows_the_j
         assert app.query_one("#loss-chart").train[:5] == [(i, 3.0 / i) for i in range(1, 6)]
 
 
-FAKE_SERVER = '''
+FAKE_SERVER = """
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -146,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
 
 print("serve: ready (fake)", file=sys.stderr, flush=True)
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-'''
+"""
 
 
 def _server_app(tmp_path: Path):
@@ -163,8 +169,13 @@ def _server_app(tmp_path: Path):
     script = tmp_path / "server.py"
     script.write_text(FAKE_SERVER)
     overrides = [f"serve.port={port}"]
-    return create_app(load_config(config, overrides), config_path=config.name, overrides=overrides,
-                      command=lambda step: [sys.executable, str(script), str(port)], grace_s=1.0), port
+    return create_app(
+        load_config(config, overrides),
+        config_path=config.name,
+        overrides=overrides,
+        command=lambda step: [sys.executable, str(script), str(port)],
+        grace_s=1.0,
+    ), port
 
 
 @pytest.mark.anyio

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loratui.tui.jobs import Job, step_command
 
-FAKE = textwrap.dedent('''
+FAKE = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     mode = sys.argv[1]
     def emit(**e):
@@ -41,7 +41,7 @@ FAKE = textwrap.dedent('''
         print("Segmentation fault (core dumped)", file=sys.stderr, flush=True)
         os._exit(139)
     emit(type="done", summary={"steps": 5}, seconds=0.1)
-''')
+""")
 
 
 def _job(tmp_path: Path, mode: str, **kw) -> Job:
@@ -120,7 +120,17 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
 
 def test_the_step_command_is_the_cli_line():
     argv = step_command("train", "run.yaml", ["train.lr=1e-4"], ["--resume"])
-    assert argv[1:] == ["-m", "loratui", "train", "--config", "run.yaml", "train.lr=1e-4", "--resume", "--events", "jsonl"]
+    assert argv[1:] == [
+        "-m",
+        "loratui",
+        "train",
+        "--config",
+        "run.yaml",
+        "train.lr=1e-4",
+        "--resume",
+        "--events",
+        "jsonl",
+    ]
     job = Job(argv)
     assert job.step == "train" and job.state == "idle"
 
@@ -128,8 +138,18 @@ def test_the_step_command_is_the_cli_line():
 def test_a_real_step_runs_as_a_job(tmp_path, tiny_llama):
     """`loratui data` through the same path the TUI uses: real events, done, the run's report written."""
     config = tmp_path / "run.yaml"
-    config.write_text(json.dumps({"name": "j", "runs_dir": str(tmp_path / "runs"), "model": {"base": str(tiny_llama)},
-                                  "data": {"source": "quickstart"}}))
+    config.write_text(
+        json.dumps(
+            {
+                "name": "j",
+                "runs_dir": str(tmp_path / "runs"),
+                "model": {"base": str(tiny_llama)},
+                "data": {"source": "quickstart"},
+            }
+        )
+    )
     job = Job(step_command("data", config), cwd=Path(__file__).parents[2]).start()
     assert job.wait(120) == "done", (job.error, list(job.stderr_tail)[-5:])
-    assert any(e.type == "artifact" for e in job.events) and (tmp_path / "runs" / "j" / "data" / "report.json").is_file()
+    assert (
+        any(e.type == "artifact" for e in job.events) and (tmp_path / "runs" / "j" / "data" / "report.json").is_file()
+    )

@@ -94,8 +94,13 @@ def test_confirm_dialog(snap_compare, app):
 def test_error_dialog(snap_compare, app):
     async def fail(pilot) -> None:
         await _steady(pilot)
-        pilot.app.push_screen(ErrorDialog("data failed", "data/train.jsonl row 3: field 'answer' is empty",
-                                          "Fill it in, or set data.on_problem.empty_field: drop."))
+        pilot.app.push_screen(
+            ErrorDialog(
+                "data failed",
+                "data/train.jsonl row 3: field 'answer' is empty",
+                "Fill it in, or set data.on_problem.empty_field: drop.",
+            )
+        )
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=fail)

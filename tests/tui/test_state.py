@@ -25,8 +25,14 @@ def _wait_exec(pid: int, word: bytes) -> None:
 
 def test_steps_are_done_blocked_or_todo_from_the_artifacts(tmp_path):
     state = RunState.load(load_config(make_run(tmp_path, steps=("data",))))
-    assert state.steps == {"data": "done", "train": "todo", "evaluate": "blocked", "merge": "blocked",
-                           "export": "blocked", "serve": "blocked"}
+    assert state.steps == {
+        "data": "done",
+        "train": "todo",
+        "evaluate": "blocked",
+        "merge": "blocked",
+        "export": "blocked",
+        "serve": "blocked",
+    }
     assert state.why_blocked["merge"] == "needs a trained adapter (run Train)"
     state = RunState.load(load_config(make_run(tmp_path, steps=("data", "train"))))
     assert state.steps["evaluate"] == "todo" and state.steps["serve"] == "todo"
@@ -109,8 +115,9 @@ def test_open_targets(tmp_path):
 
 
 def test_loratui_open_with_a_bad_target_is_a_clean_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "loratui", "open", str(tmp_path / "nope")], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "loratui", "open", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "no such run directory or config file" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -133,8 +140,13 @@ def test_the_loss_chart_spans_a_resume_and_shows_the_current_versions_curve(tmp_
 
     cancelled = [start(), *(loss(s, 5.0 - s / 10) for s in range(1, 6)), ev("cancelled")]
     curve = {"train": [[1, 4.9], [2, 4.8], [3, 4.7]], "eval": [[3, 4.5]]}  # checkpoint-3's log_history
-    resumed = [start(), ev("log", message="resuming from runs/x/checkpoints/checkpoint-3", curve=curve),
-               loss(4, 4.55), loss(5, 4.45), ev("metric", at=5, split="validation", values={"eval_loss": 4.4})]
+    resumed = [
+        start(),
+        ev("log", message="resuming from runs/x/checkpoints/checkpoint-3", curve=curve),
+        loss(4, 4.55),
+        loss(5, 4.45),
+        ev("metric", at=5, split="validation", values={"eval_loss": 4.4}),
+    ]
     # while the resumed run goes: the steps before the checkpoint, then its own (step 4 and 5 as redone)
     train, evals = loss_curves(cancelled + resumed)
     assert train == [(1, 4.9), (2, 4.8), (3, 4.7), (4, 4.55), (5, 4.45)]

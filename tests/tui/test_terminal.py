@@ -82,11 +82,16 @@ class Tmux:
     def __call__(self, *args: str, check: bool = True) -> str:
         # env: Python's view of it. The C-level one of a pytest process also has COLUMNS=80 and LINES=24
         # (set by GNU readline when it is loaded), and Textual takes those over the real terminal size.
-        proc = subprocess.run(["tmux", "-L", self.socket, "-f", str(self.conf), *args], capture_output=True,
-                              timeout=15, env=dict(os.environ))
+        proc = subprocess.run(
+            ["tmux", "-L", self.socket, "-f", str(self.conf), *args],
+            capture_output=True,
+            timeout=15,
+            env=dict(os.environ),
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"tmux {' '.join(args)} failed ({proc.returncode}): "
-                                 f"{proc.stderr.decode(errors='replace').strip()}")
+            raise AssertionError(
+                f"tmux {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace').strip()}"
+            )
         return proc.stdout.decode("utf-8", errors="replace")
 
     def start(self, cwd: Path, argv: list[str], env: list[str], width: int = 100, height: int = 30) -> list[int]:
@@ -115,8 +120,9 @@ class Tmux:
     def socket_path(self) -> Path:
         return Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}" / self.socket
 
-    def wait_for(self, what: str, check: Callable[[str], bool], timeout: float = STEP_TIMEOUT_S,
-                 running: bool = True) -> str:
+    def wait_for(
+        self, what: str, check: Callable[[str], bool], timeout: float = STEP_TIMEOUT_S, running: bool = True
+    ) -> str:
         """Poll the screen until ``check(screen)``; fail at once when a step failed or (``running``) the app ended."""
         start = time.monotonic()
         while True:
@@ -133,8 +139,11 @@ class Tmux:
                 problem = f"timed out after {timeout:.0f} s"
             if problem:
                 processes = "\n".join(f"  {pid} [{_stat(pid)}] {cmd}" for pid, cmd in _marked(self.marker).items())
-                pytest.fail(f"waiting for {what}: {problem} ({elapsed:.1f} s).\nIts processes:\n"
-                            f"{processes or '  none'}\nLast screen:\n{screen}", pytrace=False)
+                pytest.fail(
+                    f"waiting for {what}: {problem} ({elapsed:.1f} s).\nIts processes:\n"
+                    f"{processes or '  none'}\nLast screen:\n{screen}",
+                    pytrace=False,
+                )
             time.sleep(0.5)
 
 
@@ -146,7 +155,8 @@ def _config(work: Path, model: Path) -> Path:
         f"model:\n  base: {json.dumps(str(model))}\n"
         "data:\n  source: quickstart\n"
         "train:\n  max_steps: 3\n  batch_size: 8\n  grad_accum: 1\n  lr: 5.0e-2\n  warmup_ratio: 0\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return path
 
 
@@ -156,23 +166,32 @@ def test_data_train_merge_by_keys_in_a_real_terminal(tmp_path, tiny_llama):
     work.mkdir()
     state.mkdir()
     config = _config(work, tiny_llama)
-    env = [f"LORATUI_STATE_DIR={state}", "HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1",
-           "TOKENIZERS_PARALLELISM=false", "LANG=C.UTF-8"]
+    env = [
+        f"LORATUI_STATE_DIR={state}",
+        "HF_HUB_OFFLINE=1",
+        "HF_DATASETS_OFFLINE=1",
+        "TOKENIZERS_PARALLELISM=false",
+        "LANG=C.UTF-8",
+    ]
 
     tmux = Tmux(tmp_path)
     pids: list[int] = []
     leftovers: dict[int, str] = {}
     try:
         pids = tmux.start(work, [*_loratui(), "--config", config.name], env)
-        screen = tmux.wait_for("the step bar and the footer", lambda s: "1 Data" in s and "6 Serve" in s
-                               and "No job yet" in s and "q Quit" in (s.splitlines() or [""])[-1], timeout=60)
+        screen = tmux.wait_for(
+            "the step bar and the footer",
+            lambda s: (
+                "1 Data" in s and "6 Serve" in s and "No job yet" in s and "q Quit" in (s.splitlines() or [""])[-1]
+            ),
+            timeout=60,
+        )
         lines = screen.splitlines()  # the app fills the 100x30 terminal: its footer on the last row, full width
         assert len(lines) == 30 and max(len(line.rstrip()) for line in lines) >= 98, screen
 
         for key, tab, step in (("1", "1 Data ✓", "data"), ("2", "2 Train ✓", "train"), ("4", "4 Merge ✓", "merge")):
             tmux.keys(key, "r")
-            tmux.wait_for(f"{tab!r} and '{step} done'",
-                          lambda s, tab=tab, step=step: tab in s and f"{step} done" in s)
+            tmux.wait_for(f"{tab!r} and '{step} done'", lambda s, tab=tab, step=step: tab in s and f"{step} done" in s)
 
         screen = tmux.capture()
         stepbar = next((line for line in screen.splitlines() if "1 Data" in line), "")
@@ -204,5 +223,6 @@ def test_data_train_merge_by_keys_in_a_real_terminal(tmp_path, tiny_llama):
             except ProcessLookupError:
                 pass
     assert not leftovers, f"processes left behind after quitting: {leftovers}"
-    assert subprocess.run(["tmux", "-L", tmux.socket, "ls"], capture_output=True, timeout=15).returncode != 0, \
+    assert subprocess.run(["tmux", "-L", tmux.socket, "ls"], capture_output=True, timeout=15).returncode != 0, (
         "the private tmux server is still up"
+    )

@@ -44,10 +44,24 @@ def _said(app, monkeypatch) -> list[str]:
 def test_numbers_for_display():
     from loratui.tui.screens import fmt, percent, size
 
-    assert [fmt(v) for v in (62.69999999999999, 24.0, 3, 0.9943, -24.68, 12345.6, 1e-05, None)] == \
-        ["62.7", "24", "3", "0.9943", "-24.68", "12346", "1e-05", "-"]
+    assert [fmt(v) for v in (62.69999999999999, 24.0, 3, 0.9943, -24.68, 12345.6, 1e-05, None)] == [
+        "62.7",
+        "24",
+        "3",
+        "0.9943",
+        "-24.68",
+        "12346",
+        "1e-05",
+        "-",
+    ]
     assert [percent(v) for v in (1, 1.0, 0.9843, 0.97, None)] == ["100.0%", "100.0%", "98.4%", "97.0%", "-"]
-    assert [size(v) for v in (512, 4096, 144_800_000, 2**30, None)] == ["512 B", "4.0 KiB", "138.1 MiB", "1024.0 MiB", "-"]
+    assert [size(v) for v in (512, 4096, 144_800_000, 2**30, None)] == [
+        "512 B",
+        "4.0 KiB",
+        "138.1 MiB",
+        "1024.0 MiB",
+        "-",
+    ]
 
 
 @pytest.mark.anyio
@@ -55,8 +69,14 @@ async def test_the_lengths_table_shows_numbers_rounded(tmp_path):
     config = make_run(tmp_path)
     report_path = tmp_path / "runs" / "demo" / "data" / "report.json"
     report = json.loads(report_path.read_text())
-    report["tokens"]["train"] = {"rows": 40, "min": 18, "median": 31.5, "p95": 62.69999999999999, "max": 70,
-                                 "total": 1300}
+    report["tokens"]["train"] = {
+        "rows": 40,
+        "min": 18,
+        "median": 31.5,
+        "p95": 62.69999999999999,
+        "max": 70,
+        "total": 1300,
+    }
     write_json(report_path, report)
     app = create_app(load_config(config), config_path=config.name)
     async with app.run_test(size=(120, 40)):
@@ -73,7 +93,7 @@ async def test_the_preview_keeps_its_markers_and_data_text_is_never_markup(tmp_p
         preview = app.query_one("#data-preview", Static).render()
         text = str(preview)
         assert "Trained tokens are between ⟦ and ⟧; the rest is context only" in text
-        reversed_text = [text[s.start:s.end] for s in preview.spans if "reverse" in str(s.style)]
+        reversed_text = [text[s.start : s.end] for s in preview.spans if "reverse" in str(s.style)]
         assert reversed_text == ["At 14 Tannery Row, Ostervale.<|im_end|>"]  # the example's, not the header's
         # a run name with brackets: shown as it is, not taken for a style
         await pilot.press("5")
@@ -131,9 +151,22 @@ async def test_sizes_in_mib_and_agreement_as_percentages(tmp_path):
 @pytest.mark.anyio
 async def test_the_export_table_shows_every_column_at_120_columns(tmp_path):
     config = make_run(tmp_path, name="smollm2-135m-instruct-support")
-    write_json(tmp_path / "runs" / "smollm2-135m-instruct-support" / "exports" / "gguf-lora" / "report.json", {"files": [
-        {"type": "base f16 + LoRA f16", "file": "smollm2-135m-instruct-support-lora-f16.gguf", "bytes": 9_000_000,
-         "delta_perplexity": 0.00012, "top1_agreement": 1.0, "decode_tokens_per_s": 1234.5, "key_facts": 0.8}]})
+    write_json(
+        tmp_path / "runs" / "smollm2-135m-instruct-support" / "exports" / "gguf-lora" / "report.json",
+        {
+            "files": [
+                {
+                    "type": "base f16 + LoRA f16",
+                    "file": "smollm2-135m-instruct-support-lora-f16.gguf",
+                    "bytes": 9_000_000,
+                    "delta_perplexity": 0.00012,
+                    "top1_agreement": 1.0,
+                    "decode_tokens_per_s": 1234.5,
+                    "key_facts": 0.8,
+                }
+            ]
+        },
+    )
     app = create_app(load_config(config), config_path=config.name)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("5")
@@ -318,10 +351,21 @@ async def test_without_a_config_file_the_title_says_where_ctrl_s_writes(tmp_path
 @pytest.mark.anyio
 async def test_a_refused_export_row_is_marked_and_not_counted_as_verified(tmp_path):
     config = make_run(tmp_path, name="r")
-    write_json(tmp_path / "runs" / "r" / "exports" / "gguf" / "report.json", {"files": [
-        {"type": "f16", "file": "r-f16.gguf", "bytes": 2**20, "top1_agreement": 1.0, "verdict": "accepted"},
-        {"type": "q8_0", "file": "r-q8_0.gguf", "bytes": 2**19, "top1_agreement": 0.4,
-         "verdict": "refused: r-q8_0.gguf: picks another token than the merged model at 9 of 10 positions"}]})
+    write_json(
+        tmp_path / "runs" / "r" / "exports" / "gguf" / "report.json",
+        {
+            "files": [
+                {"type": "f16", "file": "r-f16.gguf", "bytes": 2**20, "top1_agreement": 1.0, "verdict": "accepted"},
+                {
+                    "type": "q8_0",
+                    "file": "r-q8_0.gguf",
+                    "bytes": 2**19,
+                    "top1_agreement": 0.4,
+                    "verdict": "refused: r-q8_0.gguf: picks another token than the merged model at 9 of 10 positions",
+                },
+            ]
+        },
+    )
     app = create_app(load_config(config), config_path=config.name)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("5")

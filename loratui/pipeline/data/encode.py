@@ -62,8 +62,9 @@ class RewritesEarlierTurns(LoratuiError):
     """The template renders a conversation differently from its own prefixes: one render cannot hold every turn."""
 
 
-def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str,
-                train_on_prompt: bool) -> tuple[str, Spans]:
+def render_chat(
+    messages: list[dict[str, str]], template: ChatTemplate, eos: str, train_on_prompt: bool
+) -> tuple[str, Spans]:
     """The rendered text and the character spans to train on (the reference implementation).
 
     An assistant span runs from the end of the generation prompt to the end of its turn: through the
@@ -87,7 +88,7 @@ def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str
         start = len(before)
         end = upto.rfind(eos, start) if eos else -1
         spans.append((start, end + len(eos) if end >= 0 else len(upto)))
-    if eos and spans and eos not in full[spans[-1][0]:spans[-1][1]]:
+    if eos and spans and eos not in full[spans[-1][0] : spans[-1][1]]:
         full += eos
         spans[-1] = (spans[-1][0], len(full))
     if train_on_prompt:
@@ -98,11 +99,13 @@ def render_chat(messages: list[dict[str, str]], template: ChatTemplate, eos: str
 def _rewrites(template: ChatTemplate) -> RewritesEarlierTurns:
     return RewritesEarlierTurns(
         f"the {template.name} chat template renders a conversation differently from its own prefixes, "
-        "so the assistant turns cannot be located in one render")
+        "so the assistant turns cannot be located in one render"
+    )
 
 
-def render_turn(messages: list[dict[str, str]], k: int, template: ChatTemplate, eos: str,
-                train_on_prompt: bool, where: str = "") -> tuple[str, Spans]:
+def render_turn(
+    messages: list[dict[str, str]], k: int, template: ChatTemplate, eos: str, train_on_prompt: bool, where: str = ""
+) -> tuple[str, Spans]:
     """``messages[:k + 1]`` as the model sees it when it writes reply ``k``, with only that reply trained.
 
     The text is the template's render of the conversation ending with reply ``k``; the trained span
@@ -123,8 +126,9 @@ def render_turn(messages: list[dict[str, str]], k: int, template: ChatTemplate, 
     return text, [(0, len(text)) if train_on_prompt else (start, end)]
 
 
-def _after_generation_prompt(messages: list[dict[str, str]], k: int, template: ChatTemplate, prompt: str,
-                             text: str, where: str) -> str:
+def _after_generation_prompt(
+    messages: list[dict[str, str]], k: int, template: ChatTemplate, prompt: str, text: str, where: str
+) -> str:
     """The text for reply ``k`` when the generation prompt is not the start of the rendered reply.
 
     The example is what the model sees at inference, the generation prompt, followed by the reply it
@@ -149,13 +153,14 @@ def _after_generation_prompt(messages: list[dict[str, str]], k: int, template: C
     added = _added_after(prompt, head) if head is not None else None
     origin = f"{where}: " if where else ""
     if added is not None and (added == "" or _CLOSED_THINK.fullmatch(added)):
-        return prompt + text[len(head):]
+        return prompt + text[len(head) :]
     opened = _OPENS_THINK.fullmatch(added) if added is not None else None
     if opened is None:
         raise LoratuiError(
             f"{origin}the {template.name} chat template renders the conversation before assistant message {k} "
             "with a generation prompt that is not how it renders that message, so the reply cannot be located",
-            hint="Choose a named template with data.template (chatml, alpaca, llama2, phi).")
+            hint="Choose a named template with data.template (chatml, alpaca, llama2, phi).",
+        )
     content = messages[k]["content"]
     tag = _OPENING_TAG.match(content)
     if tag is None:
@@ -163,11 +168,12 @@ def _after_generation_prompt(messages: list[dict[str, str]], k: int, template: C
             f"{origin}the {template.name} chat template opens a think block for every reply ({added!r}), "
             f"but assistant message {k} has no reasoning, so there is nothing faithful to train after it",
             hint="Start each assistant message with its reasoning, as '<think>...</think>' before the answer, "
-            "or choose a template without a thinking mode with data.template.")
-    reply = content[tag.end():]
+            "or choose a template without a thinking mode with data.template.",
+        )
+    reply = content[tag.end() :]
     space = opened.group(1)  # the prompt's own whitespace after <think> stands for the message's
-    reply = reply[len(space):] if reply.startswith(space) else reply.lstrip()
-    return prompt + reply + probe[at + len(_PROBE):]
+    reply = reply[len(space) :] if reply.startswith(space) else reply.lstrip()
+    return prompt + reply + probe[at + len(_PROBE) :]
 
 
 def _added_after(prompt: str, head: str) -> str | None:
@@ -177,15 +183,16 @@ def _added_after(prompt: str, head: str) -> str | None:
     the head after the first difference comes back, in one piece, later in the prompt); else None.
     """
     if prompt.startswith(head):
-        return prompt[len(head):]
+        return prompt[len(head) :]
     same = len(os.path.commonprefix([prompt, head]))
     rest = head[same:]
     found = prompt.rfind(rest)
-    return prompt[found + len(rest):] if found >= same else None
+    return prompt[found + len(rest) :] if found >= same else None
 
 
-def render_examples(messages: list[dict[str, str]], template: ChatTemplate, eos: str, train_on_prompt: bool,
-                    where: str = "") -> list[Rendered]:
+def render_examples(
+    messages: list[dict[str, str]], template: ChatTemplate, eos: str, train_on_prompt: bool, where: str = ""
+) -> list[Rendered]:
     """A chat row's examples: one (:func:`render_chat`) or, when its template rewrites earlier turns,
     one per assistant turn (:func:`render_turn`). With ``train_on_prompt`` the latter is only the last
     turn's, the whole conversation trained in full. Template errors name the row (``where``)."""
@@ -197,11 +204,14 @@ def render_examples(messages: list[dict[str, str]], template: ChatTemplate, eos:
         except RewritesEarlierTurns:
             pass
         turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-        return [(*render_turn(messages, k, template, eos, train_on_prompt, where), k + 1)
-                for k in (turns[-1:] if train_on_prompt else turns)]
+        return [
+            (*render_turn(messages, k, template, eos, train_on_prompt, where), k + 1)
+            for k in (turns[-1:] if train_on_prompt else turns)
+        ]
     except TemplateError as e:
-        raise LoratuiError(f"{where + ': ' if where else ''}the {template.name} chat template cannot render "
-                           f"this conversation: {e}") from None
+        raise LoratuiError(
+            f"{where + ': ' if where else ''}the {template.name} chat template cannot render this conversation: {e}"
+        ) from None
 
 
 _SLOT = re.compile("\x00(\\d+)\x00")
@@ -297,8 +307,15 @@ def _where(source: str) -> str:
     return f"{file}, row {row}"
 
 
-def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: ChatTemplate,
-                 train_on_prompt: bool, chunk_tokens: int, chunk_overlap: int) -> Any:
+def encode_batch(
+    batch: dict[str, list[Any]],
+    backend: Any,
+    eos: str,
+    template: ChatTemplate,
+    train_on_prompt: bool,
+    chunk_tokens: int,
+    chunk_overlap: int,
+) -> Any:
     """``datasets.map`` function: rows with ``messages``/``text`` -> a table of input_ids, labels, ...
 
     Vectorized over the batch: one call into the Rust tokenizer, masks from the token offsets with
@@ -318,8 +335,10 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
     if content_is_opaque(template.source):
         render = ShapeRenderer(template, eos, train_on_prompt)
     else:
+
         def render(messages: list[dict[str, str]], where: str) -> list[Rendered]:
             return render_examples(messages, template, eos, train_on_prompt, where)
+
     # Render chunk i+1 while the Rust tokenizer (which releases the GIL) encodes chunk i.
     pending = []
     submitted = 0
@@ -331,8 +350,9 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
                 for j, (full, sp, held) in enumerate(examples):
                     texts.append(full)
                     spans.append(sp)
-                    messages_out.append(messages_json if held == len(messages)
-                                        else json.dumps(messages[:held], ensure_ascii=False))
+                    messages_out.append(
+                        messages_json if held == len(messages) else json.dumps(messages[:held], ensure_ascii=False)
+                    )
                     turn_chunk.append(len(examples) - 1 - j)
                     origin.append(i)
             else:
@@ -342,7 +362,7 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
                 turn_chunk.append(0)
                 origin.append(i)
             while len(texts) - submitted >= PIPELINE_ROWS:
-                pending.append(pool.submit(_tokenize, backend, texts[submitted:submitted + PIPELINE_ROWS]))
+                pending.append(pool.submit(_tokenize, backend, texts[submitted : submitted + PIPELINE_ROWS]))
                 submitted += PIPELINE_ROWS
         if len(texts) > submitted:
             pending.append(pool.submit(_tokenize, backend, texts[submitted:]))
@@ -383,14 +403,16 @@ def encode_batch(batch: dict[str, list[Any]], backend: Any, eos: str, template: 
         bounds = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi, _ in windows])])
     offsets = pa.array(bounds.astype(np.int32))
     examples_of = [i for i, *_ in windows]
-    return pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
-        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.astype(np.int32))),
-        "source": [batch["source"][origin[i]] for i in examples_of],
-        "messages": [messages_out[i] for i in examples_of],
-        "meta": [batch["meta"][origin[i]] for i in examples_of],
-        "chunk": [w for *_, w in windows],
-    })
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.astype(np.int32))),
+            "source": [batch["source"][origin[i]] for i in examples_of],
+            "messages": [messages_out[i] for i in examples_of],
+            "meta": [batch["meta"][origin[i]] for i in examples_of],
+            "chunk": [w for *_, w in windows],
+        }
+    )
 
 
 def per_turn_counts(ds: Any) -> tuple[int, int]:
@@ -430,8 +452,7 @@ def _token_ids(backend: Any, texts: list[str]) -> tuple[Any, Any]:
     """Token counts and flat ids of ``texts``, with the tokenizer's own special tokens (post-processor)."""
     encodings = backend.encode_batch(texts, add_special_tokens=True)
     lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64,
-                      count=int(lengths.sum()))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(lengths.sum()))
     return lengths, ids
 
 
@@ -455,9 +476,11 @@ def encode_seq2seq_batch(batch: dict[str, list[Any]], backend: Any, eos_id: int)
     for messages_json, origin in zip(batch["messages"], batch["source"]):
         if not messages_json:  # read_examples rejects text files first; this guards direct callers
             file, _, row = origin.rpartition(":")
-            raise LoratuiError(f"{file}, row {row}: a text example cannot train an encoder-decoder (seq2seq) model",
-                               hint="Each row needs a source and a target: question/answer, instruction/output "
-                               "or a chat whose last message is the assistant's answer.")
+            raise LoratuiError(
+                f"{file}, row {row}: a text example cannot train an encoder-decoder (seq2seq) model",
+                hint="Each row needs a source and a target: question/answer, instruction/output "
+                "or a chat whose last message is the assistant's answer.",
+            )
         source, target = seq2seq_texts(json.loads(messages_json))
         sources.append(source)
         targets.append(target)
@@ -470,14 +493,16 @@ def encode_seq2seq_batch(batch: dict[str, list[Any]], backend: Any, eos_id: int)
     if no_eos.any():  # EOS at the end of each such row (np.insert puts it before the next row's first id)
         target_ids = np.insert(target_ids, ends[no_eos], eos_id)
         target_lengths = target_lengths + no_eos
-    return pa.table({
-        "input_ids": _list_array(source_lengths, source_ids),
-        "labels": _list_array(target_lengths, target_ids),
-        "source": list(batch["source"]),
-        "messages": list(batch["messages"]),
-        "meta": list(batch["meta"]),
-        "chunk": [0] * n,
-    })
+    return pa.table(
+        {
+            "input_ids": _list_array(source_lengths, source_ids),
+            "labels": _list_array(target_lengths, target_ids),
+            "source": list(batch["source"]),
+            "messages": list(batch["messages"]),
+            "meta": list(batch["meta"]),
+            "chunk": [0] * n,
+        }
+    )
 
 
 def token_counts(ds: Any) -> tuple[Any, Any]:

@@ -30,8 +30,15 @@ FORMAT_FIELDS: dict[str, list[tuple[str, ...]]] = {
     "text": [("text",)],
 }
 OPTIONAL_FIELDS = {"alpaca": ("input", "system"), "chat": ("system",), "sharegpt": ("system",)}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 ROLES = ("system", "user", "assistant")
 
 
@@ -50,8 +57,9 @@ class Example:
     def key(self) -> str:
         """Content hash used to find exact duplicates (within and across splits)."""
         if self._key is None:
-            payload = json.dumps(self.messages if self.messages is not None else self.text, sort_keys=True,
-                                 ensure_ascii=False)
+            payload = json.dumps(
+                self.messages if self.messages is not None else self.text, sort_keys=True, ensure_ascii=False
+            )
             self._key = hashlib.sha1(payload.encode("utf-8")).hexdigest()
         return self._key
 
@@ -96,7 +104,8 @@ def detect_format(records: list[dict[str, Any]], source: str) -> Detection:
         raise LoratuiError(
             f"{source}: cannot tell the format from the columns {', '.join(columns[:12])}",
             hint=f"Expected fields ({expected}). Map yours with data.columns, e.g. "
-            "data.columns={instruction: prompt, output: answer}, or set data.format.")
+            "data.columns={instruction: prompt, output: answer}, or set data.format.",
+        )
     count, fmt, fields = max(scores, key=lambda s: s[0])
     return Detection(fmt, f"{count} of {len(sample)} sampled rows have {', '.join(fields)}")
 
@@ -135,8 +144,12 @@ def _check_turns(messages: list[dict[str, str]], name: str) -> None:
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
             pos = i + (len(messages) - len(turns))
-            raise RowError("bad_role_order", f"message {pos} is '{m['role']}', expected '{expected}' "
-                           "(user and assistant must alternate, starting with user)", name)
+            raise RowError(
+                "bad_role_order",
+                f"message {pos} is '{m['role']}', expected '{expected}' "
+                "(user and assistant must alternate, starting with user)",
+                name,
+            )
     if turns[-1]["role"] != "assistant":
         raise RowError("bad_role_order", "the conversation ends with a user message that has no answer", name)
     for i, m in enumerate(messages):
@@ -145,8 +158,9 @@ def _check_turns(messages: list[dict[str, str]], name: str) -> None:
             raise RowError(kind, f"message {i} ({m['role']}) is empty", name)
 
 
-def _message_list(record: dict[str, Any], name: str, role_key: str, content_key: str,
-                  roles: dict[str, str] | None) -> list[dict[str, str]]:
+def _message_list(
+    record: dict[str, Any], name: str, role_key: str, content_key: str, roles: dict[str, str] | None
+) -> list[dict[str, str]]:
     raw = record.get(name)
     if raw is None:
         raise RowError("missing_field", "required field is missing", name)
@@ -161,7 +175,9 @@ def _message_list(record: dict[str, Any], name: str, role_key: str, content_key:
     for i, item in enumerate(raw):
         where = f"{name}[{i}]"
         if not isinstance(item, dict):
-            raise RowError("wrong_type", f"expected an object with {role_key} and {content_key}, got {_kind(item)}", where)
+            raise RowError(
+                "wrong_type", f"expected an object with {role_key} and {content_key}, got {_kind(item)}", where
+            )
         role, content = item.get(role_key), item.get(content_key)
         if role is None or content is None:
             missing = role_key if role is None else content_key

@@ -22,14 +22,27 @@ from loratui.pipeline.data.problems import RowError, shorten
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import has_surrogates
 
-DATA_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-                   ".parquet": "parquet"}
+DATA_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
 DOC_EXTENSIONS = {".txt", ".md", ".markdown"}
 BUNDLED_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 
-_MAGIC = [(b"PAR1", "Parquet"), (b"PK\x03\x04", "a ZIP archive (or .xlsx/.docx)"), (b"%PDF", "a PDF"),
-          (b"\x89PNG", "a PNG image"), (b"\x1f\x8b", "gzip-compressed"), (b"\xff\xd8\xff", "a JPEG image"),
-          (b"SQLite format 3", "an SQLite database"), (b"GGUF", "a GGUF model")]
+_MAGIC = [
+    (b"PAR1", "Parquet"),
+    (b"PK\x03\x04", "a ZIP archive (or .xlsx/.docx)"),
+    (b"%PDF", "a PDF"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"SQLite format 3", "an SQLite database"),
+    (b"GGUF", "a GGUF model"),
+]
 
 Row = tuple[int, Any]  # (row number, dict record or RowError)
 
@@ -76,19 +89,26 @@ def expand_sources(source: str | list[str]) -> list[Path]:
                 raise LoratuiError(f"data.source {item!r}: no files match this pattern")
             files.extend(matches)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                           and (f.suffix.lower() in DATA_EXTENSIONS or f.suffix.lower() in DOC_EXTENSIONS))
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and not f.name.startswith(".")
+                and (f.suffix.lower() in DATA_EXTENSIONS or f.suffix.lower() in DOC_EXTENSIONS)
+            )
             if not found:
                 raise LoratuiError(
                     f"{p}: folder has no data files",
-                    hint=f"Expected {', '.join(sorted(DATA_EXTENSIONS))} files, or .txt/.md documents.")
+                    hint=f"Expected {', '.join(sorted(DATA_EXTENSIONS))} files, or .txt/.md documents.",
+                )
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
             names = ", ".join(bundled_names())
-            raise LoratuiError(f"data.source {item!r}: no such file, folder or bundled dataset",
-                               hint=f"Bundled datasets: {names}.")
+            raise LoratuiError(
+                f"data.source {item!r}: no such file, folder or bundled dataset", hint=f"Bundled datasets: {names}."
+            )
     return files
 
 
@@ -123,11 +143,13 @@ def load_file(path: Path) -> LoadedFile:
     if kind is None:
         raise LoratuiError(
             f"{path}: unsupported file type {ext or '(no extension)'}",
-            hint=f"Supported: {', '.join(sorted(DATA_EXTENSIONS))}, and .txt/.md documents in a folder.")
+            hint=f"Supported: {', '.join(sorted(DATA_EXTENSIONS))}, and .txt/.md documents in a folder.",
+        )
     if kind == "parquet" and not head.startswith(b"PAR1"):
         raise LoratuiError(f"{path}: not a Parquet file (no PAR1 header)")
-    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "tsv": _read_csv,
-              "parquet": _read_parquet}[kind]
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "tsv": _read_csv, "parquet": _read_parquet}[
+        kind
+    ]
     return LoadedFile(path, kind, list(reader(path)))
 
 
@@ -147,8 +169,15 @@ def _record(value: Any) -> Any:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
@@ -170,8 +199,10 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 except (ValueError, RecursionError, UnicodeDecodeError):
                     whole = None
                 if isinstance(whole, list):
-                    raise LoratuiError(f"{path}: this is a JSON array, not JSON Lines",
-                                       hint="Rename it to .json, or write one object per line.")
+                    raise LoratuiError(
+                        f"{path}: this is a JSON array, not JSON Lines",
+                        hint="Rename it to .json, or write one object per line.",
+                    )
             value = _parse_json_row(line)
             yield number, value if isinstance(value, RowError) else _record(value)
 
@@ -201,17 +232,22 @@ def json_error_text(e: json.JSONDecodeError) -> str:
     msg = re.sub(r"\s+at$", "", e.msg)
     if msg.startswith("Invalid control character"):
         char = e.doc[e.pos] if 0 <= e.pos < len(e.doc) else ""
-        if char and char in "\r\n" and not e.doc[e.pos:].strip():  # a JSON Lines row that ends inside a string
-            return ("Unterminated string (the line ends inside a string: the row is cut short, or a raw line "
-                    "break split it; escape line breaks as \\n)")
+        if char and char in "\r\n" and not e.doc[e.pos :].strip():  # a JSON Lines row that ends inside a string
+            return (
+                "Unterminated string (the line ends inside a string: the row is cut short, or a raw line "
+                "break split it; escape line breaks as \\n)"
+            )
         code = ord(char) if char else None
         name, escape = _CONTROL_NAMES.get(char) or (
             f"control character U+{code:04X}" if code is not None else "control character",
-            f"\\u{code:04x}" if code is not None else "\\uXXXX")
+            f"\\u{code:04x}" if code is not None else "\\uXXXX",
+        )
         return f"Invalid control character (a raw {name} inside a string; escape it as {escape})"
     if msg.startswith("Unterminated string"):
-        return ("Unterminated string (the string that starts here is never closed: the row is cut short, "
-                "or holds a raw line break)")
+        return (
+            "Unterminated string (the string that starts here is never closed: the row is cut short, "
+            "or holds a raw line break)"
+        )
     if msg == "Extra data":
         return "Extra data (more text follows the first complete JSON value)"
     if msg.startswith("Expecting property name"):
@@ -242,8 +278,9 @@ def _read_json(path: Path) -> Iterator[Row]:
     except json.JSONDecodeError as e:
         lines = [ln for ln in text.splitlines() if ln.strip()]
         if len(lines) > 1 and e.msg == "Extra data" and all(ln.lstrip().startswith("{") for ln in lines[:2]):
-            raise LoratuiError(f"{path}: this is JSON Lines (one object per line), not a JSON document",
-                               hint="Rename it to .jsonl.") from None
+            raise LoratuiError(
+                f"{path}: this is JSON Lines (one object per line), not a JSON document", hint="Rename it to .jsonl."
+            ) from None
         raise LoratuiError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {json_error_text(e)}") from None
     except (ValueError, RecursionError) as e:
         raise LoratuiError(f"{path}: invalid JSON: {json_value_error_text(e)}") from None
@@ -252,8 +289,10 @@ def _read_json(path: Path) -> Iterator[Row]:
         if len(lists) == 1:
             value = lists[0][1]
         else:
-            raise LoratuiError(f"{path}: expected a JSON array of rows (or an object holding one array), "
-                               f"got an object with keys {', '.join(list(value)[:8])}")
+            raise LoratuiError(
+                f"{path}: expected a JSON array of rows (or an object holding one array), "
+                f"got an object with keys {', '.join(list(value)[:8])}"
+            )
     if not isinstance(value, list):
         raise LoratuiError(f"{path}: expected a JSON array of rows, got {_type_name(value)}")
     has_escapes = "\\u" in text
@@ -281,8 +320,9 @@ class _Lines:
         return self.lines[self.pos - 1]
 
 
-def _csv_records(path: Path, lines: list[str], delimiter: str, columns: int,
-                 first: int = 1) -> Iterator[tuple[int, Any]]:
+def _csv_records(
+    path: Path, lines: list[str], delimiter: str, columns: int, first: int = 1
+) -> Iterator[tuple[int, Any]]:
     """(physical line the record starts on, values or RowError) per record; the rule is :func:`_read_csv`'s.
 
     ``lines[0]`` is physical line ``first``; ``columns`` is the header's column count.
@@ -302,7 +342,8 @@ def _csv_records(path: Path, lines: list[str], delimiter: str, columns: int,
                 raise LoratuiError(
                     f"{path}: not valid CSV: the record that starts on line {line} holds a field longer than "
                     f"{csv.field_size_limit()} characters by line {end}",
-                    hint="Look for an unbalanced quote on that line; for very long texts use JSON Lines.") from None
+                    hint="Look for an unbalanced quote on that line; for very long texts use JSON Lines.",
+                ) from None
             eof = "unexpected end of data" in why
             if end > line or eof:  # also a stray quote swallowing the rest of a long file past the field limit
                 yield line, _unbalanced(line, end, delimiter, eof, more=start + 1 < len(lines))
@@ -313,11 +354,19 @@ def _csv_records(path: Path, lines: list[str], delimiter: str, columns: int,
             continue
         end = first + source.pos - 1
         if end > line and len(values) != columns:
-            yield line, RowError(
-                "not_an_object",
-                f"unbalanced quote: a quoted field opens on this line and runs on to line {end}, which makes "
-                f"{len(values)} values where the header names {columns} columns"
-                + (f"; this line is dropped and line {line + 1} is read on its own" if start + 1 < len(lines) else ""))
+            yield (
+                line,
+                RowError(
+                    "not_an_object",
+                    f"unbalanced quote: a quoted field opens on this line and runs on to line {end}, which makes "
+                    f"{len(values)} values where the header names {columns} columns"
+                    + (
+                        f"; this line is dropped and line {line + 1} is read on its own"
+                        if start + 1 < len(lines)
+                        else ""
+                    ),
+                ),
+            )
             source.pos = start + 1
             continue
         yield line, values
@@ -330,8 +379,10 @@ def _unbalanced(line: int, end: int, delimiter: str, eof: bool, more: bool) -> R
     elif eof:
         what = "is never closed (the file ends)"
     else:
-        what = (f"is not closed before line {end}, where a quote is followed by text instead of {sep} or the "
-                f"line end, so lines {line}-{end} would merge into one row")
+        what = (
+            f"is not closed before line {end}, where a quote is followed by text instead of {sep} or the "
+            f"line end, so lines {line}-{end} would merge into one row"
+        )
     then = f"; this line is dropped and line {line + 1} is read on its own" if more else ""
     return RowError("not_an_object", f"unbalanced quote: a quoted field opens on this line and {what}{then}")
 
@@ -362,12 +413,13 @@ def _read_csv(path: Path) -> Iterator[Row]:
     try:
         header = next(csv.reader([lines[0]], delimiter=delimiter, strict=True), [])
     except csv.Error:
-        raise LoratuiError(f"{path}: line 1 (the header) has an unbalanced quote",
-                           hint="Name each column on the first line, with every quote closed.") from None
+        raise LoratuiError(
+            f"{path}: line 1 (the header) has an unbalanced quote",
+            hint="Name each column on the first line, with every quote closed.",
+        ) from None
     header = [h.strip() for h in header]
     if any(has_surrogates(h) for h in header):
-        raise LoratuiError(f"{path}: line 1 (the header) has bytes that are not UTF-8",
-                           hint="Save the file as UTF-8.")
+        raise LoratuiError(f"{path}: line 1 (the header) has bytes that are not UTF-8", hint="Save the file as UTF-8.")
     if not any(header) or len(set(header)) != len(header):
         raise LoratuiError(f"{path}: the first line must name each column once (got {header[:8]})")
     for number, values in _csv_records(path, lines[1:], delimiter, len(header), first=2):

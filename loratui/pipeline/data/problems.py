@@ -15,7 +15,7 @@ PROBLEMS: dict[str, str] = {
     "invalid_json": "the line or file is not valid JSON",
     "undecodable_bytes": "the row has bytes that are not UTF-8",
     "not_an_object": "the row is not an object/record with named fields (CSV: the wrong number of values, "
-                     "or an unbalanced quote)",
+    "or an unbalanced quote)",
     "missing_field": "a required field is missing or null",
     "empty_field": "a required field is empty",
     "wrong_type": "a field has the wrong type",
@@ -29,9 +29,20 @@ PROBLEMS: dict[str, str] = {
     "no_trained_tokens": "no assistant tokens are left to train on (after truncation)",
 }
 ProblemKind = Literal[
-    "invalid_json", "undecodable_bytes", "not_an_object", "missing_field", "empty_field", "wrong_type",
-    "unknown_role", "bad_role_order", "empty_assistant_turn", "no_assistant_turn", "too_long", "duplicate",
-    "duplicate_across_splits", "no_trained_tokens",
+    "invalid_json",
+    "undecodable_bytes",
+    "not_an_object",
+    "missing_field",
+    "empty_field",
+    "wrong_type",
+    "unknown_role",
+    "bad_role_order",
+    "empty_assistant_turn",
+    "no_assistant_turn",
+    "too_long",
+    "duplicate",
+    "duplicate_across_splits",
+    "no_trained_tokens",
 ]
 Policy = Literal["drop", "truncate", "fail"]
 

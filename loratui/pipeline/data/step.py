@@ -76,8 +76,10 @@ class NoTrainingData(LoratuiError):
         super().__init__(
             f"no training examples are left {why} of {where}: {out.rows_read} rows read, "
             f"{len(out.problems)} dropped ({found})",
-            hint=f"Every dropped row is listed in data/report.json. First: {examples}" if examples else
-            "Check data.source.")
+            hint=f"Every dropped row is listed in data/report.json. First: {examples}"
+            if examples
+            else "Check data.source.",
+        )
         self.out = out
 
 
@@ -105,13 +107,16 @@ def _policy(cfg: RunConfig, kind: str) -> str:
 
 def _note(cfg: RunConfig, out: Collected, problem: RowProblem) -> None:
     if _policy(cfg, problem.kind) == "fail":
-        raise LoratuiError(f"{problem} ({problem.kind})",
-                           hint=f"data.on_problem.{problem.kind} is 'fail'; set it to 'drop' to skip such rows.")
+        raise LoratuiError(
+            f"{problem} ({problem.kind})",
+            hint=f"data.on_problem.{problem.kind} is 'fail'; set it to 'drop' to skip such rows.",
+        )
     out.problems.append(problem)
 
 
-def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str,
-                  task: Task = "causal") -> list[Example]:
+def read_examples(
+    cfg: RunConfig, files: list[Path], out: Collected, split: str, task: Task = "causal"
+) -> list[Example]:
     """Load, detect and validate; bad rows become problems (or stop the step under 'fail').
 
     A seq2seq model needs a source and a target per row: text files and documents are an error.
@@ -142,7 +147,7 @@ def read_examples(cfg: RunConfig, files: list[Path], out: Collected, split: str,
         if task == "seq2seq" and fmt == "text":
             _reject_text_for_seq2seq(name, loaded.kind, reason)
         valid: list[Example] = []
-        for number, record in (good if fmt != "unknown" else []):
+        for number, record in good if fmt != "unknown" else []:
             try:
                 ex = to_example(record, fmt, name, number, d.system_prompt)
             except RowError as e:
@@ -165,11 +170,11 @@ def _reject_text_for_seq2seq(name: str, kind: str, reason: str) -> None:
         f"{name}: {what}, which cannot train an encoder-decoder (seq2seq) model: each example needs a "
         "source text (the encoder's input) and a target (what the decoder learns to write)",
         hint="Use rows with question/answer, prompt/completion, instruction/output (alpaca) or messages "
-        "(chat; the last assistant message is the target), or choose a decoder-only model for plain text.")
+        "(chat; the last assistant message is the target), or choose a decoder-only model for plain text.",
+    )
 
 
-def _dedupe(cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: Collected,
-            kind: str) -> list[Example]:
+def _dedupe(cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: Collected, kind: str) -> list[Example]:
     kept = []
     for ex in examples:
         k = ex.key()
@@ -199,7 +204,7 @@ def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: Coll
         n = round(len(pool) * ratio)
         if ratio > 0 and n == 0 and len(pool) >= 3:
             n = 1
-        splits[split] = [pool[i] for i in sorted(order[cut:cut + n])]
+        splits[split] = [pool[i] for i in sorted(order[cut : cut + n])]
         cut += n
     train = [pool[i] for i in sorted(order[cut:])]
     if not train:
@@ -223,13 +228,17 @@ def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: Coll
 def _to_dataset(examples: list[Example]) -> Any:
     from datasets import Dataset
 
-    return Dataset.from_dict({
-        "messages": [json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else "" for ex in examples],
-        "text": [ex.text or "" for ex in examples],
-        "document": [ex.document for ex in examples],
-        "source": [f"{ex.file}:{ex.row}" for ex in examples],
-        "meta": [json.dumps(ex.meta, ensure_ascii=False) if ex.meta else "" for ex in examples],
-    })
+    return Dataset.from_dict(
+        {
+            "messages": [
+                json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else "" for ex in examples
+            ],
+            "text": [ex.text or "" for ex in examples],
+            "document": [ex.document for ex in examples],
+            "source": [f"{ex.file}:{ex.row}" for ex in examples],
+            "meta": [json.dumps(ex.meta, ensure_ascii=False) if ex.meta else "" for ex in examples],
+        }
+    )
 
 
 def _workers(rows: int, num_proc: int | None) -> int | None:
@@ -242,9 +251,17 @@ def _workers(rows: int, num_proc: int | None) -> int | None:
     return min(cores, 4) if rows >= PARALLEL_ROWS and cores > 1 else None
 
 
-def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg: RunConfig,
-                    events: EventSink, should_stop: Any, split: str, num_proc: int | None = None,
-                    task: Task = "causal") -> Any:
+def encode_examples(
+    examples: list[Example],
+    tokenizer: Any,
+    template: Any,
+    cfg: RunConfig,
+    events: EventSink,
+    should_stop: Any,
+    split: str,
+    num_proc: int | None = None,
+    task: Task = "causal",
+) -> Any:
     """Tokenize ``examples`` in shards (progress and cancel checks between them); None when there are none.
 
     ``template`` is the chat template for a causal model and is not used for seq2seq.
@@ -260,26 +277,41 @@ def encode_examples(examples: list[Example], tokenizer: Any, template: Any, cfg:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if task == "seq2seq":
         if tokenizer.eos_token_id is None:
-            raise LoratuiError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token, which a seq2seq "
-                               "target must end with", hint="Set eos_token in the model's tokenizer_config.json.")
+            raise LoratuiError(
+                f"{tokenizer.name_or_path}: the tokenizer has no EOS token, which a seq2seq target must end with",
+                hint="Set eos_token in the model's tokenizer_config.json.",
+            )
         encode: Any = encode_seq2seq_batch
         fn_kwargs: dict[str, Any] = dict(backend=clean_backend(tokenizer), eos_id=tokenizer.eos_token_id)
     else:
         encode = encode_batch
-        fn_kwargs = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template,
-                         train_on_prompt=d.train_on_prompt, chunk_tokens=d.chunk_tokens,
-                         chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1))
+        fn_kwargs = dict(
+            backend=clean_backend(tokenizer),
+            eos=tokenizer.eos_token or "",
+            template=template,
+            train_on_prompt=d.train_on_prompt,
+            chunk_tokens=d.chunk_tokens,
+            chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1),
+        )
     shard_rows = ENCODE_SHARD * workers * 10 if workers else ENCODE_SHARD
     parts = []
     for start in range(0, len(examples), shard_rows):
         if should_stop():
             raise StepCancelled("cancelled while tokenizing")
-        shard = _to_dataset(examples[start:start + shard_rows])
-        parts.append(shard.map(encode, batched=True, batch_size=ENCODE_SHARD, fn_kwargs=fn_kwargs,
-                               remove_columns=shard.column_names, num_proc=workers,
-                               load_from_cache_file=False, keep_in_memory=True))
-        events.progress(min(start + shard_rows, len(examples)), len(examples), task=f"tokenize {split}",
-                        unit="rows")
+        shard = _to_dataset(examples[start : start + shard_rows])
+        parts.append(
+            shard.map(
+                encode,
+                batched=True,
+                batch_size=ENCODE_SHARD,
+                fn_kwargs=fn_kwargs,
+                remove_columns=shard.column_names,
+                num_proc=workers,
+                load_from_cache_file=False,
+                keep_in_memory=True,
+            )
+        )
+        events.progress(min(start + shard_rows, len(examples)), len(examples), task=f"tokenize {split}", unit="rows")
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
@@ -323,28 +355,38 @@ def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected
     for i in over:
         file, _, row = sources[i].rpartition(":")
         if task == "seq2seq":
-            parts = [f"{what} {n} tokens" for what, n in (("source", lengths[i]), ("target", targets[i]))
-                     if n > max_length]
+            parts = [
+                f"{what} {n} tokens" for what, n in (("source", lengths[i]), ("target", targets[i])) if n > max_length
+            ]
             message = f"{' and '.join(parts)}, more than max_length {max_length}"
         else:
             message = f"{lengths[i]} tokens, more than max_length {max_length}"
         if policy == "truncate":
-            out.problems.append(RowProblem("too_long", file, int(row), message + f": truncated to {max_length}",
-                                           action="truncated"))
+            out.problems.append(
+                RowProblem("too_long", file, int(row), message + f": truncated to {max_length}", action="truncated")
+            )
         else:
             _note(cfg, out, RowProblem("too_long", file, int(row), message))
             drop.add(i)
     if over and policy == "truncate":
-        ds = ds.map(lambda r: {"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]},
-                    load_from_cache_file=False, keep_in_memory=True)
+        ds = ds.map(
+            lambda r: {"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]},
+            load_from_cache_file=False,
+            keep_in_memory=True,
+        )
     _, trained = token_counts(ds)
     empty = [i for i in np.nonzero(trained == 0)[0].tolist() if i not in drop]
     if empty:
         sources = ds["source"][:]
     for i in empty:
         file, _, row = sources[i].rpartition(":")
-        _note(cfg, out, RowProblem("no_trained_tokens", file, int(row),
-                                   "no assistant tokens left to train on (the answer was cut off)"))
+        _note(
+            cfg,
+            out,
+            RowProblem(
+                "no_trained_tokens", file, int(row), "no assistant tokens left to train on (the answer was cut off)"
+            ),
+        )
         drop.add(i)
     if drop:
         ds = ds.select([i for i in range(len(ds)) if i not in drop])
@@ -362,8 +404,14 @@ def _stats(lengths: Any) -> dict[str, Any]:
     a = np.asarray(lengths)
     if not a.size:
         return {"rows": 0}
-    return {"rows": int(a.size), "min": int(a.min()), "median": float(np.median(a)),
-            "p95": float(np.percentile(a, 95)), "max": int(a.max()), "total": int(a.sum())}
+    return {
+        "rows": int(a.size),
+        "min": int(a.min()),
+        "median": float(np.median(a)),
+        "p95": float(np.percentile(a, 95)),
+        "max": int(a.max()),
+        "total": int(a.sum()),
+    }
 
 
 def preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, list[tuple[bool, str]]]]:
@@ -409,16 +457,21 @@ def _stats_lines(report: dict[str, Any]) -> list[str]:
     for split in SPLITS:
         s = t.get(split, {})
         if s.get("rows") and seq2seq:
-            lines.append(f"{split}: {s['rows']} rows; source tokens {summary(s)}; "
-                         f"target tokens {summary(t['target'][split])}")
+            lines.append(
+                f"{split}: {s['rows']} rows; source tokens {summary(s)}; target tokens {summary(t['target'][split])}"
+            )
         elif s.get("rows"):
             lines.append(f"{split}: {s['rows']} rows; tokens {summary(s)}")
     longer = "rows had a longer source or target" if seq2seq else "rows were longer"
-    lines.append(f"max_length: {report['max_length']} ({report['max_length_source']}); "
-                 f"{t['over_max_length']} {longer} ({report['policy']['too_long']})")
+    lines.append(
+        f"max_length: {report['max_length']} ({report['max_length_source']}); "
+        f"{t['over_max_length']} {longer} ({report['policy']['too_long']})"
+    )
     if seq2seq:
-        lines.append(f"tokens per epoch: {t['per_epoch']:,} ({t['per_epoch'] - t['trained_per_epoch']:,} source, "
-                     f"{t['trained_per_epoch']:,} target, all trained)")
+        lines.append(
+            f"tokens per epoch: {t['per_epoch']:,} ({t['per_epoch'] - t['trained_per_epoch']:,} source, "
+            f"{t['trained_per_epoch']:,} target, all trained)"
+        )
     else:
         lines.append(f"tokens per epoch: {t['per_epoch']:,} ({t['trained_per_epoch']:,} trained)")
     return lines
@@ -427,16 +480,21 @@ def _stats_lines(report: dict[str, Any]) -> list[str]:
 def _preview_text(splits: dict[str, Any], tokenizer: Any, report: dict[str, Any], n: int) -> str:
     train = splits["train"]
     if report.get("task", "causal") == "seq2seq":
-        head = (f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
-                "seq2seq (encoder-decoder)\n"
-                "The source is the encoder's input; the target, between ⟦ and ⟧, is the decoder's labels "
-                "(every token trained).\n")
-        blocks = [f"{h}\nsource: {src}\ntarget: ⟦{tgt}⟧\n"
-                  for h, src, tgt in seq2seq_preview_pieces(train, tokenizer, n)]
+        head = (
+            f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
+            "seq2seq (encoder-decoder)\n"
+            "The source is the encoder's input; the target, between ⟦ and ⟧, is the decoder's labels "
+            "(every token trained).\n"
+        )
+        blocks = [
+            f"{h}\nsource: {src}\ntarget: ⟦{tgt}⟧\n" for h, src, tgt in seq2seq_preview_pieces(train, tokenizer, n)
+        ]
         return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
-    head = (f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
-            f"template: {report['template']}\n"
-            "Trained tokens are between ⟦ and ⟧; the rest is context only (label -100).\n")
+    head = (
+        f"loratui data preview: {min(n, len(train))} of {len(train)} training examples, "
+        f"template: {report['template']}\n"
+        "Trained tokens are between ⟦ and ⟧; the rest is context only (label -100).\n"
+    )
     blocks = [f"{h}\n{_plain(p)}\n" for h, p in preview_pieces(train, tokenizer, n)]
     return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
 
@@ -448,15 +506,19 @@ def _render_notes(report: dict[str, Any]) -> list[str]:
         p = report["per_turn"]
         notes.append(f"{p['rows']} multi-turn rows became {p['examples']} per-turn examples because {p['why']}.")
     if report.get("render_date"):
-        notes.append(f"The chat template writes today's date: every example is rendered with {report['render_date']}, "
-                     "the date recorded for this run.")
+        notes.append(
+            f"The chat template writes today's date: every example is rendered with {report['render_date']}, "
+            "the date recorded for this run."
+        )
     return notes
 
 
 def _problem_lists(out: Collected) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
-    return ([p.to_dict() for p in ordered if p.action != "truncated"],
-            [p.to_dict() for p in ordered if p.action == "truncated"])
+    return (
+        [p.to_dict() for p in ordered if p.action != "truncated"],
+        [p.to_dict() for p in ordered if p.action == "truncated"],
+    )
 
 
 def _problem_counts(out: Collected) -> dict[str, int]:
@@ -466,10 +528,15 @@ def _problem_counts(out: Collected) -> dict[str, int]:
 
 def _write_failure_report(target: Path, out: Collected, cfg: RunConfig) -> None:
     dropped, truncated = _problem_lists(out)
-    report = {"files": out.files, "rows": {"read": out.rows_read, "kept": 0, "dropped": len(dropped),
-                                           "truncated": len(truncated)},
-              "splits": {s: 0 for s in SPLITS}, "problems": _problem_counts(out),
-              "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS}, "dropped": dropped, "truncated": truncated}
+    report = {
+        "files": out.files,
+        "rows": {"read": out.rows_read, "kept": 0, "dropped": len(dropped), "truncated": len(truncated)},
+        "splits": {s: 0 for s in SPLITS},
+        "problems": _problem_counts(out),
+        "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS},
+        "dropped": dropped,
+        "truncated": truncated,
+    }
     with atomic_dir(target) as tmp:
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(tmp / "report.md", _report_markdown(report))
@@ -480,9 +547,13 @@ def _report_markdown(report: dict[str, Any]) -> str:
     out = ["# Data report", "", "| file | split | format | why | rows | valid |", "|---|---|---|---|---|---|"]
     for f in report["files"]:
         out.append(f"| {f['path']} | {f['split']} | {f['format']} | {f['reason']} | {f['rows']} | {f['valid']} |")
-    out += ["", f"Rows read: {rows['read']}; kept: {rows['kept']} "
-            f"(train {report['splits']['train']}, validation {report['splits']['validation']}, "
-            f"test {report['splits']['test']}); dropped: {rows['dropped']}; truncated: {rows['truncated']}.", ""]
+    out += [
+        "",
+        f"Rows read: {rows['read']}; kept: {rows['kept']} "
+        f"(train {report['splits']['train']}, validation {report['splits']['validation']}, "
+        f"test {report['splits']['test']}); dropped: {rows['dropped']}; truncated: {rows['truncated']}.",
+        "",
+    ]
     notes = _render_notes(report)
     if notes:
         out += [*notes, ""]
@@ -491,8 +562,11 @@ def _report_markdown(report: dict[str, Any]) -> str:
         for kind, count in report["problems"].items():
             out.append(f"| {kind} | {count} | {report['policy'][kind]} | {PROBLEMS[kind]} |")
         out += ["", "## Rows dropped or truncated", ""]
-        out += [f"- {p['file']}, row {p.get('row', '-')}{', field ' + repr(p['field']) if p.get('field') else ''}: "
-                f"{p['message']} ({p['kind']}, {p['action']})" for p in report["dropped"] + report["truncated"]]
+        out += [
+            f"- {p['file']}, row {p.get('row', '-')}{', field ' + repr(p['field']) if p.get('field') else ''}: "
+            f"{p['message']} ({p['kind']}, {p['action']})"
+            for p in report["dropped"] + report["truncated"]
+        ]
     else:
         out.append("No problems found.")
     return "\n".join(out) + "\n"
@@ -514,15 +588,23 @@ def _sha256_file(path: Path) -> str:
 def _tokenizer_fingerprint(model_dir: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(model_dir.iterdir()):
-        if f.is_file() and (f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens",
-                                                "chat_template")) or f.suffix == ".model"):
+        if f.is_file() and (
+            f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template"))
+            or f.suffix == ".model"
+        ):
             h.update(f.name.encode())
             h.update(_sha256_file(f).encode())
     return h.hexdigest()
 
 
-def cache_key(cfg: RunConfig, files: dict[str, list[Path]], model_dir: Path, template_source: str,
-              task: Task = "causal", render_rules: str = "") -> str:
+def cache_key(
+    cfg: RunConfig,
+    files: dict[str, list[Path]],
+    model_dir: Path,
+    template_source: str,
+    task: Task = "causal",
+    render_rules: str = "",
+) -> str:
     """Key over the inputs of the build. The task enters only for seq2seq, and ``render_rules``
     (:attr:`ChatTemplate.render_rules`: the render date, reasoning handling) only when there are any,
     so the keys of other inputs stay as they were."""
@@ -565,8 +647,18 @@ def _install(cached: Path, target: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template: Any, model_dir: Path,
-          out_dir: Path, events: EventSink, should_stop: Any, key: str, task: Task = "causal") -> dict[str, Any]:
+def build(
+    cfg: RunConfig,
+    files: dict[str, list[Path]],
+    tokenizer: Any,
+    template: Any,
+    model_dir: Path,
+    out_dir: Path,
+    events: EventSink,
+    should_stop: Any,
+    key: str,
+    task: Task = "causal",
+) -> dict[str, Any]:
     seq2seq = task == "seq2seq"
     out = Collected()
     by_split: dict[str, list[Example]] = {}
@@ -576,8 +668,10 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
             raise StepCancelled("cancelled while reading")
     events.progress(1, 4, task="stages", message="validated rows")
     splits = split_examples(cfg, by_split, out)
-    encoded = {s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task)
-               for s, rows in splits.items()}
+    encoded = {
+        s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task)
+        for s, rows in splits.items()
+    }
     split_rows = [per_turn_counts(ds) for ds in encoded.values() if ds is not None and not seq2seq]
     per_turn = {"rows": sum(r for r, _ in split_rows), "examples": sum(e for _, e in split_rows)}
     events.progress(2, 4, task="stages", message="tokenized")
@@ -616,8 +710,12 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     if train is None or not len(train):
         raise NoTrainingData(out, f"after applying max_length {max_length}")
     if seq2seq:  # the source runs through the encoder, the target through the decoder
-        tokens.update(target=target_stats, over_max_length=over, per_epoch=tokens["train"]["total"] + trained,
-                      trained_per_epoch=trained)
+        tokens.update(
+            target=target_stats,
+            over_max_length=over,
+            per_epoch=tokens["train"]["total"] + trained,
+            trained_per_epoch=trained,
+        )
         length_source = "auto: longest source or target rounded up to 64, capped by the model context"
     else:
         tokens.update(over_max_length=over, per_epoch=tokens["train"]["total"], trained_per_epoch=trained)
@@ -625,8 +723,12 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
     dropped, truncated = _problem_lists(out)
     report = {
         "files": out.files,
-        "rows": {"read": out.rows_read, "kept": sum(counts.values()), "dropped": len(dropped),
-                 "truncated": len(truncated)},
+        "rows": {
+            "read": out.rows_read,
+            "kept": sum(counts.values()),
+            "dropped": len(dropped),
+            "truncated": len(truncated),
+        },
         "splits": counts,
         "problems": _problem_counts(out),
         "policy": {kind: _policy(cfg, kind) for kind in PROBLEMS},
@@ -640,18 +742,27 @@ def build(cfg: RunConfig, files: dict[str, list[Path]], tokenizer: Any, template
         "cache_key": key,
     }
     if per_turn["rows"]:
-        report["per_turn"] = per_turn | {"why": f"the {template.name} chat template rewrites earlier turns, so each "
-                                         "assistant turn is trained as the model sees it when it is the last"}
+        report["per_turn"] = per_turn | {
+            "why": f"the {template.name} chat template rewrites earlier turns, so each "
+            "assistant turn is trained as the model sees it when it is the last"
+        }
     if template is not None and template.uses_date:
         report["render_date"] = template.date.isoformat()
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out_dir / "report.md", _report_markdown(report))
     atomic_write_text(out_dir / "preview.txt", _preview_text(encoded, tokenizer, report, cfg.data.preview_examples))
-    manifest = {"task": task, "splits": {s: str(Path("processed") / s) for s, n in counts.items() if n},
-                "counts": counts, "template": template.name if template is not None else None,
-                "chat_template": template.source if template is not None else None,
-                "render_date": template.date.isoformat() if template is not None else None, "max_length": max_length,
-                "model_dir": str(model_dir), "cache_key": key, "data_version": DATA_VERSION}
+    manifest = {
+        "task": task,
+        "splits": {s: str(Path("processed") / s) for s, n in counts.items() if n},
+        "counts": counts,
+        "template": template.name if template is not None else None,
+        "chat_template": template.source if template is not None else None,
+        "render_date": template.date.isoformat() if template is not None else None,
+        "max_length": max_length,
+        "model_dir": str(model_dir),
+        "cache_key": key,
+        "data_version": DATA_VERSION,
+    }
     atomic_write_text(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
     return report
 
@@ -696,8 +807,10 @@ def load_model_inputs(cfg: RunConfig, events: EventSink) -> ModelInputs:
     model = resolve_model(cfg.model.base, revision=cfg.model.revision, log=events.log)
     tokenizer = AutoTokenizer.from_pretrained(str(model.path), trust_remote_code=cfg.model.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
-        raise LoratuiError(f"{model.path}: the data step needs a fast (Rust) tokenizer for offsets",
-                           hint="Provide tokenizer.json with the model.")
+        raise LoratuiError(
+            f"{model.path}: the data step needs a fast (Rust) tokenizer for offsets",
+            hint="Provide tokenizer.json with the model.",
+        )
     task = model_task(model.path, cfg.model.trust_remote_code)
     template = None
     if task == "causal":
@@ -725,23 +838,43 @@ def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any,
 def _seq2seq_warnings(cfg: RunConfig, events: EventSink) -> None:
     d = cfg.data
     if d.train_on_prompt:
-        events.log("data.train_on_prompt is ignored for a seq2seq (encoder-decoder) model: the source is the "
-                   "encoder's input and every target token is trained", level="warning")
+        events.log(
+            "data.train_on_prompt is ignored for a seq2seq (encoder-decoder) model: the source is the "
+            "encoder's input and every target token is trained",
+            level="warning",
+        )
     if d.template != "auto":
-        events.log(f"data.template={d.template} is ignored for a seq2seq (encoder-decoder) model: examples are "
-                   "a source text and a target, not a rendered chat", level="warning")
+        events.log(
+            f"data.template={d.template} is ignored for a seq2seq (encoder-decoder) model: examples are "
+            "a source text and a target, not a rendered chat",
+            level="warning",
+        )
 
 
 def model_cache_key(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs) -> str:
     """:func:`cache_key` for the inputs :func:`load_model_inputs` resolved."""
     template = model.template
-    return cache_key(cfg, files, model.path, template.source if template is not None else "", model.task,
-                     template.render_rules if template is not None else "")
+    return cache_key(
+        cfg,
+        files,
+        model.path,
+        template.source if template is not None else "",
+        model.task,
+        template.render_rules if template is not None else "",
+    )
 
 
-def build_cached(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInputs, events: EventSink,
-                 should_stop: Any, failure_dir: Path | None = None, *, key: str | None = None,
-                 quiet: bool = False) -> tuple[Path, bool]:
+def build_cached(
+    cfg: RunConfig,
+    files: dict[str, list[Path]],
+    model: ModelInputs,
+    events: EventSink,
+    should_stop: Any,
+    failure_dir: Path | None = None,
+    *,
+    key: str | None = None,
+    quiet: bool = False,
+) -> tuple[Path, bool]:
     """Build the datasets of ``cfg.data`` into the content-addressed cache (once); returns (folder, hit).
 
     The folder is shared and read-only for callers: the step copies it into the run; the evaluate step
@@ -757,7 +890,9 @@ def build_cached(cfg: RunConfig, files: dict[str, list[Path]], model: ModelInput
         return cached, True
     try:
         with atomic_dir(cached) as tmp:
-            build(cfg, files, model.tokenizer, model.template, model.path, tmp, events, should_stop, key, task=model.task)
+            build(
+                cfg, files, model.tokenizer, model.template, model.path, tmp, events, should_stop, key, task=model.task
+            )
     except NoTrainingData as e:  # still list every dropped row where the user will look
         if failure_dir is not None:
             _write_failure_report(failure_dir, e.out, cfg)
@@ -812,14 +947,22 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, *, qui
     if cfg.data.max_length == "auto":  # written back so the run is reproducible from config.yaml
         cfg.data.max_length = report["max_length"]
         write_config(run.config, cfg)
-    summary = {"splits": report["splits"], "dropped": report["rows"]["dropped"],
-               "truncated": report["rows"]["truncated"], "max_length": report["max_length"],
-               "template": report["template"], "task": report.get("task", "causal"), "cache_hit": hit,
-               "seconds": round(time.monotonic() - started, 2)}
+    summary = {
+        "splits": report["splits"],
+        "dropped": report["rows"]["dropped"],
+        "truncated": report["rows"]["truncated"],
+        "max_length": report["max_length"],
+        "template": report["template"],
+        "task": report.get("task", "causal"),
+        "cache_hit": hit,
+        "seconds": round(time.monotonic() - started, 2),
+    }
     if quiet:
         dropped = report["rows"]["dropped"]
-        events.log(f"data: up to date ({report['splits']['train']} train rows"
-                   + (f", {dropped} dropped: see {run.data / 'report.json'})" if dropped else ")"))
+        events.log(
+            f"data: up to date ({report['splits']['train']} train rows"
+            + (f", {dropped} dropped: see {run.data / 'report.json'})" if dropped else ")")
+        )
         return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
     for f in report["files"]:
         events.log(f"{f['path']} ({f['split']}): {f['format']}, {f['reason']}")
@@ -827,8 +970,10 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, *, qui
         events.log(f"data: {line}")
     for kind, count in report["problems"].items():
         events.log(f"{count} rows: {kind} ({report['policy'][kind]}): {PROBLEMS[kind]}", level="warning")
-    events.metric({f"rows_{s}": float(n) for s, n in report["splits"].items()}
-                  | {"dropped": float(report["rows"]["dropped"]), "tokens_per_epoch": float(report["tokens"]["per_epoch"])})
+    events.metric(
+        {f"rows_{s}": float(n) for s, n in report["splits"].items()}
+        | {"dropped": float(report["rows"]["dropped"]), "tokens_per_epoch": float(report["tokens"]["per_epoch"])}
+    )
     for name, kind in (("report.json", "data-report"), ("preview.txt", "data-preview"), ("processed", "dataset")):
         events.artifact(run.data / name, kind=kind)
     return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
@@ -860,16 +1005,20 @@ def show_preview(cfg: RunConfig, n: int | None = None) -> None:
     count = cfg.data.preview_examples if n is None else n
     report = json.loads((run.data / "report.json").read_text(encoding="utf-8"))
     if manifest.get("task", "causal") == "seq2seq":
-        console.print(f"[bold]{min(count, len(train))} of {len(train)} training examples[/], seq2seq: "
-                      "source = the encoder's input, [green]target = the decoder's labels (all trained) in green[/]")
+        console.print(
+            f"[bold]{min(count, len(train))} of {len(train)} training examples[/], seq2seq: "
+            "source = the encoder's input, [green]target = the decoder's labels (all trained) in green[/]"
+        )
         for header, source, target in seq2seq_preview_pieces(train, tokenizer, count):
             console.print(Text(header, style="cyan"))
             console.print(Text.assemble(("source: ", "dim"), source))
             console.print(Text.assemble(("target: ", "dim"), (target, "bold green")))
         console.print(Text("\n".join(_stats_lines(report))))
         return
-    console.print(f"[bold]{min(count, len(train))} of {len(train)} training examples[/], template "
-                  f"{manifest['template']}: [green]trained tokens in green[/], [dim]context (label -100) dim[/]")
+    console.print(
+        f"[bold]{min(count, len(train))} of {len(train)} training examples[/], template "
+        f"{manifest['template']}: [green]trained tokens in green[/], [dim]context (label -100) dim[/]"
+    )
     for header, pieces in preview_pieces(train, tokenizer, count):
         text = Text()
         for trained, piece in pieces:

@@ -123,7 +123,8 @@ class ChatTemplate:
     def thinking_switch(self) -> bool:
         """The template thinks only when ``enable_thinking`` says so (R1-Qwen; not Qwen3 or SmolLM3, on by default)."""
         return "enable_thinking" in self.source and _thinking_off_by_default(
-            self.source, tuple(sorted(self._context.items())))
+            self.source, tuple(sorted(self._context.items()))
+        )
 
     @property
     def render_rules(self) -> str:
@@ -135,7 +136,8 @@ class ChatTemplate:
     def adapts(self, messages: list[dict[str, str]]) -> bool:
         """True when :meth:`render` passes this conversation's reasoning on differently from a plain render."""
         return bool(self.reasoning_field or self.thinking_switch) and any(
-            m["role"] == "assistant" and has_reasoning(m["content"]) for m in messages)
+            m["role"] == "assistant" and has_reasoning(m["content"]) for m in messages
+        )
 
     def _with_reasoning_field(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         name = self.reasoning_field
@@ -144,16 +146,21 @@ class ChatTemplate:
         out = []
         for m in messages:
             found = THINK_BLOCK.match(m["content"]) if m["role"] == "assistant" and name not in m else None
-            out.append({**m, name: found.group(1).strip(), "content": m["content"][found.end():]} if found else m)
+            out.append({**m, name: found.group(1).strip(), "content": m["content"][found.end() :]} if found else m)
         return out
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-               thinking: bool = False) -> str:
+    def render(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, thinking: bool = False
+    ) -> str:
         """The template's text for ``messages``; ``thinking``: the reply (being) written has reasoning."""
         extra = {"enable_thinking": True} if thinking and self.thinking_switch else {}
-        return self._compiled.render(messages=self._with_reasoning_field(messages),
-                                     add_generation_prompt=add_generation_prompt,
-                                     strftime_now=FixedClock(self.date), **extra, **self._context)
+        return self._compiled.render(
+            messages=self._with_reasoning_field(messages),
+            add_generation_prompt=add_generation_prompt,
+            strftime_now=FixedClock(self.date),
+            **extra,
+            **self._context,
+        )
 
     def reply_prompt(self, messages: list[dict[str, str]]) -> str:
         """What the model sees before writing the last message of ``messages`` (an assistant reply)."""
@@ -180,8 +187,9 @@ def _thinking_off_by_default(source: str, context: tuple[tuple[str, Any], ...]) 
     probe = [{"role": "user", "content": "?"}]
     fixed = {"strftime_now": FixedClock(dt.date(2000, 1, 1)), **dict(context)}
     try:
-        return (compiled.render(messages=probe, add_generation_prompt=True, **fixed)
-                != compiled.render(messages=probe, add_generation_prompt=True, enable_thinking=True, **fixed))
+        return compiled.render(messages=probe, add_generation_prompt=True, **fixed) != compiled.render(
+            messages=probe, add_generation_prompt=True, enable_thinking=True, **fixed
+        )
     except Exception:  # noqa: BLE001 - any template error: the conservative answer
         return True
 
@@ -203,22 +211,28 @@ def content_is_opaque(source: str) -> bool:
     except Exception:
         return False
     loop_vars = {n.target.name for n in tree.find_all(nodes.For) if isinstance(n.target, nodes.Name)}
-    message_names = {"messages"} | loop_vars | {
-        n.target.name for n in tree.find_all(nodes.Assign) if isinstance(n.target, nodes.Name)}
+    message_names = (
+        {"messages"}
+        | loop_vars
+        | {n.target.name for n in tree.find_all(nodes.Assign) if isinstance(n.target, nodes.Name)}
+    )
 
     def is_content(n: Any) -> bool:
-        return ((isinstance(n, nodes.Getitem) and isinstance(n.arg, nodes.Const) and n.arg.value == "content")
-                or (isinstance(n, nodes.Getattr) and n.attr == "content"))
+        return (isinstance(n, nodes.Getitem) and isinstance(n.arg, nodes.Const) and n.arg.value == "content") or (
+            isinstance(n, nodes.Getattr) and n.attr == "content"
+        )
 
     def touches_messages(n: Any) -> bool:
         return any(isinstance(x, nodes.Name) and x.name in message_names for x in n.find_all(nodes.Name)) or (
-            isinstance(n, nodes.Name) and n.name in message_names)
+            isinstance(n, nodes.Name) and n.name in message_names
+        )
 
     def ok(n: Any, into_output: bool) -> bool:
         if is_content(n):
             return into_output
         if isinstance(n, (nodes.Call, nodes.Test)) or (
-                isinstance(n, nodes.Filter) and n.name not in ("length", "count")):
+            isinstance(n, nodes.Filter) and n.name not in ("length", "count")
+        ):
             if any(touches_messages(child) for child in n.iter_child_nodes()):
                 return False
         passes = isinstance(n, (nodes.Output, nodes.Add, nodes.Concat))
@@ -242,8 +256,9 @@ def resolve_template(choice: str, tokenizer: Any, date: dt.date | None = None) -
     elif choice in NAMED_TEMPLATES:
         name, source = choice, NAMED_TEMPLATES[choice]
     else:
-        raise LoratuiError(f"data.template: unknown template {choice!r}",
-                           hint=f"Use auto or one of {', '.join(NAMED_TEMPLATES)}.")
+        raise LoratuiError(
+            f"data.template: unknown template {choice!r}", hint=f"Use auto or one of {', '.join(NAMED_TEMPLATES)}."
+        )
     try:
         compiled = _compile_jinja_template(source)
     except Exception as e:  # jinja2.TemplateSyntaxError and friends

@@ -79,7 +79,9 @@ def sentence_bleu(prediction: str, reference: str) -> float:
     return float(sacrebleu.sentence_bleu(prediction, [reference]).score)
 
 
-def per_row(predictions: Sequence[str], references: Sequence[str], facts: Sequence[str | None]) -> list[dict[str, float]]:
+def per_row(
+    predictions: Sequence[str], references: Sequence[str], facts: Sequence[str | None]
+) -> list[dict[str, float]]:
     """Every generation metric of every row (BLEU at sentence level, for ranking rows)."""
     rows = rouge(predictions, references)
     for row, pred, ref, fact in zip(rows, predictions, references, facts):
@@ -90,7 +92,9 @@ def per_row(predictions: Sequence[str], references: Sequence[str], facts: Sequen
     return rows
 
 
-def aggregate(rows: Sequence[dict[str, float]], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def aggregate(
+    rows: Sequence[dict[str, float]], predictions: Sequence[str], references: Sequence[str]
+) -> dict[str, float]:
     """Means over rows, except BLEU, which is computed over the corpus as sacrebleu defines it."""
     out = {k: mean(r[k] for r in rows) for k in GENERATION_METRICS if k != "bleu"}
     out["bleu"] = bleu(predictions, references)

@@ -40,8 +40,10 @@ def _import(module: str, package: str, extras: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise LoratuiError(f"{package} is not installed ({e})",
-                           hint=f"Install loratui with one of its ONNX Runtime builds: {extras} (never both).") from e
+        raise LoratuiError(
+            f"{package} is not installed ({e})",
+            hint=f"Install loratui with one of its ONNX Runtime builds: {extras} (never both).",
+        ) from e
 
 
 def import_onnxruntime() -> Any:
@@ -51,8 +53,11 @@ def import_onnxruntime() -> Any:
 
 def import_genai() -> Any:
     """The ``onnxruntime_genai`` module, or a clear error naming the extra that installs it."""
-    return _import("onnxruntime_genai", "onnxruntime-genai",
-                   "pip install 'loratui[cpu]', or 'loratui[cuda]' for onnxruntime-genai-cuda")
+    return _import(
+        "onnxruntime_genai",
+        "onnxruntime-genai",
+        "pip install 'loratui[cpu]', or 'loratui[cuda]' for onnxruntime-genai-cuda",
+    )
 
 
 def ort_session_options(threads: int | None = None) -> Any:
@@ -77,9 +82,12 @@ def genai_config(folder: Path) -> dict[str, Any]:
             raise LoratuiError(
                 f"{folder}: this ONNX export was written by an older loratui (optimum's layout, no {GENAI_CONFIG}); "
                 "it no longer loads",
-                hint="Export it again from the run: loratui export --format onnx --config runs/<name>/config.yaml")
-        raise LoratuiError(f"{folder}: not an ONNX export folder (no {GENAI_CONFIG} and no .onnx file)",
-                           hint="Export one with `loratui export --format onnx`.")
+                hint="Export it again from the run: loratui export --format onnx --config runs/<name>/config.yaml",
+            )
+        raise LoratuiError(
+            f"{folder}: not an ONNX export folder (no {GENAI_CONFIG} and no .onnx file)",
+            hint="Export one with `loratui export --format onnx`.",
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -104,7 +112,9 @@ class OnnxDecoder:
         self.vocab_size = int(model["vocab_size"])
         eos = model.get("eos_token_id")
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-        self.pad_id = int(model.get("pad_token_id") if model.get("pad_token_id") is not None else min(self.eos_ids, default=0))
+        self.pad_id = int(
+            model.get("pad_token_id") if model.get("pad_token_id") is not None else min(self.eos_ids, default=0)
+        )
         self.threads = threads
         self.provider = _provider(self.config)
         self._session: Any = None
@@ -119,10 +129,14 @@ class OnnxDecoder:
             if self._session is None:
                 ort = import_onnxruntime()
                 decoder = self.config["model"]["decoder"]
-                self._session = ort.InferenceSession(str(self.folder / decoder["filename"]),
-                                                     ort_session_options(self.threads), providers=[self.provider])
-                self._empty_past = [(i.name, i.shape[1], _NP_TYPES.get(i.type, "float32"))
-                                    for i in self._session.get_inputs() if i.name.startswith("past_key_values")]
+                self._session = ort.InferenceSession(
+                    str(self.folder / decoder["filename"]), ort_session_options(self.threads), providers=[self.provider]
+                )
+                self._empty_past = [
+                    (i.name, i.shape[1], _NP_TYPES.get(i.type, "float32"))
+                    for i in self._session.get_inputs()
+                    if i.name.startswith("past_key_values")
+                ]
                 self._head_size = int(decoder["head_size"])
             return self._session
 
@@ -134,8 +148,10 @@ class OnnxDecoder:
             return self._genai_logits(input_ids, attention_mask)
         session = self.session
         batch = input_ids.shape[0]
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+        }
         for name, heads, dtype in self._empty_past:  # an empty cache: the whole sequence is the prompt
             feeds[name] = np.zeros((batch, heads, 0, self._head_size), dtype=dtype)
         return session.run(["logits"], feeds)[0].astype(np.float32, copy=False)
@@ -181,8 +197,16 @@ class OnnxDecoder:
                 self._model = og.Model(str(self.folder))
             return self._model
 
-    def tokens(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, min_new_tokens: int = 0) -> Iterator[int]:
+    def tokens(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> Iterator[int]:
         """New token ids, one at a time, until the model's eos (not before ``min_new_tokens``),
         ``max_new_tokens`` or the context ends (the caller may stop earlier: closing the iterator frees
         the generator)."""
@@ -193,8 +217,11 @@ class OnnxDecoder:
         if len(prompt) >= total:
             return
         params = og.GeneratorParams(model)
-        search: dict[str, Any] = {"max_length": self._cache_length(total), "batch_size": 1,
-                                  "min_length": min(len(prompt) + min_new_tokens, total)}
+        search: dict[str, Any] = {
+            "max_length": self._cache_length(total),
+            "batch_size": 1,
+            "min_length": min(len(prompt) + min_new_tokens, total),
+        }
         if temperature > 0:
             search.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=self.vocab_size)
             if seed is not None:

@@ -90,8 +90,15 @@ def _bars(ax: Any, names: list[str], per_model: dict[str, list[float | None]], l
         bars = ax.bar(xs, heights, width, label=model, color=COLORS.get(model, None))
         for b, v in zip(bars, values):
             if v is not None and math.isfinite(v):
-                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                            fontsize=7, xytext=(0, 1), textcoords="offset points")
+                ax.annotate(
+                    f"{v:.2f}",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 1),
+                    textcoords="offset points",
+                )
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.grid(axis="y", alpha=0.3)
     if legend:
@@ -107,15 +114,27 @@ def metrics_plot(path: Path, results: dict[str, dict[str, Any]], name: str, titl
     if not rates and not losses:
         return False
     fig = _figure(9.0 if rates and losses else 7.0, 4.0)
-    panels = fig.subplots(1, 2, width_ratios=[max(len(rates), 1), max(len(losses), 1)]) if rates and losses \
+    panels = (
+        fig.subplots(1, 2, width_ratios=[max(len(rates), 1), max(len(losses), 1)])
+        if rates and losses
         else [fig.add_subplot()]
+    )
     i = 0
     if rates:
         ax = panels[i]
         i += 1
         labels = ["bleu/100" if k == "bleu" else k for k in rates]
-        _bars(ax, labels, {m: [(scores[m].get(k) / 100 if k == "bleu" and scores[m].get(k) is not None
-                                else scores[m].get(k)) for k in rates] for m in models})
+        _bars(
+            ax,
+            labels,
+            {
+                m: [
+                    (scores[m].get(k) / 100 if k == "bleu" and scores[m].get(k) is not None else scores[m].get(k))
+                    for k in rates
+                ]
+                for m in models
+            },
+        )
         ax.set_ylim(0, 1.1)
         ax.set_title(f"{title}: generation (higher is better)")
     if losses:
@@ -132,8 +151,14 @@ def retention_plot(path: Path, sets: list[Any], results: dict[str, dict[str, Any
     if len(sets) < 2:
         return False
     tuned = results["tuned"]
-    key = next((k for k in ("contains", "token_f1", "rougeL", "exact_match", "loss")
-                if all(k in tuned[s.name].metrics for s in sets)), None)
+    key = next(
+        (
+            k
+            for k in ("contains", "token_f1", "rougeL", "exact_match", "loss")
+            if all(k in tuned[s.name].metrics for s in sets)
+        ),
+        None,
+    )
     if key is None:
         return False
     fig = _figure(max(6.0, 1.6 * len(sets)), 4.0)
@@ -145,8 +170,9 @@ def retention_plot(path: Path, sets: list[Any], results: dict[str, dict[str, Any
     return True
 
 
-def draw_all(folder: Path, sets: list[Any], results: dict[str, dict[str, Any]],
-             curve: tuple[dict[int, float], dict[int, float]]) -> list[str]:
+def draw_all(
+    folder: Path, sets: list[Any], results: dict[str, dict[str, Any]], curve: tuple[dict[int, float], dict[int, float]]
+) -> list[str]:
     """Draw what applies (``curve``: the train and eval loss to plot); returns the file names written."""
     written = []
     if loss_plot(folder / "loss.png", *curve):

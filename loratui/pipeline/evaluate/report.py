@@ -30,12 +30,20 @@ def _clean(d: dict[str, float]) -> dict[str, float | None]:
 def metrics_json(sets: list[Any], results: dict[str, dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
     datasets = []
     for s in sets:
-        entry: dict[str, Any] = {"name": s.name, "source": s.source, "split": s.split, "rows": len(s.examples),
-                                 "models": {}}
+        entry: dict[str, Any] = {
+            "name": s.name,
+            "source": s.source,
+            "split": s.split,
+            "rows": len(s.examples),
+            "models": {},
+        }
         for model, per_set in results.items():
             sc = per_set[s.name]
-            entry["models"][model] = {"metrics": _clean(sc.metrics), "generated": sc.generated,
-                                      "scored_tokens": sc.scored_tokens}
+            entry["models"][model] = {
+                "metrics": _clean(sc.metrics),
+                "generated": sc.generated,
+                "scored_tokens": sc.scored_tokens,
+            }
         if "base" in results and "tuned" in results:
             entry["delta"] = _clean(M.deltas(results["tuned"][s.name].metrics, results["base"][s.name].metrics))
         datasets.append(entry)
@@ -102,11 +110,15 @@ def _quote(text: str | None, limit: int = 600) -> str:
 
 def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dict[str, Any], n: int) -> str:
     main = sets[0]
-    lines = [f"# Evaluation: {info['run']}", "",
-             f"Greedy decoding, at most {info['decoding']['max_new_tokens']} new tokens; {main.split} split of "
-             f"`{main.source}` ({len(main.examples)} rows). Tuned: {info['target']['kind']} `{info['target']['path']}`.",
-             "ROUGE, exact match, token F1 and contains are fractions (0 to 1); BLEU is 0 to 100; loss is nats "
-             "per reference token. ▲ better, ▼ worse.", ""]
+    lines = [
+        f"# Evaluation: {info['run']}",
+        "",
+        f"Greedy decoding, at most {info['decoding']['max_new_tokens']} new tokens; {main.split} split of "
+        f"`{main.source}` ({len(main.examples)} rows). Tuned: {info['target']['kind']} `{info['target']['path']}`.",
+        "ROUGE, exact match, token F1 and contains are fractions (0 to 1); BLEU is 0 to 100; loss is nats "
+        "per reference token. ▲ better, ▼ worse.",
+        "",
+    ]
     lines += table(sets, results, main.name)
     for s in sets[1:]:
         lines += ["", f"## Retention: {s.name} ({s.split} split, {len(s.examples)} rows)", ""]
@@ -115,7 +127,7 @@ def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dic
     base = results.get("base", {}).get(main.name)
     ranked = sorted((i for i, r in enumerate(tuned.rows) if r is not None), key=lambda i: _case_score(tuned.rows[i]))
     if n and ranked:
-        worst = ranked[:(n + 1) // 2]
+        worst = ranked[: (n + 1) // 2]
         best = [i for i in reversed(ranked) if i not in worst][: n // 2]
         for title, picks in (("Worst cases (tuned)", worst), ("Best cases (tuned)", best)):
             if not picks:
@@ -123,15 +135,34 @@ def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dic
             lines += ["", f"## {title}", ""]
             for i in picks:
                 e, row = main.examples[i], tuned.rows[i]
-                lines += [f"### {e.source or f'row {i + 1}'}", "", "**Prompt**", "", _quote(e.prompt), "",
-                          "**Reference**" + (f" (key fact: `{e.fact}`)" if e.fact else ""), "", _quote(e.reference), ""]
+                lines += [
+                    f"### {e.source or f'row {i + 1}'}",
+                    "",
+                    "**Prompt**",
+                    "",
+                    _quote(e.prompt),
+                    "",
+                    "**Reference**" + (f" (key fact: `{e.fact}`)" if e.fact else ""),
+                    "",
+                    _quote(e.reference),
+                    "",
+                ]
                 if base is not None:
                     brow = base.rows[i]
-                    lines += [f"**Base** (token F1 {_fmt('token_f1', brow['token_f1'] if brow else None)}, "
-                              f"contains {_fmt('contains', brow['contains'] if brow else None)})", "",
-                              _quote(base.replies[i]), ""]
-                lines += [f"**Tuned** (token F1 {_fmt('token_f1', row['token_f1'])}, contains "
-                          f"{_fmt('contains', row['contains'])})", "", _quote(tuned.replies[i]), ""]
+                    lines += [
+                        f"**Base** (token F1 {_fmt('token_f1', brow['token_f1'] if brow else None)}, "
+                        f"contains {_fmt('contains', brow['contains'] if brow else None)})",
+                        "",
+                        _quote(base.replies[i]),
+                        "",
+                    ]
+                lines += [
+                    f"**Tuned** (token F1 {_fmt('token_f1', row['token_f1'])}, contains "
+                    f"{_fmt('contains', row['contains'])})",
+                    "",
+                    _quote(tuned.replies[i]),
+                    "",
+                ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -141,8 +172,13 @@ def generations_jsonl(sets: list[Any], results: dict[str, dict[str, Any]]) -> st
         for i, e in enumerate(s.examples):
             if e.reference is None:
                 continue
-            rec: dict[str, Any] = {"dataset": s.name, "source": e.source, "prompt": e.prompt,
-                                   "reference": e.reference, "fact": e.fact}
+            rec: dict[str, Any] = {
+                "dataset": s.name,
+                "source": e.source,
+                "prompt": e.prompt,
+                "reference": e.reference,
+                "fact": e.fact,
+            }
             for model, per_set in results.items():
                 sc = per_set[s.name]
                 rec[model] = {"reply": sc.replies[i], "scores": sc.rows[i]}
@@ -163,18 +199,25 @@ def summary_lines(sets: list[Any], results: dict[str, dict[str, Any]]) -> list[s
     return out
 
 
-def write_all(out: Path, sets: list[Any], results: dict[str, dict[str, Any]], info: dict[str, Any],
-              cfg: RunConfig, run: RunDir) -> list[tuple[str, str]]:
+def write_all(
+    out: Path, sets: list[Any], results: dict[str, dict[str, Any]], info: dict[str, Any], cfg: RunConfig, run: RunDir
+) -> list[tuple[str, str]]:
     """Every file into ``out`` (a temporary folder the caller renames into place); (name, kind) of each."""
     from loratui.pipeline.evaluate import plots
 
     data = metrics_json(sets, results, info)
     (out / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "metrics.csv").write_text(metrics_csv(sets, results), encoding="utf-8")
-    (out / "comparison.md").write_text(comparison_md(sets, results, info, cfg.eval.comparison_examples), encoding="utf-8")
+    (out / "comparison.md").write_text(
+        comparison_md(sets, results, info, cfg.eval.comparison_examples), encoding="utf-8"
+    )
     (out / "generations.jsonl").write_text(generations_jsonl(sets, results), encoding="utf-8")
-    written = [("metrics.json", "eval-metrics"), ("metrics.csv", "eval-metrics-csv"),
-               ("comparison.md", "eval-comparison"), ("generations.jsonl", "eval-generations")]
+    written = [
+        ("metrics.json", "eval-metrics"),
+        ("metrics.csv", "eval-metrics-csv"),
+        ("comparison.md", "eval-comparison"),
+        ("generations.jsonl", "eval-generations"),
+    ]
     (out / "plots").mkdir()
     drawn = plots.draw_all(out / "plots", sets, results, training_curve(info, run))
     written += [(f"plots/{name}", "plot") for name in drawn]

@@ -40,18 +40,31 @@ class EvalModel(Protocol):
 
     name: str
 
-    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        max_new_tokens: int,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[int]]:
         """Greedy continuations (new tokens only, cut before the first stop token)."""
         ...
 
-    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+    def nll(
+        self,
+        examples: Sequence[Example],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[tuple[float, int]]:
         """(sum of negative log-likelihoods, token count) over each example's labelled tokens."""
         ...
 
-    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    def predictions(
+        self,
+        examples: Sequence[Example],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[int]]:
         """Teacher-forced top-1 next token at every position that predicts a labelled token."""
         ...
 
@@ -86,8 +99,14 @@ class StopRequested(Exception):
     pass
 
 
-def one_at_a_time(prompts: Sequence[list[int]], stream: Callable[[list[int]], Iterator[int]], max_new_tokens: int,
-                  stops: set[int], progress: Progress | None, should_stop: Callable[[], bool] | None) -> list[list[int]]:
+def one_at_a_time(
+    prompts: Sequence[list[int]],
+    stream: Callable[[list[int]], Iterator[int]],
+    max_new_tokens: int,
+    stops: set[int],
+    progress: Progress | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[list[int]]:
     """Greedy replies from a runtime that decodes one prompt at a time (``stream(prompt)``: its new token
     ids), each cut before its first stop token and at ``max_new_tokens``."""
     out = []
@@ -112,24 +131,42 @@ def one_at_a_time(prompts: Sequence[list[int]], stream: Callable[[list[int]], It
 class _Scoring:
     """``nll`` and ``predictions`` from one teacher-forced pass: ``scored`` gives (nll sum, count, top-1 ids)."""
 
-    def scored(self, examples: Sequence[Example], progress: Progress | None,
-               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+    def scored(
+        self, examples: Sequence[Example], progress: Progress | None, should_stop: Callable[[], bool] | None
+    ) -> list[tuple[float, int, list[int]]]:
         raise NotImplementedError
 
-    def nll(self, examples: Sequence[Example], progress: Progress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[tuple[float, int]]:
+    def nll(
+        self,
+        examples: Sequence[Example],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[tuple[float, int]]:
         return [(total, count) for total, count, _ in self.scored(examples, progress, should_stop)]
 
-    def predictions(self, examples: Sequence[Example], progress: Progress | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    def predictions(
+        self,
+        examples: Sequence[Example],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[int]]:
         return [top1 for _, _, top1 in self.scored(examples, progress, should_stop)]
 
 
 class TorchModel(_Scoring):
     """A transformers model (optionally a PeftModel) on CPU or CUDA, batched with a KV cache."""
 
-    def __init__(self, model: Any, *, name: str, task: str, pad_id: int, stop_ids: set[int], batch_size: int = 8,
-                 token_budget: int = 4096):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        task: str,
+        pad_id: int,
+        stop_ids: set[int],
+        batch_size: int = 8,
+        token_budget: int = 4096,
+    ):
         self.model = model
         self.name = name
         self.task = task
@@ -146,13 +183,24 @@ class TorchModel(_Scoring):
         from transformers import GenerationConfig
 
         own = getattr(self.model, "generation_config", None)
-        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                eos_token_id=sorted(self.stop_ids) or None, pad_token_id=self.pad_id,
-                                forced_bos_token_id=getattr(own, "forced_bos_token_id", None),
-                                min_new_tokens=0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-                                no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
-                                suppress_tokens=[], begin_suppress_tokens=[],
-                                remove_invalid_values=False)
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=sorted(self.stop_ids) or None,
+            pad_token_id=self.pad_id,
+            forced_bos_token_id=getattr(own, "forced_bos_token_id", None),
+            min_new_tokens=0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            encoder_no_repeat_ngram_size=0,
+            length_penalty=1.0,
+            suppress_tokens=[],
+            begin_suppress_tokens=[],
+            remove_invalid_values=False,
+        )
 
     @property
     def device(self) -> Any:
@@ -161,8 +209,13 @@ class TorchModel(_Scoring):
     def _logits(self, ids: Any, mask: Any) -> Any:
         return self.model(input_ids=ids, attention_mask=mask).logits
 
-    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        max_new_tokens: int,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[int]]:
         import torch
 
         out: list[list[int]] = [[] for _ in prompts]
@@ -178,11 +231,14 @@ class TorchModel(_Scoring):
             for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
                 p = prompts[i]
                 if p:
-                    ids[row, longest - len(p):] = torch.tensor(p)
-                    mask[row, longest - len(p):] = 1
+                    ids[row, longest - len(p) :] = torch.tensor(p)
+                    mask[row, longest - len(p) :] = 1
             with torch.inference_mode():
-                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=self._greedy(max_new_tokens))
+                gen = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=self._greedy(max_new_tokens),
+                )
             new = gen[:, longest:] if self.task == "causal" else gen[:, 1:]  # seq2seq: after the start token
             for row, i in enumerate(batch):
                 out[i] = cut_at_stop(new[row].tolist(), self.stop_ids | {self.pad_id})
@@ -190,8 +246,9 @@ class TorchModel(_Scoring):
                 progress(len(batch))
         return out
 
-    def forward_batches(self, examples: Sequence[Example],
-                        should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[list[int], Any, Any, Any]]:
+    def forward_batches(
+        self, examples: Sequence[Example], should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[list[int], Any, Any, Any]]:
         """Teacher-forced passes, shortest examples first: per batch (example indices, logits, targets,
         real-token mask), the logits aligned with the targets they predict (IGNORE where unlabelled)."""
         import torch
@@ -208,9 +265,9 @@ class TorchModel(_Scoring):
             labels = torch.full((len(batch), n_lab), IGNORE, dtype=torch.long)
             for row, i in enumerate(batch):  # right padding
                 e = examples[i]
-                ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-                mask[row, :len(e.input_ids)] = 1
-                labels[row, :len(e.labels)] = torch.tensor(e.labels)
+                ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+                mask[row, : len(e.input_ids)] = 1
+                labels[row, : len(e.labels)] = torch.tensor(e.labels)
             ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
             # never yield inside inference_mode: a suspended generator would leave it on for the caller
             with torch.inference_mode():
@@ -224,13 +281,14 @@ class TorchModel(_Scoring):
             if self.task == "seq2seq":
                 real = torch.zeros_like(labels, dtype=torch.bool)
                 for row, i in enumerate(batch):
-                    real[row, :len(examples[i].labels)] = True
+                    real[row, : len(examples[i].labels)] = True
                 yield batch, logits, labels, real
             else:
                 yield batch, logits, labels[:, 1:], mask[:, 1:].bool()
 
-    def scored(self, examples: Sequence[Example], progress: Progress | None,
-               should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+    def scored(
+        self, examples: Sequence[Example], progress: Progress | None, should_stop: Callable[[], bool] | None
+    ) -> list[tuple[float, int, list[int]]]:
         import torch.nn.functional as F
 
         out: list[tuple[float, int, list[int]]] = [(0.0, 0, [])] * len(examples)
@@ -247,9 +305,12 @@ class TorchModel(_Scoring):
                 progress(len(batch))
         return out
 
-
-    def token_logprobs(self, examples: Sequence[Example], progress: Progress | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> list[list[float]]:
+    def token_logprobs(
+        self,
+        examples: Sequence[Example],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[float]]:
         """Log-probability of each labelled token given everything before it, per example."""
         import torch
 
@@ -272,14 +333,30 @@ class OnnxModel(TorchModel):
     onnxruntime, replies through onnxruntime-genai's generation loop. Batching, scoring and the metrics
     are TorchModel's; only the forward pass and the decoding differ."""
 
-    def __init__(self, decoder: Any, *, name: str, task: str = "causal", pad_id: int, stop_ids: set[int],
-                 batch_size: int = 8, token_budget: int = 4096):
+    def __init__(
+        self,
+        decoder: Any,
+        *,
+        name: str,
+        task: str = "causal",
+        pad_id: int,
+        stop_ids: set[int],
+        batch_size: int = 8,
+        token_budget: int = 4096,
+    ):
         if task != "causal":
             from loratui.pipeline.errors import LoratuiError
 
             raise LoratuiError("ONNX exports are decoder-only: an encoder-decoder model has no ONNX path here")
-        super().__init__(decoder, name=name, task=task, pad_id=pad_id, stop_ids=stop_ids, batch_size=batch_size,
-                         token_budget=token_budget)
+        super().__init__(
+            decoder,
+            name=name,
+            task=task,
+            pad_id=pad_id,
+            stop_ids=stop_ids,
+            batch_size=batch_size,
+            token_budget=token_budget,
+        )
 
     @property
     def device(self) -> Any:
@@ -290,10 +367,21 @@ class OnnxModel(TorchModel):
 
         return torch.from_numpy(self.model.logits(ids.numpy(), mask.numpy()))
 
-    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
-        return one_at_a_time(prompts, lambda p: self.model.tokens(p, max_new_tokens), max_new_tokens,
-                             self.stop_ids | {self.pad_id}, progress, should_stop)
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        max_new_tokens: int,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[int]]:
+        return one_at_a_time(
+            prompts,
+            lambda p: self.model.tokens(p, max_new_tokens),
+            max_new_tokens,
+            self.stop_ids | {self.pad_id},
+            progress,
+            should_stop,
+        )
 
 
 def load_onnx(folder: Path, threads: int | None = None) -> Any:
@@ -308,17 +396,31 @@ class LlamaCppModel(_Scoring):
     """A GGUF file in llama.cpp (llama-cpp-python), with a LoRA adapter GGUF applied if ``lora`` is given:
     one sequence at a time, greedy, teacher-forced scoring."""
 
-    def __init__(self, path: Path, *, name: str, stop_ids: set[int], n_ctx: int = 2048, threads: int | None = None,
-                 lora: Path | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str,
+        stop_ids: set[int],
+        n_ctx: int = 2048,
+        threads: int | None = None,
+        lora: Path | None = None,
+    ):
         import os
 
         import llama_cpp
 
         self.name = name
         self.stop_ids = set(stop_ids)
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                                   n_threads=threads or os.cpu_count(), verbose=False,
-                                   lora_path=str(lora) if lora else None)
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            logits_all=True,
+            n_threads=threads or os.cpu_count(),
+            verbose=False,
+            lora_path=str(lora) if lora else None,
+        )
 
     def close(self) -> None:
         self.llm.close()
@@ -328,13 +430,23 @@ class LlamaCppModel(_Scoring):
 
         self.llm.reset()
         self.llm.eval(ids)
-        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def generate(self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Progress | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
-        return one_at_a_time(prompts, lambda p: self.llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
-                                                                  repeat_penalty=1.0, reset=True),
-                             max_new_tokens, self.stop_ids, progress, should_stop)
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        max_new_tokens: int,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[int]]:
+        return one_at_a_time(
+            prompts,
+            lambda p: self.llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True),
+            max_new_tokens,
+            self.stop_ids,
+            progress,
+            should_stop,
+        )
 
     def _labelled(self, e: Example) -> tuple[Any, Any]:
         """(log-probability of each labelled token, top-1 prediction at each labelled position)."""
@@ -351,8 +463,12 @@ class LlamaCppModel(_Scoring):
         logp, top1 = self._labelled(e)
         return float(-logp.sum()), int(len(logp)), top1.tolist()
 
-    def token_logprobs(self, examples: Sequence[Example], progress: Progress | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> list[list[float]]:
+    def token_logprobs(
+        self,
+        examples: Sequence[Example],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[float]]:
         out = []
         for e in examples:
             if should_stop and should_stop():
@@ -362,8 +478,9 @@ class LlamaCppModel(_Scoring):
                 progress(1)
         return out
 
-    def scored(self, examples: Sequence[Example], progress: Progress | None,
-              should_stop: Callable[[], bool] | None) -> list[tuple[float, int, list[int]]]:
+    def scored(
+        self, examples: Sequence[Example], progress: Progress | None, should_stop: Callable[[], bool] | None
+    ) -> list[tuple[float, int, list[int]]]:
         out = []
         for e in examples:
             if should_stop and should_stop():
@@ -387,9 +504,11 @@ def artifact_kind(path: Path) -> str:
         return "model"
     from loratui.pipeline.errors import LoratuiError
 
-    raise LoratuiError(f"eval.model: {path} is neither a PEFT adapter folder (adapter_config.json) nor a "
-                       "transformers model directory (config.json)",
-                       hint="Point it at runs/<name>/adapter, an adapters/vN folder or a merged directory.")
+    raise LoratuiError(
+        f"eval.model: {path} is neither a PEFT adapter folder (adapter_config.json) nor a "
+        "transformers model directory (config.json)",
+        hint="Point it at runs/<name>/adapter, an adapters/vN folder or a merged directory.",
+    )
 
 
 def load_torch(model_dir: Path, task: str, device: str, precision: str, trust_remote_code: bool = False) -> Any:
@@ -402,8 +521,9 @@ def load_torch(model_dir: Path, task: str, device: str, precision: str, trust_re
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the family's own attention where SDPA would drop part of it (soft-capping, sinks)
     attention = {"attn_implementation": attention_implementation(model_dir)} if task == "causal" else {}
-    model = model_class(task).from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                                              **attention)
+    model = model_class(task).from_pretrained(
+        str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, **attention
+    )
     if device == "cuda":
         model = model.to("cuda")
     return model.eval()

@@ -70,8 +70,9 @@ class Target:
 # --------------------------------------------------------------------------------------------
 
 
-def load_examples(split_dir: Path, task: str, tokenizer: Any, template: Any, fact_field: str,
-                  limit: int | None) -> list[Example]:
+def load_examples(
+    split_dir: Path, task: str, tokenizer: Any, template: Any, fact_field: str, limit: int | None
+) -> list[Example]:
     """Evaluation rows from a processed split of the data step.
 
     Loss is scored on the tokens exactly as trained. A chat row whose last message is the assistant's
@@ -92,8 +93,12 @@ def load_examples(split_dir: Path, task: str, tokenizer: Any, template: Any, fac
         messages = json.loads(row["messages"]) if row.get("messages") else []
         meta = json.loads(row["meta"]) if row.get("meta") else {}
         fact = meta.get(fact_field) if isinstance(meta, dict) else None
-        e = Example(input_ids=list(row["input_ids"]), labels=list(row["labels"]), source=row.get("source") or "",
-                    fact=str(fact) if fact not in (None, "") else None)
+        e = Example(
+            input_ids=list(row["input_ids"]),
+            labels=list(row["labels"]),
+            source=row.get("source") or "",
+            fact=str(fact) if fact not in (None, "") else None,
+        )
         if messages and messages[-1]["role"] == "assistant" and not row.get("chunk"):
             e.reference = messages[-1]["content"]
             if task == "seq2seq":
@@ -131,8 +136,10 @@ def pick_split(manifest: dict[str, Any], want: str, where: str, events: EventSin
             if split != want:
                 events.log(f"{where}: no {want} split, scoring the {split} split instead", level="warning")
             return split
-    raise LoratuiError(f"{where}: the data has no test or validation split to evaluate on",
-                       hint="Set data.test_ratio (for example 0.1) or data.test_source, then run the step again.")
+    raise LoratuiError(
+        f"{where}: the data has no test or validation split to evaluate on",
+        hint="Set data.test_ratio (for example 0.1) or data.test_source, then run the step again.",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,13 +153,17 @@ def resolve_target(cfg: RunConfig, run: RunDir) -> Target:
     if cfg.eval.model:
         path = Path(cfg.eval.model).expanduser()
         if not path.exists():
-            raise LoratuiError(f"eval.model: {path} does not exist",
-                               hint="Point it at an adapter folder or a merged model directory, or leave it empty.")
+            raise LoratuiError(
+                f"eval.model: {path} does not exist",
+                hint="Point it at an adapter folder or a merged model directory, or leave it empty.",
+            )
     else:
         path = run.adapter
         if not (path / "adapter_config.json").is_file():
-            raise LoratuiError(f"{path}: there is no trained adapter to evaluate",
-                               hint="Run `loratui train --config <file>` first, or set eval.model.")
+            raise LoratuiError(
+                f"{path}: there is no trained adapter to evaluate",
+                hint="Run `loratui train --config <file>` first, or set eval.model.",
+            )
     kind = artifact_kind(path)
     meta = adapter_meta(path) if kind == "adapter" else {}
     if meta and not _inside(path, run.path):  # its version numbers belong to another run's history
@@ -160,8 +171,10 @@ def resolve_target(cfg: RunConfig, run: RunDir) -> Target:
     stack = [Path(p) for p in meta.get("stack_paths", [])]
     for p in stack:
         if not (p / "adapter_config.json").is_file():
-            raise LoratuiError(f"{path} was trained on top of {p} (a stack run), which is missing",
-                               hint="Restore that adapter version, or evaluate a merged model with eval.model.")
+            raise LoratuiError(
+                f"{path} was trained on top of {p} (a stack run), which is missing",
+                hint="Restore that adapter version, or evaluate a merged model with eval.model.",
+            )
     return Target(kind, path, stack, meta)
 
 
@@ -173,8 +186,9 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def earlier_datasets(cfg: RunConfig, run: RunDir, target: Target, current_key: str | None,
-                     warn: Any = lambda message: None) -> list[tuple[str, DataSection]]:
+def earlier_datasets(
+    cfg: RunConfig, run: RunDir, target: Target, current_key: str | None, warn: Any = lambda message: None
+) -> list[tuple[str, DataSection]]:
     """(label, data settings) of every dataset the target's adapter lineage was trained on, except the current one,
     then ``eval.retention_sources``."""
     from loratui.pipeline.train.history import load_history
@@ -197,13 +211,19 @@ def earlier_datasets(cfg: RunConfig, run: RunDir, target: Target, current_key: s
             if not data.get("source") or data.get("cache_key") in seen or _label(data["source"]) in seen:
                 continue
             seen |= {data.get("cache_key"), _label(data["source"])}
-            settings = data.get("config") or {**cfg.data.model_dump(mode="json"), "source": data["source"],
-                                              "val_source": None, "test_source": None}
+            settings = data.get("config") or {
+                **cfg.data.model_dump(mode="json"),
+                "source": data["source"],
+                "val_source": None,
+                "test_source": None,
+            }
             try:
                 out.append((f"v{entry['version']}: {_label(data['source'])}", DataSection.model_validate(settings)))
             except ValidationError as e:  # written by another loratui version
-                warn(f"retention: skipping v{entry['version']}: its stored data settings no longer validate "
-                     f"({e.error_count()} problems)")
+                warn(
+                    f"retention: skipping v{entry['version']}: its stored data settings no longer validate "
+                    f"({e.error_count()} problems)"
+                )
     for source in cfg.eval.retention_sources:
         if _label(source) in seen:
             continue
@@ -224,8 +244,17 @@ def split_source(data: DataSection, split: str) -> str:
     return _label(own) if own else _label(data.source)
 
 
-def _retention_sets(cfg: RunConfig, run: RunDir, target: Target, manifest: dict[str, Any], inputs: Any, task: str,
-                    events: EventSink, should_stop: Any, warn: Any) -> list[EvalSet]:
+def _retention_sets(
+    cfg: RunConfig,
+    run: RunDir,
+    target: Target,
+    manifest: dict[str, Any],
+    inputs: Any,
+    task: str,
+    events: EventSink,
+    should_stop: Any,
+    warn: Any,
+) -> list[EvalSet]:
     """The earlier datasets to re-score, built (or found) in the data cache; never written into this run."""
     from loratui.pipeline.data.step import build_cached, split_files
 
@@ -242,9 +271,21 @@ def _retention_sets(cfg: RunConfig, run: RunDir, target: Target, manifest: dict[
             continue
         other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
         split = pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
-        out.append(EvalSet(name, split_source(data, split), split,
-                           load_examples(cached / other_manifest["splits"][split], task, inputs.tokenizer,
-                                         inputs.template, cfg.eval.fact_field, cfg.eval.max_samples)))
+        out.append(
+            EvalSet(
+                name,
+                split_source(data, split),
+                split,
+                load_examples(
+                    cached / other_manifest["splits"][split],
+                    task,
+                    inputs.tokenizer,
+                    inputs.template,
+                    cfg.eval.fact_field,
+                    cfg.eval.max_samples,
+                ),
+            )
+        )
         events.log(f"retention: also scoring {name} ({split} split, {len(out[-1].examples)} rows)")
     return out
 
@@ -257,9 +298,11 @@ def _with_adapter(model: Any, target: Target, base_dir: Path) -> Any:
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise
-        raise LoratuiError(f"{target.path} does not fit the base model {base_dir}: its weight shapes differ",
-                           hint="Evaluate with the model.base the adapter was trained on "
-                           f"(its loratui.json says {target.meta.get('base', 'unknown')}).") from None
+        raise LoratuiError(
+            f"{target.path} does not fit the base model {base_dir}: its weight shapes differ",
+            hint="Evaluate with the model.base the adapter was trained on "
+            f"(its loratui.json says {target.meta.get('base', 'unknown')}).",
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +320,9 @@ class _Counter:
         self.events.progress(self.done, self.total, task=self.task, unit="rows")
 
 
-def score(model: Any, label: str, sets: list[EvalSet], cfg: RunConfig, tokenizer: Any, events: EventSink,
-          should_stop: Any) -> dict[str, Scores]:
+def score(
+    model: Any, label: str, sets: list[EvalSet], cfg: RunConfig, tokenizer: Any, events: EventSink, should_stop: Any
+) -> dict[str, Scores]:
     """Every wanted metric of ``model`` on every set."""
     wanted = set(cfg.eval.metrics)
     generate = bool(wanted & set(M.GENERATION_METRICS))
@@ -289,9 +333,12 @@ def score(model: Any, label: str, sets: list[EvalSet], cfg: RunConfig, tokenizer
         prompted = [i for i, e in enumerate(s.examples) if e.prompt_ids is not None and e.reference is not None]
         where = "" if s.name == "main" else f" ({s.name})"
         if generate and prompted:
-            ids = model.generate([s.examples[i].prompt_ids for i in prompted], cfg.eval.max_new_tokens,
-                                 progress=_Counter(events, len(prompted), f"{label}: generate{where}"),
-                                 should_stop=should_stop)
+            ids = model.generate(
+                [s.examples[i].prompt_ids for i in prompted],
+                cfg.eval.max_new_tokens,
+                progress=_Counter(events, len(prompted), f"{label}: generate{where}"),
+                should_stop=should_stop,
+            )
             texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
             refs = [s.examples[i].reference or "" for i in prompted]
             facts = [s.examples[i].fact for i in prompted]
@@ -301,14 +348,18 @@ def score(model: Any, label: str, sets: list[EvalSet], cfg: RunConfig, tokenizer
             result.metrics.update(M.aggregate(rows, texts, refs))
             result.generated = len(prompted)
         if loss and s.examples:
-            pairs = model.nll(s.examples, progress=_Counter(events, len(s.examples), f"{label}: loss{where}"),
-                              should_stop=should_stop)
+            pairs = model.nll(
+                s.examples, progress=_Counter(events, len(s.examples), f"{label}: loss{where}"), should_stop=should_stop
+            )
             total, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
             if tokens:
                 result.metrics.update(M.loss_metrics(total, tokens))
                 result.scored_tokens = tokens
         result.metrics = {k: v for k, v in result.metrics.items() if k in wanted}
-        events.metric({k: float(v) for k, v in result.metrics.items()}, split=f"{label}" + ("" if s.name == "main" else f"@{s.name}"))
+        events.metric(
+            {k: float(v) for k, v in result.metrics.items()},
+            split=f"{label}" + ("" if s.name == "main" else f"@{s.name}"),
+        )
         out[s.name] = result
     return out
 
@@ -334,15 +385,30 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     inputs = load_model_inputs(cfg, events)
     tokenizer, task = inputs.tokenizer, manifest.get("task", "causal")
     split = pick_split(manifest, cfg.eval.split, str(run.data), events, fallback_train=False)
-    sets = [EvalSet("main", split_source(cfg.data, split), split,
-                    load_examples(run.data / manifest["splits"][split], task, tokenizer, inputs.template,
-                                  cfg.eval.fact_field, cfg.eval.max_samples))]
+    sets = [
+        EvalSet(
+            "main",
+            split_source(cfg.data, split),
+            split,
+            load_examples(
+                run.data / manifest["splits"][split],
+                task,
+                tokenizer,
+                inputs.template,
+                cfg.eval.fact_field,
+                cfg.eval.max_samples,
+            ),
+        )
+    ]
     warn = lambda message: events.log(message, level="warning")  # noqa: E731
     trained = target.meta.get("data") or {}
-    if (trained.get("cache_key") not in (None, manifest.get("cache_key"))
-            and _label(trained.get("source")) == _label(cfg.data.source)):
-        warn("the data settings differ from the ones the adapter was trained with (seed, ratios, template...): "
-             "the test split may hold rows it was trained on")
+    if trained.get("cache_key") not in (None, manifest.get("cache_key")) and _label(trained.get("source")) == _label(
+        cfg.data.source
+    ):
+        warn(
+            "the data settings differ from the ones the adapter was trained with (seed, ratios, template...): "
+            "the test split may hold rows it was trained on"
+        )
     sets += _retention_sets(cfg, run, target, manifest, inputs, task, events, should_stop, warn)
 
     import torch
@@ -375,20 +441,36 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     except StopRequested:
         raise StepCancelled("evaluation cancelled; nothing was written") from None
     except torch.cuda.OutOfMemoryError:
-        raise LoratuiError(f"CUDA ran out of memory while evaluating with eval.batch_size={cfg.eval.batch_size}",
-                           hint="Lower eval.batch_size or eval.max_new_tokens.") from None
+        raise LoratuiError(
+            f"CUDA ran out of memory while evaluating with eval.batch_size={cfg.eval.batch_size}",
+            hint="Lower eval.batch_size or eval.max_new_tokens.",
+        ) from None
 
-    info = {"run": cfg.name, "base": str(base_dir), "target": {"kind": target.kind, "path": str(target.path),
-            "stack": [str(p) for p in target.stack], "version": target.meta.get("version")},
-            "device": device, "precision": precision, "decoding": {"strategy": "greedy",
-            "max_new_tokens": cfg.eval.max_new_tokens}, "metrics_wanted": list(cfg.eval.metrics)}
+    info = {
+        "run": cfg.name,
+        "base": str(base_dir),
+        "target": {
+            "kind": target.kind,
+            "path": str(target.path),
+            "stack": [str(p) for p in target.stack],
+            "version": target.meta.get("version"),
+        },
+        "device": device,
+        "precision": precision,
+        "decoding": {"strategy": "greedy", "max_new_tokens": cfg.eval.max_new_tokens},
+        "metrics_wanted": list(cfg.eval.metrics),
+    }
     with atomic_dir(run.eval) as tmp:
         written = report.write_all(Path(tmp), sets, results, info, cfg, run)
     for name, kind in written:
         events.artifact(run.eval / name, kind=kind)
     main = {m: s["main"].metrics for m, s in results.items()}
-    summary: dict[str, Any] = {"samples": len(sets[0].examples), "split": split,
-                               "tuned": main["tuned"], "seconds": round(time.monotonic() - started, 2)}
+    summary: dict[str, Any] = {
+        "samples": len(sets[0].examples),
+        "split": split,
+        "tuned": main["tuned"],
+        "seconds": round(time.monotonic() - started, 2),
+    }
     if "base" in main:
         summary["base"] = main["base"]
         summary["delta"] = M.deltas(main["tuned"], main["base"])

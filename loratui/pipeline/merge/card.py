@@ -20,18 +20,25 @@ def _eval_table(run: RunDir, source: Any) -> list[str]:
         return ["No evaluation yet: `loratui eval --config <file>` writes one, and a later merge puts it here."]
     data = json.loads(path.read_text(encoding="utf-8"))
     evaluated = data.get("target", {})
-    if Path(str(evaluated.get("path"))).resolve() != source.adapter.resolve() or \
-            evaluated.get("version") != source.meta.get("version"):
-        return [f"The run's evaluation (`eval/metrics.json`) scored {evaluated.get('path')} (version "
-                f"{evaluated.get('version')}), not this adapter: run `loratui eval` again for its figures."]
+    if Path(str(evaluated.get("path"))).resolve() != source.adapter.resolve() or evaluated.get(
+        "version"
+    ) != source.meta.get("version"):
+        return [
+            f"The run's evaluation (`eval/metrics.json`) scored {evaluated.get('path')} (version "
+            f"{evaluated.get('version')}), not this adapter: run `loratui eval` again for its figures."
+        ]
     main = next((d for d in data.get("datasets", []) if d.get("name") == "main"), None)
     if not main:
         return ["The evaluation file has no main dataset."]
     models = list(main["models"])
     keys = [k for k in main["models"][models[-1]]["metrics"]]
-    lines = [f"{main['split']} split of `{main['source']}`, {main['rows']} rows, greedy decoding "
-             f"(from `eval/metrics.json`; the adapter version evaluated: {data.get('target', {}).get('version')}):", "",
-             "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    lines = [
+        f"{main['split']} split of `{main['source']}`, {main['rows']} rows, greedy decoding "
+        f"(from `eval/metrics.json`; the adapter version evaluated: {data.get('target', {}).get('version')}):",
+        "",
+        "| metric | " + " | ".join(models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
     for k in keys:
         cells = []
         for m in models:
@@ -71,10 +78,11 @@ def model_card(cfg: RunConfig, run: RunDir, source: Any, model_dir: Path, dtype:
         "It loads with plain transformers, no peft needed:",
         "",
         "```python",
-        "from transformers import " + ("AutoModelForSeq2SeqLM" if task == "seq2seq" else "AutoModelForCausalLM")
+        "from transformers import "
+        + ("AutoModelForSeq2SeqLM" if task == "seq2seq" else "AutoModelForCausalLM")
         + ", AutoTokenizer",
-        f"model = {'AutoModelForSeq2SeqLM' if task == 'seq2seq' else 'AutoModelForCausalLM'}.from_pretrained(\"path/to/merged\"{remote})",
-        f"tokenizer = AutoTokenizer.from_pretrained(\"path/to/merged\"{remote})",
+        f'model = {"AutoModelForSeq2SeqLM" if task == "seq2seq" else "AutoModelForCausalLM"}.from_pretrained("path/to/merged"{remote})',
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/merged"{remote})',
         "```",
         "",
         "## Provenance",
@@ -91,24 +99,31 @@ def model_card(cfg: RunConfig, run: RunDir, source: Any, model_dir: Path, dtype:
         "",
         f"- {method}, rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, target modules "
         f"`{', '.join(sorted(targets)) if isinstance(targets, list) else targets}`"
-        + (", DoRA" if adapter.get("use_dora") else "") + (", rsLoRA" if adapter.get("use_rslora") else "")
+        + (", DoRA" if adapter.get("use_dora") else "")
+        + (", rsLoRA" if adapter.get("use_rslora") else "")
         + (f", also trained: `{', '.join(adapter['modules_to_save'])}`" if adapter.get("modules_to_save") else ""),
     ]
     if "lr" in meta:
-        lines.append(f"- Learning rate {meta['lr']}, epochs {meta.get('epochs')}, {meta.get('steps', '?')} optimizer "
-                     f"steps, effective batch {meta.get('effective_batch')}")
+        lines.append(
+            f"- Learning rate {meta['lr']}, epochs {meta.get('epochs')}, {meta.get('steps', '?')} optimizer "
+            f"steps, effective batch {meta.get('effective_batch')}"
+        )
     metrics = meta.get("metrics") or {}
     if metrics.get("train_loss_last") is not None:
-        lines.append(f"- Train loss {metrics.get('train_loss_first', float('nan')):.4f} -> {metrics['train_loss_last']:.4f}"
-                     + (f", best eval loss {metrics['eval_loss_best']:.4f}" if metrics.get("eval_loss_best") is not None else ""))
+        lines.append(
+            f"- Train loss {metrics.get('train_loss_first', float('nan')):.4f} -> {metrics['train_loss_last']:.4f}"
+            + (f", best eval loss {metrics['eval_loss_best']:.4f}" if metrics.get("eval_loss_best") is not None else "")
+        )
     lines += ["", "## Parity check", ""]
     if parity is None:
         lines.append("Not run (`merge.parity: false`).")
     else:
-        lines.append(f"Logits of base + adapter (unmerged) against this merged model as written, on {parity.examples} "
-                     f"examples ({parity.positions} positions): max |difference| {parity.max_abs_diff:.3g} "
-                     f"(tolerance {parity.tolerance:.3g}; the logits' scale {parity.scale:.3g}, the adapter changes them "
-                     f"by up to {parity.adapter_effect:.3g}), top-1 agreement "
-                     f"{parity.top1_agreement:.1%}.")
+        lines.append(
+            f"Logits of base + adapter (unmerged) against this merged model as written, on {parity.examples} "
+            f"examples ({parity.positions} positions): max |difference| {parity.max_abs_diff:.3g} "
+            f"(tolerance {parity.tolerance:.3g}; the logits' scale {parity.scale:.3g}, the adapter changes them "
+            f"by up to {parity.adapter_effect:.3g}), top-1 agreement "
+            f"{parity.top1_agreement:.1%}."
+        )
     lines += ["", "## Evaluation", ""] + _eval_table(run, source)
     return "\n".join(lines).rstrip() + "\n"

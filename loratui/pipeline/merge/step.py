@@ -75,9 +75,16 @@ class Parity:
         return self.max_abs_diff <= self.tolerance and not self.lost_adapter
 
     def as_dict(self) -> dict[str, Any]:
-        return {"max_abs_diff": self.max_abs_diff, "logit_scale": self.scale, "tolerance": self.tolerance,
-                "adapter_effect": self.adapter_effect, "top1_agreement": self.top1_agreement,
-                "positions": self.positions, "examples": self.examples, "passed": self.passed}
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "logit_scale": self.scale,
+            "tolerance": self.tolerance,
+            "adapter_effect": self.adapter_effect,
+            "top1_agreement": self.top1_agreement,
+            "positions": self.positions,
+            "examples": self.examples,
+            "passed": self.passed,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,14 +99,18 @@ def resolve_source(cfg: RunConfig, run: RunDir) -> Source:
     if not (path / "adapter_config.json").is_file():
         if cfg.merge.adapter:
             raise LoratuiError(f"merge.adapter: {path} is not a PEFT adapter folder (no adapter_config.json)")
-        raise LoratuiError(f"{path}: there is no trained adapter to merge",
-                           hint="Run `loratui train --config <file>` first, or set merge.adapter.")
+        raise LoratuiError(
+            f"{path}: there is no trained adapter to merge",
+            hint="Run `loratui train --config <file>` first, or set merge.adapter.",
+        )
     meta = adapter_meta(path)
     stack = [Path(p) for p in meta.get("stack_paths", [])]
     for p in stack:
         if not (p / "adapter_config.json").is_file():
-            raise LoratuiError(f"{path} was trained on top of {p} (a stack run), which is missing",
-                               hint="Restore that adapter version (`loratui train history`), then merge again.")
+            raise LoratuiError(
+                f"{path} was trained on top of {p} (a stack run), which is missing",
+                hint="Restore that adapter version (`loratui train history`), then merge again.",
+            )
     return Source(path, stack, meta)
 
 
@@ -108,8 +119,9 @@ def adapter_digest(source: Source) -> str:
     order: what the merged weights are made of (the version number alone does not survive a re-created run)."""
     h = hashlib.sha256()
     for folder in [*source.stack, source.adapter]:
-        names = sorted(p.name for p in folder.iterdir()
-                       if p.name == "adapter_config.json" or p.name.startswith("adapter_model."))
+        names = sorted(
+            p.name for p in folder.iterdir() if p.name == "adapter_config.json" or p.name.startswith("adapter_model.")
+        )
         for name in names:
             h.update(name.encode() + b"\0")
             with (folder / name).open("rb") as f:
@@ -121,8 +133,12 @@ def adapter_digest(source: Source) -> str:
 
 def merge_settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings the merged weights and files depend on (parity settings do not change them)."""
-    return {"base": cfg.model.base, "revision": cfg.model.revision, "dtype": cfg.merge.dtype,
-            "max_shard_size": cfg.merge.max_shard_size}
+    return {
+        "base": cfg.model.base,
+        "revision": cfg.model.revision,
+        "dtype": cfg.merge.dtype,
+        "max_shard_size": cfg.merge.max_shard_size,
+    }
 
 
 def missing_files(merged: Path) -> str | None:
@@ -167,14 +183,21 @@ def current_merge(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any] | None, s
     if record.get("settings") != merge_settings(cfg):
         return None, "the merge settings changed since the last merge"
     return record, f"{run.merged} is current (adapter " + (
-        f"v{record['version']}" if record.get("version") is not None else record.get("adapter", "?")) + ")"
+        f"v{record['version']}" if record.get("version") is not None else record.get("adapter", "?")
+    ) + ")"
 
 
 def reused_summary(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
     """The summary of a merge that was not redone: what ``merge`` returned when it wrote ``merged/``."""
     files = sorted(p.name for p in run.merged.iterdir())
-    return {"merged": str(run.merged), "dtype": record.get("dtype"), "files": files, "parity": record.get("parity"),
-            "seconds": 0.0, "reused": True}
+    return {
+        "merged": str(run.merged),
+        "dtype": record.get("dtype"),
+        "files": files,
+        "parity": record.get("parity"),
+        "seconds": 0.0,
+        "reused": True,
+    }
 
 
 def stored_dtype(model_dir: Path) -> str:
@@ -201,7 +224,8 @@ def refuse_quantized(model_dir: Path) -> None:
         raise LoratuiError(
             f"{model_dir} is stored quantized ({method}): merging into quantized weights rounds the adapter away",
             hint="Set model.base to the unquantized original of this model (QLoRA adapters merge into it "
-                 "exactly), or serve base + adapter without merging.")
+            "exactly), or serve base + adapter without merging.",
+        )
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -219,8 +243,10 @@ def check_disk(run: RunDir, model_dir: Path, source_dtype: str, dtype: str) -> i
     run.path.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(run.path).free
     if free < need * 1.05 + 64 * 2**20:
-        raise LoratuiError(f"{run.path}: {free / 2**30:.2f} GiB free, the merged model needs about "
-                           f"{need / 2**30:.2f} GiB", hint="Free some space, or set runs_dir to a larger disk.")
+        raise LoratuiError(
+            f"{run.path}: {free / 2**30:.2f} GiB free, the merged model needs about {need / 2**30:.2f} GiB",
+            hint="Free some space, or set runs_dir to a larger disk.",
+        )
     return need
 
 
@@ -237,12 +263,17 @@ def parity_inputs(run: RunDir, tokenizer: Any, n: int, max_tokens: int = 64) -> 
             if split in manifest["splits"] and (run.data / manifest["splits"][split]).is_dir():
                 ds = load_from_disk(str(run.data / manifest["splits"][split]))
                 for row in ds.select(range(min(n, len(ds)))):
-                    rows.append({"input_ids": list(row["input_ids"])[:max_tokens],
-                                 "labels": list(row["labels"])[:max_tokens]})
+                    rows.append(
+                        {"input_ids": list(row["input_ids"])[:max_tokens], "labels": list(row["labels"])[:max_tokens]}
+                    )
                 break
     if not rows:
-        texts = ["The quick brown fox jumps over the lazy dog.", "Write a short note about the weather today.",
-                 "What is the capital of France?", "List three colours of the rainbow."]
+        texts = [
+            "The quick brown fox jumps over the lazy dog.",
+            "Write a short note about the weather today.",
+            "What is the capital of France?",
+            "List three colours of the rainbow.",
+        ]
         for i in range(n):
             ids = tokenizer(texts[i % len(texts)], add_special_tokens=True)["input_ids"][:max_tokens]
             rows.append({"input_ids": ids, "labels": ids})
@@ -276,9 +307,11 @@ def check_finite(reference: list[Any]) -> None:
     import torch
 
     if not all(bool(torch.isfinite(r).all()) for r in reference):
-        raise LoratuiError("parity check: base + adapter gives NaN or inf logits, before any merge",
-                           hint="The adapter holds NaN/inf weights (a diverged or corrupted training run): "
-                                "train again, or roll back to an earlier version (`loratui train rollback N`).")
+        raise LoratuiError(
+            "parity check: base + adapter gives NaN or inf logits, before any merge",
+            hint="The adapter holds NaN/inf weights (a diverged or corrupted training run): "
+            "train again, or roll back to an earlier version (`loratui train rollback N`).",
+        )
 
 
 def compare(reference: list[Any], merged: list[Any], base: list[Any], dtype: str, tolerance: float | None) -> Parity:
@@ -288,17 +321,27 @@ def compare(reference: list[Any], merged: list[Any], base: list[Any], dtype: str
 
     ref, got = _stack(reference), _stack(merged)
     if not bool(torch.isfinite(got).all()):
-        raise LoratuiError("parity check: the merged model gives NaN or inf logits where base + adapter does not",
-                           hint=f"merge.dtype={dtype} is too narrow for these weights: merge with merge.dtype=float32 "
-                                "(or bfloat16).")
+        raise LoratuiError(
+            "parity check: the merged model gives NaN or inf logits where base + adapter does not",
+            hint=f"merge.dtype={dtype} is too narrow for these weights: merge with merge.dtype=float32 (or bfloat16).",
+        )
     scale = float(ref.abs().max())
-    limit = tolerance if tolerance is not None else max(RELATIVE_TOLERANCE[dtype] * max(scale, 1.0),
-                                                        FLOAT32_FLOOR if dtype == "float32" else 0.0)
+    limit = (
+        tolerance
+        if tolerance is not None
+        else max(RELATIVE_TOLERANCE[dtype] * max(scale, 1.0), FLOAT32_FLOOR if dtype == "float32" else 0.0)
+    )
     diff = float((ref - got).abs().max())
     effect = float((ref - _stack(base)).abs().max()) if base else 0.0
-    return Parity(max_abs_diff=diff, scale=scale, tolerance=limit, adapter_effect=effect,
-                  top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-                  positions=int(ref.shape[0]), examples=len(reference))
+    return Parity(
+        max_abs_diff=diff,
+        scale=scale,
+        tolerance=limit,
+        adapter_effect=effect,
+        top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        positions=int(ref.shape[0]),
+        examples=len(reference),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,9 +384,12 @@ def _plain_generation_config(model: Any, model_dir: Path) -> Path | None:
         model.generation_config.validate(strict=True)
     except ValueError:
         own = model.generation_config
-        model.generation_config = GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
-                                                   pad_token_id=own.pad_token_id,
-                                                   decoder_start_token_id=own.decoder_start_token_id)
+        model.generation_config = GenerationConfig(
+            bos_token_id=own.bos_token_id,
+            eos_token_id=own.eos_token_id,
+            pad_token_id=own.pad_token_id,
+            decoder_start_token_id=own.decoder_start_token_id,
+        )
     original = model_dir / "generation_config.json"
     return original if original.is_file() else None
 
@@ -353,9 +399,11 @@ def _check_finite_weights(model: Any, dtype: str) -> None:
 
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
-            raise LoratuiError(f"the merged weight {name} holds inf or NaN in {dtype}",
-                               hint="The merged values do not fit this dtype: merge with merge.dtype=float32 "
-                                    "(or bfloat16, which has float32's range).")
+            raise LoratuiError(
+                f"the merged weight {name} holds inf or NaN in {dtype}",
+                hint="The merged values do not fit this dtype: merge with merge.dtype=float32 "
+                "(or bfloat16, which has float32's range).",
+            )
 
 
 def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
@@ -376,8 +424,11 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
     source = resolve_source(cfg, run)
     digest = adapter_digest(source)  # before the merge: an adapter replaced meanwhile reads as changed next time
     if not source.meta:
-        events.log(f"{source.adapter} has no loratui.json: if it was trained on top of stacked adapters, they are "
-                   "not merged (merge the run's adapter/ or adapters/vN instead)", level="warning")
+        events.log(
+            f"{source.adapter} has no loratui.json: if it was trained on top of stacked adapters, they are "
+            "not merged (merge the run's adapter/ or adapters/vN instead)",
+            level="warning",
+        )
     model_dir = resolve_model(cfg.model.base, revision=cfg.model.revision, log=events.log).path
     refuse_quantized(model_dir)
     check_adapter_base(source.meta, source.adapter, cfg.model.base, model_dir)
@@ -389,9 +440,11 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
     need = check_disk(run, model_dir, source_dtype, dtype)
     if source.meta.get("method") == "qlora" or cfg.lora.method == "qlora":
         events.log("the adapter was trained on a 4-bit base (QLoRA); it is merged into the unquantized base")
-    events.log(f"merge: {model_dir} ({source_dtype}) + {source.adapter}"
-               + (f" on top of {len(source.stack)} stacked adapter(s)" if source.stack else "")
-               + f" -> {run.merged} ({dtype}, about {need / 2**20:.0f} MiB)")
+    events.log(
+        f"merge: {model_dir} ({source_dtype}) + {source.adapter}"
+        + (f" on top of {len(source.stack)} stacked adapter(s)" if source.stack else "")
+        + f" -> {run.merged} ({dtype}, about {need / 2**20:.0f} MiB)"
+    )
 
     from peft import PeftModel
 
@@ -427,36 +480,65 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
             merged = _load(tmp, task, dtype, cfg.model.trust_remote_code)
             parity = compare(reference, logits(merged, rows, task), base, dtype, cfg.merge.parity_tolerance)
             del merged
-            events.metric({"parity_max_abs_diff": parity.max_abs_diff, "parity_tolerance": parity.tolerance,
-                           "parity_adapter_effect": parity.adapter_effect,
-                           "parity_top1_agreement": parity.top1_agreement}, split="merge")
+            events.metric(
+                {
+                    "parity_max_abs_diff": parity.max_abs_diff,
+                    "parity_tolerance": parity.tolerance,
+                    "parity_adapter_effect": parity.adapter_effect,
+                    "parity_top1_agreement": parity.top1_agreement,
+                },
+                split="merge",
+            )
             if not parity.passed:
-                why = (f"lost more than half of the adapter's own effect ({parity.adapter_effect:.3g})"
-                       if parity.lost_adapter and parity.max_abs_diff <= parity.tolerance
-                       else f"tolerance {parity.tolerance:.3g}")
+                why = (
+                    f"lost more than half of the adapter's own effect ({parity.adapter_effect:.3g})"
+                    if parity.lost_adapter and parity.max_abs_diff <= parity.tolerance
+                    else f"tolerance {parity.tolerance:.3g}"
+                )
                 raise LoratuiError(
                     f"parity check failed: the merged model's logits differ from base + adapter by up to "
                     f"{parity.max_abs_diff:.3g} ({why}; top-1 agreement {parity.top1_agreement:.1%} over "
                     f"{parity.positions} positions). Nothing was written.",
                     hint="The adapter does not merge cleanly (corrupted weights, or a dtype too narrow for "
-                         "them): check it, or merge with merge.dtype=float32.")
-            events.log(f"parity: max |logit diff| {parity.max_abs_diff:.3g} <= {parity.tolerance:.3g} (the adapter "
-                       f"moves logits by up to {parity.adapter_effect:.3g}), top-1 agreement "
-                       f"{parity.top1_agreement:.1%} over {parity.positions} positions ({parity.examples} examples)")
+                    "them): check it, or merge with merge.dtype=float32.",
+                )
+            events.log(
+                f"parity: max |logit diff| {parity.max_abs_diff:.3g} <= {parity.tolerance:.3g} (the adapter "
+                f"moves logits by up to {parity.adapter_effect:.3g}), top-1 agreement "
+                f"{parity.top1_agreement:.1%} over {parity.positions} positions ({parity.examples} examples)"
+            )
         (tmp / "README.md").write_text(model_card(cfg, run, source, model_dir, dtype, parity, task), encoding="utf-8")
-        (tmp / RECORD).write_text(json.dumps({
-            "base": cfg.model.base, "base_dir": str(model_dir), "adapter": str(source.adapter),
-            "stack": [str(p) for p in source.stack], "version": source.meta.get("version"), "dtype": dtype,
-            "adapter_sha256": digest, "settings": merge_settings(cfg),
-            "parity": parity.as_dict() if parity else None}, indent=2) + "\n", encoding="utf-8")
+        (tmp / RECORD).write_text(
+            json.dumps(
+                {
+                    "base": cfg.model.base,
+                    "base_dir": str(model_dir),
+                    "adapter": str(source.adapter),
+                    "stack": [str(p) for p in source.stack],
+                    "version": source.meta.get("version"),
+                    "dtype": dtype,
+                    "adapter_sha256": digest,
+                    "settings": merge_settings(cfg),
+                    "parity": parity.as_dict() if parity else None,
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     files = sorted(p.name for p in run.merged.iterdir())
     for name in files:
         if name.endswith(".safetensors"):
             events.artifact(run.merged / name, kind="merged-weights")
     events.artifact(run.merged, kind="merged")
     events.progress(STAGES, STAGES, task="merge", unit="stages", message="done")
-    return {"merged": str(run.merged), "dtype": dtype, "files": files,
-            "parity": parity.as_dict() if parity else None, "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "merged": str(run.merged),
+        "dtype": dtype,
+        "files": files,
+        "parity": parity.as_dict() if parity else None,
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:

@@ -18,8 +18,9 @@ class EventsCallback(TrainerCallback):
     """Turns the Trainer's life into loratui events; SIGTERM (``should_stop``) ends training after
     the current optimizer step with a checkpoint saved."""
 
-    def __init__(self, events: EventSink, should_stop: Callable[[], bool], tokens: Callable[[], int],
-                 world_size: int = 1):
+    def __init__(
+        self, events: EventSink, should_stop: Callable[[], bool], tokens: Callable[[], int], world_size: int = 1
+    ):
         self.events = events
         self.should_stop = should_stop
         self.tokens = tokens
@@ -50,8 +51,15 @@ class EventsCallback(TrainerCallback):
             eta = elapsed / done * (state.max_steps - state.global_step) if done else None
             last = next((h for h in reversed(self.history) if "loss" in h), None)
             note = f"loss {last['loss']:.4f}  {last['tokens_per_s']:.0f} tok/s" if last else None
-            self.events.progress(state.global_step, state.max_steps, task="train", unit="steps", message=note,
-                                 eta_s=None if eta is None else round(eta, 1), epoch=round(state.epoch or 0, 3))
+            self.events.progress(
+                state.global_step,
+                state.max_steps,
+                task="train",
+                unit="steps",
+                message=note,
+                eta_s=None if eta is None else round(eta, 1),
+                epoch=round(state.epoch or 0, 3),
+            )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not logs or not state.is_world_process_zero:
@@ -60,8 +68,11 @@ class EventsCallback(TrainerCallback):
         if "loss" in logs:
             tokens = self.tokens()
             seconds = max(now - self._last_time, 1e-9)
-            values = {RENAME.get(k, k): float(v) for k, v in logs.items()
-                      if k in ("loss", "learning_rate", "grad_norm", "epoch") and v is not None}
+            values = {
+                RENAME.get(k, k): float(v)
+                for k, v in logs.items()
+                if k in ("loss", "learning_rate", "grad_norm", "epoch") and v is not None
+            }
             values["tokens_per_s"] = round((tokens - self._last_tokens) * self.world_size / seconds, 1)
             values["tokens"] = float(tokens * self.world_size)
             self._last_time, self._last_tokens = now, tokens

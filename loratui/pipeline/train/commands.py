@@ -22,10 +22,17 @@ def history(cfg: RunConfig, words: list[str]) -> int:
     table = Table("", "version", "mode", "on top of", "data", "steps", "train loss", "eval loss", "created")
     for v in data["versions"]:
         m = v.get("metrics", {})
-        table.add_row("*" if v["version"] == data["current"] else "", f"v{v['version']}", v["mode"],
-                      " + ".join(f"v{x}" if isinstance(x, int) else str(x) for x in v.get("stack", [])) or "base",
-                      str(v["data"]["source"]), str(v["steps"]),
-                      _fmt(m.get("train_loss_last")), _fmt(m.get("eval_loss_best")), v.get("created", ""))
+        table.add_row(
+            "*" if v["version"] == data["current"] else "",
+            f"v{v['version']}",
+            v["mode"],
+            " + ".join(f"v{x}" if isinstance(x, int) else str(x) for x in v.get("stack", [])) or "base",
+            str(v["data"]["source"]),
+            str(v["steps"]),
+            _fmt(m.get("train_loss_last")),
+            _fmt(m.get("eval_loss_best")),
+            v.get("created", ""),
+        )
     console.print(table)
     return 0
 
@@ -37,8 +44,10 @@ def _fmt(x: float | None) -> str:
 def rollback(cfg: RunConfig, words: list[str]) -> int:
     """Make an earlier adapter version current again (``loratui train rollback 1`` or ``v1``)."""
     if len(words) != 1 or not words[0].lstrip("v").isdigit():
-        raise LoratuiError("usage: loratui train rollback <version> (a number such as 1 or v1)",
-                           hint="`loratui train history` lists the versions.")
+        raise LoratuiError(
+            "usage: loratui train rollback <version> (a number such as 1 or v1)",
+            hint="`loratui train history` lists the versions.",
+        )
     run = RunDir.for_config(cfg)
     entry = hist.rollback(run, int(words[0].lstrip("v")))
     print(f"{run.adapter} is now v{entry['version']} ({entry['mode']}, data {entry['data']['source']})")

@@ -43,16 +43,31 @@ ATTENTION = "loratui_varlen"
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the extra attention call
 
 
-def _sdpa_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _sdpa_fallback(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
-                        additive: torch.Tensor | None, scaling: float, dropout: float, training: bool,
-                        softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+def _explicit_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor | None,
+    additive: torch.Tensor | None,
+    scaling: float,
+    dropout: float,
+    training: bool,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
     """Attention written out as transformers' eager implementations of Gemma 2 and gpt-oss compute it,
     for what SDPA cannot express: logit soft-capping (``tanh(s / cap) * cap`` before the mask) and
     attention sinks (a learned logit per head appended as one more key column, softmax, column dropped).
@@ -84,9 +99,18 @@ def _explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return torch.matmul(weights, value)
 
 
-def _explicit_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, scaling: float, dropout: float, softcap: float | None,
-                       sinks: torch.Tensor | None, is_causal: bool | None) -> tuple[torch.Tensor, None]:
+def _explicit_fallback(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    is_causal: bool | None,
+) -> tuple[torch.Tensor, None]:
     """Soft-capping or sinks without segment bounds (generation, a padded batch): the mask transformers
     built (``sdpa_mask``: boolean, or None where plain causal attention is exact), as in SDPA."""
     allowed = additive = None
@@ -105,11 +129,22 @@ def _explicit_fallback(module: Any, query: torch.Tensor, key: torch.Tensor, valu
     return out.transpose(1, 2).contiguous(), None
 
 
-def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, *, cu_seq_lens_q: torch.Tensor | None = None,
-                     loratui_prefix: int = 0, scaling: float | None = None, dropout: float = 0.0,
-                     sliding_window: int | None = None, softcap: float | None = None,
-                     s_aux: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def varlen_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    loratui_prefix: int = 0,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Attention for a padding-free batch of one row: segments given by ``cu_seq_lens_q``.
 
     ``loratui_prefix`` > 0: the first segment is a prefix shared by all later segments, which attend
@@ -128,13 +163,33 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         scaling = query.shape[-1] ** -0.5
     if cu_seq_lens_q is None:
         if explicit:
-            return _explicit_fallback(module, query, key, value, attention_mask, scaling,
-                                      dropout if module.training else 0.0, softcap, s_aux, kwargs.get("is_causal"))
-        return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                              sliding_window=sliding_window, **kwargs)
+            return _explicit_fallback(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling,
+                dropout if module.training else 0.0,
+                softcap,
+                s_aux,
+                kwargs.get("is_causal"),
+            )
+        return _sdpa_fallback(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=scaling,
+            dropout=dropout,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
-        raise NotImplementedError("padding-free attention is causal only (padding_free_refusal rules out "
-                                  "bidirectional models)")
+        raise NotImplementedError(
+            "padding-free attention is causal only (padding_free_refusal rules out bidirectional models)"
+        )
     window = int(sliding_window) if sliding_window else None
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
@@ -148,8 +203,9 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                 mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
             return _explicit_attention(q, k, v, mask, None, scaling, drop, module.training, softcap, s_aux)
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling,
-                                                  enable_gqa=gqa)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa
+            )
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling, enable_gqa=gqa)
 
     # split (not slice): the backward of a split concatenates once, where each slice's backward would
@@ -164,7 +220,9 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         n = q.shape[2]
         if p and start >= p:
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
-            if window is not None and window < p + n:  # key j (prefix, then own) is seen from query i when j > p + i - window
+            if (
+                window is not None and window < p + n
+            ):  # key j (prefix, then own) is seen from query i when j > p + i - window
                 mask.triu_(p - window + 1)
             outs.append(attend(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2), mask))
         elif window is not None and window < n:
@@ -221,11 +279,15 @@ def padding_free_refusal(config: Any, model_class: Any) -> str | None:
     if carries_state(config, model_class):
         kinds = sorted(set(getattr(text, "layer_types", None) or ()) & STATEFUL_LAYER_TYPES)
         what = f"layers of kind {', '.join(kinds)}" if kinds else "stateful layers"
-        return (f"{name} has {what} that carry a state from token to token (recurrent scans or short "
-                "convolutions), which transformers does not reset at packed example bounds")
+        return (
+            f"{name} has {what} that carry a state from token to token (recurrent scans or short "
+            "convolutions), which transformers does not reset at packed example bounds"
+        )
     if not getattr(model_class, "_supports_attention_backend", False):
-        return (f"{name} does not run its attention through transformers' attention interface, so the "
-                "packed examples could not be kept apart")
+        return (
+            f"{name} does not run its attention through transformers' attention interface, so the "
+            "packed examples could not be kept apart"
+        )
     # True (Gemma 3 embedding models) or "all" (Gemma 4): text attends both ways; Gemma 4's "vision" is
     # bidirectional among image tokens only, causal for text
     bidirectional = getattr(text, "use_bidirectional_attention", None)
@@ -298,7 +360,7 @@ class PaddingFreeCollator:
             tokens += len(x)
             ids += x[p:]
             positions += range(p, len(x))
-            targets += y[p + 1:] + [IGNORE]  # the next token, within this example only
+            targets += y[p + 1 :] + [IGNORE]  # the next token, within this example only
             bounds.append(len(ids))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
@@ -375,8 +437,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     softmax: one exponential per logit."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, transform: HeadTransform, rows: int, want_grad: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        transform: HeadTransform,
+        rows: int,
+        want_grad: bool,
+    ) -> torch.Tensor:
         blocks, tops = [], []
         picked = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, weight.shape[0], rows):
@@ -419,8 +489,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad * grad_output).to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         transform: HeadTransform = HeadTransform(), rows: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    transform: HeadTransform = HeadTransform(),
+    rows: int | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of ``transform(hidden @ weight.T + bias)`` (``hidden``: rows x hidden size)
     against ``targets``, a block of ``rows`` vocabulary rows at a time (None: :func:`head_block_rows`):
     equal, to float rounding, to
@@ -429,8 +505,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("linear_cross_entropy computes no gradient for the head's weights; they must be frozen")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"target token ids must lie in [0, {weight.shape[0]}), the head's vocabulary; "
-                         f"got {int(targets.min())} to {int(targets.max())}")
+        raise ValueError(
+            f"target token ids must lie in [0, {weight.shape[0]}), the head's vocabulary; "
+            f"got {int(targets.min())} to {int(targets.max())}"
+        )
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     rows = rows or head_block_rows(weight)
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, transform, rows, want_grad)
@@ -455,8 +533,11 @@ def frozen_head(model: Any) -> tuple[torch.nn.Linear, Any] | None:
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
         return None
-    if any(type(p) is not torch.nn.Parameter or p.requires_grad or p.device.type != "cpu"
-           for p in (head.weight, head.bias) if p is not None):
+    if any(
+        type(p) is not torch.nn.Parameter or p.requires_grad or p.device.type != "cpu"
+        for p in (head.weight, head.bias)
+        if p is not None
+    ):
         return None
     return head, inner.config
 
@@ -481,8 +562,9 @@ class _HeadInput:
         self.handle.remove()
 
 
-def _head_matches(seen: list[torch.Tensor], head: torch.nn.Linear, transform: HeadTransform,
-                  logits: torch.Tensor | None) -> bool | None:
+def _head_matches(
+    seen: list[torch.Tensor], head: torch.nn.Linear, transform: HeadTransform, logits: torch.Tensor | None
+) -> bool | None:
     """Whether the model's logits are ``transform(head(input))`` for the input its head saw (None: no
     row to tell by), to the rounding of the logits' dtype. A model that calls its head more than once,
     or changes its logits in a way the config does not say, keeps the model's own computation (with a
@@ -500,10 +582,15 @@ def _head_matches(seen: list[torch.Tensor], head: torch.nn.Linear, transform: He
         rtol = 1e-4 if logits.dtype == torch.float32 else 2e-2  # bf16 / fp16 logits: their own rounding
         if torch.allclose(ours, theirs, rtol=rtol, atol=rtol * 0.1 * scale):
             return True
-        why = (f"its logits differ from its head's output transformed as its config says ({transform}) by up to "
-               f"{float((ours - theirs).abs().max()):.3g}")
-    warnings.warn(f"{type(head).__name__} head of this model: {why}; the LM head and the loss run as the model "
-                  "computes them, not in vocabulary blocks (same loss, slower)", stacklevel=3)
+        why = (
+            f"its logits differ from its head's output transformed as its config says ({transform}) by up to "
+            f"{float((ours - theirs).abs().max()):.3g}"
+        )
+    warnings.warn(
+        f"{type(head).__name__} head of this model: {why}; the LM head and the loss run as the model "
+        "computes them, not in vocabulary blocks (same loss, slower)",
+        stacklevel=3,
+    )
     return False
 
 
@@ -516,8 +603,13 @@ def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits:
     ``outputs.logits`` is then empty."""
     labels = inputs["labels"][0]
     keep = (labels != IGNORE).nonzero().squeeze(1)
-    kwargs = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
-                  cu_seq_lens_q=inputs["cu_seq_lens_q"], loratui_prefix=int(inputs["loratui_prefix"]))
+    kwargs = dict(
+        input_ids=inputs["input_ids"],
+        position_ids=inputs["position_ids"],
+        use_cache=False,
+        cu_seq_lens_q=inputs["cu_seq_lens_q"],
+        loratui_prefix=int(inputs["loratui_prefix"]),
+    )
     denominator = num_items if num_items is not None else keep.numel()
     if not keep_logits:
         outputs = model(**kwargs)

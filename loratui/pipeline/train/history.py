@@ -91,6 +91,7 @@ def checkpoint_curve(checkpoint: Path) -> dict[str, list[list[float]]] | None:
 
 def curve_points(curve: Any) -> tuple[dict[int, float], dict[int, float]]:
     """(step -> train loss, step -> eval loss) of a curve as written by :func:`curve_of` ({} for anything else)."""
+
     def points(key: str) -> dict[int, float]:
         rows = curve.get(key) if isinstance(curve, dict) else None
         return {int(r[0]): float(r[1]) for r in rows or [] if isinstance(r, (list, tuple)) and len(r) == 2}
@@ -115,9 +116,15 @@ def check_adapter_base(meta: dict[str, Any], adapter: Path, base: str, model_dir
     """Refuse an adapter trained on another base model: with equal shapes nothing else would fail,
     and every figure or weight made from the pair would be wrong."""
     trained_on = meta.get("base")
-    if trained_on and trained_on != base and Path(str(meta.get("model_dir", ""))).resolve() != Path(model_dir).resolve():
-        raise LoratuiError(f"{adapter} was trained on {trained_on}, but model.base is {base}",
-                           hint=f"Use model.base={trained_on}: an adapter only fits the weights it was trained on.")
+    if (
+        trained_on
+        and trained_on != base
+        and Path(str(meta.get("model_dir", ""))).resolve() != Path(model_dir).resolve()
+    ):
+        raise LoratuiError(
+            f"{adapter} was trained on {trained_on}, but model.base is {base}",
+            hint=f"Use model.base={trained_on}: an adapter only fits the weights it was trained on.",
+        )
 
 
 def stack_paths(run: RunDir, entry: dict[str, Any]) -> list[Path]:
@@ -152,8 +159,9 @@ def rollback(run: RunDir, version: int) -> dict[str, Any]:
     known = {v["version"]: v for v in history["versions"]}
     if version not in known:
         listed = ", ".join(f"v{v}" for v in sorted(known)) or "none"
-        raise LoratuiError(f"{run.path}: no adapter version {version} (versions: {listed})",
-                           hint="`loratui train history` lists them.")
+        raise LoratuiError(
+            f"{run.path}: no adapter version {version} (versions: {listed})", hint="`loratui train history` lists them."
+        )
     if not version_dir(run, version).is_dir():
         raise LoratuiError(f"{version_dir(run, version)} is missing: the version's files were deleted")
     _make_current(run, history, version)

@@ -24,10 +24,29 @@ from loratui.pipeline.steps import WORKER_ENV, StepResult
 
 def launch_command(cfg: RunConfig, run: RunDir, cuda: bool) -> list[str]:
     n = cfg.train.nproc
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     if cfg.train.distributed == "fsdp":
-        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+        cmd += [
+            "--use_fsdp",
+            "--fsdp_sharding_strategy",
+            "FULL_SHARD",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+        ]
     else:
         cmd += ["--multi_gpu"]  # accelerate's name for DDP through torch.distributed.run, CPUs included
     return cmd + ["-m", "loratui", "train", "--config", str(run.config), "--events", "jsonl"]
@@ -49,17 +68,22 @@ def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop:
     prepare(cfg, run, events, should_stop)
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < cfg.train.nproc:
-        raise LoratuiError(f"train.nproc={cfg.train.nproc} but only {torch.cuda.device_count()} GPUs are visible",
-                           hint="Lower train.nproc, or set train.device=cpu for CPU processes.")
+        raise LoratuiError(
+            f"train.nproc={cfg.train.nproc} but only {torch.cuda.device_count()} GPUs are visible",
+            hint="Lower train.nproc, or set train.device=cpu for CPU processes.",
+        )
     env = dict(os.environ, **{WORKER_ENV: "1"})
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.train.nproc)))
     cmd = launch_command(cfg, run, cuda)
-    events.log(f"launching {cfg.train.nproc} processes ({cfg.train.distributed}, "
-               f"{'NCCL' if cuda else 'gloo on CPU'}): {' '.join(cmd[2:])}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    events.log(
+        f"launching {cfg.train.nproc} processes ({cfg.train.distributed}, "
+        f"{'NCCL' if cuda else 'gloo on CPU'}): {' '.join(cmd[2:])}"
+    )
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
     reader.start()
@@ -93,5 +117,6 @@ def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop:
     if final is not None and final.type == "error":
         raise LoratuiError(final.message, hint=final.hint)
     tail = "".join(stderr[-15:]).strip()
-    raise LoratuiError(f"the {cfg.train.nproc} training processes exited with code {code} without a result",
-                       hint=tail[-1500:] or None)
+    raise LoratuiError(
+        f"the {cfg.train.nproc} training processes exited with code {code} without a result", hint=tail[-1500:] or None
+    )

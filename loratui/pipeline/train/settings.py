@@ -63,8 +63,10 @@ def resolve_device(cfg: RunConfig, cuda: bool) -> Choice:
     if want == "cuda" and not cuda:
         from loratui.pipeline.errors import LoratuiError
 
-        raise LoratuiError("train.device is cuda but no CUDA GPU is visible to PyTorch",
-                           hint="Set train.device=cpu (or auto), or run the CUDA image with --gpus all.")
+        raise LoratuiError(
+            "train.device is cuda but no CUDA GPU is visible to PyTorch",
+            hint="Set train.device=cpu (or auto), or run the CUDA image with --gpus all.",
+        )
     if want == "cpu" or (want == "auto" and not cuda):
         return Choice("cpu", "no CUDA GPU" if want == "auto" else "train.device")
     return Choice("cuda", "CUDA GPU found" if want == "auto" else "train.device")
@@ -85,8 +87,15 @@ def resolve_precision(cfg: RunConfig, device: str, cuda_bf16: bool = False) -> C
     return Choice("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
 
 
-def resolve_auto(cfg: RunConfig, lengths: list[int], *, device: str, nproc: int, free_gib: float | None = None,
-                 params_b: float = 0.135) -> Resolved:
+def resolve_auto(
+    cfg: RunConfig,
+    lengths: list[int],
+    *,
+    device: str,
+    nproc: int,
+    free_gib: float | None = None,
+    params_b: float = 0.135,
+) -> Resolved:
     """Rank, alpha, epochs, micro-batch and accumulation from the data and the hardware.
 
     ``lengths``: token count of every training example. The effective batch (micro-batch x
@@ -123,9 +132,12 @@ def resolve_auto(cfg: RunConfig, lengths: list[int], *, device: str, nproc: int,
         r.set("train.batch_size", train.batch_size, "train.batch_size")
     if train.grad_accum == "auto":
         accum = max(1, math.ceil(train.effective_batch / (r["train.batch_size"] * nproc)))
-        r.set("train.grad_accum", accum,
-              f"effective batch {train.effective_batch} = {r['train.batch_size']} x {accum}"
-              + (f" x {nproc} processes" if nproc > 1 else ""))
+        r.set(
+            "train.grad_accum",
+            accum,
+            f"effective batch {train.effective_batch} = {r['train.batch_size']} x {accum}"
+            + (f" x {nproc} processes" if nproc > 1 else ""),
+        )
     else:
         r.set("train.grad_accum", train.grad_accum, "train.grad_accum")
     if train.epochs == "auto":

@@ -49,15 +49,19 @@ def resolve_resume(cfg: RunConfig, run: RunDir) -> Path | None:
     if want is True or want in ("true", "latest"):
         found = complete_checkpoints(run.checkpoints)
         if not found:
-            raise LoratuiError(f"{run.checkpoints}: no complete checkpoint to resume from",
-                               hint="Train without --resume to start over.")
+            raise LoratuiError(
+                f"{run.checkpoints}: no complete checkpoint to resume from",
+                hint="Train without --resume to start over.",
+            )
         return found[-1]
     path = Path(str(want))
     if not path.is_absolute() and not path.exists():
         path = run.checkpoints / path
     if not (path / "trainer_state.json").is_file():
-        raise LoratuiError(f"{path}: not a complete training checkpoint (no trainer_state.json)",
-                           hint=f"Checkpoints of this run: {', '.join(p.name for p in complete_checkpoints(run.checkpoints)) or 'none'}")
+        raise LoratuiError(
+            f"{path}: not a complete training checkpoint (no trainer_state.json)",
+            hint=f"Checkpoints of this run: {', '.join(p.name for p in complete_checkpoints(run.checkpoints)) or 'none'}",
+        )
     return path
 
 
@@ -113,14 +117,26 @@ def _wants_padding_free(cfg: RunConfig, model_dir: Path, task: str, events: Even
     return why is None
 
 
-def load_base(cfg: RunConfig, model_dir: Path, task: str, device: str, precision: str, padding_free: bool,
-              stack: list[Path], events: EventSink) -> Any:
+def load_base(
+    cfg: RunConfig,
+    model_dir: Path,
+    task: str,
+    device: str,
+    precision: str,
+    padding_free: bool,
+    stack: list[Path],
+    events: EventSink,
+) -> Any:
     """The base model on ``device`` (4-bit for qlora), with ``stack`` adapters merged in order."""
     import torch
 
     from loratui.pipeline.train.fast import register_attention
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if device == "cuda" else torch.float32
+    dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        if device == "cuda"
+        else torch.float32
+    )
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     if padding_free:
         kwargs["attn_implementation"] = register_attention()
@@ -156,12 +172,17 @@ def _bnb_config(cfg: RunConfig, device: str, precision: str) -> Any:
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.lora.quant_type,
-                              bnb_4bit_use_double_quant=cfg.lora.double_quant, bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.lora.quant_type,
+        bnb_4bit_use_double_quant=cfg.lora.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
-def _quantize_in_place(model: Any, cfg: RunConfig, device: str, precision: str, model_dir: Path, task: str,
-                       kwargs: dict[str, Any]) -> Any:
+def _quantize_in_place(
+    model: Any, cfg: RunConfig, device: str, precision: str, model_dir: Path, task: str, kwargs: dict[str, Any]
+) -> Any:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="loratui-stack-") as tmp:
@@ -170,8 +191,11 @@ def _quantize_in_place(model: Any, cfg: RunConfig, device: str, precision: str, 
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp)
         del model
-        return model_class(task).from_pretrained(tmp, quantization_config=_bnb_config(cfg, device, precision),
-                                                  **{k: v for k, v in kwargs.items() if k != "quantization_config"})
+        return model_class(task).from_pretrained(
+            tmp,
+            quantization_config=_bnb_config(cfg, device, precision),
+            **{k: v for k, v in kwargs.items() if k != "quantization_config"},
+        )
 
 
 def lora_targets(cfg: RunConfig, model: Any) -> dict[str, Any]:
@@ -188,16 +212,21 @@ def add_adapter(cfg: RunConfig, model: Any, task: str, resolved: settings.Resolv
         return PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
     lora = cfg.lora
     config = LoraConfig(
-        r=resolved["lora.r"], lora_alpha=resolved["lora.alpha"], lora_dropout=lora.dropout,
-        **lora_targets(cfg, model), use_rslora=lora.use_rslora, use_dora=lora.method == "dora",
+        r=resolved["lora.r"],
+        lora_alpha=resolved["lora.alpha"],
+        lora_dropout=lora.dropout,
+        **lora_targets(cfg, model),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.method == "dora",
         modules_to_save=lora.modules_to_save or None,
         task_type=TaskType.SEQ_2_SEQ_LM if task == "seq2seq" else TaskType.CAUSAL_LM,
     )
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise LoratuiError(f"lora.target_modules: {e}",
-                           hint="Use all-linear, attention, or module names that exist in this model.") from None
+        raise LoratuiError(
+            f"lora.target_modules: {e}", hint="Use all-linear, attention, or module names that exist in this model."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +234,9 @@ def add_adapter(cfg: RunConfig, model: Any, task: str, resolved: settings.Resolv
 # --------------------------------------------------------------------------------------------
 
 
-def training_arguments(cfg: RunConfig, run: RunDir, resolved: settings.Resolved, device: str, precision: str,
-                       has_eval: bool) -> Any:
+def training_arguments(
+    cfg: RunConfig, run: RunDir, resolved: settings.Resolved, device: str, precision: str, has_eval: bool
+) -> Any:
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -269,8 +299,10 @@ def _tensorboard(run: RunDir) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise LoratuiError("train.report_to names tensorboard, but the tensorboard package is not installed",
-                           hint="pip install tensorboard, or remove it from train.report_to") from exc
+        raise LoratuiError(
+            "train.report_to names tensorboard, but the tensorboard package is not installed",
+            hint="pip install tensorboard, or remove it from train.report_to",
+        ) from exc
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.path / "tensorboard")))
 
 
@@ -313,8 +345,10 @@ def _parent_adapter(cfg: RunConfig, run: RunDir) -> tuple[Path, dict[str, Any]]:
         return path, hist.adapter_meta(path)
     current = hist.current_version(run)
     if current is None or not (run.adapter / "adapter_config.json").is_file():
-        raise LoratuiError(f"train.mode={cfg.train.mode}: {run.path} has no trained adapter yet",
-                           hint="Train once with train.mode=fresh (or set lora.init_from to an adapter folder).")
+        raise LoratuiError(
+            f"train.mode={cfg.train.mode}: {run.path} has no trained adapter yet",
+            hint="Train once with train.mode=fresh (or set lora.init_from to an adapter folder).",
+        )
     return hist.version_dir(run, current["version"]), current
 
 
@@ -353,8 +387,11 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     device = settings.resolve_device(cfg, cuda)
     precision = settings.resolve_precision(cfg, device.value, cuda and torch.cuda.is_bf16_supported())
     if cfg.lora.method == "qlora" and device.value == "cpu":
-        events.log("qlora on CPU: bitsandbytes' CPU 4-bit kernels are slower than an fp32 base here; "
-                   "use method lora on CPUs with the memory for it", level="warning")
+        events.log(
+            "qlora on CPU: bitsandbytes' CPU 4-bit kernels are slower than an fp32 base here; "
+            "use method lora on CPUs with the memory for it",
+            level="warning",
+        )
     resolved = settings.resolve_auto(cfg, lengths, device=device.value, nproc=world, free_gib=_free_gib())
     resume = resolve_resume(cfg, run)
     if resume is not None:  # a resumed run keeps the settings it started with
@@ -388,11 +425,26 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
         model = add_adapter(cfg, model, task, resolved, init_from)
         if rank == 0:
             trainable, total = model.get_nb_trainable_parameters()
-            events.log(f"adapter: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
-                       f"{'padding-free batches' if padding_free else 'padded batches'}")
+            events.log(
+                f"adapter: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
+                f"{'padding-free batches' if padding_free else 'padded batches'}"
+            )
         try:
-            result = _fit(cfg, run, events, should_stop, model, tokenizer, train_ds, val_ds, resolved, device.value,
-                          precision.value, padding_free, resume)
+            result = _fit(
+                cfg,
+                run,
+                events,
+                should_stop,
+                model,
+                tokenizer,
+                train_ds,
+                val_ds,
+                resolved,
+                device.value,
+                precision.value,
+                padding_free,
+                resume,
+            )
             break
         except Exception as e:
             if not (cfg.train.oom_fallback and is_oom(e)):
@@ -401,8 +453,11 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
             if cuda:
                 torch.cuda.empty_cache()
             if micro == 1:
-                raise LoratuiError("out of memory at micro-batch 1", hint="Use lora.method=qlora, a shorter "
-                                   "data.max_length, train.gradient_checkpointing=true, or a larger GPU.") from None
+                raise LoratuiError(
+                    "out of memory at micro-batch 1",
+                    hint="Use lora.method=qlora, a shorter "
+                    "data.max_length, train.gradient_checkpointing=true, or a larger GPU.",
+                ) from None
             micro, accum = micro // 2, accum * 2
             resolved.set("train.batch_size", micro, "halved after running out of memory")
             resolved.set("train.grad_accum", accum, "doubled after running out of memory (same effective batch)")
@@ -411,14 +466,20 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
                 write_config(run.config, cfg)
             found = complete_checkpoints(run.checkpoints)
             resume = found[-1] if found else None
-            events.log(f"out of memory: retrying with micro-batch {micro} x accumulation {accum}"
-                       + (f", from {resume.name}" if resume else ""), level="warning")
+            events.log(
+                f"out of memory: retrying with micro-batch {micro} x accumulation {accum}"
+                + (f", from {resume.name}" if resume else ""),
+                level="warning",
+            )
 
     trainer, callback = result
     if callback.cancelled:
         found = complete_checkpoints(run.checkpoints)
-        return StepResult(status="cancelled", resume_from=str(found[-1]) if found else None,
-                          summary={"step": trainer.state.global_step})
+        return StepResult(
+            status="cancelled",
+            resume_from=str(found[-1]) if found else None,
+            summary={"step": trainer.state.global_step},
+        )
     if rank != 0:
         return StepResult(summary={"rank": rank})
 
@@ -430,20 +491,35 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     tokens = trainer.tokens_seen * world
     version = hist.next_version(run)
     entry = {
-        "version": version, "mode": mode,
+        "version": version,
+        "mode": mode,
         "parent": parent.get("version") if mode != "fresh" else None,
-        "stack": [*parent.get("stack", []), parent.get("version", str(parent_path))] if mode == "stack"
+        "stack": [*parent.get("stack", []), parent.get("version", str(parent_path))]
+        if mode == "stack"
         else parent.get("stack", []),
         "stack_paths": [str(p.resolve()) for p in stack],  # absolute: merge and eval may run from elsewhere
-        "base": cfg.model.base, "model_dir": str(model_dir), "task": task,
-        "data": {"source": cfg.data.source, "cache_key": manifest.get("cache_key"),
-                 "config": cfg.data.model_dump(mode="json")},  # the evaluate step re-scores it (retention)
-        "method": cfg.lora.method, "r": resolved["lora.r"], "alpha": resolved["lora.alpha"],
-        "lr": cfg.train.lr, "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps,
+        "base": cfg.model.base,
+        "model_dir": str(model_dir),
+        "task": task,
+        "data": {
+            "source": cfg.data.source,
+            "cache_key": manifest.get("cache_key"),
+            "config": cfg.data.model_dump(mode="json"),
+        },  # the evaluate step re-scores it (retention)
+        "method": cfg.lora.method,
+        "r": resolved["lora.r"],
+        "alpha": resolved["lora.alpha"],
+        "lr": cfg.train.lr,
+        "epochs": cfg.train.epochs,
+        "max_steps": cfg.train.max_steps,
         "effective_batch": cfg.train.effective_batch,
         "steps": trainer.state.global_step,
-        "metrics": {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-                    "eval_loss_best": min(evals) if evals else None, "tokens_per_s": round(tokens / train_seconds, 1)},
+        "metrics": {
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None,
+            "eval_loss_best": min(evals) if evals else None,
+            "tokens_per_s": round(tokens / train_seconds, 1),
+        },
     }
     (run.path / "adapters").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".v{version}-", dir=run.path / "adapters") as tmp:
@@ -453,11 +529,21 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
         hist.record(run, entry, Path(tmp))
     events.artifact(run.adapter, kind="adapter")
     if evals and trainer.state.best_metric is not None:
-        events.log(f"kept the adapter with the lowest eval loss {trainer.state.best_metric:.4f} "
-                   f"({trainer.state.best_model_checkpoint})")
-    summary = {"version": version, "mode": mode, "steps": trainer.state.global_step, "train_loss": entry["metrics"]["train_loss_last"],
-               "eval_loss": entry["metrics"]["eval_loss_best"], "tokens": tokens,
-               "tokens_per_s": entry["metrics"]["tokens_per_s"], "adapter": str(run.adapter), "seconds": seconds}
+        events.log(
+            f"kept the adapter with the lowest eval loss {trainer.state.best_metric:.4f} "
+            f"({trainer.state.best_model_checkpoint})"
+        )
+    summary = {
+        "version": version,
+        "mode": mode,
+        "steps": trainer.state.global_step,
+        "train_loss": entry["metrics"]["train_loss_last"],
+        "eval_loss": entry["metrics"]["eval_loss_best"],
+        "tokens": tokens,
+        "tokens_per_s": entry["metrics"]["tokens_per_s"],
+        "adapter": str(run.adapter),
+        "seconds": seconds,
+    }
     return StepResult(summary=summary, artifacts=[str(run.adapter)])
 
 
@@ -470,9 +556,21 @@ def _settings_of_checkpoint(resume: Path, resolved: settings.Resolved) -> settin
     return resolved
 
 
-def _fit(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, model: Any, tokenizer: Any,
-         train_ds: Any, val_ds: Any, resolved: settings.Resolved, device: str, precision: str,
-         padding_free: bool, resume: Path | None) -> tuple[Any, Any]:
+def _fit(
+    cfg: RunConfig,
+    run: RunDir,
+    events: EventSink,
+    should_stop: Any,
+    model: Any,
+    tokenizer: Any,
+    train_ds: Any,
+    val_ds: Any,
+    resolved: settings.Resolved,
+    device: str,
+    precision: str,
+    padding_free: bool,
+    resume: Path | None,
+) -> tuple[Any, Any]:
     from transformers import EarlyStoppingCallback
 
     from loratui.pipeline.train.callbacks import EventsCallback
@@ -481,7 +579,10 @@ def _fit(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, model
 
     args = training_arguments(cfg, run, resolved, device, precision, has_eval=val_ds is not None)
     trainer = LoratuiTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
         data_collator=_collator(padding_free, cfg, tokenizer, model),
         keep_logits=padding_free and accepts_logits_to_keep(model),
     )

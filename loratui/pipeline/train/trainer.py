@@ -23,8 +23,9 @@ class LoratuiTrainer(Trainer):
         self.keep_logits = keep_logits
         self.tokens_seen = 0
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         tokens = inputs.pop("num_tokens", None)
         if model.training:
             if tokens is None:
@@ -32,10 +33,14 @@ class LoratuiTrainer(Trainer):
                 tokens = mask.sum() if mask is not None else inputs["input_ids"].numel()
             self.tokens_seen += int(tokens)
         if "cu_seq_lens_q" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         loss, outputs = packed_loss(model, inputs, num_items_in_batch, self.keep_logits)
-        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
-                and self.accelerator.num_processes > 1):
+        if (
+            self.args.average_tokens_across_devices
+            and num_items_in_batch is not None
+            and self.accelerator.num_processes > 1
+        ):
             loss = loss * self.accelerator.num_processes  # DDP averages the gradients across processes
         return (loss, outputs) if return_outputs else loss

@@ -17,8 +17,15 @@ from loratui.pipeline.config import RunConfig
 from loratui.tui.forms import ConfigForm
 from loratui.tui.state import RunState
 
-_STATUS_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled": "yellow", "interrupted": "yellow",
-                 "blocked": "dim", "todo": "default"}
+_STATUS_STYLE = {
+    "done": "green",
+    "running": "cyan",
+    "failed": "red",
+    "cancelled": "yellow",
+    "interrupted": "yellow",
+    "blocked": "dim",
+    "todo": "default",
+}
 
 
 def table(widget_id: str, *columns: str) -> DataTable:
@@ -57,7 +64,7 @@ def fmt(value: Any, digits: int = 4) -> str:
         return str(value)
     if not math.isfinite(value):
         return str(value)
-    if abs(value) >= 10 ** digits:
+    if abs(value) >= 10**digits:
         return f"{value:.0f}"
     text = f"{value:.{digits}g}"
     return "0" if text == "-0" else text

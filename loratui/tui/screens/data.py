@@ -25,7 +25,7 @@ def highlight_trained(preview: str) -> str:
     start = first.start() if first else len(preview)
     out, at = [escape(preview[:start])], start
     for m in _TRAINED.finditer(preview, start):
-        out.append(escape(preview[at:m.start()]))
+        out.append(escape(preview[at : m.start()]))
         out.append(f"[dim]⟦[/dim][reverse]{escape(m.group(1))}[/reverse][dim]⟧[/dim]")
         at = m.end()
     out.append(escape(preview[at:]))
@@ -77,19 +77,47 @@ class DataView(StepView):
             f"test {cell(splits.get('test', 0))}; task {cell(report.get('task'))}, "
             f"template {cell(report.get('template'))}, "
             f"max_length {cell(report.get('max_length'))} ({cell(report.get('max_length_source'))})"
-            + (f"; column mapping {escape(str(state.cfg.data.columns))}" if state.cfg.data.columns else ""))
-        fill(self.query_one("#data-files", DataTable),
-             [(Path(f.get("path", "?")).name, f.get("split", ""), f.get("rows", ""), f.get("format", ""), f.get("reason", ""),
-               ", ".join(f.get("extra_columns") or []) or "-") for f in report.get("files", [])])
+            + (f"; column mapping {escape(str(state.cfg.data.columns))}" if state.cfg.data.columns else "")
+        )
+        fill(
+            self.query_one("#data-files", DataTable),
+            [
+                (
+                    Path(f.get("path", "?")).name,
+                    f.get("split", ""),
+                    f.get("rows", ""),
+                    f.get("format", ""),
+                    f.get("reason", ""),
+                    ", ".join(f.get("extra_columns") or []) or "-",
+                )
+                for f in report.get("files", [])
+            ],
+        )
         problems = report.get("dropped", []) + report.get("truncated", [])
         self._problems = problems
-        fill(self.query_one("#data-problems", DataTable),
-             [(Path(p.get("file", "?")).name, p.get("row", "-"), p.get("kind", ""), p.get("field", ""),
-               p.get("message", ""), p.get("action", "")) for p in problems])
+        fill(
+            self.query_one("#data-problems", DataTable),
+            [
+                (
+                    Path(p.get("file", "?")).name,
+                    p.get("row", "-"),
+                    p.get("kind", ""),
+                    p.get("field", ""),
+                    p.get("message", ""),
+                    p.get("action", ""),
+                )
+                for p in problems
+            ],
+        )
         tokens = report.get("tokens", {})
-        fill(self.query_one("#data-lengths", DataTable),
-             [(s, v.get("rows"), v.get("min"), v.get("median"), v.get("p95"), v.get("max"), v.get("total"))
-              for s, v in tokens.items() if isinstance(v, dict) and "rows" in v])
+        fill(
+            self.query_one("#data-lengths", DataTable),
+            [
+                (s, v.get("rows"), v.get("min"), v.get("median"), v.get("p95"), v.get("max"), v.get("total"))
+                for s, v in tokens.items()
+                if isinstance(v, dict) and "rows" in v
+            ],
+        )
         preview = state.run.data / "preview.txt"
         text = preview.read_text(encoding="utf-8", errors="replace") if preview.is_file() else ""
         self.query_one("#data-preview", Static).update(highlight_trained(text))
@@ -103,4 +131,5 @@ class DataView(StepView):
             row = p.get("row")
             raw = read_row(p["file"], int(row)) if isinstance(row, int) and p.get("file") else "(no row number)"
             self.query_one("#data-row", Static).update(
-                f"[b]{escape(Path(p.get('file', '?')).name)}:{cell(row)}[/b]  {escape(raw)}")
+                f"[b]{escape(Path(p.get('file', '?')).name)}:{cell(row)}[/b]  {escape(raw)}"
+            )

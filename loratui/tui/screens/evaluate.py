@@ -35,11 +35,15 @@ class EvaluateView(StepView):
                     delta = ds.get("delta", {}).get(name)
                     rows.append((ds.get("name", "?"), name, fmt(b), fmt(t), fmt(delta) if delta is not None else "-"))
             decoding = metrics.get("decoding") or {}
-            settings = (", ".join(f"{escape(str(k))} {cell(v)}" for k, v in decoding.items())
-                        if isinstance(decoding, dict) else cell(decoding))
+            settings = (
+                ", ".join(f"{escape(str(k))} {cell(v)}" for k, v in decoding.items())
+                if isinstance(decoding, dict)
+                else cell(decoding)
+            )
             self.query_one("#eval-summary", Static).update(
                 f"{escape(str(metrics.get('target', {}).get('path', '')))} on {escape(str(metrics.get('device', '?')))}"
-                + (f"; decoding: {settings}" if settings else ""))
+                + (f"; decoding: {settings}" if settings else "")
+            )
         else:
             self.query_one("#eval-summary", Static).update("No evaluation yet.")
         fill(self.query_one("#eval-metrics", DataTable), rows)
@@ -57,9 +61,22 @@ class EvaluateView(StepView):
             except ValueError:
                 continue
             shown += 1
-            box.mount(Static(f"[b]{escape(str(g.get('prompt', '')))}[/b]\n[dim]reference:[/dim] "
-                             f"{escape(str(g.get('reference', '')))}", classes="gen-prompt"))
-            box.mount(Horizontal(
-                Static("[dim]base[/dim]\n" + escape(str((g.get("base") or {}).get("reply", "-"))), classes="gen-reply"),
-                Static("[dim]tuned[/dim]\n" + escape(str((g.get("tuned") or {}).get("reply", "-"))), classes="gen-reply"),
-                classes="gen-pair"))
+            box.mount(
+                Static(
+                    f"[b]{escape(str(g.get('prompt', '')))}[/b]\n[dim]reference:[/dim] "
+                    f"{escape(str(g.get('reference', '')))}",
+                    classes="gen-prompt",
+                )
+            )
+            box.mount(
+                Horizontal(
+                    Static(
+                        "[dim]base[/dim]\n" + escape(str((g.get("base") or {}).get("reply", "-"))), classes="gen-reply"
+                    ),
+                    Static(
+                        "[dim]tuned[/dim]\n" + escape(str((g.get("tuned") or {}).get("reply", "-"))),
+                        classes="gen-reply",
+                    ),
+                    classes="gen-pair",
+                )
+            )

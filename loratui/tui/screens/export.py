@@ -40,24 +40,37 @@ class ExportView(StepView):
                 continue
             for f in data.get("files", []):
                 refused = str(f.get("verdict") or "").startswith("refused")  # its row stays; the file was not written
-                self._files.append((str(f.get("file") or f.get("folder") or "-") + (" (refused)" if refused else ""),
-                                    f"{report.parent.name} {f.get('type', '?')}",
-                                    (size(f.get("bytes")), _signed(f.get("delta_perplexity")),
-                                     percent(f.get("top1_agreement")), fmt(f.get("decode_tokens_per_s"), 3),
-                                     fmt(f.get("key_facts"), 3))))
+                self._files.append(
+                    (
+                        str(f.get("file") or f.get("folder") or "-") + (" (refused)" if refused else ""),
+                        f"{report.parent.name} {f.get('type', '?')}",
+                        (
+                            size(f.get("bytes")),
+                            _signed(f.get("delta_perplexity")),
+                            percent(f.get("top1_agreement")),
+                            fmt(f.get("decode_tokens_per_s"), 3),
+                            fmt(f.get("key_facts"), 3),
+                        ),
+                    )
+                )
         self._fill()
         refused = sum(name.endswith(" (refused)") for name, _, _ in self._files)
         self.query_one("#export-summary", Static).update(
             f"{len(self._files) - refused} verified file(s) in {escape(str(state.run.exports))}"
-            + (f"; {refused} refused (not written: exports/report.md says why)" if refused else "") if self._files
-            else "No exports yet.")
+            + (f"; {refused} refused (not written: exports/report.md says why)" if refused else "")
+            if self._files
+            else "No exports yet."
+        )
 
     def _fill(self) -> None:
         """The rows, the first column wrapped to what the other columns leave of the results pane: every
         column shows without scrolling sideways (a file name takes more lines instead)."""
         files = getattr(self, "_files", [])
-        others = sum(max(len(HEADERS[i + 1]), *(len(c[i]) for _, _, c in files)) + 2 for i in range(len(HEADERS) - 1)) \
-            if files else 0
+        others = (
+            sum(max(len(HEADERS[i + 1]), *(len(c[i]) for _, _, c in files)) + 2 for i in range(len(HEADERS) - 1))
+            if files
+            else 0
+        )
         pane = self.query_one(f"#{self.STEP}-results").scrollable_content_region.width
         width = max(10, pane - others - 2) if pane else 24  # 2: the padding of the column
         rows = []

@@ -31,4 +31,5 @@ class MergeView(StepView):
             f"base {escape(str(record.get('base')))} + adapter version {cell(record.get('version', '?'))}\n"
             f"parity {verdict}: max |logit diff| {cell(parity.get('max_abs_diff'))} "
             f"(tolerance {cell(parity.get('tolerance'))}), top-1 agreement {percent(parity.get('top1_agreement'))} "
-            f"over {cell(parity.get('positions', '?'))} positions")
+            f"over {cell(parity.get('positions', '?'))} positions"
+        )

@@ -42,8 +42,14 @@ def chat_body(model: str, messages: list[dict[str, str]], temperature: float, ma
     return {"model": model, "messages": messages, "temperature": temperature, "stream": True, "max_tokens": max_tokens}
 
 
-def stream_chat(url: str, model: str, messages: list[dict[str, str]], api_key: str | None, temperature: float = 0.0,
-                max_tokens: int = 256):
+def stream_chat(
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    api_key: str | None,
+    temperature: float = 0.0,
+    max_tokens: int = 256,
+):
     """Yield the text deltas of a streamed chat completion (server-sent events)."""
     body = json.dumps(chat_body(model, messages, temperature, max_tokens)).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
@@ -86,10 +92,20 @@ class ServeView(StepView):
         yield Static("", id="chat-reply")
         with Horizontal(id="chat-options"):
             yield Static("temperature", classes="chat-option-label")
-            yield Input("0", id="chat-temperature", compact=True, select_on_focus=False,
-                        tooltip="0: greedy, the model's most likely answer (test what was trained); up to 2: more varied")
-            yield Checkbox("keep history", False, id="chat-keep-history", compact=True,
-                           tooltip="send the conversation so far with each question (off: each question alone)")
+            yield Input(
+                "0",
+                id="chat-temperature",
+                compact=True,
+                select_on_focus=False,
+                tooltip="0: greedy, the model's most likely answer (test what was trained); up to 2: more varied",
+            )
+            yield Checkbox(
+                "keep history",
+                False,
+                id="chat-keep-history",
+                compact=True,
+                tooltip="send the conversation so far with each question (off: each question alone)",
+            )
             yield Button("New chat", id="chat-new", compact=True, tooltip="clear the conversation")
         yield Static("", id="chat-mode", classes="chat-mode")
         yield Input(placeholder="Ask the served model (Enter sends)", id="chat-input", select_on_focus=False)
@@ -109,8 +125,10 @@ class ServeView(StepView):
         if temperature is None:
             text = "[red]temperature: a number from 0 to 2[/red]"
         else:
-            text = (f"[dim]sends {'the conversation so far' if self.keep_history else 'each question alone'}, "
-                    f"temperature {temperature:g}{' (greedy)' if temperature == 0 else ''}[/dim]")
+            text = (
+                f"[dim]sends {'the conversation so far' if self.keep_history else 'each question alone'}, "
+                f"temperature {temperature:g}{' (greedy)' if temperature == 0 else ''}[/dim]"
+            )
         self.query_one("#chat-mode", Static).update(text)
 
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -148,9 +166,11 @@ class ServeView(StepView):
         else:
             self.model_id = info.get("model") or self.model_id
             why = info.get("reason") or info.get("serving") or ""
-            status.update(f"server: [b]{escape(str(info.get('status')))}[/b] at [b]{escape(url)}[/b], "
-                          f"backend {escape(str(info.get('backend')))}, model {escape(str(self.model_id))}\n"
-                          f"[dim]{escape(str(why))}[/dim]")
+            status.update(
+                f"server: [b]{escape(str(info.get('status')))}[/b] at [b]{escape(url)}[/b], "
+                f"backend {escape(str(info.get('backend')))}, model {escape(str(self.model_id))}\n"
+                f"[dim]{escape(str(why))}[/dim]"
+            )
         self.query_one("#serve-log", Static).update(escape("\n".join(log_tail[-4:])))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -174,8 +194,9 @@ class ServeView(StepView):
         self.ask(url, self.model_id, messages, self.cfg.serve.api_key, temperature)
 
     @work(thread=True, exclusive=True, group="chat", exit_on_error=False)
-    def ask(self, url: str, model: str, messages: list[dict[str, str]], api_key: str | None,
-            temperature: float = 0.0) -> None:
+    def ask(
+        self, url: str, model: str, messages: list[dict[str, str]], api_key: str | None, temperature: float = 0.0
+    ) -> None:
         parts: list[str] = []
         failed = False
         try:

@@ -26,11 +26,16 @@ class TrainView(StepView):
         lines = []
         if last is not None and last.summary:
             s = last.summary
-            lines.append(f"last run: {cell(s.get('steps', '?'))} steps, train loss {cell(s.get('train_loss'))}, "
-                         f"eval loss {cell(s.get('eval_loss'))}, {cell(s.get('tokens_per_s'))} tokens/s, "
-                         f"{cell(s.get('seconds'))} s; adapter version {cell(s.get('version', '?'))}")
-        checkpoints = sorted(state.run.checkpoints.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime) \
-            if state.run.checkpoints.is_dir() else []
+            lines.append(
+                f"last run: {cell(s.get('steps', '?'))} steps, train loss {cell(s.get('train_loss'))}, "
+                f"eval loss {cell(s.get('eval_loss'))}, {cell(s.get('tokens_per_s'))} tokens/s, "
+                f"{cell(s.get('seconds'))} s; adapter version {cell(s.get('version', '?'))}"
+            )
+        checkpoints = (
+            sorted(state.run.checkpoints.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+            if state.run.checkpoints.is_dir()
+            else []
+        )
         if checkpoints:
             lines.append(f"{len(checkpoints)} checkpoint(s); latest {escape(checkpoints[-1].name)}: R resumes from it")
         self.query_one("#train-summary", Static).update("\n".join(lines))

@@ -74,7 +74,7 @@ def sharegpt(*turns: tuple[str, str]) -> dict[str, Any]:
 def among(good: Callable[[int], Any], *bad: Line, at: int = 4, n_good: int = 6) -> bytes:
     """JSON Lines: ``n_good`` good rows with the ``bad`` lines starting at line ``at``."""
     rows = [good(i) for i in range(n_good)]
-    return jsonl(*rows[: at - 1], *bad, *rows[at - 1:])
+    return jsonl(*rows[: at - 1], *bad, *rows[at - 1 :])
 
 
 def csv_among(*bad: bytes, at: int = 5, n_good: int = 6) -> bytes:
@@ -117,89 +117,205 @@ class RowCase:
     overrides: tuple[str, ...] = ()  # "{dir}" is the folder holding the files
 
 
-def case(id: str, content: bytes | Callable[[], bytes], read: int, *expect: Expect, name: str = "data.jsonl",
-         overrides: tuple[str, ...] = (), extra: dict[str, bytes] | None = None, marks: Any = ()) -> Any:
+def case(
+    id: str,
+    content: bytes | Callable[[], bytes],
+    read: int,
+    *expect: Expect,
+    name: str = "data.jsonl",
+    overrides: tuple[str, ...] = (),
+    extra: dict[str, bytes] | None = None,
+    marks: Any = (),
+) -> Any:
     files = {name: content, **(extra or {})}
     return pytest.param(RowCase(id, files, read, expect, overrides), id=id, marks=marks)
 
 
 ROW_CASES = [
     # JSON Lines: the line itself is broken
-    case("invalid-json-line", among(alpaca, '{"instruction": "q", "output": '), 7,
-         Expect("invalid_json", 4, message="invalid JSON")),
+    case(
+        "invalid-json-line",
+        among(alpaca, '{"instruction": "q", "output": '),
+        7,
+        Expect("invalid_json", 4, message="invalid JSON"),
+    ),
     case("python-dict-line", among(alpaca, "{'instruction': 'q', 'output': 'a'}"), 7, Expect("invalid_json", 4)),
-    case("non-utf8-bytes-in-jsonl-line", among(alpaca, b'{"instruction": "caf\xe9", "output": "a"}'), 7,
-         Expect("undecodable_bytes", 4, message="UTF-8")),
+    case(
+        "non-utf8-bytes-in-jsonl-line",
+        among(alpaca, b'{"instruction": "caf\xe9", "output": "a"}'),
+        7,
+        Expect("undecodable_bytes", 4, message="UTF-8"),
+    ),
     case("jsonl-line-is-a-list", among(alpaca, [1, 2, 3]), 7, Expect("not_an_object", 4, message="a list")),
     case("jsonl-line-is-a-number", among(alpaca, 42), 7, Expect("not_an_object", 4, message="a number")),
     case("jsonl-line-is-null", among(alpaca, None), 7, Expect("not_an_object", 4)),
-    case("blank-lines-keep-line-numbers", jsonl(*[alpaca(i) for i in range(3)], "", "   ", "{oops", alpaca(3),
-                                                alpaca(4)), 6, Expect("invalid_json", 6)),
+    case(
+        "blank-lines-keep-line-numbers",
+        jsonl(*[alpaca(i) for i in range(3)], "", "   ", "{oops", alpaca(3), alpaca(4)),
+        6,
+        Expect("invalid_json", 6),
+    ),
     # alpaca fields
     case("missing-field", among(alpaca, {"instruction": "q"}), 7, Expect("missing_field", 4, "output")),
     case("null-field", among(alpaca, {"instruction": "q", "output": None}), 7, Expect("missing_field", 4, "output")),
-    case("empty-field", among(alpaca, {"instruction": "  \n ", "output": "a"}), 7,
-         Expect("empty_field", 4, "instruction")),
-    case("number-instead-of-text", among(alpaca, {"instruction": "q", "output": 42}), 7,
-         Expect("wrong_type", 4, "output", message="a number")),
-    case("list-instead-of-text", among(alpaca, {"instruction": ["q"], "output": "a"}), 7,
-         Expect("wrong_type", 4, "instruction")),
+    case(
+        "empty-field",
+        among(alpaca, {"instruction": "  \n ", "output": "a"}),
+        7,
+        Expect("empty_field", 4, "instruction"),
+    ),
+    case(
+        "number-instead-of-text",
+        among(alpaca, {"instruction": "q", "output": 42}),
+        7,
+        Expect("wrong_type", 4, "output", message="a number"),
+    ),
+    case(
+        "list-instead-of-text",
+        among(alpaca, {"instruction": ["q"], "output": "a"}),
+        7,
+        Expect("wrong_type", 4, "instruction"),
+    ),
     # chat (OpenAI messages) and ShareGPT turns
-    case("unknown-chat-role", among(good_chat, chat(("user", "q"), ("bot", "a"))), 7,
-         Expect("unknown_role", 4, "messages[1]", message="bot")),
-    case("assistant-first", among(good_chat, chat(("assistant", "a"), ("user", "q"), ("assistant", "b"))), 7,
-         Expect("bad_role_order", 4, "messages")),
-    case("two-user-turns-in-a-row", among(good_chat, chat(("user", "q"), ("user", "q2"), ("assistant", "a"))), 7,
-         Expect("bad_role_order", 4, "messages")),
-    case("system-not-first", among(good_chat, chat(("user", "q"), ("system", "s"), ("assistant", "a"))), 7,
-         Expect("bad_role_order", 4, "messages", message="system")),
-    case("ends-with-user-turn", among(good_chat, chat(("user", "q"), ("assistant", "a"), ("user", "q2"))), 7,
-         Expect("bad_role_order", 4, "messages", message="ends with")),
-    case("empty-assistant-turn", among(good_chat, chat(("user", "q"), ("assistant", " "))), 7,
-         Expect("empty_assistant_turn", 4, "messages")),
-    case("no-assistant-turn", among(good_chat, chat(("system", "s"), ("user", "q"))), 7,
-         Expect("no_assistant_turn", 4, "messages")),
+    case(
+        "unknown-chat-role",
+        among(good_chat, chat(("user", "q"), ("bot", "a"))),
+        7,
+        Expect("unknown_role", 4, "messages[1]", message="bot"),
+    ),
+    case(
+        "assistant-first",
+        among(good_chat, chat(("assistant", "a"), ("user", "q"), ("assistant", "b"))),
+        7,
+        Expect("bad_role_order", 4, "messages"),
+    ),
+    case(
+        "two-user-turns-in-a-row",
+        among(good_chat, chat(("user", "q"), ("user", "q2"), ("assistant", "a"))),
+        7,
+        Expect("bad_role_order", 4, "messages"),
+    ),
+    case(
+        "system-not-first",
+        among(good_chat, chat(("user", "q"), ("system", "s"), ("assistant", "a"))),
+        7,
+        Expect("bad_role_order", 4, "messages", message="system"),
+    ),
+    case(
+        "ends-with-user-turn",
+        among(good_chat, chat(("user", "q"), ("assistant", "a"), ("user", "q2"))),
+        7,
+        Expect("bad_role_order", 4, "messages", message="ends with"),
+    ),
+    case(
+        "empty-assistant-turn",
+        among(good_chat, chat(("user", "q"), ("assistant", " "))),
+        7,
+        Expect("empty_assistant_turn", 4, "messages"),
+    ),
+    case(
+        "no-assistant-turn",
+        among(good_chat, chat(("system", "s"), ("user", "q"))),
+        7,
+        Expect("no_assistant_turn", 4, "messages"),
+    ),
     case("messages-not-a-list", among(good_chat, {"messages": "hello"}), 7, Expect("wrong_type", 4, "messages")),
-    case("message-without-content", among(good_chat, {"messages": [{"role": "user"}]}), 7,
-         Expect("missing_field", 4, "messages[0]")),
-    case("sharegpt-unknown-from", among(lambda i: sharegpt(("human", f"q{i}"), ("gpt", f"a{i}")),
-                                        sharegpt(("human", "q"), ("robot", "a"))), 7,
-         Expect("unknown_role", 4, "conversations[1]")),
+    case(
+        "message-without-content",
+        among(good_chat, {"messages": [{"role": "user"}]}),
+        7,
+        Expect("missing_field", 4, "messages[0]"),
+    ),
+    case(
+        "sharegpt-unknown-from",
+        among(lambda i: sharegpt(("human", f"q{i}"), ("gpt", f"a{i}")), sharegpt(("human", "q"), ("robot", "a"))),
+        7,
+        Expect("unknown_role", 4, "conversations[1]"),
+    ),
     # duplicates
-    case("exact-duplicate-row", jsonl(*[alpaca(i) for i in range(6)], alpaca(1)), 7,
-         Expect("duplicate", 7, message="row 2")),
-    case("test-row-duplicates-a-training-row", jsonl(*[alpaca(i) for i in range(6)]), 9,
-         Expect("duplicate_across_splits", 2, file="test.jsonl"),
-         extra={"test.jsonl": jsonl(alpaca(100), alpaca(2), alpaca(101))},
-         overrides=("data.test_source={dir}/test.jsonl",)),
+    case(
+        "exact-duplicate-row",
+        jsonl(*[alpaca(i) for i in range(6)], alpaca(1)),
+        7,
+        Expect("duplicate", 7, message="row 2"),
+    ),
+    case(
+        "test-row-duplicates-a-training-row",
+        jsonl(*[alpaca(i) for i in range(6)]),
+        9,
+        Expect("duplicate_across_splits", 2, file="test.jsonl"),
+        extra={"test.jsonl": jsonl(alpaca(100), alpaca(2), alpaca(101))},
+        overrides=("data.test_source={dir}/test.jsonl",),
+    ),
     # CSV
     case("csv-row-too-few-columns", csv_among(b"just one value"), 7, Expect("not_an_object", 5), name="data.csv"),
-    case("csv-row-too-many-columns", csv_among(b"q,a,extra"), 7,
-         Expect("not_an_object", 5, message="3 values"), name="data.csv"),
+    case(
+        "csv-row-too-many-columns",
+        csv_among(b"q,a,extra"),
+        7,
+        Expect("not_an_object", 5, message="3 values"),
+        name="data.csv",
+    ),
     case("csv-non-utf8-bytes", csv_among(b"caf\xe9,a"), 7, Expect("undecodable_bytes", 5), name="data.csv"),
     # JSON arrays and Parquet: the row is the 1-based position
-    case("json-array-item-not-an-object",
-         json.dumps([alpaca(0), alpaca(1), "text", *map(alpaca, range(2, 6))]).encode(), 7,
-         Expect("not_an_object", 3, message="a string"), name="data.json"),
-    case("parquet-null-field", lambda: parquet_bytes([*map(alpaca, range(3)), {"instruction": "q", "output": None},
-                                                      *map(alpaca, range(3, 6))]),
-         7, Expect("missing_field", 4, "output"), name="data.parquet"),
+    case(
+        "json-array-item-not-an-object",
+        json.dumps([alpaca(0), alpaca(1), "text", *map(alpaca, range(2, 6))]).encode(),
+        7,
+        Expect("not_an_object", 3, message="a string"),
+        name="data.json",
+    ),
+    case(
+        "parquet-null-field",
+        lambda: parquet_bytes(
+            [*map(alpaca, range(3)), {"instruction": "q", "output": None}, *map(alpaca, range(3, 6))]
+        ),
+        7,
+        Expect("missing_field", 4, "output"),
+        name="data.parquet",
+    ),
     # longer than max_length, per policy
-    case("too-long-truncate", among(alpaca, {"instruction": "q", "output": LONG_TEXT}), 7,
-         Expect("too_long", 4, where="truncated", message="truncated to"),
-         overrides=(f"data.max_length={MAX_LENGTH}",)),
-    case("too-long-drop", among(alpaca, {"instruction": "q", "output": LONG_TEXT}), 7, Expect("too_long", 4),
-         overrides=(f"data.max_length={MAX_LENGTH}", "data.on_problem.too_long=drop")),
-    case("too-long-truncate-cuts-the-answer", among(alpaca, {"instruction": LONG_TEXT, "output": "a"}), 7,
-         Expect("too_long", 4, where="truncated"), Expect("no_trained_tokens", 4),
-         overrides=(f"data.max_length={MAX_LENGTH}",)),
+    case(
+        "too-long-truncate",
+        among(alpaca, {"instruction": "q", "output": LONG_TEXT}),
+        7,
+        Expect("too_long", 4, where="truncated", message="truncated to"),
+        overrides=(f"data.max_length={MAX_LENGTH}",),
+    ),
+    case(
+        "too-long-drop",
+        among(alpaca, {"instruction": "q", "output": LONG_TEXT}),
+        7,
+        Expect("too_long", 4),
+        overrides=(f"data.max_length={MAX_LENGTH}", "data.on_problem.too_long=drop"),
+    ),
+    case(
+        "too-long-truncate-cuts-the-answer",
+        among(alpaca, {"instruction": LONG_TEXT, "output": "a"}),
+        7,
+        Expect("too_long", 4, where="truncated"),
+        Expect("no_trained_tokens", 4),
+        overrides=(f"data.max_length={MAX_LENGTH}",),
+    ),
     # known bugs: these end in an internal error (exit 1) instead of a listed row
-    case("jsonl-lone-surrogate-escape", among(alpaca, r'{"instruction": "\ud800", "output": "a"}'), 7,
-         Expect(("undecodable_bytes", "wrong_type", "invalid_json"), 4)),
-    case("jsonl-too-deeply-nested", among(alpaca, '{"instruction": "q", "output": ' + "[" * 100_000 + "}"), 7,
-         Expect(("invalid_json", "wrong_type"), 4)),
-    case("jsonl-huge-integer", among(alpaca, '{"instruction": "q", "output": ' + "1" * 5000 + "}"), 7,
-         Expect(("invalid_json", "wrong_type"), 4)),
+    case(
+        "jsonl-lone-surrogate-escape",
+        among(alpaca, r'{"instruction": "\ud800", "output": "a"}'),
+        7,
+        Expect(("undecodable_bytes", "wrong_type", "invalid_json"), 4),
+    ),
+    case(
+        "jsonl-too-deeply-nested",
+        among(alpaca, '{"instruction": "q", "output": ' + "[" * 100_000 + "}"),
+        7,
+        Expect(("invalid_json", "wrong_type"), 4),
+    ),
+    case(
+        "jsonl-huge-integer",
+        among(alpaca, '{"instruction": "q", "output": ' + "1" * 5000 + "}"),
+        7,
+        Expect(("invalid_json", "wrong_type"), 4),
+    ),
 ]
 
 
@@ -289,8 +405,15 @@ def _glob_nothing(folder: Path) -> str:
     return str(folder / "train-*.jsonl")
 
 
-def fcase(id: str, make: Callable[[Path], str], names: str, *says: str, overrides: tuple[str, ...] = (),
-          hint: str | None = None, marks: Any = ()) -> Any:
+def fcase(
+    id: str,
+    make: Callable[[Path], str],
+    names: str,
+    *says: str,
+    overrides: tuple[str, ...] = (),
+    hint: str | None = None,
+    marks: Any = (),
+) -> Any:
     return pytest.param(FileCase(id, make, names, says, overrides, hint), id=id, marks=marks)
 
 
@@ -302,52 +425,121 @@ FILE_CASES = [
     fcase("whitespace-only-jsonl", _file("blank.jsonl", b"\n  \n\t\n"), "blank.jsonl", "empty"),
     fcase("empty-csv", _file("empty.csv", b""), "empty.csv", "empty"),
     fcase("png-saved-as-jsonl", _file("image.jsonl", PNG + b"\x00" * 64), "image.jsonl", "PNG"),
-    fcase("parquet-named-csv", _file("table.csv", lambda: parquet_bytes([alpaca(i) for i in range(6)])),
-          "table.csv", "Parquet", hint=".parquet"),
+    fcase(
+        "parquet-named-csv",
+        _file("table.csv", lambda: parquet_bytes([alpaca(i) for i in range(6)])),
+        "table.csv",
+        "Parquet",
+        hint=".parquet",
+    ),
     fcase("zip-named-csv", _file("sheet.csv", b"PK\x03\x04" + b"\x14\x00" * 40), "sheet.csv", "ZIP"),
-    fcase("json-array-saved-as-jsonl", _file("array.jsonl", PRETTY_ARRAY), "array.jsonl", "JSON array",
-          hint=".json"),
-    fcase("one-line-json-array-saved-as-jsonl",
-          _file("line.jsonl", json.dumps([alpaca(i) for i in range(6)]).encode() + b"\n"), "line.jsonl",
-          "JSON array"),
-    fcase("jsonl-saved-as-json", _file("lines.json", jsonl(*[alpaca(i) for i in range(6)])), "lines.json",
-          "JSON Lines", hint=".jsonl"),
-    fcase("invalid-json-document", _file("broken.json", b'[\n  {"instruction": "q", "output": "a"},\n'
-                                                        b'  {"instruction": "q2" "output": "a2"}\n]\n'),
-          "broken.json", "line 3", "column"),
+    fcase("json-array-saved-as-jsonl", _file("array.jsonl", PRETTY_ARRAY), "array.jsonl", "JSON array", hint=".json"),
+    fcase(
+        "one-line-json-array-saved-as-jsonl",
+        _file("line.jsonl", json.dumps([alpaca(i) for i in range(6)]).encode() + b"\n"),
+        "line.jsonl",
+        "JSON array",
+    ),
+    fcase(
+        "jsonl-saved-as-json",
+        _file("lines.json", jsonl(*[alpaca(i) for i in range(6)])),
+        "lines.json",
+        "JSON Lines",
+        hint=".jsonl",
+    ),
+    fcase(
+        "invalid-json-document",
+        _file("broken.json", b'[\n  {"instruction": "q", "output": "a"},\n  {"instruction": "q2" "output": "a2"}\n]\n'),
+        "broken.json",
+        "line 3",
+        "column",
+    ),
     fcase("json-document-is-a-number", _file("number.json", b"42\n"), "number.json", "JSON array"),
-    fcase("json-object-without-a-row-list", _file("object.json", b'{"a": 1, "b": "x"}'), "object.json",
-          "JSON array"),
-    fcase("non-utf8-json-document", _file("latin1.json", b'[{"instruction": "caf\xe9", "output": "a"}]'),
-          "latin1.json", "UTF-8"),
-    fcase("utf16-jsonl", _file("wide.jsonl", b"\xff\xfe" + jsonl(*[alpaca(i) for i in range(6)]).decode()
-                               .encode("utf-16-le")), "wide.jsonl", "UTF-16"),
-    fcase("unsupported-extension", _file("data.xml", b"<rows><row/></rows>"), "data.xml", "unsupported",
-          ".xml"),
+    fcase("json-object-without-a-row-list", _file("object.json", b'{"a": 1, "b": "x"}'), "object.json", "JSON array"),
+    fcase(
+        "non-utf8-json-document",
+        _file("latin1.json", b'[{"instruction": "caf\xe9", "output": "a"}]'),
+        "latin1.json",
+        "UTF-8",
+    ),
+    fcase(
+        "utf16-jsonl",
+        _file("wide.jsonl", b"\xff\xfe" + jsonl(*[alpaca(i) for i in range(6)]).decode().encode("utf-16-le")),
+        "wide.jsonl",
+        "UTF-16",
+    ),
+    fcase("unsupported-extension", _file("data.xml", b"<rows><row/></rows>"), "data.xml", "unsupported", ".xml"),
     fcase("folder-without-data-files", _folder_without_data, "docs", "no data files"),
     fcase("glob-matching-nothing", _glob_nothing, "train-*.jsonl", "no files match"),
     fcase("nonexistent-path", lambda folder: str(folder / "missing.jsonl"), "missing.jsonl", "no such file"),
-    fcase("nonexistent-test-source", _file("data.jsonl", jsonl(*map(alpaca, range(6)))), "nope.jsonl",
-          "no such file", overrides=("data.test_source={dir}/nope.jsonl",)),
-    fcase("columns-match-no-format", _file("cols.jsonl", jsonl(*[{"prompt_text": "q", "reply": f"a{i}"}
-                                                               for i in range(6)])),
-          "cols.jsonl", "cannot tell the format", "prompt_text", "reply", hint="data.columns"),
-    fcase("csv-header-names-a-column-twice", _file("twice.csv", b"instruction,output,output\nq,a,b\n"),
-          "twice.csv", "each column once"),
-    fcase("parquet-extension-but-not-parquet", _file("fake.parquet", b"instruction,output\nq,a\n"),
-          "fake.parquet", "not a Parquet file"),
-    fcase("damaged-parquet", _file("damaged.parquet", b"PAR1" + b"\x07" * 200 + b"PAR1"), "damaged.parquet",
-          "not a readable Parquet"),
-    fcase("every-line-invalid-json", _file("junk.jsonl", b"{nope\n[1,\n'x'\n"), "junk.jsonl",
-          "no training examples are left", "invalid_json 3"),
-    fcase("invalid-json-policy-fail", _file("strict.jsonl", among(alpaca, '{"instruction": ')), "strict.jsonl",
-          "row 4", "invalid JSON", "invalid_json", overrides=("data.on_problem.invalid_json=fail",),
-          hint="data.on_problem.invalid_json"),
-    fcase("missing-field-policy-fail", _file("strict.jsonl", among(alpaca, {"instruction": "q"})), "strict.jsonl",
-          "row 4", "'output'", "missing_field", overrides=("data.on_problem.missing_field=fail",)),
-    fcase("too-long-policy-fail", _file("long.jsonl", among(alpaca, {"instruction": "q", "output": LONG_TEXT})),
-          "long.jsonl", "row 4", f"max_length {MAX_LENGTH}",
-          overrides=(f"data.max_length={MAX_LENGTH}", "data.on_problem.too_long=fail")),
+    fcase(
+        "nonexistent-test-source",
+        _file("data.jsonl", jsonl(*map(alpaca, range(6)))),
+        "nope.jsonl",
+        "no such file",
+        overrides=("data.test_source={dir}/nope.jsonl",),
+    ),
+    fcase(
+        "columns-match-no-format",
+        _file("cols.jsonl", jsonl(*[{"prompt_text": "q", "reply": f"a{i}"} for i in range(6)])),
+        "cols.jsonl",
+        "cannot tell the format",
+        "prompt_text",
+        "reply",
+        hint="data.columns",
+    ),
+    fcase(
+        "csv-header-names-a-column-twice",
+        _file("twice.csv", b"instruction,output,output\nq,a,b\n"),
+        "twice.csv",
+        "each column once",
+    ),
+    fcase(
+        "parquet-extension-but-not-parquet",
+        _file("fake.parquet", b"instruction,output\nq,a\n"),
+        "fake.parquet",
+        "not a Parquet file",
+    ),
+    fcase(
+        "damaged-parquet",
+        _file("damaged.parquet", b"PAR1" + b"\x07" * 200 + b"PAR1"),
+        "damaged.parquet",
+        "not a readable Parquet",
+    ),
+    fcase(
+        "every-line-invalid-json",
+        _file("junk.jsonl", b"{nope\n[1,\n'x'\n"),
+        "junk.jsonl",
+        "no training examples are left",
+        "invalid_json 3",
+    ),
+    fcase(
+        "invalid-json-policy-fail",
+        _file("strict.jsonl", among(alpaca, '{"instruction": ')),
+        "strict.jsonl",
+        "row 4",
+        "invalid JSON",
+        "invalid_json",
+        overrides=("data.on_problem.invalid_json=fail",),
+        hint="data.on_problem.invalid_json",
+    ),
+    fcase(
+        "missing-field-policy-fail",
+        _file("strict.jsonl", among(alpaca, {"instruction": "q"})),
+        "strict.jsonl",
+        "row 4",
+        "'output'",
+        "missing_field",
+        overrides=("data.on_problem.missing_field=fail",),
+    ),
+    fcase(
+        "too-long-policy-fail",
+        _file("long.jsonl", among(alpaca, {"instruction": "q", "output": LONG_TEXT})),
+        "long.jsonl",
+        "row 4",
+        f"max_length {MAX_LENGTH}",
+        overrides=(f"data.max_length={MAX_LENGTH}", "data.on_problem.too_long=fail"),
+    ),
 ]
 
 
@@ -390,10 +582,13 @@ def test_all_rows_invalid_the_dropped_rows_can_be_found(data_cli, tmp_path: Path
         assert "allbad.jsonl" in r.err and "row 1" in r.err
 
 
-@pytest.mark.parametrize("header", [
-    pytest.param(b"instruction,output,n\xf6te", id="extra-column"),
-    pytest.param(b"instruction,outp\xfct", id="format-column"),
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"instruction,output,n\xf6te", id="extra-column"),
+        pytest.param(b"instruction,outp\xfct", id="format-column"),
+    ],
+)
 def test_csv_header_with_non_utf8_bytes(header: bytes, data_cli, tmp_path: Path) -> None:
     ncols = header.count(b",") + 1
     rows = [b",".join([b"q%d" % i, b"a%d" % i, b"x"][:ncols]) for i in range(6)]
@@ -411,15 +606,41 @@ def test_csv_header_with_non_utf8_bytes(header: bytes, data_cli, tmp_path: Path)
 # Fuzzing the loaders: only LoratuiError may escape, and every row is an example or a problem
 # --------------------------------------------------------------------------------------------
 
-FIELDS = ["instruction", "input", "output", "system", "question", "answer", "prompt", "completion", "response",
-          "messages", "conversations", "text", "role", "content", "from", "value"]
+FIELDS = [
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "question",
+    "answer",
+    "prompt",
+    "completion",
+    "response",
+    "messages",
+    "conversations",
+    "text",
+    "role",
+    "content",
+    "from",
+    "value",
+]
 FORMATS = ["auto"] * 6 + ["alpaca", "qa", "chat", "sharegpt", "text"]
 
-_scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
-            | st.text(max_size=12) | st.sampled_from(["", " ", "user", "assistant", "system", "human", "gpt", "x"]))
-json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), inner, max_size=4),
-                           max_leaves=12)
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["", " ", "user", "assistant", "system", "human", "gpt", "x"])
+)
+json_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 # mostly text, sometimes empty or blank, now and then any JSON value: rows that often pass validation
 _cell = st.text(min_size=1, max_size=10) | st.text(min_size=1, max_size=10) | st.sampled_from(["", " \n"]) | json_values
 
@@ -432,15 +653,17 @@ def _turn(role: str, content: str) -> Any:
 
 PLAUSIBLE = [  # one strategy per format: rows that often pass validation, and often do not
     st.fixed_dictionaries({"instruction": _cell, "output": _cell}, optional={"input": _cell, "system": _cell}),
-    st.fixed_dictionaries({"messages": st.lists(_turn("role", "content"), max_size=5) | _cell},
-                          optional={"system": _cell}),
+    st.fixed_dictionaries(
+        {"messages": st.lists(_turn("role", "content"), max_size=5) | _cell}, optional={"system": _cell}
+    ),
     st.fixed_dictionaries({"conversations": st.lists(_turn("from", "value"), max_size=5)}),
     st.fixed_dictionaries({"question": _cell, "answer": _cell}),
     st.fixed_dictionaries({"prompt": _cell}, optional={"completion": _cell, "response": _cell}),
     st.fixed_dictionaries({"text": _cell}, optional={"meta": json_values}),
 ]
-any_row = st.one_of(*PLAUSIBLE) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6),
-                                                  json_values | st.text(max_size=16), max_size=5)
+any_row = st.one_of(*PLAUSIBLE) | st.dictionaries(
+    st.sampled_from(FIELDS) | st.text(max_size=6), json_values | st.text(max_size=16), max_size=5
+)
 
 
 @st.composite
@@ -523,25 +746,40 @@ def test_fuzz_jsonl_from_json_values(content: bytes, fmt: str) -> None:
 
 
 @FUZZ
-@given(rows=row_values(), cut=st.none() | st.integers(0, 200),
-       fmt=st.sampled_from(FORMATS))
+@given(rows=row_values(), cut=st.none() | st.integers(0, 200), fmt=st.sampled_from(FORMATS))
 def test_fuzz_json_documents(rows: list[Any], cut: int | None, fmt: str) -> None:
     text = json.dumps(rows if len(rows) != 1 else {"data": rows}, indent=1)
     check_loader(text[:cut].encode("utf-8") if cut is not None else text.encode("utf-8"), ".json", fmt)
 
 
-CSV_HEADERS = [["instruction", "output"], ["instruction", "input", "output"], ["question", "answer"],
-               ["prompt", "completion"], ["messages"], ["text"], ["text", "source"], ["conversations"]]
+CSV_HEADERS = [
+    ["instruction", "output"],
+    ["instruction", "input", "output"],
+    ["question", "answer"],
+    ["prompt", "completion"],
+    ["messages"],
+    ["text"],
+    ["text", "source"],
+    ["conversations"],
+]
 
 
 @FUZZ
-@given(header=st.sampled_from(CSV_HEADERS) | st.lists(st.sampled_from(FIELDS) | st.text(max_size=6), min_size=1,
-                                                      max_size=4),
-       data=st.data(), fmt=st.sampled_from(FORMATS))
+@given(
+    header=st.sampled_from(CSV_HEADERS)
+    | st.lists(st.sampled_from(FIELDS) | st.text(max_size=6), min_size=1, max_size=4),
+    data=st.data(),
+    fmt=st.sampled_from(FORMATS),
+)
 def test_fuzz_csv(header: list[str], data: Any, fmt: str) -> None:
-    cell = (st.text(max_size=10) | st.text(min_size=1, max_size=10) | st.text(min_size=1, max_size=10)
-            | json_values.map(json.dumps) | st.lists(_turn("role", "content"), max_size=4).map(json.dumps)
-            | st.lists(_turn("from", "value"), max_size=4).map(json.dumps))
+    cell = (
+        st.text(max_size=10)
+        | st.text(min_size=1, max_size=10)
+        | st.text(min_size=1, max_size=10)
+        | json_values.map(json.dumps)
+        | st.lists(_turn("role", "content"), max_size=4).map(json.dumps)
+        | st.lists(_turn("from", "value"), max_size=4).map(json.dumps)
+    )
     width = st.just(len(header)) | st.just(len(header)) | st.integers(1, len(header) + 2)
     rows = data.draw(st.lists(width.flatmap(lambda n: st.lists(cell, min_size=n, max_size=n)), max_size=8))
     buf = io.StringIO()

@@ -44,8 +44,10 @@ def test_unbalanced_quote_does_not_swallow_the_next_line(tmp_path: Path) -> None
     assert bad[3].kind == "not_an_object"
     assert "unbalanced quote" in bad[3].message and "lines 3-4" in bad[3].message
     good = _good(rows)
-    assert good == {2: {"instruction": "ok1", "input": "", "output": "fine1"},
-                    4: {"instruction": "ok2", "input": "", "output": "fine2"}}
+    assert good == {
+        2: {"instruction": "ok1", "input": "", "output": "fine1"},
+        4: {"instruction": "ok2", "input": "", "output": "fine2"},
+    }
     assert not any("broken" in v for r in good.values() for v in r.values())
 
 
@@ -81,16 +83,21 @@ def test_quote_closing_on_a_later_line_with_the_wrong_count(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
 def test_multi_line_cells_still_work(tmp_path: Path, newline: bytes) -> None:
-    content = (HEADER + b'"Write a list:\nfirst, second, third\nthanks",,"apples, pears, plums"\n'
-               b'q2,,"a ""quoted"" word\non two lines"\n'
-               b'q3,,"""a"",""b"",""c""\n""d"",""e"",""f"""\n'
-               b'q4,,a4\n').replace(b"\n", newline)
+    content = (
+        HEADER + b'"Write a list:\nfirst, second, third\nthanks",,"apples, pears, plums"\n'
+        b'q2,,"a ""quoted"" word\non two lines"\n'
+        b'q3,,"""a"",""b"",""c""\n""d"",""e"",""f"""\n'
+        b"q4,,a4\n"
+    ).replace(b"\n", newline)
     rows = _rows(tmp_path, content)
     assert not _bad(rows), _bad(rows)
     nl = newline.decode()
     assert _good(rows) == {
-        2: {"instruction": f"Write a list:{nl}first, second, third{nl}thanks", "input": "",
-            "output": "apples, pears, plums"},
+        2: {
+            "instruction": f"Write a list:{nl}first, second, third{nl}thanks",
+            "input": "",
+            "output": "apples, pears, plums",
+        },
         5: {"instruction": "q2", "input": "", "output": f'a "quoted" word{nl}on two lines'},
         7: {"instruction": "q3", "input": "", "output": f'"a","b","c"{nl}"d","e","f"'},
         9: {"instruction": "q4", "input": "", "output": "a4"},

@@ -13,8 +13,10 @@ from loratui.pipeline.errors import LoratuiError
 CHAT = [{"role": "user", "content": "When do you open?"}, {"role": "assistant", "content": "At 08:30 daily."}]
 MULTI = [
     {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Fee?"}, {"role": "assistant", "content": "EUR 45 a year."},
-    {"role": "user", "content": "E-mail?"}, {"role": "assistant", "content": "members@example.org"},
+    {"role": "user", "content": "Fee?"},
+    {"role": "assistant", "content": "EUR 45 a year."},
+    {"role": "user", "content": "E-mail?"},
+    {"role": "assistant", "content": "members@example.org"},
 ]
 
 
@@ -33,8 +35,15 @@ def _encode(tok, rows, template="auto", train_on_prompt=False, chunk_tokens=512,
         "source": [f"f:{i}" for i in range(len(rows))],
         "meta": [""] * len(rows),
     }
-    table = encode_batch(batch, clean_backend(tok), tok.eos_token, resolve_template(template, tok), train_on_prompt,
-                         chunk_tokens, chunk_overlap)
+    table = encode_batch(
+        batch,
+        clean_backend(tok),
+        tok.eos_token,
+        resolve_template(template, tok),
+        train_on_prompt,
+        chunk_tokens,
+        chunk_overlap,
+    )
     return table.to_pydict()
 
 
@@ -110,7 +119,8 @@ def test_render_matches_transformers_apply_chat_template(tok):
     for messages in (CHAT, MULTI):
         assert template.render(messages) == tok.apply_chat_template(messages, tokenize=False)
         assert template.render(messages[:-1], add_generation_prompt=True) == tok.apply_chat_template(
-            messages[:-1], tokenize=False, add_generation_prompt=True)
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
 
 
 def test_template_that_is_not_prefix_consistent_is_a_clear_error(tok):
@@ -185,28 +195,45 @@ def test_shape_renderer_equals_the_reference(tok, name, train_on_prompt):
     template = resolve_template(name, tok)
     fast = ShapeRenderer(template, tok.eos_token, train_on_prompt)
     rng = random.Random(0)
-    samples = ["", " ", "x", "  padded  ", "line\nbreak\n", "{{ not jinja }}", "<|im_start|>", tok.eos_token + " in text",
-               "emoji 😀 and 1234", "trailing newline\n", "\x00nul"]
+    samples = [
+        "",
+        " ",
+        "x",
+        "  padded  ",
+        "line\nbreak\n",
+        "{{ not jinja }}",
+        "<|im_start|>",
+        tok.eos_token + " in text",
+        "emoji 😀 and 1234",
+        "trailing newline\n",
+        "\x00nul",
+    ]
     for _ in range(60):
         turns = rng.randint(1, 3)
         messages = [{"role": "system", "content": rng.choice(samples[2:])}] if rng.random() < 0.4 else []
         for _ in range(turns):
-            messages += [{"role": "user", "content": rng.choice(samples[2:])},
-                         {"role": "assistant", "content": rng.choice(samples[2:])}]
-        assert fast(messages) == [(*render_chat(messages, template, tok.eos_token, train_on_prompt), len(messages))], \
+            messages += [
+                {"role": "user", "content": rng.choice(samples[2:])},
+                {"role": "assistant", "content": rng.choice(samples[2:])},
+            ]
+        assert fast(messages) == [(*render_chat(messages, template, tok.eos_token, train_on_prompt), len(messages))], (
             messages
+        )
     assert content_is_opaque(template.source) == (name != "llama2")
 
 
-@pytest.mark.parametrize("source,opaque", [
-    ("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}", False),
-    ("{% for m in messages %}{% if '<think>' in m['content'] %}x{% endif %}{{ m['content'] }}{% endfor %}", False),
-    ("{{ messages | tojson }}", False),
-    ("{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}", False),
-    ("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}", False),
-    ("{% for m in messages %}{{ m.content.split('x')[0] }}{% endfor %}", False),
-    ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}{{ messages|length }}", True),
-])
+@pytest.mark.parametrize(
+    "source,opaque",
+    [
+        ("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}", False),
+        ("{% for m in messages %}{% if '<think>' in m['content'] %}x{% endif %}{{ m['content'] }}{% endfor %}", False),
+        ("{{ messages | tojson }}", False),
+        ("{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}", False),
+        ("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}", False),
+        ("{% for m in messages %}{{ m.content.split('x')[0] }}{% endfor %}", False),
+        ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}{{ messages|length }}", True),
+    ],
+)
 def test_content_is_opaque_is_conservative(source, opaque):
     from loratui.pipeline.data.templates import content_is_opaque
 

@@ -26,14 +26,17 @@ def _sdist(path: Path, files: dict[str, bytes]) -> Path:
 def test_extracts_only_templates_and_vocabs_once_and_whole(tmp_path, monkeypatch):
     script = family_assets._script()
     models = "llama_cpp_python-9.9.9/vendor/llama.cpp/models/"
-    sdist = _sdist(tmp_path / "llama_cpp_python-9.9.9.tar.gz", {
-        models + "templates/Qwen-Qwen3-0.6B.jinja": b"{{ messages }}",
-        models + "templates/README.md": b"not a template",
-        models + "ggml-vocab-qwen2.gguf": b"GGUF",
-        models + "ggml-vocab-qwen2.gguf.inp": b"not a vocab",
-        models + "other.gguf": b"GGUF",
-        "llama_cpp_python-9.9.9/llama_cpp/llama.py": b"code",
-    })
+    sdist = _sdist(
+        tmp_path / "llama_cpp_python-9.9.9.tar.gz",
+        {
+            models + "templates/Qwen-Qwen3-0.6B.jinja": b"{{ messages }}",
+            models + "templates/README.md": b"not a template",
+            models + "ggml-vocab-qwen2.gguf": b"GGUF",
+            models + "ggml-vocab-qwen2.gguf.inp": b"not a vocab",
+            models + "other.gguf": b"GGUF",
+            "llama_cpp_python-9.9.9/llama_cpp/llama.py": b"code",
+        },
+    )
     downloads = []
 
     def download(version: str, into: Path) -> Path:
@@ -45,7 +48,9 @@ def test_extracts_only_templates_and_vocabs_once_and_whole(tmp_path, monkeypatch
     target = script.ensure_assets("9.9.9", root)
     assert target == root / "llama-cpp-python-9.9.9"
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
-        "templates/Qwen-Qwen3-0.6B.jinja", "vocab/ggml-vocab-qwen2.gguf"]
+        "templates/Qwen-Qwen3-0.6B.jinja",
+        "vocab/ggml-vocab-qwen2.gguf",
+    ]
     assert [p.name for p in root.iterdir()] == [target.name], "no temporary folder is left behind"
     assert script.ensure_assets("9.9.9", root) == target and downloads == ["9.9.9"], "a second call is a no-op"
 
@@ -73,5 +78,7 @@ def test_missing_assets_say_to_run_make_assets(tmp_path, monkeypatch):
 def test_the_locked_version_is_read_from_requirements_lock():
     script = family_assets._script()
     assert script.locked_version() == next(
-        line.split("==")[1].strip() for line in (Path(script.REPO) / "requirements.lock").read_text().splitlines()
-        if line.startswith("llama-cpp-python=="))
+        line.split("==")[1].strip()
+        for line in (Path(script.REPO) / "requirements.lock").read_text().splitlines()
+        if line.startswith("llama-cpp-python==")
+    )

@@ -11,8 +11,13 @@ from loratui.pipeline.errors import LoratuiError
 ROWS = {
     "alpaca": {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
     "qa": {"question": "When does the library open?", "answer": "At 08:30."},
-    "chat": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello!"}]},
+    "chat": {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    },
     "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
     "text": {"text": "Chapter one. It was a bright cold day."},
 }
@@ -95,16 +100,54 @@ BAD = [
     ("qa", {"question": "Q", "answer": 42}, "wrong_type", "answer"),
     ("chat", {"messages": "not json"}, "wrong_type", "messages"),
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "unknown_role", "messages[0]"),
-    ("chat", {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
-     "bad_role_order", "messages"),
-    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                           {"role": "assistant", "content": "c"}]}, "bad_role_order", "messages"),
-    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                           {"role": "system", "content": "c"}]}, "bad_role_order", "messages"),
-    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                           {"role": "user", "content": "c"}]}, "bad_role_order", "messages"),
-    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
-     "empty_assistant_turn", "messages"),
+    (
+        "chat",
+        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
+        "bad_role_order",
+        "messages",
+    ),
+    (
+        "chat",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        },
+        "bad_role_order",
+        "messages",
+    ),
+    (
+        "chat",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "system", "content": "c"},
+            ]
+        },
+        "bad_role_order",
+        "messages",
+    ),
+    (
+        "chat",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ]
+        },
+        "bad_role_order",
+        "messages",
+    ),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+        "empty_assistant_turn",
+        "messages",
+    ),
     ("chat", {"messages": [{"role": "user", "content": "a"}]}, "no_assistant_turn", "messages"),
     ("chat", {"messages": [{"role": "user"}]}, "missing_field", "messages[0]"),
     ("sharegpt", {"conversations": [{"from": "alien", "value": "x"}]}, "unknown_role", "conversations[0]"),

@@ -24,8 +24,9 @@ def cfg_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: Path):
     source.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS, {"instruction": "q"}]))
 
     def make():
-        return load_config(None, [f"runs_dir={tmp_path / 'runs'}", "name=r", f"model.base={tiny}",
-                                  f"data.source={source}"])
+        return load_config(
+            None, [f"runs_dir={tmp_path / 'runs'}", "name=r", f"model.base={tiny}", f"data.source={source}"]
+        )
 
     return make, source
 
@@ -39,9 +40,11 @@ def _data_step(cfg) -> MemoryWriter:
 
 def _shown(mem: MemoryWriter) -> list[str]:
     """What a person sees of the data step: its log lines above debug, metrics and artifacts."""
-    return [f"{e.type}: {getattr(e, 'message', None) or getattr(e, 'path', None) or e.values}"
-            for e in mem if e.step == "data" and e.type in ("log", "metric", "artifact")
-            and getattr(e, "level", "info") != "debug"]
+    return [
+        f"{e.type}: {getattr(e, 'message', None) or getattr(e, 'path', None) or e.values}"
+        for e in mem
+        if e.step == "data" and e.type in ("log", "metric", "artifact") and getattr(e, "level", "info") != "debug"
+    ]
 
 
 def test_a_later_step_does_not_log_the_data_summary_again(cfg_of) -> None:
@@ -55,8 +58,10 @@ def test_a_later_step_does_not_log_the_data_summary_again(cfg_of) -> None:
     manifest = data_step.prepare(cfg, RunDir.for_config(cfg), EventSink("train", [mem]), lambda: False)
     assert manifest["counts"]["train"] > 0
     shown = _shown(mem)
-    assert shown == [f"log: data: up to date ({manifest['counts']['train']} train rows, 1 dropped: see "
-                     f"{RunDir.for_config(cfg).data / 'report.json'})"], shown
+    assert shown == [
+        f"log: data: up to date ({manifest['counts']['train']} train rows, 1 dropped: see "
+        f"{RunDir.for_config(cfg).data / 'report.json'})"
+    ], shown
     assert not mem.of_type("progress")
 
 

@@ -15,7 +15,7 @@ from loratui.pipeline.errors import LoratuiError
 def _problem(tmp_path: Path, line: bytes) -> RowError:
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"instruction": "q", "output": "a"}\n' + line + b"\n")
-    (number, record), = [r for r in load_file(path).rows if isinstance(r[1], RowError)]
+    ((number, record),) = [r for r in load_file(path).rows if isinstance(r[1], RowError)]
     assert number == 2
     return record
 
@@ -24,15 +24,22 @@ def _problem(tmp_path: Path, line: bytes) -> RowError:
 def test_invalid_control_character_message_is_complete(tmp_path: Path, raw: bytes, name: str, escape: str) -> None:
     p = _problem(tmp_path, b'{"instruction": "a' + raw + b'b", "output": "x"}')
     assert p.kind == "invalid_json"
-    assert p.message == (f"invalid JSON at column 19: Invalid control character (a raw {name} inside a string; "
-                         f"escape it as {escape})")
+    assert p.message == (
+        f"invalid JSON at column 19: Invalid control character (a raw {name} inside a string; escape it as {escape})"
+    )
 
 
-@pytest.mark.parametrize("line, says", [
-    (b'{"instruction": "cut sho', "invalid JSON at column 25: Unterminated string (the line ends inside a string"),
-    (b'{"instruction": "q", "output": "a', "invalid JSON at column 34: Unterminated string (the line ends inside"),
-    (b'{"instruction": "q", "output": "a"}{"x": 1}', "Extra data (more text follows the first complete JSON value)"),
-])
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        (b'{"instruction": "cut sho', "invalid JSON at column 25: Unterminated string (the line ends inside a string"),
+        (b'{"instruction": "q", "output": "a', "invalid JSON at column 34: Unterminated string (the line ends inside"),
+        (
+            b'{"instruction": "q", "output": "a"}{"x": 1}',
+            "Extra data (more text follows the first complete JSON value)",
+        ),
+    ],
+)
 def test_no_message_ends_with_a_dangling_word(tmp_path: Path, line: bytes, says: str) -> None:
     p = _problem(tmp_path, line)
     assert says in p.message
@@ -49,8 +56,9 @@ def test_json_document_error_is_complete(tmp_path: Path) -> None:
     path.write_bytes(b'[{"instruction": "a\tb", "output": "x"}]')
     with pytest.raises(LoratuiError) as e:
         load_file(path)
-    assert str(e.value).endswith("invalid JSON at line 1, column 20: Invalid control character "
-                                 "(a raw tab inside a string; escape it as \\t)")
+    assert str(e.value).endswith(
+        "invalid JSON at line 1, column 20: Invalid control character (a raw tab inside a string; escape it as \\t)"
+    )
 
 
 def test_shorten_cuts_at_a_word_boundary_with_an_ellipsis() -> None:

@@ -46,15 +46,31 @@ _GEMMA4 = ("<|turn>", "<turn|>", "<|channel>", "<channel|>")
 
 FAMILIES = {
     "qwen3": Family("Qwen-Qwen3-0.6B", "<|im_end|>", ("<think>", "</think>")),
-    "phi3.5": Family("microsoft-Phi-3.5-mini-instruct", "<|endoftext|>",
-                     ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>"),
+    "phi3.5": Family(
+        "microsoft-Phi-3.5-mini-instruct",
+        "<|endoftext|>",
+        ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "<s>",
+    ),
     "gpt-oss": Family("openai-gpt-oss-120b", "<|return|>", ("<|start|>", "<|message|>", "<|channel|>", "<|end|>")),
-    "r1-qwen": Family("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "<｜end▁of▁sentence｜>",
-                      ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"), "<｜begin▁of▁sentence｜>"),
-    "r1-llama": Family("deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "<｜end▁of▁sentence｜>",
-                       ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"), "<｜begin▁of▁sentence｜>"),
-    "llama3.2": Family("meta-llama-Llama-3.2-3B-Instruct", "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>"),
-                       "<|begin_of_text|>"),
+    "r1-qwen": Family(
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+        "<｜end▁of▁sentence｜>",
+        ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"),
+        "<｜begin▁of▁sentence｜>",
+    ),
+    "r1-llama": Family(
+        "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
+        "<｜end▁of▁sentence｜>",
+        ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"),
+        "<｜begin▁of▁sentence｜>",
+    ),
+    "llama3.2": Family(
+        "meta-llama-Llama-3.2-3B-Instruct",
+        "<|eot_id|>",
+        ("<|start_header_id|>", "<|end_header_id|>"),
+        "<|begin_of_text|>",
+    ),
     "smollm3": Family("HuggingFaceTB-SmolLM3-3B", "<|im_end|>", ("<think>", "</think>")),
     "mistral-nemo": Family("mistralai-Mistral-Nemo-Instruct-2407", "</s>", ("[INST]", "[/INST]"), "<s>"),
     "devstral": Family("unsloth-mistral-Devstral-Small-2507", "</s>", _MISTRAL_V7, "<s>"),
@@ -71,13 +87,17 @@ def _think(reasoning: str, answer: str) -> str:
 
 def _chat(system: str | None, reasoning: bool) -> list[dict[str, str]]:
     """Three questions and answers (with reasoning on the first and last answer when ``reasoning``)."""
-    turns = [("When does the library open?", "Opening hours.", "It opens at 9:00 from Monday to Friday."),
-             ("And on Saturday?", "", "On Saturday it opens at 10:00."),
-             ("What is the fee?", "The fee list.", "The fee is 25 EUR per year.")]
+    turns = [
+        ("When does the library open?", "Opening hours.", "It opens at 9:00 from Monday to Friday."),
+        ("And on Saturday?", "", "On Saturday it opens at 10:00."),
+        ("What is the fee?", "The fee list.", "The fee is 25 EUR per year."),
+    ]
     messages = [{"role": "system", "content": system}] if system else []
     for question, why, answer in turns:
-        messages += [{"role": "user", "content": question},
-                     {"role": "assistant", "content": _think(why, answer) if reasoning and why else answer}]
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": _think(why, answer) if reasoning and why else answer},
+        ]
     return messages
 
 
@@ -95,20 +115,32 @@ def _tokenizer(family: str) -> Any:
 
     spec = FAMILIES[family]
     base = _small_bpe_tokenizer()
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()),
-                                  unk_token="<|endoftext|>", model_max_length=512)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()),
+        unk_token="<|endoftext|>",
+        model_max_length=512,
+    )
     tokens = {"eos_token": spec.eos, "pad_token": spec.eos, **({"bos_token": spec.bos} if spec.bos else {})}
     tok.add_special_tokens({**tokens, "additional_special_tokens": list(spec.specials)})
     tok.chat_template = family_template(spec.template)
     return tok
 
 
-def _encode(tok: Any, rows: list[list[dict[str, str]]], template: Any = None, train_on_prompt: bool = False,
-            sources: list[str] | None = None) -> dict[str, list[Any]]:
+def _encode(
+    tok: Any,
+    rows: list[list[dict[str, str]]],
+    template: Any = None,
+    train_on_prompt: bool = False,
+    sources: list[str] | None = None,
+) -> dict[str, list[Any]]:
     template = template or resolve_template("auto", tok, DAY)
-    batch = {"messages": [json.dumps(r, ensure_ascii=False) for r in rows], "text": [""] * len(rows),
-             "document": [False] * len(rows), "source": sources or [f"chats.jsonl:{i + 1}" for i in range(len(rows))],
-             "meta": [""] * len(rows)}
+    batch = {
+        "messages": [json.dumps(r, ensure_ascii=False) for r in rows],
+        "text": [""] * len(rows),
+        "document": [False] * len(rows),
+        "source": sources or [f"chats.jsonl:{i + 1}" for i in range(len(rows))],
+        "meta": [""] * len(rows),
+    }
     return encode_batch(batch, clean_backend(tok), tok.eos_token, template, train_on_prompt, 512, 64).to_pydict()
 
 
@@ -119,11 +151,11 @@ def _ids(tok: Any, text: str) -> list[int]:
 def _expected_reply(tok: Any, prompt: str, full: str) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, trained ids, untrained tail ids): the reply through its last EOS (EOS appended when none)."""
     assert full.startswith(prompt), "the generation prompt must be the start of the rendered reply"
-    reply, eos = full[len(prompt):], tok.eos_token
+    reply, eos = full[len(prompt) :], tok.eos_token
     cut = reply.rfind(eos)
     if cut < 0:
         reply, cut = reply + eos, len(reply)
-    return _ids(tok, prompt), _ids(tok, reply[:cut + len(eos)]), _ids(tok, reply[cut + len(eos):])
+    return _ids(tok, prompt), _ids(tok, reply[: cut + len(eos)]), _ids(tok, reply[cut + len(eos) :])
 
 
 def _transformers_turns(tok: Any, shown: list[dict[str, Any]], **kwargs: Any) -> list[tuple[list[int], ...]]:
@@ -132,8 +164,9 @@ def _transformers_turns(tok: Any, shown: list[dict[str, Any]], **kwargs: Any) ->
     out = []
     for k, m in enumerate(shown):
         if m["role"] == "assistant":
-            prompt = tok.apply_chat_template(shown[:k], tokenize=False, add_generation_prompt=True,
-                                             strftime_now=_clock(DAY), **kwargs)
+            prompt = tok.apply_chat_template(
+                shown[:k], tokenize=False, add_generation_prompt=True, strftime_now=_clock(DAY), **kwargs
+            )
             full = tok.apply_chat_template(shown[: k + 1], tokenize=False, strftime_now=_clock(DAY), **kwargs)
             out.append(_expected_reply(tok, prompt, full))
     return out
@@ -150,8 +183,9 @@ def _assert_per_turn(out: dict[str, list[Any]], messages: list[dict[str, str]], 
         assert out["chunk"][i] == len(turns) - 1 - i
 
 
-def _assert_one_render(tok: Any, out: dict[str, list[Any]], shown: list[dict[str, Any]],
-                       turns: list[tuple[list[int], ...]], **kwargs: Any):
+def _assert_one_render(
+    tok: Any, out: dict[str, list[Any]], shown: list[dict[str, Any]], turns: list[tuple[list[int], ...]], **kwargs: Any
+):
     """A prefix-consistent template: one example holding every turn, each reply trained as transformers adds it."""
     full = tok.apply_chat_template(shown, tokenize=False, strftime_now=_clock(DAY), **kwargs)
     ids, labels = out["input_ids"][0], out["labels"][0]
@@ -197,7 +231,7 @@ def test_gpt_oss_reasoning_goes_to_the_analysis_channel_of_the_trained_reply_onl
     shown = []  # what GPT-OSS's template expects: the reasoning in the `thinking` field
     for m in messages:
         if m["role"] == "assistant" and m["content"].startswith("<think>"):
-            reasoning, answer = m["content"][len("<think>"):].split("</think>")
+            reasoning, answer = m["content"][len("<think>") :].split("</think>")
             m = {"role": "assistant", "thinking": reasoning.strip(), "content": answer.strip()}
         shown.append(m)
     out = _encode(tok, [messages])
@@ -207,8 +241,16 @@ def test_gpt_oss_reasoning_goes_to_the_analysis_channel_of_the_trained_reply_onl
     assert "Opening hours." not in tok.decode(out["input_ids"][-1]), "earlier analysis is dropped, as at inference"
 
 
-@pytest.mark.parametrize("family,system", [("llama3.2", None), ("llama3.2", "Be brief."), ("smollm3", None),
-                                           ("smollm3", "Be brief. /no_think"), ("smollm3", "Be brief. /think")])
+@pytest.mark.parametrize(
+    "family,system",
+    [
+        ("llama3.2", None),
+        ("llama3.2", "Be brief."),
+        ("smollm3", None),
+        ("smollm3", "Be brief. /no_think"),
+        ("smollm3", "Be brief. /think"),
+    ],
+)
 def test_prefix_consistent_templates_keep_one_render_per_row(family, system):
     tok = _tokenizer(family)
     messages = _chat(system, reasoning=family == "smollm3" and system != "Be brief. /no_think")
@@ -224,17 +266,19 @@ def test_r1_reasoning_reply_is_what_the_model_writes_after_its_think_prompt(fami
     """R1 strips the reasoning from every rendered answer and its generation prompt opens ``<think>\\n``:
     the reply trained is the message's reasoning and answer after that prompt, then the end of turn."""
     tok = _tokenizer(family)
-    messages = [{"role": "user", "content": "When does the library open?"},
-                {"role": "assistant", "content": _think("Opening hours.", "At 9:00.")},
-                {"role": "user", "content": "And on Saturday?"},
-                {"role": "assistant", "content": _think("Weekend hours.", "At 10:00.")}]
+    messages = [
+        {"role": "user", "content": "When does the library open?"},
+        {"role": "assistant", "content": _think("Opening hours.", "At 9:00.")},
+        {"role": "user", "content": "And on Saturday?"},
+        {"role": "assistant", "content": _think("Weekend hours.", "At 10:00.")},
+    ]
     out = _encode(tok, [messages])
     assert len(out["input_ids"]) == 2
     for i, k in enumerate((1, 3)):
         # the prompt in thinking mode, exactly as transformers renders it (earlier answers stripped)
         prompt = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True, enable_thinking=True)
         assert prompt.endswith("<｜Assistant｜><think>\n")
-        reply = messages[k]["content"][len("<think>\n"):] + tok.eos_token
+        reply = messages[k]["content"][len("<think>\n") :] + tok.eos_token
         assert out["input_ids"][i] == _ids(tok, prompt) + _ids(tok, reply)
         assert out["labels"][i] == [IGNORE] * len(_ids(tok, prompt)) + _ids(tok, reply)
     assert "Opening hours." not in tok.decode(out["input_ids"][1])
@@ -269,10 +313,12 @@ def test_r1_that_always_thinks_names_a_row_without_reasoning():
 def _two_turns(system: str | None) -> list[dict[str, str]]:
     """Two questions and answers, as the family matrix feeds them."""
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": "When does the library open?"},
-                       {"role": "assistant", "content": "It opens at 9:00 from Monday to Friday."},
-                       {"role": "user", "content": "And on Saturday?"},
-                       {"role": "assistant", "content": "On Saturday it opens at 10:00."}]
+    return messages + [
+        {"role": "user", "content": "When does the library open?"},
+        {"role": "assistant", "content": "It opens at 9:00 from Monday to Friday."},
+        {"role": "user", "content": "And on Saturday?"},
+        {"role": "assistant", "content": "On Saturday it opens at 10:00."},
+    ]
 
 
 def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
@@ -293,8 +339,9 @@ _AFTER_REPLY = {"gemma4": "\n", "gemma4-interleaved": "\n"}
 
 
 @pytest.mark.parametrize("system", [None, "You answer for the city library."])
-@pytest.mark.parametrize("family", ["mistral-nemo", "gemma4", "gemma4-interleaved", "devstral",
-                                    "ministral3-reasoning", "mistral-small-3.2"])
+@pytest.mark.parametrize(
+    "family", ["mistral-nemo", "gemma4", "gemma4-interleaved", "devstral", "ministral3-reasoning", "mistral-small-3.2"]
+)
 def test_each_reply_is_trained_after_the_prompt_the_model_sees_at_inference(family, system):
     """At inference the conversation so far is rendered with the generation prompt and the model writes the
     reply (content and end of turn) after it. Mistral Nemo writes the system prompt into the last question
@@ -308,8 +355,9 @@ def test_each_reply_is_trained_after_the_prompt_the_model_sees_at_inference(fami
     per_turn = family.startswith("gemma4") or (family == "mistral-nemo" and system is not None)
     assert len(out["input_ids"]) == (len(turns) if per_turn else 1)
     for j, k in enumerate(turns):
-        prompt = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True,
-                                         strftime_now=_clock(DAY))
+        prompt = tok.apply_chat_template(
+            messages[:k], tokenize=False, add_generation_prompt=True, strftime_now=_clock(DAY)
+        )
         prompt_ids, reply_ids = _ids(tok, prompt), _ids(tok, messages[k]["content"] + tok.eos_token)
         if per_turn:
             ids, labels = out["input_ids"][j], out["labels"][j]
@@ -324,13 +372,15 @@ def test_each_reply_is_trained_after_the_prompt_the_model_sees_at_inference(fami
     if family == "mistral-nemo" and system:
         first, second = (tok.decode(ids) for ids in out["input_ids"])
         assert first.startswith(f"<s>[INST]{system}\n\nWhen does the library open?[/INST]")
-        assert f"[INST]{system}\n\nAnd on Saturday?[/INST]" in second and second.count(system) == 1, \
+        assert f"[INST]{system}\n\nAnd on Saturday?[/INST]" in second and second.count(system) == 1, (
             "the system prompt shows only in the last question, as at inference"
+        )
 
 
 _CHATML_WITH_PROMPT = (  # ChatML with another generation prompt (PROMPT)
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'PROMPT' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ 'PROMPT' }}{% endif %}"
+)
 
 
 @pytest.mark.parametrize("generation_prompt", ["<|im_start|>assistant\nSure: ", "<|im_start|>bot\n"])
@@ -360,8 +410,10 @@ def test_shape_renderer_takes_the_per_turn_path_for_an_opaque_template_that_rewr
     """A template that copies contents verbatim but ends only the last turn with EOS (Phi-3.5's rule)."""
     tok = _tokenizer("phi3.5")
     template = resolve_template("auto", tok, DAY)
-    template.source = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
-                       "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    template.source = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    )
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     template._compiled = _compile_jinja_template(template.source)
@@ -388,8 +440,9 @@ def _today_is(monkeypatch: pytest.MonkeyPatch, day: dt.date) -> None:
     monkeypatch.setattr(templates_module, "today", lambda: day)
 
 
-@pytest.mark.parametrize("family,written", [("llama3.2", "Today Date: 14 Mar 2025"),
-                                            ("gpt-oss", "Current date: 2025-03-14")])
+@pytest.mark.parametrize(
+    "family,written", [("llama3.2", "Today Date: 14 Mar 2025"), ("gpt-oss", "Current date: 2025-03-14")]
+)
 def test_renders_keep_the_recorded_date_whatever_the_day(monkeypatch, family, written):
     tok = _tokenizer(family)
     messages = _chat("You answer for the city library.", reasoning=False)
@@ -424,8 +477,9 @@ def _model_with(tiny: Path, out: Path, family: str) -> Path:
 
 
 def _data_step(tmp: Path, model: Path, source: Path, name: str = "r") -> tuple[Any, dict[str, Any], Path, MemoryWriter]:
-    cfg = load_config(None, [f"runs_dir={tmp / 'runs'}", f"name={name}", f"model.base={model}",
-                             f"data.source={source}"])
+    cfg = load_config(
+        None, [f"runs_dir={tmp / 'runs'}", f"name={name}", f"model.base={model}", f"data.source={source}"]
+    )
     mem = MemoryWriter()
     code, result, _ = run_step("data", data_step.run, cfg, writers=[mem])
     errors = mem.of_type("error")
@@ -484,8 +538,12 @@ def test_worker_processes_split_rows_per_turn_the_same(tiny_model_factory, tmp_p
     cfg = load_config(None, [f"model.base={model}", f"runs_dir={tmp_path / 'runs'}"])
     tokenizer, template, _ = data_step.load_tokenizer_and_template(cfg, null_sink("data"))
     examples = [to_example({"messages": r}, "chat", "f", i, None) for i, r in enumerate(_rows(6, True))]
-    one, two = (data_step.encode_examples(examples, tokenizer, template, cfg, null_sink("data"), lambda: False,
-                                          "train", num_proc=n) for n in (1, 2))
+    one, two = (
+        data_step.encode_examples(
+            examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train", num_proc=n
+        )
+        for n in (1, 2)
+    )
     assert len(one) == 18
     for column in ("input_ids", "labels", "source", "messages", "chunk"):
         assert one[column][:] == two[column][:]
@@ -519,12 +577,25 @@ def test_a_row_without_a_faithful_split_stops_the_step_naming_it(tmp_path, monke
     monkeypatch.setenv("LORATUI_HOME", str(tmp_path / "home"))
     model = _model_with(tiny_model_factory(tokenizer="bpe"), tmp_path / "r1", "r1-llama")
     source = tmp_path / "chats.jsonl"
-    rows = [[{"role": "user", "content": f"Question {i}?"},
-             {"role": "assistant", "content": _think("Easy.", f"Answer {i}.") if i != 4 else f"Answer {i}."}]
-            for i in range(10)]
+    rows = [
+        [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": _think("Easy.", f"Answer {i}.") if i != 4 else f"Answer {i}."},
+        ]
+        for i in range(10)
+    ]
     source.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
-    cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", "name=r", f"model.base={model}", f"data.source={source}",
-                             "data.val_ratio=0", "data.test_ratio=0"])
+    cfg = load_config(
+        None,
+        [
+            f"runs_dir={tmp_path / 'runs'}",
+            "name=r",
+            f"model.base={model}",
+            f"data.source={source}",
+            "data.val_ratio=0",
+            "data.test_ratio=0",
+        ],
+    )
     mem = MemoryWriter()
     code, _, _ = run_step("data", data_step.run, cfg, writers=[mem])
     (error,) = mem.of_type("error")

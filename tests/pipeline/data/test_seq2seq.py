@@ -15,12 +15,15 @@ from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import MemoryWriter
 from loratui.pipeline.steps import run_step
 
-QA = [{"question": f"What is the fee for plan {i}?", "answer": f"Plan {i} costs {10 + i} EUR a year."}
-      for i in range(30)]
+QA = [
+    {"question": f"What is the fee for plan {i}?", "answer": f"Plan {i} costs {10 + i} EUR a year."} for i in range(30)
+]
 MULTI = [
     {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Fee?"}, {"role": "assistant", "content": "EUR 45 a year."},
-    {"role": "user", "content": "E-mail?"}, {"role": "assistant", "content": "members@example.org"},
+    {"role": "user", "content": "Fee?"},
+    {"role": "assistant", "content": "EUR 45 a year."},
+    {"role": "user", "content": "E-mail?"},
+    {"role": "assistant", "content": "members@example.org"},
 ]
 
 
@@ -112,12 +115,19 @@ def test_source_and_target_texts():
     with_system = [{"role": "system", "content": "Be brief."}, *single]
     assert seq2seq_texts(with_system) == ("Be brief.\n\nWhen do you open?", "At 08:30.")
     assert seq2seq_texts(MULTI) == (
-        "system: Be brief.\nuser: Fee?\nassistant: EUR 45 a year.\nuser: E-mail?", "members@example.org")
+        "system: Be brief.\nuser: Fee?\nassistant: EUR 45 a year.\nuser: E-mail?",
+        "members@example.org",
+    )
 
 
 def _batch(rows: list[list[dict[str, str]]]) -> dict[str, list]:
-    return {"messages": [json.dumps(r) for r in rows], "text": [""] * len(rows), "document": [False] * len(rows),
-            "source": [f"f.jsonl:{i + 1}" for i in range(len(rows))], "meta": [""] * len(rows)}
+    return {
+        "messages": [json.dumps(r) for r in rows],
+        "text": [""] * len(rows),
+        "document": [False] * len(rows),
+        "source": [f"f.jsonl:{i + 1}" for i in range(len(rows))],
+        "meta": [""] * len(rows),
+    }
 
 
 def test_encoding_a_multi_turn_chat(t5):
@@ -138,7 +148,8 @@ def test_a_tokenizer_that_appends_eos_itself_gets_no_second_eos(t5):
 
     tok = copy.deepcopy(_tok(t5))
     tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", tok.eos_token_id)])
+        single="$A </s>", special_tokens=[("</s>", tok.eos_token_id)]
+    )
     rows = [[{"role": "user", "content": "Fee?"}, {"role": "assistant", "content": "EUR 45."}], MULTI]
     out = encode_seq2seq_batch(_batch(rows), clean_backend(tok), tok.eos_token_id).to_pydict()
     eos = tok.eos_token_id
@@ -192,11 +203,18 @@ def test_the_data_trains_the_tiny_t5(env):
 
 
 def test_chat_files_become_source_and_target(env):
-    rows = [{"messages": [*MULTI[1:3], {"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(20)]
+    rows = [
+        {
+            "messages": [
+                *MULTI[1:3],
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"Answer {i}."},
+            ]
+        }
+        for i in range(20)
+    ]
     src = _write_jsonl(env["tmp"] / "chat.jsonl", rows)
-    _, _, data, _ = _run(env, data__source=src, data__system_prompt="Be brief.", data__val_ratio=0,
-                         data__test_ratio=0)
+    _, _, data, _ = _run(env, data__source=src, data__system_prompt="Be brief.", data__val_ratio=0, data__test_ratio=0)
     tok = _tok(env["model"])
     first = _load(data, "train")[0]
     source = "system: Be brief.\nuser: Fee?\nassistant: EUR 45 a year.\nuser: Question 0?"
@@ -249,8 +267,14 @@ def test_over_long_source_and_target_are_truncated_each(env):
 
 def test_over_long_rows_are_dropped_under_drop(env):
     src = _write_jsonl(env["tmp"] / "long.jsonl", _long_rows())
-    _, report, data, _ = _run(env, data__source=src, data__max_length=24, data__on_problem="{too_long: drop}",
-                              data__val_ratio=0, data__test_ratio=0)
+    _, report, data, _ = _run(
+        env,
+        data__source=src,
+        data__max_length=24,
+        data__on_problem="{too_long: drop}",
+        data__val_ratio=0,
+        data__test_ratio=0,
+    )
     assert sorted((d["row"], d["kind"]) for d in report["dropped"]) == [(4, "too_long"), (6, "too_long")]
     assert len(_load(data, "train")) == 18 and report["rows"]["truncated"] == 0
 
@@ -273,8 +297,9 @@ def test_preview_shows_source_and_target(env, capsys):
     assert "source: What is the fee for plan" in preview and "target: ⟦Plan " in preview
     assert "EUR a year.</s>⟧" in preview
     assert "source tokens min" in preview and "target tokens min" in preview and "tokens per epoch" in preview
-    cfg = load_config(None, [f"runs_dir={env['tmp'] / 'runs'}", "name=r", f"model.base={env['model']}",
-                             f"data.source={src}"])
+    cfg = load_config(
+        None, [f"runs_dir={env['tmp'] / 'runs'}", "name=r", f"model.base={env['model']}", f"data.source={src}"]
+    )
     data_step.show_preview(cfg, n=2)
     out = capsys.readouterr().out
     assert out.count("── example") == 2 and "source: What is the fee" in out and "target: Plan " in out

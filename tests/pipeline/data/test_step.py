@@ -97,8 +97,9 @@ def test_folder_of_documents_is_chunked(env):
     for i in range(6):
         (docs / f"page{i}.md").write_text(f"# Page {i}\n\n" + " ".join(f"Line {j} of page {i}." for j in range(60)))
     (docs / "notes.txt").write_text("A short note.")
-    _, report, data, _ = _run(env, data__source=docs, data__chunk_tokens=64, data__chunk_overlap=8,
-                              data__val_ratio=0, data__test_ratio=0)
+    _, report, data, _ = _run(
+        env, data__source=docs, data__chunk_tokens=64, data__chunk_overlap=8, data__val_ratio=0, data__test_ratio=0
+    )
     assert {f["kind"] for f in report["files"]} == {"document"}
     train = _load(data, "train")
     assert len(train) > 7, "long pages become several chunks"
@@ -134,7 +135,10 @@ def test_bundled_quickstart_uses_its_own_splits(tmp_path, monkeypatch, tiny_mode
     env = {"tmp": tmp_path, "model": tiny_model_factory(tokenizer="smollm2")}
     _, report, data, _ = _run(env, data__source="quickstart")
     assert [(Path(f["path"]).name, f["split"]) for f in report["files"]] == [
-        ("train.jsonl", "train"), ("validation.jsonl", "validation"), ("test.jsonl", "test")]
+        ("train.jsonl", "train"),
+        ("validation.jsonl", "validation"),
+        ("test.jsonl", "test"),
+    ]
     assert report["rows"]["dropped"] == 0
     meta = json.loads(_load(data, "test")[0]["meta"])
     assert meta["fact"], "the reference fact travels with each test row for evaluation"
@@ -151,7 +155,10 @@ def test_report_preview_manifest_and_resolved_config(env):
     assert "tokens per epoch" in preview and "median" in preview and "p95" in preview
     manifest = json.loads((data / "dataset.json").read_text())
     assert manifest["splits"]["train"] == "processed/train" and manifest["chat_template"]
-    assert "| problem |" not in (data / "report.md").read_text() and "No problems found" in (data / "report.md").read_text()
+    assert (
+        "| problem |" not in (data / "report.md").read_text()
+        and "No problems found" in (data / "report.md").read_text()
+    )
     kinds = [e.kind for e in mem.of_type("artifact")]
     assert kinds == ["data-report", "data-preview", "dataset"]
     assert mem.of_type("done")[0].summary["cache_hit"] is False
@@ -182,8 +189,17 @@ def test_cli_preview_shows_trained_tokens(env, capsys):
     from loratui.cli import main
 
     src = _write_jsonl(env["tmp"] / "d.jsonl", ALPACA)
-    code = main(["data", "preview", "-n", "2", f"runs_dir={env['tmp'] / 'runs'}", f"model.base={env['model']}",
-                 f"data.source={src}"])
+    code = main(
+        [
+            "data",
+            "preview",
+            "-n",
+            "2",
+            f"runs_dir={env['tmp'] / 'runs'}",
+            f"model.base={env['model']}",
+            f"data.source={src}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("── example") == 2 and "Answer number" in out and "tokens per epoch" in out
@@ -197,10 +213,12 @@ def test_worker_processes_give_the_same_tokens(env):
     cfg = load_config(None, [f"model.base={env['model']}"])
     tokenizer, template, _ = data_step.load_tokenizer_and_template(cfg, null_sink("data"))
     examples = [to_example(r, "alpaca", "f", i, None) for i, r in enumerate(ALPACA)]
-    one = data_step.encode_examples(examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train",
-                                    num_proc=1)
-    two = data_step.encode_examples(examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train",
-                                    num_proc=2)
+    one = data_step.encode_examples(
+        examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train", num_proc=1
+    )
+    two = data_step.encode_examples(
+        examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train", num_proc=2
+    )
     assert one["input_ids"][:] == two["input_ids"][:] and one["labels"][:] == two["labels"][:]
     assert one["source"][:] == two["source"][:]
 
@@ -209,8 +227,9 @@ def test_cancel_leaves_no_half_written_cache_or_run_data(env):
     from loratui.pipeline.steps import StopFlag
 
     src = _write_jsonl(env["tmp"] / "d.jsonl", ALPACA)
-    cfg = load_config(None, [f"runs_dir={env['tmp'] / 'runs'}", "name=c", f"model.base={env['model']}",
-                             f"data.source={src}"])
+    cfg = load_config(
+        None, [f"runs_dir={env['tmp'] / 'runs'}", "name=c", f"model.base={env['model']}", f"data.source={src}"]
+    )
     stop = StopFlag()
     stop.set()  # as if SIGTERM arrived before the first stage finished
     mem = MemoryWriter()

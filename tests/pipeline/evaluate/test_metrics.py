@@ -14,12 +14,15 @@ def test_metric_names_agree_with_the_config():
     assert M.ALL_METRICS == EVAL_METRICS
 
 
-@pytest.mark.parametrize("text, want", [
-    ("The  Cat, sat!", "cat sat"),
-    ("An apple a day", "apple day"),
-    ("  multiple\n\twhite   space ", "multiple white space"),
-    ("Theatre", "theatre"),  # articles only as whole words
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("The  Cat, sat!", "cat sat"),
+        ("An apple a day", "apple day"),
+        ("  multiple\n\twhite   space ", "multiple white space"),
+        ("Theatre", "theatre"),  # articles only as whole words
+    ],
+)
 def test_normalize(text, want):
     assert M.normalize(text) == want
 

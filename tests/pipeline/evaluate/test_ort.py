@@ -28,7 +28,9 @@ def _scores_like_the_model(model: Path, folder: Path, window: int):
 
     decoder = OnnxDecoder(folder)
     assert decoder.config["model"]["decoder"]["sliding_window"]["window_size"] == window
-    ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 0, 0, 0, 0]])
+    ids = np.array(
+        [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 0, 0, 0, 0]]
+    )
     mask = np.array([[1] * 14, [1] * 9 + [0] * 5])
     got = decoder.logits(ids, mask)
     reference = AutoModelForCausalLM.from_pretrained(str(model), attn_implementation="eager").eval()
@@ -79,6 +81,6 @@ def test_a_window_longer_than_the_sequence_scores_and_generates(wide_window_onnx
     # each token is the reference model's greedy choice after the tokens before it, up to float noise
     # (a near-tie may go either way on another CPU's kernels)
     with torch.no_grad():
-        logits = reference(torch.tensor([prompt + got])).logits[0, len(prompt) - 1:-1]
+        logits = reference(torch.tensor([prompt + got])).logits[0, len(prompt) - 1 : -1]
     chosen = logits[torch.arange(4), torch.tensor(got)]
     assert (chosen >= logits.max(-1).values - 1e-4).all(), (got, logits.argmax(-1).tolist())

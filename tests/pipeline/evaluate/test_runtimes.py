@@ -48,7 +48,7 @@ def test_generation_stops_at_a_stop_token(model):
     prompt, free = next((p, r) for p, r in zip(candidates, replies) if len(set(r)) > 1)
     stop = next(t for t in free if t != free[0])  # a token that first appears after the reply started
     cut = TorchModel(model, name="t", task="causal", pad_id=0, stop_ids={stop}).generate([prompt], 8)[0]
-    assert 0 < len(cut) < len(free) and cut == free[:free.index(stop)]
+    assert 0 < len(cut) < len(free) and cut == free[: free.index(stop)]
 
 
 def test_the_models_generation_config_is_not_applied(model):
@@ -67,7 +67,9 @@ def test_seq2seq_generation_and_loss(tiny_model_factory):
     t5 = load_torch(tiny_model_factory(family="t5"), "seq2seq", "cpu", "fp32")
     prompts = [[5, 9, 12, 1], [7, 8, 9, 10, 11, 1], [20, 1]]
     batched = TorchModel(t5, name="t", task="seq2seq", pad_id=0, stop_ids={1}, batch_size=3).generate(prompts, 5)
-    assert batched == TorchModel(t5, name="t", task="seq2seq", pad_id=0, stop_ids={1}, batch_size=1).generate(prompts, 5)
+    assert batched == TorchModel(t5, name="t", task="seq2seq", pad_id=0, stop_ids={1}, batch_size=1).generate(
+        prompts, 5
+    )
     with torch.no_grad():  # the slice after the decoder start token is the model's own greedy decode
         ids = torch.tensor([[t5.config.decoder_start_token_id]])
         for _ in range(5):
@@ -83,8 +85,10 @@ def test_seq2seq_generation_and_loss(tiny_model_factory):
 
 
 def test_nll_equals_the_models_own_loss(model):
-    examples = [Example(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE, IGNORE, 7, 8, 9]),
-                Example(input_ids=[4, 3, 2, 11, 12, 13, 14, 15], labels=[IGNORE] * 5 + [13, 14, 15])]
+    examples = [
+        Example(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE, IGNORE, 7, 8, 9]),
+        Example(input_ids=[4, 3, 2, 11, 12, 13, 14, 15], labels=[IGNORE] * 5 + [13, 14, 15]),
+    ]
     got = TorchModel(model, name="t", task="causal", pad_id=0, stop_ids=set(), batch_size=2).nll(examples)
     for e, (total, count) in zip(examples, got):
         with torch.no_grad():

@@ -15,8 +15,16 @@ pytestmark = pytest.mark.real_model
 
 
 def test_smollm2_base_and_tuned_answer_the_test_questions(tmp_path):
-    cfg = load_config("examples/quickstart.yaml", [f"runs_dir={tmp_path}", "train.max_steps=2", "train.keep_best=false",
-                                                   "eval.max_samples=4", "eval.max_new_tokens=24"])
+    cfg = load_config(
+        "examples/quickstart.yaml",
+        [
+            f"runs_dir={tmp_path}",
+            "train.max_steps=2",
+            "train.keep_best=false",
+            "eval.max_samples=4",
+            "eval.max_new_tokens=24",
+        ],
+    )
     assert run_step("train", load_step("train"), cfg, writers=[MemoryWriter()])[0] == EXIT_OK
     mem = MemoryWriter()
     code, result, _ = run_step("eval", load_step("eval"), cfg, writers=[mem])

@@ -18,10 +18,23 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _cfg(tmp_path: Path, model: Path, *overrides: str, name: str = "e") -> RunConfig:
-    return load_config(None, [f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"model.base={model}",
-                              "data.source=quickstart", "train.epochs=1", "train.batch_size=8", "train.grad_accum=1",
-                              "train.lr=1e-2", "train.warmup_ratio=0", "eval.max_new_tokens=6",
-                              "eval.comparison_examples=4", *overrides])
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"model.base={model}",
+            "data.source=quickstart",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            "eval.max_new_tokens=6",
+            "eval.comparison_examples=4",
+            *overrides,
+        ],
+    )
 
 
 def _step(name: str, cfg: RunConfig, stop: StopFlag | None = None):
@@ -47,8 +60,22 @@ def test_metrics_csv_has_a_row_per_model_with_fixed_columns(trained):
     with (out / "metrics.csv").open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert tuple(reader.fieldnames) == ("dataset", "split", "model", "samples", "rouge1", "rouge2", "rougeL", "rougeLsum",
-                                        "bleu", "exact_match", "token_f1", "contains", "loss", "perplexity")
+    assert tuple(reader.fieldnames) == (
+        "dataset",
+        "split",
+        "model",
+        "samples",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rougeLsum",
+        "bleu",
+        "exact_match",
+        "token_f1",
+        "contains",
+        "loss",
+        "perplexity",
+    )
     assert [(r["dataset"], r["model"]) for r in rows] == [("main", "base"), ("main", "tuned")]
     for r in rows:
         assert r["split"] == "test" and r["samples"] == "29"
@@ -147,12 +174,15 @@ def test_merged_model_directory_can_be_evaluated(tmp_path, tiny_llama):
     assert _step("train", cfg)[0] == EXIT_OK
     run = RunDir.for_config(cfg)
     merged = tmp_path / "merged"
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(run.adapter)) \
-        .merge_and_unload().save_pretrained(merged)
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(run.adapter)
+    ).merge_and_unload().save_pretrained(merged)
     AutoTokenizer.from_pretrained(str(tiny_llama)).save_pretrained(merged)
     code, by_adapter, _ = _step("eval", cfg)
     assert code == EXIT_OK
-    code, by_merged, _ = _step("eval", cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": str(merged)})}))
+    code, by_merged, _ = _step(
+        "eval", cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": str(merged)})})
+    )
     assert code == EXIT_OK
     assert "base" not in by_merged.summary
     assert by_merged.summary["tuned"]["loss"] == pytest.approx(by_adapter.summary["tuned"]["loss"], rel=1e-4)
@@ -204,7 +234,9 @@ def test_stop_ids_include_the_end_of_turn_token_when_it_differs_from_eos():
 
     tok = SimpleNamespace(eos_token_id=2, unk_token_id=0, all_special_ids=[0, 1, 2, 7])
     # a reply trained as "... <eot=7> <eos=2>"; 1 (bos) never inside a reply; 0 is unk
-    rows = [Example(input_ids=[1, 5, 6, 9, 7, 2], labels=[-100, -100, -100, 9, 7, 2], prompt_ids=[1, 5, 6], reference="x")]
+    rows = [
+        Example(input_ids=[1, 5, 6, 9, 7, 2], labels=[-100, -100, -100, 9, 7, 2], prompt_ids=[1, 5, 6], reference="x")
+    ]
     assert stop_ids(tok, [EvalSet("main", "s", "test", rows)]) == {2, 7}
 
 
@@ -214,11 +246,19 @@ def test_loss_plot_uses_the_run_that_produced_the_adapter(tmp_path):
     def metric(at, loss):
         return {"step": "train", "type": "metric", "at": at, "split": "train", "values": {"loss": loss}}
 
-    events = [metric(1, 9.0), {"step": "train", "type": "done"},          # an older version
-              metric(1, 5.0), metric(2, 4.0), {"step": "train", "type": "cancelled"},
-              metric(2, 3.5), metric(3, 3.0), {"step": "eval", "type": "done"},  # resumed: step 2 again
-              {"step": "train", "type": "done"},
-              metric(1, 7.0), {"step": "train", "type": "error"}]              # a later run that failed
+    events = [
+        metric(1, 9.0),
+        {"step": "train", "type": "done"},  # an older version
+        metric(1, 5.0),
+        metric(2, 4.0),
+        {"step": "train", "type": "cancelled"},
+        metric(2, 3.5),
+        metric(3, 3.0),
+        {"step": "eval", "type": "done"},  # resumed: step 2 again
+        {"step": "train", "type": "done"},
+        metric(1, 7.0),
+        {"step": "train", "type": "error"},
+    ]  # a later run that failed
     f = tmp_path / "events.jsonl"
     f.write_text("\n".join(json.dumps(e) for e in events) + "\n")
     train, evals = training_curves(f)
@@ -232,12 +272,22 @@ def test_a_separate_test_file_is_named_as_the_source_of_the_test_split(tmp_path,
 
     bundled = Path(loratui.data.__file__).parent / "quickstart"
     files = {}
-    for split, name in (("train", "facts-train.jsonl"), ("validation", "facts-val.jsonl"),
-                        ("test", "facts-test.jsonl")):
+    for split, name in (
+        ("train", "facts-train.jsonl"),
+        ("validation", "facts-val.jsonl"),
+        ("test", "facts-test.jsonl"),
+    ):
         files[split] = tmp_path / name
         shutil.copy(bundled / f"{split}.jsonl", files[split])
-    cfg = _cfg(tmp_path, tiny_llama, f"data.source={files['train']}", f"data.val_source={files['validation']}",
-               f"data.test_source={files['test']}", "train.max_steps=1", "eval.max_samples=4")
+    cfg = _cfg(
+        tmp_path,
+        tiny_llama,
+        f"data.source={files['train']}",
+        f"data.val_source={files['validation']}",
+        f"data.test_source={files['test']}",
+        "train.max_steps=1",
+        "eval.max_samples=4",
+    )
     assert _step("train", cfg)[0] == EXIT_OK
     code, _, mem = _step("eval", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]

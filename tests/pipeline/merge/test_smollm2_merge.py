@@ -15,8 +15,10 @@ pytestmark = pytest.mark.real_model
 
 
 def test_smollm2_merges_with_parity(tmp_path):
-    cfg = load_config("examples/quickstart.yaml", [f"runs_dir={tmp_path}", "train.max_steps=2", "train.keep_best=false",
-                                                   "merge.parity_prompts=4"])
+    cfg = load_config(
+        "examples/quickstart.yaml",
+        [f"runs_dir={tmp_path}", "train.max_steps=2", "train.keep_best=false", "merge.parity_prompts=4"],
+    )
     assert run_step("train", load_step("train"), cfg, writers=[MemoryWriter()])[0] == EXIT_OK
     mem = MemoryWriter()
     code, result, _ = run_step("merge", load_step("merge"), cfg, writers=[mem])
@@ -28,4 +30,6 @@ def test_smollm2_merges_with_parity(tmp_path):
     card = (merged / "README.md").read_text()
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in card and "top-1 agreement 100.0%" in card
     assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is True
-    assert (merged / "chat_template.jinja").is_file() or "chat_template" in (merged / "tokenizer_config.json").read_text()
+    assert (merged / "chat_template.jinja").is_file() or "chat_template" in (
+        merged / "tokenizer_config.json"
+    ).read_text()

@@ -23,9 +23,21 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _cfg(tmp_path: Path, model: Path, *overrides: str, name: str = "m") -> RunConfig:
-    return load_config(None, [f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"model.base={model}",
-                              "data.source=quickstart", "train.max_steps=3", "train.batch_size=8", "train.grad_accum=1",
-                              "train.lr=5e-2", "train.warmup_ratio=0", *overrides])
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"model.base={model}",
+            "data.source=quickstart",
+            "train.max_steps=3",
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.lr=5e-2",
+            "train.warmup_ratio=0",
+            *overrides,
+        ],
+    )
 
 
 def _step(name: str, cfg: RunConfig):
@@ -92,7 +104,10 @@ def test_fp32_merge_is_exact_and_loads_with_plain_transformers(tmp_path, tiny_ll
     assert not list(merged.glob("adapter_*"))
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"):
         assert (merged / name).is_file(), name
-    assert json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template") or (merged / "chat_template.jinja").is_file()
+    assert (
+        json.loads((merged / "tokenizer_config.json").read_text()).get("chat_template")
+        or (merged / "chat_template.jinja").is_file()
+    )
     got = _merged_logits(merged, IDS)
     want = _reference_logits(tiny_llama, [run.adapter], IDS)
     assert (got - want).abs().max() < 1e-4
@@ -112,8 +127,10 @@ def test_fp32_merge_is_exact_and_loads_with_plain_transformers(tmp_path, tiny_ll
     assert (merged / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
-@pytest.mark.parametrize("stored, override, want", [("bfloat16", "auto", "BF16"), ("float32", "bfloat16", "BF16"),
-                                                    ("float32", "float16", "F16")])
+@pytest.mark.parametrize(
+    "stored, override, want",
+    [("bfloat16", "auto", "BF16"), ("float32", "bfloat16", "BF16"), ("float32", "float16", "F16")],
+)
 def test_dtype_is_kept_or_overridden(tmp_path, tiny_model_factory, stored, override, want):
     base = tiny_model_factory(dtype=stored)
     cfg = _cfg(tmp_path, base, f"merge.dtype={override}")
@@ -194,7 +211,9 @@ def test_a_quantized_base_is_refused(tmp_path, tiny_llama):
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
-    code, _, mem = _step("merge", cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": str(quantized)})}))
+    code, _, mem = _step(
+        "merge", cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": str(quantized)})})
+    )
     assert code == EXIT_USER
     (err,) = mem.of_type("error")
     assert "stored quantized (bitsandbytes)" in err.message and "unquantized original" in (err.hint or "")
@@ -217,8 +236,15 @@ def test_no_adapter_and_no_disk_space_are_clear_errors(tmp_path, tiny_llama, mon
 
 
 def test_a_killed_merge_leaves_no_merged_directory_and_keeps_an_earlier_one(tmp_path, tiny_llama):
-    cfg_args = ["name=k", f"runs_dir={tmp_path / 'runs'}", f"model.base={tiny_llama}", "data.source=quickstart",
-                "train.max_steps=1", "train.batch_size=8", "train.grad_accum=1"]
+    cfg_args = [
+        "name=k",
+        f"runs_dir={tmp_path / 'runs'}",
+        f"model.base={tiny_llama}",
+        "data.source=quickstart",
+        "train.max_steps=1",
+        "train.batch_size=8",
+        "train.grad_accum=1",
+    ]
     cfg = load_config(None, cfg_args)
     assert _step("train", cfg)[0] == EXIT_OK
     run = RunDir.for_config(cfg)

@@ -102,8 +102,13 @@ def _check_padding_free_equals_padded(path, examples, prefix_len, keep_logits):
 def _packed_logits(model, exs):
     """Logits of the examples packed into one row (no shared prefix), and the segment bounds."""
     batch = PaddingFreeCollator(share_prefix=False)(exs)
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                cu_seq_lens_q=batch["cu_seq_lens_q"], loratui_prefix=0)
+    out = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        cu_seq_lens_q=batch["cu_seq_lens_q"],
+        loratui_prefix=0,
+    )
     return out.logits[0], batch["cu_seq_lens_q"].tolist()
 
 
@@ -115,13 +120,16 @@ def test_examples_never_attend_to_each_other(tiny_llama):
 
     with torch.no_grad():
         before, bounds = per_token(examples)
-        changed = [examples[0], {"input_ids": [7] * len(examples[1]["input_ids"]), "labels": examples[1]["labels"]},
-                   examples[2]]
+        changed = [
+            examples[0],
+            {"input_ids": [7] * len(examples[1]["input_ids"]), "labels": examples[1]["labels"]},
+            examples[2],
+        ]
         after, _ = per_token(changed)
     for i in (0, 2):
         s, e = bounds[i], bounds[i + 1]
         torch.testing.assert_close(after[s:e], before[s:e])
-    assert not torch.allclose(after[bounds[1]:bounds[2]], before[bounds[1]:bounds[2]])
+    assert not torch.allclose(after[bounds[1] : bounds[2]], before[bounds[1] : bounds[2]])
 
 
 def test_shared_prefix_stops_at_trained_tokens():
@@ -141,7 +149,9 @@ def test_padding_free_support(tiny_llama, tiny_model_factory):
     assert supports_padding_free(AutoModelForCausalLM.from_pretrained(str(tiny_llama)))
     for family in ("llama", "gemma4"):
         config = AutoConfig.from_pretrained(str(tiny_model_factory(family=family, tokenizer="bpe")))
-        assert not carries_state(config) and padding_free_possible(config, AutoModelForCausalLM._model_mapping[type(config)])
+        assert not carries_state(config) and padding_free_possible(
+            config, AutoModelForCausalLM._model_mapping[type(config)]
+        )
 
 
 def test_a_linear_attention_model_is_not_packed(tiny_model_factory):
@@ -165,8 +175,8 @@ def test_a_linear_attention_model_is_not_packed(tiny_model_factory):
     with torch.no_grad():
         before, bounds = logits(examples)
         after, _ = logits([examples[0], {**examples[1], "input_ids": [7] * len(examples[1]["input_ids"])}, examples[2]])
-    torch.testing.assert_close(after[:bounds[1]], before[:bounds[1]])  # causal: the first example is untouched
-    assert not torch.allclose(after[bounds[2]:], before[bounds[2]:], atol=1e-4)  # the state leaked into the third
+    torch.testing.assert_close(after[: bounds[1]], before[: bounds[1]])  # causal: the first example is untouched
+    assert not torch.allclose(after[bounds[2] :], before[bounds[2] :], atol=1e-4)  # the state leaked into the third
 
 
 def _plain_loss(hidden, weight, bias, targets, transform):
@@ -180,9 +190,17 @@ def _plain_loss(hidden, weight, bias, targets, transform):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
-@pytest.mark.parametrize("transform", [HeadTransform(), HeadTransform(divide=8.0), HeadTransform(multiply=0.0625),
-                                       HeadTransform(softcap=2.0), HeadTransform(divide=0.5, softcap=2.0)],
-                         ids=["plain", "granite", "cohere", "softcap", "scaled-then-capped"])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        HeadTransform(),
+        HeadTransform(divide=8.0),
+        HeadTransform(multiply=0.0625),
+        HeadTransform(softcap=2.0),
+        HeadTransform(divide=0.5, softcap=2.0),
+    ],
+    ids=["plain", "granite", "cohere", "softcap", "scaled-then-capped"],
+)
 @pytest.mark.parametrize("rows", [7, 50, 1000])  # blocks with a short last one, even blocks, one block
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_cross_entropy_equals_the_head_then_the_loss(transform, rows, with_bias):
@@ -270,8 +288,9 @@ def test_a_model_that_does_more_to_its_logits_than_its_config_says_keeps_its_own
     assert plain_shape[1] == 0  # in blocks: the model computed no logits
 
     torch.manual_seed(0)
-    base = _scaled_llama_class().from_pretrained(str(tiny_llama), attn_implementation=register_attention(),
-                                                 dtype=torch.float32)
+    base = _scaled_llama_class().from_pretrained(
+        str(tiny_llama), attn_implementation=register_attention(), dtype=torch.float32
+    )
     torch.manual_seed(1)
     scaled = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     with pytest.warns(UserWarning, match="differ from its head's output"):
@@ -284,8 +303,15 @@ def test_a_model_that_does_more_to_its_logits_than_its_config_says_keeps_its_own
     labels = torch.tensor([e["labels"] + [IGNORE] * (longest - len(e["labels"])) for e in examples])
     with torch.no_grad():
         logits = scaled(input_ids=ids, attention_mask=mask).logits
-    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                  ignore_index=IGNORE, reduction="sum").item() / trained
+    reference = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        ).item()
+        / trained
+    )
     assert first == pytest.approx(reference, abs=1e-5) and second == pytest.approx(reference, abs=1e-5)
     assert abs(second - plain_loss) > 1e-2  # the scaling matters (a thousand times the tolerance)
     for name in first_grads:
@@ -360,8 +386,9 @@ def test_a_trained_head_is_not_computed_in_blocks(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), attn_implementation=register_attention(),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_llama), attn_implementation=register_attention(), dtype=torch.float32
+    )
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
     assert frozen_head(model) is None
     examples = _examples([], 3)

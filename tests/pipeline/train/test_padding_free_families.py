@@ -55,8 +55,9 @@ def _model(path, attn: str, family: str):
     model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=torch.float32)
     # MoE experts are 3-D Parameters in transformers 5, which all-linear does not reach
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if family in MOE else None
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", target_parameters=experts,
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", target_parameters=experts, init_lora_weights=False
+    )
     torch.manual_seed(1)
     model = get_peft_model(model, config)
     if family == "gpt_oss":  # train the sinks too, so their gradient through the explicit path is checked
@@ -159,8 +160,14 @@ def test_generation_with_softcap_and_sinks(tiny_model_factory, family):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=torch.float32)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         outs.append(out)
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].logits, outs[1].logits):

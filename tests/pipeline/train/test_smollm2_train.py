@@ -15,7 +15,9 @@ pytestmark = pytest.mark.real_model
 
 
 def test_smollm2_trains_a_few_steps(tmp_path):
-    cfg = load_config("examples/quickstart.yaml", [f"runs_dir={tmp_path}", "train.max_steps=3", "train.keep_best=false"])
+    cfg = load_config(
+        "examples/quickstart.yaml", [f"runs_dir={tmp_path}", "train.max_steps=3", "train.keep_best=false"]
+    )
     mem = MemoryWriter()
     code, result, _ = run_step("train", load_step("train"), cfg, writers=[mem])
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]

@@ -16,9 +16,21 @@ from loratui.pipeline.train import history as hist
 
 
 def _cfg(tmp_path: Path, model: Path, *overrides: str, name: str = "t") -> RunConfig:
-    return load_config(None, [f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"model.base={model}",
-                              "data.source=quickstart", "train.epochs=2", "train.batch_size=4",
-                              "train.grad_accum=2", "train.lr=1e-2", "train.warmup_ratio=0", *overrides])
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"model.base={model}",
+            "data.source=quickstart",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            *overrides,
+        ],
+    )
 
 
 def _train(cfg: RunConfig, stop: StopFlag | None = None):
@@ -46,7 +58,15 @@ def test_each_method_trains_and_loss_goes_down(tmp_path, tiny_llama, method):
     assert adapter["use_rslora"] is (method == "rslora")
     assert adapter["r"] == 16 and adapter["lora_alpha"] == 32
     # all-linear: attention and MLP projections, never the output head
-    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     qlora_logs = [e for e in mem.of_type("log") if e.message.startswith("qlora on CPU")]
     assert bool(qlora_logs) is (method == "qlora")  # the 4-bit base was loaded (and said so)
 
@@ -67,8 +87,15 @@ def test_adapter_loads_with_plain_peft(tmp_path, tiny_llama):
 
 
 def test_auto_settings_are_written_to_config(tmp_path, tiny_llama):
-    cfg = _cfg(tmp_path, tiny_llama, "train.epochs=auto", "train.batch_size=auto", "train.grad_accum=auto",
-               "lora.r=auto", "train.max_steps=2")
+    cfg = _cfg(
+        tmp_path,
+        tiny_llama,
+        "train.epochs=auto",
+        "train.batch_size=auto",
+        "train.grad_accum=auto",
+        "lora.r=auto",
+        "train.max_steps=2",
+    )
     code, result, mem = _train(cfg)
     assert code == EXIT_OK
     written = load_config(RunDir.for_config(cfg).config, [])
@@ -249,8 +276,12 @@ def _spawn_train(cfg_path: Path, *args: str):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "loratui", "train", "--config", str(cfg_path), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "loratui", "train", "--config", str(cfg_path), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigkill_then_resume_from_the_last_periodic_checkpoint(tmp_path, tiny_llama):
@@ -307,8 +338,10 @@ def test_the_kernels_hint_filter_drops_only_that_message(caplog):
     logger = logging.getLogger(BNB_CPU_LOGGER)
     assert len([f for f in logger.filters if type(f).__name__ == "_DropKernelsHint"]) == 1
     with caplog.at_level(logging.WARNING):
-        logger.warning(KERNELS_HINT + ": %s. Please make sure you already `pip install kernels` and the kernels "
-                       ">= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+        logger.warning(
+            KERNELS_HINT + ": %s. Please make sure you already `pip install kernels` and the kernels >= 0.11.1",
+            ModuleNotFoundError("No module named 'kernels'"),
+        )
         logger.warning("some other bitsandbytes warning")
         logging.getLogger("bitsandbytes.cextension").warning(KERNELS_HINT + " (another logger)")
     messages = [r.getMessage() for r in caplog.records]
@@ -357,8 +390,9 @@ def test_a_resumed_training_shows_its_whole_loss_curve_and_never_another_version
     state = RunState.load(cfg)
     assert [s for s, _ in state.train_loss] == sorted(want)
     assert [v for _, v in state.train_loss] == pytest.approx([want[s] for s in sorted(want)], abs=1e-6)
-    want_eval = {e.at: e.values["eval_loss"] for mem in (first, rest) for e in mem.of_type("metric")
-                 if "eval_loss" in e.values}
+    want_eval = {
+        e.at: e.values["eval_loss"] for mem in (first, rest) for e in mem.of_type("metric") if "eval_loss" in e.values
+    }
     assert [s for s, _ in state.eval_loss] == sorted(want_eval) and max(want) in want_eval
 
     # one source for all: the Trainer's log_history, saved with the version; the resume event carries the steps before
