@@ -63,11 +63,12 @@ $(GEMMA3_STAMP): $(STAMP)
 	$(PIP) install --quiet -c $(LOCK) -e ".[gemma3]"
 	@touch $(GEMMA3_STAMP)
 
-# ruff (pyproject.toml [tool.ruff]): lint rules, then the formatting, checked without changing a file.
-# `$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .` applies them.
+# ruff (pyproject.toml [tool.ruff]): lint rules, then the formatting, checked without changing a file
+# (`$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .` applies them); then mypy over loratui/.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 lint-imports: setup
 	$(VENV)/bin/lint-imports

@@ -27,11 +27,12 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 REFUSE_EXIT = 3  # a clear, expected refusal: the message is the last line of stderr
 
 
-def refuse(message: str) -> None:
+def refuse(message: str) -> NoReturn:
     print(f"loratui-refused: {message}", file=sys.stderr)
     sys.exit(REFUSE_EXIT)
 
@@ -52,7 +53,7 @@ def load_pairs(adapter: Path, config: dict) -> dict[str, tuple]:
     alpha = float(config["lora_alpha"])
     rank = int(config["r"])
     rslora = bool(config.get("use_rslora"))
-    pairs: dict[str, dict[str, object]] = {}
+    pairs: dict[str, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", name)
         if not match:

@@ -404,7 +404,7 @@ def verify_row(
             hint="The conversion lost accuracy: the convert log beside the other files says what the "
             "converter did; report it with the model.",
         )
-        error.row, error.replies = row, replies  # type: ignore[attr-defined]
+        error.row, error.replies = row, replies
         raise error
     return row, replies
 

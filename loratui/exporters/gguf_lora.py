@@ -219,7 +219,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> 
                     TITLE,
                     gguf_table(
                         [base_row, e.row],
-                        ref.perplexity,  # type: ignore[attr-defined]
+                        ref.perplexity,
                         len(ref.examples),
                     ),
                 )

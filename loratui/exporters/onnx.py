@@ -454,7 +454,7 @@ def judge(row: OnnxRow) -> str:
 
 def quant_summary(fp32: OnnxRow, quant: OnnxRow) -> str:
     """What a quantized model costs and saves for this model, by the figures in its row."""
-    if None in (fp32.perplexity, quant.perplexity, quant.top1_agreement):
+    if fp32.perplexity is None or quant.perplexity is None or quant.top1_agreement is None:
         return f"{quant.type}: not verified (export.verify is off)."
     share = (quant.perplexity - fp32.perplexity) / fp32.perplexity
     size = fp32.bytes / max(quant.bytes, 1)

@@ -33,6 +33,8 @@ def flatten_rope(config: Any) -> Any:
     the full-attention layers' parameters as the global ones, the sliding layers' base as
     ``rope_local_base_freq``. Other configs are returned unchanged."""
     for c in (config, getattr(config, "text_config", None)):
+        if c is None:
+            continue
         params = getattr(c, "rope_parameters", None)
         if not isinstance(params, dict) or not isinstance(params.get("full_attention"), dict):
             continue
@@ -48,12 +50,13 @@ def flatten_rope(config: Any) -> Any:
 def _patch() -> None:
     import transformers
 
-    load = transformers.AutoConfig.from_pretrained.__func__
+    load = transformers.AutoConfig.from_pretrained.__func__  # type: ignore[attr-defined]
 
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
         return flatten_rope(load(cls, *args, **kwargs))
 
-    transformers.AutoConfig.from_pretrained = classmethod(from_pretrained)
+    # patched on purpose, in this converter process only
+    transformers.AutoConfig.from_pretrained = classmethod(from_pretrained)  # type: ignore[method-assign,assignment]
 
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path, as the builder expects)
 

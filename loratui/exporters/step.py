@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loratui.exporters.registry import EXPORTERS
@@ -52,7 +53,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     )
 
 
-def _check_family(cfg: RunConfig, run: RunDir, formats: list[str], events: EventSink) -> None:
+def _check_family(cfg: RunConfig, run: RunDir, formats: Sequence[str], events: EventSink) -> None:
     """Refuse the formats this model's family cannot take before anything is merged or converted."""
     import json
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from loratui.pipeline.data.problems import PROBLEMS, TRUNCATABLE, Policy, ProblemKind
 from loratui.pipeline.errors import LoratuiError
@@ -245,21 +246,11 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for initialization and data order.")
 
 
+ExportFormat = Literal["safetensors", "gguf", "gguf-lora", "onnx"]
 EvalMetric = Literal[
     "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1", "contains", "loss", "perplexity"
 ]
-EVAL_METRICS: tuple[str, ...] = (
-    "rouge1",
-    "rouge2",
-    "rougeL",
-    "rougeLsum",
-    "bleu",
-    "exact_match",
-    "token_f1",
-    "contains",
-    "loss",
-    "perplexity",
-)
+EVAL_METRICS: tuple[EvalMetric, ...] = get_args(EvalMetric)
 
 
 class EvalSection(Section):
@@ -333,8 +324,8 @@ class MergeSection(Section):
 class ExportSection(Section):
     """Formats written from the merged model; each is verified in its own runtime."""
 
-    formats: list[Literal["safetensors", "gguf", "gguf-lora", "onnx"]] = Field(
-        default_factory=lambda: ["safetensors", "gguf"],
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["safetensors", "gguf"]),
         description="Formats to export. `gguf-lora`: the adapter as a llama.cpp LoRA GGUF (`--lora`) plus its base GGUF.",
     )
     gguf_quants: list[str] = Field(
@@ -545,7 +536,7 @@ RETIRED = {
 }
 
 
-def _friendly(err: dict[str, Any], expected: str) -> str:
+def _friendly(err: ErrorDetails, expected: str) -> str:
     """One line for one pydantic error: the value given and what is allowed."""
     kind = err["type"]
     value = err.get("input")
@@ -571,7 +562,7 @@ def _problems_from_validation(
     # A Union field reports one error per member, with the member's tag in the location
     # ('int', "literal['auto']", 'list[str]'). Group the errors by the location before the first tag
     # and keep the deepest one: the member whose shape matched says the most (e.g. which list item).
-    best: dict[tuple[str, ...], tuple[list[str], dict[str, Any]]] = {}
+    best: dict[tuple[str, ...], tuple[list[str], ErrorDetails]] = {}
     for err in exc.errors():
         raw = list(err["loc"])
         tags = [i for i, part in enumerate(raw) if _is_union_tag(part)]
@@ -585,8 +576,8 @@ def _problems_from_validation(
         annotation = _annotation_at(loc)
         expected = describe_type(annotation) if annotation is not None else ""
         src, line = source, lines.get(tuple(loc))
-        for key, override in origin.items():
-            if dotted == key or dotted.startswith(key + "."):
+        for field, override in origin.items():
+            if dotted == field or dotted.startswith(field + "."):
                 src, line = override, None
         problems.append(ConfigProblem(src, dotted, _friendly(err, expected), line))
     problems.sort(key=lambda p: (p.source, p.line or 0))
@@ -799,6 +790,7 @@ def config_reference_markdown() -> str:
         )
     for section in SECTIONS:
         model = RunConfig.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
         out += [
             "",
             f"### `{section}`: {model.__doc__}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LoratuiError(Exception):
     """A problem the user can fix: bad input, a missing file, an unreachable model.
@@ -31,3 +33,6 @@ class StepCancelled(Exception):
 class ExportRefused(LoratuiError):
     """An export whose file failed its verification: nothing of it was written. The export step reports it
     (with its figures) and goes on with the other formats; the run keeps what passed."""
+
+    row: Any = None  # the refused file's row of the exports report, where the exporter measured one
+    replies: Any = None  # its greedy replies, for the report

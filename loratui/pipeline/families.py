@@ -12,7 +12,7 @@ as transformers config objects, whichever the caller has.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,7 +230,7 @@ def _alternatives(family: Family) -> str:
     return " or ".join(formats)
 
 
-def check(model: Any, steps: list[str] | tuple[str, ...], warn: Any = None) -> Family | None:
+def check(model: Any, steps: Sequence[str], warn: Any = None) -> Family | None:
     """Refuse up front any of ``steps`` the model's family cannot take; warn (``warn(text)``) once when the
     family is unknown, since every step then runs with generic behaviour."""
     for step in steps:
@@ -275,8 +275,8 @@ def lora_targets(preset: Any, model: Any) -> dict[str, Any]:
     if preset == "all-linear":
         out: dict[str, Any] = {"target_modules": "all-linear"}
         if family is not None and family.towers and _has_towers(model):
-            names = "|".join(family.linear)
-            out["target_modules"] = rf"^(?!.*{_TOWERS}).*\.({names})$"
+            alternatives = "|".join(family.linear)
+            out["target_modules"] = rf"^(?!.*{_TOWERS}).*\.({alternatives})$"
         if family is not None and family.experts:
             out["target_parameters"] = list(family.experts)
         return out

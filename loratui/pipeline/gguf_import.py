@@ -154,7 +154,7 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=spec.ignore_merges)
     )
-    parts = []
+    parts: list[pre_tokenizers.PreTokenizer] = []
     for rule in spec.rules:
         if rule == "digits":
             parts.append(pre_tokenizers.Digits(individual_digits=True))
@@ -184,8 +184,8 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
-        head = [bos] if add_bos else []
-        tail = [eos] if add_eos else []
+        head = [bos] if bos is not None and add_bos else []
+        tail = [eos] if eos is not None and add_eos else []
         tok.post_processor = processors.TemplateProcessing(
             single=" ".join([*head, "$A", *tail]),
             pair=" ".join([*head, "$A", *tail, "$B:1", *(f"{t}:1" for t in tail)]),

@@ -36,7 +36,7 @@ IMPORT_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
-Log = Callable[[str], None]
+Log = Callable[[str], Any]  # print, events.log, ...: what it returns is not used
 
 
 def _package_file(package: str, filename: str) -> Path | None:

@@ -47,7 +47,7 @@ def preflight(cfg: RunConfig, steps: list[str]) -> None:
     from loratui.pipeline.families import check
     from loratui.pipeline.models import resolve_model
 
-    wanted = [s for s in ("train", "merge") if s in steps]
+    wanted: list[str] = [s for s in ("train", "merge") if s in steps]
     if "export" in steps:
         wanted += [f for f in dict.fromkeys(cfg.export.formats) if f != "safetensors"]
     try:

@@ -415,8 +415,9 @@ def create_app(
             except BaseException as e:  # reported to the client as a server error
                 loop.call_soon_threadsafe(deltas.put_nowait, e)
             finally:
-                if gen is not None:
-                    gen.close()
+                close = getattr(gen, "close", None)  # a generator: end it here, on the thread that ran it
+                if close is not None:
+                    close()
                 release()  # only now: a pooled model may be unloaded, never under a generation
                 loop.call_soon_threadsafe(deltas.put_nowait, None)
 
@@ -497,8 +498,8 @@ def create_app(
                 if kind == "chat":
                     yield chunk(None, None, role=True)
                 while (item := await deltas.get()) is not None:
-                    failed = isinstance(item, BaseException) or (item.finish_reason or "").startswith("error")
-                    if failed:  # the stream is already 200: the failure goes in an error event
+                    # the stream is already 200: a failure goes in an error event
+                    if isinstance(item, BaseException) or (item.finish_reason or "").startswith("error"):
                         yield (
                             "data: "
                             + json.dumps(

@@ -409,7 +409,7 @@ class TorchBackend(_HFBase):
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True)
         layers = getattr(out.past_key_values, "layers", None)
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers or ())
 
     def stream(self, req: GenRequest) -> Iterator[Delta]:
         out: queue.Queue[Delta | None] = queue.Queue()
@@ -432,7 +432,8 @@ class TorchBackend(_HFBase):
 
         rows: list[_Row] = []
         cache: Any = None
-        mask = last = None
+        mask: Any = None  # (rows, length) attention mask of the running batch
+        last: Any = None  # each row's last token
         while self.running:
             admitted = []
             if not rows:

@@ -34,7 +34,7 @@ class Settings:
 
 
 def _rows(path: Path, skip: set[str], bad: Callable[[int, Any, str], None]) -> tuple[list[tuple[Any, int, Any]], int]:
-    rows = []
+    rows: list[tuple[Any, int, Any]] = []
     objects, already = read_objects(path, skip, bad)
     for line_no, row_id, data in objects:
         messages, prompt = data.get("messages"), data.get("prompt")

@@ -21,6 +21,7 @@ alive, which saves a checkpoint) and ``resume`` continues them from their latest
 
 from __future__ import annotations
 
+import builtins
 import copy
 import json
 import os
@@ -1021,7 +1022,7 @@ class JobManager:
         ]
         return [self.public(j) for j in jobs]
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
+    def events(self, job_id: str) -> builtins.list[dict[str, Any]]:  # builtins: list is a method here
         """The job's events, newest first: its own (validated, queued, started ...) and its run's
         (metrics, logs, checkpoints, each step's end), without the progress ticks."""
         job = self._load(job_id)
@@ -1071,7 +1072,7 @@ class JobManager:
             )
         return [e for _, _, e in sorted(merged, key=lambda x: (x[0], x[1]), reverse=True)]
 
-    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+    def checkpoints(self, job_id: str) -> builtins.list[dict[str, Any]]:
         """The run's complete checkpoints, newest first, each usable as a model (base + that adapter)."""
         from loratui.pipeline.train.step import complete_checkpoints
 
@@ -1162,9 +1163,9 @@ def _describe(event: Any, run_dir: Path) -> tuple[str, str, str, dict[str, Any] 
     if event.type == "checkpoint":
         return "info", f"Checkpoint saved at step {event.at}", "message", {"step": event.at}
     if event.type == "artifact":
-        path = Path(event.path)
-        shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
-        return "info", f"{step}: wrote {event.kind} {shown}", "message", None
+        artifact = Path(event.path)
+        where = artifact.relative_to(run_dir) if artifact.is_relative_to(run_dir) else artifact
+        return "info", f"{step}: wrote {event.kind} {where}", "message", None
     if event.type == "done":
         took = f" in {event.seconds:.1f} s" if event.seconds is not None else ""
         return "info", f"{step} done{took}", "message", None

@@ -15,7 +15,7 @@ import asyncio
 import json
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
                 400, "upload the file as multipart/form-data with the fields `file` and `purpose`", param="file"
             )
 
-        async def limited() -> AsyncIterator[bytes]:
+        async def limited() -> AsyncGenerator[bytes, None]:
             seen = 0
             async for chunk in request.stream():
                 seen += len(chunk)

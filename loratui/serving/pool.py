@@ -64,7 +64,7 @@ class ModelPool:
         self._evict()
 
     def _evict(self) -> None:
-        closing = []
+        closing: list[Any] = []
         with self.lock:
             loaded = [(m, e) for m, e in self.entries.items() if e.backend is not None]
             for model, entry in loaded:  # oldest use first

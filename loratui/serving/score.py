@@ -73,13 +73,13 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
     if kind == "gguf":
         from loratui.exporters.inspect import summary
 
-        context = int(summary(path)["context_length"] or 4096)
-        model = LlamaCppModel(path, name=path.name, stop_ids=set(), n_ctx=min(context, 4096), threads=threads)
+        n_ctx = min(int(summary(path)["context_length"] or 4096), 4096)
+        llama = LlamaCppModel(path, name=path.name, stop_ids=set(), n_ctx=n_ctx, threads=threads)
 
         def encode_gguf(text: str, first: bool) -> list[int]:
-            return model.llm.tokenize(text.encode("utf-8"), add_bos=first, special=False)
+            return llama.llm.tokenize(text.encode("utf-8"), add_bos=first, special=False)
 
-        return Scorer(kind, model, encode_gguf, min(context, 4096), model.close)
+        return Scorer(kind, llama, encode_gguf, n_ctx, llama.close)
 
     from transformers import AutoConfig, AutoTokenizer
 
@@ -91,7 +91,7 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
     config = AutoConfig.from_pretrained(str(path))
     context = getattr(config, "max_position_embeddings", None)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
-    common = {
+    common: dict[str, Any] = {
         "name": path.name,
         "task": "causal",
         "pad_id": pad,
@@ -159,7 +159,7 @@ def read_objects(
                 continue
             try:
                 data = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 bad(line_no, None, f"not valid JSON ({e.msg} at column {e.colno})")
                 continue
             if not isinstance(data, dict):

@@ -195,9 +195,9 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
         from loratui.serving.jobs import JobManager
         from loratui.serving.pool import ModelPool
 
-        base = served_base(opts, choice)
-        if base is not None:
-            opts.jobs.served_bases.setdefault(model_id, base)
+        job_base = served_base(opts, choice)
+        if job_base is not None:
+            opts.jobs.served_bases.setdefault(model_id, job_base)
         jobs = JobManager(opts.jobs, log)
         pool = ModelPool(fine_tuned_loader(jobs, opts, log), opts.max_loaded_models)
     app = create_app(state, opts.api_key, opts.limits, loader_for(choice, opts, log), jobs, pool)

@@ -28,6 +28,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -651,6 +652,11 @@ class LoratuiApp(App[None]):
             self.main.query_one("#steps", ContentSwitcher).current = step
             self._focus_shown()
 
+    def _show_and_run(self, step: str) -> None:
+        """The command palette's "Run <step>": its view, then the step."""
+        self.action_show_step(step)
+        self.action_run_step(step=step)
+
     def action_show_step(self, step: str) -> None:
         self.main.query_one("#stepbar", Tabs).active = f"tab-{step}"
 
@@ -665,9 +671,7 @@ class LoratuiApp(App[None]):
             yield SystemCommand(f"Show {title}", STEP_INFO[step][1], lambda s=step: self.action_show_step(s))
             if step != "serve":
                 yield SystemCommand(
-                    f"Run {title}",
-                    f"loratui {cli_name(step)} on this run",
-                    lambda s=step: (self.action_show_step(s), self.action_run_step(step=s)),
+                    f"Run {title}", f"loratui {cli_name(step)} on this run", partial(self._show_and_run, step)
                 )
         yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
         yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)

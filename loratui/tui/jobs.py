@@ -103,10 +103,12 @@ class Job:
         self._cancel_asked = True
         self._signal(signal.SIGTERM)
 
+        proc = self._proc
+
         def escalate() -> None:
             deadline = time.monotonic() + self.grace_s
             while time.monotonic() < deadline:
-                if self._proc.poll() is not None and not self._group_alive():
+                if proc.poll() is not None and not self._group_alive():
                     return
                 time.sleep(0.05)
             self._signal(signal.SIGKILL)

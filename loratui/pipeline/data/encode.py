@@ -152,7 +152,7 @@ def _after_generation_prompt(
     head = probe[:at] if at >= 0 and text.startswith(probe[:at]) else None
     added = _added_after(prompt, head) if head is not None else None
     origin = f"{where}: " if where else ""
-    if added is not None and (added == "" or _CLOSED_THINK.fullmatch(added)):
+    if head is not None and added is not None and (added == "" or _CLOSED_THINK.fullmatch(added)):
         return prompt + text[len(head) :]
     opened = _OPENS_THINK.fullmatch(added) if added is not None else None
     if opened is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 from loratui.pipeline.data.problems import RowError
 from loratui.pipeline.errors import LoratuiError
@@ -110,6 +110,12 @@ def detect_format(records: list[dict[str, Any]], source: str) -> Detection:
     return Detection(fmt, f"{count} of {len(sample)} sampled rows have {', '.join(fields)}")
 
 
+@overload
+def _text(record: dict[str, Any], name: str, required: Literal[True] = True) -> str: ...
+@overload
+def _text(record: dict[str, Any], name: str, required: bool) -> str | None: ...
+
+
 def _text(record: dict[str, Any], name: str, required: bool = True) -> str | None:
     if name not in record or record[name] is None:
         if required:
@@ -128,7 +134,8 @@ def _kind(value: Any) -> str:
         return "true/false"
     if isinstance(value, (int, float)):
         return "a number"
-    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    kinds: dict[type, str] = {dict: "an object", list: "a list"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _check_turns(messages: list[dict[str, str]], name: str) -> None:

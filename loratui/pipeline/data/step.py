@@ -102,7 +102,7 @@ def split_files(cfg: RunConfig) -> dict[str, list[Path]]:
 
 
 def _policy(cfg: RunConfig, kind: str) -> str:
-    return cfg.data.on_problem.get(kind, DEFAULT_POLICY[kind])  # type: ignore[arg-type]
+    return cfg.data.on_problem.get(kind, DEFAULT_POLICY[kind])  # type: ignore[call-overload]  # kind: a ProblemKind
 
 
 def _note(cfg: RunConfig, out: Collected, problem: RowProblem) -> None:

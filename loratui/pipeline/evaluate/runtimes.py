@@ -12,7 +12,7 @@ built and the replies are decoded by the same tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,7 +101,7 @@ class StopRequested(Exception):
 
 def one_at_a_time(
     prompts: Sequence[list[int]],
-    stream: Callable[[list[int]], Iterator[int]],
+    stream: Callable[[list[int]], Generator[int, None, None]],
     max_new_tokens: int,
     stops: set[int],
     progress: Progress | None,

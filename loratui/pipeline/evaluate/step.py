@@ -106,6 +106,7 @@ def load_examples(
                 e.prompt_ids = list(row["input_ids"])
             else:
                 text = template.reply_prompt(messages)
+                assert backend is not None  # a causal model's tokenizer
                 e.prompt_ids = backend.encode(text, add_special_tokens=False).ids
                 e.prompt = next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), text)
         out.append(e)

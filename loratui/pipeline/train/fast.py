@@ -219,10 +219,10 @@ def varlen_attention(
             prefix_k, prefix_v = k, v
         n = q.shape[2]
         if p and start >= p:
+            assert prefix_k is not None and prefix_v is not None  # the prefix is the first segment
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
-            if (
-                window is not None and window < p + n
-            ):  # key j (prefix, then own) is seen from query i when j > p + i - window
+            # key j (prefix, then own) is seen from query i when j > p + i - window
+            if window is not None and window < p + n:
                 mask.triu_(p - window + 1)
             outs.append(attend(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2), mask))
         elif window is not None and window < n:
@@ -470,6 +470,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if want_grad:
             grad = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
             for start, stop, p, inside, shift, _, slope in blocks:
+                assert p is not None  # kept when a gradient is wanted
                 p.mul_((shift - lse).exp()[:, None])  # the softmax
                 p[inside, targets[inside] - start] -= 1
                 if isinstance(slope, torch.Tensor) or slope != 1.0:

@@ -249,7 +249,7 @@ def training_arguments(
     if keep_best and eval_strategy == "steps" and save_steps % t.eval_every:
         save_steps = t.eval_every
     # TensorBoard is added by _fit with the run's own folder (transformers 5 dropped `logging_dir`)
-    report = [r for r in t.report_to if r != "tensorboard"]
+    report: list[str] = [r for r in t.report_to if r != "tensorboard"]
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=resolved["train.batch_size"],
@@ -271,7 +271,7 @@ def training_arguments(
         eval_strategy=eval_strategy,
         eval_steps=t.eval_every or None,
         save_strategy=save_strategy,
-        save_steps=save_steps or None,
+        save_steps=save_steps or None,  # type: ignore[arg-type]  # None unless save_strategy is "steps"
         save_total_limit=t.save_total_limit,
         logging_strategy="steps",
         logging_steps=t.logging_every,
@@ -408,7 +408,8 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> A
     parent_path, parent = (None, {}) if mode == "fresh" else _parent_adapter(cfg, run)
     stack = [Path(p) for p in parent.get("stack_paths", [])]  # merged into the base of the parent
     if mode == "stack":
-        stack.append(Path(parent_path))
+        assert parent_path is not None  # not a fresh run
+        stack.append(parent_path)
         init_from = None
     else:
         init_from = parent_path if mode == "continue" else None

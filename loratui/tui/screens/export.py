@@ -54,10 +54,10 @@ class ExportView(StepView):
                     )
                 )
         self._fill()
-        refused = sum(name.endswith(" (refused)") for name, _, _ in self._files)
+        n_refused = sum(name.endswith(" (refused)") for name, _, _ in self._files)
         self.query_one("#export-summary", Static).update(
-            f"{len(self._files) - refused} verified file(s) in {escape(str(state.run.exports))}"
-            + (f"; {refused} refused (not written: exports/report.md says why)" if refused else "")
+            f"{len(self._files) - n_refused} verified file(s) in {escape(str(state.run.exports))}"
+            + (f"; {n_refused} refused (not written: exports/report.md says why)" if n_refused else "")
             if self._files
             else "No exports yet."
         )
