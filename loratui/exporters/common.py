@@ -16,13 +16,14 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
+from loratui.pipeline.steps import ShouldStop
 
 
 class Stages:
     """Progress over a known number of stages: ``stage("message")`` before each (a cancel point: nothing
     is written yet), ``finish()`` after the last."""
 
-    def __init__(self, events: EventSink, total: int, task: str, unit: str, should_stop: Any):
+    def __init__(self, events: EventSink, total: int, task: str, unit: str, should_stop: ShouldStop):
         self.events, self.total, self.task, self.unit, self.should_stop = events, total, task, unit, should_stop
         self.done = 0
 
@@ -41,7 +42,7 @@ class Stages:
 
 
 def run_logged(
-    cmd: list[str], env: dict[str, str], log: Path, should_stop: Any, what: str, cwd: Path | None = None
+    cmd: list[str], env: dict[str, str], log: Path, should_stop: ShouldStop, what: str, cwd: Path | None = None
 ) -> None:
     with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n# {what}\n")
@@ -64,7 +65,7 @@ def run_logged(
         )
 
 
-def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     """``merged/`` for the adapter the config merges; returns the merge's summary.
 
     Reused as it is when it is complete and was made from the same adapter weights with the same merge
@@ -131,7 +132,7 @@ def merged_reference(
     tokenizer: Any,
     template: Any,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     task: str = "causal",
 ) -> tuple[list[Any], set[int], Any]:
     """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model

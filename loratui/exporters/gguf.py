@@ -53,6 +53,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
+from loratui.pipeline.steps import ShouldStop
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # the converter writes these itself
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07}  # others: estimated from their name's bits
@@ -193,7 +194,13 @@ def converter_input(model_dir: Path, tokenizer: Any, base: Path | None, stage: P
 
 
 def convert(
-    merged: Path, out: Path, outtype: str, log: Path, pre: str | None, should_stop: Any, model_name: str | None = None
+    merged: Path,
+    out: Path,
+    outtype: str,
+    log: Path,
+    pre: str | None,
+    should_stop: ShouldStop,
+    model_name: str | None = None,
 ) -> None:
     """The converter in its own process; its output goes to ``log``."""
     run_converter(
@@ -214,7 +221,7 @@ def convert(
 
 
 def run_converter(
-    entry: str, args: list[str], log: Path, should_stop: Any, what: str, extra_env: dict[str, str] | None = None
+    entry: str, args: list[str], log: Path, should_stop: ShouldStop, what: str, extra_env: dict[str, str] | None = None
 ) -> None:
     """One of loratui's entries (``convert_entry.py``, ``convert_lora_entry.py``) in the converter's process."""
     env = {
@@ -228,7 +235,7 @@ def run_converter(
     run_logged([sys.executable, "-c", code, *args], env, log, should_stop, what=what, cwd=converter_dir())
 
 
-def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Any) -> str | None:
+def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: ShouldStop) -> str | None:
     """llama.cpp's quantizer in its own process; returns a one-line summary of per-tensor fallbacks."""
     code = (
         "import ctypes, sys, llama_cpp\n"
@@ -283,7 +290,7 @@ class Reference:
         tokenizer: Any,
         template: Any,
         events: EventSink,
-        should_stop: Any,
+        should_stop: ShouldStop,
         kinds: list[str],
     ) -> Reference:
         """``kinds``: the types to be judged (their arithmetic is simulated once here)."""
@@ -308,7 +315,7 @@ def verify(
     ref: Reference,
     tokenizer: Any,
     max_new_tokens: int,
-    should_stop: Any,
+    should_stop: ShouldStop,
     label: str,
     lora: Path | None = None,
 ) -> dict[str, Any]:
@@ -360,7 +367,7 @@ def verify_row(
     tokenizer: Any,
     cfg: RunConfig,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     lora: Path | None = None,
     judged_as: str | None = None,
 ) -> tuple[GgufRow, list[dict[str, Any]]]:
@@ -439,7 +446,7 @@ def bytes_per_weight(quant: str) -> float:
     return (int(bits.group(1)) + 1.5) / 8 if bits else 2.0  # scales and mins add about 1.5 bits
 
 
-def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     from loratui.pipeline.data.step import model_task
 
     started = time.monotonic()

@@ -43,6 +43,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
+from loratui.pipeline.steps import ShouldStop
 
 TITLE = "GGUF LoRA adapter (llama.cpp --lora)"
 
@@ -94,7 +95,7 @@ def stage_base(model_dir: Path, tokenizer: Any, stage: Path) -> None:
         list_added_tokens(stage, tokenizer)
 
 
-def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     from loratui.exporters import ollama
     from loratui.pipeline.data.step import load_model_inputs, model_task
     from loratui.pipeline.merge.step import refuse_quantized, resolve_source, tokenizer_for

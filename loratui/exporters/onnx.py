@@ -57,6 +57,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
+from loratui.pipeline.steps import ShouldStop
 
 # largest |logit difference| allowed for fp32: 1e-3, or 1e-4 of the largest |logit| of the merged model where
 # that is more. Float32 kernels that sum in another order differ in proportion to the activations: Gemma 3
@@ -159,7 +160,7 @@ def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None and i != tokenizer.unk_token_id))
 
 
-def build(merged: Path, out: Path, precision: str, log: Path, should_stop: Any, trust_remote_code: bool) -> None:
+def build(merged: Path, out: Path, precision: str, log: Path, should_stop: ShouldStop, trust_remote_code: bool) -> None:
     """One folder from the builder (in its own process), completed with the merged model's files."""
     cache = out.with_name(out.name + ".cache")
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # the merged folder is local: never reach for a hub
@@ -210,7 +211,7 @@ def timed_decode(model: Any, prompt: list[int], n: int = 64) -> float:
     return new / (time.perf_counter() - started)
 
 
-def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: Any) -> dict[str, Any]:
+def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: ShouldStop) -> dict[str, Any]:
     """Both models on the same batches: largest |logit difference| on real tokens, top-1 agreement on
     labelled ones, each side's perplexity, and the candidate's scoring rows/s."""
     import torch.nn.functional as F
@@ -249,7 +250,9 @@ def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: An
     }
 
 
-def replies(model: Any, examples: list[Any], tokenizer: Any, max_new_tokens: int, should_stop: Any) -> dict[str, Any]:
+def replies(
+    model: Any, examples: list[Any], tokenizer: Any, max_new_tokens: int, should_stop: ShouldStop
+) -> dict[str, Any]:
     from loratui.pipeline.evaluate import metrics as M
 
     prompted = [e for e in examples if e.prompt_ids and e.reference is not None]
@@ -279,7 +282,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from loratui.pipeline.data.step import load_model_inputs, model_task

@@ -13,9 +13,10 @@ from typing import Any
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir
+from loratui.pipeline.steps import ShouldStop
 
 
-def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     from loratui.exporters.common import ensure_merged
 
     return ensure_merged(cfg, run, events, should_stop)

@@ -17,11 +17,10 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir
+from loratui.pipeline.steps import ShouldStop, StepResult
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
-    from loratui.pipeline.steps import StepResult
-
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     formats = list(dict.fromkeys(cfg.export.formats))
     _check_family(cfg, run, formats, events)
     started = time.monotonic()

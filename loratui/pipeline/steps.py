@@ -58,7 +58,7 @@ ShouldStop = Callable[[], bool]
 
 
 class StepFn(Protocol):
-    def __call__(self, cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult: ...
+    def __call__(self, cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult: ...
 
 
 def _load(ref: str) -> Any:

@@ -44,6 +44,7 @@ from loratui.pipeline.data.problems import DEFAULT_POLICY, PROBLEMS, RowError, R
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_dir, atomic_write_text, write_config
+from loratui.pipeline.steps import ShouldStop, StepResult
 
 # Bump when the processed output changes for the same inputs, so caches are rebuilt.
 DATA_VERSION = 1
@@ -257,7 +258,7 @@ def encode_examples(
     template: Any,
     cfg: RunConfig,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     split: str,
     num_proc: int | None = None,
     task: Task = "causal",
@@ -655,7 +656,7 @@ def build(
     model_dir: Path,
     out_dir: Path,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     key: str,
     task: Task = "causal",
 ) -> dict[str, Any]:
@@ -869,7 +870,7 @@ def build_cached(
     files: dict[str, list[Path]],
     model: ModelInputs,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     failure_dir: Path | None = None,
     *,
     key: str | None = None,
@@ -913,11 +914,9 @@ def _installed_key(run: RunDir) -> str | None:
     return manifest.get("cache_key")
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, *, quiet: bool = False) -> Any:
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop, *, quiet: bool = False) -> StepResult:
     """The data step. ``quiet`` (for later steps, through :func:`prepare`): when the run's data folder
     already holds these very datasets, say so in one line instead of logging the data summary again."""
-    from loratui.pipeline.steps import StepResult
-
     started = time.monotonic()
     files = split_files(cfg)
     if not quiet:
@@ -979,7 +978,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any, *, qui
     return StepResult(summary=summary, artifacts=[str(run.data / "report.json"), str(run.data / "processed")])
 
 
-def prepare(cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def prepare(cfg: RunConfig, run_dir: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     """Run the data step for a later step (a cache hit when nothing changed); returns its manifest.
 
     Its events go out under the step name ``data``, through the caller's writers. When the run's data

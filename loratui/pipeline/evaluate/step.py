@@ -30,6 +30,7 @@ from loratui.pipeline.evaluate import metrics as M
 from loratui.pipeline.evaluate.runtimes import Example, StopRequested, artifact_kind
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_dir
+from loratui.pipeline.steps import ShouldStop, StepResult
 
 IGNORE = -100
 
@@ -253,7 +254,7 @@ def _retention_sets(
     inputs: Any,
     task: str,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     warn: Any,
 ) -> list[EvalSet]:
     """The earlier datasets to re-score, built (or found) in the data cache; never written into this run."""
@@ -322,7 +323,13 @@ class _Counter:
 
 
 def score(
-    model: Any, label: str, sets: list[EvalSet], cfg: RunConfig, tokenizer: Any, events: EventSink, should_stop: Any
+    model: Any,
+    label: str,
+    sets: list[EvalSet],
+    cfg: RunConfig,
+    tokenizer: Any,
+    events: EventSink,
+    should_stop: ShouldStop,
 ) -> dict[str, Scores]:
     """Every wanted metric of ``model`` on every set."""
     wanted = set(cfg.eval.metrics)
@@ -370,11 +377,10 @@ def score(
 # --------------------------------------------------------------------------------------------
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     from loratui.pipeline.data.step import load_model_inputs, prepare
     from loratui.pipeline.evaluate import report
     from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
-    from loratui.pipeline.steps import StepResult
     from loratui.pipeline.train.history import check_adapter_base
     from loratui.pipeline.train.quiet import quiet_bitsandbytes
     from loratui.pipeline.train.settings import resolve_device, resolve_precision

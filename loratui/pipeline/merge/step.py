@@ -26,6 +26,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_dir
+from loratui.pipeline.steps import ShouldStop, StepResult
 from loratui.pipeline.train.history import check_adapter_base
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -406,7 +407,7 @@ def _check_finite_weights(model: Any, dtype: str) -> None:
             )
 
 
-def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> dict[str, Any]:
+def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
     """Write ``run.merged``; returns the summary (also used by the safetensors exporter)."""
     from loratui.pipeline.data.step import model_task
     from loratui.pipeline.merge.card import model_card
@@ -541,8 +542,6 @@ def merge(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> d
     }
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
-    from loratui.pipeline.steps import StepResult
-
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     summary = merge(cfg, run, events, should_stop)
     return StepResult(summary=summary, artifacts=[summary["merged"]])

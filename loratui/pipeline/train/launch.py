@@ -13,13 +13,12 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any
 
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import FINAL_TYPES, EventSink, parse_event
 from loratui.pipeline.runs import RunDir
-from loratui.pipeline.steps import WORKER_ENV, StepResult
+from loratui.pipeline.steps import WORKER_ENV, ShouldStop, StepResult
 
 
 def launch_command(cfg: RunConfig, run: RunDir, cuda: bool) -> list[str]:
@@ -60,7 +59,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> StepResult:
+def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     import torch
 
     from loratui.pipeline.data.step import prepare

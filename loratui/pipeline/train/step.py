@@ -22,7 +22,7 @@ from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.models import model_class
 from loratui.pipeline.runs import RunDir, write_config
-from loratui.pipeline.steps import WORKER_ENV
+from loratui.pipeline.steps import WORKER_ENV, ShouldStop, StepResult
 from loratui.pipeline.train import history as hist
 from loratui.pipeline.train import settings
 from loratui.pipeline.train.quiet import quiet_bitsandbytes
@@ -352,7 +352,7 @@ def _parent_adapter(cfg: RunConfig, run: RunDir) -> tuple[Path, dict[str, Any]]:
     return hist.version_dir(run, current["version"]), current
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     quiet_bitsandbytes()
     if cfg.train.nproc > 1 and not os.environ.get(WORKER_ENV):
         from loratui.pipeline.train.launch import run_distributed
@@ -361,13 +361,11 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any
     return train(cfg, run, events, should_stop)
 
 
-def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: Any) -> Any:
+def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> Any:
     import warnings
 
     import torch
     from transformers import AutoTokenizer
-
-    from loratui.pipeline.steps import StepResult
 
     quiet_bitsandbytes()  # before peft imports bitsandbytes
     warnings.filterwarnings("ignore", message="mtime may not be reliable")
@@ -561,7 +559,7 @@ def _fit(
     cfg: RunConfig,
     run: RunDir,
     events: EventSink,
-    should_stop: Any,
+    should_stop: ShouldStop,
     model: Any,
     tokenizer: Any,
     train_ds: Any,
