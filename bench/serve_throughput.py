@@ -190,7 +190,7 @@ def main() -> None:
     bare: dict[int, float] = {}  # round -> bare llama-cpp-python tok/s
     for fmt in args.formats.split(","):
         if fmt == "gguf":
-            from loratui.serving.select import choose
+            from loratui.serving.selection import choose
 
             gguf = choose(run, "gguf", False).path  # the file the server picks, for the bare baseline
         proc, url, model = start(run, fmt)

@@ -314,7 +314,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from loratui.exporters.inspect import render, summary
+    from loratui.exporters.gguf_info import render, summary
 
     info = summary(args.file)
     print(json.dumps(info, indent=2) if args.json else render(info))
@@ -396,7 +396,7 @@ def _serve_target(args: argparse.Namespace) -> tuple[Any, Any, Any, str, str | N
 
     from loratui.pipeline.config import BACKEND_FORMAT, load_config
     from loratui.pipeline.runs import RunDir
-    from loratui.serving.select import nothing_to_serve, resolve_target
+    from loratui.serving.selection import nothing_to_serve, resolve_target
 
     given = Path(args.target).expanduser() if args.target else None
     config_file = args.config or (str(given / "config.yaml") if given and (given / "config.yaml").is_file() else None)
@@ -527,7 +527,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from loratui.serving.generate import Settings, generate_file
-    from loratui.serving.select import choose
+    from loratui.serving.selection import choose
     from loratui.serving.server import ServeOptions, build_backend
 
     target, cfg, base, fmt, _source = _serve_target(args)

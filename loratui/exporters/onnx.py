@@ -121,7 +121,7 @@ def carry_files(source: Path, dest: Path) -> None:
 def builder_command(merged: Path, out: Path, precision: str, cache: Path) -> list[str]:
     """onnxruntime-genai's model builder, for the CPU execution provider (through onnx_entry.py, which
     adapts two transformers-5 configs to it)."""
-    # run as -c: as a script, its folder would be first on sys.path, and exporters/inspect.py would shadow the stdlib's
+    # run as -c: as a script, its folder would be first on sys.path, and exporters/gguf_info.py would shadow the stdlib's
     cmd = [
         sys.executable,
         "-c",

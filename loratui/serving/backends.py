@@ -196,7 +196,7 @@ class LlamaCppBackend:
 
         self.model_id = model_id
         self.models: dict[str, str | None] = {model_id: None}
-        from loratui.exporters.inspect import summary
+        from loratui.exporters.gguf_info import summary
 
         trained = summary(path)["context_length"]  # the gguf reader: metadata only, no llama.cpp log
         self.context_length = min(context_length, int(trained)) if trained else context_length

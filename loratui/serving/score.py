@@ -71,7 +71,7 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
 
     kind = model_kind(path)
     if kind == "gguf":
-        from loratui.exporters.inspect import summary
+        from loratui.exporters.gguf_info import summary
 
         n_ctx = min(int(summary(path)["context_length"] or 4096), 4096)
         llama = LlamaCppModel(path, name=path.name, stop_ids=set(), n_ctx=n_ctx, threads=threads)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.serving.app import Limits, ServerState, create_app
-from loratui.serving.select import Choice, choose
+from loratui.serving.selection import Choice, choose
 
 if TYPE_CHECKING:
     from loratui.serving.jobs import JobManager, JobSettings
@@ -42,7 +42,7 @@ class ServeOptions:
     adapters: dict[str, Path] | None = None  # several adapters on the base, each its own model id (PyTorch)
     jobs: JobSettings | None = None  # the fine-tuning API (served_bases is filled in here)
     max_loaded_models: int = 2  # fine-tuned models kept loaded
-    source: str | None = None  # the built-in name or hub id the target was resolved from (select.resolve_target)
+    source: str | None = None  # the built-in name or hub id the target was resolved from (selection.resolve_target)
 
 
 def served_base(opts: ServeOptions, choice: Choice) -> str | None:

@@ -73,7 +73,7 @@ def test_the_adapter_on_the_base_gives_the_merged_models_tokens(exported):
 
 
 def test_the_adapter_gguf_is_a_llama_cpp_lora(exported):
-    from loratui.exporters.inspect import summary
+    from loratui.exporters.gguf_info import summary
 
     cfg, result = exported
     out = RunDir.for_config(cfg).exports / "gguf"

@@ -274,7 +274,7 @@ def test_family_through_every_step(family: str, tmp_path: Path, tiny_model_facto
         _serve_one_chat(run.path, family)
     else:
         from loratui.pipeline.errors import LoratuiError
-        from loratui.serving.select import choose
+        from loratui.serving.selection import choose
 
         with pytest.raises(LoratuiError) as e:
             choose(run.path, "auto", cuda=False)
@@ -287,7 +287,7 @@ def _same_template_everywhere(run: RunDir, spec: Spec, allowed: list[str]) -> No
     from transformers import AutoTokenizer
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    from loratui.exporters.inspect import summary
+    from loratui.exporters.gguf_info import summary
 
     chat = [m for m in CHATS[0] if spec.system or m["role"] != "system"][:-1]
     merged = AutoTokenizer.from_pretrained(str(run.merged))
@@ -308,7 +308,7 @@ def _same_template_everywhere(run: RunDir, spec: Spec, allowed: list[str]) -> No
 
 def _serve_one_chat(run_dir: Path, family: str) -> None:
     from loratui.serving.app import Limits, ServerState, create_app
-    from loratui.serving.select import choose
+    from loratui.serving.selection import choose
     from loratui.serving.server import ServeOptions, loader_for
     from tests.serving.test_app import Server
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from loratui.serving.app import Limits, ServerState, create_app
-from loratui.serving.select import Choice
+from loratui.serving.selection import Choice
 from loratui.serving.server import ServeOptions, loader_for
 
 CHAT = [{"role": "user", "content": "Where is the library?"}]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from loratui.serving.app import Limits, ServerState, create_app
-from loratui.serving.select import Choice
+from loratui.serving.selection import Choice
 from loratui.serving.server import ServeOptions, loader_for
 from tests.serving.test_app import CHAT, Server, artifacts  # noqa: F401  (artifacts: a fixture)
 

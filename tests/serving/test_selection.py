@@ -16,7 +16,7 @@ import pytest
 from loratui import cli
 from loratui.pipeline import models
 from loratui.pipeline.errors import LoratuiError, ModelNotFound
-from loratui.serving.select import choose, resolve_target
+from loratui.serving.selection import choose, resolve_target
 
 BUILTIN = models.DEFAULT_MODEL
 
