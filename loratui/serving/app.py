@@ -150,7 +150,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -170,7 +170,7 @@ class _Common(BaseModel):
         return stops
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
 
 
@@ -181,7 +181,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatRequest(_Common):
+class ChatRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -348,7 +348,7 @@ def create_app(
             code="model_not_found",
         )
 
-    def _request(body: _Common, backend: Backend, prompt_ids: list[int], max_tokens: int | None) -> GenRequest:
+    def _request(body: _SamplingRequest, backend: Backend, prompt_ids: list[int], max_tokens: int | None) -> GenRequest:
         wanted = (
             max_tokens if max_tokens is not None else min(limits.max_tokens, backend.context_length - len(prompt_ids))
         )
@@ -391,7 +391,12 @@ def create_app(
             state.in_flight -= 1
 
     async def _respond(
-        body: _Common, backend: Backend, req: GenRequest, kind: str, request: Request, release: Callable[[], None]
+        body: _SamplingRequest,
+        backend: Backend,
+        req: GenRequest,
+        kind: str,
+        request: Request,
+        release: Callable[[], None],
     ) -> Any:
         """Generate for ``req``; ``release`` (the backend is no longer needed) is called once generation ended."""
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

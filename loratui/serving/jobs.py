@@ -125,12 +125,12 @@ def validate_training_file(path: Path, filename: str, template: dict[str, Any]) 
     first rows, by row number and field, as ``data/report.json`` would list them.
     """
     from loratui.pipeline.config import RunConfig
-    from loratui.pipeline.data.step import Collected, read_examples
+    from loratui.pipeline.data.step import BuildFindings, read_examples
 
     data = copy.deepcopy(template)
     data.setdefault("data", {})["on_problem"] = {}  # every problem is collected, none fails early
     cfg = RunConfig.model_validate(data)
-    out = Collected()
+    out = BuildFindings()
     try:
         examples = read_examples(cfg, [path], out, "train")
     except LoratuiError as e:
@@ -340,7 +340,7 @@ class JobManager:
     """Files, jobs and the workers that run them; every public method is safe from any thread."""
 
     def __init__(self, settings: JobSettings, log: Callable[[str], None] = print):
-        self.s = settings
+        self.settings = settings
         self.log = log
         self.files = FileStore(settings.root)
         self.jobs_root = settings.root / "jobs"
@@ -391,8 +391,8 @@ class JobManager:
 
     def _base_of(self, model: str) -> tuple[str, str]:
         """(model.base for the job's config, the base's name in ``ft:<base>:...``) of a request's ``model``."""
-        if model in self.s.served_bases:
-            return self.s.served_bases[model], model
+        if model in self.settings.served_bases:
+            return self.settings.served_bases[model], model
         if model.startswith("ft:"):  # a fine-tuned model: train on top of its merged weights
             for job in self._records():
                 if job.get("fine_tuned_model") == model and job["status"] == "succeeded":
@@ -403,12 +403,12 @@ class JobManager:
             raise ApiError(404, f"model: no succeeded job made {model!r}", param="model", code="model_not_found")
         from loratui.pipeline.models import BUILTINS
 
-        own = self.s.template.get("model", {}).get("base")
+        own = self.settings.template.get("model", {}).get("base")
         if model in BUILTINS or (_HUB_ID.match(model) and not Path(model).exists()):
             return model, model
         if model == own:  # the job template's own base (which may be a path on the server)
             return model, Path(model).name if Path(model).exists() else model
-        offered = [*self.s.served_bases, *(b for b in BUILTINS)]
+        offered = [*self.settings.served_bases, *(b for b in BUILTINS)]
         raise ApiError(
             400,
             f"model: {model!r} is not a model this server fine-tunes: name a model it serves or "
@@ -508,8 +508,8 @@ class JobManager:
 
         short = secrets.token_hex(6)
         job_id = f"ftjob-{short}"
-        data = copy.deepcopy(self.s.template)
-        data.update(name=f"ft-{short}", runs_dir=str(self.s.runs_dir))
+        data = copy.deepcopy(self.settings.template)
+        data.update(name=f"ft-{short}", runs_dir=str(self.settings.runs_dir))
         data["serve"] = {**data.get("serve", {}), "api_key": None}
         data.setdefault("model", {})["base"] = base
         data.setdefault("data", {}).update(
@@ -534,7 +534,10 @@ class JobManager:
                     raise ApiError(400, f"loratui.{key}: {part} is a setting, not a section", param=f"loratui.{key}")
                 node = child
             node[last] = value
-        if base != self.s.template.get("model", {}).get("base") and base not in self.s.served_bases.values():
+        if (
+            base != self.settings.template.get("model", {}).get("base")
+            and base not in self.settings.served_bases.values()
+        ):
             data["model"]["trust_remote_code"] = False  # only the operator's own models may run their code
         try:
             cfg = RunConfig.model_validate(data)
@@ -628,7 +631,7 @@ class JobManager:
     def start(self) -> None:
         """Recover what a previous server left, then start the workers."""
         self.recover()
-        for slot in range(max(1, self.s.slots)):
+        for slot in range(max(1, self.settings.slots)):
             t = threading.Thread(target=self._work, args=(slot,), name=f"fine-tuning-{slot}", daemon=True)
             t.start()
             self.workers.append(t)
@@ -639,7 +642,7 @@ class JobManager:
                 pid = job.get("pid")
                 if pid and _is_our_process(pid, self._dir(job["id"]) / "config.yaml"):
                     self.log(f"fine-tuning: stopping {job['id']}'s process {pid}, left from the last server")
-                    _stop_pid(pid, self.s.grace_s)
+                    _stop_pid(pid, self.settings.grace_s)
                 if job["status"] == "validating_files":  # it never ran: check its files again
                     self._event(job["id"], "The server restarted: validating the files again")
                     self._start_validation(job["id"])
@@ -691,9 +694,9 @@ class JobManager:
         folder = self._dir(job["id"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORATUI_JOB_ID": job["id"]}
         env.pop("LORATUI_API_KEY", None)
-        if self.s.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.s.gpus[slot % len(self.s.gpus)]
-        command = [sys.executable, "-c", _CHILD_SHIM, *self.s.command, "run", str(folder / "config.yaml")]
+        if self.settings.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.settings.gpus[slot % len(self.settings.gpus)]
+        command = [sys.executable, "-c", _CHILD_SHIM, *self.settings.command, "run", str(folder / "config.yaml")]
         try:
             with open(folder / "output.log", "ab") as out:
                 proc = subprocess.Popen(
@@ -821,7 +824,7 @@ class JobManager:
             )
         if proc is not None:
             _signal_group(proc.pid, signal.SIGTERM)
-            threading.Thread(target=_kill_after, args=(proc, self.s.grace_s), daemon=True).start()
+            threading.Thread(target=_kill_after, args=(proc, self.settings.grace_s), daemon=True).start()
         return self.get(job_id)
 
     def resume(self, job_id: str) -> dict[str, Any]:
@@ -875,7 +878,7 @@ class JobManager:
             procs = dict(self.procs)
         for proc in procs.values():
             _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + (self.s.grace_s if wait_s is None else wait_s)
+        deadline = time.monotonic() + (self.settings.grace_s if wait_s is None else wait_s)
         for proc in procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -916,7 +919,7 @@ class JobManager:
             asked["n_epochs"] = int(epochs) if float(epochs).is_integer() else epochs
         if isinstance(version.get("effective_batch"), int):
             asked["batch_size"] = version["effective_batch"]  # examples per optimizer step, as OpenAI counts
-        template_lr = float(self.s.template.get("train", {}).get("lr", 2e-4))
+        template_lr = float(self.settings.template.get("train", {}).get("lr", 2e-4))
         if isinstance(version.get("lr"), (int, float)) and template_lr:
             asked["learning_rate_multiplier"] = round(version["lr"] / template_lr, 6)
         return asked

@@ -163,6 +163,6 @@ def _store(jobs: JobManager, upload: UploadFile, purpose: str) -> dict[str, Any]
         with open(fd, "wb") as out:
             upload.file.seek(0)
             shutil.copyfileobj(upload.file, out, 1 << 20)
-        return jobs.files.add(Path(tmp), upload.filename or "upload", purpose, jobs.s.template)
+        return jobs.files.add(Path(tmp), upload.filename or "upload", purpose, jobs.settings.template)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -56,7 +56,7 @@ Task = Literal["causal", "seq2seq"]
 
 
 @dataclass
-class Collected:
+class BuildFindings:
     """Everything the build learns, for the report."""
 
     files: list[dict[str, Any]] = field(default_factory=list)
@@ -67,7 +67,7 @@ class Collected:
 class NoTrainingData(LoratuiError):
     """Nothing is left to train on; carries what was found so the report can still be written."""
 
-    def __init__(self, out: Collected, why: str):
+    def __init__(self, out: BuildFindings, why: str):
         counts = Counter(p.kind for p in out.problems)
         found = ", ".join(f"{kind} {n}" for kind, n in counts.most_common()) or "no rows"
         first = sorted(out.problems, key=lambda p: (p.file, p.row or 0))[:3]
@@ -106,7 +106,7 @@ def _policy(cfg: RunConfig, kind: str) -> str:
     return cfg.data.on_problem.get(kind, DEFAULT_POLICY[kind])  # type: ignore[call-overload]  # kind: a ProblemKind
 
 
-def _note(cfg: RunConfig, out: Collected, problem: RowProblem) -> None:
+def _note(cfg: RunConfig, out: BuildFindings, problem: RowProblem) -> None:
     if _policy(cfg, problem.kind) == "fail":
         raise LoratuiError(
             f"{problem} ({problem.kind})",
@@ -116,7 +116,7 @@ def _note(cfg: RunConfig, out: Collected, problem: RowProblem) -> None:
 
 
 def read_examples(
-    cfg: RunConfig, files: list[Path], out: Collected, split: str, task: Task = "causal"
+    cfg: RunConfig, files: list[Path], out: BuildFindings, split: str, task: Task = "causal"
 ) -> list[Example]:
     """Load, detect and validate; bad rows become problems (or stop the step under 'fail').
 
@@ -175,7 +175,9 @@ def _reject_text_for_seq2seq(name: str, kind: str, reason: str) -> None:
     )
 
 
-def _dedupe(cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: Collected, kind: str) -> list[Example]:
+def _dedupe(
+    cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: BuildFindings, kind: str
+) -> list[Example]:
     kept = []
     for ex in examples:
         k = ex.key()
@@ -188,7 +190,7 @@ def _dedupe(cfg: RunConfig, examples: list[Example], seen: dict[str, str], out: 
     return kept
 
 
-def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: Collected) -> dict[str, list[Example]]:
+def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: BuildFindings) -> dict[str, list[Example]]:
     """Deterministic ratio split (unless files per split were given), deduplicated within and across."""
     d = cfg.data
     pool = by_split["train"]
@@ -338,7 +340,7 @@ def resolve_max_length(cfg: RunConfig, lengths: list[int], context: int) -> int:
     return min(context, -(-longest // 64) * 64)
 
 
-def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: Collected, task: Task = "causal") -> Any:
+def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: BuildFindings, task: Task = "causal") -> Any:
     """Truncate or drop over-long rows (and rows with nothing left to train) per data.on_problem.
 
     For seq2seq, ``max_length`` bounds the source (input_ids) and the target (labels) each.
@@ -514,7 +516,7 @@ def _render_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _problem_lists(out: Collected) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _problem_lists(out: BuildFindings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
     return (
         [p.to_dict() for p in ordered if p.action != "truncated"],
@@ -522,12 +524,12 @@ def _problem_lists(out: Collected) -> tuple[list[dict[str, Any]], list[dict[str,
     )
 
 
-def _problem_counts(out: Collected) -> dict[str, int]:
+def _problem_counts(out: BuildFindings) -> dict[str, int]:
     counts = Counter(p.kind for p in out.problems)
     return {kind: counts[kind] for kind in PROBLEMS if counts[kind]}
 
 
-def _write_failure_report(target: Path, out: Collected, cfg: RunConfig) -> None:
+def _write_failure_report(target: Path, out: BuildFindings, cfg: RunConfig) -> None:
     dropped, truncated = _problem_lists(out)
     report = {
         "files": out.files,
@@ -661,7 +663,7 @@ def build(
     task: Task = "causal",
 ) -> dict[str, Any]:
     seq2seq = task == "seq2seq"
-    out = Collected()
+    out = BuildFindings()
     by_split: dict[str, list[Example]] = {}
     for split in SPLITS:
         by_split[split] = read_examples(cfg, files[split], out, split, task)

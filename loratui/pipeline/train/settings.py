@@ -22,7 +22,7 @@ TARGET_EXAMPLES_SEEN = 1000  # auto epochs: about this many example presentation
 
 
 @dataclass
-class Choice:
+class Resolution:
     value: Any
     reason: str
 
@@ -31,10 +31,10 @@ class Choice:
 class Resolved:
     """The settings a training run uses, and why (for the log and the report)."""
 
-    choices: dict[str, Choice] = field(default_factory=dict)
+    choices: dict[str, Resolution] = field(default_factory=dict)
 
     def set(self, key: str, value: Any, reason: str) -> Any:
-        self.choices[key] = Choice(value, reason)
+        self.choices[key] = Resolution(value, reason)
         return value
 
     def __getitem__(self, key: str) -> Any:
@@ -58,7 +58,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_device(cfg: RunConfig, cuda: bool) -> Choice:
+def resolve_device(cfg: RunConfig, cuda: bool) -> Resolution:
     want = cfg.train.device
     if want == "cuda" and not cuda:
         from loratui.pipeline.errors import LoratuiError
@@ -68,23 +68,25 @@ def resolve_device(cfg: RunConfig, cuda: bool) -> Choice:
             hint="Set train.device=cpu (or auto), or run the CUDA image with --gpus all.",
         )
     if want == "cpu" or (want == "auto" and not cuda):
-        return Choice("cpu", "no CUDA GPU" if want == "auto" else "train.device")
-    return Choice("cuda", "CUDA GPU found" if want == "auto" else "train.device")
+        return Resolution("cpu", "no CUDA GPU" if want == "auto" else "train.device")
+    return Resolution("cuda", "CUDA GPU found" if want == "auto" else "train.device")
 
 
-def resolve_precision(cfg: RunConfig, device: str, cuda_bf16: bool = False) -> Choice:
+def resolve_precision(cfg: RunConfig, device: str, cuda_bf16: bool = False) -> Resolution:
     want = cfg.train.precision
     if want != "auto":
-        return Choice(want, "train.precision")
+        return Resolution(want, "train.precision")
     if device == "cuda":
-        return Choice("bf16", "GPU supports bf16") if cuda_bf16 else Choice("fp16", "GPU lacks bf16")
+        return Resolution("bf16", "GPU supports bf16") if cuda_bf16 else Resolution("fp16", "GPU lacks bf16")
     # On CPU, auto is fp32 even with native bf16: on an AVX512-BF16 EPYC the quickstart trained 17% faster
     # in bf16 (397 against 340 tokens/s) but answered 22 of 29 held-out questions against fp32's 24, and
     # evaluating in bf16 cost one more. fp32 also gives the same run on AVX2 and AVX-512 machines.
     # train.precision=bf16 still trains in bf16 where the CPU has it.
     if cpu_has_native_bf16():
-        return Choice("fp32", "CPU: fp32 (bf16 is native here, but cost quality; set train.precision=bf16 for speed)")
-    return Choice("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
+        return Resolution(
+            "fp32", "CPU: fp32 (bf16 is native here, but cost quality; set train.precision=bf16 for speed)"
+        )
+    return Resolution("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
 
 
 def resolve_auto(

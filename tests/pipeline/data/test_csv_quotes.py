@@ -15,7 +15,7 @@ import pytest
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.loaders import load_file
 from loratui.pipeline.data.problems import RowError
-from loratui.pipeline.data.step import Collected, read_examples
+from loratui.pipeline.data.step import BuildFindings, read_examples
 from loratui.pipeline.errors import LoratuiError
 
 HEADER = b"instruction,input,output\n"
@@ -120,7 +120,7 @@ def test_header_with_an_unbalanced_quote_is_an_error(tmp_path: Path) -> None:
 def test_the_merged_row_is_never_trained(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     path.write_bytes(BROKEN)
-    out = Collected()
+    out = BuildFindings()
     examples = read_examples(RunConfig(), [path], out, "train")
     assert [(p.row, p.kind) for p in out.problems] == [(3, "not_an_object")]
     assert [ex.row for ex in examples] == [2, 4]
@@ -133,7 +133,7 @@ def test_fail_policy_stops_on_the_unbalanced_quote(tmp_path: Path) -> None:
     cfg = RunConfig()
     cfg.data.on_problem = {"not_an_object": "fail"}
     with pytest.raises(LoratuiError, match="row 3: unbalanced quote"):
-        read_examples(cfg, [path], Collected(), "train")
+        read_examples(cfg, [path], BuildFindings(), "train")
 
 
 def test_a_stray_quote_before_a_long_file_loses_one_line_not_the_file(tmp_path: Path) -> None:
