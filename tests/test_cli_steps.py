@@ -160,3 +160,24 @@ def test_sigint_is_acknowledged_on_stderr_and_sigterm_is_not(capfd):
         captured = capfd.readouterr()
         assert stop() and stop.signal == signum
         assert captured.out == "" and (said in captured.err if said else captured.err == "")
+
+
+def test_the_flag_is_up_before_ctrl_c_is_acknowledged(monkeypatch):
+    """A user who presses Ctrl-C again as soon as the acknowledgement shows must abort. Were the flag set
+    after the message, a second SIGINT landing between the two would be taken for a first one and
+    ignored (seen on a loaded machine: the step then ran to its end)."""
+    from loratui.pipeline import steps
+
+    stop = steps.StopFlag()
+    up_when_acknowledged = []
+    monkeypatch.setattr(steps, "_acknowledge", lambda: up_when_acknowledged.append(stop()))
+    restore = stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        restore()
+    assert up_when_acknowledged == [True]

@@ -113,9 +113,10 @@ class StopFlag:
         def handler(signum: int, _frame: Any) -> None:
             if signum == signal.SIGINT and self():
                 raise KeyboardInterrupt
+            # the flag first: a second Ctrl-C that comes as soon as the acknowledgement shows must abort
+            self.set(signum)
             if signum == signal.SIGINT and not os.environ.get(WORKER_ENV):
                 _acknowledge()
-            self.set(signum)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 

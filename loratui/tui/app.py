@@ -157,6 +157,10 @@ class LoratuiApp(App[None]):
         """The screen of the step views: lookups go there even while a dialog is on top."""
         return self.screen_stack[0]
 
+    def _views_gone(self) -> bool:
+        """Shutting down: the screens or their widgets are already gone when a timer fires once more."""
+        return not self.screen_stack or not self.main.query("#job-log")
+
     def on_mount(self) -> None:
         self.show_state()
         self.set_interval(0.2, self.refresh_job)
@@ -524,7 +528,7 @@ class LoratuiApp(App[None]):
 
     def refresh_job(self) -> None:
         """Render the job's new events (called on a timer: the job's threads never touch widgets)."""
-        if not self.main.query("#job-log"):  # shutting down: the widgets are gone
+        if self._views_gone():
             return
         self._refresh_server()
         job = self.job
@@ -585,7 +589,7 @@ class LoratuiApp(App[None]):
 
     def poll_run(self) -> None:
         """Without a job of our own, follow a step running in another process through events.jsonl."""
-        if (self.job is not None and self.job.running) or not self.main.query("#job-log"):
+        if (self.job is not None and self.job.running) or self._views_gone():
             return
         running = [s for s, st in self.state.steps.items() if st == "running"]
         if not running:
