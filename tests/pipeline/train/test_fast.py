@@ -9,17 +9,15 @@ import torch
 
 from loratui.pipeline.train.fast import (
     IGNORE,
-    HeadTransform,
     PaddingFreeCollator,
     carries_state,
-    frozen_head,
-    linear_cross_entropy,
     packed_loss,
     padding_free_possible,
     register_attention,
     shared_prefix,
     supports_padding_free,
 )
+from loratui.pipeline.train.head_loss import HeadTransform, frozen_head, linear_cross_entropy
 
 
 def _examples(prefix: list[int], n: int = 4, extra: int = 0) -> list[dict]:
@@ -401,7 +399,7 @@ def test_a_trained_head_is_not_computed_in_blocks(tiny_llama):
 
 def test_head_blocks_are_cache_sized():
     """About 4 MiB of head weights per block: more rows for a narrow or a bf16 head, never thin slices."""
-    from loratui.pipeline.train.fast import head_block_rows
+    from loratui.pipeline.train.head_loss import head_block_rows
 
     assert head_block_rows(torch.empty(262_144, 640)) == 1638  # Gemma 3 270M, fp32
     assert head_block_rows(torch.empty(262_144, 640, dtype=torch.bfloat16)) == 3276

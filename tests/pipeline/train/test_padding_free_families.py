@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratui.pipeline.train import fast
+from loratui.pipeline.train import head_loss
 from loratui.pipeline.train.fast import (
     IGNORE,
     PaddingFreeCollator,
@@ -130,7 +130,9 @@ def compare(path, family: str, prefix_len: int) -> tuple[float, float]:
 def test_padding_free_equals_eager_padded(tiny_model_factory, family, prefix_len, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    monkeypatch.setattr(fast, "head_block_rows", lambda weight: 97)  # several vocabulary blocks, the last one shorter
+    monkeypatch.setattr(
+        head_loss, "head_block_rows", lambda weight: 97
+    )  # several vocabulary blocks, the last one shorter
 
     path = tiny_model_factory(family=family, tokenizer="bpe")
     config = AutoConfig.from_pretrained(str(path))
