@@ -34,7 +34,9 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,8 @@ PIPELINE_ROWS = 250  # rendered examples per tokenizer call inside a batch
 Spans = list[tuple[int, int]]
 # One example of a row: its text, the character spans to train, and how many of the row's messages it holds.
 Rendered = tuple[str, Spans, int]
+# A chat row (messages, "file, row N" for errors) -> its examples: render_examples, or a ShapeRenderer.
+Render = Callable[[list[dict[str, str]], str], list[Rendered]]
 
 # What a generation prompt may add after the start of the reply the template renders: a think block
 # opened for the model to reason in, or an empty reasoning block closed (the thinking mode is off:
@@ -307,6 +311,114 @@ def _where(source: str) -> str:
     return f"{file}, row {row}"
 
 
+@dataclass
+class _Examples:
+    """The rendered examples of a batch, column by column."""
+
+    texts: list[str] = field(default_factory=list)
+    spans: list[Spans] = field(default_factory=list)
+    origin: list[int] = field(default_factory=list)  # example -> its row in the batch
+    messages: list[str] = field(default_factory=list)  # example -> its messages column
+    chunk: list[int] = field(default_factory=list)  # example -> chunk (for chats split per turn: turns after it)
+
+    def add_row(self, row: int, messages_json: str, text: str, source: str, render: Render, eos: str) -> None:
+        """The examples of one batch row: a chat through ``render``, a text with EOS appended, all trained."""
+        if not messages_json:
+            self.texts.append(text + eos)
+            self.spans.append([(0, len(self.texts[-1]))])
+            self.messages.append(messages_json)
+            self.chunk.append(0)
+            self.origin.append(row)
+            return
+        messages = json.loads(messages_json)
+        examples = render(messages, _where(source))
+        for j, (full, sp, held) in enumerate(examples):
+            self.texts.append(full)
+            self.spans.append(sp)
+            self.messages.append(
+                messages_json if held == len(messages) else json.dumps(messages[:held], ensure_ascii=False)
+            )
+            self.chunk.append(len(examples) - 1 - j)
+            self.origin.append(row)
+
+
+def _renderer(template: ChatTemplate, eos: str, train_on_prompt: bool) -> Render:
+    if content_is_opaque(template.source):
+        return ShapeRenderer(template, eos, train_on_prompt)
+
+    def render(messages: list[dict[str, str]], where: str) -> list[Rendered]:
+        return render_examples(messages, template, eos, train_on_prompt, where)
+
+    return render
+
+
+def _render_and_tokenize(
+    batch: dict[str, list[Any]], backend: Any, render: Render, eos: str
+) -> tuple[_Examples, Any, Any, Any]:
+    """The batch's examples with their token counts, flat ids and flat start offsets.
+
+    Renders chunk i+1 while the Rust tokenizer (which releases the GIL) encodes chunk i.
+    """
+    examples = _Examples()
+    pending = []
+    submitted = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for i, (messages_json, text) in enumerate(zip(batch["messages"], batch["text"])):
+            examples.add_row(i, messages_json, text, batch["source"][i], render, eos)
+            while len(examples.texts) - submitted >= PIPELINE_ROWS:
+                pending.append(pool.submit(_tokenize, backend, examples.texts[submitted : submitted + PIPELINE_ROWS]))
+                submitted += PIPELINE_ROWS
+        if len(examples.texts) > submitted:
+            pending.append(pool.submit(_tokenize, backend, examples.texts[submitted:]))
+        chunks = [future.result() for future in pending]
+    empty = np.zeros(0, dtype=np.int64)
+    lengths, ids, starts = (np.concatenate([c[k] for c in chunks]) if chunks else empty for k in range(3))
+    return examples, lengths, ids, starts
+
+
+def _trained(starts: Any, lengths: Any, spans: list[Spans]) -> Any:
+    """Per token: whether it starts inside one of its example's spans."""
+    n = len(spans)
+    row = np.repeat(np.arange(n), lengths)
+    trained = np.zeros(len(starts), dtype=bool)
+    for j in range(max((len(sp) for sp in spans), default=0)):  # one pass per assistant turn
+        a = np.fromiter((sp[j][0] if j < len(sp) else 0 for sp in spans), dtype=np.int64, count=n)
+        b = np.fromiter((sp[j][1] if j < len(sp) else 0 for sp in spans), dtype=np.int64, count=n)
+        trained |= (starts >= a[row]) & (starts < b[row])
+    return trained
+
+
+def _windows(
+    examples: _Examples, bounds: Any, documents: list[bool], chunk_tokens: int, chunk_overlap: int
+) -> list[tuple[int, int, int, int]]:
+    """(example, start, end, chunk) in flat token coordinates: one per example, several per long document."""
+    windows: list[tuple[int, int, int, int]] = []
+    for i in range(len(examples.texts)):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        if documents[examples.origin[i]] and hi - lo > chunk_tokens:
+            step = max(1, chunk_tokens - chunk_overlap)
+            for w, s in enumerate(range(lo, hi - chunk_overlap, step)):
+                windows.append((i, s, min(s + chunk_tokens, hi), w))
+        else:
+            windows.append((i, lo, hi, examples.chunk[i]))
+    return windows
+
+
+def _cut_windows(
+    ids: Any, labels: Any, windows: list[tuple[int, int, int, int]], chunk_overlap: int
+) -> tuple[Any, Any, Any]:
+    """Flat ids, labels and row bounds of the windows; a later window's overlap is context, trained before."""
+    pieces_ids, pieces_labels = [], []
+    for _, lo, hi, w in windows:
+        pieces_ids.append(ids[lo:hi])
+        window_labels = labels[lo:hi].copy()
+        if w > 0:
+            window_labels[: min(chunk_overlap, hi - lo)] = IGNORE  # context: trained in the window before
+        pieces_labels.append(window_labels)
+    bounds = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi, _ in windows])])
+    return np.concatenate(pieces_ids), np.concatenate(pieces_labels), bounds
+
+
 def encode_batch(
     batch: dict[str, list[Any]],
     backend: Any,
@@ -326,90 +438,22 @@ def encode_batch(
     """
     import pyarrow as pa
 
-    texts: list[str] = []
-    spans: list[Spans] = []
-    origin: list[int] = []  # example -> its row in the batch
-    messages_out: list[str] = []  # example -> its messages column
-    turn_chunk: list[int] = []  # example -> chunk (for chats split per turn: turns after it)
-    render: Any
-    if content_is_opaque(template.source):
-        render = ShapeRenderer(template, eos, train_on_prompt)
-    else:
-
-        def render(messages: list[dict[str, str]], where: str) -> list[Rendered]:
-            return render_examples(messages, template, eos, train_on_prompt, where)
-
-    # Render chunk i+1 while the Rust tokenizer (which releases the GIL) encodes chunk i.
-    pending = []
-    submitted = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for i, (messages_json, text) in enumerate(zip(batch["messages"], batch["text"])):
-            if messages_json:
-                messages = json.loads(messages_json)
-                examples = render(messages, _where(batch["source"][i]))
-                for j, (full, sp, held) in enumerate(examples):
-                    texts.append(full)
-                    spans.append(sp)
-                    messages_out.append(
-                        messages_json if held == len(messages) else json.dumps(messages[:held], ensure_ascii=False)
-                    )
-                    turn_chunk.append(len(examples) - 1 - j)
-                    origin.append(i)
-            else:
-                texts.append(text + eos)
-                spans.append([(0, len(texts[-1]))])
-                messages_out.append(messages_json)
-                turn_chunk.append(0)
-                origin.append(i)
-            while len(texts) - submitted >= PIPELINE_ROWS:
-                pending.append(pool.submit(_tokenize, backend, texts[submitted : submitted + PIPELINE_ROWS]))
-                submitted += PIPELINE_ROWS
-        if len(texts) > submitted:
-            pending.append(pool.submit(_tokenize, backend, texts[submitted:]))
-        chunks = [future.result() for future in pending]
-    n = len(texts)
-    lengths = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
-    ids = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
-    starts = np.concatenate([c[2] for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
-    total = len(ids)
-    row = np.repeat(np.arange(n), lengths)
-    trained = np.zeros(total, dtype=bool)
-    for j in range(max((len(sp) for sp in spans), default=0)):  # one pass per assistant turn
-        a = np.fromiter((sp[j][0] if j < len(sp) else 0 for sp in spans), dtype=np.int64, count=n)
-        b = np.fromiter((sp[j][1] if j < len(sp) else 0 for sp in spans), dtype=np.int64, count=n)
-        trained |= (starts >= a[row]) & (starts < b[row])
-    labels = np.where(trained, ids, IGNORE)
+    render = _renderer(template, eos, train_on_prompt)
+    examples, lengths, ids, starts = _render_and_tokenize(batch, backend, render, eos)
+    labels = np.where(_trained(starts, lengths, examples.spans), ids, IGNORE)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-
-    # windows: (example, start, end, chunk) in flat coordinates; one per example except long documents
-    windows: list[tuple[int, int, int, int]] = []
-    for i in range(n):
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
-        if batch["document"][origin[i]] and hi - lo > chunk_tokens:
-            step = max(1, chunk_tokens - chunk_overlap)
-            for w, s in enumerate(range(lo, hi - chunk_overlap, step)):
-                windows.append((i, s, min(s + chunk_tokens, hi), w))
-        else:
-            windows.append((i, lo, hi, turn_chunk[i]))
-    if len(windows) != n:
-        pieces_ids, pieces_labels = [], []
-        for _, lo, hi, w in windows:
-            pieces_ids.append(ids[lo:hi])
-            window_labels = labels[lo:hi].copy()
-            if w > 0:
-                window_labels[: min(chunk_overlap, hi - lo)] = IGNORE  # context: trained in the window before
-            pieces_labels.append(window_labels)
-        ids, labels = np.concatenate(pieces_ids), np.concatenate(pieces_labels)
-        bounds = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi, _ in windows])])
+    windows = _windows(examples, bounds, batch["document"], chunk_tokens, chunk_overlap)
+    if len(windows) != len(examples.texts):
+        ids, labels, bounds = _cut_windows(ids, labels, windows, chunk_overlap)
     offsets = pa.array(bounds.astype(np.int32))
     examples_of = [i for i, *_ in windows]
     return pa.table(
         {
             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.astype(np.int32))),
-            "source": [batch["source"][origin[i]] for i in examples_of],
-            "messages": [messages_out[i] for i in examples_of],
-            "meta": [batch["meta"][origin[i]] for i in examples_of],
+            "source": [batch["source"][examples.origin[i]] for i in examples_of],
+            "messages": [examples.messages[i] for i in examples_of],
+            "meta": [batch["meta"][examples.origin[i]] for i in examples_of],
             "chunk": [w for *_, w in windows],
         }
     )
