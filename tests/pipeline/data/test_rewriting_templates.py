@@ -25,7 +25,8 @@ from loratui.pipeline.config import load_config
 from loratui.pipeline.data import step as data_step
 from loratui.pipeline.data import templates as templates_module
 from loratui.pipeline.data import tokens
-from loratui.pipeline.data.encode import IGNORE, ShapeRenderer, clean_backend, encode_batch, render_examples
+from loratui.pipeline.data.encode import IGNORE, clean_backend, encode_batch
+from loratui.pipeline.data.render import ShapeRenderer, render_examples
 from loratui.pipeline.data.templates import resolve_template
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import MemoryWriter, null_sink
