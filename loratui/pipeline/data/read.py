@@ -100,15 +100,7 @@ def read_examples(
             else:
                 good.append((number, apply_columns(record, d.columns)))
         info: dict[str, Any] = {"path": name, "split": split, "kind": loaded.kind, "rows": len(loaded.rows)}
-        if loaded.kind == "document":
-            fmt, reason = "text", "a document: chunked by tokens"
-        elif d.format != "auto":
-            fmt, reason = d.format, "set by data.format"
-        elif not good:
-            fmt, reason = "unknown", "no valid rows to detect the format from"
-        else:
-            detection = detect_format([r for _, r in good], name)
-            fmt, reason = detection.format, detection.reason
+        fmt, reason = _file_format(cfg, loaded.kind, [r for _, r in good], name)
         info.update(format=fmt, reason=reason)
         if task == "seq2seq" and fmt == "text":
             _reject_text_for_seq2seq(name, loaded.kind, reason)
@@ -128,6 +120,18 @@ def read_examples(
         out.files.append(info)
         examples += valid
     return examples
+
+
+def _file_format(cfg: RunConfig, kind: str, records: list[dict[str, Any]], name: str) -> tuple[str, str]:
+    """(format, why) of a file: a document is text, else ``data.format`` or what its valid rows show."""
+    if kind == "document":
+        return "text", "a document: chunked by tokens"
+    if cfg.data.format != "auto":
+        return cfg.data.format, "set by data.format"
+    if not records:
+        return "unknown", "no valid rows to detect the format from"
+    detection = detect_format(records, name)
+    return detection.format, detection.reason
 
 
 def _reject_text_for_seq2seq(name: str, kind: str, reason: str) -> None:
@@ -155,12 +159,11 @@ def _dedupe(
     return kept
 
 
-def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: BuildFindings) -> dict[str, list[Example]]:
-    """Deterministic ratio split (unless files per split were given), deduplicated within and across."""
+def _ratio_split(
+    cfg: RunConfig, pool: list[Example], by_split: dict[str, list[Example]]
+) -> tuple[list[Example], dict[str, list[Example]]]:
+    """(train, {validation, test}) cut from ``pool`` by the ratios, seeded; a split with its own files gets none."""
     d = cfg.data
-    pool = by_split["train"]
-    if d.dedupe:
-        pool = _dedupe(cfg, pool, {}, out, "duplicate")
     rng = random.Random(d.seed)
     order = list(range(len(pool)))
     rng.shuffle(order)
@@ -174,7 +177,16 @@ def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: Buil
             n = 1
         splits[split] = [pool[i] for i in sorted(order[cut : cut + n])]
         cut += n
-    train = [pool[i] for i in sorted(order[cut:])]
+    return [pool[i] for i in sorted(order[cut:])], splits
+
+
+def split_examples(cfg: RunConfig, by_split: dict[str, list[Example]], out: BuildFindings) -> dict[str, list[Example]]:
+    """Deterministic ratio split (unless files per split were given), deduplicated within and across."""
+    d = cfg.data
+    pool = by_split["train"]
+    if d.dedupe:
+        pool = _dedupe(cfg, pool, {}, out, "duplicate")
+    train, splits = _ratio_split(cfg, pool, by_split)
     if not train:
         raise NoTrainingData(out, "after validation and splitting" if pool else "after validation")
     result = {"train": train}

@@ -155,13 +155,7 @@ def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: BuildFind
     drop: set[int] = set()
     for i in over:
         file, _, row = sources[i].rpartition(":")
-        if task == "seq2seq":
-            parts = [
-                f"{what} {n} tokens" for what, n in (("source", lengths[i]), ("target", targets[i])) if n > max_length
-            ]
-            message = f"{' and '.join(parts)}, more than max_length {max_length}"
-        else:
-            message = f"{lengths[i]} tokens, more than max_length {max_length}"
+        message = _too_long_message(int(lengths[i]), int(targets[i]), max_length, task)
         if policy == "truncate":
             out.problems.append(
                 RowProblem("too_long", file, int(row), message + f": truncated to {max_length}", action="truncated")
@@ -175,20 +169,28 @@ def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: BuildFind
             load_from_cache_file=False,
             keep_in_memory=True,
         )
-    _, trained = token_counts(ds)
-    empty = [i for i in np.nonzero(trained == 0)[0].tolist() if i not in drop]
-    if empty:
-        sources = ds["source"][:]
-    for i in empty:
-        file, _, row = sources[i].rpartition(":")
-        note_problem(
-            cfg,
-            out,
-            RowProblem(
-                "no_trained_tokens", file, int(row), "no assistant tokens left to train on (the answer was cut off)"
-            ),
-        )
-        drop.add(i)
+    drop |= _untrained(ds, drop, cfg, out)
     if drop:
         ds = ds.select([i for i in range(len(ds)) if i not in drop])
     return ds
+
+
+def _too_long_message(length: int, target: int, max_length: int, task: Task) -> str:
+    if task != "seq2seq":
+        return f"{length} tokens, more than max_length {max_length}"
+    parts = [f"{what} {n} tokens" for what, n in (("source", length), ("target", target)) if n > max_length]
+    return f"{' and '.join(parts)}, more than max_length {max_length}"
+
+
+def _untrained(ds: Any, dropped: set[int], cfg: RunConfig, out: BuildFindings) -> set[int]:
+    """The rows of ``ds`` not yet ``dropped`` that have no trained token left, each noted as a problem."""
+    import numpy as np
+
+    _, trained = token_counts(ds)
+    empty = [i for i in np.nonzero(trained == 0)[0].tolist() if i not in dropped]
+    sources = ds["source"][:] if empty else []
+    for i in empty:
+        file, _, row = sources[i].rpartition(":")
+        message = "no assistant tokens left to train on (the answer was cut off)"
+        note_problem(cfg, out, RowProblem("no_trained_tokens", file, int(row), message))
+    return set(empty)
