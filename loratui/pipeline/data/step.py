@@ -6,23 +6,24 @@ Writes ``runs/<name>/data/``:
   dataset.json             manifest for later steps: task, splits, template, render_date, max_length, cache key
   processed/<split>/       ``datasets`` saved to disk: input_ids, labels, source, messages, meta
 
-The task follows the model (:func:`loratui.pipeline.models.model_task`): ``causal`` for decoder-only models (a chat through
-its template, loss on the assistant turns) or ``seq2seq`` for encoder-decoder models such as T5,
-FLAN-T5 and PEGASUS (``input_ids`` is the source text for the encoder, ``labels`` the target for the
+The task follows the model (:func:`loratui.pipeline.models.model_task`): ``causal`` for decoder-only
+models (a chat through its template, loss on the assistant turns) or ``seq2seq`` for encoder-decoder
+models such as T5, FLAN-T5 and PEGASUS (``input_ids`` is the source text for the encoder, ``labels`` the target for the
 decoder; no chat template; ``max_length`` applies to each of them; the report's ``tokens.<split>``
 are source lengths and ``tokens.target.<split>`` target lengths).
 
 This module is the recipe; the library it runs: :mod:`.read` (files to split examples), :mod:`.tokens`
-(token datasets, max_length), :mod:`.summary` (report and preview), :mod:`.cache`, :mod:`.build`
-(the whole build, cached) and :mod:`.manifest` (dataset.json and report.json as records).
+(token datasets, max_length), :mod:`.summary` (report and preview), :mod:`.cache`, :mod:`.build` (the
+whole build, cached) and :mod:`.manifest` (dataset.json and report.json as records). Later steps run
+it through :func:`.prepare.prepare`.
 
 The result is cached in ``$LORATUI_HOME/datasets/<key>`` under a key over the file contents, the
 tokenizer, the template and the data settings; a second run with the same inputs only copies it.
 
 ``render_date`` (ISO, in dataset.json and, for templates that write the date, in the report): the
 date a chat template that inserts "today" renders with. It is the day the data step first ran for
-the run, read back from the run's dataset.json ever after (:func:`.manifest.run_render_date`), so renders,
-cache key and later steps do not change with the calendar. It enters the cache key only for
+the run, read back from the run's dataset.json ever after (:func:`.manifest.run_render_date`), so
+renders, cache key and later steps do not change with the calendar. It enters the cache key only for
 templates that write the date.
 """
 
