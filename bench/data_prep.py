@@ -374,13 +374,10 @@ def main() -> int:
 
         with env("LORATUI_HOME", str(tmp / "home")):
             from loratui.pipeline.config import load_config
-            from loratui.pipeline.data.step import (
-                Collected,
-                encode_examples,
-                load_tokenizer_and_template,
-                read_examples,
-                split_examples,
-            )
+            from loratui.pipeline.data.manifest import DataReport
+            from loratui.pipeline.data.read import BuildFindings, read_examples, split_examples
+            from loratui.pipeline.data.tokens import encode_examples
+            from loratui.pipeline.models import load_tokenizer_and_template
             from loratui.pipeline.events import null_sink
 
             # 1. The full step, cold cache, `--repeat` times (the cache is emptied before each run);
@@ -391,8 +388,7 @@ def main() -> int:
                 seconds, result, _ = step_run(overrides, "bench-cold" if k == 0 else f"bench-cold-{k}")
                 cold_runs.append(seconds)
             step_s = statistics.median(cold_runs)
-            report_path = tmp / "runs" / "bench-cold" / "data" / "report.json"
-            report = json.loads(report_path.read_text(encoding="utf-8"))
+            report = DataReport.load(tmp / "runs" / "bench-cold" / "data").model_dump(mode="json", exclude_unset=True)
 
             # 2. The same inputs again: the cache hit.
             hit_s, result2, _ = step_run(overrides, "bench-hit")
@@ -400,7 +396,7 @@ def main() -> int:
 
             # 3. Stages, on the same data, timed here.
             cfg = load_config(None, overrides + ["name=bench-stages"])
-            out = Collected()
+            out = BuildFindings()
             examples, read_s = timed(read_examples, cfg, [source], out, "train")
             splits, split_s = timed(split_examples, cfg, {"train": examples, "validation": [], "test": []}, out)
             (tokenizer, template, _), load_s = timed(load_tokenizer_and_template, cfg, null_sink("data"))
