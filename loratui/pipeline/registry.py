@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # The six steps, in order; the TUI shows all six.
-STEP_ORDER: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export", "serve")
+STEP_ORDER: tuple[str, ...] = ("data", "train", "eval", "merge", "export", "serve")
 
 # Implemented steps: name -> "module:function" with the signature of loratui.pipeline.steps.StepFn.
 # The CLI offers a subcommand for each entry.

@@ -1,6 +1,6 @@
 """The loratui Textual app: a step bar (data -> serve) over one run, its settings, results and jobs.
 
-* **Views**: one per step (:mod:`loratui.tui.screens`), each with its state line, its results (read
+* **Views**: one per step (:mod:`loratui.tui.views`), each with its state line, its results (read
   from the run directory) and its settings form (generated from the config schema). The step bar marks
   each step done, failed, running or blocked (greyed: it needs an earlier artifact).
 * **Settings** are edits on top of the config file, exactly the dotted overrides of the CLI
@@ -42,19 +42,20 @@ from textual.widgets import ContentSwitcher, Footer, Header, ProgressBar, RichLo
 from loratui.pipeline.config import BACKEND_FORMAT, ConfigError, RunConfig, load_config
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import write_config
+from loratui.tui.dialogs import Confirm, ErrorDialog, FilePicker, OpenDialog, SaveAsDialog, TextDialog
 from loratui.tui.forms import ConfigForm, FieldEdited, same_value, value_of
 from loratui.tui.jobs import Job, step_command
-from loratui.tui.screens import StepView, fmt
-from loratui.tui.screens.data import DataView
-from loratui.tui.screens.evaluate import EvaluateView
-from loratui.tui.screens.export import ExportView
-from loratui.tui.screens.merge import MergeView
-from loratui.tui.screens.serve import ServeView, health
-from loratui.tui.screens.train import TrainView
-from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, loss_curves, open_run, recent_runs, remember
-from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, SaveAsDialog, TextDialog
+from loratui.tui.state import RunState, loss_curves, open_run, recent_runs, remember
+from loratui.tui.views import StepView, fmt
+from loratui.tui.views.data import DataView
+from loratui.tui.views.eval import EvalView
+from loratui.tui.views.export import ExportView
+from loratui.tui.views.merge import MergeView
+from loratui.tui.views.serve import ServeView, health
+from loratui.tui.views.train import TrainView
+from loratui.tui.widgets import JobPanel
 
-VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
+VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvalView, MergeView, ExportView, ServeView)
 # What each step does, for the step bar and the help (one entry per step, in order).
 STEP_INFO: dict[str, tuple[str, str, tuple[str, ...]]] = {v.STEP: (v.TITLE, v.BLURB, v.SECTIONS) for v in VIEWS}
 _MARK = {"done": "✓", "failed": "✗", "running": "●", "cancelled": "◌", "interrupted": "!", "blocked": "·", "todo": ""}
@@ -199,7 +200,9 @@ class LoratuiApp(App[None]):
         return f"{i} {STEP_INFO[step][0]}" + (f" {mark}" if mark else "")
 
     def views(self) -> list[StepView]:
-        return list(self.main.query(StepView))
+        """The views built so far; one still mounting is left out (``_ensure_view`` renders it once mounted:
+        before that its result widgets are not there yet)."""
+        return [view for view in self.main.query(StepView) if view.is_mounted]
 
     def show_state(self, reload: bool = False) -> None:
         """Re-read the run directory (when ``reload``) and render every view and the step bar."""
@@ -262,7 +265,7 @@ class LoratuiApp(App[None]):
             if s.backend != "auto":
                 argv += ["--format", BACKEND_FORMAT.get(s.backend, s.backend)]
             return argv + (["--model-name", s.model_name] if s.model_name else [])
-        return step_command(cli_name(step), self.config_path, self.override_args(), extra)
+        return step_command(step, self.config_path, self.override_args(), extra)
 
     def action_save(self) -> None:
         """ctrl+s: write the settings to the config file being edited (named in the title bar)."""
@@ -544,8 +547,7 @@ class LoratuiApp(App[None]):
                 log.write(" ".join(f"{k}={fmt(v)}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else ""))
             elif e.type in ("artifact", "checkpoint"):
                 log.write(f"{e.type}: {e.path}")
-        step = STEP_OF_EVENT.get(job.step, job.step)
-        if step == "train" and events:
+        if job.step == "train" and events:
             for view in self.main.query(TrainView):  # when it has been shown
                 view.live(*loss_curves(job.events_so_far()))  # a resumed training: with the steps before it
         self._render_progress(job.step, job.progress(), job.running, self._speed(job.events))
@@ -674,9 +676,7 @@ class LoratuiApp(App[None]):
             title = STEP_INFO[step][0]
             yield SystemCommand(f"Show {title}", STEP_INFO[step][1], lambda s=step: self.action_show_step(s))
             if step != "serve":
-                yield SystemCommand(
-                    f"Run {title}", f"loratui {cli_name(step)} on this run", partial(self._show_and_run, step)
-                )
+                yield SystemCommand(f"Run {title}", f"loratui {step} on this run", partial(self._show_and_run, step))
         yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
         yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)
         yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)

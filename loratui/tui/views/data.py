@@ -10,8 +10,8 @@ from rich.markup import escape
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, cell, fill, table
 from loratui.tui.state import RunState
+from loratui.tui.views import StepView, cell, fill, table
 
 _TRAINED = re.compile(r"⟦(.*?)⟧", re.S)
 _FIRST_EXAMPLE = re.compile(r"^── example ", re.M)
