@@ -24,6 +24,17 @@ from loratui.tui.views.serve import ServeView, health
 from loratui.tui.views.train import TrainView
 
 
+def log_line(e: Any) -> str | None:
+    """The job log's line for an event (None: the event is shown elsewhere, or not at all)."""
+    if e.type == "log" and e.level != "debug":
+        return f"{e.level}: {e.message}" if e.level != "info" else e.message
+    if e.type == "metric":
+        return " ".join(f"{k}={fmt(v)}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else "")
+    if e.type in ("artifact", "checkpoint"):
+        return f"{e.type}: {e.path}"
+    return None
+
+
 class JobActions(App[None]):
     """The base of :class:`~loratui.tui.app.LoratuiApp`: its jobs, and the lookups they need."""
 
@@ -164,13 +175,9 @@ class JobActions(App[None]):
         log = self.main.query_one("#job-log", RichLog)
         events = job.events[self._shown :]
         self._shown += len(events)
-        for e in events:
-            if e.type == "log" and e.level != "debug":
-                log.write(f"{e.level}: {e.message}" if e.level != "info" else e.message)
-            elif e.type == "metric":
-                log.write(" ".join(f"{k}={fmt(v)}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else ""))
-            elif e.type in ("artifact", "checkpoint"):
-                log.write(f"{e.type}: {e.path}")
+        for line in map(log_line, events):
+            if line is not None:
+                log.write(line)
         if job.step == "train" and events:
             for view in self.main.query(TrainView):  # when it has been shown
                 view.live(*loss_curves(job.events_so_far()))  # a resumed training: with the steps before it
@@ -179,6 +186,10 @@ class JobActions(App[None]):
             return
         self._reported = True
         self.show_state(reload=True)
+        self._show_end(job)
+
+    def _show_end(self, job: Job) -> None:
+        """How the job ended, in the status line; a failure opens the error dialog."""
         status = self.main.query_one("#job-status", Static)
         if job.state == "done":
             status.update(f"[b]{job.step}[/b] [green]done[/green]")

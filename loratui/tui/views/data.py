@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from textual.app import ComposeResult
@@ -47,6 +48,14 @@ def read_row(file: str, row: int) -> str:
     return f"{file} has fewer than {row} lines"
 
 
+_ABSENT = {"row": "-"}  # what a table shows for a key a report entry lacks (else "")
+
+
+def _table_row(entry: dict[str, Any], file_key: str, *keys: str) -> tuple[Any, ...]:
+    """A table row from a report entry: the name of its file, then the values of ``keys``."""
+    return (Path(entry.get(file_key, "?")).name, *(entry.get(k, _ABSENT.get(k, "")) for k in keys))
+
+
 class DataView(StepView):
     STEP, TITLE, SECTIONS = "data", "Data", ("run", "data")
     BLURB = "Load, validate and template the training data; split train/validation/test."
@@ -83,11 +92,7 @@ class DataView(StepView):
             self.query_one("#data-files", DataTable),
             [
                 (
-                    Path(f.get("path", "?")).name,
-                    f.get("split", ""),
-                    f.get("rows", ""),
-                    f.get("format", ""),
-                    f.get("reason", ""),
+                    *_table_row(f, "path", "split", "rows", "format", "reason"),
                     ", ".join(f.get("extra_columns") or []) or "-",
                 )
                 for f in report.get("files", [])
@@ -97,17 +102,7 @@ class DataView(StepView):
         self._problems = problems
         fill(
             self.query_one("#data-problems", DataTable),
-            [
-                (
-                    Path(p.get("file", "?")).name,
-                    p.get("row", "-"),
-                    p.get("kind", ""),
-                    p.get("field", ""),
-                    p.get("message", ""),
-                    p.get("action", ""),
-                )
-                for p in problems
-            ],
+            [_table_row(p, "file", "row", "kind", "field", "message", "action") for p in problems],
         )
         tokens = report.get("tokens", {})
         fill(
