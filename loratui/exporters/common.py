@@ -7,14 +7,14 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import time
+import signal
 from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
+from loratui.pipeline.process import Supervised
 from loratui.pipeline.runs import RunDir, atomic_write_text
 from loratui.pipeline.steps import ShouldStop
 
@@ -42,27 +42,31 @@ class Stages:
 
 
 def run_logged(
-    cmd: list[str], env: dict[str, str], log: Path, should_stop: ShouldStop, what: str, cwd: Path | None = None
+    cmd: list[str],
+    env: dict[str, str],
+    log: Path,
+    should_stop: ShouldStop,
+    what: str,
+    cwd: Path | None = None,
+    grace_s: float = 10.0,
 ) -> None:
+    """Run a converter with its output appended to ``log``. A cancel stops its whole process group: SIGTERM,
+    SIGKILL after ``grace_s`` seconds."""
     with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n# {what}\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
-        while proc.poll() is None:
-            if should_stop():
-                proc.terminate()
-                proc.wait()
-                raise StepCancelled(f"cancelled while {what}; nothing was written")
-            time.sleep(0.2)
-    if proc.returncode != 0:
+    # its own process group, which goes when this process dies (as it went with this one's group before)
+    proc = Supervised(cmd, env=env, cwd=cwd, output=log, parent_death=signal.SIGTERM).start()
+    proc.cancel_when(should_stop, grace_s=grace_s)
+    code = proc.wait()
+    if proc.cancel_asked:
+        raise StepCancelled(f"cancelled while {what}; nothing was written")
+    if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-6:]
         refused = [line.split(":", 1)[1].strip() for line in tail if line.startswith("loratui-refused:")]
         if refused:  # an entry's own, expected refusal (see convert_lora_entry.py)
             raise LoratuiError(refused[-1], hint=f"The converter's output is in {log}.")
         cause = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
-        raise LoratuiError(
-            f"{what} failed (exit {proc.returncode}): {cause.strip()}", hint=f"The full output is in {log}."
-        )
+        raise LoratuiError(f"{what} failed (exit {code}): {cause.strip()}", hint=f"The full output is in {log}.")
 
 
 def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # The six steps, in order; the TUI shows all six.
-STEP_ORDER: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export", "serve")
+STEP_ORDER: tuple[str, ...] = ("data", "train", "eval", "merge", "export", "serve")
 
 # Implemented steps: name -> "module:function" with the signature of loratui.pipeline.steps.StepFn.
 # The CLI offers a subcommand for each entry.
@@ -39,7 +41,7 @@ STEP_COMMANDS: dict[str, dict[str, str]] = {
 }
 
 # Step options that are shorthands for config overrides: (flag, argparse keywords, config key).
-STEP_OPTIONS: dict[str, list[tuple[str, dict, str]]] = {
+STEP_OPTIONS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
     "train": [
         (
             "--resume",

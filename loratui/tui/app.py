@@ -1,12 +1,12 @@
 """The loratui Textual app: a step bar (data -> serve) over one run, its settings, results and jobs.
 
-* **Views**: one per step (:mod:`loratui.tui.screens`), each with its state line, its results (read
+* **Views**: one per step (:mod:`loratui.tui.views`), each with its state line, its results (read
   from the run directory) and its settings form (generated from the config schema). The step bar marks
   each step done, failed, running or blocked (greyed: it needs an earlier artifact).
 * **Settings** are edits on top of the config file, exactly the dotted overrides of the CLI
   (``train.lr=1e-4``): validated as typed, shown as the equivalent command (``!``), saved with ``ctrl+s``.
-* **Jobs**: the App owns them (a step's subprocess, :mod:`loratui.tui.jobs`, and the server), never a
-  view, so switching steps never stops one. ``r`` runs the shown step, ``R`` resumes training from its
+* **Jobs** (:mod:`loratui.tui.job_actions`): the App owns them (a step's subprocess, :mod:`loratui.tui.jobs`,
+  and the server), never a view, so switching steps never stops one. ``r`` runs the shown step, ``R`` resumes training from its
   last checkpoint, ``c`` cancels after a confirmation (SIGTERM, then SIGKILL after a grace period),
   quitting while a job runs asks first and leaves no process behind. Events render on a timer. A
   failed job opens the one error dialog with its message and hint, never a traceback.
@@ -33,30 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
-from textual import events, on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual import events, on
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import ContentSwitcher, Footer, Header, ProgressBar, RichLog, Static, Tab, Tabs
+from textual.widgets import ContentSwitcher, Footer, Header, Tab, Tabs
 
 from loratui.pipeline.config import BACKEND_FORMAT, ConfigError, RunConfig, load_config
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import write_config
+from loratui.tui.dialogs import Confirm, ErrorDialog, FilePicker, OpenDialog, SaveAsDialog, TextDialog
 from loratui.tui.forms import ConfigForm, FieldEdited, same_value, value_of
+from loratui.tui.job_actions import JobActions
 from loratui.tui.jobs import Job, step_command
-from loratui.tui.screens import StepView, fmt
-from loratui.tui.screens.data import DataView
-from loratui.tui.screens.evaluate import EvaluateView
-from loratui.tui.screens.export import ExportView
-from loratui.tui.screens.merge import MergeView
-from loratui.tui.screens.serve import ServeView, health
-from loratui.tui.screens.train import TrainView
-from loratui.tui.state import STEP_OF_EVENT, RunState, cli_name, loss_curves, open_run, recent_runs, remember
-from loratui.tui.widgets import Confirm, ErrorDialog, FilePicker, JobPanel, OpenDialog, SaveAsDialog, TextDialog
+from loratui.tui.state import RunState, open_run, recent_runs, remember
+from loratui.tui.steps import STEP_INFO, VIEWS
+from loratui.tui.views import StepView
+from loratui.tui.widgets import JobPanel
 
-VIEWS: tuple[type[StepView], ...] = (DataView, TrainView, EvaluateView, MergeView, ExportView, ServeView)
-# What each step does, for the step bar and the help (one entry per step, in order).
-STEP_INFO: dict[str, tuple[str, str, tuple[str, ...]]] = {v.STEP: (v.TITLE, v.BLURB, v.SECTIONS) for v in VIEWS}
 _MARK = {"done": "✓", "failed": "✗", "running": "●", "cancelled": "◌", "interrupted": "!", "blocked": "·", "todo": ""}
 
 HELP = """[b]Keys[/b]
@@ -92,7 +86,7 @@ def display_command(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-class LoratuiApp(App[None]):
+class LoratuiApp(JobActions):
     CSS_PATH = "app.tcss"
     TITLE = "loratui"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (96, "-wide")]
@@ -152,15 +146,6 @@ class LoratuiApp(App[None]):
         yield JobPanel(id="job", classes="-idle")
         yield Footer()
 
-    @property
-    def main(self) -> Screen:
-        """The screen of the step views: lookups go there even while a dialog is on top."""
-        return self.screen_stack[0]
-
-    def _views_gone(self) -> bool:
-        """Shutting down: the screens or their widgets are already gone when a timer fires once more."""
-        return not self.screen_stack or not self.main.query("#job-log")
-
     def on_mount(self) -> None:
         self.show_state()
         self.set_interval(0.2, self.refresh_job)
@@ -199,7 +184,9 @@ class LoratuiApp(App[None]):
         return f"{i} {STEP_INFO[step][0]}" + (f" {mark}" if mark else "")
 
     def views(self) -> list[StepView]:
-        return list(self.main.query(StepView))
+        """The views built so far; one still mounting is left out (``_ensure_view`` renders it once mounted:
+        before that its result widgets are not there yet)."""
+        return [view for view in self.main.query(StepView) if view.is_mounted]
 
     def show_state(self, reload: bool = False) -> None:
         """Re-read the run directory (when ``reload``) and render every view and the step bar."""
@@ -262,7 +249,7 @@ class LoratuiApp(App[None]):
             if s.backend != "auto":
                 argv += ["--format", BACKEND_FORMAT.get(s.backend, s.backend)]
             return argv + (["--model-name", s.model_name] if s.model_name else [])
-        return step_command(cli_name(step), self.config_path, self.override_args(), extra)
+        return step_command(step, self.config_path, self.override_args(), extra)
 
     def action_save(self) -> None:
         """ctrl+s: write the settings to the config file being edited (named in the title bar)."""
@@ -435,218 +422,6 @@ class LoratuiApp(App[None]):
         view.form.show_problems(self.problems)
         return view
 
-    # ---------------------------------------------------------------------------------- jobs
-
-    def action_run_step(self, extra: list[str] | None = None, step: str | None = None) -> None:
-        step = step or self.current_step
-        if step == "serve":
-            self.start_server()
-            return
-        if self.job is not None and self.job.running:
-            self.notify(f"{self.job.step} is still running: cancel it first (c)", severity="warning")
-            return
-        if self.problems:
-            key, message = next(iter(self.problems.items()))
-            self.push_screen(ErrorDialog("Fix the settings first", f"{key}: {message}"))
-            return
-        if self.state.steps[step] == "blocked":
-            self.notify(f"{STEP_INFO[step][0]} {self.state.why_blocked.get(step, 'is blocked')}", severity="warning")
-            return
-        self.job = Job(self.step_argv(step, extra), grace_s=self.grace_s).start()
-        self._shown, self._reported = 0, False
-        self.main.query_one("#job-log", RichLog).clear()
-        self.main.query_one("#job").remove_class("-idle")
-        self.main.query_one("#job-progress", ProgressBar).update(total=None, progress=0)
-        self.main.query_one("#job-status", Static).update(f"[b]{step}[/b] running (pid {self.job.pid})")
-        self.show_state(reload=True)
-
-    def action_resume(self) -> None:
-        if self.current_step != "train":
-            self.action_show_step("train")
-        if not any(self.state.run.checkpoints.glob("checkpoint-*")):
-            self.notify("no checkpoint to resume from yet: run training (r) first", severity="warning")
-            return
-        self.action_run_step(["--resume"], step="train")
-
-    def action_cancel_job(self) -> None:
-        if self.current_step == "serve" and self.server is not None and self.server.running:
-            self.server.cancel()
-            self.notify("stopping the server")
-            return
-        job = self.job
-        if job is None or not job.running:
-            self.notify("no job is running")
-            return
-
-        def answer(yes: bool | None) -> None:
-            if yes and job.running:
-                job.cancel()
-                self.main.query_one("#job-status", Static).update(f"[b]{job.step}[/b] cancelling...")
-
-        self.push_screen(Confirm(f"Cancel {job.step}? It saves what it can (a checkpoint) and stops."), answer)
-
-    def start_server(self) -> None:
-        if self.server is not None and self.server.running:
-            self.notify(f"the server is already running at {self.server_url}", markup=False)
-            return
-        if self.state.steps["serve"] == "blocked":
-            self.notify(f"Serve {self.state.why_blocked.get('serve', 'is blocked')}", severity="warning")
-            return
-        s = self.cfg.serve
-        env = {"LORATUI_API_KEY": s.api_key} if s.api_key else None
-        self.server = Job(self.step_argv("serve"), env=env, grace_s=self.grace_s).start()
-        self.server_url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
-        self._health = None
-
-    async def action_quit(self) -> None:
-        running = [j for j in (self.job, self.server) if j is not None and j.running]
-        if not running:
-            self.exit()
-            return
-
-        def answer(yes: bool | None) -> None:
-            if yes:
-                for j in running:
-                    j.cancel()
-                self.run_worker(self._quit_after(running), exclusive=True, group="quit")
-
-        what = " and ".join(j.step for j in running)
-        self.push_screen(Confirm(f"{what} {'is' if len(running) == 1 else 'are'} running. Stop and quit?"), answer)
-
-    def on_unmount(self) -> None:
-        """However the app ends (an exception included), no job or server outlives it."""
-        for job in (self.job, self.server):
-            if job is not None and job.running:
-                job.kill()
-
-    async def _quit_after(self, jobs: list[Job]) -> None:
-        import asyncio
-
-        while any(j.running for j in jobs):  # SIGTERM, then SIGKILL after the grace period: never an orphan
-            await asyncio.sleep(0.05)
-        self.exit()
-
-    def refresh_job(self) -> None:
-        """Render the job's new events (called on a timer: the job's threads never touch widgets)."""
-        if self._views_gone():
-            return
-        self._refresh_server()
-        job = self.job
-        if job is None:
-            return
-        log = self.main.query_one("#job-log", RichLog)
-        events = job.events[self._shown :]
-        self._shown += len(events)
-        for e in events:
-            if e.type == "log" and e.level != "debug":
-                log.write(f"{e.level}: {e.message}" if e.level != "info" else e.message)
-            elif e.type == "metric":
-                log.write(" ".join(f"{k}={fmt(v)}" for k, v in e.values.items()) + (f" (step {e.at})" if e.at else ""))
-            elif e.type in ("artifact", "checkpoint"):
-                log.write(f"{e.type}: {e.path}")
-        step = STEP_OF_EVENT.get(job.step, job.step)
-        if step == "train" and events:
-            for view in self.main.query(TrainView):  # when it has been shown
-                view.live(*loss_curves(job.events_so_far()))  # a resumed training: with the steps before it
-        self._render_progress(job.step, job.progress(), job.running, self._speed(job.events))
-        if job.running or self._reported:
-            return
-        self._reported = True
-        self.show_state(reload=True)
-        status = self.main.query_one("#job-status", Static)
-        if job.state == "done":
-            status.update(f"[b]{job.step}[/b] [green]done[/green]")
-        elif job.state == "cancelled":
-            resume = getattr(job.final_event, "resume_from", None)
-            status.update(
-                f"[b]{job.step}[/b] [yellow]cancelled[/yellow]"
-                + (f"; resume from {escape(resume)} with R" if resume else "")
-            )
-        else:
-            err = job.error
-            status.update(f"[b]{job.step}[/b] [red]failed[/red]")
-            self.push_screen(
-                ErrorDialog(f"{job.step} failed", err.message if err else "the job failed", getattr(err, "hint", None))
-            )
-
-    @staticmethod
-    def _speed(events: list[Any]) -> str:
-        for e in reversed(events[-50:]):
-            if e.type == "metric" and "tokens_per_s" in e.values:
-                return f", {e.values['tokens_per_s']:.0f} tokens/s"
-        return ""
-
-    def _render_progress(self, step: str, progress: Any, running: bool, speed: str = "") -> None:
-        bar = self.main.query_one("#job-progress", ProgressBar)
-        if progress is not None and progress.total:
-            bar.update(total=progress.total, progress=progress.current)
-        if running and progress is not None:
-            self.main.query_one("#job-status", Static).update(
-                f"[b]{escape(step)}[/b] {escape(progress.task)}: {progress.current:g}/{progress.total or '?'} "
-                f"{escape(str(progress.unit or ''))}"
-                f"{speed} {escape(progress.message or '')}"
-            )
-
-    def poll_run(self) -> None:
-        """Without a job of our own, follow a step running in another process through events.jsonl."""
-        if (self.job is not None and self.job.running) or self._views_gone():
-            return
-        running = [s for s, st in self.state.steps.items() if st == "running"]
-        if not running:
-            return
-        before = self.state.steps
-        self.state = RunState.load(self.cfg)
-        if self.state.steps != before:  # a step ended: every view and the step bar change
-            self.show_state()
-        else:  # only the running step's live parts: the loss curve of a training run
-            for view in self.main.query(TrainView):
-                view.live(self.state.train_loss, self.state.eval_loss)
-        if self.state.steps.get(running[0]) != "running":
-            self.main.query_one("#job-status", Static).update(f"[b]{running[0]}[/b] ended in another process")
-            return
-        events = self.state.events  # just read by RunState.load
-        progress = next((e for e in reversed(events) if e.type == "progress"), None)
-        if progress is not None:
-            self._render_progress(
-                f"{running[0]} (pid {self.state.last[running[0]].pid}, another process)",
-                progress,
-                True,
-                self._speed(events),
-            )
-
-    def _refresh_server(self) -> None:
-        server = self.server
-        views = self.main.query(ServeView)
-        if not views:
-            return
-        view = views.first(ServeView)
-        if server is None:
-            view.show_server(None, "stopped", [], None)
-            return
-        if not server.running:
-            tail = list(server.stderr_tail)
-            self.server, self.server_url, self._health = None, None, None
-            view.show_server(None, server.state, tail, None)
-            if server.state == "failed":
-                self.push_screen(
-                    ErrorDialog(
-                        "The server stopped",
-                        "\n".join(tail[-6:]) or "no output",
-                        "Check the Serve settings (port in use? nothing exported yet?).",
-                    )
-                )
-            return
-        view.show_server(self.server_url, "starting", list(server.stderr_tail), self._health)
-
-    def poll_server(self) -> None:
-        """Ask the running server's /health twice a second (the view renders the answer on its timer)."""
-        if self.server is not None and self.server.running and self.server_url:
-            self._poll_health(self.server_url)
-
-    @work(thread=True, exclusive=True, group="health", exit_on_error=False)
-    def _poll_health(self, url: str) -> None:
-        self._health = health(url)
-
     # ---------------------------------------------------------------------------------- navigation
 
     async def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
@@ -661,22 +436,13 @@ class LoratuiApp(App[None]):
         self.action_show_step(step)
         self.action_run_step(step=step)
 
-    def action_show_step(self, step: str) -> None:
-        self.main.query_one("#stepbar", Tabs).active = f"tab-{step}"
-
-    @property
-    def current_step(self) -> str:
-        return self.main.query_one("#steps", ContentSwitcher).current or STEP_ORDER[0]
-
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for step in STEP_ORDER:
             title = STEP_INFO[step][0]
             yield SystemCommand(f"Show {title}", STEP_INFO[step][1], lambda s=step: self.action_show_step(s))
             if step != "serve":
-                yield SystemCommand(
-                    f"Run {title}", f"loratui {cli_name(step)} on this run", partial(self._show_and_run, step)
-                )
+                yield SystemCommand(f"Run {title}", f"loratui {step} on this run", partial(self._show_and_run, step))
         yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
         yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)
         yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)

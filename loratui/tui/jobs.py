@@ -1,6 +1,7 @@
 """Long steps as subprocesses the App owns: ``loratui <step> --config ... --events jsonl``.
 
-A :class:`Job` starts the command in its own process group, reads its stdout as run events (one JSON
+A :class:`Job` starts the command in its own process group (a
+:class:`~loratui.pipeline.process.Supervised` command), reads its stdout as run events (one JSON
 object per line; any other line becomes a log event), keeps the tail of its stderr for the error
 dialog, and knows how it ended: ``done``, ``failed`` (an error event or a non-zero exit without
 one), ``cancelled``. ``cancel()`` sends SIGTERM to the whole group (the step saves what it can, a
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loratui.pipeline.events import Error, Log, Progress, parse_event
+from loratui.pipeline.events import Error, Progress
+from loratui.pipeline.process import Supervised
 
 State = Literal["idle", "running", "done", "failed", "cancelled"]
 
@@ -53,14 +54,11 @@ class Job:
     env: dict[str, str] | None = None
     grace_s: float = 10.0  # SIGTERM -> SIGKILL
     events: list[Any] = field(default_factory=list)
-    stderr_tail: deque = field(default_factory=lambda: deque(maxlen=200))
     state: State = "idle"
     returncode: int | None = None
     started_at: float | None = None
     ended_at: float | None = None
-    _proc: subprocess.Popen | None = None
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _cancel_asked: bool = False
+    _proc: Supervised | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---------------------------------------------------------------------------------- control
@@ -69,23 +67,12 @@ class Job:
         if self._proc is not None:
             raise RuntimeError("a Job runs once; make a new one")
         self.started_at = time.time()
-        self._proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            cwd=self.cwd,
-            env={**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )  # its own process group: cancel reaches children
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        self._proc = Supervised(self.argv, env=env, cwd=self.cwd).start()
         self.state = "running"
-        self._threads = [
-            threading.Thread(target=self._read_stdout, daemon=True, name="job-stdout"),
-            threading.Thread(target=self._read_stderr, daemon=True, name="job-stderr"),
-        ]
-        for t in self._threads:
-            t.start()
-        threading.Thread(target=self._watch, daemon=True, name="job-wait").start()
+        reader = threading.Thread(target=self._read_stdout, daemon=True, name="job-stdout")
+        reader.start()
+        threading.Thread(target=self._watch, args=(reader,), daemon=True, name="job-wait").start()
         return self
 
     @property
@@ -96,28 +83,19 @@ class Job:
     def running(self) -> bool:
         return self.state == "running"
 
+    @property
+    def stderr_tail(self) -> deque[str]:
+        """The last lines of its stderr, for the error dialog."""
+        return self._proc.stderr_tail if self._proc else deque()
+
     def cancel(self) -> None:
         """SIGTERM to the job's process group, SIGKILL after ``grace_s`` if it is still there."""
-        if not self.running or self._proc is None:
-            return
-        self._cancel_asked = True
-        self._signal(signal.SIGTERM)
-
-        proc = self._proc
-
-        def escalate() -> None:
-            deadline = time.monotonic() + self.grace_s
-            while time.monotonic() < deadline:
-                if proc.poll() is not None and not self._group_alive():
-                    return
-                time.sleep(0.05)
-            self._signal(signal.SIGKILL)
-
-        threading.Thread(target=escalate, daemon=True, name="job-escalate").start()
+        if self.running and self._proc is not None:
+            self._proc.cancel(self.grace_s)
 
     def kill(self) -> None:
-        self._cancel_asked = True
-        self._signal(signal.SIGKILL)
+        if self._proc is not None:
+            self._proc.kill()
 
     def wait(self, timeout: float | None = None) -> State:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -126,19 +104,6 @@ class Job:
                 raise TimeoutError(f"the job is still running after {timeout} s")
             time.sleep(0.02)
         return self.state
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self._proc.pid, sig)  # type: ignore[union-attr]
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self._proc.pid, 0)  # type: ignore[union-attr]
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -149,35 +114,22 @@ class Job:
             self.on_event(event)
 
     def _read_stdout(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for raw in self._proc.stdout:
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                event = parse_event(line)
-            except ValueError:
-                event = Log(step=self.step, message=line)
+        assert self._proc is not None
+        for event in self._proc.events(log_step=self.step):
             self._emit(event)
 
-    def _read_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        for raw in self._proc.stderr:
-            self.stderr_tail.append(raw.decode("utf-8", errors="replace").rstrip("\n"))
-
-    def _watch(self) -> None:
+    def _watch(self, reader: threading.Thread) -> None:
         assert self._proc is not None
         code = self._proc.wait()
-        for t in self._threads:
-            t.join(timeout=5)
-        if self._group_alive():  # the step exited but left processes behind: they go with it
-            self._signal(signal.SIGKILL)
+        reader.join(timeout=5)
+        if self._proc.group_alive():  # the step exited but left processes behind: they go with it
+            self._proc.signal(signal.SIGKILL)
         self.returncode = code
         self.ended_at = time.time()
         last = self.final_event
         if last is not None and last.type == "done" and code == 0:
             self.state = "done"
-        elif (last is not None and last.type == "cancelled") or self._cancel_asked:
+        elif (last is not None and last.type == "cancelled") or self._proc.cancel_asked:
             self.state = "cancelled"
         else:
             if last is None or last.type != "error":

@@ -23,19 +23,16 @@ from typing import Any, Literal
 
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.events import read_events
+from loratui.pipeline.process import alive
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import STEP_OUTPUTS, RunDir, atomic_write_text
 from loratui.pipeline.train.history import curve_points, load_curve
 
 Status = Literal["todo", "done", "running", "failed", "cancelled", "interrupted", "blocked"]
 
-# The CLI subcommand (and the ``step`` field of its events) of each TUI step.
-CLI_NAME: dict[str, str] = {"evaluate": "eval"}
-STEP_OF_EVENT: dict[str, str] = {v: k for k, v in CLI_NAME.items()}
-
 # What each step leaves in the run directory when it is done.
 DONE_ON_DISK: dict[str, Any] = {
-    **{step: STEP_OUTPUTS[CLI_NAME.get(step, step)] for step in STEP_ORDER[:-1]},
+    **{step: STEP_OUTPUTS[step] for step in STEP_ORDER[:-1]},
     "serve": lambda run: False,
 }
 _ADAPTER = ("a trained adapter (run Train)", DONE_ON_DISK["train"])
@@ -43,7 +40,7 @@ _ADAPTER = ("a trained adapter (run Train)", DONE_ON_DISK["train"])
 NEEDS: dict[str, tuple[str, Any] | None] = {
     "data": None,
     "train": None,  # train prepares the data itself when it is missing
-    "evaluate": _ADAPTER,
+    "eval": _ADAPTER,
     "merge": _ADAPTER,
     "export": _ADAPTER,  # export merges first when merged/ is missing or stale
     "serve": (
@@ -51,21 +48,6 @@ NEEDS: dict[str, tuple[str, Any] | None] = {
         lambda run: any(DONE_ON_DISK[s](run) for s in ("train", "merge", "export")),
     ),
 }
-
-
-def cli_name(step: str) -> str:
-    return CLI_NAME.get(step, step)
-
-
-def _alive(pid: int) -> bool:
-    """True when ``pid`` is a live loratui process (not a recycled pid of something else)."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError, OverflowError):
-        return False
-    with contextlib.suppress(OSError):
-        return b"loratui" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    return True
 
 
 @dataclass
@@ -132,11 +114,10 @@ def last_runs(events: list[Any]) -> dict[str, LastRun]:
     """
     runs: dict[str, LastRun] = {}
     for e in events:
-        step = STEP_OF_EVENT.get(e.step, e.step)
         if e.type == "log" and e.level == "debug" and e.message.startswith(f"{e.step}: run "):
-            runs[step] = LastRun("running", e.t, pid=getattr(e, "pid", None))
+            runs[e.step] = LastRun("running", e.t, pid=getattr(e, "pid", None))
             continue
-        cur = runs.get(step)
+        cur = runs.get(e.step)
         if cur is None or cur.status != "running":
             continue
         if e.type == "done":
@@ -146,7 +127,7 @@ def last_runs(events: list[Any]) -> dict[str, LastRun]:
         elif e.type == "cancelled":
             cur.status, cur.ended, cur.resume_from = "cancelled", e.t, e.resume_from
     for cur in runs.values():
-        if cur.status == "running" and not (cur.pid and _alive(cur.pid)):
+        if cur.status == "running" and not (cur.pid and alive(cur.pid, "loratui")):
             cur.status = "interrupted"
             cur.message = "the job ended without a final event (killed, or it is running in an older loratui)"
     return runs
@@ -161,7 +142,7 @@ def loss_curves(
     killed): its own points, after a resume preceded by the curve up to the checkpoint it resumed from
     (its ``resuming from`` event carries it, from the checkpoint's ``trainer_state.json``). Once a
     training finished, and with ``run``: the whole curve saved with the current adapter version
-    (``adapters/vN/loss_history.json``, the same curve the report and the evaluate step's plot show),
+    (``adapters/vN/loss_history.json``, the same curve the report and the eval step's plot show),
     so a rollback shows its own version's curve and never one mixed with another version's.
     """
     train: dict[int, float] = {}

@@ -44,7 +44,7 @@ def _events(cfg: RunConfig):
 
 def test_exit_code_constants():
     assert (EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CANCELLED) == (0, 1, 2, 130)
-    assert STEP_ORDER == ("data", "train", "evaluate", "merge", "export", "serve")
+    assert STEP_ORDER == ("data", "train", "eval", "merge", "export", "serve")
 
 
 def test_done_step(cfg, tmp_path, capfd):

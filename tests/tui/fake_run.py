@@ -31,7 +31,7 @@ def write_json(path: Path, data: object) -> None:
 def make_run(
     root: Path,
     name: str = "demo",
-    steps: tuple[str, ...] = ("data", "train", "evaluate", "merge", "export"),
+    steps: tuple[str, ...] = ("data", "train", "eval", "merge", "export"),
     train_file: str = "train.jsonl",
 ) -> Path:
     """Write ``root/<name>.yaml`` and ``root/runs/<name>/`` with the artifacts of ``steps``; return the config."""
@@ -108,7 +108,7 @@ def make_run(
         )
         write_json(run / "adapter" / "adapter_config.json", {"peft_type": "LORA", "r": 16})
         (run / "checkpoints" / "checkpoint-20").mkdir(parents=True, exist_ok=True)
-    if "evaluate" in steps:
+    if "eval" in steps:
         begin("eval").done({"samples": 2})
         write_json(
             run / "eval" / "metrics.json",

@@ -12,7 +12,7 @@ from textual.widgets import ContentSwitcher, DataTable, Input, Select, Selection
 from loratui.pipeline.config import load_config
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.tui.app import STEP_INFO, create_app
-from loratui.tui.widgets import ErrorDialog, OpenDialog, TextDialog
+from loratui.tui.dialogs import ErrorDialog, OpenDialog, TextDialog
 from tests.tui.fake_run import make_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,9 +44,9 @@ async def test_a_new_project_steps_after_train_are_blocked_and_switchable():
         assert _labels(app) == ["1 Data", "2 Train", "3 Evaluate ·", "4 Merge ·", "5 Export ·", "6 Serve ·"]
         assert app.query_one("#tab-merge").has_class("-blocked")
         assert app.current_step == "data"
-        assert not app.query("#evaluate"), "views are built when first shown"
+        assert not app.query("#eval"), "views are built when first shown"
         await pilot.press("3")
-        assert "needs a trained adapter" in _text(app.query_one("#evaluate-state"))
+        assert "needs a trained adapter" in _text(app.query_one("#eval-state"))
         await pilot.press("2")
         assert app.current_step == "train" and app.query_one("#stepbar", Tabs).active == "tab-train"
         await pilot.press("6")
@@ -224,7 +224,7 @@ async def test_a_run_interrupted_or_still_running_elsewhere_shows_from_its_event
         async with app.run_test(size=(100, 30)) as pilot:
             assert _labels(app)[1:3] == ["2 Train ●", "3 Evaluate !"]
             await pilot.press("3")
-            assert "interrupted" in _text(app.query_one("#evaluate-state"))
+            assert "interrupted" in _text(app.query_one("#eval-state"))
             await pilot.pause(1.3)  # the run is followed through events.jsonl
             status = _text(app.query_one("#job-status"))
             assert f"pid {other.pid}" in status and "3/10" in status

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from textual.widgets import ProgressBar, RichLog, Static
 
-from loratui.tui.app import Confirm, ErrorDialog, create_app
+from loratui.tui.app import create_app
+from loratui.tui.dialogs import Confirm, ErrorDialog
 from tests.tui.test_jobs import FAKE, _alive
 
 

@@ -13,7 +13,7 @@ from textual.widgets import Input
 
 from loratui.pipeline.config import load_config
 from loratui.tui.app import LoratuiApp
-from loratui.tui.widgets import Confirm, ErrorDialog
+from loratui.tui.dialogs import Confirm, ErrorDialog
 from tests.tui.fake_run import make_run
 
 SIZE = (100, 30)

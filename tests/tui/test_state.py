@@ -28,14 +28,14 @@ def test_steps_are_done_blocked_or_todo_from_the_artifacts(tmp_path):
     assert state.steps == {
         "data": "done",
         "train": "todo",
-        "evaluate": "blocked",
+        "eval": "blocked",
         "merge": "blocked",
         "export": "blocked",
         "serve": "blocked",
     }
     assert state.why_blocked["merge"] == "needs a trained adapter (run Train)"
     state = RunState.load(load_config(make_run(tmp_path, steps=("data", "train"))))
-    assert state.steps["evaluate"] == "todo" and state.steps["serve"] == "todo"
+    assert state.steps["eval"] == "todo" and state.steps["serve"] == "todo"
 
 
 def test_the_last_invocation_of_each_step_wins(tmp_path):
@@ -53,7 +53,7 @@ def test_the_last_invocation_of_each_step_wins(tmp_path):
 
     runs = last_runs(read_events(path))
     assert runs["train"].status == "cancelled" and runs["train"].resume_from.endswith("checkpoint-4")
-    assert runs["evaluate"].status == "failed" and runs["evaluate"].hint == "set data.test_ratio"
+    assert runs["eval"].status == "failed" and runs["eval"].hint == "set data.test_ratio"
 
 
 def _merge_started_by(tmp_path, pid: int) -> str:

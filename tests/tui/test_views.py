@@ -12,7 +12,7 @@ from textual.widgets import Checkbox, ContentSwitcher, DataTable, Input, Static,
 
 from loratui.pipeline.config import load_config
 from loratui.tui.app import create_app
-from loratui.tui.widgets import Confirm, OpenDialog
+from loratui.tui.dialogs import Confirm, OpenDialog
 from tests.tui.fake_run import make_run, write_json
 from tests.tui.test_app_jobs import _until
 
@@ -42,7 +42,7 @@ def _said(app, monkeypatch) -> list[str]:
 
 
 def test_numbers_for_display():
-    from loratui.tui.screens import fmt, percent, size
+    from loratui.tui.views import fmt, percent, size
 
     assert [fmt(v) for v in (62.69999999999999, 24.0, 3, 0.9943, -24.68, 12345.6, 1e-05, None)] == [
         "62.7",
@@ -115,7 +115,7 @@ async def test_the_preview_keeps_its_markers_and_data_text_is_never_markup(tmp_p
 async def test_evaluate_setting_names_never_run_into_their_values(tmp_path):
     app = _app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
-        for key, form_id in (("3", "#evaluate-form"), ("2", "#train-form")):
+        for key, form_id in (("3", "#eval-form"), ("2", "#train-form")):
             await pilot.press(key)
             await pilot.pause()
             for row in app.query_one(form_id).query(".field-row"):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import threading
 
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError
-from loratui.pipeline.events import FINAL_TYPES, EventSink, parse_event
+from loratui.pipeline.events import FINAL_TYPES, EventSink
+from loratui.pipeline.process import Supervised
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import WORKER_ENV, ShouldStop, StepResult
 
@@ -56,7 +55,8 @@ def _free_port() -> int:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
@@ -80,42 +80,23 @@ def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop:
         f"launching {cfg.train.nproc} processes ({cfg.train.distributed}, "
         f"{'NCCL' if cuda else 'gloo on CPU'}): {' '.join(cmd[2:])}"
     )
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    stderr: list[str] = []
-    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    # its own process group; the launcher goes when this process dies (killed: no chance to pass SIGTERM on)
+    proc = Supervised(cmd, env=env, parent_death=signal.SIGTERM).start()
+    proc.cancel_when(should_stop, grace_s=None)  # SIGTERM only: the launcher passes it on to every worker
     final = None
-    stopped = threading.Event()
-
-    def forward_stop() -> None:
-        while proc.poll() is None:
-            if should_stop() and not stopped.is_set():
-                stopped.set()
-                os.killpg(proc.pid, signal.SIGTERM)  # the launcher passes it on to every worker
-            if stopped.wait(0.2):
-                break
-
-    threading.Thread(target=forward_stop, daemon=True).start()
-    for line in proc.stdout:  # type: ignore[union-attr]
-        try:
-            event = parse_event(line)
-        except ValueError:
-            continue
+    for event in proc.events():
         if event.type in FINAL_TYPES:
             final = event
         else:
             events.emit(event)
     code = proc.wait()
-    reader.join(timeout=5)
     if final is not None and final.type == "done":
         return StepResult(summary={**final.summary, "processes": cfg.train.nproc})
     if final is not None and final.type == "cancelled":
         return StepResult(status="cancelled", resume_from=final.resume_from)
     if final is not None and final.type == "error":
         raise LoratuiError(final.message, hint=final.hint)
-    tail = "".join(stderr[-15:]).strip()
+    tail = "\n".join(list(proc.stderr_tail)[-15:]).strip()
     raise LoratuiError(
         f"the {cfg.train.nproc} training processes exited with code {code} without a result", hint=tail[-1500:] or None
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, cell, fill, table
 from loratui.tui.state import RunState
+from loratui.tui.views import StepView, cell, fill, table
 
 _TRAINED = re.compile(r"⟦(.*?)⟧", re.S)
 _FIRST_EXAMPLE = re.compile(r"^── example ", re.M)
@@ -45,6 +46,14 @@ def read_row(file: str, row: int) -> str:
     except OSError as e:
         return f"{file}: {e.strerror}"
     return f"{file} has fewer than {row} lines"
+
+
+_ABSENT = {"row": "-"}  # what a table shows for a key a report entry lacks (else "")
+
+
+def _table_row(entry: dict[str, Any], file_key: str, *keys: str) -> tuple[Any, ...]:
+    """A table row from a report entry: the name of its file, then the values of ``keys``."""
+    return (Path(entry.get(file_key, "?")).name, *(entry.get(k, _ABSENT.get(k, "")) for k in keys))
 
 
 class DataView(StepView):
@@ -83,11 +92,7 @@ class DataView(StepView):
             self.query_one("#data-files", DataTable),
             [
                 (
-                    Path(f.get("path", "?")).name,
-                    f.get("split", ""),
-                    f.get("rows", ""),
-                    f.get("format", ""),
-                    f.get("reason", ""),
+                    *_table_row(f, "path", "split", "rows", "format", "reason"),
                     ", ".join(f.get("extra_columns") or []) or "-",
                 )
                 for f in report.get("files", [])
@@ -97,17 +102,7 @@ class DataView(StepView):
         self._problems = problems
         fill(
             self.query_one("#data-problems", DataTable),
-            [
-                (
-                    Path(p.get("file", "?")).name,
-                    p.get("row", "-"),
-                    p.get("kind", ""),
-                    p.get("field", ""),
-                    p.get("message", ""),
-                    p.get("action", ""),
-                )
-                for p in problems
-            ],
+            [_table_row(p, "file", "row", "kind", "field", "message", "action") for p in problems],
         )
         tokens = report.get("tokens", {})
         fill(

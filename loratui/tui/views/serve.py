@@ -19,8 +19,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Button, Checkbox, Input, RichLog, Static
 
-from loratui.tui.screens import StepView
 from loratui.tui.state import RunState
+from loratui.tui.views import StepView
 
 
 def health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:

@@ -9,12 +9,12 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, cell, fill, fmt, table
 from loratui.tui.state import RunState
+from loratui.tui.views import StepView, cell, fill, fmt, table
 
 
-class EvaluateView(StepView):
-    STEP, TITLE, SECTIONS = "evaluate", "Evaluate", ("eval",)
+class EvalView(StepView):
+    STEP, TITLE, SECTIONS = "eval", "Evaluate", ("eval",)
     BLURB = "Score the tuned model against the base model on the test split."
 
     def compose_results(self) -> ComposeResult:

@@ -6,8 +6,8 @@ from rich.markup import escape
 from textual.app import ComposeResult
 from textual.widgets import Static
 
-from loratui.tui.screens import StepView, cell, percent, size
 from loratui.tui.state import RunState
+from loratui.tui.views import StepView, cell, percent, size
 
 
 class MergeView(StepView):

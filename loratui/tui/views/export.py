@@ -11,8 +11,8 @@ from textual import events
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from loratui.tui.screens import StepView, fill, fmt, percent, size, table
 from loratui.tui.state import RunState
+from loratui.tui.views import StepView, fill, fmt, percent, size, table
 
 # The columns after the first, as the run report (exports/report.md) gives them: binary sizes, the
 # perplexity change with its sign, top-1 agreement as a percentage, key facts as a share of 1 (a mean).
