@@ -11,6 +11,7 @@ values are written back into the run's ``config.yaml``, so a run is reproducible
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
@@ -23,6 +24,17 @@ from loratui.pipeline.data.problems import PROBLEMS, TRUNCATABLE, Policy, Proble
 from loratui.pipeline.errors import LoratuiError
 
 Auto = Literal["auto"]
+
+
+def _positive_or_auto(message: str) -> Callable[[Any], Any]:
+    """A field validator for ``int | auto`` fields: an integer must be positive."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(message)
+        return v
+
+    return check
 
 
 class Section(BaseModel):
@@ -112,12 +124,7 @@ class DataSection(Section):
             raise ValueError(f"'truncate' only applies to too_long, not to {', '.join(bad)}")
         return v
 
-    @field_validator("max_length")
-    @classmethod
-    def _positive_length(cls, v: Any) -> Any:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError("must be a positive number of tokens or 'auto'")
-        return v
+    _positive_length = field_validator("max_length")(_positive_or_auto("must be a positive number of tokens or 'auto'"))
 
 
 class LoraSection(Section):
@@ -162,12 +169,7 @@ class LoraSection(Section):
         "(empty: this run's current adapter).",
     )
 
-    @field_validator("r", "alpha")
-    @classmethod
-    def _positive_rank(cls, v: Any) -> Any:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError("must be a positive integer or 'auto'")
-        return v
+    _positive_rank = field_validator("r", "alpha")(_positive_or_auto("must be a positive integer or 'auto'"))
 
 
 class TrainSection(Section):
@@ -447,7 +449,8 @@ class ConfigError(LoratuiError):
 
 
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    text: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    return text
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -604,6 +607,9 @@ def _annotation_at(loc: list[str]) -> Any:
     return current
 
 
+_PLAIN_WORDS: dict[type, str] = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
 def describe_type(annotation: Any, markdown: bool = False) -> str:
     """Words for what a field accepts: for error messages, or (``markdown``) for the reference table."""
     import types
@@ -612,22 +618,30 @@ def describe_type(annotation: Any, markdown: bool = False) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
-        if markdown:
-            return " \\| ".join(f"`{a}`" for a in args)
-        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
+        return _describe_literal(args, markdown)
     if origin in (Union, types.UnionType):
-        parts = [describe_type(a, markdown) for a in args if a is not type(None)]
-        if markdown:
-            return " \\| ".join(parts + (["null"] if type(None) in args else []))
-        return " or ".join(p for p in parts if p) + (" or empty" if type(None) in args else "")
+        return _describe_union(args, markdown)
     if origin is list:
         inner = describe_type(args[0], markdown) if args else ""
         return f"list[{inner}]" if markdown else f"a list of {inner or 'values'}"
     if origin is dict:
         return "mapping" if markdown else "a mapping"
     if markdown:
-        return getattr(annotation, "__name__", str(annotation))
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(annotation, "")
+        return str(getattr(annotation, "__name__", annotation))
+    return _PLAIN_WORDS.get(annotation, "")
+
+
+def _describe_literal(values: tuple[Any, ...], markdown: bool) -> str:
+    if markdown:
+        return " \\| ".join(f"`{a}`" for a in values)
+    return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(repr(a) for a in values)
+
+
+def _describe_union(members: tuple[Any, ...], markdown: bool) -> str:
+    parts = [describe_type(a, markdown) for a in members if a is not type(None)]
+    if markdown:
+        return " \\| ".join(parts + (["null"] if type(None) in members else []))
+    return " or ".join(p for p in parts if p) + (" or empty" if type(None) in members else "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -776,7 +790,8 @@ def _default_text(info: Any) -> str:
         value = info.default
     if value is None:
         return "(empty)"
-    return "`" + yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip() + "`"
+    flow: str = yaml.safe_dump(value, default_flow_style=True, width=1000)
+    return "`" + flow.strip().removesuffix("...").strip() + "`"
 
 
 def config_reference_markdown() -> str:
