@@ -48,6 +48,12 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batch_files(p: argparse.ArgumentParser, input_help: str, output_help: str) -> None:
+    """The files of a resumable batch command (score, generate)."""
+    p.add_argument("--input", required=True, metavar="FILE", help=input_help)
+    p.add_argument("--output", required=True, metavar="FILE", help=output_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loratui",
@@ -133,8 +139,7 @@ def _add_score_parser(sub: Subparsers) -> None:
     score.add_argument(
         "--model", required=True, metavar="PATH", help="an ONNX export folder, a merged model directory or a .gguf file"
     )
-    score.add_argument("--input", required=True, metavar="FILE", help="JSONL rows to score")
-    score.add_argument("--output", required=True, metavar="FILE", help="JSONL scores (appended; resumable)")
+    _add_batch_files(score, "JSONL rows to score", "JSONL scores (appended; resumable)")
     score.add_argument(
         "--field",
         default="text",
@@ -180,8 +185,7 @@ def _add_generate_parser(sub: Subparsers) -> None:
         "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.",
     )
     _add_target_args(gen)
-    gen.add_argument("--input", required=True, metavar="FILE", help="JSONL prompts or chats")
-    gen.add_argument("--output", required=True, metavar="FILE", help="JSONL outputs (appended; resumable)")
+    _add_batch_files(gen, "JSONL prompts or chats", "JSONL outputs (appended; resumable)")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens per row (default: 256)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
