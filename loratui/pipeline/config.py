@@ -11,6 +11,7 @@ values are written back into the run's ``config.yaml``, so a run is reproducible
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
@@ -23,6 +24,17 @@ from loratui.pipeline.data.problems import PROBLEMS, TRUNCATABLE, Policy, Proble
 from loratui.pipeline.errors import LoratuiError
 
 Auto = Literal["auto"]
+
+
+def _positive_or_auto(message: str) -> Callable[[Any], Any]:
+    """A field validator for ``int | auto`` fields: an integer must be positive."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(message)
+        return v
+
+    return check
 
 
 class Section(BaseModel):
@@ -112,12 +124,7 @@ class DataSection(Section):
             raise ValueError(f"'truncate' only applies to too_long, not to {', '.join(bad)}")
         return v
 
-    @field_validator("max_length")
-    @classmethod
-    def _positive_length(cls, v: Any) -> Any:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError("must be a positive number of tokens or 'auto'")
-        return v
+    _positive_length = field_validator("max_length")(_positive_or_auto("must be a positive number of tokens or 'auto'"))
 
 
 class LoraSection(Section):
@@ -162,12 +169,7 @@ class LoraSection(Section):
         "(empty: this run's current adapter).",
     )
 
-    @field_validator("r", "alpha")
-    @classmethod
-    def _positive_rank(cls, v: Any) -> Any:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError("must be a positive integer or 'auto'")
-        return v
+    _positive_rank = field_validator("r", "alpha")(_positive_or_auto("must be a positive integer or 'auto'"))
 
 
 class TrainSection(Section):
@@ -447,7 +449,8 @@ class ConfigError(LoratuiError):
 
 
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    text: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    return text
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -604,6 +607,9 @@ def _annotation_at(loc: list[str]) -> Any:
     return current
 
 
+_PLAIN_WORDS: dict[type, str] = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
 def describe_type(annotation: Any, markdown: bool = False) -> str:
     """Words for what a field accepts: for error messages, or (``markdown``) for the reference table."""
     import types
@@ -612,22 +618,30 @@ def describe_type(annotation: Any, markdown: bool = False) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
-        if markdown:
-            return " \\| ".join(f"`{a}`" for a in args)
-        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
+        return _describe_literal(args, markdown)
     if origin in (Union, types.UnionType):
-        parts = [describe_type(a, markdown) for a in args if a is not type(None)]
-        if markdown:
-            return " \\| ".join(parts + (["null"] if type(None) in args else []))
-        return " or ".join(p for p in parts if p) + (" or empty" if type(None) in args else "")
+        return _describe_union(args, markdown)
     if origin is list:
         inner = describe_type(args[0], markdown) if args else ""
         return f"list[{inner}]" if markdown else f"a list of {inner or 'values'}"
     if origin is dict:
         return "mapping" if markdown else "a mapping"
     if markdown:
-        return getattr(annotation, "__name__", str(annotation))
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(annotation, "")
+        return str(getattr(annotation, "__name__", annotation))
+    return _PLAIN_WORDS.get(annotation, "")
+
+
+def _describe_literal(values: tuple[Any, ...], markdown: bool) -> str:
+    if markdown:
+        return " \\| ".join(f"`{a}`" for a in values)
+    return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(repr(a) for a in values)
+
+
+def _describe_union(members: tuple[Any, ...], markdown: bool) -> str:
+    parts = [describe_type(a, markdown) for a in members if a is not type(None)]
+    if markdown:
+        return " \\| ".join(parts + (["null"] if type(None) in members else []))
+    return " or ".join(p for p in parts if p) + (" or empty" if type(None) in members else "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -692,76 +706,97 @@ def check_local_paths(
     Relative paths resolve against the working directory, as every step resolves them, not against the
     config file's folder; a path that is there relative to the config file's folder says so.
     """
-    import glob
+    missing = _MissingPaths(path, overrides or [])
+    _check_base(cfg, missing)
+    _check_data_paths(cfg, missing)
+    _check_artifact_paths(cfg, missing)
+    return missing.problems
 
-    from loratui.pipeline import models
-    from loratui.pipeline.data.loaders import expand_sources
 
-    cwd = Path.cwd().resolve()
-    config_dir = Path(path).resolve().parent if path is not None else None
-    text = Path(path).read_text(encoding="utf-8") if path is not None and Path(path).is_file() else ""
-    lines = _line_index(text)
-    source = str(path) if path is not None else "(defaults)"
-    keys = {o.partition("=")[0].strip(): o for o in overrides or []}
-    run_dir = cfg.run_dir.resolve()
-    problems: list[ConfigProblem] = []
+class _MissingPaths:
+    """The problems found so far, each placed where the user wrote the path: a line of the config file, or
+    the override that set it."""
 
-    def there_from_config(value: str) -> bool:
-        if config_dir is None or config_dir == cwd or Path(value).expanduser().is_absolute():
+    def __init__(self, path: str | Path | None, overrides: list[str]) -> None:
+        self.cwd = Path.cwd().resolve()
+        self.config_dir = Path(path).resolve().parent if path is not None else None
+        text = Path(path).read_text(encoding="utf-8") if path is not None and Path(path).is_file() else ""
+        self.lines = _line_index(text)
+        self.source = str(path) if path is not None else "(defaults)"
+        self.overrides = {o.partition("=")[0].strip(): o for o in overrides}
+        self.problems: list[ConfigProblem] = []
+
+    def _there_from_config(self, value: str) -> bool:
+        import glob
+
+        if self.config_dir is None or self.config_dir == self.cwd or Path(value).expanduser().is_absolute():
             return False
         if any(ch in value for ch in "*?["):
-            return bool(glob.glob(str(config_dir / value), recursive=True))
-        return (config_dir / value).exists()
+            return bool(glob.glob(str(self.config_dir / value), recursive=True))
+        return (self.config_dir / value).exists()
 
-    def report(field: str, loc: tuple[str, ...], value: str, what: str) -> None:
+    def report(self, field: str, loc: tuple[str, ...], value: str, what: str) -> None:
         message = f"{value!r}: {what}"
         if not Path(value).expanduser().is_absolute():
-            message += f" (resolved against the working directory {cwd})"
-            if there_from_config(value):
+            message += f" (resolved against the working directory {self.cwd})"
+            if self._there_from_config(value):
                 message += (
-                    f"; it is there relative to the config file ({config_dir}), but relative paths "
-                    f"resolve against the working directory; run from {config_dir} or use an absolute path"
+                    f"; it is there relative to the config file ({self.config_dir}), but relative paths "
+                    f"resolve against the working directory; run from {self.config_dir} or use an absolute path"
                 )
-        by = [o for k, o in keys.items() if field == k or field.startswith(k + ".")]
-        problems.append(
+        by = [o for k, o in self.overrides.items() if field == k or field.startswith(k + ".")]
+        self.problems.append(
             ConfigProblem(
-                f"override {by[-1]!r}" if by else source,
+                f"override {by[-1]!r}" if by else self.source,
                 field,
                 message,
-                None if by else lines.get(loc) or lines.get(loc[:2]),
+                None if by else self.lines.get(loc) or self.lines.get(loc[:2]),
             )
         )
 
-    def value_at(field: str) -> Any:
-        section, name = field.split(".")
-        return getattr(getattr(cfg, section), name)
+
+def _value_at(cfg: RunConfig, field: str) -> Any:
+    section, name = field.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_base(cfg: RunConfig, missing: _MissingPaths) -> None:
+    from loratui.pipeline import models
 
     base = cfg.model.base.strip()
     if base not in models.BUILTINS and not Path(base).expanduser().exists() and not models.is_hub_id(base):
-        report(
+        missing.report(
             "model.base",
             ("model", "base"),
             base,
             f"no such file or folder, and not a built-in model ({', '.join(models.BUILTINS)}) or a hub id (org/name)",
         )
+
+
+def _check_data_paths(cfg: RunConfig, missing: _MissingPaths) -> None:
+    from loratui.pipeline.data.loaders import expand_sources
+
     for field in DATA_PATH_FIELDS:
-        value = value_at(field)
+        value = _value_at(cfg, field)
         items = [] if value is None else [value] if isinstance(value, str) else list(value)
         for i, item in enumerate(items):
             loc = tuple(field.split(".")) + (() if isinstance(value, str) else (str(i),))
             try:
                 expand_sources(item)
             except LoratuiError as e:  # its words: no such file, folder or bundled dataset; no files match ...
-                report(field, loc, item, e.message.rpartition(": ")[2])
+                missing.report(field, loc, item, e.message.rpartition(": ")[2])
+
+
+def _check_artifact_paths(cfg: RunConfig, missing: _MissingPaths) -> None:
+    run_dir = cfg.run_dir.resolve()
     for field in ARTIFACT_PATH_FIELDS:
-        value = value_at(field)
+        value = _value_at(cfg, field)
         if not value:
             continue
         p = Path(value).expanduser()
         if p.exists() or p.resolve().is_relative_to(run_dir):
             continue
-        report(field, tuple(field.split(".")), value, "no such file or folder")
-    return problems
+        missing.report(field, tuple(field.split(".")), value, "no such file or folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,7 +811,8 @@ def _default_text(info: Any) -> str:
         value = info.default
     if value is None:
         return "(empty)"
-    return "`" + yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip() + "`"
+    flow: str = yaml.safe_dump(value, default_flow_style=True, width=1000)
+    return "`" + flow.strip().removesuffix("...").strip() + "`"
 
 
 def config_reference_markdown() -> str:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from rich.markup import escape
@@ -83,12 +83,12 @@ class Cancelled(_Event):
     resume_from: str | None = Field(None, description="Checkpoint to resume from, if one was saved.")
 
 
-Event = Annotated[
-    Progress | Metric | Log | Artifact | Checkpoint | Done | Error | Cancelled, Field(discriminator="type")
-]
+AnyEvent = Progress | Metric | Log | Artifact | Checkpoint | Done | Error | Cancelled
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 EVENT_TYPES = ("progress", "metric", "log", "artifact", "checkpoint", "done", "error", "cancelled")
 FINAL_TYPES = frozenset({"done", "error", "cancelled"})
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
+EventT = TypeVar("EventT", bound=_Event)
 
 
 def parse_event(line: str | bytes | dict[str, Any]) -> Event:
@@ -151,13 +151,13 @@ class JsonlWriter:
             self._fh.close()
 
 
-class MemoryWriter(list):
+class MemoryWriter(list[AnyEvent]):
     """Keeps events in a list (tests, in-process callers)."""
 
     def __call__(self, event: Any) -> None:
         self.append(event)
 
-    def of_type(self, kind: str) -> list[Any]:
+    def of_type(self, kind: str) -> list[AnyEvent]:
         return [e for e in self if e.type == kind]
 
 
@@ -213,16 +213,20 @@ class RichWriter:
             self._print(f"[green]{kind}[/] {escape(event.path)}")
         elif kind in FINAL_TYPES:
             self.close()
-            if kind == "done":
-                took = f" in {event.seconds:.1f}s" if event.seconds is not None else ""
-                self.console.print(f"[bold green]{escape(event.step)} done{took}[/]")
-            elif kind == "cancelled":
-                resume = f" (resume from {event.resume_from})" if event.resume_from else ""
-                self.console.print(f"[bold yellow]{escape(event.step + ' cancelled' + resume)}[/]")
-            else:
-                self.console.print(f"[bold red]error:[/] {escape(event.message)}", soft_wrap=True)
-                if event.hint:
-                    self.console.print(f"[dim]hint:[/] {escape(event.hint)}", soft_wrap=True)
+            self._final(event)
+
+    def _final(self, event: Any) -> None:
+        """The step's last line: done (and how long it took), cancelled (and where to resume), or the error."""
+        if event.type == "done":
+            took = f" in {event.seconds:.1f}s" if event.seconds is not None else ""
+            self.console.print(f"[bold green]{escape(event.step)} done{took}[/]")
+        elif event.type == "cancelled":
+            resume = f" (resume from {event.resume_from})" if event.resume_from else ""
+            self.console.print(f"[bold yellow]{escape(event.step + ' cancelled' + resume)}[/]")
+        else:
+            self.console.print(f"[bold red]error:[/] {escape(event.message)}", soft_wrap=True)
+            if event.hint:
+                self.console.print(f"[dim]hint:[/] {escape(event.hint)}", soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -238,7 +242,7 @@ class EventSink:
         self.step = step
         self.writers: list[Writer] = list(writers or [])
 
-    def emit(self, event: Any) -> Any:
+    def emit(self, event: EventT) -> EventT:
         for write in self.writers:
             write(event)
         return event

@@ -193,9 +193,10 @@ def read_config(model: Any) -> dict[str, Any]:
     if isinstance(model, (str, Path)):
         path = Path(model) / "config.json"
         try:
-            return json.loads(path.read_text())
+            config: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
+        return config
     return model.to_dict() if hasattr(model, "to_dict") else {}
 
 

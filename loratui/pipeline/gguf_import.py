@@ -22,9 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loratui.pipeline.errors import LoratuiError
+
+if TYPE_CHECKING:
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
 # llama.cpp token types (gguf.TokenType)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -133,19 +137,12 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
+def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> PreTrainedTokenizerFast:
     """A transformers fast tokenizer equivalent to llama.cpp's for a ``gpt2``-model GGUF."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    pre_name = meta.get("tokenizer.ggml.pre", "default")
-    spec = PRE_TOKENIZERS.get(pre_name)
-    if spec is None:
-        raise LoratuiError(
-            f"{source}: tokenizer pre-tokenizer {pre_name!r} is not supported by the importer",
-            hint=f"Supported: {', '.join(sorted(PRE_TOKENIZERS))}. Use the model's Hugging Face "
-            "directory instead of its GGUF.",
-        )
+    spec = _pre_tokenizer_spec(meta, source)
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
@@ -154,46 +151,22 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=spec.ignore_merges)
     )
-    parts: list[pre_tokenizers.PreTokenizer] = []
-    for rule in spec.rules:
-        if rule == "digits":
-            parts.append(pre_tokenizers.Digits(individual_digits=True))
-        elif rule == "gpt2":
-            parts.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True))
-        else:
-            parts.append(pre_tokenizers.Split(Regex(rule), behavior="isolated", invert=False))
-    if spec.rules[-1] != "gpt2":
-        parts.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(parts)
+    tok.pre_tokenizer = _pre_tokenizer(spec)
     tok.decoder = decoders.ByteLevel()
-
-    # Control and user-defined tokens are matched whole in the text, as llama.cpp does with
-    # parse_special=true; control tokens are skipped by decode(skip_special_tokens=True).
-    added = [
-        AddedToken(tokens[i], special=(t == _CONTROL), normalized=False, lstrip=False, rstrip=False)
-        for i, t in enumerate(types)
-        if t in (_CONTROL, _USER_DEFINED)
-    ]
-    tok.add_tokens(added)
+    tok.add_tokens(_added_tokens(tokens, types))
 
     def token(key: str) -> str | None:
         idx = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
 
     bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        head = [bos] if bos is not None and add_bos else []
-        tail = [eos] if eos is not None and add_eos else []
-        tok.post_processor = processors.TemplateProcessing(
-            single=" ".join([*head, "$A", *tail]),
-            pair=" ".join([*head, "$A", *tail, "$B:1", *(f"{t}:1" for t in tail)]),
-            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)],
-        )
+    added_bos = bos if meta.get("tokenizer.ggml.add_bos_token", False) else None
+    added_eos = eos if meta.get("tokenizer.ggml.add_eos_token", False) else None
+    _add_bos_eos(tok, vocab, added_bos, added_eos)
 
     context = _context_length(meta)
-    fast = PreTrainedTokenizerFast(
+    # transformers' tokenizer classes have no annotations on __init__
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token=bos,
         eos_token=eos,
@@ -206,6 +179,62 @@ def build_bpe_tokenizer(meta: dict[str, Any], source: str = "GGUF") -> Any:
     if template:
         fast.chat_template = template
     return fast
+
+
+def _pre_tokenizer_spec(meta: dict[str, Any], source: str) -> _PreTok:
+    pre_name = meta.get("tokenizer.ggml.pre", "default")
+    spec = PRE_TOKENIZERS.get(pre_name)
+    if spec is None:
+        raise LoratuiError(
+            f"{source}: tokenizer pre-tokenizer {pre_name!r} is not supported by the importer",
+            hint=f"Supported: {', '.join(sorted(PRE_TOKENIZERS))}. Use the model's Hugging Face "
+            "directory instead of its GGUF.",
+        )
+    return spec
+
+
+def _pre_tokenizer(spec: _PreTok) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's split rules for the GGUF's ``pre`` name, then byte-level encoding."""
+    from tokenizers import Regex, pre_tokenizers
+
+    parts: list[pre_tokenizers.PreTokenizer] = []
+    for rule in spec.rules:
+        if rule == "digits":
+            parts.append(pre_tokenizers.Digits(individual_digits=True))
+        elif rule == "gpt2":
+            parts.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True))
+        else:
+            parts.append(pre_tokenizers.Split(Regex(rule), behavior="isolated", invert=False))
+    if spec.rules[-1] != "gpt2":
+        parts.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False))
+    return pre_tokenizers.Sequence(parts)
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[AddedToken]:
+    """Control and user-defined tokens are matched whole in the text, as llama.cpp does with
+    parse_special=true; control tokens are skipped by decode(skip_special_tokens=True)."""
+    from tokenizers import AddedToken
+
+    return [
+        AddedToken(tokens[i], special=(t == _CONTROL), normalized=False, lstrip=False, rstrip=False)
+        for i, t in enumerate(types)
+        if t in (_CONTROL, _USER_DEFINED)
+    ]
+
+
+def _add_bos_eos(tok: Tokenizer, vocab: dict[str, int], bos: str | None, eos: str | None) -> None:
+    """Put ``bos`` in front of and ``eos`` after every sequence (None: that one is not added)."""
+    from tokenizers import processors
+
+    if bos is None and eos is None:
+        return
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    tok.post_processor = processors.TemplateProcessing(
+        single=" ".join([*head, "$A", *tail]),
+        pair=" ".join([*head, "$A", *tail, "$B:1", *(f"{t}:1" for t in tail)]),
+        special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)],
+    )
 
 
 def build_tokenizer(gguf_path: str | Path, meta: dict[str, Any] | None = None) -> Any:

@@ -128,84 +128,85 @@ def _export_section(run: RunDir) -> list[str]:
 
 
 def _usage_section(cfg: RunConfig, run: RunDir) -> list[str]:
-    lines = ["## Use it", ""]
+    lines = [
+        *_gguf_usage(cfg, run),
+        *_onnx_usage(run),
+        *_python_usage(run),
+    ]
+    return ["## Use it", "", *lines] if lines else []
+
+
+def _snippet(title: str, language: str, code: list[str]) -> list[str]:
+    """A title line and a fenced code block."""
+    return [title, "", f"```{language}", *code, "```", ""]
+
+
+def _gguf_usage(cfg: RunConfig, run: RunDir) -> list[str]:
     gguf = sorted(run.exports.glob("gguf/*.gguf")) if run.exports.is_dir() else []
     merged_ggufs = [p for p in gguf if "-lora-" not in p.name and "-base-" not in p.name]
-    loras = [p for p in gguf if "-lora-" in p.name]
+    lines = []
     if merged_ggufs:
         pick = next((p for p in merged_ggufs if "q4_k_m" in p.name), merged_ggufs[0])
         rel = pick.relative_to(run.path)
         modelfile = pick.with_suffix(".Modelfile")
-        lines += [
-            "llama.cpp and Ollama:",
-            "",
-            "```bash",
+        code = [
             f"llama-cli -m {rel} -cnv                     # chat in the terminal",
             f"llama-server -m {rel} --port 8080           # llama.cpp's own OpenAI-compatible server",
         ]
         if modelfile.is_file():
-            lines.append(f"ollama create {cfg.name} -f {modelfile.relative_to(run.path)} && ollama run {cfg.name}")
-        lines += ["```", ""]
-    for lora in loras:
+            code.append(f"ollama create {cfg.name} -f {modelfile.relative_to(run.path)} && ollama run {cfg.name}")
+        lines += _snippet("llama.cpp and Ollama:", "bash", code)
+    for lora in (p for p in gguf if "-lora-" in p.name):
         base = next(iter(sorted(lora.parent.glob(lora.name.split("-lora-")[0] + "-base-*.gguf"))), None)
         if base is not None:
-            lines += [
+            lines += _snippet(
                 "The adapter on its base in llama.cpp:",
-                "",
-                "```bash",
-                f"llama-cli -m {base.relative_to(run.path)} --lora {lora.relative_to(run.path)} -cnv",
-                "```",
-                "",
-            ]
-    if (run.exports / "onnx" / "report.json").is_file():
-        # the smallest folder that passed its check: a quantized one decodes faster on a CPU
-        folder = next(
-            (
-                run.exports / name
-                for name in ("onnx-int4", "onnx-int8", "onnx")
-                if (run.exports / name / "genai_config.json").is_file()
-            ),
-            run.exports / "onnx",
-        )
-        lines += [
-            "ONNX Runtime (onnxruntime-genai), no loratui needed:",
-            "",
-            "```python",
-            *genai_snippet(folder),
-            "```",
-            "",
-            f"Batch scoring: `loratui score --model {run.exports / 'onnx'} --input rows.jsonl --output scores.jsonl`",
-            "",
-        ]
+                "bash",
+                [f"llama-cli -m {base.relative_to(run.path)} --lora {lora.relative_to(run.path)} -cnv"],
+            )
+    return lines
+
+
+def _onnx_usage(run: RunDir) -> list[str]:
+    if not (run.exports / "onnx" / "report.json").is_file():
+        return []
+    # the smallest folder that passed its check: a quantized one decodes faster on a CPU
+    folder = next(
+        (
+            run.exports / name
+            for name in ("onnx-int4", "onnx-int8", "onnx")
+            if (run.exports / name / "genai_config.json").is_file()
+        ),
+        run.exports / "onnx",
+    )
+    return [
+        *_snippet("ONNX Runtime (onnxruntime-genai), no loratui needed:", "python", genai_snippet(folder)),
+        f"Batch scoring: `loratui score --model {run.exports / 'onnx'} --input rows.jsonl --output scores.jsonl`",
+        "",
+    ]
+
+
+def _from_pretrained(module: str, names: str, folder: Path) -> list[str]:
+    """Python that loads ``folder`` with the first of ``names`` (imported from ``module``)."""
+    model_class = names.split(",")[0]
+    return [f"from {module} import {names}", f'model = {model_class}.from_pretrained("{folder}")']
+
+
+def _python_usage(run: RunDir) -> list[str]:
+    """transformers for the merged model; peft and the server for the adapter."""
+    lines = []
     if (run.merged / "config.json").is_file():
-        lines += [
-            "transformers (merged safetensors):",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f'model = AutoModelForCausalLM.from_pretrained("{run.merged}")',
-            "```",
-            "",
-        ]
+        load = _from_pretrained("transformers", "AutoModelForCausalLM, AutoTokenizer", run.merged)
+        lines += _snippet("transformers (merged safetensors):", "python", load)
     if (run.adapter / "adapter_config.json").is_file():
-        lines += [
-            "peft (the adapter on its base):",
-            "",
-            "```python",
-            "from peft import AutoPeftModelForCausalLM",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{run.adapter}")',
-            "```",
-            "",
-        ]
-        lines += [
+        load = _from_pretrained("peft", "AutoPeftModelForCausalLM", run.adapter)
+        lines += _snippet("peft (the adapter on its base):", "python", load)
+        lines += _snippet(
             "An OpenAI-compatible server (picks the runtime that fits the machine):",
-            "",
-            "```bash",
-            f"loratui serve {run.path}",
-            "```",
-            "",
-        ]
-    return lines if len(lines) > 2 else []
+            "bash",
+            [f"loratui serve {run.path}"],
+        )
+    return lines
 
 
 def _data_sources(cfg: RunConfig) -> str:

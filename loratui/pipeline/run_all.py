@@ -65,6 +65,14 @@ def _train_resumable(cfg: RunConfig, run: RunDir) -> bool:
     return started == uptodate.fingerprint(cfg, "train") and bool(complete_checkpoints(run.checkpoints))
 
 
+def _resume_train(step: str, step_cfg: RunConfig, run: RunDir) -> bool:
+    """Set a train step without ``train.resume`` to resume when an interrupted run left a checkpoint."""
+    if step != "train" or step_cfg.train.resume is not False or not _train_resumable(step_cfg, run):
+        return False
+    step_cfg.train.resume = "latest"
+    return True
+
+
 def run_all(
     cfg: RunConfig,
     *,
@@ -99,6 +107,7 @@ def _run_steps(
     force: tuple[str, ...],
     announce: Callable[[int, int, str, str], Any] | None,
 ) -> tuple[int, list[Outcome]]:
+    tell = announce or (lambda *_: None)
     outcomes: list[Outcome] = []
     for i, step in enumerate(steps, 1):
         if stop():
@@ -108,14 +117,10 @@ def _run_steps(
         forced = step in force
         if not forced and uptodate.up_to_date(step_cfg, run, step):
             outcomes.append(Outcome(step, "skipped"))
-            if announce:
-                announce(i, len(steps), step, "up to date")
+            tell(i, len(steps), step, "up to date")
             continue
-        resumed = step == "train" and step_cfg.train.resume is False and not forced and _train_resumable(step_cfg, run)
-        if resumed:
-            step_cfg.train.resume = "latest"
-        if announce:
-            announce(i, len(steps), step, "resuming from the latest checkpoint" if resumed else "running")
+        resumed = not forced and _resume_train(step, step_cfg, run)
+        tell(i, len(steps), step, "resuming from the latest checkpoint" if resumed else "running")
         started = time.monotonic()
         code, _result, _events = run_step(step, load_step(step), step_cfg, writers=writers, stop=stop)
         took = round(time.monotonic() - started, 1)

@@ -17,8 +17,25 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from loratui.pipeline.config import RunConfig
+
+
+class _InRun:
+    """A named path of the run directory's layout: ``run.events`` is ``run.path / "events.jsonl"``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type[RunDir]) -> _InRun: ...
+
+    @overload
+    def __get__(self, run: RunDir, owner: type[RunDir]) -> Path: ...
+
+    def __get__(self, run: RunDir | None, owner: type[RunDir]) -> Path | _InRun:
+        return self if run is None else run.path / self.name
 
 
 @dataclass(frozen=True)
@@ -27,41 +44,15 @@ class RunDir:
 
     path: Path
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def events(self) -> Path:
-        return self.path / "events.jsonl"
-
-    @property
-    def data(self) -> Path:
-        return self.path / "data"
-
-    @property
-    def adapter(self) -> Path:
-        return self.path / "adapter"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def eval(self) -> Path:
-        return self.path / "eval"
-
-    @property
-    def merged(self) -> Path:
-        return self.path / "merged"
-
-    @property
-    def exports(self) -> Path:
-        return self.path / "exports"
-
-    @property
-    def report(self) -> Path:
-        return self.path / "report.md"
+    config = _InRun("config.yaml")
+    events = _InRun("events.jsonl")
+    data = _InRun("data")
+    adapter = _InRun("adapter")
+    checkpoints = _InRun("checkpoints")
+    eval = _InRun("eval")
+    merged = _InRun("merged")
+    exports = _InRun("exports")
+    report = _InRun("report.md")
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> RunDir:

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, Field
 
@@ -67,17 +67,17 @@ def _load(ref: str) -> Any:
 
 
 def load_step(name: str) -> StepFn:
-    return _load(STEPS[name])
+    return cast(StepFn, _load(STEPS[name]))
 
 
 def load_action(step: str, action: str) -> Callable[..., Any]:
     """A step's follow-up action (``loratui data preview``), see registry.STEP_ACTIONS."""
-    return _load(STEP_ACTIONS[step][action])
+    return cast(Callable[..., Any], _load(STEP_ACTIONS[step][action]))
 
 
 def load_command(step: str, command: str) -> Callable[..., int]:
     """A command that replaces running the step (``loratui train rollback 2``), see registry.STEP_COMMANDS."""
-    return _load(STEP_COMMANDS[step][command])
+    return cast(Callable[..., int], _load(STEP_COMMANDS[step][command]))
 
 
 STOPPING_MESSAGE = b"Stopping at the next safe point (training saves a checkpoint first)... (Ctrl-C again to abort)\n"
@@ -146,6 +146,25 @@ def _write_report(cfg: RunConfig, run: RunDir, events: EventSink) -> None:
         events.log(f"report.md not written: {type(e).__name__}: {e}", level="warning")
 
 
+def _open_run(name: str, cfg: RunConfig, writers: list[Writer] | None) -> tuple[RunDir, EventSink]:
+    """The run directory (created with its config.yaml) and the sink: events.jsonl plus ``writers``. In a worker
+    of a multi-process launch, rank 0 reports on stdout only and the other ranks report nothing."""
+    if os.environ.get(WORKER_ENV):
+        run = RunDir.for_config(cfg)
+        return run, EventSink(name, [JsonlWriter(sys.stdout)] if int(os.environ.get("RANK", 0)) == 0 else [])
+    run = RunDir.for_config(cfg).create(cfg)
+    return run, EventSink(name, [JsonlWriter(run.events), *(writers or [])])
+
+
+def _cancel_reason(stop: StopFlag, result: StepResult) -> str:
+    """What stopped a step: a step that stops by itself without a signal is a bug to chase."""
+    if stop.signal is not None:
+        return f"cancelled by {signal.Signals(stop.signal).name}"
+    if stop():
+        return "cancelled (stop requested)"
+    return f"cancelled by the step: {result.summary.get('reason', '')}"
+
+
 def run_step(
     name: str,
     fn: StepFn,
@@ -159,12 +178,7 @@ def run_step(
     Returns (exit code, result or None, the sink). Never raises for step failures: they become an
     ``error`` event and an exit code.
     """
-    if os.environ.get(WORKER_ENV):
-        run = RunDir.for_config(cfg)
-        events = EventSink(name, [JsonlWriter(sys.stdout)] if int(os.environ.get("RANK", 0)) == 0 else [])
-    else:
-        run = RunDir.for_config(cfg).create(cfg)
-        events = EventSink(name, [JsonlWriter(run.events), *(writers or [])])
+    run, events = _open_run(name, cfg, writers)
     stop = stop or StopFlag()
     restore = stop.install()
     started = time.monotonic()
@@ -182,15 +196,7 @@ def run_step(
         except StepCancelled as e:
             result = StepResult(status="cancelled", summary={"reason": str(e) or "cancelled"})
         if result.status == "cancelled":
-            # say what stopped it: a step that stops by itself without a signal is a bug to chase
-            why = (
-                f"cancelled by {signal.Signals(stop.signal).name}"
-                if stop.signal is not None
-                else "cancelled (stop requested)"
-                if stop()
-                else f"cancelled by the step: {result.summary.get('reason', '')}"
-            )
-            events.cancelled(message=why, resume_from=result.resume_from)
+            events.cancelled(message=_cancel_reason(stop, result), resume_from=result.resume_from)
             return EXIT_CANCELLED, result, events
         if fp is not None:
             uptodate.record_done(run, name, fp)

@@ -26,6 +26,19 @@ def training_curves(events_file: Path) -> tuple[dict[int, float], dict[int, floa
     """
     if not events_file.is_file():
         return {}, {}
+    train: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    for e in _latest_training_metrics(events_file):
+        values = e.get("values", {})
+        if "loss" in values and e.get("split") in (None, "train"):
+            train[int(e["at"])] = float(values["loss"])
+        if "eval_loss" in values:
+            evals[int(e["at"])] = float(values["eval_loss"])
+    return train, evals
+
+
+def _latest_training_metrics(events_file: Path) -> list[dict[str, Any]]:
+    """The train metric events (with a step) of the latest run that ended ``done``, else of the last run."""
     runs: list[tuple[list[dict[str, Any]], str | None]] = []
     current: list[dict[str, Any]] = []
     for line in events_file.read_text(encoding="utf-8").splitlines():
@@ -41,16 +54,7 @@ def training_curves(events_file: Path) -> tuple[dict[int, float], dict[int, floa
             runs.append((current, e["type"]))
             current = []
     finished = [metrics for metrics, end in runs if end == "done"]
-    latest = finished[-1] if finished else current
-    train: dict[int, float] = {}
-    evals: dict[int, float] = {}
-    for e in latest:
-        values = e.get("values", {})
-        if "loss" in values and e.get("split") in (None, "train"):
-            train[int(e["at"])] = float(values["loss"])
-        if "eval_loss" in values:
-            evals[int(e["at"])] = float(values["eval_loss"])
-    return train, evals
+    return finished[-1] if finished else current
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> Any:
@@ -107,43 +111,42 @@ def _bars(ax: Any, names: list[str], per_model: dict[str, list[float | None]], l
 
 def metrics_plot(path: Path, results: dict[str, dict[str, Any]], name: str, title: str) -> bool:
     """Fractions (and BLEU / 100) in one panel, loss and perplexity in another."""
-    models = list(results)
-    scores = {m: results[m][name].metrics for m in models}
-    rates = [k for k in M.GENERATION_METRICS if any(k in scores[m] for m in models)]
-    losses = [k for k in M.LOSS_METRICS if any(k in scores[m] for m in models)]
+    scores = {m: results[m][name].metrics for m in results}
+    rates = _present(M.GENERATION_METRICS, scores)
+    losses = _present(M.LOSS_METRICS, scores)
     if not rates and not losses:
         return False
-    fig = _figure(9.0 if rates and losses else 7.0, 4.0)
+    both = bool(rates and losses)
+    fig = _figure(9.0 if both else 7.0, 4.0)
     panels = (
-        fig.subplots(1, 2, width_ratios=[max(len(rates), 1), max(len(losses), 1)])
-        if rates and losses
+        list(fig.subplots(1, 2, width_ratios=[max(len(rates), 1), max(len(losses), 1)]))
+        if both
         else [fig.add_subplot()]
     )
-    i = 0
     if rates:
-        ax = panels[i]
-        i += 1
         labels = ["bleu/100" if k == "bleu" else k for k in rates]
-        _bars(
-            ax,
-            labels,
-            {
-                m: [
-                    (scores[m].get(k) / 100 if k == "bleu" and scores[m].get(k) is not None else scores[m].get(k))
-                    for k in rates
-                ]
-                for m in models
-            },
-        )
+        ax = panels.pop(0)
+        _bars(ax, labels, {m: [_as_fraction(values, k) for k in rates] for m, values in scores.items()})
         ax.set_ylim(0, 1.1)
         ax.set_title(f"{title}: generation (higher is better)")
     if losses:
-        ax = panels[i]
-        _bars(ax, losses, {m: [scores[m].get(k) for k in losses] for m in models}, legend=not rates)
+        ax = panels.pop(0)
+        _bars(ax, losses, {m: [values.get(k) for k in losses] for m, values in scores.items()}, legend=not rates)
         ax.set_yscale("log")
         ax.set_title("lower is better")
     fig.savefig(path)
     return True
+
+
+def _present(keys: tuple[str, ...], scores: dict[str, dict[str, float]]) -> list[str]:
+    """The metrics among ``keys`` that any model has, in the order of ``keys``."""
+    return [k for k in keys if any(k in values for values in scores.values())]
+
+
+def _as_fraction(values: dict[str, float], key: str) -> float | None:
+    """A generation metric on the 0-1 scale of the others (BLEU is 0-100)."""
+    value = values.get(key)
+    return value / 100 if key == "bleu" and value is not None else value
 
 
 def retention_plot(path: Path, sets: list[Any], results: dict[str, dict[str, Any]]) -> bool:
