@@ -28,7 +28,7 @@ STEP_HELP: dict[str, str] = {
 
 # Actions a step accepts as its first word (`loratui data preview`): run the step (cached), then this.
 STEP_ACTIONS: dict[str, dict[str, str]] = {
-    "data": {"preview": "loratui.pipeline.data.step:show_preview"},
+    "data": {"preview": "loratui.pipeline.data.summary:show_preview"},
 }
 
 # Commands a step accepts as its first word *instead of* running (`loratui train rollback 2`):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loratui.pipeline import models
-from loratui.pipeline.data.encode import render_chat
+from loratui.pipeline.data.render import render_chat
 from loratui.pipeline.data.templates import resolve_template
 from loratui.pipeline.errors import LoratuiError, ModelNotFound
 from loratui.pipeline.gguf_import import GEMMA3_CHAT_TEMPLATE, chat_template_for, generation_stops

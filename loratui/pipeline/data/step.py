@@ -39,7 +39,6 @@ from loratui.pipeline.data.manifest import DataReport, DatasetManifest
 from loratui.pipeline.data.problems import PROBLEMS
 from loratui.pipeline.data.read import split_files
 from loratui.pipeline.data.summary import render_notes
-from loratui.pipeline.data.summary import show_preview as show_preview  # registry.py's name until it names .summary
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.models import load_model_inputs
 from loratui.pipeline.runs import RunDir, write_config

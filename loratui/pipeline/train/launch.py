@@ -62,7 +62,7 @@ def _free_port() -> int:
 def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     import torch
 
-    from loratui.pipeline.data.step import prepare
+    from loratui.pipeline.data.prepare import prepare
 
     prepare(cfg, run, events, should_stop)
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
