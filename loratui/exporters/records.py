@@ -53,7 +53,7 @@ class ExportedFile(_Written):
     type: str
     file: str | None = None
     folder: str | None = None
-    bytes: int
+    bytes: int | None = None
     bits_per_weight: float | None = None  # GGUF
     max_abs_logit_diff: float | None = None  # ONNX
     reference_max_abs_logit: float | None = None  # ONNX
@@ -83,11 +83,11 @@ class ExportReport(_Written):
     merged_perplexity: float | None = None
     merged_decode_tokens_per_s: float | None = None  # ONNX
     samples: int | None = None  # GGUF: the test rows verified on
-    params: int
+    params: int | None = None  # the merged model's (LoRA GGUF: the base's)
     adapter_params: int | None = None  # LoRA GGUF
     adapter: str | None = None  # LoRA GGUF
     stop_token_ids: list[int] | None = None  # ONNX
-    files: list[ExportedFile]
+    files: list[ExportedFile] = []
 
     @classmethod
     def load(cls, path: Path) -> ExportReport:

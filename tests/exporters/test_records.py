@@ -46,3 +46,11 @@ def test_figures_that_are_not_finite_stay_as_json_writes_them(tmp_path):
     ExportReport(params=1, files=[row]).save(path)
     assert "NaN" in path.read_text()
     assert math.isnan(ExportReport.load(path).files[0].max_abs_logit_diff or 0.0)
+
+
+def test_a_report_with_only_files_reads_as_the_export_view_reads_it(tmp_path):
+    """The TUI's test runs write reports with rows only: they read with every other figure unknown."""
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"files": [{"type": "q8_0", "file": "r-q8_0.gguf", "bytes": 2**19}]}))
+    report = ExportReport.load(path)
+    assert report.params is None and report.files[0].bytes == 2**19 and not report.files[0].refused
