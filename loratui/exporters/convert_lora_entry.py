@@ -129,8 +129,7 @@ def adapter_class(model_class: Any, pairs: dict[str, tuple], alpha: float, arch:
 
     class Adapter(model_class):  # type: ignore[misc, valid-type]
         model_arch = model_class.model_arch
-        # the adapter never holds MTP tensors (transformers drops them on load), and index_tensors below
-        # reads none from the base, so the converter must not count on finding any
+        # no MTP tensors: transformers drops them on load, and index_tensors reads none from the base
         no_mtp = True
         mtp_only = False
 
