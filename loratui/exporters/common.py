@@ -1,13 +1,13 @@
-"""What the exporters share: the merged model they start from, the rows they verify on, disk checks,
-temporary files, logged subprocesses and ``exports/report.md``."""
+"""What the exporters share: the job they run, its progress, the merged model they start from, disk checks,
+temporary files, logged subprocesses and ``exports/report.md`` (what they verify against: reference.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,16 @@ from loratui.pipeline.events import EventSink
 from loratui.pipeline.process import Supervised
 from loratui.pipeline.runs import RunDir, atomic_write_text
 from loratui.pipeline.steps import ShouldStop
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What every exporter works from: the run's config and folder, where its events go, its cancel check."""
+
+    cfg: RunConfig
+    run: RunDir
+    events: EventSink
+    should_stop: ShouldStop
 
 
 class Stages:
@@ -117,45 +127,14 @@ def check_disk(out: Path, need: float, what: str) -> None:
         )
 
 
-def eval_rows(
-    cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink, task: str = "causal"
-) -> list[Any]:
-    """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
-    from loratui.pipeline.evaluate.step import load_examples, pick_split
-
-    manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
-    split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
-    return load_examples(
-        run.data / manifest["splits"][split], task, tokenizer, template, cfg.eval.fact_field, cfg.export.verify_samples
-    )
-
-
-def merged_reference(
-    cfg: RunConfig,
-    run: RunDir,
-    tokenizer: Any,
-    template: Any,
-    events: EventSink,
-    should_stop: ShouldStop,
-    task: str = "causal",
-) -> tuple[list[Any], set[int], Any]:
-    """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model
-    in PyTorch fp32 on CPU behind the evaluate step's model interface."""
-    from loratui.pipeline.data.step import prepare
-    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
-    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
-
-    prepare(cfg, run, events, should_stop)
-    examples = eval_rows(cfg, run, tokenizer, template, events, task)
-    stop = stop_ids(tokenizer, [EvalSet("main", "", "test", examples)])
-    model = TorchModel(
-        load_torch(run.merged, task, "cpu", "fp32", cfg.model.trust_remote_code),
-        name="merged",
-        task=task,
-        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        stop_ids=stop,
-    )
-    return examples, stop, model
+def make_room(out: Path, model_dir: Path, bytes_per_param: float, what: str, extra_bytes: int = 0) -> int:
+    """Removes what a killed export left in ``out`` and fails before any work when the files (about
+    ``bytes_per_param`` per parameter of ``model_dir``, plus ``extra_bytes``) do not fit; returns the
+    parameter count."""
+    clean_stale(out)
+    params = count_params(model_dir)
+    check_disk(out, params * bytes_per_param + extra_bytes, what)
+    return params
 
 
 def write_report_section(run: RunDir, title: str, body: list[str]) -> None:

@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -76,38 +77,59 @@ def load_pairs(adapter: Path, config: dict) -> dict[str, tuple]:
     return out
 
 
-def main() -> None:
+def file_type(outtype: str) -> Any:
     import gguf
-    import torch
-    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
-    adapter, base, outfile, outtype, name = (
-        Path(sys.argv[1]),
-        Path(sys.argv[2]),
-        Path(sys.argv[3]),
-        sys.argv[4],
-        sys.argv[5],
-    )
-    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    hparams = ModelBase.load_hparams(base, False)
-    arch = get_model_architecture(hparams, ModelType.TEXT)
-    try:
-        model_class = get_model_class(arch)
-    except NotImplementedError:
-        refuse(f"llama.cpp's converter does not support the architecture {arch}")
-    pairs = load_pairs(adapter, config)
-    alpha = float(config["lora_alpha"])
-    ftype = {
+    return {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[outtype]
 
+
+def factor_side(convert: Callable[[Any], Iterable[tuple[str, Any]]], a: Any, b: Any, name: str, arch: str) -> str:
+    """Which factor of weight ``name``'s pair follows the converter (``convert``: its conversion of a
+    tensor in the weight's place), checked against converting ``B @ A``.
+
+    ``rows``: converting B then multiplying by A equals converting B @ A (renames, row permutations,
+    splits of fused projections). ``columns``: B times A converted equals it (the inputs reordered).
+    """
+    import torch
+
+    full = dict(convert(b @ a))
+
+    def same(product: dict) -> bool:
+        return set(full) == set(product) and all(
+            full[n].shape == product[n].shape and torch.allclose(full[n], product[n], rtol=1e-4, atol=1e-6)
+            for n in full
+        )
+
+    def attempt(make: Callable[[], dict]) -> bool:
+        try:  # a reshape meant for the weight's own rows or columns may not fit the rank
+            return same(make())
+        except (RuntimeError, ValueError, IndexError, AssertionError):
+            return False
+
+    if attempt(lambda: {n: t @ a for n, t in convert(b)}):
+        return "rows"
+    if attempt(lambda: {n: b @ t for n, t in convert(a)}):
+        return "columns"
+    refuse(
+        f"llama.cpp's converter for {arch} rearranges both the outputs and the inputs of {name} "
+        "(the rows and the columns of its weight), so its LoRA pair cannot be converted on its own; "
+        "export the merged model with --format gguf instead"
+    )
+
+
+def adapter_class(model_class: Any, pairs: dict[str, tuple], alpha: float, arch: str) -> Any:
+    """``model_class`` (the base architecture's converter) turned into one that writes ``pairs`` as a LoRA
+    adapter GGUF: the base's config is read, its weights are not."""
+    import gguf
+
     class Adapter(model_class):  # type: ignore[misc, valid-type]
         model_arch = model_class.model_arch
-        # the adapter never holds MTP tensors (transformers drops them on load), and index_tensors below
-        # reads none from the base, so the converter must not count on finding any
+        # no MTP tensors: transformers drops them on load, and index_tensors reads none from the base
         no_mtp = True
         mtp_only = False
 
@@ -152,42 +174,38 @@ def main() -> None:
         sides: dict[str, str] = {}
 
         def side_of(self, name, bid, a, b):  # type: ignore[no-untyped-def]
-            """Once per kind of module: which factor follows the converter, checked against converting B @ A.
-
-            ``rows``: converting B then multiplying by A equals converting B @ A (renames, row permutations,
-            splits of fused projections). ``columns``: B times A converted equals it (the inputs reordered).
-            """
+            """Once per kind of module: which factor follows the converter (:func:`factor_side`)."""
             kind = re.sub(r"\.\d+\.", ".N.", name)
-            if kind in self.sides:
-                return self.sides[kind]
-            full = dict(super().modify_tensors(b @ a, name, bid))
-
-            def same(product: dict) -> bool:
-                return set(full) == set(product) and all(
-                    full[n].shape == product[n].shape and torch.allclose(full[n], product[n], rtol=1e-4, atol=1e-6)
-                    for n in full
-                )
-
-            def attempt(make):  # type: ignore[no-untyped-def]
-                try:  # a reshape meant for the weight's own rows or columns may not fit the rank
-                    return same(make())
-                except (RuntimeError, ValueError, IndexError, AssertionError):
-                    return False
-
-            if attempt(lambda: {n: t @ a for n, t in super(Adapter, self).modify_tensors(b, name, bid)}):
-                self.sides[kind] = "rows"
-            elif attempt(lambda: {n: b @ t for n, t in super(Adapter, self).modify_tensors(a, name, bid)}):
-                self.sides[kind] = "columns"
-            else:
-                refuse(
-                    f"llama.cpp's converter for {arch} rearranges both the outputs and the inputs of {name} "
-                    "(the rows and the columns of its weight), so its LoRA pair cannot be converted on its own; "
-                    "export the merged model with --format gguf instead"
-                )
+            if kind not in self.sides:
+                parent = super()
+                self.sides[kind] = factor_side(lambda t: parent.modify_tensors(t, name, bid), a, b, name, arch)
             return self.sides[kind]
 
+    return Adapter
+
+
+def main() -> None:
+    import torch
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    adapter, base, outfile, outtype, name = (
+        Path(sys.argv[1]),
+        Path(sys.argv[2]),
+        Path(sys.argv[3]),
+        sys.argv[4],
+        sys.argv[5],
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    hparams = ModelBase.load_hparams(base, False)
+    arch = get_model_architecture(hparams, ModelType.TEXT)
+    try:
+        model_class = get_model_class(arch)
+    except NotImplementedError:
+        refuse(f"llama.cpp's converter does not support the architecture {arch}")
+    pairs = load_pairs(adapter, config)
+    adapter_model = adapter_class(model_class, pairs, float(config["lora_alpha"]), arch)
     with torch.inference_mode():
-        model = Adapter(base, ftype, outfile, hparams=hparams, eager=True, model_name=name)
+        model = adapter_model(base, file_type(outtype), outfile, hparams=hparams, eager=True, model_name=name)
         model.dir_model_card = adapter
         model.write()
 

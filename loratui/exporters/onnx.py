@@ -39,20 +39,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratui.exporters.common import (
-    Stages,
-    check_disk,
-    clean_stale,
-    count_params,
-    ensure_merged,
-    merged_reference,
-    run_logged,
-    write_report_section,
-)
+from loratui.exporters.common import ExportJob, Stages, ensure_merged, make_room, run_logged, write_report_section
+from loratui.exporters.records import REPORT, ExportReport
+from loratui.exporters.reference import chat_template, greedy_replies, is_causal, merged_reference
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink
@@ -253,18 +246,11 @@ def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: Sh
 def replies(
     model: Any, examples: list[Any], tokenizer: Any, max_new_tokens: int, should_stop: ShouldStop
 ) -> dict[str, Any]:
-    from loratui.pipeline.evaluate import metrics as M
-
-    prompted = [e for e in examples if e.prompt_ids and e.reference is not None]
-    got = model.generate([e.prompt_ids for e in prompted], max_new_tokens, should_stop=should_stop)
-    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in got]
-    facts = [M.contains(t, e.fact or e.reference or "") for t, e in zip(texts, prompted)]
+    said = greedy_replies(model, examples, tokenizer, max_new_tokens, should_stop)
     return {
-        "replies_stopped": f"{sum(len(r) < max_new_tokens for r in got)}/{len(got)}" if got else None,
-        "key_facts": M.mean(facts) if facts else None,
-        "replies": [
-            {"source": e.source, "fact": e.fact, "reply": t, "contains": c} for e, t, c in zip(prompted, texts, facts)
-        ],
+        "replies_stopped": f"{said.stopped}/{len(said.prompted)}" if said.prompted else None,
+        "key_facts": said.key_facts,
+        "replies": said.samples,
     }
 
 
@@ -283,18 +269,13 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from loratui.pipeline.data.step import load_model_inputs, model_task
     from loratui.pipeline.evaluate.ort import import_genai, import_onnxruntime
-    from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, load_onnx
 
     import_onnxruntime()  # before any work: the builder and the verification need both
     import_genai()
     started = time.monotonic()
     ensure_merged(cfg, run, events, should_stop)
-    merged = run.merged
-    if model_task(merged, cfg.model.trust_remote_code) != "causal":
+    if not is_causal(run.merged, cfg.model.trust_remote_code):
         raise LoratuiError(
             "ONNX export is for decoder-only models: onnxruntime-genai's model builder has no "
             "encoder-decoder (T5, FLAN-T5, PEGASUS) path",
@@ -302,112 +283,156 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldSt
             "(loratui serve --format torch), or run optimum-cli export onnx in a separate "
             "environment.",
         )
-    quants = list(dict.fromkeys(cfg.export.onnx_quants))
-    out = run.exports / "onnx"
-    run.exports.mkdir(parents=True, exist_ok=True)
-    clean_stale(run.exports)
-    params = count_params(merged)
-    # fp32 weights, and int8 (plus an fp32 embedding) or int4 weights with their scales
-    check_disk(
-        run.exports, params * (4 + sum(5 if q == "int8" else 1 for q in quants)), " plus ".join(["fp32 ONNX", *quants])
-    )
-    log = run.exports / "onnx.log"
-    log.write_text("", encoding="utf-8")
-    variants = [("fp32", run.exports / ".onnx.tmp", out)] + [
-        (q, run.exports / f".onnx-{q}.tmp", run.exports / f"onnx-{q}") for q in quants
-    ]
-    stage = Stages(events, len(variants) * (2 if cfg.export.verify else 1), "onnx", "stages", should_stop)
-    tokenizer = AutoTokenizer.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
-    template = load_model_inputs(cfg, events).template
-    stop_list = stop_token_ids(tokenizer, template)
-
-    rows: list[OnnxRow] = []
-    samples: dict[str, list[dict[str, Any]]] = {}
-    reference_ppl = torch_decode = None
-    n_rows = 0
-    kept = []
-    try:
-        for kind, folder, final in variants:
-            stage(f"building the {kind} model with onnxruntime-genai")
-            build(merged, folder, kind, log, should_stop, cfg.model.trust_remote_code)
-            set_stop_tokens(folder, stop_list)
-            rows.append(OnnxRow(kind, final.name, folder_bytes(folder)))
-        if cfg.export.verify:
-            examples, stop, reference = merged_reference(cfg, run, tokenizer, template, events, should_stop)
-            n_rows = len(examples)
-            prompt = next((e.prompt_ids for e in examples if e.prompt_ids), examples[0].input_ids[:16])
-            torch_decode = timed_decode(reference, prompt)
-            for i, (kind, folder, _final) in enumerate(variants):
-                stage(f"verifying {kind} in onnxruntime")
-                candidate = OnnxModel(load_onnx(folder), name=kind, pad_id=reference.pad_id, stop_ids=stop)
-                try:
-                    figures = compare(reference, candidate, examples, should_stop)
-                    said = replies(candidate, examples, tokenizer, cfg.eval.max_new_tokens, should_stop)
-                    decode = timed_decode(candidate, prompt)
-                except StopRequested:
-                    raise StepCancelled(f"cancelled while verifying {kind}; nothing was written") from None
-                reference_ppl = figures.pop("reference_perplexity")
-                samples[kind] = said.pop("replies")
-                ppl = figures["perplexity"]
-                rows[i] = OnnxRow(
-                    **{
-                        **asdict(rows[i]),
-                        **figures,
-                        **said,
-                        "decode_tokens_per_s": decode,
-                        "delta_perplexity": ppl - reference_ppl if ppl and reference_ppl else None,
-                    }
-                )
-                rows[i].verdict = judge(rows[i])
-                events.metric(
-                    {
-                        k: float(v)
-                        for k, v in asdict(rows[i]).items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
-                    },
-                    split=f"onnx:{kind}",
-                )
-                del candidate
-            if rows[0].verdict != "passed":
-                write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
-                raise ExportRefused(
-                    f"the fp32 ONNX export differs from the merged model ({rows[0].verdict}); nothing was written",
-                    hint=f"See {log}, and report it with the model.",
-                )
-        stage.finish("verified" if cfg.export.verify else "written")
-        for row, (kind, folder, final) in zip(rows, variants):
-            if row.verdict in (None, "passed"):
-                _replace_dir(folder, final)
-                events.artifact(final, kind=f"onnx-{kind}")
-                kept.append(row.folder)
-            else:
-                shutil.rmtree(final, ignore_errors=True)  # an older folder of this type no longer matches the model
-                events.log(f"onnx {kind}: refused ({row.verdict}); not written", level="warning")
-    finally:
-        for _kind, folder, _final in variants:
-            shutil.rmtree(folder, ignore_errors=True)
-            shutil.rmtree(folder.with_name(folder.name + ".cache"), ignore_errors=True)
-
-    report = {
-        "builder": f"onnxruntime-genai {_genai_version()}",
-        "merged_perplexity": reference_ppl,
-        "merged_decode_tokens_per_s": torch_decode,
-        "params": params,
-        "stop_token_ids": stop_list,
-        "files": [{**asdict(r), "replies": samples.get(r.type, [])} for r in rows],
-    }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_report_section(run, TITLE, onnx_table(rows, reference_ppl, torch_decode, n_rows))
+    onnx = _OnnxExport.start(ExportJob(cfg, run, events, should_stop))
+    onnx.write()
+    out, rows = run.exports / "onnx", onnx.rows
+    ExportReport(
+        builder=f"onnxruntime-genai {_genai_version()}",
+        merged_perplexity=onnx.reference_ppl,
+        merged_decode_tokens_per_s=onnx.torch_decode,
+        params=onnx.params,
+        stop_token_ids=onnx.stop_list,
+        files=[{**asdict(r), "replies": onnx.samples.get(r.type, [])} for r in rows],
+    ).save(out / REPORT)
+    write_report_section(run, TITLE, onnx.table())
     return {
         "path": str(out),
-        "folders": kept,
+        "folders": onnx.kept,
         "rows": [asdict(r) for r in rows],
         "refused": [
             f"{r.type}: {r.verdict.removeprefix('refused: ')}" for r in rows if r.verdict not in (None, "passed")
         ],
-        "merged_perplexity": reference_ppl,
+        "merged_perplexity": onnx.reference_ppl,
         "seconds": round(time.monotonic() - started, 2),
     }
+
+
+@dataclass
+class _OnnxExport:
+    """One ONNX export: its inputs, its folders (type, temporary, final) and what their verification found."""
+
+    job: ExportJob
+    params: int
+    log: Path
+    variants: list[tuple[str, Path, Path]]
+    tokenizer: Any
+    template: Any
+    stop_list: list[int]
+    rows: list[OnnxRow] = field(default_factory=list)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    reference_ppl: float | None = None
+    torch_decode: float | None = None
+    n_rows: int = 0
+    kept: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, job: ExportJob) -> _OnnxExport:
+        """Checks the disk and loads the tokenizer and the stop tokens every folder gets."""
+        from transformers import AutoTokenizer
+
+        cfg, exports = job.cfg, job.run.exports
+        quants = list(dict.fromkeys(cfg.export.onnx_quants))
+        exports.mkdir(parents=True, exist_ok=True)
+        # fp32 weights, and int8 (plus an fp32 embedding) or int4 weights with their scales
+        need = 4 + sum(5 if q == "int8" else 1 for q in quants)
+        params = make_room(exports, job.run.merged, need, " plus ".join(["fp32 ONNX", *quants]))
+        log = exports / "onnx.log"
+        log.write_text("", encoding="utf-8")
+        variants = [("fp32", exports / ".onnx.tmp", exports / "onnx")] + [
+            (q, exports / f".onnx-{q}.tmp", exports / f"onnx-{q}") for q in quants
+        ]
+        tokenizer = AutoTokenizer.from_pretrained(str(job.run.merged), trust_remote_code=cfg.model.trust_remote_code)
+        template = chat_template(cfg, job.events)
+        return cls(job, params, log, variants, tokenizer, template, stop_token_ids(tokenizer, template))
+
+    def write(self) -> None:
+        """Builds every folder, verifies them when export.verify, and renames those that pass."""
+        cfg, should_stop = self.job.cfg, self.job.should_stop
+        stage = Stages(
+            self.job.events, len(self.variants) * (2 if cfg.export.verify else 1), "onnx", "stages", should_stop
+        )
+        try:
+            for kind, folder, final in self.variants:
+                stage(f"building the {kind} model with onnxruntime-genai")
+                build(self.job.run.merged, folder, kind, self.log, should_stop, cfg.model.trust_remote_code)
+                set_stop_tokens(folder, self.stop_list)
+                self.rows.append(OnnxRow(kind, final.name, folder_bytes(folder)))
+            if cfg.export.verify:
+                self._verify(stage)
+            stage.finish("verified" if cfg.export.verify else "written")
+            self._publish()
+        finally:
+            for _kind, folder, _final in self.variants:
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder.with_name(folder.name + ".cache"), ignore_errors=True)
+
+    def _verify(self, stage: Stages) -> None:
+        """Every folder against the merged model; an fp32 folder that differs refuses the whole export."""
+        examples, stop, reference = merged_reference(self.job, self.tokenizer, self.template)
+        self.n_rows = len(examples)
+        prompt = next((e.prompt_ids for e in examples if e.prompt_ids), examples[0].input_ids[:16])
+        self.torch_decode = timed_decode(reference, prompt)
+        for i, (kind, folder, _final) in enumerate(self.variants):
+            stage(f"verifying {kind} in onnxruntime")
+            self._verify_one(i, kind, folder, reference, examples, stop, prompt)
+        if self.rows[0].verdict != "passed":
+            write_report_section(self.job.run, TITLE, self.table())
+            raise ExportRefused(
+                f"the fp32 ONNX export differs from the merged model ({self.rows[0].verdict}); nothing was written",
+                hint=f"See {self.log}, and report it with the model.",
+            )
+
+    def _verify_one(
+        self, i: int, kind: str, folder: Path, reference: Any, examples: list[Any], stop: set[int], prompt: list[int]
+    ) -> None:
+        """Row ``i`` with the figures and the verdict of ``folder`` in onnxruntime."""
+        from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, load_onnx
+
+        should_stop = self.job.should_stop
+        candidate = OnnxModel(load_onnx(folder), name=kind, pad_id=reference.pad_id, stop_ids=stop)
+        try:
+            figures = compare(reference, candidate, examples, should_stop)
+            said = replies(candidate, examples, self.tokenizer, self.job.cfg.eval.max_new_tokens, should_stop)
+            decode = timed_decode(candidate, prompt)
+        except StopRequested:
+            raise StepCancelled(f"cancelled while verifying {kind}; nothing was written") from None
+        self.reference_ppl = reference_ppl = figures.pop("reference_perplexity")
+        self.samples[kind] = said.pop("replies")
+        ppl = figures["perplexity"]
+        row = OnnxRow(
+            **{
+                **asdict(self.rows[i]),
+                **figures,
+                **said,
+                "decode_tokens_per_s": decode,
+                "delta_perplexity": ppl - reference_ppl if ppl and reference_ppl else None,
+            }
+        )
+        row.verdict = judge(row)
+        self.rows[i] = row
+        self.job.events.metric(
+            {
+                k: float(v)
+                for k, v in asdict(row).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+            },
+            split=f"onnx:{kind}",
+        )
+
+    def _publish(self) -> None:
+        """The folders that passed under their final names; an older folder of a refused type is removed."""
+        events = self.job.events
+        for row, (kind, folder, final) in zip(self.rows, self.variants):
+            if row.verdict in (None, "passed"):
+                _replace_dir(folder, final)
+                events.artifact(final, kind=f"onnx-{kind}")
+                self.kept.append(row.folder)
+            else:
+                shutil.rmtree(final, ignore_errors=True)  # an older folder of this type no longer matches the model
+                events.log(f"onnx {kind}: refused ({row.verdict}); not written", level="warning")
+
+    def table(self) -> list[str]:
+        return onnx_table(self.rows, self.reference_ppl, self.torch_decode, self.n_rows)
 
 
 def _genai_version() -> str:
