@@ -97,7 +97,7 @@ def _no_job(job_id: str) -> ApiError:
 
 class JobStore:
     """The jobs folder: ``<job-id>/job.json`` (the record), ``config.yaml`` (the run it runs), ``events.jsonl``
-    (the job's own events) and ``output.log`` (what its process printed). Callers hold the manager's lock."""
+    (the job's own events) and ``output.log`` (what its process printed). The manager's lock orders writes."""
 
     def __init__(self, root: Path):
         self.root = root / "jobs"

@@ -9,6 +9,8 @@ from typing import Any
 
 @dataclass
 class JobSettings:
+    """Where jobs keep their files and runs, what config they start from, and how many run at once."""
+
     root: Path  # the jobs folder
     runs_dir: Path  # where each job's run directory goes
     template: dict[str, Any]  # the run config every job starts from (RunConfig.model_dump(mode="json"))
