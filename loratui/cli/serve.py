@@ -181,7 +181,7 @@ def job_settings(args: argparse.Namespace, cfg: RunConfig, target: Path) -> Any:
     import os
 
     from loratui.pipeline.config import load_config
-    from loratui.serving.jobs import JobSettings
+    from loratui.serving.finetune import JobSettings
 
     template = load_config(args.config, [])  # no --config: the defaults
     runs_dir = (target.parent if (target / "config.yaml").is_file() else Path(cfg.runs_dir)).resolve()

@@ -35,7 +35,7 @@ from loratui.serving.backends import Backend, Delta, GenRequest
 from loratui.serving.errors import ApiError
 
 if TYPE_CHECKING:
-    from loratui.serving.jobs import JobManager
+    from loratui.serving.finetune import JobManager
     from loratui.serving.pool import ModelPool
 
 
@@ -585,7 +585,7 @@ def create_app(
         return await _respond(body, backend, req, "chat", request, release)
 
     if jobs is not None:
-        from loratui.serving.jobs_api import add_routes
+        from loratui.serving.finetune.routes import add_routes
 
         add_routes(app, jobs, limits.max_upload_bytes)
     return app

@@ -19,7 +19,7 @@ from loratui.serving.app import Limits, ServerState, create_app
 from loratui.serving.selection import Choice, choose
 
 if TYPE_CHECKING:
-    from loratui.serving.jobs import JobManager, JobSettings
+    from loratui.serving.finetune import JobManager, JobSettings
 
 KEY_ENV = "LORATUI_API_KEY"
 
@@ -192,7 +192,7 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
     state = ServerState(model_id=model_id, chosen=choice.reason)
     jobs = pool = None
     if opts.jobs is not None:
-        from loratui.serving.jobs import JobManager
+        from loratui.serving.finetune import JobManager
         from loratui.serving.pool import ModelPool
 
         job_base = served_base(opts, choice)

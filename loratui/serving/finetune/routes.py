@@ -1,4 +1,4 @@
-"""OpenAI's files and fine-tuning jobs API, over :class:`~loratui.serving.jobs.JobManager`.
+"""OpenAI's files and fine-tuning jobs API, over :class:`~loratui.serving.finetune.JobManager`.
 
 Routes: ``POST /v1/files`` (multipart: ``file``, ``purpose=fine-tune``; validated by the data step's row
 checks, a bad file is answered 400 with the validation summary), ``GET /v1/files``,
@@ -21,55 +21,33 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from loratui.serving.errors import ApiError
-from loratui.serving.jobs import JobManager, page
+from loratui.serving.finetune.manager import JobManager
+from loratui.serving.finetune.wire import page
 
 UPLOAD_ROUTE = "/v1/files"
+JOBS_ROUTE = "/v1/fine_tuning/jobs"
 
 
 def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
-    def _limit(request: Request, default: int = 20) -> int:
-        raw = request.query_params.get("limit", str(default))
-        if not raw.isdigit():
-            raise ApiError(400, f"limit: expected an integer, got {raw!r}", param="limit")
-        return int(raw)
+    _file_routes(app, jobs, max_upload_bytes)
+    _job_routes(app, jobs)
 
-    # ------------------------------------------------------------------ files
 
+def _limit(request: Request, default: int = 20) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit():
+        raise ApiError(400, f"limit: expected an integer, got {raw!r}", param="limit")
+    return int(raw)
+
+
+def _file_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
     @app.post(UPLOAD_ROUTE)
     async def upload(request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_upload_bytes:
-            raise ApiError(
-                413,
-                f"the upload of {length} bytes is over this server's limit of {max_upload_bytes} "
-                "bytes (serve.max_upload_mb)",
-                code="file_too_large",
-            )
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise ApiError(
-                400, "upload the file as multipart/form-data with the fields `file` and `purpose`", param="file"
-            )
-
-        async def limited() -> AsyncGenerator[bytes, None]:
-            seen = 0
-            async for chunk in request.stream():
-                seen += len(chunk)
-                if seen > max_upload_bytes:
-                    raise ApiError(
-                        413,
-                        f"the upload is over this server's limit of {max_upload_bytes} bytes (serve.max_upload_mb)",
-                        code="file_too_large",
-                    )
-                yield chunk
-
-        try:
-            form = await MultiPartParser(request.headers, limited(), max_files=1, max_fields=8).parse()
-        except MultiPartException as e:
-            raise ApiError(400, f"the multipart body cannot be read: {e.message}", param="file") from None
+        form = await _read_form(request, max_upload_bytes)
         try:
             upload = form.get("file")
             purpose = form.get("purpose")
@@ -103,56 +81,36 @@ def add_routes(app: FastAPI, jobs: JobManager, max_upload_bytes: int) -> None:
     async def delete_file(file_id: str) -> Any:
         return await asyncio.to_thread(jobs.delete_file, file_id)
 
-    # ------------------------------------------------------------------ jobs
 
-    @app.post("/v1/fine_tuning/jobs")
-    async def create_job(request: Request) -> Any:
-        try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return await asyncio.to_thread(jobs.create, body)
+def _too_large(max_upload_bytes: int, length: str | None = None) -> ApiError:
+    size = f"of {length} bytes " if length else ""
+    return ApiError(
+        413,
+        f"the upload {size}is over this server's limit of {max_upload_bytes} bytes (serve.max_upload_mb)",
+        code="file_too_large",
+    )
 
-    @app.get("/v1/fine_tuning/jobs")
-    async def list_jobs(request: Request) -> Any:
-        q = request.query_params
-        metadata = {k[len("metadata[") : -1]: v for k, v in q.items() if k.startswith("metadata[") and k.endswith("]")}
-        items = await asyncio.to_thread(jobs.list, metadata or None)
-        return page(items, q.get("after"), _limit(request))
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}")
-    async def get_job(job_id: str) -> Any:
-        return await asyncio.to_thread(jobs.get, job_id)
+async def _read_form(request: Request, max_upload_bytes: int) -> FormData:
+    """The multipart body, read as it streams in and refused (413) once it is over ``max_upload_bytes``."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_upload_bytes:
+        raise _too_large(max_upload_bytes, length)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "upload the file as multipart/form-data with the fields `file` and `purpose`", param="file")
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request) -> Any:
-        items = await asyncio.to_thread(jobs.events, job_id)
-        return page(items, request.query_params.get("after"), _limit(request))
+    async def limited() -> AsyncGenerator[bytes, None]:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > max_upload_bytes:
+                raise _too_large(max_upload_bytes)
+            yield chunk
 
-    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    async def job_checkpoints(job_id: str, request: Request) -> Any:
-        items = await asyncio.to_thread(jobs.checkpoints, job_id)
-        return page(items, request.query_params.get("after"), _limit(request, 10))
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str) -> Any:
-        return await asyncio.to_thread(jobs.cancel, job_id)
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
-    async def resume_job(job_id: str) -> Any:
-        return await asyncio.to_thread(jobs.resume, job_id)
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
-    async def pause_job(job_id: str) -> Any:
-        jobs.get(job_id)
-        raise ApiError(
-            400,
-            "pause is not supported here: cancel stops the job and keeps its latest checkpoint, and "
-            f"POST /v1/fine_tuning/jobs/{job_id}/resume continues from it",
-            param="fine_tuning_job_id",
-        )
+    try:
+        return await MultiPartParser(request.headers, limited(), max_files=1, max_fields=8).parse()
+    except MultiPartException as e:
+        raise ApiError(400, f"the multipart body cannot be read: {e.message}", param="file") from None
 
 
 def _store(jobs: JobManager, upload: UploadFile, purpose: str) -> dict[str, Any]:
@@ -166,3 +124,54 @@ def _store(jobs: JobManager, upload: UploadFile, purpose: str) -> dict[str, Any]
         return jobs.files.add(Path(tmp), upload.filename or "upload", purpose, jobs.settings.template)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _job_routes(app: FastAPI, jobs: JobManager) -> None:
+    @app.post(JOBS_ROUTE)
+    async def create_job(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return await asyncio.to_thread(jobs.create, body)
+
+    @app.get(JOBS_ROUTE)
+    async def list_jobs(request: Request) -> Any:
+        q = request.query_params
+        metadata = {k[len("metadata[") : -1]: v for k, v in q.items() if k.startswith("metadata[") and k.endswith("]")}
+        items = await asyncio.to_thread(jobs.list, metadata or None)
+        return page(items, q.get("after"), _limit(request))
+
+    @app.get(JOBS_ROUTE + "/{job_id}")
+    async def get_job(job_id: str) -> Any:
+        return await asyncio.to_thread(jobs.get, job_id)
+
+    @app.get(JOBS_ROUTE + "/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> Any:
+        items = await asyncio.to_thread(jobs.events, job_id)
+        return page(items, request.query_params.get("after"), _limit(request))
+
+    @app.get(JOBS_ROUTE + "/{job_id}/checkpoints")
+    async def job_checkpoints(job_id: str, request: Request) -> Any:
+        items = await asyncio.to_thread(jobs.checkpoints, job_id)
+        return page(items, request.query_params.get("after"), _limit(request, 10))
+
+    @app.post(JOBS_ROUTE + "/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> Any:
+        return await asyncio.to_thread(jobs.cancel, job_id)
+
+    @app.post(JOBS_ROUTE + "/{job_id}/resume")
+    async def resume_job(job_id: str) -> Any:
+        return await asyncio.to_thread(jobs.resume, job_id)
+
+    @app.post(JOBS_ROUTE + "/{job_id}/pause")
+    async def pause_job(job_id: str) -> Any:
+        jobs.get(job_id)
+        raise ApiError(
+            400,
+            "pause is not supported here: cancel stops the job and keeps its latest checkpoint, and "
+            f"POST {JOBS_ROUTE}/{job_id}/resume continues from it",
+            param="fine_tuning_job_id",
+        )
