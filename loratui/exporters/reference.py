@@ -18,14 +18,14 @@ from loratui.pipeline.steps import ShouldStop
 
 def is_causal(model_dir: Path, trust_remote_code: bool = False) -> bool:
     """Whether the model in ``model_dir`` is decoder-only (the data step's reading of its config)."""
-    from loratui.pipeline.data.step import model_task
+    from loratui.pipeline.models import model_task
 
     return model_task(model_dir, trust_remote_code) == "causal"
 
 
 def chat_template(cfg: RunConfig, events: EventSink) -> Any:
     """The chat format the adapter was trained with."""
-    from loratui.pipeline.data.step import load_model_inputs
+    from loratui.pipeline.models import load_model_inputs
 
     return load_model_inputs(cfg, events).template
 
@@ -48,7 +48,7 @@ def merged_reference(
 ) -> tuple[list[Any], set[int], Any]:
     """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model
     in PyTorch fp32 on CPU behind the evaluate step's model interface."""
-    from loratui.pipeline.data.step import prepare
+    from loratui.pipeline.data.prepare import prepare
     from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
     from loratui.pipeline.evaluate.step import EvalSet, stop_ids
 

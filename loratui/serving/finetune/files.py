@@ -21,7 +21,7 @@ from loratui.serving.errors import ApiError
 from loratui.serving.finetune.steps import read_rows
 
 if TYPE_CHECKING:
-    from loratui.pipeline.data.step import BuildFindings
+    from loratui.pipeline.data.read import BuildFindings
 
 FILE_PURPOSES = ("fine-tune",)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

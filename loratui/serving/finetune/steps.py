@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from loratui.pipeline.config import RunConfig
-    from loratui.pipeline.data.step import BuildFindings
+    from loratui.pipeline.data.read import BuildFindings
 
 
 def read_rows(cfg: RunConfig, path: Path) -> tuple[int, BuildFindings]:
     """The data step's reading and row checks of one training file: (usable examples, what was found)."""
-    from loratui.pipeline.data.step import BuildFindings, read_examples
+    from loratui.pipeline.data.read import BuildFindings, read_examples
 
     findings = BuildFindings()
     examples = read_examples(cfg, [path], findings, "train")
