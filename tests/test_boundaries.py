@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -73,4 +74,21 @@ def test_import_linter_contracts_hold():
     assert exe.exists() or shutil.which("lint-imports"), "import-linter is a dev dependency"
     out = subprocess.run([str(exe)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 kept, 0 broken" in out.stdout
+    assert "3 kept, 0 broken" in out.stdout
+
+
+def test_a_step_module_imported_from_outside_breaks_the_contract(tmp_path):
+    """The recipe contract can fail: a copy of the package where serving imports the data step is refused."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    shutil.copytree(repo / "loratui", tmp_path / "loratui", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(repo / "pyproject.toml", tmp_path / "pyproject.toml")
+    score = tmp_path / "loratui" / "serving" / "score.py"
+    score.write_text(score.read_text() + "\nfrom loratui.pipeline.data.step import run as _run  # noqa\n")
+    exe = Path(sys.executable).parent / "lint-imports"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([str(exe), "--no-cache"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode != 0
+    assert "loratui.serving.score -> loratui.pipeline.data.step" in out.stdout
