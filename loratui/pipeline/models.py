@@ -26,10 +26,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from loratui.pipeline.errors import LoratuiError, ModelNotFound
+
+if TYPE_CHECKING:
+    from loratui.pipeline.config import RunConfig
+    from loratui.pipeline.data.templates import ChatTemplate
+    from loratui.pipeline.events import EventSink
 
 # Bump when the importer's output changes, so cached imports are rebuilt.
 IMPORT_VERSION = 1
@@ -37,6 +42,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 Log = Callable[[str], Any]  # print, events.log, ...: what it returns is not used
+Task = Literal["causal", "seq2seq"]  # decoder-only, or encoder-decoder (T5, BART, PEGASUS)
 
 
 def _package_file(package: str, filename: str) -> Path | None:
@@ -397,3 +403,61 @@ def list_models() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def model_task(model_dir: Path, trust_remote_code: bool = False) -> Task:
+    """``seq2seq`` for an encoder-decoder model (``is_encoder_decoder`` in its config), else ``causal``.
+
+    Reads only the config (no weights), through AutoConfig so that architectures whose config class
+    implies it (T5, BART, PEGASUS) answer right even when config.json leaves the flag out.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    except (OSError, ValueError, KeyError):  # an architecture this transformers does not know: the raw file
+        try:
+            raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "causal"
+        encoder_decoder = isinstance(raw, dict) and raw.get("is_encoder_decoder") is True
+    return "seq2seq" if encoder_decoder else "causal"
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the data step takes from the base model."""
+
+    tokenizer: Any
+    template: ChatTemplate | None  # None for seq2seq: no chat template is used
+    path: Path
+    task: Task
+
+
+def load_model_inputs(cfg: RunConfig, events: EventSink) -> ModelInputs:
+    """Resolve the model, load its fast tokenizer, tell its task and (causal only) resolve the template."""
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline.data.manifest import run_render_date
+    from loratui.pipeline.data.templates import resolve_template
+    from loratui.pipeline.runs import RunDir
+
+    model = resolve_model(cfg.model.base, revision=cfg.model.revision, log=events.log)
+    tokenizer = AutoTokenizer.from_pretrained(str(model.path), trust_remote_code=cfg.model.trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoratuiError(
+            f"{model.path}: the data step needs a fast (Rust) tokenizer for offsets",
+            hint="Provide tokenizer.json with the model.",
+        )
+    task = model_task(model.path, cfg.model.trust_remote_code)
+    template = None
+    if task == "causal":
+        template = resolve_template(cfg.data.template, tokenizer, run_render_date(RunDir.for_config(cfg)))
+    return ModelInputs(tokenizer, template, model.path, task)
+
+
+def load_tokenizer_and_template(cfg: RunConfig, events: EventSink) -> tuple[Any, ChatTemplate | None, Path]:
+    """(tokenizer, chat template or None for seq2seq, model dir): :func:`load_model_inputs` without the task."""
+    m = load_model_inputs(cfg, events)
+    return m.tokenizer, m.template, m.path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # Problem kinds, in the order the report lists them, with a one-line explanation each.
 PROBLEMS: dict[str, str] = {
@@ -84,7 +84,7 @@ class RowProblem:
         field = f", field '{self.field}'" if self.field else ""
         return f"{where}{field}: {self.message}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 

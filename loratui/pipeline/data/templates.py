@@ -154,13 +154,14 @@ class ChatTemplate:
     ) -> str:
         """The template's text for ``messages``; ``thinking``: the reply (being) written has reasoning."""
         extra = {"enable_thinking": True} if thinking and self.thinking_switch else {}
-        return self._compiled.render(
+        text: str = self._compiled.render(
             messages=self._with_reasoning_field(messages),
             add_generation_prompt=add_generation_prompt,
             strftime_now=FixedClock(self.date),
             **extra,
             **self._context,
         )
+        return text
 
     def reply_prompt(self, messages: list[dict[str, str]]) -> str:
         """What the model sees before writing the last message of ``messages`` (an assistant reply)."""
@@ -187,9 +188,9 @@ def _thinking_off_by_default(source: str, context: tuple[tuple[str, Any], ...]) 
     probe = [{"role": "user", "content": "?"}]
     fixed = {"strftime_now": FixedClock(dt.date(2000, 1, 1)), **dict(context)}
     try:
-        return compiled.render(messages=probe, add_generation_prompt=True, **fixed) != compiled.render(
-            messages=probe, add_generation_prompt=True, enable_thinking=True, **fixed
-        )
+        plain: str = compiled.render(messages=probe, add_generation_prompt=True, **fixed)
+        thinking: str = compiled.render(messages=probe, add_generation_prompt=True, enable_thinking=True, **fixed)
+        return plain != thinking
     except Exception:  # noqa: BLE001 - any template error: the conservative answer
         return True
 

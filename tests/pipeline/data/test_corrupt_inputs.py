@@ -29,7 +29,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.formats import Example
 from loratui.pipeline.data.loaders import load_file
 from loratui.pipeline.data.problems import PROBLEMS, RowError
-from loratui.pipeline.data.step import BuildFindings, read_examples
+from loratui.pipeline.data.read import BuildFindings, read_examples
 from loratui.pipeline.errors import LoratuiError
 
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 12  # far more than 32 tokens

@@ -15,7 +15,7 @@ import pytest
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.loaders import load_file
 from loratui.pipeline.data.problems import RowError
-from loratui.pipeline.data.step import BuildFindings, read_examples
+from loratui.pipeline.data.read import BuildFindings, read_examples
 from loratui.pipeline.errors import LoratuiError
 
 HEADER = b"instruction,input,output\n"

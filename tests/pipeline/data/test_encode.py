@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from loratui.pipeline.data.encode import IGNORE, clean_backend, encode_batch, render_chat, token_counts
+from loratui.pipeline.data.encode import IGNORE, clean_backend, encode_batch, token_counts
+from loratui.pipeline.data.render import render_chat
 from loratui.pipeline.data.templates import NAMED_TEMPLATES, resolve_template
 from loratui.pipeline.errors import LoratuiError
 
@@ -126,7 +127,7 @@ def test_render_matches_transformers_apply_chat_template(tok):
 def test_template_that_is_not_prefix_consistent_is_a_clear_error(tok):
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    from loratui.pipeline.data.encode import RewritesEarlierTurns, render_examples
+    from loratui.pipeline.data.render import RewritesEarlierTurns, render_examples
 
     template = resolve_template("chatml", tok)
     # starts with the number of messages, so a shorter conversation is not a prefix of a longer one
@@ -189,7 +190,7 @@ def test_shape_renderer_equals_the_reference(tok, name, train_on_prompt):
     """The placeholder fast path renders exactly what Jinja renders, with the same spans."""
     import random
 
-    from loratui.pipeline.data.encode import ShapeRenderer
+    from loratui.pipeline.data.render import ShapeRenderer
     from loratui.pipeline.data.templates import content_is_opaque
 
     template = resolve_template(name, tok)

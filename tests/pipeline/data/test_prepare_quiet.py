@@ -9,6 +9,7 @@ import pytest
 
 from loratui.pipeline.config import load_config
 from loratui.pipeline.data import step as data_step
+from loratui.pipeline.data.prepare import prepare
 from loratui.pipeline.events import EventSink, MemoryWriter
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import run_step
@@ -55,7 +56,7 @@ def test_a_later_step_does_not_log_the_data_summary_again(cfg_of) -> None:
 
     cfg = make()  # as the train step gets it
     mem = MemoryWriter()
-    manifest = data_step.prepare(cfg, RunDir.for_config(cfg), EventSink("train", [mem]), lambda: False)
+    manifest = prepare(cfg, RunDir.for_config(cfg), EventSink("train", [mem]), lambda: False)
     assert manifest["counts"]["train"] > 0
     shown = _shown(mem)
     assert shown == [
@@ -79,7 +80,7 @@ def test_a_later_step_logs_the_summary_when_the_data_changed(cfg_of) -> None:
     source.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:12]))
     cfg = make()
     mem = MemoryWriter()
-    manifest = data_step.prepare(cfg, RunDir.for_config(cfg), EventSink("train", [mem]), lambda: False)
+    manifest = prepare(cfg, RunDir.for_config(cfg), EventSink("train", [mem]), lambda: False)
     assert sum(manifest["counts"].values()) == 12
     shown = _shown(mem)
     assert any(str(source) in line and "alpaca" in line for line in shown), shown

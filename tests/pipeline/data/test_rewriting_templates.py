@@ -20,10 +20,13 @@ from typing import Any
 
 import pytest
 
+from loratui.pipeline import models
 from loratui.pipeline.config import load_config
 from loratui.pipeline.data import step as data_step
 from loratui.pipeline.data import templates as templates_module
-from loratui.pipeline.data.encode import IGNORE, ShapeRenderer, clean_backend, encode_batch, render_examples
+from loratui.pipeline.data import tokens
+from loratui.pipeline.data.encode import IGNORE, clean_backend, encode_batch
+from loratui.pipeline.data.render import ShapeRenderer, render_examples
 from loratui.pipeline.data.templates import resolve_template
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import MemoryWriter, null_sink
@@ -536,10 +539,10 @@ def test_worker_processes_split_rows_per_turn_the_same(tiny_model_factory, tmp_p
 
     model = _model_with(tiny_model_factory(tokenizer="bpe"), tmp_path / "qwen3", "qwen3")
     cfg = load_config(None, [f"model.base={model}", f"runs_dir={tmp_path / 'runs'}"])
-    tokenizer, template, _ = data_step.load_tokenizer_and_template(cfg, null_sink("data"))
+    tokenizer, template, _ = models.load_tokenizer_and_template(cfg, null_sink("data"))
     examples = [to_example({"messages": r}, "chat", "f", i, None) for i, r in enumerate(_rows(6, True))]
     one, two = (
-        data_step.encode_examples(
+        tokens.encode_examples(
             examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train", num_proc=n
         )
         for n in (1, 2)
@@ -565,7 +568,7 @@ def test_the_render_date_is_recorded_once_per_run_and_keyed(tmp_path, monkeypatc
     again, report_again, _, _ = _data_step(tmp_path, model, source)
     assert again.summary["cache_hit"] is True and report_again == report
     cfg = load_config(None, [f"runs_dir={tmp_path / 'runs'}", "name=r", f"model.base={model}", f"data.source={source}"])
-    assert data_step.load_model_inputs(cfg, null_sink("data")).template.date == DAY, "later steps render the same"
+    assert models.load_model_inputs(cfg, null_sink("data")).template.date == DAY, "later steps render the same"
 
     other, report_other, data_other, _ = _data_step(tmp_path, model, source, name="new")  # a new run: its own day
     assert other.summary["cache_hit"] is False and report_other["render_date"] == "2031-01-02"

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from loratui.pipeline import models
 from loratui.pipeline.config import load_config
+from loratui.pipeline.data import cache, summary, tokens
 from loratui.pipeline.data import step as data_step
 from loratui.pipeline.data.encode import IGNORE, clean_backend, encode_seq2seq_batch, seq2seq_texts
 from loratui.pipeline.data.loaders import bundled_split
@@ -81,18 +83,18 @@ def _ids(tok, text: str) -> list[int]:
 
 
 def test_task_comes_from_the_model_config(t5, tiny_llama, tmp_path):
-    assert data_step.model_task(t5) == "seq2seq"
-    assert data_step.model_task(tiny_llama) == "causal"
+    assert models.model_task(t5) == "seq2seq"
+    assert models.model_task(tiny_llama) == "causal"
     # T5's config class implies is_encoder_decoder even when config.json leaves it out
     bare = tmp_path / "bare"
     bare.mkdir()
     config = json.loads((t5 / "config.json").read_text())
     config.pop("is_encoder_decoder", None)
     (bare / "config.json").write_text(json.dumps(config))
-    assert data_step.model_task(bare) == "seq2seq"
+    assert models.model_task(bare) == "seq2seq"
     # an architecture transformers does not know: the raw flag decides
     (bare / "config.json").write_text(json.dumps({"model_type": "no-such-arch", "is_encoder_decoder": True}))
-    assert data_step.model_task(bare) == "seq2seq"
+    assert models.model_task(bare) == "seq2seq"
 
 
 def test_the_tiny_t5_has_no_chat_template_and_none_is_needed(t5):
@@ -100,7 +102,7 @@ def test_the_tiny_t5_has_no_chat_template_and_none_is_needed(t5):
 
     assert _tok(t5).chat_template is None
     cfg = load_config(None, [f"model.base={t5}"])
-    loaded = data_step.load_model_inputs(cfg, null_sink("data"))
+    loaded = models.load_model_inputs(cfg, null_sink("data"))
     assert loaded.task == "seq2seq" and loaded.template is None
 
 
@@ -300,7 +302,7 @@ def test_preview_shows_source_and_target(env, capsys):
     cfg = load_config(
         None, [f"runs_dir={env['tmp'] / 'runs'}", "name=r", f"model.base={env['model']}", f"data.source={src}"]
     )
-    data_step.show_preview(cfg, n=2)
+    summary.show_preview(cfg, n=2)
     out = capsys.readouterr().out
     assert out.count("── example") == 2 and "source: What is the fee" in out and "target: Plan " in out
 
@@ -309,9 +311,9 @@ def test_cache_is_per_task_and_causal_keys_are_unchanged(env, tiny_llama):
     src = _write_jsonl(env["tmp"] / "qa.jsonl", QA)
     cfg = load_config(None, [f"data.source={src}"])
     files = {"train": [src], "validation": [], "test": []}
-    causal = data_step.cache_key(cfg, files, tiny_llama, "template")
-    assert data_step.cache_key(cfg, files, tiny_llama, "template", "causal") == causal
-    assert data_step.cache_key(cfg, files, tiny_llama, "template", "seq2seq") != causal
+    causal = cache.cache_key(cfg, files, tiny_llama, "template")
+    assert cache.cache_key(cfg, files, tiny_llama, "template", "causal") == causal
+    assert cache.cache_key(cfg, files, tiny_llama, "template", "seq2seq") != causal
     first, _, _, _ = _run(env, data__source=src)
     second, _, data, _ = _run(env, name="again", data__source=src)
     assert (first.summary["cache_hit"], second.summary["cache_hit"]) == (False, True)
@@ -332,9 +334,9 @@ def test_worker_processes_give_the_same_seq2seq_tokens(env):
     from loratui.pipeline.events import null_sink
 
     cfg = load_config(None, [f"model.base={env['model']}"])
-    loaded = data_step.load_model_inputs(cfg, null_sink("data"))
+    loaded = models.load_model_inputs(cfg, null_sink("data"))
     examples = [to_example(r, "qa", "f", i, None) for i, r in enumerate(QA)]
     args = (examples, loaded.tokenizer, None, cfg, null_sink("data"), lambda: False, "train")
-    one = data_step.encode_examples(*args, num_proc=1, task="seq2seq")
-    two = data_step.encode_examples(*args, num_proc=2, task="seq2seq")
+    one = tokens.encode_examples(*args, num_proc=1, task="seq2seq")
+    two = tokens.encode_examples(*args, num_proc=2, task="seq2seq")
     assert one["input_ids"][:] == two["input_ids"][:] and one["labels"][:] == two["labels"][:]

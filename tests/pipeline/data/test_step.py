@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from loratui.pipeline import models
 from loratui.pipeline.config import load_config
+from loratui.pipeline.data import build as data_build
 from loratui.pipeline.data import step as data_step
+from loratui.pipeline.data import tokens
 from loratui.pipeline.events import MemoryWriter
 from loratui.pipeline.steps import run_step
 
@@ -171,7 +174,7 @@ def test_second_run_with_same_inputs_is_a_cache_hit_and_does_no_work(env, monkey
     def no_work(*args, **kwargs):
         raise AssertionError("the cache hit must not re-read or re-tokenize")
 
-    monkeypatch.setattr(data_step, "build", no_work)
+    monkeypatch.setattr(data_build, "build", no_work)
     second, report2, data2, mem = _run(env, name="second", data__source=src)
     assert second.summary["cache_hit"] is True
     assert report1 == report2
@@ -211,12 +214,12 @@ def test_worker_processes_give_the_same_tokens(env):
     from loratui.pipeline.events import null_sink
 
     cfg = load_config(None, [f"model.base={env['model']}"])
-    tokenizer, template, _ = data_step.load_tokenizer_and_template(cfg, null_sink("data"))
+    tokenizer, template, _ = models.load_tokenizer_and_template(cfg, null_sink("data"))
     examples = [to_example(r, "alpaca", "f", i, None) for i, r in enumerate(ALPACA)]
-    one = data_step.encode_examples(
+    one = tokens.encode_examples(
         examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train", num_proc=1
     )
-    two = data_step.encode_examples(
+    two = tokens.encode_examples(
         examples, tokenizer, template, cfg, null_sink("data"), lambda: False, "train", num_proc=2
     )
     assert one["input_ids"][:] == two["input_ids"][:] and one["labels"][:] == two["labels"][:]
