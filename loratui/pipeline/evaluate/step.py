@@ -16,7 +16,6 @@ step uses the PyTorch implementation (an adapter on its base, or a merged direct
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,7 +161,9 @@ def _retention_sets(
     warn: Warn,
 ) -> list[EvalSet]:
     """The earlier datasets to re-score, built (or found) in the data cache; never written into this run."""
-    from loratui.pipeline.data.step import build_cached, split_files
+    from loratui.pipeline.data.build import build_cached
+    from loratui.pipeline.data.manifest import DatasetManifest
+    from loratui.pipeline.data.read import split_files
 
     out = []
     data_events = EventSink("data", events.writers)
@@ -175,7 +176,7 @@ def _retention_sets(
         except LoratuiError as e:  # a dataset that moved away: say so, score the rest
             warn(f"retention: cannot load {name}: {e}")
             continue
-        other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
+        other_manifest = DatasetManifest.load(cached).model_dump(mode="json", exclude_unset=True)
         split = pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
         out.append(_eval_set(name, data, split, cached, other_manifest, cfg, task, inputs))
         events.log(f"retention: also scoring {name} ({split} split, {len(out[-1].examples)} rows)")
@@ -323,7 +324,8 @@ class _Job:
 
 def _prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> _Job:
     """The target, the run's data and the sets to score: the run's own split, then the retention sets."""
-    from loratui.pipeline.data.step import load_model_inputs, prepare
+    from loratui.pipeline.data.prepare import prepare
+    from loratui.pipeline.models import load_model_inputs
 
     target = resolve_target(cfg, run)
     manifest = prepare(cfg, run, events, should_stop)

@@ -185,8 +185,7 @@ class _Stages:
 
 def _check_inputs(cfg: RunConfig, run: RunDir, source: Source, events: EventSink) -> tuple[Path, str, str]:
     """(the base's folder, its task, the merged dtype) after the refusals and the disk check."""
-    from loratui.pipeline.data.step import model_task
-    from loratui.pipeline.models import resolve_model
+    from loratui.pipeline.models import model_task, resolve_model
 
     if source.meta is None:
         events.log(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from loratui.pipeline.data.manifest import DatasetManifest
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir
@@ -59,15 +59,14 @@ class Parity:
 def parity_inputs(run: RunDir, tokenizer: Any, n: int, max_tokens: int = 64) -> list[dict[str, list[int]]]:
     """``n`` examples from the run's test data (else validation, train), cut to ``max_tokens``; built-in
     sentences when the run has no data."""
-    manifest_file = run.data / "dataset.json"
     rows: list[dict[str, list[int]]] = []
-    if manifest_file.is_file():
+    if (run.data / DatasetManifest.FILE).is_file():
         from datasets import load_from_disk
 
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        splits = DatasetManifest.load(run.data).splits
         for split in ("test", "validation", "train"):
-            if split in manifest["splits"] and (run.data / manifest["splits"][split]).is_dir():
-                ds = load_from_disk(str(run.data / manifest["splits"][split]))
+            if split in splits and (run.data / splits[split]).is_dir():
+                ds = load_from_disk(str(run.data / splits[split]))
                 for row in ds.select(range(min(n, len(ds)))):
                     rows.append(
                         {"input_ids": list(row["input_ids"])[:max_tokens], "labels": list(row["labels"])[:max_tokens]}

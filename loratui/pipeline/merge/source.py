@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.manifest import DatasetManifest
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir
@@ -81,8 +82,8 @@ def tokenizer_for(cfg: RunConfig, run: RunDir, model_dir: Path, task: str, event
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
     if task != "causal":
         return tokenizer
-    manifest = run.data / "dataset.json"
-    source = json.loads(manifest.read_text(encoding="utf-8")).get("chat_template") if manifest.is_file() else None
+    has_data = (run.data / DatasetManifest.FILE).is_file()
+    source = DatasetManifest.load(run.data).chat_template if has_data else None
     if not source:
         from loratui.pipeline.data.templates import resolve_template
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.data import step as data_step
+from loratui.pipeline.data.manifest import DatasetManifest
+from loratui.pipeline.data.prepare import prepare as prepare_data
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, write_config
@@ -130,9 +131,9 @@ def prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldS
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if os.environ.get(WORKER_ENV):  # the launcher ran the data step before starting the processes
-        manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
+        manifest = DatasetManifest.load(run.data).model_dump(mode="json", exclude_unset=True)
     else:
-        manifest = data_step.prepare(cfg, run, events, should_stop)
+        manifest = prepare_data(cfg, run, events, should_stop)
     task = manifest.get("task", "causal")
     model_dir = Path(manifest["model_dir"])
     train_ds, val_ds = load_splits(run, manifest)
