@@ -89,7 +89,8 @@ def genai_config(folder: Path) -> dict[str, Any]:
             hint="Export one with `loratui export --format onnx`.",
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return config
     except (OSError, ValueError) as e:
         raise LoratuiError(f"{path}: unreadable ({e})", hint="Export again with `loratui export --format onnx`.") from e
 

@@ -12,13 +12,17 @@ built and the replies are decoded by the same tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypedDict, TypeVar, Unpack
 
 IGNORE = -100
 Progress = Callable[[int], None]  # called with the number of rows just finished
+Tick = Progress | None
+Stop = Callable[[], bool] | None  # asked before each batch or row: True ends the call with StopRequested
+Scored = tuple[float, int, list[int]]  # (nll sum, token count, top-1 ids) of one example
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,40 +37,6 @@ class Example:
     fact: str | None = None  # the key fact a reply must contain (the row's fact field), else the reference
     source: str = ""  # file:line of the row
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class EvalModel(Protocol):
-    """What the metrics need from a model, whatever runs it."""
-
-    name: str
-
-    def generate(
-        self,
-        prompts: Sequence[list[int]],
-        max_new_tokens: int,
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[int]]:
-        """Greedy continuations (new tokens only, cut before the first stop token)."""
-        ...
-
-    def nll(
-        self,
-        examples: Sequence[Example],
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[tuple[float, int]]:
-        """(sum of negative log-likelihoods, token count) over each example's labelled tokens."""
-        ...
-
-    def predictions(
-        self,
-        examples: Sequence[Example],
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[int]]:
-        """Teacher-forced top-1 next token at every position that predicts a labelled token."""
-        ...
 
 
 def cut_at_stop(ids: Sequence[int], stop: set[int]) -> list[int]:
@@ -99,20 +69,85 @@ class StopRequested(Exception):
     pass
 
 
+@dataclass
+class Ticks:
+    """Progress and cancellation of one model call: ``check`` before a unit of work, ``done`` after it."""
+
+    progress: Tick = None
+    should_stop: Stop = None
+
+    def check(self) -> None:
+        if self.should_stop and self.should_stop():
+            raise StopRequested
+
+    def done(self, n: int) -> None:
+        if self.progress:
+            self.progress(n)
+
+    def each(self, items: Iterable[T]) -> Iterator[T]:
+        """``items`` one at a time, checked before and counted after each."""
+        for item in items:
+            self.check()
+            yield item
+            self.done(1)
+
+
+class EvalModel:
+    """What the metrics need from a model, whatever runs it. A runtime implements ``_generate`` and
+    ``_scored`` (one teacher-forced pass gives both ``nll`` and ``predictions``), and ``_token_logprobs``
+    where the serving API's scoring uses it."""
+
+    name: str
+
+    def generate(
+        self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Tick = None, should_stop: Stop = None
+    ) -> list[list[int]]:
+        """Greedy continuations (new tokens only, cut before the first stop token)."""
+        return self._generate(prompts, max_new_tokens, Ticks(progress, should_stop))
+
+    def nll(
+        self, examples: Sequence[Example], progress: Tick = None, should_stop: Stop = None
+    ) -> list[tuple[float, int]]:
+        """(sum of negative log-likelihoods, token count) over each example's labelled tokens."""
+        return [(total, count) for total, count, _ in self._scored(examples, Ticks(progress, should_stop))]
+
+    def predictions(
+        self, examples: Sequence[Example], progress: Tick = None, should_stop: Stop = None
+    ) -> list[list[int]]:
+        """Teacher-forced top-1 next token at every position that predicts a labelled token."""
+        return [top1 for _, _, top1 in self._scored(examples, Ticks(progress, should_stop))]
+
+    def token_logprobs(
+        self, examples: Sequence[Example], progress: Tick = None, should_stop: Stop = None
+    ) -> list[list[float]]:
+        """Log-probability of each labelled token given everything before it, per example."""
+        return self._token_logprobs(examples, Ticks(progress, should_stop))
+
+    def scored(self, examples: Sequence[Example], progress: Tick, should_stop: Stop) -> list[Scored]:
+        """(nll sum, token count, top-1 ids) of each example, from one teacher-forced pass."""
+        return self._scored(examples, Ticks(progress, should_stop))
+
+    def _generate(self, prompts: Sequence[list[int]], max_new_tokens: int, ticks: Ticks) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _scored(self, examples: Sequence[Example], ticks: Ticks) -> list[Scored]:
+        raise NotImplementedError
+
+    def _token_logprobs(self, examples: Sequence[Example], ticks: Ticks) -> list[list[float]]:
+        raise NotImplementedError
+
+
 def one_at_a_time(
     prompts: Sequence[list[int]],
     stream: Callable[[list[int]], Generator[int, None, None]],
     max_new_tokens: int,
     stops: set[int],
-    progress: Progress | None,
-    should_stop: Callable[[], bool] | None,
+    ticks: Ticks,
 ) -> list[list[int]]:
     """Greedy replies from a runtime that decodes one prompt at a time (``stream(prompt)``: its new token
     ids), each cut before its first stop token and at ``max_new_tokens``."""
     out = []
-    for prompt in prompts:
-        if should_stop and should_stop():
-            raise StopRequested
+    for prompt in ticks.each(prompts):
         reply: list[int] = []
         tokens = stream(prompt)
         try:  # close the generator before anything else touches the model (an abandoned one can crash)
@@ -123,37 +158,10 @@ def one_at_a_time(
         finally:
             tokens.close()
         out.append(reply)
-        if progress:
-            progress(1)
     return out
 
 
-class _Scoring:
-    """``nll`` and ``predictions`` from one teacher-forced pass: ``scored`` gives (nll sum, count, top-1 ids)."""
-
-    def scored(
-        self, examples: Sequence[Example], progress: Progress | None, should_stop: Callable[[], bool] | None
-    ) -> list[tuple[float, int, list[int]]]:
-        raise NotImplementedError
-
-    def nll(
-        self,
-        examples: Sequence[Example],
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[tuple[float, int]]:
-        return [(total, count) for total, count, _ in self.scored(examples, progress, should_stop)]
-
-    def predictions(
-        self,
-        examples: Sequence[Example],
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[int]]:
-        return [top1 for _, _, top1 in self.scored(examples, progress, should_stop)]
-
-
-class TorchModel(_Scoring):
+class TorchModel(EvalModel):
     """A transformers model (optionally a PeftModel) on CPU or CUDA, batched with a KV cache."""
 
     def __init__(
@@ -183,7 +191,7 @@ class TorchModel(_Scoring):
         from transformers import GenerationConfig
 
         own = getattr(self.model, "generation_config", None)
-        return GenerationConfig(
+        return GenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -209,13 +217,7 @@ class TorchModel(_Scoring):
     def _logits(self, ids: Any, mask: Any) -> Any:
         return self.model(input_ids=ids, attention_mask=mask).logits
 
-    def generate(
-        self,
-        prompts: Sequence[list[int]],
-        max_new_tokens: int,
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[int]]:
+    def _generate(self, prompts: Sequence[list[int]], max_new_tokens: int, ticks: Ticks) -> list[list[int]]:
         import torch
 
         out: list[list[int]] = [[] for _ in prompts]
@@ -223,8 +225,7 @@ class TorchModel(_Scoring):
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths pad little
         budget = max(self.token_budget, max(lengths, default=1) + max_new_tokens)
         for batch in _batches(order, [n + max_new_tokens for n in lengths], self.batch_size, budget):
-            if should_stop and should_stop():
-                raise StopRequested
+            ticks.check()
             longest = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -242,12 +243,11 @@ class TorchModel(_Scoring):
             new = gen[:, longest:] if self.task == "causal" else gen[:, 1:]  # seq2seq: after the start token
             for row, i in enumerate(batch):
                 out[i] = cut_at_stop(new[row].tolist(), self.stop_ids | {self.pad_id})
-            if progress:
-                progress(len(batch))
+            ticks.done(len(batch))
         return out
 
     def forward_batches(
-        self, examples: Sequence[Example], should_stop: Callable[[], bool] | None = None
+        self, examples: Sequence[Example], should_stop: Stop = None
     ) -> Iterator[tuple[list[int], Any, Any, Any]]:
         """Teacher-forced passes, shortest examples first: per batch (example indices, logits, targets,
         real-token mask), the logits aligned with the targets they predict (IGNORE where unlabelled)."""
@@ -256,8 +256,7 @@ class TorchModel(_Scoring):
         lengths = [len(e.input_ids) + (len(e.labels) if self.task == "seq2seq" else 0) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: lengths[i])
         for batch in _batches(order, lengths, self.batch_size, max(self.token_budget, max(lengths, default=1))):
-            if should_stop and should_stop():
-                raise StopRequested
+            Ticks(should_stop=should_stop).check()
             n_in = max(len(examples[i].input_ids) for i in batch)
             n_lab = max(len(examples[i].labels) for i in batch)
             ids = torch.full((len(batch), n_in), self.pad_id, dtype=torch.long)
@@ -286,13 +285,11 @@ class TorchModel(_Scoring):
             else:
                 yield batch, logits, labels[:, 1:], mask[:, 1:].bool()
 
-    def scored(
-        self, examples: Sequence[Example], progress: Progress | None, should_stop: Callable[[], bool] | None
-    ) -> list[tuple[float, int, list[int]]]:
+    def _scored(self, examples: Sequence[Example], ticks: Ticks) -> list[Scored]:
         import torch.nn.functional as F
 
-        out: list[tuple[float, int, list[int]]] = [(0.0, 0, [])] * len(examples)
-        for batch, logits, target, _real in self.forward_batches(examples, should_stop):
+        out: list[Scored] = [(0.0, 0, [])] * len(examples)
+        for batch, logits, target, _real in self.forward_batches(examples, ticks.should_stop):
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
             counted = target != IGNORE
             sums = (losses * counted).sum(dim=1).tolist()
@@ -301,21 +298,14 @@ class TorchModel(_Scoring):
             for row, i in enumerate(batch):
                 flags = counted[row].tolist()
                 out[i] = (float(sums[row]), int(counts[row]), [t for t, keep in zip(top1[row], flags) if keep])
-            if progress:
-                progress(len(batch))
+            ticks.done(len(batch))
         return out
 
-    def token_logprobs(
-        self,
-        examples: Sequence[Example],
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[float]]:
-        """Log-probability of each labelled token given everything before it, per example."""
+    def _token_logprobs(self, examples: Sequence[Example], ticks: Ticks) -> list[list[float]]:
         import torch
 
         out: list[list[float]] = [[] for _ in examples]
-        for batch, logits, target, _real in self.forward_batches(examples, should_stop):
+        for batch, logits, target, _real in self.forward_batches(examples, ticks.should_stop):
             logits = logits.float()
             counted = target != IGNORE
             chosen = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -323,9 +313,15 @@ class TorchModel(_Scoring):
             flags = counted.tolist()
             for row, i in enumerate(batch):
                 out[i] = [v for v, keep in zip(logp[row], flags[row]) if keep]
-            if progress:
-                progress(len(batch))
+            ticks.done(len(batch))
         return out
+
+
+class _Sizes(TypedDict, total=False):
+    """TorchModel's batching limits, passed on as they are."""
+
+    batch_size: int
+    token_budget: int
 
 
 class OnnxModel(TorchModel):
@@ -334,29 +330,13 @@ class OnnxModel(TorchModel):
     are TorchModel's; only the forward pass and the decoding differ."""
 
     def __init__(
-        self,
-        decoder: Any,
-        *,
-        name: str,
-        task: str = "causal",
-        pad_id: int,
-        stop_ids: set[int],
-        batch_size: int = 8,
-        token_budget: int = 4096,
+        self, decoder: Any, *, name: str, task: str = "causal", pad_id: int, stop_ids: set[int], **sizes: Unpack[_Sizes]
     ):
         if task != "causal":
             from loratui.pipeline.errors import LoratuiError
 
             raise LoratuiError("ONNX exports are decoder-only: an encoder-decoder model has no ONNX path here")
-        super().__init__(
-            decoder,
-            name=name,
-            task=task,
-            pad_id=pad_id,
-            stop_ids=stop_ids,
-            batch_size=batch_size,
-            token_budget=token_budget,
-        )
+        super().__init__(decoder, name=name, task=task, pad_id=pad_id, stop_ids=stop_ids, **sizes)
 
     @property
     def device(self) -> Any:
@@ -367,21 +347,9 @@ class OnnxModel(TorchModel):
 
         return torch.from_numpy(self.model.logits(ids.numpy(), mask.numpy()))
 
-    def generate(
-        self,
-        prompts: Sequence[list[int]],
-        max_new_tokens: int,
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[int]]:
-        return one_at_a_time(
-            prompts,
-            lambda p: self.model.tokens(p, max_new_tokens),
-            max_new_tokens,
-            self.stop_ids | {self.pad_id},
-            progress,
-            should_stop,
-        )
+    def _generate(self, prompts: Sequence[list[int]], max_new_tokens: int, ticks: Ticks) -> list[list[int]]:
+        stream = lambda p: self.model.tokens(p, max_new_tokens)  # noqa: E731
+        return one_at_a_time(prompts, stream, max_new_tokens, self.stop_ids | {self.pad_id}, ticks)
 
 
 def load_onnx(folder: Path, threads: int | None = None) -> Any:
@@ -392,7 +360,7 @@ def load_onnx(folder: Path, threads: int | None = None) -> Any:
     return OnnxDecoder(folder, threads=threads)
 
 
-class LlamaCppModel(_Scoring):
+class LlamaCppModel(EvalModel):
     """A GGUF file in llama.cpp (llama-cpp-python), with a LoRA adapter GGUF applied if ``lora`` is given:
     one sequence at a time, greedy, teacher-forced scoring."""
 
@@ -428,25 +396,15 @@ class LlamaCppModel(_Scoring):
     def logits(self, ids: list[int]) -> Any:
         import numpy as np
 
-        self.llm.reset()
+        self.llm.reset()  # type: ignore[no-untyped-call]
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def generate(
-        self,
-        prompts: Sequence[list[int]],
-        max_new_tokens: int,
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[int]]:
-        return one_at_a_time(
-            prompts,
-            lambda p: self.llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True),
-            max_new_tokens,
-            self.stop_ids,
-            progress,
-            should_stop,
-        )
+    def _generate(self, prompts: Sequence[list[int]], max_new_tokens: int, ticks: Ticks) -> list[list[int]]:
+        def stream(prompt: list[int]) -> Generator[int, None, None]:
+            return self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+
+        return one_at_a_time(prompts, stream, max_new_tokens, self.stop_ids, ticks)
 
     def _labelled(self, e: Example) -> tuple[Any, Any]:
         """(log-probability of each labelled token, top-1 prediction at each labelled position)."""
@@ -459,36 +417,15 @@ class LlamaCppModel(_Scoring):
         logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return logp[np.arange(len(target))[keep], target[keep]], logits.argmax(-1)[keep]
 
-    def _score_one(self, e: Example) -> tuple[float, int, list[int]]:
+    def _score_one(self, e: Example) -> Scored:
         logp, top1 = self._labelled(e)
         return float(-logp.sum()), int(len(logp)), top1.tolist()
 
-    def token_logprobs(
-        self,
-        examples: Sequence[Example],
-        progress: Progress | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> list[list[float]]:
-        out = []
-        for e in examples:
-            if should_stop and should_stop():
-                raise StopRequested
-            out.append(self._labelled(e)[0].tolist())
-            if progress:
-                progress(1)
-        return out
+    def _token_logprobs(self, examples: Sequence[Example], ticks: Ticks) -> list[list[float]]:
+        return [self._labelled(e)[0].tolist() for e in ticks.each(examples)]
 
-    def scored(
-        self, examples: Sequence[Example], progress: Progress | None, should_stop: Callable[[], bool] | None
-    ) -> list[tuple[float, int, list[int]]]:
-        out = []
-        for e in examples:
-            if should_stop and should_stop():
-                raise StopRequested
-            out.append(self._score_one(e))
-            if progress:
-                progress(1)
-        return out
+    def _scored(self, examples: Sequence[Example], ticks: Ticks) -> list[Scored]:
+        return [self._score_one(e) for e in ticks.each(examples)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ step uses the PyTorch implementation (an adapter on its base, or a merged direct
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,22 +27,14 @@ from pydantic import ValidationError
 from loratui.pipeline.config import DataSection, RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.evaluate import metrics as M
-from loratui.pipeline.evaluate.runtimes import Example, StopRequested, artifact_kind
+from loratui.pipeline.evaluate.examples import EvalSet, load_examples, pick_split, source_label, split_source, stop_ids
+from loratui.pipeline.evaluate.runtimes import StopRequested, artifact_kind
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_dir
 from loratui.pipeline.steps import ShouldStop, StepResult
+from loratui.pipeline.train.history import AdapterHistory, AdapterVersion
 
-IGNORE = -100
-
-
-@dataclass
-class EvalSet:
-    """The rows of one dataset split to score."""
-
-    name: str  # "main" for the run's own data, else the earlier dataset's source
-    source: str
-    split: str
-    examples: list[Example]
+Warn = Callable[[str], object]
 
 
 @dataclass
@@ -63,85 +55,7 @@ class Target:
     kind: str  # adapter | model
     path: Path
     stack: list[Path]
-    meta: dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------------
-# Rows
-# --------------------------------------------------------------------------------------------
-
-
-def load_examples(
-    split_dir: Path, task: str, tokenizer: Any, template: Any, fact_field: str, limit: int | None
-) -> list[Example]:
-    """Evaluation rows from a processed split of the data step.
-
-    Loss is scored on the tokens exactly as trained. A chat row whose last message is the assistant's
-    is also a generation prompt: the conversation before that reply, rendered with the same chat
-    template and ``add_generation_prompt`` (causal), or the encoder input (seq2seq). Raw text rows
-    and document chunks are scored for loss only.
-    """
-    from datasets import load_from_disk
-
-    from loratui.pipeline.data.encode import clean_backend, seq2seq_texts
-
-    ds = load_from_disk(str(split_dir))
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    backend = clean_backend(tokenizer) if task == "causal" else None
-    out: list[Example] = []
-    for row in ds:
-        messages = json.loads(row["messages"]) if row.get("messages") else []
-        meta = json.loads(row["meta"]) if row.get("meta") else {}
-        fact = meta.get(fact_field) if isinstance(meta, dict) else None
-        e = Example(
-            input_ids=list(row["input_ids"]),
-            labels=list(row["labels"]),
-            source=row.get("source") or "",
-            fact=str(fact) if fact not in (None, "") else None,
-        )
-        if messages and messages[-1]["role"] == "assistant" and not row.get("chunk"):
-            e.reference = messages[-1]["content"]
-            if task == "seq2seq":
-                e.prompt, _ = seq2seq_texts(messages)
-                e.prompt_ids = list(row["input_ids"])
-            else:
-                text = template.reply_prompt(messages)
-                assert backend is not None  # a causal model's tokenizer
-                e.prompt_ids = backend.encode(text, add_special_tokens=False).ids
-                e.prompt = next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), text)
-        out.append(e)
-    return out
-
-
-def stop_ids(tokenizer: Any, sets: list[EvalSet]) -> set[int]:
-    """Tokens that end a reply: EOS and every special token inside the trained replies.
-
-    The data step ends an assistant turn with the template's end-of-turn token (``<|im_end|>``,
-    ``<|eot_id|>``) and EOS where the two differ; a base model that never learned the pair must stop
-    at the first of them, not write further turns until ``max_new_tokens``.
-    """
-    stop = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    for s in sets:
-        for e in s.examples:
-            if e.reference is not None:
-                stop |= {int(t) for t in e.labels if t != IGNORE and t in special}
-    return stop
-
-
-def pick_split(manifest: dict[str, Any], want: str, where: str, events: EventSink, fallback_train: bool) -> str:
-    splits = manifest["splits"]
-    order = [want, "validation" if want == "test" else "test"] + (["train"] if fallback_train else [])
-    for split in order:
-        if split in splits:
-            if split != want:
-                events.log(f"{where}: no {want} split, scoring the {split} split instead", level="warning")
-            return split
-    raise LoratuiError(
-        f"{where}: the data has no test or validation split to evaluate on",
-        hint="Set data.test_ratio (for example 0.1) or data.test_source, then run the step again.",
-    )
+    meta: AdapterVersion  # the adapter's loratui.json (empty for a merged model or a foreign adapter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +64,6 @@ def pick_split(manifest: dict[str, Any], want: str, where: str, events: EventSin
 
 
 def resolve_target(cfg: RunConfig, run: RunDir) -> Target:
-    from loratui.pipeline.train.history import adapter_meta
-
     if cfg.eval.model:
         path = Path(cfg.eval.model).expanduser()
         if not path.exists():
@@ -167,10 +79,10 @@ def resolve_target(cfg: RunConfig, run: RunDir) -> Target:
                 hint="Run `loratui train --config <file>` first, or set eval.model.",
             )
     kind = artifact_kind(path)
-    meta = adapter_meta(path) if kind == "adapter" else {}
-    if meta and not _inside(path, run.path):  # its version numbers belong to another run's history
-        meta = {k: v for k, v in meta.items() if k != "version"}
-    stack = [Path(p) for p in meta.get("stack_paths", [])]
+    meta = (AdapterVersion.load(path) if kind == "adapter" else None) or AdapterVersion()
+    if not _inside(path, run.path):  # its version numbers belong to another run's history
+        meta = meta.model_copy(update={"version": None})
+    stack = meta.stack_folders()
     for p in stack:
         if not (p / "adapter_config.json").is_file():
             raise LoratuiError(
@@ -188,62 +100,53 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def _lineage(run: RunDir, version: int) -> list[AdapterVersion]:
+    """The version, its parents (continue) and the versions merged below it (stack), in version order."""
+    versions = {v.version: v for v in AdapterHistory.load(run).versions}
+    todo, visited, lineage = [version], set(), []
+    while todo:
+        v = todo.pop()
+        if v in visited or v not in versions:
+            continue
+        visited.add(v)
+        entry = versions[v]
+        lineage.append(entry)
+        todo += [p for p in [entry.parent, *entry.stack] if isinstance(p, int)]
+    return sorted(lineage, key=lambda e: e.version or 0)
+
+
+def _with_source(cfg: RunConfig, source: Any) -> dict[str, Any]:
+    """The run's data settings reading ``source`` instead (no separate validation or test files)."""
+    return {**cfg.data.model_dump(mode="json"), "source": source, "val_source": None, "test_source": None}
+
+
 def earlier_datasets(
-    cfg: RunConfig, run: RunDir, target: Target, current_key: str | None, warn: Any = lambda message: None
+    cfg: RunConfig, run: RunDir, target: Target, current_key: str | None, warn: Warn = lambda message: None
 ) -> list[tuple[str, DataSection]]:
     """(label, data settings) of every dataset the target's adapter lineage was trained on, except the current one,
     then ``eval.retention_sources``."""
-    from loratui.pipeline.train.history import load_history
-
     out: list[tuple[str, DataSection]] = []
-    seen = {current_key, _label(cfg.data.source)} - {None}  # a dataset is its content or its source
-    if cfg.eval.retention and target.meta.get("version") is not None:
-        versions = {v["version"]: v for v in load_history(run)["versions"]}
-        todo, visited, lineage = [target.meta["version"]], set(), []
-        while todo:  # the adapter, its parents (continue) and the versions merged below it (stack)
-            v = todo.pop()
-            if v in visited or v not in versions:
-                continue
-            visited.add(v)
-            entry = versions[v]
-            lineage.append(entry)
-            todo += [p for p in [entry.get("parent"), *entry.get("stack", [])] if isinstance(p, int)]
-        for entry in sorted(lineage, key=lambda e: e["version"]):
-            data = entry.get("data") or {}
-            if not data.get("source") or data.get("cache_key") in seen or _label(data["source"]) in seen:
-                continue
-            seen |= {data.get("cache_key"), _label(data["source"])}
-            settings = data.get("config") or {
-                **cfg.data.model_dump(mode="json"),
-                "source": data["source"],
-                "val_source": None,
-                "test_source": None,
-            }
-            try:
-                out.append((f"v{entry['version']}: {_label(data['source'])}", DataSection.model_validate(settings)))
-            except ValidationError as e:  # written by another loratui version
-                warn(
-                    f"retention: skipping v{entry['version']}: its stored data settings no longer validate "
-                    f"({e.error_count()} problems)"
-                )
-    for source in cfg.eval.retention_sources:
-        if _label(source) in seen:
+    seen = {current_key, source_label(cfg.data.source)} - {None}  # a dataset is its content or its source
+    lineage = _lineage(run, target.meta.version) if cfg.eval.retention and target.meta.version is not None else []
+    for entry in lineage:
+        data = entry.data or {}
+        if not data.get("source") or data.get("cache_key") in seen or source_label(data["source"]) in seen:
             continue
-        seen.add(_label(source))
-        settings = {**cfg.data.model_dump(mode="json"), "source": source, "val_source": None, "test_source": None}
-        out.append((f"retention: {_label(source)}", DataSection.model_validate(settings)))
+        seen |= {data.get("cache_key"), source_label(data["source"])}
+        settings = data.get("config") or _with_source(cfg, data["source"])
+        try:
+            out.append((f"v{entry.version}: {source_label(data['source'])}", DataSection.model_validate(settings)))
+        except ValidationError as e:  # written by another loratui version
+            warn(
+                f"retention: skipping v{entry.version}: its stored data settings no longer validate "
+                f"({e.error_count()} problems)"
+            )
+    for source in cfg.eval.retention_sources:
+        if source_label(source) in seen:
+            continue
+        seen.add(source_label(source))
+        out.append((f"retention: {source_label(source)}", DataSection.model_validate(_with_source(cfg, source))))
     return out
-
-
-def _label(source: Any) -> str:
-    return ", ".join(source) if isinstance(source, list) else str(source)
-
-
-def split_source(data: DataSection, split: str) -> str:
-    """Where the rows of ``split`` come from: ``data.test_source`` / ``data.val_source`` when they name their own
-    files, else ``data.source`` (the split is held out from it, or shipped with a bundled dataset)."""
-    own = {"test": data.test_source, "validation": data.val_source}.get(split)
-    return _label(own) if own else _label(data.source)
 
 
 def _retention_sets(
@@ -255,10 +158,12 @@ def _retention_sets(
     task: str,
     events: EventSink,
     should_stop: ShouldStop,
-    warn: Any,
+    warn: Warn,
 ) -> list[EvalSet]:
     """The earlier datasets to re-score, built (or found) in the data cache; never written into this run."""
-    from loratui.pipeline.data.step import build_cached, split_files
+    from loratui.pipeline.data.build import build_cached
+    from loratui.pipeline.data.manifest import DatasetManifest
+    from loratui.pipeline.data.read import split_files
 
     out = []
     data_events = EventSink("data", events.writers)
@@ -271,25 +176,33 @@ def _retention_sets(
         except LoratuiError as e:  # a dataset that moved away: say so, score the rest
             warn(f"retention: cannot load {name}: {e}")
             continue
-        other_manifest = json.loads((cached / "dataset.json").read_text(encoding="utf-8"))
+        other_manifest = DatasetManifest.load(cached).model_dump(mode="json", exclude_unset=True)
         split = pick_split(other_manifest, cfg.eval.split, name, events, fallback_train=True)
-        out.append(
-            EvalSet(
-                name,
-                split_source(data, split),
-                split,
-                load_examples(
-                    cached / other_manifest["splits"][split],
-                    task,
-                    inputs.tokenizer,
-                    inputs.template,
-                    cfg.eval.fact_field,
-                    cfg.eval.max_samples,
-                ),
-            )
-        )
+        out.append(_eval_set(name, data, split, cached, other_manifest, cfg, task, inputs))
         events.log(f"retention: also scoring {name} ({split} split, {len(out[-1].examples)} rows)")
     return out
+
+
+def _eval_set(
+    name: str,
+    data: DataSection,
+    split: str,
+    folder: Path,
+    manifest: dict[str, Any],
+    cfg: RunConfig,
+    task: str,
+    inputs: Any,
+) -> EvalSet:
+    """The rows of ``split`` of the processed data in ``folder``."""
+    examples = load_examples(
+        folder / manifest["splits"][split],
+        task,
+        inputs.tokenizer,
+        inputs.template,
+        cfg.eval.fact_field,
+        cfg.eval.max_samples,
+    )
+    return EvalSet(name, split_source(data, split), split, examples)
 
 
 def _with_adapter(model: Any, target: Target, base_dir: Path) -> Any:
@@ -303,7 +216,7 @@ def _with_adapter(model: Any, target: Target, base_dir: Path) -> Any:
         raise LoratuiError(
             f"{target.path} does not fit the base model {base_dir}: its weight shapes differ",
             hint="Evaluate with the model.base the adapter was trained on "
-            f"(its loratui.json says {target.meta.get('base', 'unknown')}).",
+            f"(its loratui.json says {target.meta.base or 'unknown'}).",
         ) from None
 
 
@@ -322,6 +235,46 @@ class _Counter:
         self.events.progress(self.done, self.total, task=self.task, unit="rows")
 
 
+def _generation_scores(
+    model: Any,
+    s: EvalSet,
+    result: Scores,
+    task: str,
+    cfg: RunConfig,
+    tokenizer: Any,
+    events: EventSink,
+    should_stop: ShouldStop,
+) -> None:
+    """Generate a reply to every prompted row of ``s`` and score it against the reference, into ``result``;
+    ``task`` names the progress."""
+    prompted = [i for i, e in enumerate(s.examples) if e.prompt_ids is not None and e.reference is not None]
+    if not prompted:
+        return
+    ids = model.generate(
+        [s.examples[i].prompt_ids for i in prompted],
+        cfg.eval.max_new_tokens,
+        progress=_Counter(events, len(prompted), task),
+        should_stop=should_stop,
+    )
+    texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+    refs = [s.examples[i].reference or "" for i in prompted]
+    facts = [s.examples[i].fact for i in prompted]
+    rows = M.per_row(texts, refs, facts)
+    for i, text, row in zip(prompted, texts, rows):
+        result.replies[i], result.rows[i] = text, row
+    result.metrics.update(M.aggregate(rows, texts, refs))
+    result.generated = len(prompted)
+
+
+def _loss_scores(model: Any, s: EvalSet, result: Scores, task: str, events: EventSink, should_stop: ShouldStop) -> None:
+    """Loss and perplexity of the trained tokens of ``s``, into ``result``; ``task`` names the progress."""
+    pairs = model.nll(s.examples, progress=_Counter(events, len(s.examples), task), should_stop=should_stop)
+    total, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if tokens:
+        result.metrics.update(M.loss_metrics(total, tokens))
+        result.scored_tokens = tokens
+
+
 def score(
     model: Any,
     label: str,
@@ -338,31 +291,11 @@ def score(
     out: dict[str, Scores] = {}
     for s in sets:
         result = Scores(replies=[None] * len(s.examples), rows=[None] * len(s.examples))
-        prompted = [i for i, e in enumerate(s.examples) if e.prompt_ids is not None and e.reference is not None]
         where = "" if s.name == "main" else f" ({s.name})"
-        if generate and prompted:
-            ids = model.generate(
-                [s.examples[i].prompt_ids for i in prompted],
-                cfg.eval.max_new_tokens,
-                progress=_Counter(events, len(prompted), f"{label}: generate{where}"),
-                should_stop=should_stop,
-            )
-            texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
-            refs = [s.examples[i].reference or "" for i in prompted]
-            facts = [s.examples[i].fact for i in prompted]
-            rows = M.per_row(texts, refs, facts)
-            for i, text, row in zip(prompted, texts, rows):
-                result.replies[i], result.rows[i] = text, row
-            result.metrics.update(M.aggregate(rows, texts, refs))
-            result.generated = len(prompted)
+        if generate:
+            _generation_scores(model, s, result, f"{label}: generate{where}", cfg, tokenizer, events, should_stop)
         if loss and s.examples:
-            pairs = model.nll(
-                s.examples, progress=_Counter(events, len(s.examples), f"{label}: loss{where}"), should_stop=should_stop
-            )
-            total, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
-            if tokens:
-                result.metrics.update(M.loss_metrics(total, tokens))
-                result.scored_tokens = tokens
+            _loss_scores(model, s, result, f"{label}: loss{where}", events, should_stop)
         result.metrics = {k: v for k, v in result.metrics.items() if k in wanted}
         events.metric(
             {k: float(v) for k, v in result.metrics.items()},
@@ -377,59 +310,62 @@ def score(
 # --------------------------------------------------------------------------------------------
 
 
-def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
-    from loratui.pipeline.data.step import load_model_inputs, prepare
-    from loratui.pipeline.evaluate import report
-    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
-    from loratui.pipeline.train.history import check_adapter_base
-    from loratui.pipeline.train.quiet import quiet_bitsandbytes
-    from loratui.pipeline.train.settings import resolve_device, resolve_precision
+@dataclass
+class _Job:
+    """What one evaluation scores, and where."""
 
-    quiet_bitsandbytes()  # before peft imports bitsandbytes
-    started = time.monotonic()
+    target: Target
+    manifest: dict[str, Any]
+    inputs: Any  # the data step's ModelInputs: tokenizer and chat template
+    task: str
+    split: str
+    sets: list[EvalSet]
+
+
+def _prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> _Job:
+    """The target, the run's data and the sets to score: the run's own split, then the retention sets."""
+    from loratui.pipeline.data.prepare import prepare
+    from loratui.pipeline.models import load_model_inputs
+
     target = resolve_target(cfg, run)
     manifest = prepare(cfg, run, events, should_stop)
     inputs = load_model_inputs(cfg, events)
-    tokenizer, task = inputs.tokenizer, manifest.get("task", "causal")
+    task = manifest.get("task", "causal")
     split = pick_split(manifest, cfg.eval.split, str(run.data), events, fallback_train=False)
-    sets = [
-        EvalSet(
-            "main",
-            split_source(cfg.data, split),
-            split,
-            load_examples(
-                run.data / manifest["splits"][split],
-                task,
-                tokenizer,
-                inputs.template,
-                cfg.eval.fact_field,
-                cfg.eval.max_samples,
-            ),
-        )
-    ]
-    warn = lambda message: events.log(message, level="warning")  # noqa: E731
-    trained = target.meta.get("data") or {}
-    if trained.get("cache_key") not in (None, manifest.get("cache_key")) and _label(trained.get("source")) == _label(
-        cfg.data.source
-    ):
+    sets = [_eval_set("main", cfg.data, split, run.data, manifest, cfg, task, inputs)]
+    warn: Warn = lambda message: events.log(message, level="warning")  # noqa: E731
+    trained = target.meta.data or {}
+    if trained.get("cache_key") not in (None, manifest.get("cache_key")) and source_label(
+        trained.get("source")
+    ) == source_label(cfg.data.source):
         warn(
             "the data settings differ from the ones the adapter was trained with (seed, ratios, template...): "
             "the test split may hold rows it was trained on"
         )
     sets += _retention_sets(cfg, run, target, manifest, inputs, task, events, should_stop, warn)
+    return _Job(target, manifest, inputs, task, split, sets)
 
+
+def _score_models(
+    cfg: RunConfig, job: _Job, device: str, precision: str, events: EventSink, should_stop: ShouldStop
+) -> dict[str, dict[str, Scores]]:
+    """``base`` (when compared) and ``tuned`` on every set."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = resolve_device(cfg, cuda).value
-    precision = resolve_precision(cfg, device, cuda and torch.cuda.is_bf16_supported()).value
-    stop = stop_ids(tokenizer, sets)
+    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
+    from loratui.pipeline.train.history import check_adapter_base
+
+    tokenizer, target, task = job.inputs.tokenizer, job.target, job.task
+    stop = stop_ids(tokenizer, job.sets)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
-    def wrap(model: Any, name: str) -> TorchModel:
-        return TorchModel(model, name=name, task=task, pad_id=int(pad), stop_ids=stop, batch_size=cfg.eval.batch_size)
+    def scored(model: Any, name: str) -> dict[str, Scores]:
+        wrapped = TorchModel(
+            model, name=name, task=task, pad_id=int(pad), stop_ids=stop, batch_size=cfg.eval.batch_size
+        )
+        return score(wrapped, name, job.sets, cfg, tokenizer, events, should_stop)
 
-    base_dir = Path(manifest["model_dir"])
+    base_dir = Path(job.manifest["model_dir"])
     if target.kind == "adapter":
         check_adapter_base(target.meta, target.path, cfg.model.base, base_dir)
     results: dict[str, dict[str, Scores]] = {}
@@ -438,13 +374,13 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop)
         if cfg.eval.compare_base or target.kind == "adapter":
             model = load_torch(base_dir, task, device, precision, cfg.model.trust_remote_code)
         if cfg.eval.compare_base:  # first: a stack target merges adapters into these weights
-            results["base"] = score(wrap(model, "base"), "base", sets, cfg, tokenizer, events, should_stop)
+            results["base"] = scored(model, "base")
         if target.kind == "adapter":
             tuned = _with_adapter(model, target, base_dir)
         else:
             del model
             tuned = load_torch(target.path, task, device, precision, cfg.model.trust_remote_code)
-        results["tuned"] = score(wrap(tuned, "tuned"), "tuned", sets, cfg, tokenizer, events, should_stop)
+        results["tuned"] = scored(tuned, "tuned")
     except StopRequested:
         raise StepCancelled("evaluation cancelled; nothing was written") from None
     except torch.cuda.OutOfMemoryError:
@@ -452,15 +388,48 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop)
             f"CUDA ran out of memory while evaluating with eval.batch_size={cfg.eval.batch_size}",
             hint="Lower eval.batch_size or eval.max_new_tokens.",
         ) from None
+    return results
 
+
+def _summary(job: _Job, results: dict[str, dict[str, Scores]], started: float) -> dict[str, Any]:
+    main = {m: s["main"].metrics for m, s in results.items()}
+    summary: dict[str, Any] = {
+        "samples": len(job.sets[0].examples),
+        "split": job.split,
+        "tuned": main["tuned"],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    if "base" in main:
+        summary["base"] = main["base"]
+        summary["delta"] = M.deltas(main["tuned"], main["base"])
+    if len(job.sets) > 1:
+        summary["retention"] = {s.name: results["tuned"][s.name].metrics for s in job.sets[1:]}
+    return summary
+
+
+def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
+    import torch
+
+    from loratui.pipeline.evaluate import report
+    from loratui.pipeline.train.quiet import quiet_bitsandbytes
+    from loratui.pipeline.train.settings import resolve_device, resolve_precision
+
+    quiet_bitsandbytes()  # before peft imports bitsandbytes
+    started = time.monotonic()
+    job = _prepare(cfg, run, events, should_stop)
+    cuda = torch.cuda.is_available()
+    device = resolve_device(cfg, cuda).value
+    precision = resolve_precision(cfg, device, cuda and torch.cuda.is_bf16_supported()).value
+    results = _score_models(cfg, job, device, precision, events, should_stop)
+    target = job.target
     info = {
         "run": cfg.name,
-        "base": str(base_dir),
+        "base": str(Path(job.manifest["model_dir"])),
         "target": {
             "kind": target.kind,
             "path": str(target.path),
             "stack": [str(p) for p in target.stack],
-            "version": target.meta.get("version"),
+            "version": target.meta.version,
         },
         "device": device,
         "precision": precision,
@@ -468,21 +437,10 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop)
         "metrics_wanted": list(cfg.eval.metrics),
     }
     with atomic_dir(run.eval) as tmp:
-        written = report.write_all(Path(tmp), sets, results, info, cfg, run)
+        written = report.write_all(Path(tmp), job.sets, results, info, cfg, run)
     for name, kind in written:
         events.artifact(run.eval / name, kind=kind)
-    main = {m: s["main"].metrics for m, s in results.items()}
-    summary: dict[str, Any] = {
-        "samples": len(sets[0].examples),
-        "split": split,
-        "tuned": main["tuned"],
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    if "base" in main:
-        summary["base"] = main["base"]
-        summary["delta"] = M.deltas(main["tuned"], main["base"])
-    if len(sets) > 1:
-        summary["retention"] = {s.name: results["tuned"][s.name].metrics for s in sets[1:]}
-    for line in report.summary_lines(sets, results):
+    summary = _summary(job, results, started)
+    for line in report.summary_lines(job.sets, results):
         events.log(line)
     return StepResult(summary=summary, artifacts=[str(run.eval / "metrics.json"), str(run.eval / "metrics.csv")])

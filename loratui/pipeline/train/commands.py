@@ -14,24 +14,24 @@ def history(cfg: RunConfig, words: list[str]) -> int:
     from rich.table import Table
 
     run = RunDir.for_config(cfg)
-    data = hist.load_history(run)
+    data = hist.AdapterHistory.load(run)
     console = Console()
-    if not data["versions"]:
+    if not data.versions:
         console.print(f"{run.path}: no adapter trained yet")
         return 0
     table = Table("", "version", "mode", "on top of", "data", "steps", "train loss", "eval loss", "created")
-    for v in data["versions"]:
-        m = v.get("metrics", {})
+    for v in data.versions:
+        m = v.metrics
         table.add_row(
-            "*" if v["version"] == data["current"] else "",
-            f"v{v['version']}",
-            v["mode"],
-            " + ".join(f"v{x}" if isinstance(x, int) else str(x) for x in v.get("stack", [])) or "base",
-            str(v["data"]["source"]),
-            str(v["steps"]),
+            "*" if v.version == data.current else "",
+            f"v{v.version}",
+            v.mode,
+            " + ".join(f"v{x}" if isinstance(x, int) else str(x) for x in v.stack) or "base",
+            str(v.data["source"]),
+            str(v.steps),
             _fmt(m.get("train_loss_last")),
             _fmt(m.get("eval_loss_best")),
-            v.get("created", ""),
+            v.created or "",
         )
     console.print(table)
     return 0
@@ -50,5 +50,5 @@ def rollback(cfg: RunConfig, words: list[str]) -> int:
         )
     run = RunDir.for_config(cfg)
     entry = hist.rollback(run, int(words[0].lstrip("v")))
-    print(f"{run.adapter} is now v{entry['version']} ({entry['mode']}, data {entry['data']['source']})")
+    print(f"{run.adapter} is now v{entry.version} ({entry.mode}, data {entry.data['source']})")
     return 0

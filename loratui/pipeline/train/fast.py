@@ -136,6 +136,51 @@ def _explicit_fallback(
     return out.transpose(1, 2).contiguous(), None
 
 
+@dataclass
+class _Attend:
+    """Attention of one segment's queries over its keys: SDPA, or the explicit computation of
+    :func:`_explicit_attention` for soft-capping or sinks."""
+
+    scaling: float
+    dropout: float
+    training: bool
+    gqa: bool
+    softcap: float | None
+    sinks: torch.Tensor | None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` None: plain causal attention over a segment of its own."""
+        if bool(self.softcap) or self.sinks is not None:
+            if mask is None:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
+            return _explicit_attention(
+                q, k, v, mask, None, self.scaling, self.dropout, self.training, self.softcap, self.sinks
+            )
+        if mask is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout, scale=self.scaling, enable_gqa=self.gqa
+            )
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout, scale=self.scaling, enable_gqa=self.gqa
+        )
+
+
+def _segment_mask(n: int, prefix: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Which keys each of a segment's ``n`` queries sees (None: plain causal attention over itself).
+
+    ``prefix`` > 0: the keys are the shared prefix's ``prefix`` positions, then the segment's own.
+    """
+    if prefix:
+        mask = torch.ones(n, prefix + n, dtype=torch.bool, device=device).tril_(prefix)
+        # key j (prefix, then own) is seen from query i when j > prefix + i - window
+        if window is not None and window < prefix + n:
+            mask.triu_(prefix - window + 1)
+        return mask
+    if window is not None and window < n:
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril_().triu_(1 - window)
+    return None
+
+
 def varlen_attention(
     module: Any,
     query: torch.Tensor,
@@ -165,22 +210,14 @@ def varlen_attention(
     head_dim ** -0.5. Without ``cu_seq_lens_q`` (generation, padded batches) this is plain SDPA with the
     mask transformers built, or the explicit computation with that mask for soft-capping or sinks.
     """
-    explicit = bool(softcap) or s_aux is not None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if cu_seq_lens_q is None:
-        if explicit:
+    if cu_seq_lens_q is None:  # generation, padded batches: the mask transformers built
+        if bool(softcap) or s_aux is not None:
+            drop = dropout if module.training else 0.0
+            is_causal = kwargs.get("is_causal")
             return _explicit_fallback(
-                module,
-                query,
-                key,
-                value,
-                attention_mask,
-                scaling,
-                dropout if module.training else 0.0,
-                softcap,
-                s_aux,
-                kwargs.get("is_causal"),
+                module, query, key, value, attention_mask, scaling, drop, softcap, s_aux, is_causal
             )
         return _sdpa_fallback(
             module,
@@ -198,45 +235,36 @@ def varlen_attention(
             "padding-free attention is causal only (padding_free_refusal rules out bidirectional models)"
         )
     window = int(sliding_window) if sliding_window else None
-    gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
-    bounds = cu_seq_lens_q.tolist()
-    p = int(loratui_prefix)
+    attend = _Attend(scaling, drop, module.training, query.shape[1] != key.shape[1], softcap, s_aux)
+    return _packed_attention(attend, query, key, value, cu_seq_lens_q.tolist(), int(loratui_prefix), window), None
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``mask`` None: plain causal attention over a segment of its own."""
-        if explicit:
-            if mask is None:
-                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
-            return _explicit_attention(q, k, v, mask, None, scaling, drop, module.training, softcap, s_aux)
-        if mask is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa
-            )
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling, enable_gqa=gqa)
 
+def _packed_attention(
+    attend: _Attend,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    p: int,
+    window: int | None,
+) -> torch.Tensor:
+    """Each segment between ``bounds`` attends to itself (and, after a shared prefix of ``p`` positions, to it)."""
     # split (not slice): the backward of a split concatenates once, where each slice's backward would
     # fill a zero tensor the size of the whole sequence
     sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    parts = zip(bounds[:-1], query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
+    parts = zip(bounds[:-1], torch.split(query, sizes, 2), torch.split(key, sizes, 2), torch.split(value, sizes, 2))
     outs = []
     prefix_k = prefix_v = None
     for start, q, k, v in parts:
         if p and start == 0:
             prefix_k, prefix_v = k, v
-        n = q.shape[2]
-        if p and start >= p:
+        shared = p if p and start >= p else 0  # a later segment: the prefix's keys come first
+        if shared:
             assert prefix_k is not None and prefix_v is not None  # the prefix is the first segment
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril_(p)
-            # key j (prefix, then own) is seen from query i when j > p + i - window
-            if window is not None and window < p + n:
-                mask.triu_(p - window + 1)
-            outs.append(attend(q, torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2), mask))
-        elif window is not None and window < n:
-            outs.append(attend(q, k, v, torch.ones(n, n, dtype=torch.bool, device=q.device).tril_().triu_(1 - window)))
-        else:
-            outs.append(attend(q, k, v, None))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+            k, v = torch.cat((prefix_k, k), dim=2), torch.cat((prefix_v, v), dim=2)
+        outs.append(attend(q, k, v, _segment_mask(q.shape[2], shared, window, q.device)))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def register_attention() -> str:
@@ -425,4 +453,5 @@ def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits:
 def _loss(logits: torch.Tensor, targets: torch.Tensor, denominator: Any) -> torch.Tensor:
     if targets.numel() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
+    loss: torch.Tensor = F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
+    return loss

@@ -160,7 +160,10 @@ def linear_cross_entropy(
         )
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     rows = rows or head_block_rows(weight)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, transform, rows, want_grad)
+    loss: torch.Tensor = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
+        hidden, weight, bias, targets, transform, rows, want_grad
+    )
+    return loss
 
 
 # LM heads already compared with their model's own logits: True where linear_cross_entropy with the

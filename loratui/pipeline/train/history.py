@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.runs import RunDir, atomic_dir, atomic_write_text
 
@@ -26,37 +28,101 @@ META = "loratui.json"
 CURVE = "loss_history.json"
 
 
-def _history_file(run: RunDir) -> Path:
-    return run.path / "adapters" / "history.json"
+Number = int | float  # as written: an int stays an int in the JSON
 
 
-def load_history(run: RunDir) -> dict[str, Any]:
-    path = _history_file(run)
-    if not path.is_file():
-        return {"current": None, "versions": []}
-    return json.loads(path.read_text(encoding="utf-8"))
+class AdapterVersion(BaseModel):
+    """One trained adapter version: an entry of ``history.json`` and its folder's ``loratui.json``.
+
+    Every key is optional (records of older loratui versions lack some); keys this model does not name
+    are kept as they are, and ``dump`` writes back only the keys the record has.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int | None = None
+    mode: str | None = None
+    parent: int | None = None
+    stack: list[int | str] = Field(default_factory=list)  # versions merged below it (paths for foreign ones)
+    stack_paths: list[str] = Field(default_factory=list)  # absolute folders of ``stack``, in merge order
+    base: str | None = None
+    model_dir: str | None = None
+    task: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)  # source, cache_key, config: the evaluate step re-scores it
+    method: str | None = None
+    r: int | None = None
+    alpha: int | None = None
+    lr: Number | None = None
+    epochs: Number | None = None
+    max_steps: int | None = None
+    effective_batch: int | None = None
+    steps: int | None = None
+    metrics: dict[str, Number | None] = Field(default_factory=dict)
+    created: str | None = None
+
+    @classmethod
+    def load(cls, adapter: str | Path) -> AdapterVersion | None:
+        """The provenance file of an adapter folder (None for adapters from elsewhere)."""
+        meta = Path(adapter) / META
+        return cls.model_validate_json(meta.read_text(encoding="utf-8")) if meta.is_file() else None
+
+    def save(self, adapter: Path) -> None:
+        atomic_write_text(adapter / META, json.dumps(self.dump(), indent=2) + "\n")
+
+    def dump(self) -> dict[str, Any]:
+        """The record as JSON data, with the keys it was made or read with."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    # The record read as the dict it is stored as: pipeline/report.py and serving/jobs.py still do.
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.dump().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.dump()[key]
+
+    def stack_folders(self) -> list[Path]:
+        """Adapter folders merged into the base, in order, before this version's adapter applies."""
+        return [Path(p) for p in self.stack_paths]
+
+
+class AdapterHistory(BaseModel):
+    """``adapters/history.json``: every version of a run, and which one is current."""
+
+    model_config = ConfigDict(extra="allow")
+
+    current: int | None = None
+    versions: list[AdapterVersion] = Field(default_factory=list)
+
+    @staticmethod
+    def file(run: RunDir) -> Path:
+        return run.path / "adapters" / "history.json"
+
+    @classmethod
+    def load(cls, run: RunDir) -> AdapterHistory:
+        path = cls.file(run)
+        return cls.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else cls()
+
+    def save(self, run: RunDir) -> None:
+        data = {"current": self.current, "versions": [v.dump() for v in self.versions], **(self.model_extra or {})}
+        atomic_write_text(self.file(run), json.dumps(data, indent=2) + "\n")
+
+    def find(self, version: int | None) -> AdapterVersion | None:
+        return next((v for v in self.versions if v.version == version), None)
+
+    def current_version(self) -> AdapterVersion | None:
+        return self.find(self.current)
+
+    def next_version(self) -> int:
+        return max((v.version or 0 for v in self.versions), default=0) + 1
 
 
 def version_dir(run: RunDir, version: int) -> Path:
     return run.path / "adapters" / f"v{version}"
 
 
-def current_version(run: RunDir) -> dict[str, Any] | None:
-    history = load_history(run)
-    for v in history["versions"]:
-        if v["version"] == history["current"]:
-            return v
-    return None
-
-
-def next_version(run: RunDir) -> int:
-    return max((v["version"] for v in load_history(run)["versions"]), default=0) + 1
-
-
-def adapter_meta(path: str | Path) -> dict[str, Any]:
-    """loratui's provenance file of an adapter folder ({} for adapters from elsewhere)."""
-    meta = Path(path) / META
-    return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+def current_version(run: RunDir) -> AdapterVersion | None:
+    """The version the run's ``adapter/`` holds now (after a rollback too), None before any training."""
+    return AdapterHistory.load(run).current_version()
 
 
 def curve_of(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
@@ -112,57 +178,50 @@ def load_curve(adapter: str | Path) -> tuple[dict[int, float], dict[int, float]]
     return curve_points(curve)
 
 
-def check_adapter_base(meta: dict[str, Any], adapter: Path, base: str, model_dir: Path) -> None:
+def check_adapter_base(meta: AdapterVersion | None, adapter: Path, base: str, model_dir: Path) -> None:
     """Refuse an adapter trained on another base model: with equal shapes nothing else would fail,
     and every figure or weight made from the pair would be wrong."""
-    trained_on = meta.get("base")
-    if (
-        trained_on
-        and trained_on != base
-        and Path(str(meta.get("model_dir", ""))).resolve() != Path(model_dir).resolve()
-    ):
+    if meta is None or not meta.base or meta.base == base:
+        return
+    if Path(meta.model_dir or "").resolve() != Path(model_dir).resolve():
         raise LoratuiError(
-            f"{adapter} was trained on {trained_on}, but model.base is {base}",
-            hint=f"Use model.base={trained_on}: an adapter only fits the weights it was trained on.",
+            f"{adapter} was trained on {meta.base}, but model.base is {base}",
+            hint=f"Use model.base={meta.base}: an adapter only fits the weights it was trained on.",
         )
 
 
-def stack_paths(run: RunDir, entry: dict[str, Any]) -> list[Path]:
-    """Adapter folders to merge into the base, in order, before ``entry``'s adapter applies."""
-    return [version_dir(run, v) for v in entry.get("stack", [])]
-
-
-def record(run: RunDir, entry: dict[str, Any], trained: Path) -> dict[str, Any]:
+def record(run: RunDir, entry: AdapterVersion, trained: Path) -> AdapterVersion:
     """Keep the adapter in ``trained`` as the next version and make it current."""
-    history = load_history(run)
-    entry = {**entry, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    target = version_dir(run, entry["version"])
-    atomic_write_text(trained / META, json.dumps(entry, indent=2) + "\n")
-    with atomic_dir(target) as tmp:
+    version = entry.version
+    assert version is not None  # a version to record has its number
+    history = AdapterHistory.load(run)
+    entry = entry.model_copy(update={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    entry.save(trained)
+    with atomic_dir(version_dir(run, version)) as tmp:
         shutil.copytree(trained, tmp, dirs_exist_ok=True)
-    history["versions"].append(entry)
-    history["current"] = entry["version"]
-    _make_current(run, history, entry["version"])
+    history.versions.append(entry)
+    _make_current(run, history, version)
     return entry
 
 
-def _make_current(run: RunDir, history: dict[str, Any], version: int) -> None:
+def _make_current(run: RunDir, history: AdapterHistory, version: int) -> None:
     with atomic_dir(run.adapter) as tmp:
         shutil.copytree(version_dir(run, version), tmp, dirs_exist_ok=True)
-    history["current"] = version
-    atomic_write_text(_history_file(run), json.dumps(history, indent=2) + "\n")
+    history.current = version
+    history.save(run)
 
 
-def rollback(run: RunDir, version: int) -> dict[str, Any]:
+def rollback(run: RunDir, version: int) -> AdapterVersion:
     """Make an earlier version current again; later versions stay in the history."""
-    history = load_history(run)
-    known = {v["version"]: v for v in history["versions"]}
-    if version not in known:
-        listed = ", ".join(f"v{v}" for v in sorted(known)) or "none"
+    history = AdapterHistory.load(run)
+    entry = history.find(version)
+    if entry is None:
+        listed = ", ".join(f"v{v}" for v in sorted(v.version for v in history.versions if v.version is not None))
         raise LoratuiError(
-            f"{run.path}: no adapter version {version} (versions: {listed})", hint="`loratui train history` lists them."
+            f"{run.path}: no adapter version {version} (versions: {listed or 'none'})",
+            hint="`loratui train history` lists them.",
         )
     if not version_dir(run, version).is_dir():
         raise LoratuiError(f"{version_dir(run, version)} is missing: the version's files were deleted")
     _make_current(run, history, version)
-    return known[version]
+    return entry

@@ -229,8 +229,8 @@ def test_seq2seq_model_is_evaluated(tmp_path, tiny_model_factory):
 def test_stop_ids_include_the_end_of_turn_token_when_it_differs_from_eos():
     from types import SimpleNamespace
 
+    from loratui.pipeline.evaluate.examples import EvalSet, stop_ids
     from loratui.pipeline.evaluate.runtimes import Example
-    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
 
     tok = SimpleNamespace(eos_token_id=2, unk_token_id=0, all_special_ids=[0, 1, 2, 7])
     # a reply trained as "... <eot=7> <eos=2>"; 1 (bos) never inside a reply; 0 is unk

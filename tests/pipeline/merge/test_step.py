@@ -335,7 +335,7 @@ def test_an_adapter_is_not_merged_into_another_base(tmp_path, tiny_llama, tiny_m
 
 
 def test_the_record_tells_whether_merged_is_current(tmp_path, tiny_llama):
-    from loratui.pipeline.merge.step import current_merge
+    from loratui.pipeline.merge.merging import current_merge
 
     cfg = _cfg(tmp_path, tiny_llama)
     assert _step("train", cfg)[0] == EXIT_OK

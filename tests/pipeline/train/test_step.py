@@ -191,21 +191,21 @@ def test_continue_stack_and_rollback(tmp_path, tiny_llama):
     code, result, _ = _train(cont)
     assert code == EXIT_OK and result.summary["version"] == 3
 
-    history = hist.load_history(run)
-    by_version = {v["version"]: v for v in history["versions"]}
-    assert history["current"] == 3
-    assert by_version[1]["mode"] == "fresh" and by_version[1]["stack"] == []
-    assert by_version[2]["mode"] == "stack" and by_version[2]["stack"] == [1] and by_version[2]["parent"] == 1
-    assert by_version[3]["mode"] == "continue" and by_version[3]["parent"] == 2 and by_version[3]["stack"] == [1]
-    assert by_version[2]["data"]["cache_key"] != by_version[1]["data"]["cache_key"]
+    history = hist.AdapterHistory.load(run)
+    by_version = {v.version: v for v in history.versions}
+    assert history.current == 3
+    assert by_version[1].mode == "fresh" and by_version[1].stack == []
+    assert by_version[2].mode == "stack" and by_version[2].stack == [1] and by_version[2].parent == 1
+    assert by_version[3].mode == "continue" and by_version[3].parent == 2 and by_version[3].stack == [1]
+    assert by_version[2].data["cache_key"] != by_version[1].data["cache_key"]
     assert json.loads((run.adapter / "loratui.json").read_text())["version"] == 3
     # continue starts from v2's weights, stack from a fresh adapter: both differ from v1
     assert (hist.version_dir(run, 2) / "adapter_model.safetensors").read_bytes() != v1
 
     hist.rollback(run, 1)
     assert (run.adapter / "adapter_model.safetensors").read_bytes() == v1
-    assert hist.load_history(run)["current"] == 1
-    assert len(hist.load_history(run)["versions"]) == 3  # later versions are kept
+    assert hist.AdapterHistory.load(run).current == 1
+    assert len(hist.AdapterHistory.load(run).versions) == 3  # later versions are kept
 
 
 def test_continue_without_an_adapter_is_a_clear_error(tmp_path, tiny_llama):
@@ -402,7 +402,7 @@ def test_a_resumed_training_shows_its_whole_loss_curve_and_never_another_version
     assert [s for s, _ in resumed.curve["train"]] == list(range(1, 7))
     train, evals = hist.load_curve(hist.version_dir(run, 1))
     assert train == pytest.approx(want, abs=1e-6) and evals == pytest.approx(want_eval, abs=1e-6)
-    assert hist.current_version(run)["metrics"]["train_loss_first"] == pytest.approx(want[1])
+    assert hist.current_version(run).metrics["train_loss_first"] == pytest.approx(want[1])
     assert training_curve({"target": {"kind": "adapter", "path": str(run.adapter)}}, run)[0] == train
 
     # a killed attempt's stray points, then a forced fresh re-train (v2): its curve is its own
