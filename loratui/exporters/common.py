@@ -86,7 +86,7 @@ def ensure_merged(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: S
     settings (its ``loratui-merge.json`` says so); merged again when the adapter changed (a new version, a
     rollback), a setting changed, or ``merged/`` is missing or incomplete.
     """
-    from loratui.pipeline.merge.step import current_merge, merge, reused_summary
+    from loratui.pipeline.merge.merging import current_merge, merge, reused_summary
 
     record, why = current_merge(cfg, run)
     if record is not None:

@@ -136,7 +136,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldSt
 def checked_source(cfg: RunConfig, run: RunDir, events: EventSink) -> tuple[Path, Path]:
     """The adapter and its base's folder, once llama.cpp is known to be able to apply that adapter to
     that base: one LoRA on a local, unquantized, decoder-only base it was trained on."""
-    from loratui.pipeline.merge.step import refuse_quantized, resolve_source
+    from loratui.pipeline.merge.source import refuse_quantized, resolve_source
     from loratui.pipeline.models import resolve_model
     from loratui.pipeline.train.history import check_adapter_base
 
@@ -194,7 +194,7 @@ class _LoraExport:
     @classmethod
     def start(cls, job: ExportJob, out: Path, model_dir: Path, log: Path) -> _LoraExport:
         """Loads the tokenizer and, when export.verify, the merged model's reference figures."""
-        from loratui.pipeline.merge.step import tokenizer_for
+        from loratui.pipeline.merge.source import tokenizer_for
 
         cfg, events = job.cfg, job.events
         tokenizer = tokenizer_for(cfg, job.run, model_dir, "causal", events)

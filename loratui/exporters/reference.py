@@ -34,7 +34,7 @@ def eval_rows(
     cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink, task: str = "causal"
 ) -> list[Any]:
     """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
-    from loratui.pipeline.evaluate.step import load_examples, pick_split
+    from loratui.pipeline.evaluate.examples import load_examples, pick_split
 
     manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
     split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
@@ -50,7 +50,7 @@ def merged_reference(
     in PyTorch fp32 on CPU behind the evaluate step's model interface."""
     from loratui.pipeline.data.prepare import prepare
     from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
-    from loratui.pipeline.evaluate.step import EvalSet, stop_ids
+    from loratui.pipeline.evaluate.examples import EvalSet, stop_ids
 
     cfg, run = job.cfg, job.run
     prepare(cfg, run, job.events, job.should_stop)

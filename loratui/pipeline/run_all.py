@@ -59,7 +59,7 @@ def preflight(cfg: RunConfig, steps: list[str]) -> None:
 
 def _train_resumable(cfg: RunConfig, run: RunDir) -> bool:
     """An interrupted train step with these settings left a checkpoint to continue from."""
-    from loratui.pipeline.train.step import complete_checkpoints
+    from loratui.pipeline.train.checkpoints import complete_checkpoints
 
     started = uptodate.recorded(run).get("train", {}).get("started_with")
     return started == uptodate.fingerprint(cfg, "train") and bool(complete_checkpoints(run.checkpoints))

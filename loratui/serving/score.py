@@ -83,7 +83,7 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from loratui.pipeline.data.step import model_task
+    from loratui.pipeline.models import model_task
 
     if model_task(path) != "causal":
         raise LoratuiError(f"--model {path}: scoring is for decoder-only (causal) models; this one is encoder-decoder")

@@ -42,14 +42,14 @@ def resolved(job: JobRecord, template: dict[str, Any]) -> dict[str, Any]:
         version = None
     if not version:
         return asked
-    epochs = version.get("epochs")
-    if isinstance(epochs, (int, float)):
+    epochs = version.epochs
+    if epochs is not None:
         asked["n_epochs"] = int(epochs) if float(epochs).is_integer() else epochs
-    if isinstance(version.get("effective_batch"), int):
-        asked["batch_size"] = version["effective_batch"]  # examples per optimizer step, as OpenAI counts
+    if version.effective_batch is not None:
+        asked["batch_size"] = version.effective_batch  # examples per optimizer step, as OpenAI counts
     template_lr = float(template.get("train", {}).get("lr", 2e-4))
-    if isinstance(version.get("lr"), (int, float)) and template_lr:
-        asked["learning_rate_multiplier"] = round(version["lr"] / template_lr, 6)
+    if version.lr is not None and template_lr:
+        asked["learning_rate_multiplier"] = round(version.lr / template_lr, 6)
     return asked
 
 

@@ -24,6 +24,6 @@ def read_rows(cfg: RunConfig, path: Path) -> tuple[int, BuildFindings]:
 
 def complete_checkpoints(folder: Path) -> list[Path]:
     """The run's fully written checkpoints under ``folder``, in step order."""
-    from loratui.pipeline.train.step import complete_checkpoints as found
+    from loratui.pipeline.train.checkpoints import complete_checkpoints as found
 
     return found(folder)
