@@ -154,7 +154,7 @@ class TorchBackend(HFBase):
 
     def _admit(self, running: int) -> list[_Waiting] | None:
         """The requests that join the batch now (waiting for one when the batch is empty); None when closing."""
-        admitted = []
+        admitted: list[_Waiting] = []
         if not running:
             admitted.append(self.waiting.get())
             if not self.running:

@@ -159,8 +159,9 @@ async def _whole(
     ctx: AppContext, shape: _Shape, deltas: _Deltas, req: GenRequest, request: Request, started: float
 ) -> dict[str, Any]:
     """Wait for the generation to end: the response for ``stream: false``."""
+    text: list[str] = []
+    last = Delta()
     try:
-        text, last = [], Delta()
         while (item := await deltas.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
