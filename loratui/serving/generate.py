@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.errors import LoratuiError
-from loratui.serving.backends import GenRequest
+from loratui.serving.backends import Delta, GenRequest
 from loratui.serving.score import done_ids, read_objects
 
 
@@ -59,6 +59,41 @@ def _rows(path: Path, skip: set[str], bad: Callable[[int, Any, str], None]) -> t
     return rows, already
 
 
+def _prompt_ids(backend: Any, content: str | list[dict[str, str]]) -> tuple[list[int], str | None]:
+    """The row's prompt as token ids, or why it cannot be generated (the ids are then empty)."""
+    try:
+        ids = backend.chat_prompt(content) if isinstance(content, list) else backend.encode(content)
+    except Exception as e:  # a template that rejects the conversation, or no template
+        return [], f"cannot build the prompt: {e}"
+    if len(ids) + 1 > backend.context_length:
+        return [], f"{len(ids)} prompt tokens: the model's context is {backend.context_length}"
+    return ids, None
+
+
+def _complete(backend: Any, row_id: Any, ids: list[int], settings: Settings) -> dict[str, Any]:
+    """One row generated to its end: the output row."""
+    req = GenRequest(
+        ids,
+        min(settings.max_tokens, backend.context_length - len(ids)),
+        settings.temperature,
+        settings.top_p,
+        settings.stop,
+        settings.seed,
+    )
+    text: list[str] = []
+    last: Delta | None = None
+    for delta in backend.stream(req):
+        text.append(delta.text)
+        last = delta
+    return {
+        "id": row_id,
+        "text": "".join(text),
+        "finish_reason": last.finish_reason if last else None,
+        "prompt_tokens": len(ids),
+        "completion_tokens": last.completion_tokens if last else 0,
+    }
+
+
 def generate_file(
     backend: Any,
     input_path: Path,
@@ -85,43 +120,13 @@ def generate_file(
         if stop_flag.is_set() or (should_stop and should_stop()):
             stop_flag.set()
             return
-        try:
-            ids = backend.chat_prompt(content) if isinstance(content, list) else backend.encode(content)
-        except Exception as e:  # a template that rejects the conversation, or no template
+        ids, why = _prompt_ids(backend, content)
+        if why is not None:
             with lock:
-                bad_rows.append({"line": line_no, "id": row_id, "error": f"cannot build the prompt: {e}"})
+                bad_rows.append({"line": line_no, "id": row_id, "error": why})
                 failed[0] += 1
             return
-        if len(ids) + 1 > backend.context_length:
-            with lock:
-                bad_rows.append(
-                    {
-                        "line": line_no,
-                        "id": row_id,
-                        "error": f"{len(ids)} prompt tokens: the model's context is {backend.context_length}",
-                    }
-                )
-                failed[0] += 1
-            return
-        req = GenRequest(
-            ids,
-            min(settings.max_tokens, backend.context_length - len(ids)),
-            settings.temperature,
-            settings.top_p,
-            settings.stop,
-            settings.seed,
-        )
-        text, last = [], None
-        for delta in backend.stream(req):
-            text.append(delta.text)
-            last = delta
-        result = {
-            "id": row_id,
-            "text": "".join(text),
-            "finish_reason": last.finish_reason if last else None,
-            "prompt_tokens": len(ids),
-            "completion_tokens": last.completion_tokens if last else 0,
-        }
+        result = _complete(backend, row_id, ids, settings)
         with lock, output.open("a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
             out.flush()

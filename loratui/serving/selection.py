@@ -131,46 +131,53 @@ def _choose(target: Path, fmt: str, cuda: bool, base: Path | None = None) -> Cho
         raise LoratuiError(f"{target}: no such run directory or file")
     if not (target / "config.yaml").is_file() or target.is_file():
         return _single(target, fmt)
-    merged = target / "merged"
-    has_merged = (merged / "config.json").is_file()
-    adapter = target / "adapter"
-    has_adapter = (adapter / "adapter_config.json").is_file()
     ggufs = _ggufs(target)
     onnx = target / "exports" / "onnx"
     has_onnx = onnx.is_dir() and any(onnx.glob("*.onnx"))
-
-    def torch_choice(why: str) -> Choice:
-        if has_merged:
-            return Choice("torch", merged, None, f"{why}: PyTorch serves the merged model {merged}")
-        if has_adapter and base is not None:
-            return Choice(
-                "torch",
-                base,
-                adapter,
-                f"{why}: PyTorch serves the base {base} with the adapter {adapter} (nothing merged yet)",
-            )
-        raise LoratuiError(
-            f"{target}: nothing to serve with PyTorch (no merged/ and no adapter/)",
-            hint="Train first (loratui train), or merge (loratui merge).",
-        )
-
     if fmt == "torch" or (fmt == "auto" and cuda):
-        return torch_choice("CUDA is available" if fmt == "auto" else "--format torch")
+        return _torch_choice(target, base, "CUDA is available" if fmt == "auto" else "--format torch")
     if fmt == "gguf" or (fmt == "auto" and ggufs):
-        if not ggufs:
-            raise LoratuiError(f"{target}: no GGUF in exports/gguf/", hint="loratui export --format gguf first.")
-        return Choice(
-            "gguf",
-            ggufs[0],
-            None,
-            ("no CUDA; " if fmt == "auto" else "") + f"llama.cpp serves {ggufs[0].name} (the fastest runtime on CPU; "
-            f"{'q8_0' if ggufs[0].stem.endswith('q8_0') else 'the closest type to q8_0'} of "
-            f"{len(ggufs)} GGUF file(s))",
-        )
+        return _gguf_choice(target, ggufs, auto=fmt == "auto")
     if fmt == "onnx" or (fmt == "auto" and has_onnx):
-        if not has_onnx:
-            raise LoratuiError(f"{target}: no ONNX export in exports/onnx/", hint="loratui export --format onnx first.")
+        return _onnx_choice(target, onnx, has_onnx, auto=fmt == "auto")
+    return _torch_choice(target, base, "no CUDA, no GGUF and no ONNX export")
+
+
+def _torch_choice(target: Path, base: Path | None, why: str) -> Choice:
+    """PyTorch on a run: its merged model, else the base with its adapter."""
+    merged = target / "merged"
+    if (merged / "config.json").is_file():
+        return Choice("torch", merged, None, f"{why}: PyTorch serves the merged model {merged}")
+    adapter = target / "adapter"
+    if (adapter / "adapter_config.json").is_file() and base is not None:
         return Choice(
-            "onnx", onnx, None, ("no CUDA and no GGUF; " if fmt == "auto" else "") + f"ONNX Runtime serves {onnx}"
+            "torch",
+            base,
+            adapter,
+            f"{why}: PyTorch serves the base {base} with the adapter {adapter} (nothing merged yet)",
         )
-    return torch_choice("no CUDA, no GGUF and no ONNX export")
+    raise LoratuiError(
+        f"{target}: nothing to serve with PyTorch (no merged/ and no adapter/)",
+        hint="Train first (loratui train), or merge (loratui merge).",
+    )
+
+
+def _gguf_choice(target: Path, ggufs: list[Path], auto: bool) -> Choice:
+    """llama.cpp on the run's preferred GGUF (``ggufs`` in order of preference)."""
+    if not ggufs:
+        raise LoratuiError(f"{target}: no GGUF in exports/gguf/", hint="loratui export --format gguf first.")
+    return Choice(
+        "gguf",
+        ggufs[0],
+        None,
+        ("no CUDA; " if auto else "") + f"llama.cpp serves {ggufs[0].name} (the fastest runtime on CPU; "
+        f"{'q8_0' if ggufs[0].stem.endswith('q8_0') else 'the closest type to q8_0'} of "
+        f"{len(ggufs)} GGUF file(s))",
+    )
+
+
+def _onnx_choice(target: Path, onnx: Path, has_onnx: bool, auto: bool) -> Choice:
+    """ONNX Runtime on the run's ONNX export."""
+    if not has_onnx:
+        raise LoratuiError(f"{target}: no ONNX export in exports/onnx/", hint="loratui export --format onnx first.")
+    return Choice("onnx", onnx, None, ("no CUDA and no GGUF; " if auto else "") + f"ONNX Runtime serves {onnx}")

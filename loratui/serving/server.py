@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratui.pipeline.errors import LoratuiError
-from loratui.serving.app import Limits, ServerState, create_app
+from loratui.serving.app import create_app
 from loratui.serving.selection import Choice, choose
+from loratui.serving.state import Limits, ServerState
 
 if TYPE_CHECKING:
     from loratui.serving.finetune import JobManager, JobSettings

@@ -14,9 +14,10 @@ import httpx
 import openai
 import pytest
 
-from loratui.serving.app import Limits, ServerState, create_app
+from loratui.serving.app import create_app
 from loratui.serving.selection import Choice
 from loratui.serving.server import ServeOptions, loader_for
+from loratui.serving.state import Limits, ServerState
 
 CHAT = [{"role": "user", "content": "Where is the library?"}]
 
@@ -240,7 +241,7 @@ def test_a_hang_up_during_a_send_still_runs_the_streams_cleanup():
     response returns, not whenever the garbage collector gets to the generator."""
     import asyncio
 
-    from loratui.serving.app import _EventStream
+    from loratui.serving.routes.generation import _EventStream
 
     cleaned: list[str] = []
     hung_up = asyncio.Event()

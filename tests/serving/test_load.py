@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from loratui.serving.app import Limits, ServerState, create_app
+from loratui.serving.app import create_app
 from loratui.serving.selection import Choice
 from loratui.serving.server import ServeOptions, loader_for
+from loratui.serving.state import Limits, ServerState
 from tests.serving.test_app import CHAT, Server, artifacts  # noqa: F401  (artifacts: a fixture)
 
 

@@ -1,0 +1,31 @@
+"""``GET /health`` (503 while loading, 200 when ready or degraded) and ``GET /metrics`` (Prometheus text)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from loratui.serving.state import AppContext, context
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(ctx: Annotated[AppContext, Depends(context)]) -> JSONResponse:
+    state = ctx.state
+    body = {
+        "status": state.status,
+        "model": state.model_id,
+        "backend": state.backend.kind if state.backend else None,
+        "serving": state.chosen,
+    }
+    if state.reason:
+        body["reason"] = state.reason
+    return JSONResponse(body, status_code=200 if state.status in ("ok", "degraded") else 503)
+
+
+@router.get("/metrics")
+async def prometheus(ctx: Annotated[AppContext, Depends(context)]) -> PlainTextResponse:
+    return PlainTextResponse(ctx.metrics.render(ctx.state), media_type="text/plain; version=0.0.4")
