@@ -144,7 +144,7 @@ def _adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from loratui.serving.app import Limits
+    from loratui.serving.state import Limits
     from loratui.serving.server import ServeOptions, api_key_from, serve
 
     target, cfg, base, fmt, source = serve_target(args)

@@ -2,8 +2,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
 server-sent events, ``stream_options.include_usage``), ``GET /health`` (503 while loading, 200 when
-ready or degraded) and ``GET /metrics`` (Prometheus text). With a :class:`~loratui.serving.jobs.JobManager`,
-also the files and fine-tuning jobs API (:mod:`loratui.serving.jobs_api`); the models its jobs make are
+ready or degraded) and ``GET /metrics`` (Prometheus text). With a :class:`~loratui.serving.finetune.JobManager`,
+also the files and fine-tuning jobs API (:mod:`loratui.serving.finetune.routes`); the models its jobs make are
 listed in ``/v1/models`` and served from a :class:`~loratui.serving.pool.ModelPool`, loaded on first use.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON,

@@ -52,7 +52,7 @@ def tiny(tiny_model_factory) -> Path:
 
 
 def _start(tmp: Path, model: Path, **limits) -> tuple[Server, JobSettings]:
-    from loratui.serving.app import Limits
+    from loratui.serving.state import Limits
 
     template = load_config(None, TEMPLATE).model_dump(mode="json")
     settings = JobSettings(root=tmp / "jobs", runs_dir=tmp / "runs", template=template, grace_s=30)
