@@ -377,8 +377,8 @@ def main() -> int:
             from loratui.pipeline.data.manifest import DataReport
             from loratui.pipeline.data.read import BuildFindings, read_examples, split_examples
             from loratui.pipeline.data.tokens import encode_examples
-            from loratui.pipeline.models import load_tokenizer_and_template
             from loratui.pipeline.events import null_sink
+            from loratui.pipeline.models import load_tokenizer_and_template
 
             # 1. The full step, cold cache, `--repeat` times (the cache is emptied before each run);
             #    this shared VM varies by 10-20 % from run to run, so the median is the headline.

@@ -144,8 +144,8 @@ def _adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from loratui.serving.state import Limits
     from loratui.serving.server import ServeOptions, api_key_from, serve
+    from loratui.serving.state import Limits
 
     target, cfg, base, fmt, source = serve_target(args)
     adapters = _adapters(args.adapter)

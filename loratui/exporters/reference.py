@@ -49,8 +49,8 @@ def merged_reference(
     """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model
     in PyTorch fp32 on CPU behind the evaluate step's model interface."""
     from loratui.pipeline.data.prepare import prepare
-    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
     from loratui.pipeline.evaluate.examples import EvalSet, stop_ids
+    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
 
     cfg, run = job.cfg, job.run
     prepare(cfg, run, job.events, job.should_stop)

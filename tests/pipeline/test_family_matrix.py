@@ -308,9 +308,9 @@ def _same_template_everywhere(run: RunDir, spec: Spec, allowed: list[str]) -> No
 
 def _serve_one_chat(run_dir: Path, family: str) -> None:
     from loratui.serving.app import create_app
-    from loratui.serving.state import Limits, ServerState
     from loratui.serving.selection import choose
     from loratui.serving.server import ServeOptions, loader_for
+    from loratui.serving.state import Limits, ServerState
     from tests.serving.test_app import Server
 
     choice = choose(run_dir, "auto", cuda=False)

@@ -91,7 +91,7 @@ def training_arguments(
 
 def _tensorboard(run: RunDir) -> Any:
     """transformers' TensorBoard callback, writing into ``<run>/tensorboard`` (needs the tensorboard package)."""
-    from transformers.integrations import TensorBoardCallback  # type: ignore[attr-defined]
+    from transformers.integrations import TensorBoardCallback
 
     try:
         from torch.utils.tensorboard import SummaryWriter
