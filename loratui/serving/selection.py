@@ -4,7 +4,8 @@ A run directory offers several artifacts. With CUDA, PyTorch serves the merged m
 with the run's adapter). On CPU, llama.cpp serves a GGUF when there is one (fastest here: see the
 GGUF benchmark), preferring q8_0 (closest to the merged model), then q4_k_m, then any other; else
 ONNX Runtime serves the fp32 ONNX export; else PyTorch. A path to one artifact (a ``.gguf`` file, an
-ONNX folder, a merged directory, an adapter folder) is served by its own runtime. A built-in model name
+ONNX folder, a merged directory) is served by its own runtime; an adapter folder alone is refused (serve
+its run directory, base + adapter, or its merged model). A built-in model name
 or a hub id (what ``model.base`` accepts) is resolved first to its local Hugging Face directory
 (:func:`resolve_target`).
 """

@@ -1,1 +1,1 @@
-"""The evaluate step: metrics, the model interface (PyTorch here; llama.cpp and onnxruntime in the exporters), reports and plots."""
+"""The eval step: metrics, the models it scores (PyTorch, llama.cpp and onnxruntime, in ``runtimes.py``), reports and plots."""
