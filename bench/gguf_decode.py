@@ -84,7 +84,7 @@ def transformers_decode(merged: Path, prompts: list[list[int]], tokens: int) -> 
 def llama_decode(path: Path, prompts: list[list[int]], tokens: int) -> float:
     """Mean over the prompts of loratui's own decode measurement (the one in exports/report.md)."""
     from loratui.exporters.gguf import decode_speed
-    from loratui.pipeline.evaluate.runtimes import LlamaCppModel
+    from loratui.pipeline.eval.runtimes import LlamaCppModel
 
     model = LlamaCppModel(path, name=path.name, stop_ids=set(), n_ctx=1024)
     try:

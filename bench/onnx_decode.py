@@ -34,7 +34,7 @@ from onnx_scoring import quant_folder
 def test_rows(run: Path, n: int) -> list:
     from datasets import load_from_disk
 
-    from loratui.pipeline.evaluate.runtimes import Example
+    from loratui.pipeline.eval.runtimes import Example
 
     manifest = json.loads((run / "data" / "dataset.json").read_text())
     rows = load_from_disk(str(run / "data" / manifest["splits"].get("test", manifest["splits"]["train"])))
@@ -55,7 +55,7 @@ def main() -> int:
     import torch
 
     from loratui.exporters.onnx import compare, timed_decode
-    from loratui.pipeline.evaluate.runtimes import OnnxModel, TorchModel, load_onnx, load_torch
+    from loratui.pipeline.eval.runtimes import OnnxModel, TorchModel, load_onnx, load_torch
 
     run = Path(args.run)
     merged, onnx = run / "merged", run / "exports" / "onnx"

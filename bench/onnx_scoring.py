@@ -62,7 +62,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from loratui.pipeline.evaluate.runtimes import Example, OnnxModel, TorchModel, load_onnx, load_torch
+    from loratui.pipeline.eval.runtimes import Example, OnnxModel, TorchModel, load_onnx, load_torch
 
     run = Path(args.run)
     merged, onnx = run / "merged", run / "exports" / "onnx"

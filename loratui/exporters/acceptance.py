@@ -129,7 +129,7 @@ def measure(
     import torch
     import torch.nn.functional as F
 
-    from loratui.pipeline.evaluate.runtimes import IGNORE
+    from loratui.pipeline.eval.runtimes import IGNORE
 
     kinds = [k for k in dict.fromkeys(kinds) if k in SIMULATED]
     out = Measured(top1=[[] for _ in examples], margins=[[] for _ in examples], noise={k: 0.0 for k in kinds})

@@ -58,7 +58,7 @@ class Reference:
     @classmethod
     def build(cls, job: ExportJob, tokenizer: Any, template: Any, kinds: list[str]) -> Reference:
         """``kinds``: the types to be judged (their arithmetic is simulated once here)."""
-        from loratui.pipeline.evaluate.runtimes import StopRequested
+        from loratui.pipeline.eval.runtimes import StopRequested
 
         examples, stop, model = merged_reference(job, tokenizer, template)
         try:
@@ -86,8 +86,8 @@ def verify(
     """The figures of one GGUF (with ``lora`` applied, if given) in llama.cpp: agreement, perplexity,
     replies (do they stop, do they hold the key fact) and decode speed; ``predicted`` is its teacher-forced
     top-1 at every labelled position."""
-    from loratui.pipeline.evaluate import metrics as M
-    from loratui.pipeline.evaluate.runtimes import LlamaCppModel, StopRequested
+    from loratui.pipeline.eval import metrics as M
+    from loratui.pipeline.eval.runtimes import LlamaCppModel, StopRequested
 
     model = LlamaCppModel(path, name=label, stop_ids=ref.stop, n_ctx=ref.n_ctx, lora=lora)
     try:
@@ -209,7 +209,7 @@ def gguf_table(rows: list[GgufRow], ref_ppl: float | None, samples: int) -> list
         f"(perplexity {f(ref_ppl, '.3f')}). Top-1: teacher-forced next-token agreement with it. Decided: the "
         "same on the positions where the merged model leads by more than the type's own rounding can move "
         "(the acceptance rule: at most 1% may differ there). Key facts: greedy replies in llama.cpp that "
-        "contain the row's key fact (the evaluate step's `contains`).",
+        "contain the row's key fact (the eval step's `contains`).",
         "",
         "| type | file | size | bits/weight | perplexity | delta | top-1 | decided | key facts | decode tok/s "
         "| replies stop |",

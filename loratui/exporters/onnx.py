@@ -186,7 +186,7 @@ def timed_decode(model: Any, prompt: list[int], n: int = 64) -> float:
     once, as in a chat turn), after a short warm-up. ``model``: a TorchModel or an OnnxModel."""
     import torch
 
-    from loratui.pipeline.evaluate.runtimes import OnnxModel
+    from loratui.pipeline.eval.runtimes import OnnxModel
 
     def run(tokens: int) -> int:
         if isinstance(model, OnnxModel):  # onnxruntime-genai's own loop
@@ -209,7 +209,7 @@ def compare(reference: Any, candidate: Any, examples: list[Any], should_stop: Sh
     labelled ones, each side's perplexity, and the candidate's scoring rows/s."""
     import torch.nn.functional as F
 
-    from loratui.pipeline.evaluate.runtimes import IGNORE
+    from loratui.pipeline.eval.runtimes import IGNORE
 
     diff, scale, same, total = 0.0, 0.0, 0, 0
     nll = {"reference": 0.0, "candidate": 0.0}
@@ -269,7 +269,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> dict[str, Any]:
-    from loratui.pipeline.evaluate.ort import import_genai, import_onnxruntime
+    from loratui.pipeline.eval.ort import import_genai, import_onnxruntime
 
     import_onnxruntime()  # before any work: the builder and the verification need both
     import_genai()
@@ -386,7 +386,7 @@ class _OnnxExport:
         self, i: int, kind: str, folder: Path, reference: Any, examples: list[Any], stop: set[int], prompt: list[int]
     ) -> None:
         """Row ``i`` with the figures and the verdict of ``folder`` in onnxruntime."""
-        from loratui.pipeline.evaluate.runtimes import OnnxModel, StopRequested, load_onnx
+        from loratui.pipeline.eval.runtimes import OnnxModel, StopRequested, load_onnx
 
         should_stop = self.job.should_stop
         candidate = OnnxModel(load_onnx(folder), name=kind, pad_id=reference.pad_id, stop_ids=stop)

@@ -1,6 +1,6 @@
 """What an export reads besides the merged model's weights and is verified against: the model's kind, the
 chat template the adapter was trained with, the run's test rows, the merged model in PyTorch, and the greedy
-replies of an exported model. (The data and evaluate steps' functions the exporters use are imported here.)"""
+replies of an exported model. (The data and eval steps' library functions the exporters use are imported here.)"""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def eval_rows(
     cfg: RunConfig, run: RunDir, tokenizer: Any, template: Any, events: EventSink, task: str = "causal"
 ) -> list[Any]:
     """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
-    from loratui.pipeline.evaluate.examples import load_examples, pick_split
+    from loratui.pipeline.eval.examples import load_examples, pick_split
 
     manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
     split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
@@ -47,10 +47,10 @@ def merged_reference(
     job: ExportJob, tokenizer: Any, template: Any, task: str = "causal"
 ) -> tuple[list[Any], set[int], Any]:
     """What an export is checked against: the rows (``eval_rows``), their stop ids, and the merged model
-    in PyTorch fp32 on CPU behind the evaluate step's model interface."""
+    in PyTorch fp32 on CPU behind the eval step's model interface."""
     from loratui.pipeline.data.prepare import prepare
-    from loratui.pipeline.evaluate.examples import EvalSet, stop_ids
-    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
+    from loratui.pipeline.eval.examples import EvalSet, stop_ids
+    from loratui.pipeline.eval.runtimes import TorchModel, load_torch
 
     cfg, run = job.cfg, job.run
     prepare(cfg, run, job.events, job.should_stop)
@@ -72,14 +72,14 @@ class Replies:
 
     prompted: list[Any]  # the rows with a prompt and a reference reply
     stopped: int  # replies that ended before max_new_tokens
-    key_facts: float | None  # share of replies holding the row's key fact (the evaluate step's `contains`)
+    key_facts: float | None  # share of replies holding the row's key fact (the eval step's `contains`)
     samples: list[dict[str, Any]]  # one per reply: source, fact, reply, contains
 
 
 def greedy_replies(
     model: Any, examples: list[Any], tokenizer: Any, max_new_tokens: int, should_stop: ShouldStop
 ) -> Replies:
-    from loratui.pipeline.evaluate import metrics as M
+    from loratui.pipeline.eval import metrics as M
 
     prompted = [e for e in examples if e.prompt_ids and e.reference is not None]
     got = model.generate([e.prompt_ids for e in prompted], max_new_tokens, should_stop=should_stop)

@@ -390,7 +390,7 @@ class ServeSection(Section):
 
 
 class RunConfig(Section):
-    """A whole run: one YAML file drives data, train, evaluate, merge, export and serve."""
+    """A whole run: one YAML file drives data, train, eval, merge, export and serve."""
 
     name: str = Field("quickstart", description="Run name: artifacts go to `<runs_dir>/<name>/`.")
     runs_dir: str = Field("runs", description="Folder that holds run directories.")

@@ -12,7 +12,7 @@ STEP_ORDER: tuple[str, ...] = ("data", "train", "eval", "merge", "export", "serv
 STEPS: dict[str, str] = {
     "data": "loratui.pipeline.data.step:run",
     "train": "loratui.pipeline.train.step:run",
-    "eval": "loratui.pipeline.evaluate.step:run",
+    "eval": "loratui.pipeline.eval.step:run",
     "merge": "loratui.pipeline.merge.step:run",
     "export": "loratui.exporters.step:run",
 }

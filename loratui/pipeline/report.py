@@ -211,7 +211,7 @@ def _python_usage(run: RunDir) -> list[str]:
 
 def _data_sources(cfg: RunConfig) -> str:
     """The training data, and the validation and test files when they are separate ones."""
-    from loratui.pipeline.evaluate.examples import split_source
+    from loratui.pipeline.eval.examples import split_source
 
     d = cfg.data
     own = [split for split, value in (("validation", d.val_source), ("test", d.test_source)) if value]

@@ -67,7 +67,7 @@ def model_kind(path: Path) -> str:
 
 
 def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scorer:
-    from loratui.pipeline.evaluate.runtimes import LlamaCppModel, OnnxModel, TorchModel, load_onnx, load_torch
+    from loratui.pipeline.eval.runtimes import LlamaCppModel, OnnxModel, TorchModel, load_onnx, load_torch
 
     kind = model_kind(path)
     if kind == "gguf":
@@ -243,7 +243,7 @@ def score_file(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``input_path`` into ``output`` (appending); returns counts. ``progress(done, total)``."""
-    from loratui.pipeline.evaluate.runtimes import Example, StopRequested
+    from loratui.pipeline.eval.runtimes import Example, StopRequested
 
     if not input_path.is_file():
         raise LoratuiError(f"--input {input_path}: no such file")

@@ -78,7 +78,7 @@ def test_measure_finds_each_types_noise(tiny_llama):
     """Wider types round less: f32 (only the f16 KV cache) < f16 < q8_0, bf16 the widest rounding."""
     from transformers import AutoModelForCausalLM
 
-    from loratui.pipeline.evaluate.runtimes import IGNORE, Example, TorchModel
+    from loratui.pipeline.eval.runtimes import IGNORE, Example, TorchModel
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
     rng = np.random.default_rng(1)

@@ -149,7 +149,7 @@ def test_the_export_runs_in_onnxruntime_genai_alone_and_generates_like_pytorch(e
 
 def test_a_folder_from_the_old_exporter_is_refused_with_the_command_to_export_again(tmp_path):
     from loratui.pipeline.errors import LoratuiError
-    from loratui.pipeline.evaluate.runtimes import load_onnx
+    from loratui.pipeline.eval.runtimes import load_onnx
 
     old = tmp_path / "onnx"
     old.mkdir()

@@ -141,7 +141,7 @@ def test_inference_loads_each_family_with_the_attention_that_computes_it(
     tiny_model_factory, family: str, expected: str
 ) -> None:
     """Evaluation, merge parity, export references and serving all load through load_torch."""
-    from loratui.pipeline.evaluate.runtimes import load_torch
+    from loratui.pipeline.eval.runtimes import load_torch
 
     model = load_torch(tiny_model_factory(family=family, tokenizer="bpe"), "causal", "cpu", "fp32")
     assert model.config._attn_implementation == expected

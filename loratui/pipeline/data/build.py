@@ -231,7 +231,7 @@ def build_cached(
 ) -> tuple[Path, bool]:
     """Build the datasets of ``cfg.data`` into the content-addressed cache (once); returns (folder, hit).
 
-    The folder is shared and read-only for callers: the step copies it into the run; the evaluate step
+    The folder is shared and read-only for callers: the step copies it into the run; the eval step
     reads earlier datasets from it for its retention check. ``key``: the cache key when the caller has
     it already; ``quiet``: no log line for a cache hit.
     """

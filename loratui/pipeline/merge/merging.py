@@ -134,7 +134,7 @@ def check_disk(run: RunDir, model_dir: Path, source_dtype: str, dtype: str) -> i
 
 
 def _load(model_dir: Path, task: str, dtype: str, trust_remote_code: bool) -> Any:
-    from loratui.pipeline.evaluate.runtimes import load_torch
+    from loratui.pipeline.eval.runtimes import load_torch
 
     return load_torch(model_dir, task, "cpu", PRECISION[dtype], trust_remote_code)
 

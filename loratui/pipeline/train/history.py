@@ -48,7 +48,7 @@ class AdapterVersion(BaseModel):
     base: str | None = None
     model_dir: str | None = None
     task: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)  # source, cache_key, config: the evaluate step re-scores it
+    data: dict[str, Any] = Field(default_factory=dict)  # source, cache_key, config: the eval step re-scores it
     method: str | None = None
     r: int | None = None
     alpha: int | None = None
@@ -131,7 +131,7 @@ def curve_of(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
     The Trainer restores ``log_history`` from the checkpoint it resumes from (``trainer_state.json``), so at
     the end of a resumed run it holds the whole curve: the steps before the interruption (up to the
     checkpoint, not the ones a killed attempt logged after it) and the ones after. This is the one source
-    of the curve for the report, the evaluate step's plot and the TUI.
+    of the curve for the report, the eval step's plot and the TUI.
     """
     train: dict[int, float] = {}
     evals: dict[int, float] = {}

@@ -226,7 +226,7 @@ def _version_entry(prep: Prepared, run: RunDir, trainer: Any, started: float) ->
         base=cfg.model.base,
         model_dir=str(prep.model_dir),
         task=prep.task,
-        data={  # the evaluate step re-scores it (retention)
+        data={  # the eval step re-scores it (retention)
             "source": cfg.data.source,
             "cache_key": prep.manifest.get("cache_key"),
             "config": cfg.data.model_dump(mode="json"),

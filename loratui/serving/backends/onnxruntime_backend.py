@@ -20,7 +20,7 @@ class OnnxBackend(HFBase):
     def __init__(self, model_dir: Path, model_id: str, context_length: int = 2048, threads: int | None = None):
         from transformers import AutoTokenizer
 
-        from loratui.pipeline.evaluate.runtimes import load_onnx
+        from loratui.pipeline.eval.runtimes import load_onnx
 
         self.model_id = model_id
         self.models: dict[str, str | None] = {model_id: None}

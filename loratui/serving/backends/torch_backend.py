@@ -53,7 +53,7 @@ class TorchBackend(HFBase):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
-        from loratui.pipeline.evaluate.runtimes import load_torch
+        from loratui.pipeline.eval.runtimes import load_torch
 
         self.model_id = model_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +62,7 @@ class TorchBackend(HFBase):
         self.failed: dict[str, str] = {}
         self.mixed = False
         if adapter is not None:
-            from loratui.pipeline.evaluate.runtimes import apply_adapter
+            from loratui.pipeline.eval.runtimes import apply_adapter
 
             self.model = apply_adapter(self.model, adapter)
         elif adapters:

@@ -396,7 +396,7 @@ def test_a_resumed_training_shows_its_whole_loss_curve_and_never_another_version
     assert [s for s, _ in state.eval_loss] == sorted(want_eval) and max(want) in want_eval
 
     # one source for all: the Trainer's log_history, saved with the version; the resume event carries the steps before
-    from loratui.pipeline.evaluate.report import training_curve
+    from loratui.pipeline.eval.report import training_curve
 
     resumed = next(e for e in rest.of_type("log") if e.message.startswith("resuming from"))
     assert [s for s, _ in resumed.curve["train"]] == list(range(1, 7))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from loratui.pipeline.config import EVAL_METRICS
-from loratui.pipeline.evaluate import metrics as M
+from loratui.pipeline.eval import metrics as M
 
 
 def test_metric_names_agree_with_the_config():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratui.pipeline.evaluate.runtimes import IGNORE, Example, TorchModel, _batches, cut_at_stop, load_torch
+from loratui.pipeline.eval.runtimes import IGNORE, Example, TorchModel, _batches, cut_at_stop, load_torch
 
 
 @pytest.fixture

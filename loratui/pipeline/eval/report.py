@@ -1,4 +1,4 @@
-"""The evaluate step's files: metrics.json, metrics.csv, comparison.md, generations.jsonl and the plots."""
+"""The eval step's files: metrics.json, metrics.csv, comparison.md, generations.jsonl and the plots."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.evaluate import metrics as M
+from loratui.pipeline.eval import metrics as M
 from loratui.pipeline.runs import RunDir
 
 # metrics.csv: one row per model and dataset, always these columns (empty where not computed).
@@ -203,7 +203,7 @@ def write_all(
     out: Path, sets: list[Any], results: dict[str, dict[str, Any]], info: dict[str, Any], cfg: RunConfig, run: RunDir
 ) -> list[tuple[str, str]]:
     """Every file into ``out`` (a temporary folder the caller renames into place); (name, kind) of each."""
-    from loratui.pipeline.evaluate import plots
+    from loratui.pipeline.eval import plots
 
     data = metrics_json(sets, results, info)
     (out / "metrics.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -228,7 +228,7 @@ def training_curve(info: dict[str, Any], run: RunDir) -> tuple[dict[int, float],
     """The loss curve of the adapter evaluated: the one saved with it by the train step (the whole run, across
     a resume; its own version's after a rollback or a re-train), else, for adapters from older loratui
     versions and merged models, the latest training run in events.jsonl."""
-    from loratui.pipeline.evaluate import plots
+    from loratui.pipeline.eval import plots
     from loratui.pipeline.train.history import load_curve
 
     target = info.get("target") or {}

@@ -1,6 +1,6 @@
 """Evaluation rows: the examples of a processed data split, the sets they form, and the tokens that end a reply.
 
-Used by the evaluate step and by the exporters' checks against the merged model.
+Used by the eval step and by the exporters' checks against the merged model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from loratui.pipeline.config import DataSection
 from loratui.pipeline.errors import LoratuiError
-from loratui.pipeline.evaluate.runtimes import IGNORE, Example
+from loratui.pipeline.eval.runtimes import IGNORE, Example
 from loratui.pipeline.events import EventSink
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loratui.pipeline.config import RunConfig, load_config
-from loratui.pipeline.evaluate.metrics import ALL_METRICS
+from loratui.pipeline.eval.metrics import ALL_METRICS
 from loratui.pipeline.events import MemoryWriter
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import EXIT_CANCELLED, EXIT_OK, EXIT_USER, StopFlag, load_step, run_step
@@ -229,8 +229,8 @@ def test_seq2seq_model_is_evaluated(tmp_path, tiny_model_factory):
 def test_stop_ids_include_the_end_of_turn_token_when_it_differs_from_eos():
     from types import SimpleNamespace
 
-    from loratui.pipeline.evaluate.examples import EvalSet, stop_ids
-    from loratui.pipeline.evaluate.runtimes import Example
+    from loratui.pipeline.eval.examples import EvalSet, stop_ids
+    from loratui.pipeline.eval.runtimes import Example
 
     tok = SimpleNamespace(eos_token_id=2, unk_token_id=0, all_special_ids=[0, 1, 2, 7])
     # a reply trained as "... <eot=7> <eos=2>"; 1 (bos) never inside a reply; 0 is unk
@@ -241,7 +241,7 @@ def test_stop_ids_include_the_end_of_turn_token_when_it_differs_from_eos():
 
 
 def test_loss_plot_uses_the_run_that_produced_the_adapter(tmp_path):
-    from loratui.pipeline.evaluate.plots import training_curves
+    from loratui.pipeline.eval.plots import training_curves
 
     def metric(at, loss):
         return {"step": "train", "type": "metric", "at": at, "split": "train", "values": {"loss": loss}}

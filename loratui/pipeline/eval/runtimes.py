@@ -1,6 +1,6 @@
 """The model behind the metrics: anything that can generate and score token ids.
 
-The evaluate step does not care which runtime produced a reply or a loss. It talks to an
+The eval step does not care which runtime produced a reply or a loss. It talks to an
 :class:`EvalModel`, which generates greedily from prompt token ids and returns the negative
 log-likelihood of labelled tokens. :class:`TorchModel` implements it for PyTorch models (a base
 model, base + adapter, or a merged directory); the GGUF and ONNX exporters add llama.cpp and
@@ -325,7 +325,7 @@ class _Sizes(TypedDict, total=False):
 
 
 class OnnxModel(TorchModel):
-    """A decoder-only ONNX export (see :mod:`loratui.pipeline.evaluate.ort`): teacher-forced batches through
+    """A decoder-only ONNX export (see :mod:`loratui.pipeline.eval.ort`): teacher-forced batches through
     onnxruntime, replies through onnxruntime-genai's generation loop. Batching, scoring and the metrics
     are TorchModel's; only the forward pass and the decoding differ."""
 
@@ -353,9 +353,9 @@ class OnnxModel(TorchModel):
 
 
 def load_onnx(folder: Path, threads: int | None = None) -> Any:
-    """An :class:`~loratui.pipeline.evaluate.ort.OnnxDecoder` for an export folder (clear errors for old or
+    """An :class:`~loratui.pipeline.eval.ort.OnnxDecoder` for an export folder (clear errors for old or
     foreign folders; nothing is loaded until it is used)."""
-    from loratui.pipeline.evaluate.ort import OnnxDecoder
+    from loratui.pipeline.eval.ort import OnnxDecoder
 
     return OnnxDecoder(folder, threads=threads)
 

@@ -24,7 +24,7 @@ def _scores_like_the_model(model: Path, folder: Path, window: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loratui.pipeline.evaluate.ort import OnnxDecoder
+    from loratui.pipeline.eval.ort import OnnxDecoder
 
     decoder = OnnxDecoder(folder)
     assert decoder.config["model"]["decoder"]["sliding_window"]["window_size"] == window

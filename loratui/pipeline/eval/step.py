@@ -1,4 +1,4 @@
-"""The evaluate step: the tuned model against the base model on held-out data, written to ``runs/<name>/eval/``.
+"""The eval step: the tuned model against the base model on held-out data, written to ``runs/<name>/eval/``.
 
 ```
 eval/metrics.json      every figure: per model, per dataset, with deltas (tuned - base)
@@ -10,7 +10,7 @@ eval/plots/*.png       loss curves of the training run, base vs tuned bars, rete
 Retention: after ``continue`` or ``stack`` training the adapter's history names earlier datasets;
 each is re-scored (base and tuned), so a user sees whether the old topic is still answered.
 
-The metrics talk to a model through :class:`~loratui.pipeline.evaluate.runtimes.EvalModel`; this
+The metrics talk to a model through :class:`~loratui.pipeline.eval.runtimes.EvalModel`; this
 step uses the PyTorch implementation (an adapter on its base, or a merged directory).
 """
 
@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 from loratui.pipeline.config import DataSection, RunConfig
 from loratui.pipeline.errors import LoratuiError, StepCancelled
-from loratui.pipeline.evaluate import metrics as M
-from loratui.pipeline.evaluate.examples import EvalSet, load_examples, pick_split, source_label, split_source, stop_ids
-from loratui.pipeline.evaluate.runtimes import StopRequested, artifact_kind
+from loratui.pipeline.eval import metrics as M
+from loratui.pipeline.eval.examples import EvalSet, load_examples, pick_split, source_label, split_source, stop_ids
+from loratui.pipeline.eval.runtimes import StopRequested, artifact_kind
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_dir
 from loratui.pipeline.steps import ShouldStop, StepResult
@@ -206,7 +206,7 @@ def _eval_set(
 
 
 def _with_adapter(model: Any, target: Target, base_dir: Path) -> Any:
-    from loratui.pipeline.evaluate.runtimes import apply_adapter
+    from loratui.pipeline.eval.runtimes import apply_adapter
 
     try:
         return apply_adapter(model, target.path, target.stack)
@@ -352,7 +352,7 @@ def _score_models(
     """``base`` (when compared) and ``tuned`` on every set."""
     import torch
 
-    from loratui.pipeline.evaluate.runtimes import TorchModel, load_torch
+    from loratui.pipeline.eval.runtimes import TorchModel, load_torch
     from loratui.pipeline.train.history import check_adapter_base
 
     tokenizer, target, task = job.inputs.tokenizer, job.target, job.task
@@ -410,7 +410,7 @@ def _summary(job: _Job, results: dict[str, dict[str, Scores]], started: float) -
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     import torch
 
-    from loratui.pipeline.evaluate import report
+    from loratui.pipeline.eval import report
     from loratui.pipeline.train.quiet import quiet_bitsandbytes
     from loratui.pipeline.train.settings import resolve_device, resolve_precision
 

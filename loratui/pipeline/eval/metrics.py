@@ -1,4 +1,4 @@
-"""Text and loss metrics of the evaluate step. Pure functions over strings and numbers: no model,
+"""Text and loss metrics of the eval step. Pure functions over strings and numbers: no model,
 no runtime, nothing downloaded (ROUGE from ``rouge-score``, BLEU from ``sacrebleu``, both local).
 
 Normalization for exact match, token F1 and ``contains`` is SQuAD's: lower case, punctuation

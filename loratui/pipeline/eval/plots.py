@@ -1,4 +1,4 @@
-"""PNG plots of the evaluate step (matplotlib's object API with the Agg canvas: no display, no global state).
+"""PNG plots of the eval step (matplotlib's object API with the Agg canvas: no display, no global state).
 
 * ``loss.png``: training and eval loss of the latest training run, from the run's events.jsonl;
 * ``metrics.png``: base vs tuned for every metric on the main dataset;
@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loratui.pipeline.evaluate import metrics as M
+from loratui.pipeline.eval import metrics as M
 
 COLORS = {"base": "#9aa5b1", "tuned": "#2f6fdf"}
 
