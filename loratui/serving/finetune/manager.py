@@ -6,23 +6,24 @@ from __future__ import annotations
 import builtins
 import os
 import secrets
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loratui.pipeline.process import Supervised, owned, stop_group
 from loratui.pipeline.runs import atomic_write_text
 from loratui.serving.errors import ApiError
 from loratui.serving.finetune import models, request, runs, wire
 from loratui.serving.finetune.files import FileStore, validate_training_file
 from loratui.serving.finetune.records import NEW_JOB, TERMINAL, JobError, JobRecord, JobStore, Status
 from loratui.serving.finetune.settings import JobSettings
-from loratui.serving.finetune.workers import start_worker, stop_all, stop_leftover, terminate
 
 _FILE_PARAMS = ("training_file", "validation_file")
 
@@ -41,7 +42,7 @@ class JobManager:
         self.store = JobStore(settings.root)
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, Supervised] = {}
         self.workers: list[threading.Thread] = []
         self.stopping = False
 
@@ -160,11 +161,9 @@ class JobManager:
         for job in self.store.all():
             if job.status not in ("running", "validating_files") and not job.stopping:
                 continue
-            if job.pid:
-                announce = partial(
-                    self.log, f"fine-tuning: stopping {job.id}'s process {job.pid}, left from the last server"
-                )
-                stop_leftover(job.pid, self.store.folder(job.id) / "config.yaml", self.settings.grace_s, announce)
+            if job.pid and owned(job.pid, str(self.store.folder(job.id) / "config.yaml")):  # not a recycled pid
+                self.log(f"fine-tuning: stopping {job.id}'s process {job.pid}, left from the last server")
+                stop_group(job.pid, self.settings.grace_s)
             if job.status == "validating_files":  # it never ran: check its files again
                 self._event(job.id, "The server restarted: validating the files again")
                 self._start_validation(job.id)
@@ -213,16 +212,20 @@ class JobManager:
         except Exception:  # noqa: BLE001, S110 - the worker goes on whatever this job's record says
             pass
 
-    def _launch(self, job: JobRecord, slot: int) -> subprocess.Popen[bytes] | None:
+    def _launch(self, job: JobRecord, slot: int) -> Supervised | None:
         folder = self.store.folder(job.id)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "LORATUI_JOB_ID": job.id}
         env.pop("LORATUI_API_KEY", None)
         if self.settings.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.settings.gpus[slot % len(self.settings.gpus)]
         try:
-            proc = start_worker(
-                [*self.settings.command, "run", str(folder / "config.yaml")], folder / "output.log", env
-            )
+            # SIGTERM when the server dies, whatever killed it: the job checkpoints instead of running on
+            proc = Supervised(
+                [sys.executable, *self.settings.command, "run", str(folder / "config.yaml")],
+                env=env,
+                output=folder / "output.log",
+                parent_death=signal.SIGTERM,
+            ).start()
         except OSError as e:
             error = JobError(code="launch_failed", message=f"cannot start the job: {e}", param=None)
             self._finish(job.id, "failed", error)
@@ -304,7 +307,7 @@ class JobManager:
                 level="warn",
             )
         if proc is not None:
-            terminate(proc, self.settings.grace_s)
+            proc.cancel(self.settings.grace_s)
         return self.get(job_id)
 
     def _check_resumable(self, job: JobRecord) -> None:
@@ -343,7 +346,7 @@ class JobManager:
             self.stopping = True
             self.wake.notify_all()
             procs = dict(self.procs)
-        stop_all(procs.values(), self.settings.grace_s if wait_s is None else wait_s)
+        _stop_all(list(procs.values()), self.settings.grace_s if wait_s is None else wait_s)
         for t in self.workers:
             t.join(timeout=5)
 
@@ -413,3 +416,16 @@ class JobManager:
                         code="file_in_use",
                     )
             return self.files.delete(file_id)
+
+
+def _stop_all(procs: list[Supervised], grace_s: float) -> None:
+    """SIGTERM to every job's group, then wait for them all within ``grace_s``; SIGKILL for those still running."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
