@@ -20,7 +20,7 @@ alive, which saves a checkpoint) and ``resume`` continues them from their latest
 
 Modules: ``files`` (uploads and their checks), ``request`` (the create-job body), ``records`` (job.json),
 ``manager`` (queue, workers, cancel, resume, recovery), ``runs`` (what a job's run directory says), ``wire``
-(OpenAI's response shapes), ``workers`` (the job processes), ``steps`` (the pipeline steps used), ``routes``
+(OpenAI's response shapes), ``steps`` (the pipeline steps used), ``routes``
 (the HTTP routes; imported on its own, it needs FastAPI).
 """
 
