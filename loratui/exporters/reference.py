@@ -4,13 +4,13 @@ replies of an exported model. (The data and eval steps' library functions the ex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loratui.exporters.common import ExportJob
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.manifest import DatasetManifest
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import ShouldStop
@@ -36,10 +36,10 @@ def eval_rows(
     """``export.verify_samples`` test rows (else validation, train) of the run's data, with chat prompts."""
     from loratui.pipeline.eval.examples import load_examples, pick_split
 
-    manifest = json.loads((run.data / "dataset.json").read_text(encoding="utf-8"))
-    split = pick_split(manifest, "test", str(run.data), events, fallback_train=True)
+    manifest = DatasetManifest.load(run.data)
+    split = pick_split(manifest.model_dump(), "test", str(run.data), events, fallback_train=True)
     return load_examples(
-        run.data / manifest["splits"][split], task, tokenizer, template, cfg.eval.fact_field, cfg.export.verify_samples
+        run.data / manifest.splits[split], task, tokenizer, template, cfg.eval.fact_field, cfg.export.verify_samples
     )
 
 

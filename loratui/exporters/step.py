@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from loratui.exporters.registry import EXPORTERS
@@ -54,13 +55,12 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop)
 
 def _check_family(cfg: RunConfig, run: RunDir, formats: Sequence[str], events: EventSink) -> None:
     """Refuse the formats this model's family cannot take before anything is merged or converted."""
-    import json
-
+    from loratui.pipeline.data.manifest import DatasetManifest
     from loratui.pipeline.families import check
 
-    manifest = run.data / "dataset.json"
+    model_dir: str | Path
     try:
-        model_dir = json.loads(manifest.read_text(encoding="utf-8"))["model_dir"]
-    except (OSError, ValueError, KeyError):
+        model_dir = DatasetManifest.load(run.data).model_dir
+    except (OSError, ValueError):
         model_dir = run.merged  # no data manifest: the merged model has the same config
     check(model_dir, formats, warn=lambda text: events.log(text, level="warning"))

@@ -36,22 +36,26 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _data_section(run: RunDir) -> list[str]:
-    report = _json(run.data / "report.json")
-    if not report:
+    from loratui.pipeline.data.manifest import DataReport
+
+    try:
+        report = DataReport.load(run.data)
+    except (OSError, ValueError):
         return []
-    rows, splits, tokens = report.get("rows", {}), report.get("splits", {}), report.get("tokens", {})
+    rows, per_epoch = report.rows, report.tokens.per_epoch if report.tokens is not None else 0
+    max_length = report.max_length if "max_length" in report.model_fields_set else None  # a failure report has none
     lines = [
         "## Data",
         "",
-        f"{_num(rows.get('read'))} rows read, {_num(rows.get('kept'))} kept, {_num(rows.get('dropped'))} dropped, "
-        f"{_num(rows.get('truncated'))} truncated; splits "
-        + ", ".join(f"{k} {_num(v)}" for k, v in splits.items())
-        + f". Template `{report.get('template')}`, max length {report.get('max_length')} tokens"
-        + (f", {_num(tokens.get('per_epoch'))} tokens per epoch" if tokens.get("per_epoch") else "")
+        f"{_num(rows.read)} rows read, {_num(rows.kept)} kept, {_num(rows.dropped)} dropped, "
+        f"{_num(rows.truncated)} truncated; splits "
+        + ", ".join(f"{k} {_num(v)}" for k, v in report.splits.items())
+        + f". Template `{report.template}`, max length {max_length} tokens"
+        + (f", {_num(per_epoch)} tokens per epoch" if per_epoch else "")
         + ".",
         "",
         "Files: "
-        + ", ".join(f"`{f.get('path')}` ({f.get('split')}, {f.get('format')})" for f in report.get("files", [])[:8])
+        + ", ".join(f"`{f.get('path')}` ({f.get('split')}, {f.get('format')})" for f in report.files[:8])
         + ".",
         "",
         "Row by row: [data/report.md](data/report.md); examples as trained: [data/preview.txt](data/preview.txt).",

@@ -35,9 +35,18 @@ def test_sections_follow_the_artifacts_and_plots_are_embedded_in_the_html(tmp_pa
             {
                 "rows": {"read": 10, "kept": 9, "dropped": 1, "truncated": 0},
                 "splits": {"train": 7, "validation": 1, "test": 1},
+                "problems": {},
+                "policy": {},
+                "dropped": [],
+                "truncated": [],
                 "template": "chatml",
                 "max_length": 64,
-                "tokens": {"per_epoch": 700},
+                "tokens": {
+                    **{split: {"rows": 0} for split in ("train", "validation", "test")},
+                    "over_max_length": 0,
+                    "per_epoch": 700,
+                    "trained_per_epoch": 0,
+                },
                 "files": [{"path": "a.jsonl", "split": "train", "format": "qa"}],
             }
         )

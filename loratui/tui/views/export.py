@@ -11,6 +11,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from loratui.exporters.records import REPORT, ExportReport
 from loratui.tui.state import RunState
 from loratui.tui.views import StepView, fill, fmt, percent, size, table
 
@@ -34,22 +35,22 @@ class ExportView(StepView):
 
     def show_results(self, state: RunState) -> None:
         self._files: list[tuple[str, str, tuple[str, ...]]] = []  # (file, "format type", the other cells)
-        for report in sorted(state.run.exports.glob("*/report.json")):
-            data = state.report(str(report.relative_to(state.run.path)))
-            if not isinstance(data, dict):
+        for path in sorted(state.run.exports.glob(f"*/{REPORT}")):
+            try:
+                report = ExportReport.load(path)
+            except (OSError, ValueError):  # not there any more, or torn
                 continue
-            for f in data.get("files", []):
-                refused = str(f.get("verdict") or "").startswith("refused")  # its row stays; the file was not written
+            for f in report.files:
                 self._files.append(
                     (
-                        str(f.get("file") or f.get("folder") or "-") + (" (refused)" if refused else ""),
-                        f"{report.parent.name} {f.get('type', '?')}",
+                        (f.file or f.folder or "-") + (" (refused)" if f.refused else ""),
+                        f"{path.parent.name} {f.type}",
                         (
-                            size(f.get("bytes")),
-                            _signed(f.get("delta_perplexity")),
-                            percent(f.get("top1_agreement")),
-                            fmt(f.get("decode_tokens_per_s"), 3),
-                            fmt(f.get("key_facts"), 3),
+                            size(f.bytes),
+                            _signed(f.delta_perplexity),
+                            percent(f.top1_agreement),
+                            fmt(f.decode_tokens_per_s, 3),
+                            fmt(f.key_facts, 3),
                         ),
                     )
                 )
