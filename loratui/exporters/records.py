@@ -50,7 +50,7 @@ class _Written(BaseModel):
 class ExportedFile(_Written):
     """One row: a GGUF file (``file``) or an ONNX folder (``folder``) and its figures; None: not measured."""
 
-    type: str
+    type: str = "?"  # a row written without one shows as "?" in the TUI; not written back (only given keys are)
     file: str | None = None
     folder: str | None = None
     bytes: int | None = None

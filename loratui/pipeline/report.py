@@ -70,18 +70,18 @@ def _train_section(run: RunDir) -> list[str]:
     v = current_version(run)  # the adapter the run uses now (after a rollback too), not the last invocation
     if not v:
         return []
-    m = v.get("metrics", {})
+    m = v.metrics
     lines = [
         "## Training",
         "",
-        f"Adapter version {v.get('version')} ({v.get('mode')}, {v.get('method')} r={v.get('r')} alpha={v.get('alpha')}): "
-        f"{_num(v.get('steps'))} steps at learning rate {_num(v.get('lr'))}, effective batch "
-        f"{_num(v.get('effective_batch'))}, {_num(m.get('tokens_per_s'))} tokens/s. Training loss "
+        f"Adapter version {v.version} ({v.mode}, {v.method} r={v.r} alpha={v.alpha}): "
+        f"{_num(v.steps)} steps at learning rate {_num(v.lr)}, effective batch "
+        f"{_num(v.effective_batch)}, {_num(m.get('tokens_per_s'))} tokens/s. Training loss "
         f"{_num(m.get('train_loss_first'))} -> {_num(m.get('train_loss_last'))}, best validation loss "
         f"{_num(m.get('eval_loss_best'))}.",
         "",
     ]
-    if (run.path / _PLOTS[0][0]).is_file() and _evaluated_version(run) in (None, v.get("version")):
+    if (run.path / _PLOTS[0][0]).is_file() and _evaluated_version(run) in (None, v.version):
         lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
     return lines
 

@@ -73,13 +73,6 @@ class AdapterVersion(BaseModel):
         """The record as JSON data, with the keys it was made or read with."""
         return self.model_dump(mode="json", exclude_unset=True)
 
-    # The record read as the dict it is stored as: pipeline/report.py and serving/jobs.py still do.
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.dump().get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.dump()[key]
-
     def stack_folders(self) -> list[Path]:
         """Adapter folders merged into the base, in order, before this version's adapter applies."""
         return [Path(p) for p in self.stack_paths]
