@@ -90,16 +90,23 @@ def serve_address(args: list[str], cwd: Path = Path(".")) -> tuple[str, int]:
     return host, int(port) if port is not None else DEFAULT_PORT
 
 
-def check(url: str, timeout: float = 4.0) -> tuple[bool, str]:
-    """(healthy, what /health said) for the server at ``url``."""
+def ask(url: str, timeout: float) -> tuple[int | None, str]:
+    """(HTTP status, body) of a GET of ``url``; (None, why) when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            body = response.read().decode(errors="replace")
-            return response.status == 200, body
+            return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as e:  # 503 while the model loads, or after it failed
-        return False, f"{e.code} {e.read().decode(errors='replace')}"
+        return e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, OSError) as e:
-        return False, f"{url}: {getattr(e, 'reason', e)}"
+        return None, f"{url}: {getattr(e, 'reason', e)}"
+
+
+def check(url: str, timeout: float = 4.0) -> tuple[bool, str]:
+    """(healthy, what /health said) for the server at ``url``."""
+    status, body = ask(url, timeout)
+    if status is None or status < 300:
+        return status == 200, body
+    return False, f"{status} {body}"
 
 
 def main(proc: Path = Path("/proc")) -> int:

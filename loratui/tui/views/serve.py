@@ -19,22 +19,20 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Button, Checkbox, Input, RichLog, Static
 
+from loratui.serving.healthcheck import ask
 from loratui.tui.state import RunState
 from loratui.tui.views import StepView
 
 
 def health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
     """The server's /health as a dict (also for 503 while loading), None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            return json.loads(e.read())
-        except ValueError:
-            return {"status": f"HTTP {e.code}"}
-    except (OSError, ValueError):
+    status, body = ask(url + "/health", timeout)
+    if status is None:
         return None
+    try:
+        return json.loads(body)  # type: ignore[no-any-return]
+    except ValueError:
+        return {"status": f"HTTP {status}"} if status >= 300 else None
 
 
 def chat_body(model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int = 256) -> dict[str, Any]:
