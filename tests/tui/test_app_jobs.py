@@ -90,7 +90,8 @@ async def test_a_failing_job_opens_the_error_dialog(tmp_path):
     app = _app(tmp_path, "fail")
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("r")
-        await _until(pilot, lambda: isinstance(app.screen, ErrorDialog))
+        # the screen is pushed before it is composed: wait for its text, not only for the screen
+        await _until(pilot, lambda: isinstance(app.screen, ErrorDialog) and app.screen.query("#error-message"))
         message = str(app.screen.query_one("#error-message", Static).content)
         assert "row 3: field 'answer' is empty" in message and "Traceback" not in message
         assert "Fill it in." in str(app.screen.query_one("#error-hint", Static).content)
