@@ -11,13 +11,23 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from loratui.cli.commands import cmd_config, cmd_inspect, cmd_models, cmd_open, cmd_run, cmd_step, cmd_tui
+from loratui.cli.commands import (
+    cmd_config,
+    cmd_estimate,
+    cmd_inspect,
+    cmd_models,
+    cmd_open,
+    cmd_run,
+    cmd_step,
+    cmd_tui,
+)
 from loratui.cli.output import report_error
 from loratui.cli.parser import build_parser
 from loratui.cli.serve import cmd_generate, cmd_score, cmd_serve
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,
+    "estimate": cmd_estimate,
     "inspect": cmd_inspect,
     "models": cmd_models,
     "score": cmd_score,

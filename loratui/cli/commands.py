@@ -162,6 +162,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return main(["serve", str(cfg.run_dir), "--config", args.config])
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Print the estimate panel (or JSON); exit 3 when the run does not fit."""
+    from rich.console import Console
+
+    from loratui.pipeline.config import load_config
+    from loratui.pipeline.estimate.plan import estimate
+    from loratui.pipeline.events import EventSink
+    from loratui.pipeline.steps import StopFlag
+
+    cfg = load_config(args.config, list(args.overrides))
+    stop = StopFlag()
+    restore = stop.install()
+    try:
+        result = estimate(
+            cfg, probe=not args.no_probe, events=EventSink("estimate", event_writers("rich")), should_stop=stop
+        )
+    finally:
+        restore()
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        Console().print(result.renderable())
+    return 0 if result.fits else 3
+
+
 def _outcomes_table(title: str, outcomes: list[Outcome]) -> Table:
     from rich.table import Table
 

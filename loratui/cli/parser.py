@@ -15,6 +15,7 @@ examples:
   loratui config reference                  every config field with its default and description
   loratui models list --json
   loratui models prepare smollm2-135m-instruct
+  loratui estimate --config examples/quickstart.yaml --no-probe
 """
 
 if TYPE_CHECKING:  # what `add_subparsers` returns: generic only in typeshed, private in argparse
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_serve_parser,
         _add_generate_parser,
         _add_run_parser,
+        _add_estimate_parser,
         _add_step_parsers,
     ):
         add(sub)
@@ -191,6 +193,20 @@ def _add_generate_parser(sub: Subparsers) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def _add_estimate_parser(sub: Subparsers) -> None:
+    est = sub.add_parser(
+        "estimate",
+        help="time, memory and disk a run will take, whether it fits, and what to change when it does not",
+        description="Counts the data's tokens, reads the model's size from its config.json and prices "
+        "training, eval, merge and every configured export. By default a probe trains a few real steps on "
+        "a temporary copy (nothing is written into the run); --no-probe answers in seconds from the model "
+        "alone. Exit code 3 when the run does not fit.",
+    )
+    _add_config_args(est)
+    est.add_argument("--no-probe", action="store_true", help="no trial steps: an analytic estimate in seconds")
+    est.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
 def _add_run_parser(sub: Subparsers) -> None:

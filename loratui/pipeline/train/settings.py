@@ -89,6 +89,18 @@ def resolve_precision(cfg: RunConfig, device: str, cuda_bf16: bool = False) -> R
     return Resolution("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
 
 
+def _token_budget(device: str, free_gib: float | None, params_b: float, memory_tokens: int | None) -> tuple[float, str]:
+    """Tokens one micro-batch may hold when ``batch_size: auto``, and why."""
+    if device == "cpu":
+        if memory_tokens is not None and memory_tokens < CPU_TOKEN_BUDGET:
+            return max(1, memory_tokens), f"CPU: {memory_tokens} tokens per micro-batch fit in the RAM available"
+        return CPU_TOKEN_BUDGET, f"CPU: about {CPU_TOKEN_BUDGET} tokens per micro-batch"
+    if memory_tokens is not None:
+        where = f"{free_gib:.0f} GiB free" if free_gib is not None else "the memory free"
+        return max(1, memory_tokens), f"{memory_tokens} tokens per micro-batch fit in {where} ({device}, memory model)"
+    return (free_gib or 8.0) * GPU_TOKENS_PER_GIB / max(params_b, 0.1), f"{free_gib or 8.0:.0f} GiB free on the GPU"
+
+
 def resolve_auto(
     cfg: RunConfig,
     lengths: list[int],
@@ -97,11 +109,15 @@ def resolve_auto(
     nproc: int,
     free_gib: float | None = None,
     params_b: float = 0.135,
+    memory_tokens: int | None = None,
 ) -> Resolved:
     """Rank, alpha, epochs, micro-batch and accumulation from the data and the hardware.
 
     ``lengths``: token count of every training example. The effective batch (micro-batch x
     accumulation x processes) stays at ``train.effective_batch`` whatever micro-batch fits.
+    ``memory_tokens``: tokens per micro-batch that fit in the device's free memory by the estimate's
+    memory model (:mod:`loratui.pipeline.estimate.memory`); it replaces the GPU rule of thumb and caps
+    the CPU budget.
     """
     r = Resolved()
     n = len(lengths)
@@ -121,12 +137,7 @@ def resolve_auto(
     p95 = sorted(lengths)[int(0.95 * (n - 1))] if lengths else 1
     per_proc = max(1, math.ceil(train.effective_batch / nproc))
     if train.batch_size == "auto":
-        if device == "cuda":
-            budget = (free_gib or 8.0) * GPU_TOKENS_PER_GIB / max(params_b, 0.1)
-            why = f"{free_gib or 8.0:.0f} GiB free on the GPU"
-        else:
-            budget = CPU_TOKEN_BUDGET
-            why = f"CPU: about {CPU_TOKEN_BUDGET} tokens per micro-batch"
+        budget, why = _token_budget(device, free_gib, params_b, memory_tokens)
         micro = min(per_proc, _pow2_floor(budget / max(p95, 1)), _pow2_floor(n))
         micro = max(1, micro)
         r.set("train.batch_size", micro, f"{why}, 95th percentile length {p95} (longest {longest})")

@@ -1,0 +1,297 @@
+"""``loratui estimate``: time, memory and disk of a run before it runs, and what to change when it does not fit.
+
+:func:`estimate` reads the model's shape (its config.json), counts the data's tokens, resolves the ``auto``
+settings as training will, then prices memory, disk and time; with ``probe`` the time per token and the
+peak memory come from a few real optimizer steps (:mod:`loratui.pipeline.train.probe`). The train step calls
+:func:`estimate_for` with what it has already resolved, so the panel it prints costs no extra work.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loratui.pipeline.config import RunConfig
+from loratui.pipeline.errors import LoratuiError
+from loratui.pipeline.estimate.data import DataFacts, data_facts
+from loratui.pipeline.estimate.disk import estimate_disk
+from loratui.pipeline.estimate.hardware import device_memory, disk_free
+from loratui.pipeline.estimate.memory import TrainPlan, estimate_memory, largest_micro_tokens, max_micro_tokens
+from loratui.pipeline.estimate.record import Budget, Estimate, Timing
+from loratui.pipeline.estimate.shape import ModelShape
+from loratui.pipeline.estimate.timing import (
+    EVAL_FORWARD_SHARE,
+    Rate,
+    analytic_rate,
+    computed_tokens,
+    eval_seconds,
+    gguf_seconds,
+    matmul_flops,
+    merge_seconds,
+    onnx_seconds,
+    optimizer_steps,
+    train_flops_per_token,
+)
+from loratui.pipeline.events import EventSink, null_sink
+from loratui.pipeline.steps import ShouldStop
+from loratui.pipeline.train import settings
+
+MEMORY_HEADROOM = 0.9  # auto batch sizing leaves this share of free memory for what the model does not see
+
+
+def _never() -> bool:
+    return False
+
+
+def gpu_possible() -> bool:
+    """Whether a GPU could be there, without importing torch: an NVIDIA, WSL or ROCm device node, or macOS."""
+    nodes = ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+    return sys.platform == "darwin" or any(Path(n).exists() for n in nodes)
+
+
+def resolve_device(cfg: RunConfig) -> tuple[str, str]:
+    """(device, why), as training will choose it; torch is imported only where a GPU could be."""
+    if cfg.train.device == "cpu":
+        return "cpu", "train.device"
+    if cfg.train.device == "auto" and not gpu_possible():
+        return "cpu", "auto: no GPU device on this machine"
+    import torch
+
+    choice = settings.resolve_device(cfg, torch.cuda.is_available())
+    return str(choice.value), choice.reason
+
+
+def model_dir(cfg: RunConfig) -> Path:
+    """The base model's local folder; a built-in is imported (once), a hub model must be in the cache."""
+    from loratui.pipeline.models import resolve_model
+
+    found = resolve_model(cfg.model.base, revision=cfg.model.revision, prepare=False)
+    if not (found.path / "config.json").is_file():
+        found = resolve_model(cfg.model.base, revision=cfg.model.revision, prepare=True)
+    return found.path
+
+
+@dataclass
+class Inputs:
+    """What an estimate prices: the model, the data, the device and the resolved settings."""
+
+    cfg: RunConfig
+    shape: ModelShape
+    model_dir: Path
+    facts: DataFacts
+    device: str
+    device_reason: str
+    resolved: settings.Resolved
+    padding_free: bool
+
+    def plan(self) -> TrainPlan:
+        cfg, r = self.cfg, self.resolved
+        micro = r["train.batch_size"]
+        tokens = largest_micro_tokens(self.facts.lengths, micro, self.padding_free)
+        return TrainPlan(
+            device=self.device,
+            precision=_precision(cfg, self.device),
+            method=cfg.lora.method,
+            r=r["lora.r"],
+            target=cfg.lora.target_modules,
+            micro_batch=micro,
+            micro_tokens=tokens,
+            trained_tokens=max(1, int(tokens * self.facts.trained_share)),
+            padding_free=self.padding_free,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            optimizer=cfg.train.optimizer,
+            double_quant=cfg.lora.double_quant,
+        )
+
+
+def _precision(cfg: RunConfig, device: str) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "fp32" if device == "cpu" else "bf16"
+
+
+def token_budget(shape: ModelShape, plan: TrainPlan, available: int | None) -> int | None:
+    """Tokens per micro-batch that fit in ``available`` bytes by the memory model (None: unknown)."""
+    if available is None:
+        return None
+    return max_micro_tokens(shape, plan, int(available * MEMORY_HEADROOM))
+
+
+def gather(
+    cfg: RunConfig, events: EventSink, should_stop: ShouldStop, facts: DataFacts | None = None
+) -> tuple[Inputs, int | None, str]:
+    """Read the model and the data, resolve the device and the auto settings; also the free memory."""
+    directory = model_dir(cfg)
+    shape = ModelShape.read(directory)
+    facts = facts or data_facts(cfg, directory, events, should_stop)
+    if not facts.lengths:
+        raise LoratuiError("the training data has no rows to estimate from", hint="Check data.source.")
+    device, why = resolve_device(cfg)
+    available, where = device_memory(device)
+    padding_free = cfg.train.padding_free and not _is_seq2seq(directory)
+    first = settings.resolve_auto(
+        cfg, facts.lengths, device=device, nproc=cfg.train.nproc, free_gib=_gib(available), params_b=shape.billions
+    )
+    inputs = Inputs(cfg, shape, directory, facts, device, why, first, padding_free)
+    budget = token_budget(shape, inputs.plan(), available)
+    inputs.resolved = settings.resolve_auto(
+        cfg,
+        facts.lengths,
+        device=device,
+        nproc=cfg.train.nproc,
+        free_gib=_gib(available),
+        params_b=shape.billions,
+        memory_tokens=budget,
+    )
+    return inputs, available, where
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else n / (1 << 30)
+
+
+def _is_seq2seq(directory: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((directory / "config.json").read_text()).get("is_encoder_decoder"))
+    except (OSError, ValueError):
+        return False
+
+
+def _train_seconds(inputs: Inputs, rate: Rate) -> tuple[float, float, int, float]:
+    """(training seconds, per epoch, optimizer steps, epochs) at ``rate``."""
+    cfg, r, facts = inputs.cfg, inputs.resolved, inputs.facts
+    micro, accum, epochs = r["train.batch_size"], r["train.grad_accum"], float(r["train.epochs"])
+    steps = optimizer_steps(facts.rows, micro, accum, cfg.train.nproc, epochs, cfg.train.max_steps)
+    per_epoch_tokens = computed_tokens(facts.lengths, micro, inputs.padding_free, cfg.train.seed)
+    steps_per_epoch = optimizer_steps(facts.rows, micro, accum, cfg.train.nproc, 1, -1)
+    if cfg.train.max_steps > 0:
+        epochs = steps / steps_per_epoch
+    per_epoch = per_epoch_tokens * rate.seconds_per_token / max(1, cfg.train.nproc)
+    evals = math.ceil(steps / cfg.train.eval_every) if cfg.train.eval_every else math.ceil(epochs)
+    validation = evals * facts.val_tokens * rate.seconds_per_token * EVAL_FORWARD_SHARE if facts.val_rows else 0.0
+    return rate.setup_s + per_epoch * epochs + validation, per_epoch, steps, epochs
+
+
+def _other_steps(inputs: Inputs, disk: dict[str, int], flops: float) -> dict[str, float]:
+    cfg, shape, facts = inputs.cfg, inputs.shape, inputs.facts
+    e = cfg.eval
+    rows = min(facts.test_rows or facts.val_rows, e.max_samples or 10**9)
+    out = {"eval": eval_seconds(shape, rows, 2 if e.compare_base else 1, e.batch_size, e.max_new_tokens, flops)}
+    out["merge"] = merge_seconds(shape, disk["merged"])
+    if "gguf" in cfg.export.formats:
+        out["export gguf"] = gguf_seconds(shape, len(cfg.export.gguf_quants), shape.params * 2)
+    if "gguf-lora" in cfg.export.formats:
+        out["export gguf-lora"] = gguf_seconds(shape, 1, shape.params * 2)
+    if "onnx" in cfg.export.formats:
+        out["export onnx"] = onnx_seconds(shape, len(cfg.export.onnx_quants))
+    return out
+
+
+def _budgets(
+    inputs: Inputs, plan: TrainPlan, available: int | None, where: str, steps: int, epochs: float
+) -> tuple[Budget, Budget]:
+    cfg, shape = inputs.cfg, inputs.shape
+    memory = estimate_memory(shape, plan)
+    trainable = shape.lora_params(plan.r, plan.target)
+    data_tokens = inputs.facts.tokens + inputs.facts.val_tokens
+    disk = estimate_disk(cfg, shape, inputs.model_dir, trainable, steps, epochs, data_tokens)
+    runs = Path(cfg.runs_dir)
+    return (
+        Budget(parts=memory.parts, available=available, where=where),
+        Budget(parts=disk, available=disk_free(runs), where=f"free on {runs}"),
+    )
+
+
+def price(
+    inputs: Inputs, available: int | None, where: str, rate: Rate, flops: float, measured: dict[str, Any] | None = None
+) -> Estimate:
+    """The estimate of ``inputs`` at ``rate`` (training time) and ``flops`` (the other steps)."""
+    plan = inputs.plan()
+    train_s, per_epoch, steps, epochs = _train_seconds(inputs, rate)
+    memory, disk = _budgets(inputs, plan, available, where, steps, epochs)
+    if measured and measured.get("peak") is not None:
+        memory = Budget(parts=_scaled(memory.parts, measured["peak"]), available=available, where=where)
+    facts = inputs.facts
+    parts = {"data": facts.seconds or 0.0, "train": train_s, **_other_steps(inputs, disk.parts, flops)}
+    r = inputs.resolved
+    result = Estimate(
+        model=inputs.cfg.model.base,
+        params=inputs.shape.params,
+        device=inputs.device,
+        device_reason=inputs.device_reason,
+        settings={
+            "batch_size": r["train.batch_size"],
+            "grad_accum": r["train.grad_accum"],
+            "epochs": r["train.epochs"],
+            "lora_r": r["lora.r"],
+            "micro_tokens": plan.micro_tokens,
+            "padding_free": inputs.padding_free,
+            "precision": plan.precision,
+            "rows": facts.rows,
+            "tokens_per_epoch": facts.tokens,
+            "tokens_from": facts.source,
+        },
+        time=Timing(
+            parts=parts,
+            epochs=round(epochs, 3),
+            steps=steps,
+            per_epoch_s=per_epoch,
+            tokens_per_s=1 / rate.seconds_per_token,
+            source=rate.source,
+            confidence="training about ±25%, other steps about ±50%"
+            if rate.source == "probe"
+            else "about a factor of 2 (no probe)",
+        ),
+        memory=memory,
+        disk=disk,
+        measured=measured or {},
+    )
+    if not result.fits:
+        from loratui.pipeline.estimate.fit import what_fits
+
+        result.changes = what_fits(inputs, plan, result, rate)
+    return result
+
+
+def _scaled(parts: dict[str, int], peak: int) -> dict[str, int]:
+    """The modelled parts with the framework part set so that they add up to the measured ``peak``."""
+    out = dict(parts)
+    out["framework"] = max(0, peak - (sum(parts.values()) - parts["framework"]))
+    return out
+
+
+def estimate(
+    cfg: RunConfig,
+    *,
+    probe: bool = True,
+    events: EventSink | None = None,
+    should_stop: ShouldStop = _never,
+    facts: DataFacts | None = None,
+) -> Estimate:
+    """Time, memory and disk of training ``cfg`` and the steps after it; ``probe``: measure a few steps."""
+    events = events or null_sink("estimate")
+    inputs, available, where = gather(cfg, events, should_stop, facts)
+    plan = inputs.plan()
+    flops = matmul_flops(inputs.shape, plan.micro_tokens, inputs.device)
+    trained_share = inputs.facts.trained_share
+    rate = analytic_rate(inputs.shape, plan, flops, trained_share)
+    measured: dict[str, Any] | None = None
+    if probe:
+        from loratui.pipeline.train.probe import run_probe
+
+        result = run_probe(cfg, events, should_stop)
+        rate = Rate(result.seconds_per_token, "probe", result.setup_s)
+        peak = result.gpu_peak if inputs.device == "cuda" and result.gpu_peak else result.peak_rss
+        measured = {**result.__dict__, "peak": peak, "analytic_seconds_per_token": 1 / flops}
+        if inputs.facts.seconds is None:
+            inputs.facts.seconds = 0.0  # the run's data is prepared and current
+    return price(inputs, available, where, rate, flops, measured)
+
+
+def flops_per_token(inputs: Inputs) -> float:
+    return train_flops_per_token(inputs.shape, inputs.plan(), inputs.facts.trained_share)
