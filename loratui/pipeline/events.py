@@ -205,6 +205,8 @@ class RichWriter:
             at = f" step {event.at}" if event.at is not None else ""
             split = f" ({event.split})" if event.split else ""
             self._print(f"[cyan]{escape(event.step + at + split)}[/] {escape(values)}")
+        elif kind == "log" and isinstance(getattr(event, "estimate", None), dict):
+            self._estimate(event.estimate)
         elif kind == "log":
             if event.level != "debug":
                 color = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
@@ -214,6 +216,13 @@ class RichWriter:
         elif kind in FINAL_TYPES:
             self.close()
             self._final(event)
+
+    def _estimate(self, data: dict[str, Any]) -> None:
+        """The estimate a step announces (train, before its first step), as the panel ``loratui estimate`` prints."""
+        from loratui.pipeline.estimate.record import Estimate
+
+        panel = Estimate.model_validate(data).renderable()
+        (self._progress.console if self._progress else self.console).print(panel)
 
     def _final(self, event: Any) -> None:
         """The step's last line: done (and how long it took), cancelled (and where to resume), or the error."""
