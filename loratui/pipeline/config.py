@@ -219,7 +219,13 @@ class TrainSection(Section):
         description="With `padding_free`: compute a prompt prefix that every example of a micro-batch "
         "shares (such as a default system prompt) once per micro-batch. Exact: same loss and gradients.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train. `auto`: CUDA if present.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto",
+        description="Where to train, evaluate and serve with PyTorch. `auto`: a CUDA GPU, else Apple MPS, else "
+        "the CPU (the reason is logged). On `mps`: precision `auto` is bf16 from macOS 14 (else fp32); QLoRA, "
+        "8-bit optimizers and `nproc` > 1 are refused; `PYTORCH_ENABLE_MPS_FALLBACK=1` lets operators MPS lacks "
+        "run on the CPU. `cuda` or `mps` where it is missing is an error.",
+    )
     nproc: int = Field(
         1, ge=1, description="Processes for data-parallel training (DDP through accelerate; gloo on CPU)."
     )

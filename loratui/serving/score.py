@@ -104,7 +104,9 @@ def load_scorer(path: Path, batch_size: int, threads: int | None = None) -> Scor
     else:
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from loratui.pipeline.device import pick
+
+        device = pick("auto")  # the training table: CUDA, then Apple MPS, then the CPU
         if threads:
             torch.set_num_threads(threads)
         model = TorchModel(load_torch(path, "causal", device, "fp32"), **common)

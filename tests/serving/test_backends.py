@@ -6,6 +6,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from loratui.serving.backends import GenRequest, TextAssembler, TorchBackend
 
 
@@ -142,3 +144,37 @@ def test_prompts_prefilled_together_reuse_the_cached_prefix_and_change_nothing(t
     assert cached_first == plain_first and cached == plain == alone and all(alone)
     shared = seen[0][1]
     assert all(row[:shared] == [1] * shared for row in mask)  # [cached prefix][left-padded rest]
+
+
+class _Loaded(Exception):
+    """Raised in place of loading a model: the device and precision it would be loaded on."""
+
+
+def _capture_load(monkeypatch, probe):
+    from loratui.pipeline import device as devices
+    from loratui.pipeline.eval import runtimes
+
+    def load_torch(model_dir, task, device, precision, trust_remote_code=False):
+        raise _Loaded(device, precision)
+
+    monkeypatch.setattr(devices, "probe", lambda: probe)
+    monkeypatch.setattr(runtimes, "load_torch", load_torch)
+
+
+def test_the_torch_backend_follows_the_device_table(monkeypatch, tmp_path):
+    """Only MPS is probed: the PyTorch backend loads on mps (bf16 from macOS 14), never on the CPU."""
+    from loratui.pipeline.device import Probe
+
+    for probe, expected in [
+        (Probe(mps=True, mps_built=True, mps_bf16=True), ("mps", "bf16")),
+        (Probe(mps=True, mps_built=True), ("mps", "fp32")),
+        (Probe(cuda=True, cuda_name="NVIDIA L4", mps=True), ("cuda", "bf16")),
+        (Probe(), ("cpu", "fp32")),
+    ]:
+        _capture_load(monkeypatch, probe)
+        with pytest.raises(_Loaded) as loaded:
+            TorchBackend(tmp_path, "m")
+        assert loaded.value.args == expected
+    with pytest.raises(_Loaded) as loaded:  # a device given by the caller wins
+        TorchBackend(tmp_path, "m", device="cpu")
+    assert loaded.value.args == ("cpu", "fp32")

@@ -197,3 +197,23 @@ def test_the_command_line(onnx_dir, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 5 and "scored 5 rows" in capsys.readouterr().err
     assert cli.main(["score", "--model", str(tmp_path / "nothing"), "--input", str(src), "--output", str(out)]) == 2
     assert "expected an ONNX export folder" in capsys.readouterr().err
+
+
+def test_the_torch_scorer_follows_the_device_table(monkeypatch, tiny_model_factory):
+    """Only MPS is probed: `loratui score` would load the model on mps (in fp32, as everywhere)."""
+    from loratui.pipeline import device as devices
+    from loratui.pipeline.eval import runtimes
+    from loratui.serving.score import load_scorer
+
+    class Loaded(Exception):
+        pass
+
+    def load_torch(model_dir, task, device, precision, trust_remote_code=False):
+        raise Loaded(device, precision)
+
+    monkeypatch.setattr(runtimes, "load_torch", load_torch)
+    for probe, device in [(devices.Probe(mps=True, mps_built=True, mps_bf16=True), "mps"), (devices.Probe(), "cpu")]:
+        monkeypatch.setattr(devices, "probe", lambda probe=probe: probe)
+        with pytest.raises(Loaded) as loaded:
+            load_scorer(tiny_model_factory(), batch_size=2)
+        assert loaded.value.args == (device, "fp32")

@@ -461,8 +461,8 @@ def load_torch(model_dir: Path, task: str, device: str, precision: str, trust_re
     model = model_class(task).from_pretrained(
         str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, **attention
     )
-    if device == "cuda":
-        model = model.to("cuda")
+    if device != "cpu":  # cuda or mps
+        model = model.to(device)
     return model.eval()
 
 

@@ -408,8 +408,7 @@ def _summary(job: _Job, results: dict[str, dict[str, Scores]], started: float) -
 
 
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
-    import torch
-
+    from loratui.pipeline import device as devices
     from loratui.pipeline.eval import report
     from loratui.pipeline.train.quiet import quiet_bitsandbytes
     from loratui.pipeline.train.settings import resolve_device, resolve_precision
@@ -417,9 +416,12 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop)
     quiet_bitsandbytes()  # before peft imports bitsandbytes
     started = time.monotonic()
     job = _prepare(cfg, run, events, should_stop)
-    cuda = torch.cuda.is_available()
-    device = resolve_device(cfg, cuda).value
-    precision = resolve_precision(cfg, device, cuda and torch.cuda.is_bf16_supported()).value
+    hw = devices.probe()  # the same choice as training: train.device and train.precision
+    chosen = resolve_device(cfg, hw)
+    device, precision = chosen.value, resolve_precision(cfg, chosen.value, hw).value
+    events.log(f"evaluating on {device} ({chosen.reason}) in {precision}")
+    if device == "mps":
+        devices.enable_mps_fallback(events.log)
     results = _score_models(cfg, job, device, precision, events, should_stop)
     target = job.target
     info = {

@@ -133,10 +133,16 @@ def check_disk(run: RunDir, model_dir: Path, source_dtype: str, dtype: str) -> i
     return need
 
 
+# The merge runs on the CPU whatever train.device chose: folding an adapter in is one addition per weight,
+# bound by reading and writing the files, and the unquantized base of a QLoRA run may not fit the GPU it
+# trained on. Parity compares two passes on the same device, so its tolerances hold everywhere.
+MERGE_DEVICE = "cpu"
+
+
 def _load(model_dir: Path, task: str, dtype: str, trust_remote_code: bool) -> Any:
     from loratui.pipeline.eval.runtimes import load_torch
 
-    return load_torch(model_dir, task, "cpu", PRECISION[dtype], trust_remote_code)
+    return load_torch(model_dir, task, MERGE_DEVICE, PRECISION[dtype], trust_remote_code)
 
 
 def _plain_generation_config(model: Any, model_dir: Path) -> Path | None:
@@ -207,7 +213,7 @@ def _check_inputs(cfg: RunConfig, run: RunDir, source: Source, events: EventSink
     events.log(
         f"merge: {model_dir} ({source_dtype}) + {source.adapter}"
         + (f" on top of {len(source.stack)} stacked adapter(s)" if source.stack else "")
-        + f" -> {run.merged} ({dtype}, about {need / 2**20:.0f} MiB)"
+        + f" -> {run.merged} ({dtype}, about {need / 2**20:.0f} MiB), on the CPU"
     )
     return model_dir, task, dtype
 

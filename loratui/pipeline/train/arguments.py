@@ -83,6 +83,7 @@ def training_arguments(
         label_names=["labels"],
         prediction_loss_only=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",  # pinned host memory only speeds copies to a CUDA GPU
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
         ddp_find_unused_parameters=False,
         log_level="warning",

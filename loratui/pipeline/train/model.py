@@ -57,9 +57,10 @@ def _load_kwargs(
 
     from loratui.pipeline.train.fast import register_attention
 
+    # a GPU (CUDA or MPS) holds the base in the compute precision; the CPU in fp32 (autocast runs bf16)
     dtype = (
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        if device == "cuda"
+        if device in ("cuda", "mps")
         else torch.float32
     )
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -71,6 +72,8 @@ def _load_kwargs(
         kwargs["attn_implementation"] = attention_implementation(model_dir)
     if device == "cuda":
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    elif device == "mps":
+        kwargs["device_map"] = {"": "mps"}
     return kwargs
 
 
@@ -183,4 +186,9 @@ def free_gib() -> float | None:
 def is_oom(error: BaseException) -> bool:
     import torch
 
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower() and "CUDA" in str(error)
+    text = str(error)  # MPS raises a RuntimeError: "MPS backend out of memory (MPS allocated: ...)"
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "out of memory" in text.lower()
+        and ("CUDA" in text or "MPS" in text)
+    )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.device import Probe, choose
+from loratui.pipeline.device import precision as choose_precision
 
 # Token budget of one micro-batch (examples x length) when `batch_size: auto`. On a CPU, larger
 # micro-batches do not raise throughput (measured on SmolLM2-135M: 8 and 16 examples run at the same
@@ -48,45 +49,13 @@ def _pow2_floor(n: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, n)))))
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated (16x slower than fp32 measured on an
-    AVX2 EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def resolve_device(cfg: RunConfig, hw: Probe) -> Resolution:
+    """``train.device`` on this machine: CUDA, then Apple MPS, then the CPU (``loratui.pipeline.device``)."""
+    return Resolution(*choose(cfg.train.device, hw))
 
 
-def resolve_device(cfg: RunConfig, cuda: bool) -> Resolution:
-    want = cfg.train.device
-    if want == "cuda" and not cuda:
-        from loratui.pipeline.errors import LoratuiError
-
-        raise LoratuiError(
-            "train.device is cuda but no CUDA GPU is visible to PyTorch",
-            hint="Set train.device=cpu (or auto), or run the CUDA image with --gpus all.",
-        )
-    if want == "cpu" or (want == "auto" and not cuda):
-        return Resolution("cpu", "no CUDA GPU" if want == "auto" else "train.device")
-    return Resolution("cuda", "CUDA GPU found" if want == "auto" else "train.device")
-
-
-def resolve_precision(cfg: RunConfig, device: str, cuda_bf16: bool = False) -> Resolution:
-    want = cfg.train.precision
-    if want != "auto":
-        return Resolution(want, "train.precision")
-    if device == "cuda":
-        return Resolution("bf16", "GPU supports bf16") if cuda_bf16 else Resolution("fp16", "GPU lacks bf16")
-    # On CPU, auto is fp32 even with native bf16: on an AVX512-BF16 EPYC the quickstart trained 17% faster
-    # in bf16 (397 against 340 tokens/s) but answered 22 of 29 held-out questions against fp32's 24, and
-    # evaluating in bf16 cost one more. fp32 also gives the same run on AVX2 and AVX-512 machines.
-    # train.precision=bf16 still trains in bf16 where the CPU has it.
-    if cpu_has_native_bf16():
-        return Resolution(
-            "fp32", "CPU: fp32 (bf16 is native here, but cost quality; set train.precision=bf16 for speed)"
-        )
-    return Resolution("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
+def resolve_precision(cfg: RunConfig, device: str, hw: Probe) -> Resolution:
+    return Resolution(*choose_precision(cfg.train.precision, device, hw))
 
 
 def _token_budget(device: str, free_gib: float | None, params_b: float, memory_tokens: int | None) -> tuple[float, str]:

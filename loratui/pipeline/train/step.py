@@ -99,17 +99,17 @@ def _resolve_settings(
     cfg: RunConfig, run: RunDir, events: EventSink, lengths: list[int], world: int, rank: int
 ) -> tuple[settings.Resolved, Path | None, str, str]:
     """(the resolved auto settings, the checkpoint to resume, device, precision); written to config.yaml."""
-    import torch
+    from loratui.pipeline import device as devices
 
-    cuda = torch.cuda.is_available()
-    device = settings.resolve_device(cfg, cuda)
-    precision = settings.resolve_precision(cfg, device.value, cuda and torch.cuda.is_bf16_supported())
-    if cfg.lora.method == "qlora" and device.value == "cpu":
-        events.log(
-            "qlora on CPU: bitsandbytes' CPU 4-bit kernels are slower than an fp32 base here; "
-            "use method lora on CPUs with the memory for it",
-            level="warning",
-        )
+    hw = devices.probe()
+    device = settings.resolve_device(cfg, hw)
+    precision = settings.resolve_precision(cfg, device.value, hw)
+    warnings = devices.training_rules(device.value, cfg.lora.method, cfg.train.optimizer, world)
+    if rank == 0:
+        for warning in warnings:
+            events.log(warning, level="warning")
+        if device.value == "mps":
+            devices.enable_mps_fallback(events.log)
     resolved = settings.resolve_auto(cfg, lengths, device=device.value, nproc=world, free_gib=free_gib())
     resume = resolve_resume(cfg, run)
     if resume is not None:  # a resumed run keeps the settings it started with

@@ -50,14 +50,15 @@ class TorchBackend(HFBase):
         """``adapter``: served as ``model_id``. ``adapters``: several, each served under its own name, the
         base under ``model_id`` (peft's mixed-adapter batches: one batch may hold rows of each); one
         that fails to load is left out and listed in ``failed``."""
-        import torch
         from transformers import AutoTokenizer, GenerationConfig
 
+        from loratui.pipeline import device as devices
         from loratui.pipeline.eval.runtimes import load_torch
 
         self.model_id = model_id
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_torch(model_dir, "causal", self.device, "bf16" if self.device == "cuda" else "fp32")
+        hw = devices.probe()  # the training table: CUDA, then Apple MPS, then the CPU
+        self.device = device or devices.choose("auto", hw).value
+        self.model = load_torch(model_dir, "causal", self.device, devices.inference_precision(self.device, hw))
         self.models: dict[str, str | None] = {model_id: None}
         self.failed: dict[str, str] = {}
         self.mixed = False

@@ -95,3 +95,27 @@ def test_nll_equals_the_models_own_loss(model):
             out = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
         assert count == 3  # labels shift by one: positions 2.. predict 3 tokens
         assert total / count == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_load_torch_puts_the_model_on_the_chosen_device(monkeypatch, device):
+    """The model class is replaced: where load_torch would move the model, without a GPU here."""
+    from loratui.pipeline import models
+
+    moves: list[str] = []
+
+    class Fake:
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            return cls()
+
+        def to(self, where):
+            moves.append(where)
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(models, "model_class", lambda task: Fake)
+    load_torch("unused", "seq2seq", device, "fp32")
+    assert moves == ([] if device == "cpu" else [device])

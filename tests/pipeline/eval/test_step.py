@@ -10,7 +10,7 @@ import pytest
 
 from loratui.pipeline.config import RunConfig, load_config
 from loratui.pipeline.eval.metrics import ALL_METRICS
-from loratui.pipeline.events import MemoryWriter
+from loratui.pipeline.events import EventSink, MemoryWriter
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import EXIT_CANCELLED, EXIT_OK, EXIT_USER, StopFlag, load_step, run_step
 
@@ -306,3 +306,36 @@ def test_a_separate_test_file_is_named_as_the_source_of_the_test_split(tmp_path,
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
     (main,) = json.loads((run.eval / "metrics.json").read_text())["datasets"]
     assert main["split"] == "validation" and main["source"] == str(files["validation"])
+
+
+@pytest.mark.parametrize(
+    ("probe", "device", "precision"),
+    [
+        ({"mps": True, "mps_built": True, "mps_bf16": True}, "mps", "bf16"),
+        ({"mps": True, "mps_built": True}, "mps", "fp32"),
+        ({"cuda": True, "cuda_name": "NVIDIA L4", "cuda_bf16": True, "mps": True}, "cuda", "bf16"),
+        ({}, "cpu", "fp32"),
+    ],
+)
+def test_evaluate_follows_the_training_device_choice(tmp_path, monkeypatch, probe, device, precision):
+    """Only the probe is replaced: the device and precision evaluate would score on, and its log line."""
+    from loratui.pipeline import device as devices
+    from loratui.pipeline.eval import step
+
+    class Chosen(Exception):
+        pass
+
+    def score(cfg, job, device, precision, events, should_stop):
+        raise Chosen(device, precision)
+
+    monkeypatch.setattr(devices, "probe", lambda: devices.Probe(**probe))
+    monkeypatch.setattr(devices, "_fallback", {"logged": True})  # the MPS line is test_device's business
+    monkeypatch.setattr(step, "_prepare", lambda *a: None)
+    monkeypatch.setattr(step, "_score_models", score)
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=e"])
+    mem = MemoryWriter()
+    with pytest.raises(Chosen) as chosen:
+        step.run(cfg, RunDir.for_config(cfg), EventSink("evaluate", [mem]), lambda: False)
+    assert chosen.value.args == (device, precision)
+    (line,) = [e.message for e in mem.of_type("log")]
+    assert line.startswith(f"evaluating on {device} (auto: ") and line.endswith(f") in {precision}")

@@ -108,15 +108,47 @@ def test_auto_settings_are_written_to_config(tmp_path, tiny_llama):
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_precision_is_fp32_on_any_cpu_and_bf16_only_when_asked(monkeypatch, native_bf16):
+def test_auto_precision_is_fp32_on_any_cpu_and_bf16_only_when_asked(native_bf16):
     """The same run on AVX2 and AVX512-BF16 CPUs: bf16 there cost the quickstart quality for 17% speed."""
+    from loratui.pipeline.device import Probe
     from loratui.pipeline.train import settings
 
-    monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native_bf16)
-    assert settings.resolve_precision(load_config(None, []), "cpu").value == "fp32"
-    assert settings.resolve_precision(load_config(None, ["train.precision=bf16"]), "cpu").value == "bf16"
-    assert settings.resolve_precision(load_config(None, []), "cuda", cuda_bf16=True).value == "bf16"
-    assert settings.resolve_precision(load_config(None, []), "cuda", cuda_bf16=False).value == "fp16"
+    cpu = Probe(cpu_bf16=native_bf16)
+    assert settings.resolve_precision(load_config(None, []), "cpu", cpu).value == "fp32"
+    assert settings.resolve_precision(load_config(None, ["train.precision=bf16"]), "cpu", cpu).value == "bf16"
+    assert settings.resolve_precision(load_config(None, []), "cuda", Probe(cuda=True, cuda_bf16=True)).value == "bf16"
+    assert settings.resolve_precision(load_config(None, []), "cuda", Probe(cuda=True)).value == "fp16"
+    assert settings.resolve_device(load_config(None, []), cpu).value == "cpu"
+
+
+def test_train_logs_the_device_and_why(tmp_path, tiny_llama, monkeypatch):
+    from loratui.pipeline import device as devices
+
+    monkeypatch.setattr(devices, "probe", lambda: devices.Probe())
+    code, _, mem = _train(_cfg(tmp_path, tiny_llama, "train.max_steps=1"))
+    assert code == EXIT_OK
+    logs = [e.message for e in mem.of_type("log")]
+    assert "device cpu (auto: no CUDA or MPS); precision fp32 (CPU has no native bf16" in "\n".join(logs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lora.method=qlora"], "4-bit base does not train on Apple MPS"),
+        (["train.optimizer=adamw_8bit"], "no 8-bit optimizer kernel for Apple MPS"),
+    ],
+)
+def test_train_on_a_probed_mps_refuses_before_loading_the_model(tmp_path, tiny_llama, monkeypatch, overrides, message):
+    """Only the probe says MPS: the refusal comes before any model is loaded on it."""
+    from loratui.pipeline import device as devices
+    from loratui.pipeline.train import step
+
+    monkeypatch.setattr(devices, "probe", lambda: devices.Probe(mps=True, mps_built=True, mps_bf16=True))
+    monkeypatch.setattr(step, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, mem = _train(_cfg(tmp_path, tiny_llama, *overrides))
+    assert code == EXIT_USER
+    (error,) = mem.of_type("error")
+    assert message in error.message and error.hint
 
 
 def test_prompt_tokens_carry_no_loss(tmp_path, tiny_llama):
