@@ -81,9 +81,32 @@ def _train_section(run: RunDir) -> list[str]:
         f"{_num(m.get('eval_loss_best'))}.",
         "",
     ]
+    lines += _estimate_lines(v)
     if (run.path / _PLOTS[0][0]).is_file() and _evaluated_version(run) in (None, v.version):
         lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
     return lines
+
+
+def _estimate_lines(v: Any) -> list[str]:
+    """What the estimate said before the first step, beside what training measured."""
+    e, m = v.estimate, v.metrics
+    if not e:
+        return []
+
+    def mib(n: Any) -> str:
+        return f"{n / 2**20:,.0f} MiB" if isinstance(n, (int, float)) else "-"
+
+    def secs(n: Any) -> str:
+        return f"{n:,.0f} s" if isinstance(n, (int, float)) else "-"
+
+    peak = "peak resident memory" if e.get("device") == "cpu" else "peak GPU memory"
+    return [
+        f"| before training ({e.get('source')} estimate, {e.get('device')}) | estimated | measured |",
+        "|---|---|---|",
+        f"| training time (the Trainer's) | {secs(e.get('train_seconds'))} | {secs(m.get('train_seconds'))} |",
+        f"| {peak} | {mib(e.get('peak_memory_bytes'))} | {mib(m.get('peak_memory_bytes'))} |",
+        "",
+    ]
 
 
 def _evaluated_version(run: RunDir) -> Any:

@@ -45,7 +45,7 @@ class DataFacts:
         return self.trained / max(1, self.tokens)
 
 
-def _from_folder(data: Path, source: str, seconds: float | None) -> DataFacts:
+def facts_from_folder(data: Path, source: str, seconds: float | None) -> DataFacts:
     from datasets import load_from_disk
 
     from loratui.pipeline.data.manifest import DataReport, DatasetManifest
@@ -90,7 +90,7 @@ def data_facts(cfg: RunConfig, model_dir: Path, events: EventSink, should_stop: 
 
     run = RunDir.for_config(cfg)
     if run.path.is_dir() and up_to_date(cfg, run, "data"):
-        return _from_folder(run.data, "the run's prepared data", None)
+        return facts_from_folder(run.data, "the run's prepared data", None)
     if not has_tokenizer(model_dir):
         return from_characters(cfg)
     from loratui.pipeline.data.prepare import prepare
@@ -101,7 +101,7 @@ def data_facts(cfg: RunConfig, model_dir: Path, events: EventSink, should_stop: 
         start = time.monotonic()
         copy = cfg.model_copy(update={"runs_dir": tmp, "name": "run"})
         prepare(copy, scratch, EventSink("data", [_ProgressOnly(events)]), should_stop)
-        return _from_folder(scratch.data, "the data step, run for this estimate", time.monotonic() - start)
+        return facts_from_folder(scratch.data, "the data step, run for this estimate", time.monotonic() - start)
 
 
 def _text_lengths(example: Any) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import LoratuiError
-from loratui.pipeline.estimate.data import DataFacts, data_facts
+from loratui.pipeline.estimate.data import DataFacts, data_facts, facts_from_folder
 from loratui.pipeline.estimate.disk import estimate_disk
 from loratui.pipeline.estimate.hardware import device_memory, disk_free
 from loratui.pipeline.estimate.memory import TrainPlan, estimate_memory, largest_micro_tokens, max_micro_tokens
@@ -36,6 +36,7 @@ from loratui.pipeline.estimate.timing import (
     train_flops_per_token,
 )
 from loratui.pipeline.events import EventSink, null_sink
+from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import ShouldStop
 from loratui.pipeline.train import settings
 
@@ -52,16 +53,17 @@ def gpu_possible() -> bool:
     return sys.platform == "darwin" or any(Path(n).exists() for n in nodes)
 
 
-def resolve_device(cfg: RunConfig) -> tuple[str, str]:
-    """(device, why), as training will choose it; torch is imported only where a GPU could be."""
-    if cfg.train.device == "cpu":
-        return "cpu", "train.device"
-    if cfg.train.device == "auto" and not gpu_possible():
-        return "cpu", "auto: no GPU device on this machine"
-    import torch
+def resolve_device(cfg: RunConfig) -> tuple[str, str, str]:
+    """(device, why, precision) by the training's device table; torch is imported only where a GPU could be."""
+    from loratui.pipeline import device as devices
 
-    choice = settings.resolve_device(cfg, torch.cuda.is_available())
-    return str(choice.value), choice.reason
+    hw = (
+        devices.probe()
+        if cfg.train.device != "cpu" and gpu_possible()
+        else devices.Probe(cpu_bf16=devices.cpu_has_native_bf16())
+    )
+    choice = devices.choose(cfg.train.device, hw)
+    return choice.value, choice.reason, devices.precision(cfg.train.precision, choice.value, hw).value
 
 
 def model_dir(cfg: RunConfig) -> Path:
@@ -86,6 +88,7 @@ class Inputs:
     device_reason: str
     resolved: settings.Resolved
     padding_free: bool
+    precision: str
 
     def plan(self) -> TrainPlan:
         cfg, r = self.cfg, self.resolved
@@ -93,7 +96,7 @@ class Inputs:
         tokens = largest_micro_tokens(self.facts.lengths, micro, self.padding_free)
         return TrainPlan(
             device=self.device,
-            precision=_precision(cfg, self.device),
+            precision=self.precision,
             method=cfg.lora.method,
             r=r["lora.r"],
             target=cfg.lora.target_modules,
@@ -105,12 +108,6 @@ class Inputs:
             optimizer=cfg.train.optimizer,
             double_quant=cfg.lora.double_quant,
         )
-
-
-def _precision(cfg: RunConfig, device: str) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return "fp32" if device == "cpu" else "bf16"
 
 
 def token_budget(shape: ModelShape, plan: TrainPlan, available: int | None) -> int | None:
@@ -129,13 +126,13 @@ def gather(
     facts = facts or data_facts(cfg, directory, events, should_stop)
     if not facts.lengths:
         raise LoratuiError("the training data has no rows to estimate from", hint="Check data.source.")
-    device, why = resolve_device(cfg)
+    device, why, precision = resolve_device(cfg)
     available, where = device_memory(device)
     padding_free = cfg.train.padding_free and not _is_seq2seq(directory)
     first = settings.resolve_auto(
         cfg, facts.lengths, device=device, nproc=cfg.train.nproc, free_gib=_gib(available), params_b=shape.billions
     )
-    inputs = Inputs(cfg, shape, directory, facts, device, why, first, padding_free)
+    inputs = Inputs(cfg, shape, directory, facts, device, why, first, padding_free, precision)
     budget = token_budget(shape, inputs.plan(), available)
     inputs.resolved = settings.resolve_auto(
         cfg,
@@ -243,6 +240,7 @@ def price(
             per_epoch_s=per_epoch,
             tokens_per_s=1 / rate.seconds_per_token,
             source=rate.source,
+            setup_s=rate.setup_s,
             confidence="training about ±25%, other steps about ±50%"
             if rate.source == "probe"
             else "about a factor of 2 (no probe)",
@@ -295,3 +293,44 @@ def estimate(
 
 def flops_per_token(inputs: Inputs) -> float:
     return train_flops_per_token(inputs.shape, inputs.plan(), inputs.facts.trained_share)
+
+
+# -- for the train step: the same models, on the settings it resolved ---------------------------------
+
+
+def run_facts(run: RunDir) -> DataFacts:
+    """The token counts of a run whose data step just ran."""
+    return facts_from_folder(run.data, "the run's prepared data", None)
+
+
+def memory_tokens(
+    cfg: RunConfig, model_dir: Path, facts: DataFacts, device: str, precision: str, padding_free: bool
+) -> int | None:
+    """Tokens per micro-batch that fit the device's free memory, for ``batch_size: auto`` (None: a model
+    whose config the memory model cannot read; the rule of thumb then decides)."""
+    try:
+        shape = ModelShape.read(model_dir)
+    except LoratuiError:
+        return None
+    available, _ = device_memory(device)
+    first = settings.resolve_auto(cfg, facts.lengths, device=device, nproc=cfg.train.nproc)
+    inputs = Inputs(cfg, shape, model_dir, facts, device, "", first, padding_free, precision)
+    return token_budget(shape, inputs.plan(), available)
+
+
+def estimate_for(
+    cfg: RunConfig,
+    model_dir: Path,
+    facts: DataFacts,
+    resolved: settings.Resolved,
+    device: tuple[str, str],
+    precision: str,
+    padding_free: bool,
+) -> Estimate:
+    """The analytic estimate of the training the train step is about to start (``device``: value, why)."""
+    shape = ModelShape.read(model_dir)
+    available, where = device_memory(device[0])
+    inputs = Inputs(cfg, shape, model_dir, facts, device[0], device[1], resolved, padding_free, precision)
+    plan = inputs.plan()
+    flops = matmul_flops(shape, plan.micro_tokens, device[0])
+    return price(inputs, available, where, analytic_rate(shape, plan, flops, facts.trained_share), flops)

@@ -53,6 +53,7 @@ class Timing(BaseModel):
     tokens_per_s: float
     source: str  # "probe" or "analytic"
     confidence: str
+    setup_s: float = 0.0  # of ``parts["train"]``: loading the model and building the Trainer
 
     @property
     def total(self) -> float:

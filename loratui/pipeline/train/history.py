@@ -58,6 +58,7 @@ class AdapterVersion(BaseModel):
     effective_batch: int | None = None
     steps: int | None = None
     metrics: dict[str, Number | None] = Field(default_factory=dict)
+    estimate: dict[str, Any] | None = None  # what `loratui estimate` expected before the first step
     created: str | None = None
 
     @classmethod

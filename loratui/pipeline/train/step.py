@@ -23,6 +23,9 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.manifest import DatasetManifest
 from loratui.pipeline.data.prepare import prepare as prepare_data
 from loratui.pipeline.errors import LoratuiError
+from loratui.pipeline.estimate.data import DataFacts
+from loratui.pipeline.estimate.plan import estimate_for, memory_tokens, run_facts
+from loratui.pipeline.estimate.record import Estimate
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, write_config
 from loratui.pipeline.steps import WORKER_ENV, ShouldStop, StepResult
@@ -51,6 +54,7 @@ class Prepared:
     parent: hist.AdapterVersion = field(default_factory=hist.AdapterVersion)
     stack: list[Path] = field(default_factory=list)  # adapters merged into the base, in order
     init_from: Path | None = None  # continue: the adapter trained further
+    estimate: Estimate | None = None  # what the run was expected to take (the first process only)
 
     def log(self, events: EventSink) -> EventSink | None:
         """``events`` on the first process, None on the others (one process reports)."""
@@ -96,9 +100,12 @@ def _lineage(prep: Prepared, run: RunDir) -> None:
 
 
 def _resolve_settings(
-    cfg: RunConfig, run: RunDir, events: EventSink, lengths: list[int], world: int, rank: int
-) -> tuple[settings.Resolved, Path | None, str, str]:
-    """(the resolved auto settings, the checkpoint to resume, device, precision); written to config.yaml."""
+    cfg: RunConfig, run: RunDir, events: EventSink, facts: DataFacts, world: int, rank: int, fit: tuple[Path, bool]
+) -> tuple[settings.Resolved, Path | None, settings.Resolution, str]:
+    """(the resolved auto settings, the checkpoint to resume, device, precision); written to config.yaml.
+
+    ``fit``: the model folder and whether batches are padding-free, for the memory model that bounds an
+    ``auto`` micro-batch."""
     from loratui.pipeline import device as devices
 
     hw = devices.probe()
@@ -110,7 +117,12 @@ def _resolve_settings(
             events.log(warning, level="warning")
         if device.value == "mps":
             devices.enable_mps_fallback(events.log)
-    resolved = settings.resolve_auto(cfg, lengths, device=device.value, nproc=world, free_gib=free_gib())
+    budget = None
+    if cfg.train.batch_size == "auto":
+        budget = memory_tokens(cfg, fit[0], facts, device.value, precision.value, fit[1])
+    resolved = settings.resolve_auto(
+        cfg, facts.lengths, device=device.value, nproc=world, free_gib=free_gib(), memory_tokens=budget
+    )
     resume = resolve_resume(cfg, run)
     if resume is not None:  # a resumed run keeps the settings it started with
         resolved = settings_of_checkpoint(resume, resolved)
@@ -121,7 +133,7 @@ def _resolve_settings(
         events.log(f"device {device.value} ({device.reason}); precision {precision.value} ({precision.reason})")
         for line in resolved.lines():
             events.log(f"setting {line}")
-    return resolved, resume, device.value, precision.value
+    return resolved, resume, device, precision.value
 
 
 def prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> Prepared:
@@ -137,15 +149,40 @@ def prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldS
     task = manifest.get("task", "causal")
     model_dir = Path(manifest["model_dir"])
     train_ds, val_ds = load_splits(run, manifest)
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    resolved, resume, device, precision = _resolve_settings(cfg, run, events, lengths, world, rank)
+    facts = run_facts(run)
     check_family(cfg, model_dir, events if rank == 0 else None)
     padding_free = wants_padding_free(cfg, model_dir, task, events if rank == 0 else None)
+    resolved, resume, device, precision = _resolve_settings(
+        cfg, run, events, facts, world, rank, (model_dir, padding_free)
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    inputs = FitInputs(tokenizer, train_ds, val_ds, device, precision, padding_free)
+    inputs = FitInputs(tokenizer, train_ds, val_ds, device.value, precision, padding_free)
     prep = Prepared(cfg, rank, world, manifest, model_dir, task, resolved, resume, inputs)
     _lineage(prep, run)
+    if rank == 0:
+        prep.estimate = _announce_estimate(prep, facts, device, events)
     return prep
+
+
+def _announce_estimate(
+    prep: Prepared, facts: DataFacts, device: settings.Resolution, events: EventSink
+) -> Estimate | None:
+    """The estimate panel before the first step (also in events.jsonl); a model it cannot read only warns."""
+    try:
+        found = estimate_for(
+            prep.cfg,
+            prep.model_dir,
+            facts,
+            prep.resolved,
+            (device.value, device.reason),
+            prep.inputs.precision,
+            prep.inputs.padding_free,
+        )
+    except LoratuiError as e:
+        events.log(f"no estimate for this run: {e.message}", level="warning")
+        return None
+    events.log(f"estimate: {found.verdict()}", estimate=found.model_dump(mode="json"))
+    return found
 
 
 def _load_model(prep: Prepared, events: EventSink) -> Any:
@@ -244,8 +281,37 @@ def _version_entry(prep: Prepared, run: RunDir, trainer: Any, started: float) ->
             "train_loss_last": losses[-1] if losses else None,
             "eval_loss_best": min(evals) if evals else None,
             "tokens_per_s": round(tokens / train_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
+            "peak_memory_bytes": peak_memory(prep.inputs.device),
         },
+        estimate=_estimate_summary(prep.estimate),
     )
+
+
+def peak_memory(device: str) -> int:
+    """The process's peak: resident memory on the CPU, allocated GPU memory on CUDA and MPS."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    if device == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _estimate_summary(found: Estimate | None) -> dict[str, Any] | None:
+    """What the report sets beside the measured figures."""
+    if found is None:
+        return None
+    return {
+        "source": found.time.source,
+        "train_seconds": round(found.time.parts["train"] - found.time.setup_s, 1),  # as the Trainer counts it
+        "peak_memory_bytes": found.memory.total,
+        "disk_bytes": found.disk.total,
+        "device": found.device,
+    }
 
 
 def record_version(prep: Prepared, run: RunDir, events: EventSink, trainer: Any, started: float) -> StepResult:
