@@ -83,7 +83,7 @@ def configs(work: Path) -> dict[str, list[str]]:
 
 
 def _loratui(args: list[str], work: Path) -> tuple[int, float, float, str, str]:
-    """(exit code, wall seconds, peak RSS bytes, stdout, stderr) of ``loratui ARGS``."""
+    """(exit code, wall seconds, peak RSS bytes, stdout, stderr) of ``loratui ARGS``, run in ``work``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -165,9 +165,11 @@ def measure(name: str, overrides: list[str], work: Path, full: bool) -> dict[str
 
 
 def seven_b(work: Path) -> tuple[float, int, str]:
-    code, wall, _, out, err = _loratui(
-        ["estimate", "--config", str(ROOT / "examples" / "estimate-7b.yaml"), "--no-probe", "--json"], work
+    code, wall, _, out, err = _loratui(  # from the repository: the config names examples/mistral-7b
+        ["estimate", "--config", "examples/estimate-7b.yaml", "--no-probe", "--json", f"runs_dir={work / 'runs'}"], ROOT
     )
+    if code not in (0, 3):
+        raise SystemExit(f"loratui estimate (7B) failed ({code}):\n{err[-3000:]}")
     data = json.loads(out)
     changes = "; ".join(f"{c['what']} -> {c['memory'] / 2**30:.1f} GiB" for c in data["changes"])
     return wall, code, changes
@@ -261,6 +263,7 @@ def main() -> int:
                 continue
             print(f"{name}: estimating and training ...", flush=True)
             rows.append(measure(name, overrides, work, full=i == 0))
+            (work / "rows.json").write_text(json.dumps(rows, indent=1))  # kept with --keep if a later step fails
         failures = report(rows, seven_b(work), args.json)
     finally:
         if not args.keep:

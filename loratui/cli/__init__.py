@@ -24,6 +24,7 @@ from loratui.cli.commands import (
 from loratui.cli.output import report_error
 from loratui.cli.parser import build_parser
 from loratui.cli.serve import cmd_generate, cmd_score, cmd_serve
+from loratui.pipeline import device as _device  # noqa: F401  on macOS: PYTORCH_ENABLE_MPS_FALLBACK before torch
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,

@@ -205,7 +205,8 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="Compute precision. `auto`: bf16 on GPUs that run it natively, fp16 on older GPUs, "
-        "fp32 on CPU (bf16 on an AVX512-BF16 CPU was 17% faster but answered fewer quickstart questions).",
+        "bf16 on Apple MPS from macOS 14 (else fp32), fp32 on CPU (bf16 on an AVX512-BF16 CPU was 17% "
+        "faster but answered fewer quickstart questions).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (about 30% slower).")
     padding_free: bool = Field(

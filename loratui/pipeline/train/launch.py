@@ -62,8 +62,11 @@ def _free_port() -> int:
 def run_distributed(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     import torch
 
+    from loratui.pipeline import device as devices
     from loratui.pipeline.data.prepare import prepare
 
+    # refuse here what the device cannot run (nproc > 1 on MPS ...), not in every worker
+    devices.training_rules(devices.pick(cfg.train.device), cfg.lora.method, cfg.train.optimizer, cfg.train.nproc)
     prepare(cfg, run, events, should_stop)
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     if cuda and torch.cuda.device_count() < cfg.train.nproc:

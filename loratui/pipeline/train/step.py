@@ -242,6 +242,8 @@ def fit_with_retry(prep: Prepared, run: RunDir, events: EventSink, should_stop: 
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            elif torch.backends.mps.is_available():
+                torch.mps.empty_cache()
             _halve_micro_batch(prep, run, events)
 
 
