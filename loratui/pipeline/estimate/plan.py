@@ -275,7 +275,7 @@ def estimate(
     events = events or null_sink("estimate")
     inputs, available, where = gather(cfg, events, should_stop, facts)
     plan = inputs.plan()
-    flops = matmul_flops(inputs.shape, plan.micro_tokens, inputs.device)
+    flops = matmul_flops(inputs.shape, plan.micro_tokens, inputs.device, plan.precision)
     trained_share = inputs.facts.trained_share
     rate = analytic_rate(inputs.shape, plan, flops, trained_share)
     measured: dict[str, Any] | None = None
@@ -332,5 +332,5 @@ def estimate_for(
     available, where = device_memory(device[0])
     inputs = Inputs(cfg, shape, model_dir, facts, device[0], device[1], resolved, padding_free, precision)
     plan = inputs.plan()
-    flops = matmul_flops(shape, plan.micro_tokens, device[0])
+    flops = matmul_flops(shape, plan.micro_tokens, device[0], precision)
     return price(inputs, available, where, analytic_rate(shape, plan, flops, facts.trained_share), flops)

@@ -39,16 +39,21 @@ class Rate:
     setup_s: float  # loading the model and building the Trainer
 
 
-def matmul_flops(shape: ModelShape, tokens: int, device: str = "cpu", seconds: float = 0.3) -> float:
+def matmul_flops(
+    shape: ModelShape, tokens: int, device: str = "cpu", precision: str = "fp32", seconds: float = 0.3
+) -> float:
     """FLOP/s this process gets on ``device`` from the product training does most: a micro-batch of
-    ``tokens`` hidden states through an MLP projection of this model (fp32; a short measurement)."""
+    ``tokens`` hidden states through an MLP projection of this model, in the training's compute dtype (what
+    autocast multiplies in); a short measurement."""
     import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     m, k, n = max(16, min(tokens, 2048)), shape.hidden, max(shape.intermediate, shape.hidden)
     if m * k + k * n > 256 << 20:  # a huge model: a slice of the projection is as fast per FLOP
         n = max(256, (256 << 20) // k - m)
-    a = torch.randn(m, k, device=device)
-    b = torch.randn(k, n, device=device)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     (a @ b).sum().item()  # warm up (and wait for the device)
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or runs < 3:

@@ -107,6 +107,43 @@ def test_auto_settings_are_written_to_config(tmp_path, tiny_llama):
     assert any("lora.r = 8" in r and "tokens" in r for r in reasons)
 
 
+def test_the_estimate_is_announced_before_the_first_step_and_kept_beside_the_measured(tmp_path, tiny_llama):
+    from loratui.pipeline.report import render_markdown
+
+    cfg = _cfg(tmp_path, tiny_llama, "train.max_steps=3")
+    code, _result, mem = _train(cfg)
+    assert code == EXIT_OK
+    order = [e for e in mem if e.type in ("log", "progress")]
+    first_step = next(i for i, e in enumerate(order) if e.type == "progress" and e.task == "train")
+    announced = [i for i, e in enumerate(order) if e.type == "log" and getattr(e, "estimate", None)]
+    assert announced and announced[0] < first_step
+    estimate = order[announced[0]].estimate
+    assert estimate["device"] == "cpu" and estimate["time"]["source"] == "analytic"
+    assert estimate["settings"]["batch_size"] == 4 and estimate["time"]["steps"] == 3
+    run = RunDir.for_config(cfg)
+    version = hist.current_version(run)
+    assert version.estimate["peak_memory_bytes"] == sum(estimate["memory"]["parts"].values())
+    assert version.metrics["peak_memory_bytes"] > 100 << 20 and version.metrics["train_seconds"] > 0
+    on_disk = [e for e in read_events(run.events) if e.type == "log" and getattr(e, "estimate", None)]
+    assert on_disk  # in events.jsonl too
+    report = render_markdown(cfg, run)
+    assert "| training time (the Trainer's) |" in report and "peak resident memory" in report
+
+
+def test_auto_micro_batch_is_bounded_by_the_memory_model():
+    from loratui.pipeline.train import settings
+
+    cfg = load_config(None, ["train.batch_size=auto", "train.grad_accum=auto"])
+    lengths = [100] * 64
+    roomy = settings.resolve_auto(cfg, lengths, device="cpu", nproc=1, memory_tokens=10_000)
+    assert roomy["train.batch_size"] == 8  # the CPU budget (1,024 tokens) decides
+    tight = settings.resolve_auto(cfg, lengths, device="cpu", nproc=1, memory_tokens=250)
+    assert tight["train.batch_size"] == 2 and "fit in the RAM" in tight.choices["train.batch_size"].reason
+    gpu = settings.resolve_auto(cfg, lengths, device="cuda", nproc=1, free_gib=20, memory_tokens=450)
+    assert gpu["train.batch_size"] == 4 and gpu["train.grad_accum"] == 4
+    assert "memory model" in gpu.choices["train.batch_size"].reason
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_is_fp32_on_any_cpu_and_bf16_only_when_asked(native_bf16):
     """The same run on AVX2 and AVX512-BF16 CPUs: bf16 there cost the quickstart quality for 17% speed."""
