@@ -33,7 +33,6 @@ from loratui.pipeline.estimate.timing import (
     merge_seconds,
     onnx_seconds,
     optimizer_steps,
-    train_flops_per_token,
 )
 from loratui.pipeline.events import EventSink, null_sink
 from loratui.pipeline.runs import RunDir
@@ -249,11 +248,28 @@ def price(
         disk=disk,
         measured=measured or {},
     )
+    result.notes += _notes(inputs, measured)
     if not result.fits:
         from loratui.pipeline.estimate.fit import what_fits
 
         result.changes = what_fits(inputs, plan, result, rate)
     return result
+
+
+def _notes(inputs: Inputs, measured: dict[str, Any] | None) -> list[str]:
+    """What the figures assume, where it matters."""
+    t = inputs.cfg.train
+    out: list[str] = []
+    if measured:
+        out.append(
+            f"the probe trained {measured['steps_timed'] + 1} steps on the longest examples: its peak is the "
+            "run's largest micro-batch; run it on an otherwise idle machine"
+        )
+    if t.mode != "fresh":
+        out.append(f"train.mode {t.mode}: timed as a fresh adapter (merging earlier adapters first is not counted)")
+    if t.nproc > 1:
+        out.append(f"{t.nproc} processes: time divided by {t.nproc}, memory per process")
+    return out
 
 
 def _scaled(parts: dict[str, int], peak: int) -> dict[str, int]:
@@ -279,7 +295,15 @@ def estimate(
     trained_share = inputs.facts.trained_share
     rate = analytic_rate(inputs.shape, plan, flops, trained_share)
     measured: dict[str, Any] | None = None
-    if probe:
+    analytic_peak = estimate_memory(inputs.shape, plan).total
+    skipped = None
+    if probe and available is not None and analytic_peak > available:
+        # a probe would page to disk or be killed: the memory model alone answers, with what would fit
+        skipped = (
+            f"no probe: the memory model puts the peak at {analytic_peak / 2**30:.1f} GiB, more than the "
+            f"{available / 2**30:.1f} GiB {where}"
+        )
+    elif probe:
         from loratui.pipeline.train.probe import run_probe
 
         result = run_probe(cfg, events, should_stop)
@@ -288,11 +312,10 @@ def estimate(
         measured = {**result.__dict__, "peak": peak, "analytic_seconds_per_token": 1 / flops}
         if inputs.facts.seconds is None:
             inputs.facts.seconds = 0.0  # the run's data is prepared and current
-    return price(inputs, available, where, rate, flops, measured)
-
-
-def flops_per_token(inputs: Inputs) -> float:
-    return train_flops_per_token(inputs.shape, inputs.plan(), inputs.facts.trained_share)
+    found = price(inputs, available, where, rate, flops, measured)
+    if skipped:
+        found.notes.append(skipped)
+    return found
 
 
 # -- for the train step: the same models, on the settings it resolved ---------------------------------

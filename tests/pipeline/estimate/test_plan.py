@@ -84,6 +84,17 @@ def test_a_7b_model_does_not_fit_and_the_changes_that_would_are_listed(monkeypat
     assert qlora.memory < 8 << 30
 
 
+def test_no_probe_where_the_memory_model_says_it_cannot_fit(monkeypatch):
+    from loratui.pipeline.estimate import plan
+    from loratui.pipeline.train import probe
+
+    monkeypatch.setattr(plan, "device_memory", lambda device: (22 << 30, "RAM available"))
+    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: pytest.fail("a 28 GiB probe on 22 GiB"))
+    result = estimate(load_config(REPO / "examples" / "estimate-7b.yaml", ["train.device=cpu"]), probe=True)
+    assert result.time.source == "analytic" and any(n.startswith("no probe:") for n in result.notes)
+    assert not result.fits and result.changes
+
+
 def test_the_command_prints_json_and_exits_3_when_it_does_not_fit(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
