@@ -43,12 +43,12 @@ from loratui.exporters.records import REPORT, ExportReport
 from loratui.exporters.reference import chat_template, is_causal
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError
+from loratui.pipeline.estimate.disk import gguf_bytes_per_weight
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 from loratui.pipeline.steps import ShouldStop
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # the converter writes these itself
-BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07}  # others: estimated from their name's bits
 CONVERTER_ENV = "LORATUI_CONVERTER_DIR"
 
 
@@ -243,13 +243,6 @@ def quantize(source: Path, out: Path, quant: str, log: Path, should_stop: Should
 # --------------------------------------------------------------------------------------------
 
 
-def bytes_per_weight(quant: str) -> float:
-    if quant in BYTES_PER_WEIGHT:
-        return BYTES_PER_WEIGHT[quant]
-    bits = re.search(r"(\d)", quant)
-    return (int(bits.group(1)) + 1.5) / 8 if bits else 2.0  # scales and mins add about 1.5 bits
-
-
 def require_causal(model_dir: Path, trust_remote_code: bool = False) -> None:
     if not is_causal(model_dir, trust_remote_code):
         raise LoratuiError(
@@ -308,7 +301,7 @@ class _GgufExport:
         cfg, merged = job.cfg, job.run.merged
         out = job.run.exports / "gguf"
         # the f16 intermediate + every file
-        need = 2.0 + sum(bytes_per_weight(q) for q in quants)
+        need = 2.0 + sum(gguf_bytes_per_weight(q) for q in quants)
         params = make_room(out, merged, need, f"{', '.join(quants)} plus an f16 intermediate")
         log = out / "convert.log"
         log.write_text("", encoding="utf-8")

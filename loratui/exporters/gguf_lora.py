@@ -29,7 +29,6 @@ from typing import Any
 from loratui.exporters.common import ExportJob, Stages, count_params, ensure_merged, make_room, write_report_section
 from loratui.exporters.gguf import (
     SPM_MODEL,
-    bytes_per_weight,
     convert,
     converter_dir,
     list_added_tokens,
@@ -42,6 +41,7 @@ from loratui.exporters.records import LORA_REPORT, ExportReport
 from loratui.exporters.reference import chat_template
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.errors import ExportRefused, LoratuiError
+from loratui.pipeline.estimate.disk import gguf_bytes_per_weight
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, atomic_write_text
 from loratui.pipeline.steps import ShouldStop
@@ -103,7 +103,7 @@ def export(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldSt
     out = run.exports / "gguf"
     out.mkdir(parents=True, exist_ok=True)
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
-    params = make_room(out, model_dir, bytes_per_weight(kind), f"the {kind} base plus the adapter", adapter_bytes)
+    params = make_room(out, model_dir, gguf_bytes_per_weight(kind), f"the {kind} base plus the adapter", adapter_bytes)
     log = out / "convert-lora.log"
     log.write_text("", encoding="utf-8")
     job = ExportJob(cfg, run, events, should_stop)

@@ -5,6 +5,7 @@ are made from (deleted afterwards unless ``export.gguf_keep_f16``: it counts tow
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from loratui.pipeline.config import RunConfig
@@ -15,6 +16,18 @@ from loratui.pipeline.estimate.shape import ModelShape
 # about 0.3 bits a weight more on small models.
 GGUF_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.7, "q5_0": 5.5}
 GGUF_BITS.update({"q4_k_m": 5.1, "q4_k_s": 4.9, "q4_0": 4.5, "q3_k_m": 4.2, "q2_k": 3.4, "iq4_xs": 4.5})
+
+
+def gguf_bytes_per_weight(quant: str) -> float:
+    """Bytes per weight of a llama.cpp type (the export's disk check uses it too); a type not in the table
+    from the bits in its name, plus about 1.5 bits of scales and minimums."""
+    q = quant.lower()
+    if q in GGUF_BITS:
+        return GGUF_BITS[q] / 8
+    bits = re.search(r"(\d)", q)
+    return (int(bits.group(1)) + 1.5) / 8 if bits else 2.0
+
+
 SMALL_FILES = 200_000  # configs, trainer state, RNG state, README, chat template, a run's reports and events
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
 
@@ -36,13 +49,12 @@ def export_parts(cfg: RunConfig, shape: ModelShape, adapter: int) -> dict[str, i
     out: dict[str, int] = {}
     if "gguf" in e.formats:
         for quant in e.gguf_quants:
-            out[f"gguf {quant}"] = int(shape.params * GGUF_BITS.get(quant.lower(), 16.0) / 8)
+            out[f"gguf {quant}"] = int(shape.params * gguf_bytes_per_weight(quant))
         needs_f16 = any(q.lower() not in ("f32", "f16", "bf16", "q8_0") for q in e.gguf_quants)
         if needs_f16:  # made first, deleted after quantizing unless kept
             out["gguf f16 intermediate"] = shape.params * 2
     if "gguf-lora" in e.formats:
-        bits = GGUF_BITS.get(e.gguf_lora_type, 32.0)
-        out["gguf-lora"] = int(adapter / 4 * bits / 8) + shape.params * 2  # the adapter and its f16 base
+        out["gguf-lora"] = int(adapter / 4 * gguf_bytes_per_weight(e.gguf_lora_type)) + shape.params * 2
     if "onnx" in e.formats:
         rest = shape.params - min(shape.linear_params, shape.params)
         out["onnx fp32"] = shape.params * 4
