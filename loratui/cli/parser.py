@@ -24,6 +24,48 @@ if TYPE_CHECKING:  # what `add_subparsers` returns: generic only in typeshed, pr
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
+# help and description of the commands that have a page of their own (`loratui NAME --help`)
+COMMAND_TEXT: dict[str, tuple[str, str]] = {
+    "score": (
+        "log-likelihood and perplexity of every row of a JSONL file (ONNX, PyTorch or GGUF)",
+        "Batch scoring. Re-running the same command skips the ids already in --output; "
+        "bad rows go to <output>.errors.jsonl.",
+    ),
+    "serve": (
+        "OpenAI-compatible server for a run or an artifact (GGUF, ONNX, merged)",
+        "Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
+        "/health and /metrics, and OpenAI's files and fine-tuning jobs API (/v1/files, "
+        "/v1/fine_tuning/jobs; serve.fine_tuning). --format auto: PyTorch with CUDA, else a GGUF in "
+        "llama.cpp, else ONNX Runtime, else PyTorch; it prints what it chose and why.",
+    ),
+    "generate": (
+        "offline batch generation from a JSONL of prompts or chats (serve's backends)",
+        "Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
+        "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.",
+    ),
+    "estimate": (
+        "time, memory and disk a run will take, whether it fits, and what to change when it does not",
+        "Counts the data's tokens, reads the model's size from its config.json and prices "
+        "training, eval, merge and every configured export. By default a probe trains a few real steps on "
+        "a temporary copy (nothing is written into the run); --no-probe answers in seconds from the model "
+        "alone. Exit code 3 when the run does not fit.",
+    ),
+    "run": (
+        "every step of a config in order (data, train, eval, merge, export), skipping the ones already up to date",
+        "Runs data, train, eval, merge and export (when export.formats names one) "
+        "in order. A step whose last run had the same inputs and whose outputs are on disk is "
+        "skipped, so running the same config again continues where a crash or Ctrl-C stopped "
+        "(an interrupted training resumes from its latest checkpoint).",
+    ),
+}
+
+
+def _command(sub: Subparsers, name: str) -> argparse.ArgumentParser:
+    """A subcommand with its help line and its description from :data:`COMMAND_TEXT`."""
+    help_text, description = COMMAND_TEXT[name]
+    return sub.add_parser(name, help=help_text, description=description)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
@@ -132,12 +174,7 @@ def _add_inspect_parser(sub: Subparsers) -> None:
 
 
 def _add_score_parser(sub: Subparsers) -> None:
-    score = sub.add_parser(
-        "score",
-        help="log-likelihood and perplexity of every row of a JSONL file (ONNX, PyTorch or GGUF)",
-        description="Batch scoring. Re-running the same command skips the ids already in --output; "
-        "bad rows go to <output>.errors.jsonl.",
-    )
+    score = _command(sub, "score")
     score.add_argument(
         "--model", required=True, metavar="PATH", help="an ONNX export folder, a merged model directory or a .gguf file"
     )
@@ -153,14 +190,7 @@ def _add_score_parser(sub: Subparsers) -> None:
 
 
 def _add_serve_parser(sub: Subparsers) -> None:
-    srv = sub.add_parser(
-        "serve",
-        help="OpenAI-compatible server for a run or an artifact (GGUF, ONNX, merged)",
-        description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming too), "
-        "/health and /metrics, and OpenAI's files and fine-tuning jobs API (/v1/files, "
-        "/v1/fine_tuning/jobs; serve.fine_tuning). --format auto: PyTorch with CUDA, else a GGUF in "
-        "llama.cpp, else ONNX Runtime, else PyTorch; it prints what it chose and why.",
-    )
+    srv = _command(sub, "serve")
     _add_target_args(srv)
     srv.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
@@ -180,12 +210,7 @@ def _add_serve_parser(sub: Subparsers) -> None:
 
 
 def _add_generate_parser(sub: Subparsers) -> None:
-    gen = sub.add_parser(
-        "generate",
-        help="offline batch generation from a JSONL of prompts or chats (serve's backends)",
-        description="Rows with `prompt` or `messages` (and optionally `id`) in, rows with id, text, "
-        "finish_reason and token counts out. Resumable; bad rows go to <output>.errors.jsonl.",
-    )
+    gen = _command(sub, "generate")
     _add_target_args(gen)
     _add_batch_files(gen, "JSONL prompts or chats", "JSONL outputs (appended; resumable)")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens per row (default: 256)")
@@ -196,28 +221,14 @@ def _add_generate_parser(sub: Subparsers) -> None:
 
 
 def _add_estimate_parser(sub: Subparsers) -> None:
-    est = sub.add_parser(
-        "estimate",
-        help="time, memory and disk a run will take, whether it fits, and what to change when it does not",
-        description="Counts the data's tokens, reads the model's size from its config.json and prices "
-        "training, eval, merge and every configured export. By default a probe trains a few real steps on "
-        "a temporary copy (nothing is written into the run); --no-probe answers in seconds from the model "
-        "alone. Exit code 3 when the run does not fit.",
-    )
+    est = _command(sub, "estimate")
     _add_config_args(est)
     est.add_argument("--no-probe", action="store_true", help="no trial steps: an analytic estimate in seconds")
     est.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
 def _add_run_parser(sub: Subparsers) -> None:
-    runner = sub.add_parser(
-        "run",
-        help="every step of a config in order (data, train, eval, merge, export), skipping the ones already up to date",
-        description="Runs data, train, eval, merge and export (when export.formats names one) "
-        "in order. A step whose last run had the same inputs and whose outputs are on disk is "
-        "skipped, so running the same config again continues where a crash or Ctrl-C stopped "
-        "(an interrupted training resumes from its latest checkpoint).",
-    )
+    runner = _command(sub, "run")
     runner.add_argument("config", metavar="CONFIG", help="YAML config of the run")
     runner.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
     runner.add_argument("--skip", type=_step_list, default=(), metavar="STEP[,STEP]", help="steps to leave out")

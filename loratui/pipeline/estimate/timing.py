@@ -40,7 +40,7 @@ class Rate:
 
 
 def matmul_flops(
-    shape: ModelShape, tokens: int, device: str = "cpu", precision: str = "fp32", seconds: float = 0.3
+    shape: ModelShape, tokens: int, device: str = "cpu", precision: str = "fp32", seconds: float = 0.5
 ) -> float:
     """FLOP/s this process gets on ``device`` from the product training does most: a micro-batch of
     ``tokens`` hidden states through an MLP projection of this model, in the training's compute dtype (what
