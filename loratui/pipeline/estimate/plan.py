@@ -310,8 +310,9 @@ def estimate(
         rate = Rate(result.seconds_per_token, "probe", result.setup_s)
         peak = result.gpu_peak if inputs.device == "cuda" and result.gpu_peak else result.peak_rss
         measured = {**result.__dict__, "peak": peak, "analytic_seconds_per_token": 1 / flops}
-        if inputs.facts.seconds is None:
-            inputs.facts.seconds = 0.0  # the run's data is prepared and current
+        # the run will find the data step's cache as the probe did: its preparation (data step, settings,
+        # tokenizer) is what the run's will take
+        inputs.facts.seconds = result.data_s
     found = price(inputs, available, where, rate, flops, measured)
     if skipped:
         found.notes.append(skipped)
