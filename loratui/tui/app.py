@@ -5,6 +5,9 @@
   each step done, failed, running or blocked (greyed: it needs an earlier artifact).
 * **Settings** are edits on top of the config file, exactly the dotted overrides of the CLI
   (``train.lr=1e-4``): validated as typed, shown as the equivalent command (``!``), saved with ``ctrl+s``.
+* **Estimate** (:mod:`loratui.tui.estimate`): the Train view shows the run's estimate (time, memory, disk,
+  whether it fits, what would) before ``r``, computed in a thread when the view is shown and after the
+  settings change; ``e`` measures it with a probe of a few real steps, which ``c`` or leaving the view stops.
 * **Jobs** (:mod:`loratui.tui.job_actions`): the App owns them (a step's subprocess, :mod:`loratui.tui.jobs`,
   and the server), never a view, so switching steps never stops one. ``r`` runs the shown step, ``R`` resumes training from its
   last checkpoint, ``c`` cancels after a confirmation (SIGTERM, then SIGKILL after a grace period),
@@ -49,13 +52,15 @@ from loratui.tui.jobs import Job, step_command
 from loratui.tui.state import RunState, open_run, recent_runs, remember
 from loratui.tui.steps import STEP_INFO, VIEWS
 from loratui.tui.views import StepView
+from loratui.tui.views.train import TrainView
 from loratui.tui.widgets import JobPanel
 
 _MARK = {"done": "✓", "failed": "✗", "running": "●", "cancelled": "◌", "interrupted": "!", "blocked": "·", "todo": ""}
 
 HELP = """[b]Keys[/b]
   1-6        show a step              r      run the shown step (serve: start the server)
-  R          resume training          c      cancel the job (serve: stop the server)
+  R          resume training          c      cancel the job (serve: stop the server; train: the probe)
+  e          train: measure the estimate with a probe of a few real training steps
   ctrl+s     save the settings        !      show the equivalent command line
   o          open a run               F1     help for the focused setting
   f          pick the training data from a file tree
@@ -73,7 +78,7 @@ loratui.yaml). "Save settings as..." in the command palette writes another file.
 training run keeps a checkpoint."""
 # The actions of the one-character keys: they act only while something on the main screen has the focus.
 TYPED_KEY_ACTIONS = frozenset(
-    {"show_step", "run_step", "resume", "cancel_job", "show_command", "open_run", "pick_data", "quit_key"}
+    {"show_step", "run_step", "resume", "measure", "cancel_job", "show_command", "open_run", "pick_data", "quit_key"}
 )
 
 
@@ -97,6 +102,7 @@ class LoratuiApp(JobActions):
         ),
         Binding("r", "run_step", "Run", id="run"),
         Binding("R", "resume", "Resume", id="resume", show=False),
+        Binding("e", "measure", "Measure estimate", id="measure", show=False),
         Binding("c", "cancel_job", "Cancel", id="cancel"),
         Binding(
             "ctrl+s", "save", "Save", id="save", tooltip="Write the settings to the config file named in the title bar"
@@ -223,6 +229,7 @@ class LoratuiApp(JobActions):
             self.cfg = cfg
             for view in self.views():
                 view.cfg = cfg
+                view.settings_changed()
             if renamed:
                 self.show_state(reload=True)
         for form in self.main.query(ConfigForm):
@@ -409,6 +416,7 @@ class LoratuiApp(JobActions):
         await self._ensure_view(current)
         switcher.current = current
         self.show_state()
+        self._shown_step(current)
         self._focus_shown()
 
     async def _ensure_view(self, step: str) -> StepView:
@@ -429,7 +437,30 @@ class LoratuiApp(JobActions):
             step = event.tab.id.removeprefix("tab-")
             await self._ensure_view(step)
             self.main.query_one("#steps", ContentSwitcher).current = step
+            self._shown_step(step)
             self._focus_shown()
+
+    def _shown_step(self, step: str) -> None:
+        """Tell the views which one is shown now (the Train view estimates its settings when shown)."""
+        for view in self.views():
+            if view.STEP == step:
+                view.shown()
+            else:
+                view.left()
+
+    async def action_measure(self) -> None:
+        """``e``: the Train view's estimate, measured with a probe of a few real training steps."""
+        if self.job is not None and self.job.running:
+            self.notify(f"{self.job.step} is running: measure when it ends (the probe would compete with it)")
+            return
+        if self.problems:
+            key, message = next(iter(self.problems.items()))
+            self.push_screen(ErrorDialog("Fix the settings first", f"{key}: {message}"))
+            return
+        view = await self._ensure_view("train")
+        assert isinstance(view, TrainView)
+        view.measure()
+        self.action_show_step("train")
 
     def _show_and_run(self, step: str) -> None:
         """The command palette's "Run <step>": its view, then the step."""
@@ -446,6 +477,9 @@ class LoratuiApp(JobActions):
         yield SystemCommand("Start the server", "loratui serve on this run", self.start_server)
         yield SystemCommand("Cancel the job", "SIGTERM, then SIGKILL after the grace period", self.action_cancel_job)
         yield SystemCommand("Resume training", "train --resume from the last checkpoint", self.action_resume)
+        yield SystemCommand(
+            "Measure the estimate", "time and memory from a few real training steps (e)", self.action_measure
+        )
         yield SystemCommand("Save settings", f"write {self.save_path} (ctrl+s)", self.action_save)
         yield SystemCommand(
             "Save settings as...", "write the settings to another config file, and edit that one", self.action_save_as

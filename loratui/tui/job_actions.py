@@ -90,6 +90,7 @@ class JobActions(App[None]):
         if self.state.steps[step] == "blocked":
             self.notify(f"{STEP_INFO[step][0]} {self.state.why_blocked.get(step, 'is blocked')}", severity="warning")
             return
+        self._stop_probe("the probe stopped: a job started (it would compete with it)")
         self.job = Job(self.step_argv(step, extra), grace_s=self.grace_s).start()
         self._shown, self._reported = 0, False
         self.main.query_one("#job-log", RichLog).clear()
@@ -113,7 +114,10 @@ class JobActions(App[None]):
             return
         job = self.job
         if job is None or not job.running:
-            self.notify("no job is running")
+            if self._stop_probe("the probe was cancelled (c)"):
+                self.notify("cancelled the estimate's probe")
+            else:
+                self.notify("no job is running")
             return
 
         def answer(yes: bool | None) -> None:
@@ -122,6 +126,10 @@ class JobActions(App[None]):
                 self.main.query_one("#job-status", Static).update(f"[b]{job.step}[/b] cancelling...")
 
         self.push_screen(Confirm(f"Cancel {job.step}? It saves what it can (a checkpoint) and stops."), answer)
+
+    def _stop_probe(self, note: str) -> bool:
+        """Stop the Train view's probe (a few training steps in a child process); True when one ran."""
+        return any([view.estimate.stop(note=note, probe_only=True) for view in self.main.query(TrainView)])
 
     def start_server(self) -> None:
         if self.server is not None and self.server.running:

@@ -188,3 +188,41 @@ def make_run(
         )
     events.close()
     return config
+
+
+def fake_estimate(fits: bool = True, source: str = "analytic"):
+    """An estimate as the pipeline returns it, built by hand (no model, no torch): what the Train view shows.
+    ``fits=False``: the memory is short and one change would fit."""
+    from loratui.pipeline.estimate.record import GIB, Budget, Change, Estimate, Timing
+
+    return Estimate(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        params=134_515_008,
+        device="cpu",
+        device_reason="no GPU found",
+        settings={
+            "batch_size": 4,
+            "grad_accum": 2,
+            "epochs": 3,
+            "tokens_per_epoch": 12_000,
+            "tokens_from": "the data step",
+        },
+        time=Timing(
+            parts={"data": 2.0, "train": 190.0, "eval": 30.0, "merge": 8.0},
+            epochs=3,
+            steps=39,
+            per_epoch_s=60.0,
+            tokens_per_s=200.0,
+            source=source,
+            confidence="about a factor of 2 (no probe)" if source == "analytic" else "training about ±25%",
+        ),
+        memory=Budget(
+            parts={"weights": GIB // 2, "activations": GIB // 4, "framework": GIB // 4},
+            available=8 * GIB if fits else GIB // 2,
+            where="RAM available",
+        ),
+        disk=Budget(parts={"adapter": 20 << 20, "merged": GIB // 2}, available=100 * GIB, where="free on runs"),
+        changes=[]
+        if fits
+        else [Change(what="QLoRA (4-bit base)", overrides=["lora.method=qlora"], memory=GIB // 3, disk=GIB // 2)],
+    )

@@ -14,7 +14,9 @@ from textual.widgets import Input
 from loratui.pipeline.config import load_config
 from loratui.tui.app import LoratuiApp
 from loratui.tui.dialogs import Confirm, ErrorDialog
+from loratui.tui.estimate import EstimateArea
 from tests.tui.fake_run import make_run
+from tests.tui.test_app_jobs import _until
 
 SIZE = (100, 30)
 
@@ -27,9 +29,15 @@ def app(tmp_path, monkeypatch):
     return LoratuiApp(load_config(config.name), config_path=config.name)
 
 
+def _estimated(area: EstimateArea) -> bool:
+    return area.running is None and (area.estimate is not None or area.message is not None)
+
+
 async def _steady(pilot) -> None:
-    """No blinking cursor in any input built so far (views are built when first shown)."""
+    """No blinking cursor in any input built so far (views are built when first shown), and the Train
+    view's estimate (stubbed in conftest.py: a hand-built one) shown, not "estimating..."."""
     await pilot.pause()
+    await _until(pilot, lambda: all(_estimated(a) for a in pilot.app.query(EstimateArea)), timeout=10)
     for widget in pilot.app.query(Input):
         widget.cursor_blink = False
     await pilot.pause()

@@ -134,3 +134,12 @@ class StepView(Vertical):
 
     def show_results(self, state: RunState) -> None:
         """Fill the result widgets from the run directory."""
+
+    def shown(self) -> None:
+        """The App showed this view (after switching to it)."""
+
+    def left(self) -> None:
+        """The App showed another step's view."""
+
+    def settings_changed(self) -> None:
+        """The App set ``cfg`` to edited (valid) settings."""
