@@ -67,7 +67,7 @@ def configs(work: Path) -> dict[str, list[str]]:
             "data.chunk_tokens=384",
             "data.max_length=384",
             "train.batch_size=2",
-            "train.grad_accum=8",
+            "train.grad_accum=4",
             "lora.r=32",
             "train.max_steps=8",
         ],

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from loratui.pipeline.estimate.memory import TrainPlan
 from loratui.pipeline.estimate.shape import ModelShape
 
-# Training reaches this share of the device's measured fp32 matmul speed (SmolLM2-135M on the 2-core EPYC:
-# 290 to 340 tokens/s against 150 to 190 GFLOP/s measured by matmul_flops; small matrices and the
-# elementwise work between them keep it below 1). Without a probe the time is good to about a factor of 2.
+# Training reaches about this share of the measured matmul speed (small products, elementwise work, the
+# optimizer). Checked by bench/estimate_accuracy.py: without a probe, estimated / measured training time
+# between 0.6 and 1.4 over its four configurations on the 2-core EPYC. Without a probe the time is good to
+# about a factor of 2.
 TRAIN_EFFICIENCY = 0.55
 # Generation: the fixed cost of one batched decoding step of transformers' generate (Python, cache update,
 # sampling), on top of its FLOPs; measured 40 to 60 ms on the 2-core EPYC for SmolLM2 at batch 8.
