@@ -102,10 +102,14 @@ def _estimate(common: list[str], work: Path, probe: bool) -> tuple[dict[str, Any
     return json.loads(out), wall
 
 
-def _train_seconds(run: Path) -> float:
+def _step_seconds(run: Path, step: str) -> float:
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    done = [e for e in events if e["type"] == "done" and e["step"] == "train"]
+    done = [e for e in events if e["type"] == "done" and e["step"] == step]
     return float(done[-1]["seconds"])
+
+
+def _train_seconds(run: Path) -> float:
+    return _step_seconds(run, "train")
 
 
 def _bytes_written(run: Path) -> dict[str, int]:
@@ -155,6 +159,11 @@ def measure(name: str, overrides: list[str], work: Path, full: bool) -> dict[str
             code, _, _, _, err = _loratui([step, *common], work)
             if code != 0:
                 raise SystemExit(f"loratui {step} failed ({code}):\n{err[-3000:]}")
+        row["steps_s"] = {s: _step_seconds(run, s) for s in ("merge", "export")}
+        row["steps_estimated"] = {
+            "merge": probed["time"]["parts"]["merge"],
+            "export": probed["time"]["parts"]["export gguf"],
+        }
         written = _bytes_written(run)
         parts = probed["disk"]["parts"]
         kept = {k: v for k, v in parts.items() if k != "gguf f16 intermediate"}  # deleted after quantizing

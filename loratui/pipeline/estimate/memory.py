@@ -31,8 +31,9 @@ MIB = 1 << 20
 CPU_FRAMEWORK_BYTES = 700 * MIB
 # The CUDA context (not in torch.cuda.max_memory_allocated) and the caching allocator's rounding.
 GPU_FRAMEWORK_BYTES = 600 * MIB
-# What the backward pass holds beyond the saved activations at its peak: the gradient of the widest
-# tensor of a layer, a few times over (measured against the formula below on SmolLM2 and a tiny Llama).
+# What the backward pass holds beyond the saved activations at its peak: the gradient of a layer's widest
+# tensor, a few times over (a round figure; the model's parts are checked as a whole against measured peaks
+# by bench/estimate_accuracy.py, where the probe's measured peak replaces them).
 BACKWARD_TRANSIENT = 3
 QLORA_BYTES_PER_PARAM = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}  # double quant or not
 

@@ -240,7 +240,7 @@ def price(
             tokens_per_s=1 / rate.seconds_per_token,
             source=rate.source,
             setup_s=rate.setup_s,
-            confidence="training about ±25%, other steps about ±50%"
+            confidence="training about ±25%, other steps within about a factor of 2"
             if rate.source == "probe"
             else "about a factor of 2 (no probe)",
         ),

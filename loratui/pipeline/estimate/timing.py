@@ -22,10 +22,12 @@ from loratui.pipeline.estimate.shape import ModelShape
 # between 0.6 and 1.4 over its four configurations on the 2-core EPYC. Without a probe the time is good to
 # about a factor of 2.
 TRAIN_EFFICIENCY = 0.55
-# Generation: the fixed cost of one batched decoding step of transformers' generate (Python, cache update,
-# sampling), on top of its FLOPs; measured 40 to 60 ms on the 2-core EPYC for SmolLM2 at batch 8.
+# The other steps are priced roughly (within about a factor of 2), from the quickstart on the 2-core EPYC: its eval step
+# (29 rows, base and tuned, batch 8, 64 new tokens) took 41 s, its merge 9.9 s, its q8_0 GGUF export with
+# the verification 36 s. A batched decoding step of transformers' generate costs a fixed part (Python, the
+# cache, sampling) beside its FLOPs.
 DECODE_STEP_OVERHEAD_S = 0.04
-LOAD_S_PER_GB = 2.0  # reading and building a model from safetensors, per GB of weights (page cache warm)
+LOAD_S_PER_GB = 2.0  # reading and building a model from safetensors, per GB of fp32 weights (page cache warm)
 WRITE_BYTES_PER_S = 150e6  # saving safetensors / GGUF files
 GGUF_QUANT_S_PER_B = 120.0  # llama-quantize and the verification decode, per billion parameters per type
 EVAL_FORWARD_SHARE = 0.35  # a forward pass of training's work (no backward)
