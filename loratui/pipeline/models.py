@@ -300,7 +300,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return any(
         os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
@@ -318,7 +318,7 @@ def _resolve_hub(spec: str, revision: str | None, download: bool, log: Log | Non
         "Give a local Hugging Face directory or a .gguf file as model.base, or download the "
         "model once on a machine with network (it is then taken from the HF cache)."
     )
-    if _offline():
+    if hub_offline():
         raise ModelNotFound(f"{spec}: not found locally, and hub access is off (HF_HUB_OFFLINE)", hint=hint)
     if not download:
         raise ModelNotFound(f"{spec}: not found locally (not in the Hugging Face cache)", hint=hint)

@@ -66,13 +66,47 @@ def resolve_device(cfg: RunConfig) -> tuple[str, str, str]:
 
 
 def model_dir(cfg: RunConfig) -> Path:
-    """The base model's local folder; a built-in is imported (once), a hub model must be in the cache."""
-    from loratui.pipeline.models import resolve_model
+    """The base model's local folder; a built-in is imported (once). A hub model not in the cache is not
+    downloaded: its config and tokenizer files are, into a folder of the estimate's own (the weights come
+    with the first training, and the Hugging Face cache never holds a partial snapshot)."""
+    from loratui.pipeline.errors import ModelNotFound
+    from loratui.pipeline.models import is_hub_id, resolve_model
 
-    found = resolve_model(cfg.model.base, revision=cfg.model.revision, prepare=False)
+    spec, revision = cfg.model.base, cfg.model.revision
+    try:
+        found = resolve_model(spec, revision=revision, prepare=False)
+    except ModelNotFound:
+        if not is_hub_id(spec):
+            raise
+        return hub_config(spec, revision)
     if not (found.path / "config.json").is_file():
-        found = resolve_model(cfg.model.base, revision=cfg.model.revision, prepare=True)
+        found = resolve_model(spec, revision=revision, prepare=True)
     return found.path
+
+
+HUB_CONFIG_FILES = ["config.json", "tokenizer*", "*.model", "vocab.json", "merges.txt", "special_tokens_map.json"]
+
+
+def hub_config(spec: str, revision: str | None) -> Path:
+    """A hub model's config and tokenizer, without its weights (``$LORATUI_HOME/estimate-configs``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from loratui.pipeline.errors import ModelNotFound
+    from loratui.pipeline.models import hub_offline, hub_reachable, loratui_home
+
+    if hub_offline() or not hub_reachable():
+        raise ModelNotFound(
+            f"{spec}: not in the Hugging Face cache, and the hub is unreachable for its config.json",
+            hint="Point model.base at a local folder with the model's config.json (weights not needed).",
+        )
+    try:
+        folder = snapshot_download(
+            spec, revision=revision, allow_patterns=HUB_CONFIG_FILES, cache_dir=loratui_home() / "estimate-configs"
+        )
+    except HfHubHTTPError as e:
+        raise ModelNotFound(f"{spec}: the hub refused its config ({e})", hint="Check the id, and HF_TOKEN.") from None
+    return Path(folder)
 
 
 @dataclass

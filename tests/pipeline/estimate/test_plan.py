@@ -129,3 +129,37 @@ def test_estimate_help_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=60)
+
+
+def test_a_hub_model_not_in_the_cache_fetches_only_its_config(tmp_path, monkeypatch):
+    """No weights are downloaded for an estimate: config and tokenizer files into a folder of its own."""
+    import huggingface_hub
+
+    from loratui.pipeline import models
+    from loratui.pipeline.estimate import plan
+
+    calls = []
+
+    def fake_snapshot(spec, revision=None, allow_patterns=None, cache_dir=None, **kwargs):
+        calls.append((spec, allow_patterns, cache_dir, kwargs.get("local_files_only", False)))
+        if kwargs.get("local_files_only"):
+            raise FileNotFoundError(spec)  # not in the Hugging Face cache
+        folder = tmp_path / "snapshot"
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text((REPO / "examples" / "mistral-7b" / "config.json").read_text())
+        return str(folder)
+
+    monkeypatch.setenv("LORATUI_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    cfg = load_config(None, ["model.base=mistralai/Mistral-7B-v0.1"])
+    folder = plan.model_dir(cfg)
+    assert (folder / "config.json").is_file()
+    spec, patterns, cache_dir, _ = calls[-1]
+    assert spec == "mistralai/Mistral-7B-v0.1" and "*.safetensors" not in patterns
+    assert Path(cache_dir) == tmp_path / "home" / "estimate-configs"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoratuiError, match="unreachable"):
+        plan.model_dir(cfg)
