@@ -197,7 +197,13 @@ def _train_seconds(inputs: Inputs, rate: Rate) -> tuple[float, float, int, float
     cfg, r, facts = inputs.cfg, inputs.resolved, inputs.facts
     micro, accum, epochs = r["train.batch_size"], r["train.grad_accum"], float(r["train.epochs"])
     steps = optimizer_steps(facts.rows, micro, accum, cfg.train.nproc, epochs, cfg.train.max_steps)
-    per_epoch_tokens = computed_tokens(facts.lengths, micro, inputs.padding_free, cfg.train.seed)
+    # the probe's rate is per example token with the padding of real batches in its time; the analytic one
+    # is per token computed
+    per_epoch_tokens = (
+        facts.tokens
+        if rate.source == "probe"
+        else computed_tokens(facts.lengths, micro, inputs.padding_free, cfg.train.seed)
+    )
     steps_per_epoch = optimizer_steps(facts.rows, micro, accum, cfg.train.nproc, 1, -1)
     if cfg.train.max_steps > 0:
         epochs = steps / steps_per_epoch
@@ -296,8 +302,8 @@ def _notes(inputs: Inputs, measured: dict[str, Any] | None) -> list[str]:
     out: list[str] = []
     if measured:
         out.append(
-            f"the probe trained {measured['steps_timed'] + 1} steps on the longest examples: its peak is the "
-            "run's largest micro-batch; run it on an otherwise idle machine"
+            "the probe trained 2 steps on the longest examples (its peak is the run's largest micro-batch) and "
+            f"timed {measured['steps_timed']} on a random sample; run it on an otherwise idle machine"
         )
     if t.mode != "fresh":
         out.append(f"train.mode {t.mode}: timed as a fresh adapter (merging earlier adapters first is not counted)")

@@ -125,6 +125,7 @@ class FitInputs:
     device: str
     precision: str
     padding_free: bool
+    in_order: bool = False  # train on the examples in their order (the estimate's probe), not shuffled
 
 
 def fit(
@@ -146,6 +147,8 @@ def fit(
 
     has_eval = inputs.val_ds is not None
     args = training_arguments(cfg, run, resolved, inputs.device, inputs.precision, has_eval=has_eval)
+    if inputs.in_order:
+        args.train_sampling_strategy = "sequential"
     trainer = LoratuiTrainer(
         model=model,
         args=args,

@@ -2,11 +2,13 @@
 
 :func:`run_probe` starts ``python -m loratui.pipeline.train.probe CONFIG STEPS`` under the process
 supervisor (its own process, so its peak resident memory is the training's alone) and reads its events.
-The child prepares the data and the settings exactly as ``loratui train`` does, then trains on the
-*longest* examples only (as many as the probe's steps take): its peak memory is the run's worst
-micro-batch, and its time per token is measured where it is most expensive. The first step is not timed
-(allocation, first-call work). Nothing is written into the run: the copy's ``runs_dir`` is the temporary
-folder, training is ``fresh``, single-process, without validation, checkpoints or reporting.
+The child prepares the data and the settings exactly as ``loratui train`` does, then trains, in this order
+(not shuffled): :data:`MEMORY_STEPS` steps on the *longest* examples, so its peak memory is the run's
+largest micro-batch (and the first step's allocation and first-call work are out of the way), then
+:data:`TIMED_STEPS` steps on a seeded random sample of the others, timed: the run's own kind of batches,
+so the time per token includes what small or padded micro-batches cost. Nothing is written into the run:
+the copy's ``runs_dir`` is the temporary folder, training is ``fresh``, single-process, without
+validation or reporting.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from loratui.pipeline.events import EventSink, JsonlWriter, Metric, Progress, Wr
 from loratui.pipeline.runs import RunDir, write_config
 from loratui.pipeline.steps import ShouldStop
 
-PROBE_STEPS = 4  # optimizer steps: the first warms up, the other three are timed
+MEMORY_STEPS = 2  # on the longest examples: the peak memory (and the first step's warm-up)
+TIMED_STEPS = 3  # on a random sample: the time per token
+PROBE_STEPS = MEMORY_STEPS + TIMED_STEPS
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    seconds_per_token: float  # per computed token, training steps after the first
+    seconds_per_token: float  # per example token (padding included in the time), over the timed steps
     setup_s: float  # data step done -> first optimizer step begins (model load, adapter, Trainer)
     data_s: float  # the data step (and settings) in the copy
     peak_rss: int  # bytes, the child's maximum resident set
@@ -102,19 +106,27 @@ class _Clock:
             self.tokens[event.at] = event.values.get("tokens", 0.0)
 
 
-def _longest_first(prep: Any, steps: int) -> None:
-    """Train on the longest examples only: as many as ``steps`` steps take."""
+def _probe_order(prep: Any, seed: int) -> None:
+    """The examples the probe trains on, in order: the longest first, then a random sample of the rest."""
+    import random
+
     resolved = prep.resolved
-    need = steps * resolved["train.batch_size"] * resolved["train.grad_accum"]
+    per_step = resolved["train.batch_size"] * resolved["train.grad_accum"]
     lengths = [len(x) for x in prep.inputs.train_ds["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:need]
-    prep.inputs.train_ds = prep.inputs.train_ds.select(order)
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    longest, rest = by_length[: MEMORY_STEPS * per_step], by_length[MEMORY_STEPS * per_step :] or by_length
+    rng = random.Random(seed)
+    need = TIMED_STEPS * per_step
+    sample = rng.sample(rest, need) if len(rest) >= need else rng.choices(rest, k=need)
+    prep.inputs.train_ds = prep.inputs.train_ds.select(longest + sample)
     prep.inputs.val_ds = None
+    prep.inputs.in_order = True
 
 
 def _timed(clock: _Clock, steps: int) -> tuple[float, int]:
-    """(seconds per token, steps timed) over the steps after the first."""
-    timed = [s for s in range(2, steps + 1) if s in clock.ends and s - 1 in clock.ends and s in clock.tokens]
+    """(seconds per token, steps timed) over the steps after the memory steps."""
+    first = MEMORY_STEPS + 1
+    timed = [s for s in range(first, steps + 1) if s in clock.ends and s - 1 in clock.ends and s in clock.tokens]
     seconds = sum(clock.ends[s] - clock.ends[s - 1] for s in timed)
     tokens = sum(clock.tokens[s] - clock.tokens.get(s - 1, 0.0) for s in timed)
     if not timed or tokens <= 0:
@@ -134,7 +146,7 @@ def _probe(config: Path, steps: int, out: Writer) -> dict[str, Any]:
     start = time.time()
     prep = prepare(cfg, run, EventSink("probe", [clock]), lambda: False)
     data_s = time.time() - start
-    _longest_first(prep, steps)
+    _probe_order(prep, cfg.train.seed)
     trainer, _callback = fit_with_retry(prep, run, events, lambda: False)
     per_token, timed = _timed(clock, steps)
     checkpoints = list(run.checkpoints.glob("checkpoint-*"))
