@@ -228,6 +228,11 @@ def report(rows: list[dict[str, Any]], seven: tuple[float, int, str], json_path:
             )
             print("  written: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["disk_written"].items()))
             print("  estimated: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["disk_parts"].items()))
+            took = r["steps_s"].items()
+            print(
+                "  other steps (no target): "
+                + ", ".join(f"{k} estimated {r['steps_estimated'][k]:.0f} s, took {v:.0f} s" for k, v in took)
+            )
             record(
                 json_path,
                 "estimate_accuracy",

@@ -34,6 +34,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("onnx_decode", ["--run"]),
     ("serve_throughput", ["--run"]),
     ("tui_startup", []),
+    ("estimate_accuracy", []),
 ]
 EXPORTS = [
     "export.formats=[safetensors,gguf,onnx]",
