@@ -18,12 +18,25 @@ from loratui.pipeline.registry import STEP_ORDER
 from loratui.tui.app import LoratuiApp
 
 
+async def _estimate_done(app: LoratuiApp, pilot, timeout: float = 120.0) -> None:
+    from loratui.tui.estimate import EstimateArea
+
+    area = app.query_one(EstimateArea)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (area.running is not None or (area.good is None and area.message is None)) and (
+        asyncio.get_running_loop().time() < deadline
+    ):
+        await pilot.pause(0.2)
+
+
 async def shoot(config: str, out: Path, overrides: list[str]) -> None:
     app = LoratuiApp(load_config(config, overrides), config_path=config, overrides=overrides)
     async with app.run_test(size=(100, 30)) as pilot:
         for i, step in enumerate(STEP_ORDER, 1):
             await pilot.press(str(i))
             await pilot.pause(0.3)
+            if step == "train":  # the estimate area computes in a worker: shoot its result, not "estimating"
+                await _estimate_done(app, pilot)
             app.save_screenshot(f"{i}-{step}.svg", path=str(out))
             print(out / f"{i}-{step}.svg")
 
