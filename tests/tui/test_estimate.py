@@ -114,17 +114,24 @@ async def test_e_measures_with_the_probe_and_shows_its_progress(tmp_path, estima
         assert "fits: about" in text and "measuring" not in text
 
 
+async def _probing(pilot, app, estimates, monkeypatch) -> list[str]:
+    """The Train view with its estimate shown, then ``e``: a probe that runs until ``estimates.hold`` is set.
+    Returns the list the app's notifications go to."""
+    said: list[str] = []
+    monkeypatch.setattr(app, "notify", lambda message, **kw: said.append(str(message)))
+    await pilot.press("2")
+    await _shown(pilot, app, "fits: about")
+    estimates.hold = threading.Event()
+    await pilot.press("e")
+    await _shown(pilot, app, "measuring a few training steps")
+    return said
+
+
 @pytest.mark.anyio
 async def test_c_and_leaving_the_view_stop_the_probe(tmp_path, estimates, monkeypatch):
     app = _app(tmp_path)
-    said: list[str] = []
     async with app.run_test(size=(100, 30)) as pilot:
-        monkeypatch.setattr(app, "notify", lambda message, **kw: said.append(str(message)))
-        await pilot.press("2")
-        await _shown(pilot, app, "fits: about")
-        estimates.hold = threading.Event()
-        await pilot.press("e")
-        await _shown(pilot, app, "measuring a few training steps")
+        said = await _probing(pilot, app, estimates, monkeypatch)
         await pilot.press("c")
         await _until(pilot, lambda: estimates.stopped == [True])
         text = await _shown(pilot, app, "the probe was cancelled (c)")
@@ -186,14 +193,8 @@ async def test_a_job_stops_the_probe_and_no_probe_starts_beside_one(tmp_path, es
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
     app = create_app(command=lambda step: [sys.executable, str(script), "slow"], grace_s=1.0)
-    said: list[str] = []
     async with app.run_test(size=(100, 30)) as pilot:
-        monkeypatch.setattr(app, "notify", lambda message, **kw: said.append(str(message)))
-        await pilot.press("2")
-        await _shown(pilot, app, "fits: about")
-        estimates.hold = threading.Event()
-        await pilot.press("e")
-        await _shown(pilot, app, "measuring a few training steps")
+        said = await _probing(pilot, app, estimates, monkeypatch)
         await pilot.press("r")  # the job would compete with the probe for the device: the probe stops
         await _until(pilot, lambda: estimates.stopped == [True] and app.job is not None and app.job.running)
         await _shown(pilot, app, "the probe stopped: a job started")
