@@ -396,5 +396,5 @@ def estimate_for(
     available, where = device_memory(device[0])
     inputs = Inputs(cfg, shape, model_dir, facts, device[0], device[1], resolved, padding_free, precision)
     plan = inputs.plan()
-    flops = matmul_flops(shape, plan.micro_tokens, device[0], precision)
+    flops = matmul_flops(shape, plan.micro_tokens, device[0], precision, seconds=0.1)  # a panel, not a probe
     return price(inputs, available, where, analytic_rate(shape, plan, flops, facts.trained_share), flops)
