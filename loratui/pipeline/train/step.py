@@ -119,7 +119,10 @@ def _resolve_settings(
             devices.enable_mps_fallback(events.log)
     budget = None
     if cfg.train.batch_size == "auto":
-        budget = memory_tokens(cfg, fit[0], facts, device.value, precision.value, fit[1])
+        try:
+            budget = memory_tokens(cfg, fit[0], facts, device.value, precision.value, fit[1])
+        except Exception as e:  # noqa: BLE001  the rule of thumb decides instead
+            events.log(f"auto micro-batch without the memory model ({type(e).__name__}: {e})", level="warning")
     resolved = settings.resolve_auto(
         cfg, facts.lengths, device=device.value, nproc=world, free_gib=free_gib(), memory_tokens=budget
     )
@@ -180,6 +183,9 @@ def _announce_estimate(
         )
     except LoratuiError as e:
         events.log(f"no estimate for this run: {e.message}", level="warning")
+        return None
+    except Exception as e:  # noqa: BLE001  the estimate informs; a fault in it must not stop the training
+        events.log(f"no estimate for this run ({type(e).__name__}: {e}); training goes on", level="warning")
         return None
     events.log(f"estimate: {found.verdict()}", estimate=found.model_dump(mode="json"))
     return found

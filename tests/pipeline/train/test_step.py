@@ -130,6 +130,21 @@ def test_the_estimate_is_announced_before_the_first_step_and_kept_beside_the_mea
     assert "| training time (the Trainer's) |" in report and "peak resident memory" in report
 
 
+def test_a_fault_in_the_estimate_does_not_stop_training(tmp_path, tiny_llama, monkeypatch):
+    from loratui.pipeline.train import step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("estimate bug")
+
+    monkeypatch.setattr(step, "estimate_for", broken)
+    monkeypatch.setattr(step, "memory_tokens", broken)
+    code, result, mem = _train(_cfg(tmp_path, tiny_llama, "train.max_steps=2", "train.batch_size=auto"))
+    assert code == EXIT_OK and result.summary["steps"] == 2
+    warnings = [e.message for e in mem.of_type("log") if e.level == "warning"]
+    assert any("no estimate for this run (RuntimeError: estimate bug)" in w for w in warnings)
+    assert any("auto micro-batch without the memory model" in w for w in warnings)
+
+
 def test_auto_micro_batch_is_bounded_by_the_memory_model():
     from loratui.pipeline.train import settings
 
