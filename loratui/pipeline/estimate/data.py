@@ -45,15 +45,18 @@ class DataFacts:
         return self.trained / max(1, self.tokens)
 
 
-def facts_from_folder(data: Path, source: str, seconds: float | None) -> DataFacts:
-    from datasets import load_from_disk
-
+def facts_from_folder(data: Path, source: str, seconds: float | None, lengths: list[int] | None = None) -> DataFacts:
+    """The counts of a prepared data folder; ``lengths`` of the training examples when the caller has
+    them (the train step loaded the split already), else read from the split."""
     from loratui.pipeline.data.manifest import DataReport, DatasetManifest
 
     manifest = DatasetManifest.load(data)
     report = DataReport.load(data)
-    train = load_from_disk(str(data / manifest.splits["train"]))
-    lengths = [len(x) for x in train["input_ids"]]
+    if lengths is None:
+        from datasets import load_from_disk
+
+        train = load_from_disk(str(data / manifest.splits["train"]))
+        lengths = [len(x) for x in train["input_ids"]]
     tokens = report.tokens
     trained = tokens.trained_per_epoch if tokens is not None else sum(lengths)
     val = tokens.validation if tokens is not None else None

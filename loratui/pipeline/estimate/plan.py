@@ -161,35 +161,35 @@ def gather(
         raise LoratuiError("the training data has no rows to estimate from", hint="Check data.source.")
     device, why, precision = resolve_device(cfg)
     available, where = device_memory(device)
-    padding_free = cfg.train.padding_free and not _is_seq2seq(directory)
-    first = settings.resolve_auto(
-        cfg, facts.lengths, device=device, nproc=cfg.train.nproc, free_gib=_gib(available), params_b=shape.billions
-    )
-    inputs = Inputs(cfg, shape, directory, facts, device, why, first, padding_free, precision)
-    budget = token_budget(shape, inputs.plan(), available)
-    inputs.resolved = settings.resolve_auto(
-        cfg,
-        facts.lengths,
-        device=device,
-        nproc=cfg.train.nproc,
-        free_gib=_gib(available),
-        params_b=shape.billions,
-        memory_tokens=budget,
-    )
+    padding_free = cfg.train.padding_free and not shape.encoder_decoder
+    inputs = _budgeted(cfg, shape, directory, facts, (device, why), precision, padding_free, available)
     return inputs, available, where
+
+
+def _budgeted(
+    cfg: RunConfig,
+    shape: ModelShape,
+    directory: Path,
+    facts: DataFacts,
+    device: tuple[str, str],
+    precision: str,
+    padding_free: bool,
+    available: int | None,
+) -> Inputs:
+    """The inputs with the auto settings resolved twice: once to price a micro-batch, then with the
+    tokens that fit in ``available`` by the memory model (what ``batch_size: auto`` follows)."""
+    common: dict[str, Any] = dict(
+        device=device[0], nproc=cfg.train.nproc, free_gib=_gib(available), params_b=shape.billions
+    )
+    first = settings.resolve_auto(cfg, facts.lengths, **common)
+    inputs = Inputs(cfg, shape, directory, facts, device[0], device[1], first, padding_free, precision)
+    budget = token_budget(shape, inputs.plan(), available)
+    inputs.resolved = settings.resolve_auto(cfg, facts.lengths, **common, memory_tokens=budget)
+    return inputs
 
 
 def _gib(n: int | None) -> float | None:
     return None if n is None else n / (1 << 30)
-
-
-def _is_seq2seq(directory: Path) -> bool:
-    import json
-
-    try:
-        return bool(json.loads((directory / "config.json").read_text()).get("is_encoder_decoder"))
-    except (OSError, ValueError):
-        return False
 
 
 def _train_seconds(inputs: Inputs, rate: Rate) -> tuple[float, float, int, float]:
@@ -362,9 +362,9 @@ def estimate(
 # -- for the train step: the same models, on the settings it resolved ---------------------------------
 
 
-def run_facts(run: RunDir) -> DataFacts:
-    """The token counts of a run whose data step just ran."""
-    return facts_from_folder(run.data, "the run's prepared data", None)
+def run_facts(run: RunDir, lengths: list[int]) -> DataFacts:
+    """The token counts of a run whose data step just ran (``lengths``: its training examples')."""
+    return facts_from_folder(run.data, "the run's prepared data", None, lengths)
 
 
 def memory_tokens(

@@ -51,6 +51,7 @@ class ModelShape:
     params_exact: bool = False
     disk_bytes: int = 0  # the weight files as they are on disk (0: not there)
     disk_dtype_bytes: int = 4  # bytes per parameter of the dtype the checkpoint is saved in
+    encoder_decoder: bool = False  # seq2seq (T5 ...): batches are padded, never padding-free
 
     # -- reading ----------------------------------------------------------------------------------
     @classmethod
@@ -101,6 +102,7 @@ class ModelShape:
             expert_intermediate=int(
                 _first(c, "moe_intermediate_size", "expert_intermediate_size", default=intermediate)
             ),
+            encoder_decoder=bool(c.get("is_encoder_decoder")),
         )
 
     def _with(self, **changes: Any) -> ModelShape:

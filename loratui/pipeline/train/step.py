@@ -152,7 +152,7 @@ def prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldS
     task = manifest.get("task", "causal")
     model_dir = Path(manifest["model_dir"])
     train_ds, val_ds = load_splits(run, manifest)
-    facts = run_facts(run)
+    facts = run_facts(run, [len(x) for x in train_ds["input_ids"]])
     check_family(cfg, model_dir, events if rank == 0 else None)
     padding_free = wants_padding_free(cfg, model_dir, task, events if rank == 0 else None)
     resolved, resume, device, precision = _resolve_settings(
