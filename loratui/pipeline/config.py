@@ -74,8 +74,14 @@ class DataSection(Section):
         description="Training data: a bundled dataset name (`quickstart`, `quickstart-more`), a JSON, "
         "JSONL, CSV or Parquet file, a glob, a list of those, or a folder of .txt/.md documents.",
     )
-    format: Literal["auto", "alpaca", "qa", "chat", "sharegpt", "text"] = Field(
-        "auto", description="Row format. `auto` detects it from the columns and reports why."
+    format: Literal[
+        "auto", "alpaca", "qa", "chat", "sharegpt", "text", "preference", "openai_preference", "unpaired_preference"
+    ] = Field(
+        "auto",
+        description="Row format. `auto` detects it from the columns and reports why. Preference formats (for "
+        "`train.objective` dpo, orpo, kto): `preference` (`prompt`, `chosen`, `rejected`: text or messages), "
+        "`openai_preference` (OpenAI's `input.messages`, `preferred_output`, `non_preferred_output`), "
+        "`unpaired_preference` (KTO's `prompt`, `completion`, `label` true/false).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -181,6 +187,36 @@ class TrainSection(Section):
         "(or `lora.init_from`) on this data. `stack`: merge the current adapter into the base, then train a "
         "new adapter on top (continual learning, one version after another).",
     )
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="What training optimizes. `sft`: supervised, the replies' likelihood (on preference data: "
+        "the chosen replies). `dpo`: Direct Preference Optimization on chosen/rejected pairs, against a frozen "
+        "reference (the model without this adapter: the base, or base + earlier adapters with `mode: stack`); "
+        "the usual second stage after `sft`. `orpo`: odds-ratio preference plus SFT in one stage, no reference "
+        "model (from a base that was not tuned yet). `kto`: unpaired data, each reply marked good or bad "
+        "(thumbs up/down logs), against the same reference as `dpo`.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Preference strength. `dpo`/`kto`: how far the model may move from the reference "
+        "(lower: further; 0.1 is the usual start). `orpo`: the weight of the odds-ratio term against the "
+        "SFT loss (λ in the paper).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="`dpo`: the share of preference labels assumed to be wrong (conservative DPO); 0 trusts them.",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="`dpo`: add this times the chosen replies' negative log-likelihood to the loss (RPO), which "
+        "keeps the chosen replies likely while the margin grows; 0 is plain DPO.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="`kto`: weight of the good (label true) replies' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="`kto`: weight of the bad (label false) replies' loss.")
     epochs: float | Auto = Field("auto", description="Passes over the training set. `auto` picks from the data size.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -257,7 +293,18 @@ class TrainSection(Section):
 
 ExportFormat = Literal["safetensors", "gguf", "gguf-lora", "onnx"]
 EvalMetric = Literal[
-    "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match", "token_f1", "contains", "loss", "perplexity"
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rougeLsum",
+    "bleu",
+    "exact_match",
+    "token_f1",
+    "contains",
+    "loss",
+    "perplexity",
+    "preference_accuracy",
+    "reward_margin",
 ]
 EVAL_METRICS: tuple[EvalMetric, ...] = get_args(EvalMetric)
 

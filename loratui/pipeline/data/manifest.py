@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -50,6 +50,9 @@ class DatasetManifest(_File):
     FILE: ClassVar[str] = "dataset.json"
 
     task: Task = "causal"  # manifests written before seq2seq support have no task
+    # preference rows: "paired" (chosen + rejected: rejected_input_ids, rejected_labels, rejected columns) or
+    # "unpaired" (one reply marked good or bad: a preference_label column); "none" for plain examples
+    preference: Literal["none", "paired", "unpaired"] = "none"
     splits: dict[str, str]  # split -> folder relative to the manifest's folder, for splits with rows
     counts: dict[str, int]
     template: str | None  # the chat template's name; None for seq2seq
@@ -117,6 +120,7 @@ class DataReport(_File):
     dropped: list[dict[str, Any]]  # RowProblem.to_dict() of each row dropped
     truncated: list[dict[str, Any]]  # ... and of each row truncated
     task: Task = "causal"
+    preference: Literal["none", "paired", "unpaired"] = "none"
     template: str | None = None
     max_length: int = 0
     max_length_source: str = ""

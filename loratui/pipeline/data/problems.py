@@ -27,6 +27,11 @@ PROBLEMS: dict[str, str] = {
     "duplicate": "an exact duplicate of an earlier example",
     "duplicate_across_splits": "a validation/test example that is also in the training split",
     "no_trained_tokens": "no assistant tokens are left to train on (after truncation)",
+    "identical_replies": "a preference row's chosen and rejected replies are the same",
+    "reply_not_assistant": "a preference reply is not one assistant message (a user turn, several turns, no text)",
+    "prompt_mismatch": "chosen and rejected conversations differ before their last reply (no shared prompt)",
+    "prompt_boundary": "after the chat template, the prompt's tokens do not end where the replies start",
+    "bad_label": "an unpaired preference row's label is not true or false",
 }
 ProblemKind = Literal[
     "invalid_json",
@@ -43,6 +48,11 @@ ProblemKind = Literal[
     "duplicate",
     "duplicate_across_splits",
     "no_trained_tokens",
+    "identical_replies",
+    "reply_not_assistant",
+    "prompt_mismatch",
+    "prompt_boundary",
+    "bad_label",
 ]
 Policy = Literal["drop", "truncate", "fail"]
 
