@@ -45,6 +45,7 @@ TORCH_SIDE = {
     "loratui.pipeline.train.head_loss",
     "loratui.pipeline.train.trainer",
     "loratui.pipeline.train.callbacks",
+    "loratui.pipeline.train.preference",
 }
 
 

@@ -203,12 +203,6 @@ class TrainSection(Section):
         "(lower: further; 0.1 is the usual start). `orpo`: the weight of the odds-ratio term against the "
         "SFT loss (λ in the paper).",
     )
-    label_smoothing: float = Field(
-        0.0,
-        ge=0,
-        lt=0.5,
-        description="`dpo`: the share of preference labels assumed to be wrong (conservative DPO); 0 trusts them.",
-    )
     sft_weight: float = Field(
         0.0,
         ge=0,

@@ -115,6 +115,34 @@ def _collator(padding_free: bool, cfg: RunConfig, tokenizer: Any, model: Any) ->
     return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding="longest")
 
 
+def _trainer(cfg: RunConfig, model: Any, args: Any, inputs: FitInputs) -> Any:
+    """The Trainer for ``train.objective``: the SFT loss, or the preference objective's."""
+    from loratui.pipeline.train.fast import accepts_logits_to_keep
+
+    t = cfg.train
+    common = dict(model=model, args=args, train_dataset=inputs.train_ds, eval_dataset=inputs.val_ds)
+    keep_logits = inputs.padding_free and accepts_logits_to_keep(model)
+    if t.objective == "sft":
+        from loratui.pipeline.train.trainer import LoratuiTrainer
+
+        collator = _collator(inputs.padding_free, cfg, inputs.tokenizer, model)
+        return LoratuiTrainer(**common, data_collator=collator, keep_logits=keep_logits)
+    from loratui.pipeline.train.preference import PreferenceCollator, PreferenceTrainer
+
+    tokenizer = inputs.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = PreferenceCollator(t.objective, keep_logits, pad or 0, share_prefix=t.share_prefix)
+    return PreferenceTrainer(
+        **common,
+        data_collator=collator,
+        keep_logits=keep_logits,
+        objective=t.objective,
+        beta=t.beta,
+        sft_weight=t.sft_weight,
+        kto_weights=(t.desirable_weight, t.undesirable_weight),
+    )
+
+
 @dataclass
 class FitInputs:
     """What a fit trains on and how: the same for every out-of-memory retry."""
@@ -142,21 +170,12 @@ def fit(
     from transformers import EarlyStoppingCallback
 
     from loratui.pipeline.train.callbacks import EventsCallback
-    from loratui.pipeline.train.fast import accepts_logits_to_keep
-    from loratui.pipeline.train.trainer import LoratuiTrainer
 
     has_eval = inputs.val_ds is not None
     args = training_arguments(cfg, run, resolved, inputs.device, inputs.precision, has_eval=has_eval)
     if inputs.in_order:
         args.train_sampling_strategy = "sequential"
-    trainer = LoratuiTrainer(
-        model=model,
-        args=args,
-        train_dataset=inputs.train_ds,
-        eval_dataset=inputs.val_ds,
-        data_collator=_collator(inputs.padding_free, cfg, inputs.tokenizer, model),
-        keep_logits=inputs.padding_free and accepts_logits_to_keep(model),
-    )
+    trainer = _trainer(cfg, model, args, inputs)
     callback = EventsCallback(events, should_stop, lambda: trainer.tokens_seen, world_size=args.world_size)
     trainer.add_callback(callback)
     if "tensorboard" in cfg.train.report_to:

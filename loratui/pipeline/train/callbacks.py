@@ -12,6 +12,18 @@ from transformers import TrainerCallback
 from loratui.pipeline.events import EventSink
 
 RENAME = {"learning_rate": "lr", "eval_loss": "eval_loss"}
+# what the preference objectives log beside the loss (train/preference.py); eval_ in front on validation
+PREFERENCE_FIGURES = (
+    "reward_accuracy",
+    "reward_margin",
+    "reward_chosen",
+    "reward_rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "kl",
+)
+TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", *PREFERENCE_FIGURES)
+EVAL_KEYS = ("eval_loss", "epoch", *(f"eval_{name}" for name in PREFERENCE_FIGURES))
 
 
 class EventsCallback(TrainerCallback):
@@ -68,18 +80,14 @@ class EventsCallback(TrainerCallback):
         if "loss" in logs:
             tokens = self.tokens()
             seconds = max(now - self._last_time, 1e-9)
-            values = {
-                RENAME.get(k, k): float(v)
-                for k, v in logs.items()
-                if k in ("loss", "learning_rate", "grad_norm", "epoch") and v is not None
-            }
+            values = {RENAME.get(k, k): float(v) for k, v in logs.items() if k in TRAIN_KEYS and v is not None}
             values["tokens_per_s"] = round((tokens - self._last_tokens) * self.world_size / seconds, 1)
             values["tokens"] = float(tokens * self.world_size)
             self._last_time, self._last_tokens = now, tokens
             self.history.append({"step": state.global_step, **values})
             self.events.metric(values, at=state.global_step, split="train")
         if "eval_loss" in logs:
-            values = {k: float(v) for k, v in logs.items() if k in ("eval_loss", "epoch")}
+            values = {k: float(v) for k, v in logs.items() if k in EVAL_KEYS and v is not None}
             self.history.append({"step": state.global_step, **values})
             self.events.metric(values, at=state.global_step, split="validation")
 

@@ -50,6 +50,8 @@ class AdapterVersion(BaseModel):
     task: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)  # source, cache_key, config: the eval step re-scores it
     method: str | None = None
+    objective: str | None = None  # train.objective (sft, dpo, orpo, kto); absent before preference tuning
+    beta: Number | None = None  # train.beta of a preference objective
     r: int | None = None
     alpha: int | None = None
     lr: Number | None = None

@@ -30,7 +30,7 @@ from loratui.pipeline.events import EventSink
 from loratui.pipeline.runs import RunDir, write_config
 from loratui.pipeline.steps import WORKER_ENV, ShouldStop, StepResult
 from loratui.pipeline.train import history as hist
-from loratui.pipeline.train import settings
+from loratui.pipeline.train import objectives, settings
 from loratui.pipeline.train.arguments import FitInputs, fit
 from loratui.pipeline.train.checkpoints import latest_checkpoint, resolve_resume, settings_of_checkpoint
 from loratui.pipeline.train.model import add_adapter, check_family, free_gib, is_oom, load_base, wants_padding_free
@@ -59,15 +59,6 @@ class Prepared:
     def log(self, events: EventSink) -> EventSink | None:
         """``events`` on the first process, None on the others (one process reports)."""
         return events if self.rank == 0 else None
-
-
-def load_splits(run: RunDir, manifest: dict[str, Any]) -> tuple[Any, Any]:
-    from datasets import load_from_disk
-
-    splits = manifest["splits"]
-    train = load_from_disk(str(run.data / splits["train"])).select_columns(["input_ids", "labels"])
-    val = splits.get("validation")
-    return train, (load_from_disk(str(run.data / val)).select_columns(["input_ids", "labels"]) if val else None)
 
 
 def _parent_adapter(cfg: RunConfig, run: RunDir) -> tuple[Path, hist.AdapterVersion]:
@@ -151,8 +142,9 @@ def prepare(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldS
         manifest = prepare_data(cfg, run, events, should_stop)
     task = manifest.get("task", "causal")
     model_dir = Path(manifest["model_dir"])
-    train_ds, val_ds = load_splits(run, manifest)
-    facts = run_facts(run, [len(x) for x in train_ds["input_ids"]])
+    objectives.check_objective(cfg, manifest.get("preference", "none"), task)
+    train_ds, val_ds = objectives.load_splits(run.data, manifest, cfg.train.objective)
+    facts = run_facts(run, objectives.row_lengths(train_ds))
     check_family(cfg, model_dir, events if rank == 0 else None)
     padding_free = wants_padding_free(cfg, model_dir, task, events if rank == 0 else None)
     resolved, resume, device, precision = _resolve_settings(
@@ -277,6 +269,8 @@ def _version_entry(prep: Prepared, run: RunDir, trainer: Any, started: float) ->
             "config": cfg.data.model_dump(mode="json"),
         },
         method=cfg.lora.method,
+        objective=cfg.train.objective,
+        beta=cfg.train.beta if cfg.train.objective != "sft" else None,
         r=prep.resolved["lora.r"],
         alpha=prep.resolved["lora.alpha"],
         lr=cfg.train.lr,
@@ -291,9 +285,20 @@ def _version_entry(prep: Prepared, run: RunDir, trainer: Any, started: float) ->
             "tokens_per_s": round(tokens / train_seconds, 1),
             "train_seconds": round(train_seconds, 1),
             "peak_memory_bytes": peak_memory(prep.inputs.device),
+            **_preference_figures(trainer.state.log_history),
         },
         estimate=_estimate_summary(prep.estimate),
     )
+
+
+def _preference_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged reward accuracy and margin (train and validation) of a preference objective."""
+    found: dict[str, float] = {}
+    for entry in log_history:
+        for key in ("reward_accuracy", "reward_margin", "eval_reward_accuracy", "eval_reward_margin"):
+            if key in entry:
+                found[f"{key}_last"] = round(float(entry[key]), 4)
+    return found
 
 
 def peak_memory(device: str) -> int:
