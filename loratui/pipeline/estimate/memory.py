@@ -54,6 +54,7 @@ class TrainPlan:
     gradient_checkpointing: bool
     optimizer: str
     double_quant: bool = True
+    reference_forward: bool = False  # dpo/kto: a forward pass without the adapter (no gradients) per batch
 
     def but(self, **changes: object) -> TrainPlan:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -140,6 +140,7 @@ class Inputs:
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             optimizer=cfg.train.optimizer,
             double_quant=cfg.lora.double_quant,
+            reference_forward=cfg.train.objective in ("dpo", "kto"),
         )
 
 

@@ -77,6 +77,9 @@ def train_flops_per_token(shape: ModelShape, plan: TrainPlan, trained_share: flo
         body -= shape.layers * per_layer_experts * (shape.experts - shape.experts_active)
     passes = 3 if plan.gradient_checkpointing else 2
     head = 2 * shape.vocab * shape.hidden * (2 * trained_share if plan.padding_free else 2)
+    if plan.reference_forward:  # DPO/KTO: the frozen reference's forward and its head on the same tokens
+        passes += 1
+        head += 2 * shape.vocab * shape.hidden * (trained_share if plan.padding_free else 1)
     return 2 * body * passes + head
 
 

@@ -105,3 +105,14 @@ def test_largest_micro_batch_is_the_longest_examples():
     lengths = [10, 50, 20, 40, 30]
     assert largest_micro_tokens(lengths, 2, padding_free=True) == 90
     assert largest_micro_tokens(lengths, 2, padding_free=False) == 100
+
+
+def test_a_reference_forward_costs_one_more_pass_of_the_body():
+    from loratui.pipeline.estimate.timing import train_flops_per_token
+
+    shape = ModelShape.read(MISTRAL)
+    plain = train_flops_per_token(shape, _plan(), trained_share=0.5)
+    dpo = train_flops_per_token(shape, _plan(reference_forward=True), trained_share=0.5)
+    # forward + input gradients = 2 passes; the reference adds a third forward, and its head on trained tokens
+    assert 1.45 < dpo / plain < 1.55
+    assert estimate_memory(shape, _plan(reference_forward=True)).total == estimate_memory(shape, _plan()).total
