@@ -81,10 +81,30 @@ def _train_section(run: RunDir) -> list[str]:
         f"{_num(m.get('eval_loss_best'))}.",
         "",
     ]
+    lines += _objective_lines(v)
     lines += _estimate_lines(v)
     if (run.path / _PLOTS[0][0]).is_file() and _evaluated_version(run) in (None, v.version):
         lines += [f"![{_PLOTS[0][1]}]({_PLOTS[0][0]})", ""]
     return lines
+
+
+def _objective_lines(v: Any) -> list[str]:
+    """A preference objective and its last reward figures (the loss of DPO, ORPO and KTO is not an SFT loss)."""
+    if v.objective in (None, "sft"):
+        return []
+    m = v.metrics
+    figures = [
+        f"{what} {_num(m.get(key))}"
+        for what, key in (
+            ("reward accuracy", "reward_accuracy_last"),
+            ("reward margin", "reward_margin_last"),
+            ("validation reward accuracy", "eval_reward_accuracy_last"),
+            ("validation reward margin", "eval_reward_margin_last"),
+        )
+        if m.get(key) is not None
+    ]
+    said = f"Objective **{v.objective}** (beta {_num(v.beta)})"
+    return [f"{said}: last {', '.join(figures)}." if figures else f"{said}.", ""]
 
 
 def _estimate_lines(v: Any) -> list[str]:

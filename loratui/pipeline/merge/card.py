@@ -119,6 +119,8 @@ def _training(meta: AdapterVersion, adapter: dict[str, Any], method: str) -> lis
             f"- Learning rate {meta.lr}, epochs {meta.epochs}, {steps} optimizer "
             f"steps, effective batch {meta.effective_batch}"
         )
+    if meta.objective not in (None, "sft"):  # a preference stage; its earlier stages are listed in stack
+        lines.append(f"- Objective {meta.objective.upper()}, beta {meta.beta}" + _on_top(meta))
     metrics = meta.metrics
     last, best = metrics.get("train_loss_last"), metrics.get("eval_loss_best")
     if last is not None:
@@ -127,6 +129,12 @@ def _training(meta: AdapterVersion, adapter: dict[str, Any], method: str) -> lis
             + (f", best eval loss {best:.4f}" if best is not None else "")
         )
     return lines
+
+
+def _on_top(meta: AdapterVersion) -> str:
+    if not meta.stack:
+        return ""
+    return ", on top of " + " + ".join(f"v{x}" if isinstance(x, int) else str(x) for x in meta.stack) + " (merged)"
 
 
 def _parity(parity: Parity | None) -> list[str]:

@@ -19,13 +19,16 @@ def history(cfg: RunConfig, words: list[str]) -> int:
     if not data.versions:
         console.print(f"{run.path}: no adapter trained yet")
         return 0
-    table = Table("", "version", "mode", "on top of", "data", "steps", "train loss", "eval loss", "created")
+    table = Table(
+        "", "version", "mode", "objective", "on top of", "data", "steps", "train loss", "eval loss", "created"
+    )
     for v in data.versions:
         m = v.metrics
         table.add_row(
             "*" if v.version == data.current else "",
             f"v{v.version}",
             v.mode,
+            v.objective or "sft",
             " + ".join(f"v{x}" if isinstance(x, int) else str(x) for x in v.stack) or "base",
             str(v.data["source"]),
             str(v.steps),
