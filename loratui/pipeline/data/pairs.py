@@ -89,20 +89,21 @@ def _boundary_problem(chosen: _Side, rejected: _Side, i: int) -> str:
         texts.append(text)
         starts.append(start)
         firsts.append(_first_trained(side.row(i)[1]))
-    (c_text, r_text), (c_start, r_start) = texts, starts
-    if c_text[:c_start] != r_text[:r_start]:
-        at = len(os.path.commonprefix([c_text[:c_start], r_text[:r_start]]))
+    c_prompt, r_prompt = (text[:start] for text, start in zip(texts, starts))
+    if c_prompt != r_prompt:
+        at = len(os.path.commonprefix([c_prompt, r_prompt]))
         return (
-            "the chat template writes the prompt differently before the chosen and the rejected reply "
-            f"(from character {at}: {c_text[at : at + 30]!r} and {r_text[at : at + 30]!r}), so the pair has no "
-            "shared prompt"
+            "the chat template writes the prompt differently before the chosen and the rejected reply (from "
+            f"character {at}: {c_prompt[at : at + 30]!r} before the chosen, {r_prompt[at : at + 30]!r} before the "
+            "rejected), so the pair has no shared prompt"
         )
     for name, side, text, start, first in zip(("chosen", "rejected"), (chosen, rejected), texts, starts, firsts):
         token_starts = side.row(i)[2]
         if first is not None and int(token_starts[first]) != start:
             return (
                 f"the {name} reply does not start at a token boundary: one token spans the end of the prompt and "
-                f"the reply's start ({text[max(0, start - 12) : start]!r} + {text[start : start + 12]!r})"
+                f"the reply's start ({text[max(0, start - 12) : start]!r} + {text[start : start + 12]!r}); a reply "
+                "that starts with whitespace or punctuation the prompt ends with can merge with it"
             )
     c_first, r_first = firsts
     if c_first is None or r_first is None:  # nothing trained on a side: no_trained_tokens, after max_length
