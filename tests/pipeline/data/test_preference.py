@@ -320,6 +320,8 @@ def test_kto_rows_have_labels_and_no_rejected_columns(env):
         assert row["preference_label"] == (1 if i % 2 == 0 else 0)
         assert trained_text(tok, row["input_ids"], row["labels"]) == unpaired(i)["completion"] + "<|im_end|>"
     assert "Unpaired preference rows" in (data / "report.md").read_text()
+    preview = (data / "preview.txt").read_text()
+    assert ", a desirable reply" in preview and ", an undesirable reply" in preview
 
 
 def test_train_on_prompt_is_ignored_for_preference_rows_with_a_warning(env):
