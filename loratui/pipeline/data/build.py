@@ -12,9 +12,17 @@ from typing import Any
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.cache import DATA_VERSION, cache_key, datasets_cache
 from loratui.pipeline.data.encode import per_turn_counts, token_counts
-from loratui.pipeline.data.formats import Example
+from loratui.pipeline.data.formats import Example, PreferenceKind
 from loratui.pipeline.data.manifest import DataReport, DatasetManifest, LengthStats, PerTurn, RowCounts, TokenCounts
-from loratui.pipeline.data.read import SPLITS, BuildFindings, NoTrainingData, read_examples, split_examples
+from loratui.pipeline.data.pairs import note_encode_problems, pair_lengths
+from loratui.pipeline.data.read import (
+    SPLITS,
+    BuildFindings,
+    NoTrainingData,
+    preference_kind,
+    read_examples,
+    split_examples,
+)
 from loratui.pipeline.data.summary import (
     length_stats,
     preview_text,
@@ -52,29 +60,34 @@ def build(
 ) -> DataReport:
     """Build the datasets of ``files`` into ``out_dir``; returns the report it wrote there."""
     out = BuildFindings()
-    splits = _read_splits(cfg, files, out, events, should_stop, task)
+    splits, kind = _read_splits(cfg, files, out, events, should_stop, task)
     encoded = {
-        s: encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task)
+        s: note_encode_problems(
+            encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task), cfg, out
+        )
         for s, rows in splits.items()
     }
     per_turn = _per_turn(encoded) if task == "causal" else (0, 0)
     events.progress(2, 4, task="stages", message="tokenized")
-    max_length, over = _fit_max_length(cfg, encoded, model_context(tokenizer, model_dir), task)
+    max_length, over = _fit_max_length(cfg, encoded, model_context(tokenizer, model_dir), task, kind)
     for split, ds in encoded.items():
         if ds is not None:
             encoded[split] = apply_length_policy(ds, max_length, cfg, out, task)
     events.progress(3, 4, task="stages", message="applied max_length")
-    counts, tokens = _save_splits(encoded, out_dir / "processed", task)
+    counts, tokens = _save_splits(encoded, out_dir / "processed", task, kind)
     train = encoded["train"]
     if train is None or not len(train):
         raise NoTrainingData(out, f"after applying max_length {max_length}")
     tokens.over_max_length = over
     report = _report(cfg, out, counts, tokens, template, max_length, key, task)
+    report.preference = kind
     _template_notes(report, template, per_turn)
     report.save(out_dir)
     atomic_write_text(out_dir / "report.md", report_markdown(report))
     atomic_write_text(out_dir / "preview.txt", preview_text(train, tokenizer, report, cfg.data.preview_examples))
-    _manifest(counts, template, max_length, model_dir, key, task).save(out_dir)
+    manifest = _manifest(counts, template, max_length, model_dir, key, task)
+    manifest.preference = kind
+    manifest.save(out_dir)
     return report
 
 
@@ -85,15 +98,17 @@ def _read_splits(
     events: EventSink,
     should_stop: ShouldStop,
     task: Task,
-) -> dict[str, list[Example]]:
-    """The validated examples of each split, deduplicated and split by ratio where no files were given."""
+) -> tuple[dict[str, list[Example]], PreferenceKind]:
+    """The validated examples of each split, deduplicated and split by ratio where no files were given, and
+    what kind of rows they are (preference pairs, unpaired preference rows or none: one kind for all files)."""
     by_split: dict[str, list[Example]] = {}
     for split in SPLITS:
         by_split[split] = read_examples(cfg, files[split], out, split, task)
         if should_stop():
             raise StepCancelled("cancelled while reading")
+    kind = preference_kind(out)
     events.progress(1, 4, task="stages", message="validated rows")
-    return split_examples(cfg, by_split, out)
+    return split_examples(cfg, by_split, out), kind
 
 
 def _per_turn(encoded: dict[str, Any]) -> tuple[int, int]:
@@ -102,9 +117,16 @@ def _per_turn(encoded: dict[str, Any]) -> tuple[int, int]:
     return sum(r for r, _ in split_rows), sum(e for _, e in split_rows)
 
 
-def _fit_max_length(cfg: RunConfig, encoded: dict[str, Any], context: int, task: Task) -> tuple[int, int]:
+def _fit_max_length(
+    cfg: RunConfig, encoded: dict[str, Any], context: int, task: Task, kind: PreferenceKind = "none"
+) -> tuple[int, int]:
     """(max_length, rows longer than it). For seq2seq it bounds the source and the target each, and
-    ``auto`` fits the longest of either."""
+    ``auto`` fits the longest of either; the same for the chosen and the rejected side of preference pairs."""
+    if kind == "paired":
+        sides = [pair_lengths(ds) for ds in encoded.values() if ds is not None]
+        longest = [int(max(c, r)) for chosen, _, rejected, _ in sides for c, r in zip(chosen, rejected)]
+        max_length = resolve_max_length(cfg, longest, context)
+        return max_length, sum(1 for n in longest if n > max_length)
     counted = [token_counts(ds) for ds in encoded.values() if ds is not None]
     lengths = [int(n) for source, _ in counted for n in source]
     if task != "seq2seq":
@@ -115,16 +137,35 @@ def _fit_max_length(cfg: RunConfig, encoded: dict[str, Any], context: int, task:
     return max_length, sum(1 for a, b in zip(lengths, target_lengths) if a > max_length or b > max_length)
 
 
-def _save_splits(encoded: dict[str, Any], processed: Path, task: Task) -> tuple[dict[str, int], TokenCounts]:
-    """Save each split with rows under ``processed``; (rows per split, token statistics)."""
+def _split_counts(ds: Any, kind: PreferenceKind) -> tuple[Any, Any]:
+    """Per sequence of ``ds``: tokens and trained tokens; both sides of each preference pair."""
+    import numpy as np
+
+    if ds is None:
+        return [], [0]
+    if kind != "paired":
+        return token_counts(ds)
+    chosen, chosen_trained, rejected, rejected_trained = pair_lengths(ds)
+    return np.concatenate([chosen, rejected]), np.concatenate([chosen_trained, rejected_trained])
+
+
+def _save_splits(
+    encoded: dict[str, Any], processed: Path, task: Task, kind: PreferenceKind = "none"
+) -> tuple[dict[str, int], TokenCounts]:
+    """Save each split with rows under ``processed``; (rows per split, token statistics).
+
+    For preference pairs the statistics count both sides: a split's ``rows`` are its pairs, its lengths
+    those of every chosen and rejected sequence, its total (and the tokens per epoch) both sides'."""
     counts: dict[str, int] = {}
     stats: dict[str, LengthStats] = {}
     target_stats: dict[str, LengthStats] = {}
     trained = 0
     for split, ds in encoded.items():
         counts[split] = 0 if ds is None else len(ds)
-        split_lengths, split_trained = token_counts(ds) if ds is not None else ([], [0])
+        split_lengths, split_trained = _split_counts(ds, kind)
         stats[split] = length_stats(split_lengths)
+        if ds is not None and kind == "paired":
+            stats[split].rows = len(ds)
         target_stats[split] = length_stats(split_trained if ds is not None else [])
         if split == "train":
             trained = int(sum(split_trained))

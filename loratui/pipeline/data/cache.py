@@ -19,7 +19,7 @@ from loratui.pipeline.models import Task, loratui_home
 from loratui.pipeline.runs import atomic_dir
 
 # Bump when the processed output changes for the same inputs, so caches are rebuilt.
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: preference formats (pairs with rejected_* columns, unpaired preference_label)
 
 
 def _sha256_file(path: Path) -> str:

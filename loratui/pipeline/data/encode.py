@@ -296,16 +296,17 @@ def encode_seq2seq_batch(batch: dict[str, list[Any]], backend: Any, eos_id: int)
     )
 
 
-def token_counts(ds: Any) -> tuple[Any, Any]:
+def token_counts(ds: Any, prefix: str = "") -> tuple[Any, Any]:
     """Per row: the number of tokens and of trained tokens, straight from the Arrow columns.
 
     For a seq2seq dataset that is the source length and the target length (every target token is trained).
+    ``prefix`` "rejected_": the rejected sequences of a preference dataset.
     """
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]  # respects select()/filter() indices
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
-    labels = table.column("labels").combine_chunks()
+    lengths = pc.list_value_length(table.column(f"{prefix}input_ids")).to_numpy(zero_copy_only=False)
+    labels = table.column(f"{prefix}labels").combine_chunks()
     flat = labels.flatten().to_numpy(zero_copy_only=False)
     parents = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
     trained = np.bincount(parents, weights=(flat != IGNORE), minlength=len(lengths)).astype(np.int64)

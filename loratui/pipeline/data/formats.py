@@ -9,27 +9,52 @@ Formats (field names after ``data.columns`` mapping):
 | chat | ``messages``: a list of ``{role, content}`` (OpenAI), optional top-level ``system`` |
 | sharegpt | ``conversations``: a list of ``{from, value}`` (``human``/``gpt``/``system``) |
 | text | ``text``: trained on in full |
+| preference | ``prompt``, ``chosen``, ``rejected`` (or ``chosen``/``rejected`` conversations sharing the prompt) |
+| openai_preference | ``input.messages``, ``preferred_output``, ``non_preferred_output`` (OpenAI's DPO rows) |
+| unpaired_preference | ``prompt``, ``completion``, ``label`` (true/false; KTO) |
+
+The preference formats are parsed by :mod:`.preference`; an :class:`Example` of one holds the chosen
+conversation in ``messages`` and the rejected reply in ``rejected`` (paired) or the verdict in ``label``
+(unpaired).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from loratui.pipeline.data.problems import RowError
 from loratui.pipeline.errors import LoratuiError
 
-# format -> accepted field sets (the first that a row has wins)
+# format -> accepted field sets (the first that a row has wins). The preference formats come first: on a tie
+# detection picks the first format in this order, so a ``label`` column makes prompt/completion rows KTO's.
 FORMAT_FIELDS: dict[str, list[tuple[str, ...]]] = {
+    "preference": [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
+    "openai_preference": [("input", "preferred_output", "non_preferred_output")],
+    "unpaired_preference": [("prompt", "completion", "label")],
     "chat": [("messages",)],
     "sharegpt": [("conversations",)],
     "alpaca": [("instruction", "output")],
     "qa": [("question", "answer"), ("prompt", "completion"), ("prompt", "response")],
     "text": [("text",)],
 }
-OPTIONAL_FIELDS = {"alpaca": ("input", "system"), "chat": ("system",), "sharegpt": ("system",)}
+OPTIONAL_FIELDS = {
+    "alpaca": ("input", "system"),
+    "chat": ("system",),
+    "sharegpt": ("system",),
+    "openai_preference": ("tools", "parallel_tool_calls"),  # ignored: the replies are plain assistant text
+}
+# preference format -> what its rows are: chosen and rejected replies ("paired") or one reply and a verdict
+PREFERENCE_FORMATS: dict[str, Literal["paired", "unpaired"]] = {
+    "preference": "paired",
+    "openai_preference": "paired",
+    "unpaired_preference": "unpaired",
+}
+PreferenceKind = Literal["none", "paired", "unpaired"]
+KIND_NAMES = {"none": "non-preference", "paired": "paired preference", "unpaired": "unpaired preference"}
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -42,9 +67,19 @@ SHAREGPT_ROLES = {
 ROLES = ("system", "user", "assistant")
 
 
+def preference_of(fmt: str) -> PreferenceKind:
+    """What rows of format ``fmt`` are: "paired", "unpaired" (preference formats) or "none"."""
+    return PREFERENCE_FORMATS.get(fmt, "none")
+
+
 @dataclass
 class Example:
-    """One validated example: ``messages`` (a chat) or ``text`` (trained in full)."""
+    """One validated example: ``messages`` (a chat) or ``text`` (trained in full).
+
+    A preference row holds its chosen conversation (the prompt, then the chosen reply) in ``messages``
+    and, when paired, the rejected reply in ``rejected`` (one assistant message); when unpaired (KTO),
+    whether its reply is desirable in ``label``.
+    """
 
     file: str
     row: int
@@ -52,14 +87,24 @@ class Example:
     text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     document: bool = False
+    rejected: list[dict[str, str]] | None = None
+    label: bool | None = None
     _key: str | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def preference(self) -> PreferenceKind:
+        if self.rejected is not None:
+            return "paired"
+        return "unpaired" if self.label is not None else "none"
+
     def key(self) -> str:
-        """Content hash used to find exact duplicates (within and across splits)."""
+        """Content hash used to find exact duplicates (within and across splits): a pair by its prompt and
+        both replies, an unpaired row by its conversation and label."""
         if self._key is None:
-            payload = json.dumps(
-                self.messages if self.messages is not None else self.text, sort_keys=True, ensure_ascii=False
-            )
+            content: Any = self.messages if self.messages is not None else self.text
+            if self.preference != "none":
+                content = {"messages": self.messages, "rejected": self.rejected, "label": self.label}
+            payload = json.dumps(content, sort_keys=True, ensure_ascii=False)
             self._key = hashlib.sha1(payload.encode("utf-8")).hexdigest()
         return self._key
 
@@ -94,7 +139,7 @@ def detect_format(records: list[dict[str, Any]], source: str) -> Detection:
     if not sample:
         raise LoratuiError(f"{source}: no valid rows to detect the format from")
     scores = []
-    for fmt in FORMAT_FIELDS:  # dict order breaks ties: chat, sharegpt, alpaca, qa, text
+    for fmt in FORMAT_FIELDS:  # dict order breaks ties: the preference formats, chat, sharegpt, alpaca, qa, text
         hits = [f for f in (_matching_fields(r, fmt) for r in sample) if f]
         if hits:
             scores.append((len(hits), fmt, max(set(hits), key=hits.count)))
@@ -107,7 +152,31 @@ def detect_format(records: list[dict[str, Any]], source: str) -> Detection:
             "data.columns={instruction: prompt, output: answer}, or set data.format.",
         )
     count, fmt, fields = max(scores, key=lambda s: s[0])
+    _refuse_mixed_rows(sample, fmt, source)
     return Detection(fmt, f"{count} of {len(sample)} sampled rows have {', '.join(fields)}")
+
+
+def _row_format(record: dict[str, Any]) -> str | None:
+    """The first format (in :data:`FORMAT_FIELDS` order) whose fields ``record`` has."""
+    return next((fmt for fmt in FORMAT_FIELDS if _matching_fields(record, fmt)), None)
+
+
+def _refuse_mixed_rows(sample: list[dict[str, Any]], fmt: str, source: str) -> None:
+    """One file holds preference rows of one kind or none: a mix would train on a silent subset."""
+    kinds: dict[str, Counter[str]] = {}
+    for record in sample:
+        row_fmt = _row_format(record)
+        if row_fmt is not None:
+            kinds.setdefault(preference_of(row_fmt), Counter())[row_fmt] += 1
+    if len(kinds) < 2:
+        return
+    described = "; ".join(f"{sum(c.values())} {KIND_NAMES[kind]} rows ({', '.join(c)})" for kind, c in kinds.items())
+    raise LoratuiError(
+        f"{source}: the file mixes kinds of rows: {described} among {len(sample)} sampled rows (detected as {fmt})",
+        hint="Preference rows (prompt/chosen/rejected, OpenAI's preference rows, or prompt/completion/label "
+        "for KTO) train with train.objective dpo, orpo or kto; keep them in their own files, of one kind, "
+        "apart from supervised rows, or set data.format to read every row as one format.",
+    )
 
 
 @overload
@@ -203,6 +272,10 @@ def _message_list(
 
 def to_example(record: dict[str, Any], fmt: str, file: str, row: int, system_prompt: str | None) -> Example:
     """Validate one record of format ``fmt``; raises RowError naming the field and the problem."""
+    if fmt in PREFERENCE_FORMATS:
+        from loratui.pipeline.data.preference import preference_example
+
+        return preference_example(record, fmt, file, row, system_prompt)
     fields = _matching_fields(record, fmt)
     used: set[str] = set(fields or FORMAT_FIELDS[fmt][0]) | set(OPTIONAL_FIELDS.get(fmt, ()))
     if fields is None:  # report the first missing field of the format's main field set

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, cast
 
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.data.formats import Example, apply_columns, detect_format, to_example
+from loratui.pipeline.data.formats import (
+    KIND_NAMES,
+    Example,
+    PreferenceKind,
+    apply_columns,
+    detect_format,
+    preference_of,
+    to_example,
+)
 from loratui.pipeline.data.loaders import bundled_split, expand_sources, is_bundled, load_file
 from loratui.pipeline.data.problems import DEFAULT_POLICY, Policy, ProblemKind, RowError, RowProblem
 from loratui.pipeline.errors import LoratuiError
@@ -104,6 +112,13 @@ def read_examples(
         info.update(format=fmt, reason=reason)
         if task == "seq2seq" and fmt == "text":
             _reject_text_for_seq2seq(name, loaded.kind, reason)
+        if task == "seq2seq" and preference_of(fmt) != "none":
+            raise LoratuiError(
+                f"{name}: {fmt} rows ({reason}) are preference data, and preference tuning needs a decoder-only "
+                "(causal) model; the model is an encoder-decoder (seq2seq) one",
+                hint="Choose a decoder-only model in model.base for dpo, orpo or kto, or train this model on "
+                "supervised rows (question/answer, instruction/output, messages).",
+            )
         valid: list[Example] = []
         for number, record in good if fmt != "unknown" else []:
             try:
@@ -120,6 +135,28 @@ def read_examples(
         out.files.append(info)
         examples += valid
     return examples
+
+
+def preference_kind(out: BuildFindings) -> PreferenceKind:
+    """What the rows of all files read are: "paired", "unpaired" or "none" (plain examples).
+
+    Every file of a run's splits must hold the same kind: a preference objective cannot train on a
+    supervised row, and a mix of pairs and unpaired verdicts is no one dataset. One LoratuiError names
+    the files of each kind otherwise.
+    """
+    kinds: dict[str, list[str]] = {}
+    for f in out.files:
+        if f.get("format", "unknown") != "unknown":
+            kinds.setdefault(preference_of(f["format"]), []).append(f"{f['path']} ({f['split']}, {f['format']})")
+    if len(kinds) > 1:
+        listed = "; ".join(f"{KIND_NAMES[kind]}: {', '.join(files)}" for kind, files in kinds.items())
+        raise LoratuiError(
+            f"the data files mix kinds of rows: {listed}",
+            hint="Preference rows train with train.objective dpo or orpo (pairs) or kto (unpaired); use files "
+            "of one kind for every split (data.source, data.val_source, data.test_source).",
+        )
+    kind = next(iter(kinds), "none")
+    return "paired" if kind == "paired" else "unpaired" if kind == "unpaired" else "none"
 
 
 def _file_format(cfg: RunConfig, kind: str, records: list[dict[str, Any]], name: str) -> tuple[str, str]:

@@ -4,13 +4,21 @@ Writes ``runs/<name>/data/``:
   report.json, report.md   what was read, detected, dropped or truncated (row by row), split, tokenized
   preview.txt              examples through the template with the trained tokens marked, length stats
   dataset.json             manifest for later steps: task, splits, template, render_date, max_length, cache key
-  processed/<split>/       ``datasets`` saved to disk: input_ids, labels, source, messages, meta
+  processed/<split>/       ``datasets`` saved to disk: input_ids, labels, source, messages, meta, chunk; for
+                           preference pairs also rejected_input_ids, rejected_labels, rejected; for unpaired
+                           preference rows (KTO) preference_label (1 desirable, 0 undesirable)
 
 The task follows the model (:func:`loratui.pipeline.models.model_task`): ``causal`` for decoder-only
 models (a chat through its template, loss on the assistant turns) or ``seq2seq`` for encoder-decoder
 models such as T5, FLAN-T5 and PEGASUS (``input_ids`` is the source text for the encoder, ``labels`` the target for the
 decoder; no chat template; ``max_length`` applies to each of them; the report's ``tokens.<split>``
 are source lengths and ``tokens.target.<split>`` target lengths).
+
+Preference rows (:mod:`.preference`: prompt/chosen/rejected, OpenAI's preference rows, KTO's
+prompt/completion/label) are encoded by :mod:`.pairs`: only the final reply of a row is trained, and
+``data.train_on_prompt`` does not apply to them (a warning says so when it is set). ``preference`` in
+dataset.json and report.json says which kind the splits hold: "paired", "unpaired" or "none". They need a
+decoder-only model, and every file of a run holds the same kind.
 
 This module is the recipe; the library it runs: :mod:`.read` (files to split examples), :mod:`.tokens`
 (token datasets, max_length), :mod:`.summary` (report and preview), :mod:`.cache`, :mod:`.build` (the
@@ -82,10 +90,22 @@ def _record_model_dir(run: RunDir, model_dir: Path) -> None:
         manifest.save(run.data)
 
 
+def _preference_warnings(cfg: RunConfig, report: DataReport, events: EventSink) -> None:
+    if report.preference != "none" and cfg.data.train_on_prompt:
+        events.log(
+            "data.train_on_prompt is ignored for preference rows: only the final reply of each row is trained "
+            "(the objective compares the replies; the prompt is context)",
+            level="warning",
+        )
+
+
 def _log_summary(report: DataReport, events: EventSink, run: RunDir) -> None:
     """What ``loratui data`` tells: the files, the template notes, the problems, the metrics and artifacts."""
     for f in report.files:
         events.log(f"{f['path']} ({f['split']}): {f['format']}, {f['reason']}")
+    if report.preference != "none":
+        what = "preference pairs" if report.preference == "paired" else "unpaired preference rows (KTO)"
+        events.log(f"data: {report.splits['train']} training {what}")
     for line in render_notes(report):
         events.log(f"data: {line}")
     for kind, count in report.problems.items():
@@ -144,5 +164,6 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop,
             + (f", {dropped} dropped: see {run.data / DataReport.FILE})" if dropped else ")")
         )
         return StepResult(summary=summary, artifacts=artifacts)
+    _preference_warnings(cfg, report, events)
     _log_summary(report, events, run)
     return StepResult(summary=summary, artifacts=artifacts)

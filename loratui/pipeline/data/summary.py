@@ -32,21 +32,57 @@ def length_stats(lengths: Any) -> LengthStats:
     )
 
 
-def preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, list[tuple[bool, str]]]]:
-    """The first ``n`` rows as (header, [(trained, text), ...]): runs of trained and context tokens."""
+Pieces = list[tuple[bool, str]]  # runs of (trained, text)
+
+
+def _pieces(ids: list[int], labels: list[int], tokenizer: Any) -> Pieces:
+    """Runs of trained and context tokens, decoded."""
+    runs: list[tuple[bool, list[int]]] = []
+    for tok_id, label in zip(ids, labels):
+        trained = label != -100
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tok_id)
+        else:
+            runs.append((trained, [tok_id]))
+    return [(t, tokenizer.decode(g)) for t, g in runs]
+
+
+def _trained_count(labels: list[int]) -> int:
+    return sum(1 for label in labels if label != -100)
+
+
+def preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, Pieces]]:
+    """The first ``n`` rows as (header, [(trained, text), ...]): runs of trained and context tokens.
+
+    An unpaired preference row's header says whether its reply is desirable."""
+    examples = []
+    verdicts = "preference_label" in ds.column_names
+    for i in range(min(n, len(ds))):
+        row = ds[i]
+        ids, labels = row["input_ids"], row["labels"]
+        header = f"── example {i + 1} ({row['source']}): {len(ids)} tokens, {_trained_count(labels)} trained"
+        if verdicts:
+            header += ", a desirable reply" if row["preference_label"] else ", an undesirable reply"
+        examples.append((header, _pieces(ids, labels, tokenizer)))
+    return examples
+
+
+def pair_preview_pieces(ds: Any, tokenizer: Any, n: int) -> list[tuple[str, Pieces, Pieces]]:
+    """The first ``n`` pairs as (header, the prompt and the chosen reply, the rejected reply): the rejected
+    sequence is shown from where it leaves the prompt the two share."""
     examples = []
     for i in range(min(n, len(ds))):
-        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
-        runs: list[tuple[bool, list[int]]] = []
-        for tok_id, label in zip(ids, labels):
-            trained = label != -100
-            if runs and runs[-1][0] == trained:
-                runs[-1][1].append(tok_id)
-            else:
-                runs.append((trained, [tok_id]))
-        n_trained = sum(1 for label in labels if label != -100)
-        header = f"── example {i + 1} ({ds[i]['source']}): {len(ids)} tokens, {n_trained} trained"
-        examples.append((header, [(t, tokenizer.decode(g)) for t, g in runs]))
+        row = ds[i]
+        ids, labels = row["input_ids"], row["labels"]
+        rejected_ids, rejected_labels = row["rejected_input_ids"], row["rejected_labels"]
+        shared = next((k for k, label in enumerate(rejected_labels) if label != -100), len(rejected_ids))
+        header = (
+            f"── pair {i + 1} ({row['source']}): chosen {len(ids)} tokens, {_trained_count(labels)} trained; "
+            f"rejected {len(rejected_ids)} tokens, {_trained_count(rejected_labels)} trained"
+        )
+        chosen = _pieces(ids, labels, tokenizer)
+        rejected = _pieces(rejected_ids[shared:], rejected_labels[shared:], tokenizer)
+        examples.append((header, chosen, rejected))
     return examples
 
 
@@ -73,15 +109,19 @@ def _stats_lines(report: DataReport) -> list[str]:
         return f"min {s.min}, median {s.median:.0f}, p95 {s.p95:.0f}, max {s.max}"
 
     lines = []
+    paired = report.preference == "paired"
     for split in SPLITS:
         s = t.split(split)
         if s.rows and seq2seq and t.target is not None:
             lines.append(
                 f"{split}: {s.rows} rows; source tokens {summary(s)}; target tokens {summary(t.target[split])}"
             )
+        elif s.rows and paired:
+            lines.append(f"{split}: {s.rows} pairs; tokens per side (chosen or rejected) {summary(s)}")
         elif s.rows:
             lines.append(f"{split}: {s.rows} rows; tokens {summary(s)}")
     longer = "rows had a longer source or target" if seq2seq else "rows were longer"
+    longer = "pairs had a longer side" if paired else longer
     lines.append(
         f"max_length: {report.max_length} ({report.max_length_source}); "
         f"{t.over_max_length} {longer} ({report.policy['too_long']})"
@@ -92,7 +132,8 @@ def _stats_lines(report: DataReport) -> list[str]:
             f"{t.trained_per_epoch:,} target, all trained)"
         )
     else:
-        lines.append(f"tokens per epoch: {t.per_epoch:,} ({t.trained_per_epoch:,} trained)")
+        sides = " on both sides of the pairs" if paired else ""
+        lines.append(f"tokens per epoch: {t.per_epoch:,} ({t.trained_per_epoch:,} trained){sides}")
     return lines
 
 
@@ -107,6 +148,17 @@ def preview_text(train: Any, tokenizer: Any, report: DataReport, n: int) -> str:
         )
         blocks = [
             f"{h}\nsource: {src}\ntarget: ⟦{tgt}⟧\n" for h, src, tgt in seq2seq_preview_pieces(train, tokenizer, n)
+        ]
+        return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
+    if report.preference == "paired":
+        head = (
+            f"loratui data preview: {min(n, len(train))} of {len(train)} training pairs, template: {report.template}\n"
+            "Each pair: the prompt and the chosen reply, then the rejected reply after the same prompt. Trained "
+            "tokens are between ⟦ and ⟧; the rest is context only (label -100).\n"
+        )
+        blocks = [
+            f"{h}\nchosen: {_plain(c)}\nrejected (after the same prompt): {_plain(r)}\n"
+            for h, c, r in pair_preview_pieces(train, tokenizer, n)
         ]
         return "\n".join([head, *blocks, *_stats_lines(report)]) + "\n"
     head = (
@@ -180,6 +232,11 @@ def report_markdown(report: DataReport) -> str:
         f"test {splits['test']}); dropped: {rows.dropped}; truncated: {rows.truncated}.",
         "",
     ]
+    if report.preference != "none":
+        what = "Preference pairs (a chosen and a rejected reply each)"
+        if report.preference == "unpaired":
+            what = "Unpaired preference rows (one reply each, desirable or not: KTO)"
+        out += [f"{what}: train {splits['train']}, validation {splits['validation']}, test {splits['test']}.", ""]
     notes = render_notes(report)
     if notes:
         out += [*notes, ""]
@@ -223,14 +280,27 @@ def show_preview(cfg: RunConfig, n: int | None = None) -> None:
             console.print(Text.assemble(("target: ", "dim"), (target, "bold green")))
         console.print(Text("\n".join(_stats_lines(report))))
         return
+    what = "pairs" if manifest.preference == "paired" else "examples"
     console.print(
-        f"[bold]{min(count, len(train))} of {len(train)} training examples[/], template "
+        f"[bold]{min(count, len(train))} of {len(train)} training {what}[/], template "
         f"{manifest.template}: [green]trained tokens in green[/], [dim]context (label -100) dim[/]"
     )
-    for header, pieces in preview_pieces(train, tokenizer, count):
-        text = Text()
-        for trained, piece in pieces:
-            text.append(piece, style="bold green" if trained else "dim")
-        console.print(Text(header, style="cyan"))
-        console.print(text)
+    if manifest.preference == "paired":
+        for header, chosen, rejected in pair_preview_pieces(train, tokenizer, count):
+            console.print(Text(header, style="cyan"))
+            console.print(Text.assemble(("chosen: ", "bold"), _rich(chosen)))
+            console.print(Text.assemble(("rejected (after the same prompt): ", "bold"), _rich(rejected)))
+    else:
+        for header, pieces in preview_pieces(train, tokenizer, count):
+            console.print(Text(header, style="cyan"))
+            console.print(_rich(pieces))
     console.print(Text("\n".join(_stats_lines(report))))
+
+
+def _rich(pieces: Pieces) -> Any:
+    from rich.text import Text
+
+    text = Text()
+    for trained, piece in pieces:
+        text.append(piece, style="bold green" if trained else "dim")
+    return text

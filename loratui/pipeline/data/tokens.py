@@ -15,6 +15,7 @@ from typing import Any
 from loratui.pipeline.config import RunConfig
 from loratui.pipeline.data.encode import clean_backend, encode_batch, encode_seq2seq_batch, token_counts
 from loratui.pipeline.data.formats import Example
+from loratui.pipeline.data.pairs import apply_pair_length_policy, encode_pair_batch, encode_unpaired_batch
 from loratui.pipeline.data.problems import RowProblem
 from loratui.pipeline.data.read import BuildFindings, note_problem, problem_policy
 from loratui.pipeline.data.templates import ChatTemplate
@@ -31,17 +32,19 @@ PARALLEL_ROWS = 20_000  # from this many rows, tokenize in worker processes
 def _to_dataset(examples: list[Example]) -> Any:
     from datasets import Dataset
 
-    return Dataset.from_dict(
-        {
-            "messages": [
-                json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else "" for ex in examples
-            ],
-            "text": [ex.text or "" for ex in examples],
-            "document": [ex.document for ex in examples],
-            "source": [f"{ex.file}:{ex.row}" for ex in examples],
-            "meta": [json.dumps(ex.meta, ensure_ascii=False) if ex.meta else "" for ex in examples],
-        }
-    )
+    columns: dict[str, list[Any]] = {
+        "messages": [json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else "" for ex in examples],
+        "text": [ex.text or "" for ex in examples],
+        "document": [ex.document for ex in examples],
+        "source": [f"{ex.file}:{ex.row}" for ex in examples],
+        "meta": [json.dumps(ex.meta, ensure_ascii=False) if ex.meta else "" for ex in examples],
+    }
+    kind = examples[0].preference if examples else "none"
+    if kind == "paired":
+        columns["rejected"] = [json.dumps(ex.rejected, ensure_ascii=False) for ex in examples]
+    elif kind == "unpaired":
+        columns["label"] = [int(bool(ex.label)) for ex in examples]
+    return Dataset.from_dict(columns)
 
 
 def _workers(rows: int, num_proc: int | None) -> int | None:
@@ -72,28 +75,10 @@ def encode_examples(
     from datasets import concatenate_datasets, disable_progress_bars
 
     disable_progress_bars()
-    d = cfg.data
     workers = _workers(len(examples), num_proc)
     if workers:  # the Rust tokenizer must not use threads in forked workers (it would warn, then serialize)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if task == "seq2seq":
-        if tokenizer.eos_token_id is None:
-            raise LoratuiError(
-                f"{tokenizer.name_or_path}: the tokenizer has no EOS token, which a seq2seq target must end with",
-                hint="Set eos_token in the model's tokenizer_config.json.",
-            )
-        encode: Any = encode_seq2seq_batch
-        fn_kwargs: dict[str, Any] = dict(backend=clean_backend(tokenizer), eos_id=tokenizer.eos_token_id)
-    else:
-        encode = encode_batch
-        fn_kwargs = dict(
-            backend=clean_backend(tokenizer),
-            eos=tokenizer.eos_token or "",
-            template=template,
-            train_on_prompt=d.train_on_prompt,
-            chunk_tokens=d.chunk_tokens,
-            chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1),
-        )
+    encode, fn_kwargs = _encoder(examples, tokenizer, template, cfg, task)
     shard_rows = ENCODE_SHARD * workers * 10 if workers else ENCODE_SHARD
     parts = []
     for start in range(0, len(examples), shard_rows):
@@ -116,6 +101,30 @@ def encode_examples(
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _encoder(
+    examples: list[Example], tokenizer: Any, template: ChatTemplate | None, cfg: RunConfig, task: Task
+) -> tuple[Any, dict[str, Any]]:
+    """The batch function for ``examples`` (seq2seq, preference pairs, unpaired preference or chats) and its
+    arguments."""
+    d = cfg.data
+    if task == "seq2seq":
+        if tokenizer.eos_token_id is None:
+            raise LoratuiError(
+                f"{tokenizer.name_or_path}: the tokenizer has no EOS token, which a seq2seq target must end with",
+                hint="Set eos_token in the model's tokenizer_config.json.",
+            )
+        return encode_seq2seq_batch, dict(backend=clean_backend(tokenizer), eos_id=tokenizer.eos_token_id)
+    kind = examples[0].preference if examples else "none"
+    common: dict[str, Any] = dict(backend=clean_backend(tokenizer), eos=tokenizer.eos_token or "", template=template)
+    if kind != "none":  # only the last reply is trained; train_on_prompt does not apply
+        return (encode_pair_batch if kind == "paired" else encode_unpaired_batch), common
+    return encode_batch, common | dict(
+        train_on_prompt=d.train_on_prompt,
+        chunk_tokens=d.chunk_tokens,
+        chunk_overlap=min(d.chunk_overlap, d.chunk_tokens - 1),
+    )
 
 
 def model_context(tokenizer: Any, model_dir: Path) -> int:
@@ -143,10 +152,13 @@ def resolve_max_length(cfg: RunConfig, lengths: list[int], context: int) -> int:
 def apply_length_policy(ds: Any, max_length: int, cfg: RunConfig, out: BuildFindings, task: Task = "causal") -> Any:
     """Truncate or drop over-long rows (and rows with nothing left to train) per data.on_problem.
 
-    For seq2seq, ``max_length`` bounds the source (input_ids) and the target (labels) each.
+    For seq2seq, ``max_length`` bounds the source (input_ids) and the target (labels) each; for preference
+    pairs, the chosen and the rejected sequence each (:func:`.pairs.apply_pair_length_policy`).
     """
     import numpy as np
 
+    if "rejected_input_ids" in ds.column_names:
+        return apply_pair_length_policy(ds, max_length, cfg, out)
     lengths, targets = token_counts(ds)
     policy = problem_policy(cfg, "too_long")
     too_long = (lengths > max_length) | (targets > max_length) if task == "seq2seq" else lengths > max_length

@@ -623,8 +623,22 @@ FIELDS = [
     "content",
     "from",
     "value",
+    "chosen",
+    "rejected",
+    "label",
+    "preferred_output",
+    "non_preferred_output",
 ]
-FORMATS = ["auto"] * 6 + ["alpaca", "qa", "chat", "sharegpt", "text"]
+FORMATS = ["auto"] * 6 + [
+    "alpaca",
+    "qa",
+    "chat",
+    "sharegpt",
+    "text",
+    "preference",
+    "openai_preference",
+    "unpaired_preference",
+]
 
 _scalars = (
     st.none()
@@ -660,6 +674,27 @@ PLAUSIBLE = [  # one strategy per format: rows that often pass validation, and o
     st.fixed_dictionaries({"question": _cell, "answer": _cell}),
     st.fixed_dictionaries({"prompt": _cell}, optional={"completion": _cell, "response": _cell}),
     st.fixed_dictionaries({"text": _cell}, optional={"meta": json_values}),
+    st.fixed_dictionaries(
+        {
+            "chosen": _cell | st.lists(_turn("role", "content"), max_size=4),
+            "rejected": _cell | st.lists(_turn("role", "content"), max_size=4),
+        },
+        optional={"prompt": _cell | st.lists(_turn("role", "content"), max_size=3)},
+    ),
+    st.fixed_dictionaries(
+        {
+            "input": st.fixed_dictionaries({"messages": st.lists(_turn("role", "content"), max_size=3)}) | json_values,
+            "preferred_output": st.lists(_turn("role", "content"), max_size=2) | _cell,
+            "non_preferred_output": st.lists(_turn("role", "content"), max_size=2) | _cell,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "prompt": _cell,
+            "completion": _cell,
+            "label": st.booleans() | st.sampled_from(["true", "False", "yes"]) | json_values,
+        }
+    ),
 ]
 any_row = st.one_of(*PLAUSIBLE) | st.dictionaries(
     st.sampled_from(FIELDS) | st.text(max_size=6), json_values | st.text(max_size=16), max_size=5
@@ -761,6 +796,9 @@ CSV_HEADERS = [
     ["text"],
     ["text", "source"],
     ["conversations"],
+    ["prompt", "chosen", "rejected"],
+    ["chosen", "rejected"],
+    ["prompt", "completion", "label"],
 ]
 
 
