@@ -55,8 +55,9 @@ def facts_from_folder(data: Path, source: str, seconds: float | None, lengths: l
     if lengths is None:
         from datasets import load_from_disk
 
-        train = load_from_disk(str(data / manifest.splits["train"]))
-        lengths = [len(x) for x in train["input_ids"]]
+        from loratui.pipeline.train.objectives import row_lengths
+
+        lengths = row_lengths(load_from_disk(str(data / manifest.splits["train"])))  # a pair: both sequences
     tokens = report.tokens
     trained = tokens.trained_per_epoch if tokens is not None else sum(lengths)
     val = tokens.validation if tokens is not None else None
