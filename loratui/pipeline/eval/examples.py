@@ -24,10 +24,23 @@ class EvalSet:
     source: str
     split: str
     examples: list[Example]
+    preference: str = "none"  # the manifest's: none | paired | unpaired
+
+
+PREFERENCE_COLUMNS = {
+    "paired": ("rejected_input_ids", "rejected_labels", "rejected"),
+    "unpaired": ("preference_label",),
+}
 
 
 def load_examples(
-    split_dir: Path, task: str, tokenizer: Any, template: Any, fact_field: str, limit: int | None
+    split_dir: Path,
+    task: str,
+    tokenizer: Any,
+    template: Any,
+    fact_field: str,
+    limit: int | None,
+    preference: str = "none",
 ) -> list[Example]:
     """Evaluation rows from a processed split of the data step.
 
@@ -35,12 +48,25 @@ def load_examples(
     is also a generation prompt: the conversation before that reply, rendered with the same chat
     template and ``add_generation_prompt`` (causal), or the encoder input (seq2seq). Raw text rows
     and document chunks are scored for loss only.
+
+    Preference rows (``preference`` from the manifest): ``input_ids``/``labels`` hold the prompt and the chosen
+    reply (paired) or the completion (unpaired), so loss and the generation references are the chosen
+    replies'; a paired row's ``rejected`` is the prompt + rejected reply as trained, an unpaired row carries its
+    label, and a bad (label 0) completion is no reference for the generation metrics (its text stays in
+    ``extra["completion"]``).
     """
     from datasets import load_from_disk
 
     from loratui.pipeline.data.encode import clean_backend, seq2seq_texts
 
     ds = load_from_disk(str(split_dir))
+    missing = [c for c in PREFERENCE_COLUMNS.get(preference, ()) if c not in ds.column_names]
+    if missing:
+        raise LoratuiError(
+            f"{split_dir}: the data manifest says {preference} preference rows, but the split has no "
+            f"{', '.join(missing)} column",
+            hint="Run `loratui data --config <file>` again to rebuild the processed data.",
+        )
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     backend = clean_backend(tokenizer) if task == "causal" else None
@@ -65,8 +91,26 @@ def load_examples(
                 assert backend is not None  # a causal model's tokenizer
                 e.prompt_ids = backend.encode(text, add_special_tokens=False).ids
                 e.prompt = next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), text)
+        if preference != "none":
+            _preference_fields(e, row, preference)
         out.append(e)
     return out
+
+
+def _preference_fields(e: Example, row: dict[str, Any], preference: str) -> None:
+    """The rejected side (paired) or the label (unpaired) of a preference row, into ``e``."""
+    if preference == "paired":
+        e.rejected = Example(
+            input_ids=list(row["rejected_input_ids"]),
+            labels=list(row["rejected_labels"]),
+            reference=row["rejected"],
+            source=e.source,
+        )
+    else:
+        e.preference_label = int(bool(row["preference_label"]))
+        e.extra["completion"] = e.reference
+        if not e.preference_label:  # a bad completion is no reference for the generation metrics
+            e.reference = None
 
 
 def stop_ids(tokenizer: Any, sets: list[EvalSet]) -> set[int]:

@@ -7,6 +7,18 @@ removed, the articles a/an/the removed, whitespace collapsed.
 Scales: ROUGE, exact match, token F1 and contains are fractions in [0, 1] (mean over rows); BLEU is
 sacrebleu's corpus score in [0, 100]; loss is the mean negative log-likelihood per trained token
 (nats) and perplexity ``exp(loss)``.
+
+Preference metrics (preference data only, see :mod:`loratui.pipeline.eval.preference`) take log-probabilities
+summed over a reply's trained tokens (nats):
+
+* paired rows (chosen, rejected): ``preference_accuracy`` is the share of rows where log p(chosen) is above
+  log p(rejected) (a tie is not above); ``reward_margin`` the mean of log p(chosen) - log p(rejected). The
+  tuned - base difference of ``reward_margin`` is DPO's implicit reward margin divided by beta:
+  beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))], with the base model as the reference.
+* unpaired rows (one completion, labelled good or bad, as KTO trains on): on the log-ratio
+  log p_tuned(completion) - log p_base(completion), ``preference_accuracy`` is the share of rows where its
+  sign agrees with the label (above 0 for a good row, below 0 for a bad one; 0 agrees with neither) and
+  ``reward_margin`` the mean over good rows minus the mean over bad rows.
 """
 
 from __future__ import annotations
@@ -20,7 +32,8 @@ from collections.abc import Iterable, Sequence
 ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 GENERATION_METRICS: tuple[str, ...] = (*ROUGE_KEYS, "bleu", "exact_match", "token_f1", "contains")
 LOSS_METRICS: tuple[str, ...] = ("loss", "perplexity")
-ALL_METRICS: tuple[str, ...] = (*GENERATION_METRICS, *LOSS_METRICS)
+PREFERENCE_METRICS: tuple[str, ...] = ("preference_accuracy", "reward_margin")
+ALL_METRICS: tuple[str, ...] = (*GENERATION_METRICS, *LOSS_METRICS, *PREFERENCE_METRICS)
 # Higher is better for every metric except these.
 LOWER_IS_BETTER = frozenset(LOSS_METRICS)
 
@@ -107,6 +120,34 @@ def loss_metrics(nll_sum: float, tokens: int) -> dict[str, float]:
         raise ValueError("no trained tokens to score")
     loss = nll_sum / tokens
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
+def paired_preference(chosen: Sequence[float], rejected: Sequence[float]) -> dict[str, float]:
+    """``preference_accuracy`` and ``reward_margin`` of one model from each row's summed log-probabilities of
+    its chosen and its rejected reply; nothing when there are no rows."""
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected log-probabilities")
+    if not chosen:
+        return {}
+    diffs = [c - r for c, r in zip(chosen, rejected)]
+    return {"preference_accuracy": mean(float(d > 0) for d in diffs), "reward_margin": mean(diffs)}
+
+
+def unpaired_preference(tuned: Sequence[float], base: Sequence[float], labels: Sequence[int]) -> dict[str, float]:
+    """``preference_accuracy`` and ``reward_margin`` of the tuned model on unpaired rows (label 1 good, 0 bad) from
+    each completion's summed log-probability under the tuned and the base model. ``reward_margin`` needs good and
+    bad rows both; nothing when there are no rows."""
+    if not len(tuned) == len(base) == len(labels):
+        raise ValueError(f"{len(tuned)} tuned, {len(base)} base log-probabilities and {len(labels)} labels")
+    if not tuned:
+        return {}
+    ratios = [t - b for t, b in zip(tuned, base)]
+    out = {"preference_accuracy": mean(float(r > 0 if y else r < 0) for r, y in zip(ratios, labels))}
+    good = [r for r, y in zip(ratios, labels) if y]
+    bad = [r for r, y in zip(ratios, labels) if not y]
+    if good and bad:
+        out["reward_margin"] = mean(good) - mean(bad)
+    return out
 
 
 def deltas(tuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """PNG plots of the eval step (matplotlib's object API with the Agg canvas: no display, no global state).
 
 * ``loss.png``: training and eval loss of the latest training run, from the run's events.jsonl;
-* ``metrics.png``: base vs tuned for every metric on the main dataset;
+* ``metrics.png``: base vs tuned for every metric on the main dataset (generation, loss, preference panels);
 * ``retention.png``: base vs tuned on each earlier dataset (continual training), when there are any.
 """
 
@@ -110,30 +110,36 @@ def _bars(ax: Any, names: list[str], per_model: dict[str, list[float | None]], l
 
 
 def metrics_plot(path: Path, results: dict[str, dict[str, Any]], name: str, title: str) -> bool:
-    """Fractions (and BLEU / 100) in one panel, loss and perplexity in another."""
+    """Fractions (and BLEU / 100) in one panel, loss and perplexity in another, and on preference data the
+    preference accuracy and reward margin (nats) in a third."""
     scores = {m: results[m][name].metrics for m in results}
     rates = _present(M.GENERATION_METRICS, scores)
     losses = _present(M.LOSS_METRICS, scores)
-    if not rates and not losses:
+    prefs = _present(M.PREFERENCE_METRICS, scores)
+    panels = [keys for keys in (rates, losses, prefs) if keys]
+    if not panels:
         return False
-    both = bool(rates and losses)
-    fig = _figure(9.0 if both else 7.0, 4.0)
-    panels = (
-        list(fig.subplots(1, 2, width_ratios=[max(len(rates), 1), max(len(losses), 1)]))
-        if both
-        else [fig.add_subplot()]
-    )
+    fig = _figure(4.0 + 2.5 * len(panels) if len(panels) > 1 else 7.0, 4.0)
+    axes = list(fig.subplots(1, len(panels), width_ratios=[len(k) for k in panels], squeeze=False)[0])
+    legend = True  # on the first panel only
     if rates:
         labels = ["bleu/100" if k == "bleu" else k for k in rates]
-        ax = panels.pop(0)
+        ax = axes.pop(0)
         _bars(ax, labels, {m: [_as_fraction(values, k) for k in rates] for m, values in scores.items()})
         ax.set_ylim(0, 1.1)
         ax.set_title(f"{title}: generation (higher is better)")
+        legend = False
     if losses:
-        ax = panels.pop(0)
-        _bars(ax, losses, {m: [values.get(k) for k in losses] for m, values in scores.items()}, legend=not rates)
+        ax = axes.pop(0)
+        _bars(ax, losses, {m: [values.get(k) for k in losses] for m, values in scores.items()}, legend=legend)
         ax.set_yscale("log")
         ax.set_title("lower is better")
+        legend = False
+    if prefs:
+        ax = axes.pop(0)
+        _bars(ax, prefs, {m: [values.get(k) for k in prefs] for m, values in scores.items()}, legend=legend)
+        ax.axhline(0, color="#555555", linewidth=0.8)
+        ax.set_title("preference (higher is better;\nmargin in nats)")
     fig.savefig(path)
     return True
 

@@ -37,6 +37,8 @@ def metrics_json(sets: list[Any], results: dict[str, dict[str, Any]], info: dict
             "rows": len(s.examples),
             "models": {},
         }
+        if s.preference != "none":  # loss and perplexity are the chosen replies'
+            entry["preference"] = s.preference
         for model, per_set in results.items():
             sc = per_set[s.name]
             entry["models"][model] = {
@@ -119,10 +121,19 @@ def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dic
         "per reference token. ▲ better, ▼ worse.",
         "",
     ]
+    kinds = {s.preference for s in sets} - {"none"}
+    if kinds:
+        lines += [preference_note(kinds), ""]
     lines += table(sets, results, main.name)
     for s in sets[1:]:
         lines += ["", f"## Retention: {s.name} ({s.split} split, {len(s.examples)} rows)", ""]
         lines += table(sets, results, s.name)
+    if main.preference != "none" and n:
+        from loratui.pipeline.eval.preference_report import preference_cases
+
+        cases = preference_cases(main, results, n)
+        if cases:
+            return "\n".join(lines + cases).rstrip() + "\n"
     tuned = results["tuned"][main.name]
     base = results.get("base", {}).get(main.name)
     ranked = sorted((i for i, r in enumerate(tuned.rows) if r is not None), key=lambda i: _case_score(tuned.rows[i]))
@@ -166,11 +177,37 @@ def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dic
     return "\n".join(lines).rstrip() + "\n"
 
 
+PREFERENCE_NOTES = {
+    "paired": "Paired rows: preference_accuracy is the share of rows whose chosen reply is more likely than the "
+    "rejected one, reward_margin the mean log p(chosen) - log p(rejected), each reply's log-probability summed over "
+    "its trained tokens (nats); the tuned - base delta of reward_margin is DPO's implicit reward margin divided by "
+    "beta.",
+    "unpaired": "Unpaired rows: on the tuned model's log-ratio to the base, log p_tuned - log p_base of the "
+    "completion (summed over its trained tokens, nats), preference_accuracy is the share of rows whose sign agrees "
+    "with the label (above 0 for a good completion, below 0 for a bad one) and reward_margin the mean over good "
+    "rows minus the mean over bad rows; the base model has neither. Bad completions are no reference for the "
+    "generation metrics, nor counted in loss and perplexity.",
+}
+
+
+def preference_note(kinds: set[str]) -> str:
+    """comparison.md's account of the preference metrics of the ``kinds`` of preference data scored."""
+    return " ".join(
+        [
+            "Preference data: loss and perplexity score the chosen replies, the generation metrics take the chosen reply "
+            "as the reference."
+        ]
+        + [PREFERENCE_NOTES[k] for k in ("paired", "unpaired") if k in kinds]
+    )
+
+
 def generations_jsonl(sets: list[Any], results: dict[str, dict[str, Any]]) -> str:
+    from loratui.pipeline.eval.preference_report import preference_record
+
     out = []
     for s in sets:
         for i, e in enumerate(s.examples):
-            if e.reference is None:
+            if e.reference is None and s.preference == "none":
                 continue
             rec: dict[str, Any] = {
                 "dataset": s.name,
@@ -182,6 +219,8 @@ def generations_jsonl(sets: list[Any], results: dict[str, dict[str, Any]]) -> st
             for model, per_set in results.items():
                 sc = per_set[s.name]
                 rec[model] = {"reply": sc.replies[i], "scores": sc.rows[i]}
+            if s.preference != "none":
+                preference_record(rec, s, i, results)
             out.append(json.dumps(rec, ensure_ascii=False))
     return "\n".join(out) + ("\n" if out else "")
 

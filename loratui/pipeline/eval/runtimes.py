@@ -37,6 +37,9 @@ class Example:
     fact: str | None = None  # the key fact a reply must contain (the row's fact field), else the reference
     source: str = ""  # file:line of the row
     extra: dict[str, Any] = field(default_factory=dict)
+    # preference rows: the prompt + rejected reply, as trained (paired); the row's label, 1 good 0 bad (unpaired)
+    rejected: Example | None = None
+    preference_label: int | None = None
 
 
 def cut_at_stop(ids: Sequence[int], stop: set[int]) -> list[int]:
@@ -98,6 +101,9 @@ class EvalModel:
     where the serving API's scoring uses it."""
 
     name: str
+    runtime: str = "unknown"  # named in log lines
+    # the eval step's preference metrics are computed on PyTorch models only
+    scores_preferences: bool = False
 
     def generate(
         self, prompts: Sequence[list[int]], max_new_tokens: int, progress: Tick = None, should_stop: Stop = None
@@ -163,6 +169,9 @@ def one_at_a_time(
 
 class TorchModel(EvalModel):
     """A transformers model (optionally a PeftModel) on CPU or CUDA, batched with a KV cache."""
+
+    runtime = "PyTorch"
+    scores_preferences = True
 
     def __init__(
         self,
@@ -329,6 +338,9 @@ class OnnxModel(TorchModel):
     onnxruntime, replies through onnxruntime-genai's generation loop. Batching, scoring and the metrics
     are TorchModel's; only the forward pass and the decoding differ."""
 
+    runtime = "ONNX Runtime"
+    scores_preferences = False
+
     def __init__(
         self, decoder: Any, *, name: str, task: str = "causal", pad_id: int, stop_ids: set[int], **sizes: Unpack[_Sizes]
     ):
@@ -363,6 +375,8 @@ def load_onnx(folder: Path, threads: int | None = None) -> Any:
 class LlamaCppModel(EvalModel):
     """A GGUF file in llama.cpp (llama-cpp-python), with a LoRA adapter GGUF applied if ``lora`` is given:
     one sequence at a time, greedy, teacher-forced scoring."""
+
+    runtime = "llama.cpp"
 
     def __init__(
         self,

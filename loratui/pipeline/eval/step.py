@@ -2,8 +2,10 @@
 
 ```
 eval/metrics.json      every figure: per model, per dataset, with deltas (tuned - base)
-eval/metrics.csv       one row per model and dataset: rouge1 ... bleu, exact_match, token_f1, contains, loss, perplexity
-eval/comparison.md     the table, then side-by-side replies (prompt, reference, base, tuned), worst cases first
+eval/metrics.csv       one row per model and dataset: rouge1 ... bleu, exact_match, token_f1, contains, loss, perplexity,
+                       preference_accuracy, reward_margin (empty where not computed)
+eval/comparison.md     the table, then side-by-side replies (prompt, reference, base, tuned), worst cases first;
+                       for preference data: prompt, chosen, rejected, base reply, tuned reply
 eval/generations.jsonl every reply with its per-row scores
 eval/plots/*.png       loss curves of the training run, base vs tuned bars, retention bars
 ```
@@ -12,6 +14,10 @@ each is re-scored (base and tuned), so a user sees whether the old topic is stil
 
 The metrics talk to a model through :class:`~loratui.pipeline.eval.runtimes.EvalModel`; this
 step uses the PyTorch implementation (an adapter on its base, or a merged directory).
+
+Preference data (the manifest's ``preference``, see :mod:`loratui.pipeline.eval.preference`) adds
+``preference_accuracy`` and ``reward_margin``; loss and perplexity score its chosen replies and the generation
+metrics take the chosen reply as the reference.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class Scores:
     rows: list[dict[str, float] | None] = field(default_factory=list)  # per-example generation metrics
     generated: int = 0
     scored_tokens: int = 0
+    # preference sets: summed log-probability of each row's chosen reply (or unpaired completion), and rejected one
+    chosen_logp: list[float] | None = None
+    rejected_logp: list[float] | None = None
 
 
 @dataclass
@@ -201,8 +210,9 @@ def _eval_set(
         inputs.template,
         cfg.eval.fact_field,
         cfg.eval.max_samples,
+        manifest.get("preference", "none"),
     )
-    return EvalSet(name, split_source(data, split), split, examples)
+    return EvalSet(name, split_source(data, split), split, examples, manifest.get("preference", "none"))
 
 
 def _with_adapter(model: Any, target: Target, base_dir: Path) -> Any:
@@ -247,7 +257,12 @@ def _generation_scores(
 ) -> None:
     """Generate a reply to every prompted row of ``s`` and score it against the reference, into ``result``;
     ``task`` names the progress."""
-    prompted = [i for i, e in enumerate(s.examples) if e.prompt_ids is not None and e.reference is not None]
+    # an unpaired preference row's bad completion is no reference, but its prompt is answered for comparison.md
+    prompted = [
+        i
+        for i, e in enumerate(s.examples)
+        if e.prompt_ids is not None and (e.reference is not None or e.preference_label == 0)
+    ]
     if not prompted:
         return
     ids = model.generate(
@@ -257,19 +272,28 @@ def _generation_scores(
         should_stop=should_stop,
     )
     texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
-    refs = [s.examples[i].reference or "" for i in prompted]
-    facts = [s.examples[i].fact for i in prompted]
-    rows = M.per_row(texts, refs, facts)
-    for i, text, row in zip(prompted, texts, rows):
-        result.replies[i], result.rows[i] = text, row
-    result.metrics.update(M.aggregate(rows, texts, refs))
+    for i, text in zip(prompted, texts):
+        result.replies[i] = text
+    scored = [(i, text) for i, text in zip(prompted, texts) if s.examples[i].reference is not None]
+    refs = [s.examples[i].reference or "" for i, _ in scored]
+    rows = M.per_row([t for _, t in scored], refs, [s.examples[i].fact for i, _ in scored])
+    for (i, _), row in zip(scored, rows):
+        result.rows[i] = row
+    if scored:
+        result.metrics.update(M.aggregate(rows, [t for _, t in scored], refs))
     result.generated = len(prompted)
 
 
 def _loss_scores(model: Any, s: EvalSet, result: Scores, task: str, events: EventSink, should_stop: ShouldStop) -> None:
-    """Loss and perplexity of the trained tokens of ``s``, into ``result``; ``task`` names the progress."""
+    """Loss and perplexity of the trained tokens of ``s`` (of a preference set: its chosen replies), into
+    ``result``; ``task`` names the progress. A preference set keeps each row's log-probability."""
+    from loratui.pipeline.eval.preference import loss_rows
+
     pairs = model.nll(s.examples, progress=_Counter(events, len(s.examples), task), should_stop=should_stop)
-    total, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if s.preference != "none":
+        result.chosen_logp = [-p[0] for p in pairs]
+    kept = [p for p, keep in zip(pairs, loss_rows(s.examples)) if keep]
+    total, tokens = sum(p[0] for p in kept), sum(p[1] for p in kept)
     if tokens:
         result.metrics.update(M.loss_metrics(total, tokens))
         result.scored_tokens = tokens
@@ -283,11 +307,16 @@ def score(
     tokenizer: Any,
     events: EventSink,
     should_stop: ShouldStop,
+    base: dict[str, Scores] | None = None,
 ) -> dict[str, Scores]:
-    """Every wanted metric of ``model`` on every set."""
+    """Every wanted metric of ``model`` on every set. ``label`` is ``base`` or ``tuned``; ``base``: the base
+    model's scores, for the tuned model's unpaired preference metrics."""
+    from loratui.pipeline.eval import preference
+
     wanted = set(cfg.eval.metrics)
     generate = bool(wanted & set(M.GENERATION_METRICS))
     loss = bool(wanted & set(M.LOSS_METRICS))
+    prefer = bool(wanted & set(M.PREFERENCE_METRICS))
     out: dict[str, Scores] = {}
     for s in sets:
         result = Scores(replies=[None] * len(s.examples), rows=[None] * len(s.examples))
@@ -296,6 +325,18 @@ def score(
             _generation_scores(model, s, result, f"{label}: generate{where}", cfg, tokenizer, events, should_stop)
         if loss and s.examples:
             _loss_scores(model, s, result, f"{label}: loss{where}", events, should_stop)
+        if prefer:
+            preference.score_set(
+                model,
+                s,
+                result,
+                (base or {}).get(s.name),
+                label,
+                where,
+                lambda task, n: _Counter(events, n, task),
+                events.log,
+                should_stop,
+            )
         result.metrics = {k: v for k, v in result.metrics.items() if k in wanted}
         events.metric(
             {k: float(v) for k, v in result.metrics.items()},
@@ -363,7 +404,7 @@ def _score_models(
         wrapped = TorchModel(
             model, name=name, task=task, pad_id=int(pad), stop_ids=stop, batch_size=cfg.eval.batch_size
         )
-        return score(wrapped, name, job.sets, cfg, tokenizer, events, should_stop)
+        return score(wrapped, name, job.sets, cfg, tokenizer, events, should_stop, base=results.get("base"))
 
     base_dir = Path(job.manifest["model_dir"])
     if target.kind == "adapter":

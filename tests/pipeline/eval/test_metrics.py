@@ -94,3 +94,34 @@ def test_loss_and_perplexity():
 
 def test_deltas():
     assert M.deltas({"loss": 1.0, "bleu": 30.0}, {"loss": 2.0}) == {"loss": -1.0}
+
+
+def test_paired_preference_by_hand():
+    # diffs: +1.5, -0.5, 0.0 (a tie is not above), +3.0
+    got = M.paired_preference([-1.0, -4.0, -2.0, -1.0], [-2.5, -3.5, -2.0, -4.0])
+    assert got["preference_accuracy"] == pytest.approx(2 / 4)
+    assert got["reward_margin"] == pytest.approx((1.5 - 0.5 + 0.0 + 3.0) / 4)
+    assert M.paired_preference([], []) == {}
+    with pytest.raises(ValueError):
+        M.paired_preference([1.0], [])
+
+
+def test_unpaired_preference_by_hand():
+    tuned = [-1.0, -5.0, -3.0, -2.0, -4.0]
+    base = [-2.0, -4.0, -3.0, -3.0, -6.0]
+    labels = [1, 0, 1, 0, 1]
+    # log-ratios: +1 (good: agrees), -1 (bad: agrees), 0 (good: a tie agrees with neither), +1 (bad: disagrees),
+    # +2 (good: agrees)
+    got = M.unpaired_preference(tuned, base, labels)
+    assert got["preference_accuracy"] == pytest.approx(3 / 5)
+    assert got["reward_margin"] == pytest.approx((1 + 0 + 2) / 3 - (-1 + 1) / 2)
+    # only good rows: no margin, an accuracy still
+    assert M.unpaired_preference([-1.0], [-2.0], [1]) == {"preference_accuracy": 1.0}
+    assert M.unpaired_preference([], [], []) == {}
+    with pytest.raises(ValueError):
+        M.unpaired_preference([1.0], [1.0], [])
+
+
+def test_preference_metrics_are_higher_is_better():
+    assert not set(M.PREFERENCE_METRICS) & M.LOWER_IS_BETTER
+    assert M.ALL_METRICS[-2:] == M.PREFERENCE_METRICS

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from loratui.pipeline.config import RunConfig, load_config
-from loratui.pipeline.eval.metrics import ALL_METRICS
+from loratui.pipeline.eval.metrics import ALL_METRICS, PREFERENCE_METRICS
 from loratui.pipeline.events import EventSink, MemoryWriter
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import EXIT_CANCELLED, EXIT_OK, EXIT_USER, StopFlag, load_step, run_step
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# what a run on plain (non-preference) data computes: every metric but the preference ones
+PLAIN_METRICS = tuple(k for k in ALL_METRICS if k not in PREFERENCE_METRICS)
 
 
 def _cfg(tmp_path: Path, model: Path, *overrides: str, name: str = "e") -> RunConfig:
@@ -75,13 +77,17 @@ def test_metrics_csv_has_a_row_per_model_with_fixed_columns(trained):
         "contains",
         "loss",
         "perplexity",
+        "preference_accuracy",
+        "reward_margin",
     )
     assert [(r["dataset"], r["model"]) for r in rows] == [("main", "base"), ("main", "tuned")]
     for r in rows:
         assert r["split"] == "test" and r["samples"] == "29"
-        for k in ALL_METRICS:
+        for k in PLAIN_METRICS:
             assert r[k] != "", (r["model"], k)
             float(r[k])
+        for k in PREFERENCE_METRICS:  # not preference data: left empty
+            assert r[k] == "", (r["model"], k)
 
 
 def test_metrics_json_schema_and_deltas(trained):
@@ -93,9 +99,10 @@ def test_metrics_json_schema_and_deltas(trained):
     (main,) = data["datasets"]
     assert main["name"] == "main" and main["split"] == "test" and main["rows"] == 29
     base, tuned = main["models"]["base"], main["models"]["tuned"]
-    assert set(base["metrics"]) == set(tuned["metrics"]) == set(ALL_METRICS)
+    assert set(base["metrics"]) == set(tuned["metrics"]) == set(PLAIN_METRICS)
+    assert "preference" not in main
     assert base["generated"] == tuned["generated"] == 29 and tuned["scored_tokens"] > 0
-    for k in ALL_METRICS:
+    for k in PLAIN_METRICS:
         assert main["delta"][k] == pytest.approx(tuned["metrics"][k] - base["metrics"][k])
     assert 0 <= tuned["metrics"]["token_f1"] <= 1 and 0 <= tuned["metrics"]["bleu"] <= 100
     # training on the quickstart answers lowers their loss even for a tiny random model
@@ -110,9 +117,11 @@ def test_comparison_shows_worst_and_best_side_by_side(trained):
     assert "| metric | base | tuned | delta |" in text
     assert text.index("## Worst cases") < text.index("## Best cases")
     assert text.count("**Prompt**") == 4 and text.count("**Base**") == 4 and text.count("**Tuned**") == 4
+    assert "Preference data" not in text and "| chosen |" not in text and "preference_accuracy" not in text
     assert "test.jsonl:" in text  # each case names its row
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(gens) == 29 and {"prompt", "reference", "fact", "base", "tuned"} <= set(gens[0])
+    assert len(gens) == 29 and set(gens[0]) == {"dataset", "source", "prompt", "reference", "fact", "base", "tuned"}
+    assert set(gens[0]["tuned"]) == {"reply", "scores"}
     assert gens[0]["fact"] and gens[0]["tuned"]["scores"]["contains"] in (0.0, 1.0)
     assert gens[0]["prompt"] and not gens[0]["prompt"].startswith("<|")  # the question, not the template
 
@@ -134,6 +143,8 @@ def test_events_report_progress_and_metrics(trained):
     assert {"base: generate", "tuned: generate", "base: loss", "tuned: loss"} <= tasks
     splits = {e.split for e in mem.of_type("metric") if e.step == "eval"}
     assert splits == {"base", "tuned"}
+    assert not any("log-probs" in (t or "") for t in tasks)  # no preference pass on plain data
+    assert not any("preference" in e.message for e in mem.of_type("log") if e.step == "eval")
 
 
 def test_retention_after_a_stack_run(tmp_path, tiny_llama):
@@ -221,7 +232,7 @@ def test_seq2seq_model_is_evaluated(tmp_path, tiny_model_factory):
     assert _step("train", cfg)[0] == EXIT_OK
     code, result, mem = _step("eval", cfg)
     assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
-    assert set(result.summary["tuned"]) == set(ALL_METRICS)
+    assert set(result.summary["tuned"]) == set(PLAIN_METRICS)
     gens = [json.loads(x) for x in (RunDir.for_config(cfg).eval / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 4 and all(isinstance(g["tuned"]["reply"], str) for g in gens)
 
