@@ -95,7 +95,9 @@ class DataSection(Section):
     )
     system_prompt: str | None = Field(None, description="System message added to every example.")
     train_on_prompt: bool = Field(
-        False, description="Also train on prompt tokens. Default: loss only on assistant turns."
+        False,
+        description="Also train on prompt tokens. Default: loss only on assistant turns. Does not apply to "
+        "preference rows (only their final reply is trained).",
     )
     max_length: int | Auto = Field(
         "auto",
@@ -310,7 +312,10 @@ class EvalSection(Section):
         default_factory=lambda: list(EVAL_METRICS),
         min_length=1,
         description="Metrics to compute. Generation metrics (rouge*, bleu, exact_match, token_f1, contains) "
-        "compare greedy replies with the references; loss and perplexity score the references' tokens.",
+        "compare greedy replies with the references; loss and perplexity score the references' tokens. "
+        "preference_accuracy and reward_margin score preference data: how often, and by how many nats, the "
+        "model's log-probability of the chosen reply is above the rejected one's (PyTorch targets only; for "
+        "unpaired data, the tuned-vs-base log-ratio against the good/bad label).",
     )
     split: Literal["test", "validation"] = Field(
         "test", description="Split to score (the validation split is used when the data has no test split)."
