@@ -50,8 +50,7 @@ def loratui(step: str, runs: Path, *overrides: str) -> float:
 def figures(run: Path) -> dict[str, dict[str, Any]]:
     """model -> its metrics on the preference test split, from ``eval/metrics.json``."""
     report = json.loads((run / "eval" / "metrics.json").read_text())
-    datasets = report.get("datasets", {})
-    found = next(iter(datasets.values()))
+    found = report["datasets"][0]  # the run's own data: the preference pairs' test split
     return {name: model.get("metrics", {}) for name, model in found.get("models", {}).items()}
 
 
