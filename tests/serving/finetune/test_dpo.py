@@ -308,7 +308,9 @@ def test_a_dpo_job_runs_from_a_preference_upload_to_chat(tmp_path, tiny):
         assert _run_config(tmp_path, done)["train"]["objective"] == "dpo"
         events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
         steps = [e.data for e in events if e.type == "metrics" and e.data and "step" in e.data]
-        assert steps and all("train_loss" in d and "reward_accuracy" in d for d in steps)
+        trained = [d for d in steps if "train_loss" in d]  # each logged step has DPO's figures
+        assert trained and all("reward_accuracy" in d and "reward_margin" in d for d in trained)
+        assert any("eval_reward_accuracy" in d and "valid_loss" in d for d in steps)  # and each evaluation
 
         chat = [{"role": "user", "content": "How long may visitors park at the library?"}]
         reply = client.chat.completions.create(model=done.fine_tuned_model, messages=chat, max_tokens=8, temperature=0)
@@ -319,6 +321,7 @@ def test_a_dpo_job_runs_from_a_preference_upload_to_chat(tmp_path, tiny):
 
 @needs_preference
 @pytest.mark.skip(reason="needs train.objective=dpo")
+@pytest.mark.slow  # two jobs, one after the other: about 2.5 minutes on 2 cores
 def test_sft_then_dpo_on_the_sft_jobs_model(tmp_path, tiny):
     """The usual recipe over the API: a supervised job, then a DPO job whose ``model`` is the first job's ft: model
     (it trains a new adapter on those merged weights; DPO's reference is that SFT model)."""
