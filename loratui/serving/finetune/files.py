@@ -33,8 +33,17 @@ def safe_filename(name: str) -> str:
     return cleaned[-128:]
 
 
-def validate_training_file(path: Path, filename: str, template: dict[str, Any]) -> str:
-    """The data step's reading and row checks on an uploaded file, with the data settings ``template`` holds.
+# Row formats by the preference data they hold (the data step's format names; others are plain examples).
+PAIRED_FORMATS = ("preference", "openai_preference")  # a chosen and a rejected reply per prompt
+UNPAIRED_FORMATS = ("unpaired_preference",)  # one reply per row, labelled good or bad (KTO)
+_PAIRED_SHAPES = (
+    "OpenAI's preference rows (input.messages, preferred_output, non_preferred_output) or prompt/chosen/rejected rows"
+)
+
+
+def validate_training_file(path: Path, filename: str, template: dict[str, Any], objective: str | None = None) -> str:
+    """The data step's reading and row checks on an uploaded file, with the data settings ``template`` holds;
+    with ``objective`` (a job's ``train.objective``), also whether its rows are data that objective trains on.
 
     Returns a one-line summary for ``status_details``; raises :class:`ApiError` (400) with the
     validation summary when the file cannot be read or any row is unusable: counts per problem and the
@@ -53,7 +62,39 @@ def validate_training_file(path: Path, filename: str, template: dict[str, Any]) 
     info = found.files[0] if found.files else {}
     if found.problems or not examples:
         raise ApiError(400, _failed_validation(filename, found, info), param="file", code="invalid_file")
+    if objective is not None:
+        check_objective(filename, objective, info)
     return f"{examples} examples, {info.get('kind')}, format {info.get('format')} ({info.get('reason')})"
+
+
+def check_objective(filename: str, objective: str, info: dict[str, Any]) -> None:
+    """400 unless the file's rows (``info``: its format and why, as the data step found them) are data a job
+    with ``objective`` trains on: dpo and orpo need chosen/rejected pairs; sft takes plain examples and pairs
+    (it learns the chosen replies) but not unpaired good/bad replies (it would learn the bad ones too); kto takes
+    either kind of preference rows."""
+    fmt = str(info.get("format"))
+    found = f"format {fmt} ({info.get('reason')})"
+    if objective in ("dpo", "orpo") and fmt not in PAIRED_FORMATS:
+        why = (
+            "one reply per row, labelled good or bad, not a chosen and a rejected reply"
+            if fmt in UNPAIRED_FORMATS
+            else "rows with one reply each, not a chosen and a rejected reply"
+        )
+        article = "an" if objective == "orpo" else "a"
+        message = f"{filename}: {article} {objective} job trains on preference pairs, and this file has {why}: {found}"
+        raise ApiError(400, f"{message}. Upload {_PAIRED_SHAPES}.", param="file", code="invalid_file")
+    if objective == "kto" and fmt not in PAIRED_FORMATS + UNPAIRED_FORMATS:
+        message = f"{filename}: a kto job trains on replies labelled good or bad, and this file has none: {found}"
+        raise ApiError(
+            400,
+            f"{message}. Upload prompt/completion/label rows or preference pairs.",
+            param="file",
+            code="invalid_file",
+        )
+    if objective == "sft" and fmt in UNPAIRED_FORMATS:
+        message = f"{filename}: a supervised job would learn every reply of this file, those labelled bad too: {found}"
+        hint = "Upload the good replies as chat rows, or preference pairs (a supervised job learns the chosen ones)."
+        raise ApiError(400, f"{message}. {hint}", param="file", code="invalid_file")
 
 
 def _failed_validation(filename: str, found: BuildFindings, info: dict[str, Any]) -> str:

@@ -99,6 +99,8 @@ class JobManager:
                 "training_file": req.training_file,
                 "validation_file": req.validation_file,
                 "hyperparameters": req.hyper(),
+                "method": req.method_type,
+                **({"beta": req.beta(), "train_beta": cfg.train.beta} if req.method_type == "dpo" else {}),
                 "seed": req.seed if req.seed is not None else cfg.train.seed,
                 "metadata": req.metadata or None,
                 "settings": settings,
@@ -119,6 +121,7 @@ class JobManager:
         param = "training_file"
         try:
             template = yaml.safe_load((self.store.folder(job_id) / "config.yaml").read_text(encoding="utf-8"))
+            objective = template.get("train", {}).get("objective", "sft")  # a job from before objectives: sft
             job = self.store.load(job_id)
             for param in _FILE_PARAMS:
                 file_id = getattr(job, param)
@@ -127,7 +130,7 @@ class JobManager:
                         record = self.files.record(file_id)
                     except ApiError:
                         raise ApiError(400, f"{file_id} was deleted", param=param) from None
-                    validate_training_file(Path(record["path"]), record["filename"], template)
+                    validate_training_file(Path(record["path"]), record["filename"], template, objective)
         except Exception as e:  # noqa: BLE001 - the job fails, the server stays up
             error = (
                 JobError(code=f"invalid_{param}", message=e.message, param=param)

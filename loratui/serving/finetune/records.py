@@ -55,6 +55,9 @@ class JobRecord(BaseModel):
     training_file: str
     validation_file: str | None
     hyperparameters: Hyperparameters  # as asked ("auto" where not)
+    method: Literal["supervised", "dpo"] = "supervised"  # OpenAI's method type (records before DPO: supervised)
+    beta: Literal["auto"] | float | None = None  # dpo: method.dpo.hyperparameters.beta as asked
+    train_beta: float | None = None  # dpo: the train.beta of the job's config, what it trains with
     seed: int | None
     metadata: dict[str, str] | None
     settings: dict[str, Any]  # the loratui config settings the request set

@@ -4,6 +4,10 @@ A bad parameter is a 400 in OpenAI's shape whose ``param`` names it (dotted for 
 says what is allowed: :func:`parse` turns pydantic's first error into that message. loratui's own config
 settings come in the ``loratui`` field or as ``metadata["loratui.<section>.<field>"]``
 (:func:`client_settings`); only the sections that shape the training may change.
+
+``method.type`` picks ``train.objective``: ``supervised`` (also when no method is given) trains ``sft``,
+``dpo`` trains ``dpo`` with ``method.dpo.hyperparameters.beta`` as ``train.beta``; the other hyperparameters map
+the same way for both (:func:`run_config`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ if TYPE_CHECKING:
     from loratui.pipeline.config import RunConfig
 
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+DPO_HYPERPARAMETERS = (*HYPERPARAMETERS, "beta")
+# OpenAI's method types loratui trains, and the train.objective each runs
+METHOD_OBJECTIVES = {"supervised": "sft", "dpo": "dpo"}
 # Config a client may set per job (under `loratui` or `metadata["loratui.<key>"]`): the sections that shape the
 # training. Never where the server reads or writes (paths), what code it trusts, or how it serves.
 CLIENT_SECTIONS = ("data", "lora", "train", "eval", "merge", "export")
@@ -37,6 +44,12 @@ CLIENT_DENIED = {
     "merge.adapter",
     "train.report_to",
 }
+# Settings the request's OpenAI parameters decide, so the job object says what the run does.
+BY_METHOD = {
+    "train.objective": "set by method.type ("
+    + ", ".join(f"{t!r} trains {o}" for t, o in METHOD_OBJECTIVES.items())
+    + "); give DPO's beta as method.dpo.hyperparameters.beta",
+}
 _KEY_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LORATUI_OBJECT = 'expected an object of config settings, e.g. {"lora": {"r": 16}, "train": {"lr": 1e-4}}'
 _OURS = "fine_tuning_request"  # the type of the errors this module's validators raise, already worded
@@ -48,10 +61,12 @@ _WHAT = {
     "training_file": "required (the id of a file uploaded with purpose fine-tune)",
     "validation_file": "no uploaded file {input}",
     "hyperparameters": "expected an object",
-    "method": "expected an object with type 'supervised'",
-    "method.type": "{input} is not supported (loratui fine-tunes with 'supervised')",
+    "method": "expected an object with type 'supervised' or 'dpo'",
+    "method.type": "{input} is not supported (loratui fine-tunes with 'supervised' or 'dpo')",
     "method.supervised": "expected an object",
     "method.supervised.hyperparameters": "expected an object",
+    "method.dpo": "expected an object",
+    "method.dpo.hyperparameters": "expected an object",
     "suffix": "up to 64 letters, digits, '.', '_' or '-'",
     "seed": "expected a non-negative integer, got {input}",
     "metadata": "up to 16 string keys (64 characters) and string values (512)",
@@ -91,13 +106,29 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: Annotated[Literal["auto"] | float, _auto_or(float)] = "auto"  # times the template's lr
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones plus ``beta`` (``train.beta``; 'auto': the template's)."""
+
+    beta: Annotated[Literal["auto"] | float, _auto_or(float)] = "auto"
+
+
 class Supervised(BaseModel):
     hyperparameters: Annotated[Hyperparameters | None, BeforeValidator(_empty_is_none)] = None
 
 
+class Dpo(BaseModel):
+    hyperparameters: Annotated[DpoHyperparameters | None, BeforeValidator(_empty_is_none)] = None
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = Field(None, validate_default=True)  # so a missing type is refused too
+    type: Literal["supervised", "dpo"] = Field(None, validate_default=True)  # so a missing type is refused too
     supervised: Annotated[Supervised | None, BeforeValidator(_empty_is_none)] = None
+    dpo: Annotated[Dpo | None, BeforeValidator(_empty_is_none)] = None
+
+    def given(self) -> Hyperparameters | None:
+        """The hyperparameters given under this method's own key (``method.<type>.hyperparameters``)."""
+        own = self.dpo if self.type == "dpo" else self.supervised
+        return own.hyperparameters if own else None
 
 
 _Metadata = Annotated[
@@ -120,15 +151,24 @@ class JobRequest(BaseModel):
     integrations: Annotated[None, BeforeValidator(_empty_is_none)] = None  # none supported
     loratui: dict[str, Any] | None = None  # config settings (client_settings checks them)
 
+    @property
+    def method_type(self) -> Literal["supervised", "dpo"]:
+        """OpenAI's method type (``supervised`` when the request names none, as OpenAI's API does)."""
+        return self.method.type if self.method else "supervised"
+
     def hyper(self) -> Hyperparameters:
-        """``hyperparameters``, overridden by ``method.supervised.hyperparameters``; every field set."""
+        """``hyperparameters``, overridden by ``method.<type>.hyperparameters``; every field set (beta apart)."""
         merged = Hyperparameters().model_dump()
-        for given in (
-            self.hyperparameters,
-            self.method and self.method.supervised and self.method.supervised.hyperparameters,
-        ):
-            merged.update(given.model_dump(exclude_unset=True) if given else {})
+        for given in (self.hyperparameters, self.method and self.method.given()):
+            merged.update(given.model_dump(exclude_unset=True, include=set(HYPERPARAMETERS)) if given else {})
         return Hyperparameters.model_validate(merged)
+
+    def beta(self) -> Literal["auto"] | float | None:
+        """DPO's ``beta`` as asked ('auto' unless given); None for a supervised job."""
+        if self.method_type != "dpo":
+            return None
+        given = self.method and self.method.given()
+        return given.beta if isinstance(given, DpoHyperparameters) else "auto"
 
     def settings(self) -> dict[str, Any]:
         """The loratui config settings the request sets, by dotted name; 400 for any a client may not set."""
@@ -138,9 +178,18 @@ class JobRequest(BaseModel):
 def parse(body: dict[str, Any]) -> JobRequest:
     """The request in ``body``; :class:`ApiError` (400) naming the first bad parameter."""
     try:
-        return JobRequest.model_validate(body)
+        req = JobRequest.model_validate(body)
     except ValidationError as e:
         raise _bad_request(e) from None
+    other = {"supervised": "dpo", "dpo": "supervised"}[req.method_type]
+    if req.method and getattr(req.method, other) is not None:
+        raise ApiError(
+            400,
+            f"method.{other}: not used with method.type {req.method_type!r} "
+            f"(give the hyperparameters as method.{req.method_type}.hyperparameters)",
+            param=f"method.{other}",
+        )
+    return req
 
 
 def _bad_request(error: ValidationError) -> ApiError:
@@ -151,7 +200,8 @@ def _bad_request(error: ValidationError) -> ApiError:
     if first["type"] == _OURS:
         param, text = ".".join(loc), first["msg"]
     elif first["type"] == "extra_forbidden":  # only the hyperparameters forbid other fields
-        param, text = ".".join(loc), f"unknown (known: {', '.join(HYPERPARAMETERS)})"
+        known = DPO_HYPERPARAMETERS if loc[:2] == ["method", "dpo"] else HYPERPARAMETERS
+        param, text = ".".join(loc), f"unknown (known: {', '.join(known)})"
     else:
         named = [".".join(loc[:n]) for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in _WHAT]
         param = named[0] if named else ".".join(loc)
@@ -192,6 +242,8 @@ def _check_setting(key: str) -> None:
         raise ApiError(
             400, f"loratui.{key}: not a config setting (dotted names of letters, digits and _)", param=f"loratui.{key}"
         )
+    if key in BY_METHOD:
+        raise ApiError(400, f"loratui.{key}: {BY_METHOD[key]}", param=f"loratui.{key}")
     if parts[0] not in CLIENT_SECTIONS or key in CLIENT_DENIED or len(parts) < 2:
         allowed = ", ".join(f"{s}.*" for s in CLIENT_SECTIONS)
         raise ApiError(
@@ -215,7 +267,12 @@ def run_config(
         source=[str(sources["training_file"])],
         val_source=str(sources["validation_file"]) if "validation_file" in sources else None,
     )
-    _apply_hyperparameters(data.setdefault("train", {}), request.hyper())
+    train = data.setdefault("train", {})
+    _apply_hyperparameters(train, request.hyper())
+    train["objective"] = METHOD_OBJECTIVES[request.method_type]
+    beta = request.beta()
+    if beta not in (None, "auto"):
+        train["beta"] = beta
     if request.seed is not None:
         data["train"]["seed"] = data["data"]["seed"] = request.seed
     for key, value in settings.items():

@@ -79,7 +79,7 @@ def public_job(
         "integrations": [],
         "estimated_finish": None,
         "metadata": job.metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": method_object(job, hyper),
         # the run by its folder's name under the server's runs directory: no server path reaches a client
         "loratui": {
             "run_dir": job.run_dir.name,
@@ -89,6 +89,15 @@ def public_job(
             "resumable_checkpoint": checkpoint.name if checkpoint else None,
         },
     }
+
+
+def method_object(job: JobRecord, hyper: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method`` of the job: its type and that method's hyperparameters, ``hyper`` plus DPO's beta (the
+    one the job's config trains with, once its files are validated; as asked before)."""
+    if job.method == "dpo":
+        beta = job.beta if job.status == "validating_files" or job.train_beta is None else job.train_beta
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hyper, "beta": beta}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
 
 
 def _event_object(event_id: str, t: float, described: Described) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def test_bad_files_and_requests_are_refused_with_what_is_wrong(tmp_path, tiny):
             ({"extra_body": {"loratui": {"model": {"trust_remote_code": True}}}}, "loratui.model.trust_remote_code"),
             ({"extra_body": {"loratui": {"lora": {"r": "big"}}}}, "lora.r"),
             ({"metadata": {"loratui.train.lr": "-1"}}, "train.lr"),
-            ({"method": {"type": "dpo"}}, "method.type: 'dpo' is not supported"),
+            ({"method": {"type": "reinforcement"}}, "method.type: 'reinforcement' is not supported"),
         ]:
             with pytest.raises(openai.BadRequestError, match=match):
                 client.fine_tuning.jobs.create(model="tiny", training_file=f.id, **kwargs)

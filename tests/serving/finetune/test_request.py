@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from loratui.pipeline.config import load_config
 from loratui.serving.errors import ApiError
 from loratui.serving.finetune import client_settings
-from loratui.serving.finetune.request import parse
+from loratui.serving.finetune.request import Hyperparameters, parse, run_config, validated
 
 
 def test_client_settings_take_training_sections_only():
@@ -31,6 +34,15 @@ def test_client_settings_take_training_sections_only():
             client_settings(sneaky, None)
     with pytest.raises(ApiError, match="not a config setting"):
         client_settings(None, {"loratui.eval.model ": "/elsewhere"})
+    # the objective is the method's: the job object says what the run trains
+    for extension, metadata in (({"train": {"objective": "orpo"}}, None), (None, {"loratui.train.objective": "dpo"})):
+        with pytest.raises(ApiError) as e:
+            client_settings(extension, metadata)
+        assert e.value.param == "loratui.train.objective"
+        assert e.value.message.startswith(
+            "loratui.train.objective: set by method.type ('supervised' trains sft, 'dpo' trains dpo)"
+        )
+    assert client_settings({"train": {"beta": 0.3}}, None) == {"train.beta": 0.3}
 
 
 BASE = {"model": "tiny", "training_file": "file-" + "0" * 24}
@@ -65,8 +77,54 @@ BASE = {"model": "tiny", "training_file": "file-" + "0" * 24}
         ),
         (
             {**BASE, "method": {"supervised": {"hyperparameters": {"n_epochs": 1}}}},
-            "method.type: None is not supported (loratui fine-tunes with 'supervised')",
+            "method.type: None is not supported (loratui fine-tunes with 'supervised' or 'dpo')",
             "method.type",
+        ),
+        (
+            {**BASE, "method": {"type": "reinforcement"}},
+            "method.type: 'reinforcement' is not supported (loratui fine-tunes with 'supervised' or 'dpo')",
+            "method.type",
+        ),
+        (
+            {**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -0.1}}}},
+            "method.dpo.hyperparameters.beta: expected 'auto' or a positive number, got -0.1",
+            "method.dpo.hyperparameters.beta",
+        ),
+        (
+            {**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "high"}}}},
+            "method.dpo.hyperparameters.beta: expected 'auto' or a positive number, got 'high'",
+            "method.dpo.hyperparameters.beta",
+        ),
+        (
+            {**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}},
+            "method.dpo.hyperparameters.n_epochs: expected 'auto' or a positive integer, got 0",
+            "method.dpo.hyperparameters.n_epochs",
+        ),
+        (
+            {**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"gamma": 1}}}},
+            "method.dpo.hyperparameters.gamma: unknown (known: n_epochs, batch_size, learning_rate_multiplier, beta)",
+            "method.dpo.hyperparameters.gamma",
+        ),
+        (
+            {**BASE, "method": {"type": "dpo", "dpo": 3}},
+            "method.dpo: expected an object",
+            "method.dpo",
+        ),
+        (
+            {**BASE, "method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}},
+            "hyperparameters.beta: unknown (known: n_epochs, batch_size, learning_rate_multiplier)",
+            "hyperparameters.beta",
+        ),
+        (
+            {**BASE, "method": {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}}},
+            "method.supervised: not used with method.type 'dpo' (give the hyperparameters as "
+            "method.dpo.hyperparameters)",
+            "method.supervised",
+        ),
+        (
+            {**BASE, "method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 1}}}},
+            "method.dpo: not used with method.type 'supervised'",
+            "method.dpo",
         ),
         (
             {**BASE, "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
@@ -105,3 +163,33 @@ def test_left_out_parameters_and_both_hyperparameter_places():
         }
     )
     assert req.hyper().model_dump() == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"}
+
+
+def test_a_dpo_request_makes_a_dpo_run():
+    template = load_config(None, ["train.lr=1e-3", "train.beta=0.2"]).model_dump(mode="json")
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 3, "learning_rate_multiplier": 0.5}}}
+    req = parse({**BASE, "hyperparameters": {"batch_size": 4, "n_epochs": 1}, "method": dpo})
+    assert (req.method_type, req.beta()) == ("dpo", 0.5)
+    assert req.hyper().model_dump() == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    data = run_config(template, req, req.settings(), "tiny", {"training_file": Path("/up/a.jsonl")})
+    train = validated({**data, "name": "x"}).train
+    assert (train.objective, train.beta, train.epochs, train.effective_batch) == ("dpo", 0.5, 3, 4)
+    assert train.lr == pytest.approx(5e-4)
+
+    auto = parse({**BASE, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}}})
+    assert auto.beta() == "auto"
+    train = validated(run_config(template, auto, {}, "tiny", {"training_file": Path("/up/a.jsonl")})).train
+    assert (train.objective, train.beta) == ("dpo", 0.2)  # 'auto': the job template's beta
+    bare = parse({**BASE, "method": {"type": "dpo"}})
+    assert bare.beta() == "auto" and bare.hyper().model_dump() == Hyperparameters().model_dump()
+    default = load_config(None, []).model_dump(mode="json")
+    assert validated(run_config(default, bare, {}, "tiny", {"training_file": Path("/a.jsonl")})).train.beta == 0.1
+
+    # supervised, named or not, trains sft whatever objective the template has
+    dpo_template = load_config(None, ["train.objective=dpo"]).model_dump(mode="json")
+    for body in (BASE, {**BASE, "method": {"type": "supervised"}}):
+        req = parse(body)
+        assert (req.method_type, req.beta()) == ("supervised", None)
+        assert run_config(dpo_template, req, {}, "tiny", {"training_file": Path("/a.jsonl")})["train"]["objective"] == (
+            "sft"
+        )
