@@ -284,7 +284,6 @@ def _run_config(tmp_path: Path, job) -> dict:
 
 
 @needs_preference
-@pytest.mark.skip(reason="needs train.objective=dpo")
 def test_a_dpo_job_runs_from_a_preference_upload_to_chat(tmp_path, tiny):
     """The issue's acceptance: the official client uploads OpenAI's preference JSONL, creates a DPO job on the tiny
     model, the job succeeds with DPO's metrics, and its model answers."""
@@ -320,7 +319,6 @@ def test_a_dpo_job_runs_from_a_preference_upload_to_chat(tmp_path, tiny):
 
 
 @needs_preference
-@pytest.mark.skip(reason="needs train.objective=dpo")
 @pytest.mark.slow  # two jobs, one after the other: about 2.5 minutes on 2 cores
 def test_sft_then_dpo_on_the_sft_jobs_model(tmp_path, tiny):
     """The usual recipe over the API: a supervised job, then a DPO job whose ``model`` is the first job's ft: model
