@@ -17,7 +17,7 @@ from loratui.pipeline.config import RunConfig
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.tui.dialogs import Confirm, ErrorDialog
 from loratui.tui.jobs import Job
-from loratui.tui.state import RunState, loss_curves
+from loratui.tui.state import REWARD_KEYS, RunState, curves
 from loratui.tui.steps import STEP_INFO
 from loratui.tui.views import fmt
 from loratui.tui.views.serve import ServeView, health
@@ -187,8 +187,9 @@ class JobActions(App[None]):
             if line is not None:
                 log.write(line)
         if job.step == "train" and events:
+            found = curves(job.events_so_far())  # a resumed training: with the steps before it
             for view in self.main.query(TrainView):  # when it has been shown
-                view.live(*loss_curves(job.events_so_far()))  # a resumed training: with the steps before it
+                view.live(found["loss"], found["eval_loss"], {key: found[key] for key in REWARD_KEYS})
         self._render_progress(job.step, job.progress(), job.running, self._speed(job.events))
         if job.running or self._reported:
             return
@@ -243,9 +244,9 @@ class JobActions(App[None]):
         self.state = RunState.load(self.cfg)
         if self.state.steps != before:  # a step ended: every view and the step bar change
             self.show_state()
-        else:  # only the running step's live parts: the loss curve of a training run
+        else:  # only the running step's live parts: the loss and reward curves of a training run
             for view in self.main.query(TrainView):
-                view.live(self.state.train_loss, self.state.eval_loss)
+                view.live(self.state.train_loss, self.state.eval_loss, self.state.rewards)
         if self.state.steps.get(running[0]) != "running":
             self.main.query_one("#job-status", Static).update(f"[b]{running[0]}[/b] ended in another process")
             return

@@ -26,7 +26,7 @@ from loratui.pipeline.events import read_events
 from loratui.pipeline.process import alive
 from loratui.pipeline.registry import STEP_ORDER
 from loratui.pipeline.runs import STEP_OUTPUTS, RunDir, atomic_write_text
-from loratui.pipeline.train.history import curve_points, load_curve
+from loratui.pipeline.train.history import AdapterVersion, curve_points, load_curve, version_dir
 
 Status = Literal["todo", "done", "running", "failed", "cancelled", "interrupted", "blocked"]
 
@@ -74,6 +74,7 @@ class RunState:
     train_loss: list[tuple[int, float]]
     eval_loss: list[tuple[int, float]]
     events: list[Any]  # all of events.jsonl, as read
+    rewards: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # REWARD_KEYS -> points
 
     @classmethod
     def load(cls, cfg: RunConfig) -> RunState:
@@ -94,8 +95,13 @@ class RunState:
                 why[step] = f"needs {need[0]}"
             else:
                 steps[step] = "todo"
-        train, evals = loss_curves(events, run)
-        return cls(cfg, run, steps, why, last, train, evals, events)
+        found = curves(events, run)
+        rewards = {key: found[key] for key in REWARD_KEYS}
+        return cls(cfg, run, steps, why, last, found["loss"], found["eval_loss"], events, rewards)
+
+    def version_record(self, version: Any) -> AdapterVersion | None:
+        """The provenance of adapter version ``version`` (its objective, beta, last figures), None without one."""
+        return adapter_record(version_dir(self.run, version)) if isinstance(version, int) else None
 
     def report(self, name: str) -> Any:
         """A JSON artifact of the run (``data/report.json`` ...), or None when it is not there or torn."""
@@ -133,40 +139,92 @@ def last_runs(events: list[Any]) -> dict[str, LastRun]:
     return runs
 
 
-def loss_curves(
-    events: list[Any], run: RunDir | None = None
-) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, loss) points, train and eval, of the training the run shows, in step order.
+Points = list[tuple[int, float]]
+# the reward figures of a preference objective (train/callbacks.py PREFERENCE_FIGURES) that the Train view draws
+REWARD_KEYS = ("reward_accuracy", "eval_reward_accuracy", "reward_margin", "eval_reward_margin")
+CURVE_KEYS = ("loss", "eval_loss", *REWARD_KEYS)
+
+
+def loss_curves(events: list[Any], run: RunDir | None = None) -> tuple[Points, Points]:
+    """(step, loss) points, train and eval, of the training the run shows, in step order (see :func:`curves`)."""
+    found = curves(events, run)
+    return found["loss"], found["eval_loss"]
+
+
+def curves(events: list[Any], run: RunDir | None = None) -> dict[str, Points]:
+    """(step, value) points of each of :data:`CURVE_KEYS` (train and eval loss, the reward figures of a
+    preference objective) of the training the run shows, in step order; every key is there (maybe empty).
 
     While a training invocation is going, or when it stopped without an adapter (cancelled, failed,
     killed): its own points, after a resume preceded by the curve up to the checkpoint it resumed from
-    (its ``resuming from`` event carries it, from the checkpoint's ``trainer_state.json``). Once a
-    training finished, and with ``run``: the whole curve saved with the current adapter version
-    (``adapters/vN/loss_history.json``, the same curve the report and the eval step's plot show),
-    so a rollback shows its own version's curve and never one mixed with another version's.
+    (its ``resuming from`` event carries the loss, from the checkpoint's ``trainer_state.json``; the
+    reward figures up to that step come from the invocation before). Once a training finished, and with
+    ``run``: the loss curve saved with the current adapter version (``adapters/vN/loss_history.json``,
+    the same curve the report and the eval step's plot show), so a rollback shows its own version's
+    curve and never one mixed with another version's; the reward figures (not in that file) are the
+    last finished invocation's while its version is the current one, else none.
     """
-    train: dict[int, float] = {}
-    evals: dict[int, float] = {}
-    started = ended = finished = False
+    reader = _CurveReader()
     for e in events:
-        if e.step != "train":
-            continue
-        if e.type == "log" and e.level == "debug" and e.message.startswith("train: run "):
-            train, evals, started, ended, finished = {}, {}, True, False, False
-        elif e.type == "log" and getattr(e, "curve", None) is not None:  # resumed: the steps before it
-            train, evals = curve_points(e.curve)
-        elif e.type == "metric" and e.at is not None:
-            if "loss" in e.values:
-                train[e.at] = e.values["loss"]
-            if "eval_loss" in e.values:
-                evals[e.at] = e.values["eval_loss"]
-        elif e.type in ("done", "error", "cancelled"):
-            ended, finished = True, e.type == "done"
-    if run is not None and (finished or not started or (ended and not train and not evals)):
+        if e.step == "train":
+            reader.read(e)
+    found = reader.points
+    if run is not None and (
+        reader.finished or not reader.started or (reader.ended and not found["loss"] and not found["eval_loss"])
+    ):
         saved = load_curve(run.adapter)
         if saved is not None:
-            train, evals = saved
-    return sorted(train.items()), sorted(evals.items())
+            found = {key: {} for key in CURVE_KEYS}
+            found["loss"], found["eval_loss"] = saved
+            if _is_current(run, reader.finished_version):
+                found.update(reader.finished_rewards)
+    return {key: sorted(found[key].items()) for key in CURVE_KEYS}
+
+
+class _CurveReader:
+    """The points of the training invocations in ``events.jsonl``, read in order (see :func:`curves`)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, dict[int, float]] = {key: {} for key in CURVE_KEYS}
+        self.before: dict[str, dict[int, float]] = {}  # the reward points of the invocation before this one
+        self.finished_rewards: dict[str, dict[int, float]] = {}  # those of the last invocation that finished
+        self.finished_version: Any = None  # and the adapter version it made
+        self.started = self.ended = self.finished = False
+
+    def read(self, e: Any) -> None:
+        if e.type == "log" and e.level == "debug" and e.message.startswith("train: run "):
+            self.before = {key: self.points[key] for key in REWARD_KEYS}
+            self.points = {key: {} for key in CURVE_KEYS}
+            self.started, self.ended, self.finished = True, False, False
+        elif e.type == "log" and getattr(e, "curve", None) is not None:  # resumed: the steps before it
+            self.points["loss"], self.points["eval_loss"] = curve_points(e.curve)
+            upto = max([*self.points["loss"], *self.points["eval_loss"]], default=0)
+            for key in REWARD_KEYS:
+                self.points[key] = {s: v for s, v in self.before.get(key, {}).items() if s <= upto}
+        elif e.type == "metric" and e.at is not None:
+            for key in CURVE_KEYS:
+                value = e.values.get(key)
+                if isinstance(value, (int, float)):
+                    self.points[key][e.at] = float(value)
+        elif e.type in ("done", "error", "cancelled"):
+            self.ended, self.finished = True, e.type == "done"
+            if self.finished:
+                self.finished_rewards = {key: dict(self.points[key]) for key in REWARD_KEYS}
+                self.finished_version = getattr(e, "summary", {}).get("version")
+
+
+def _is_current(run: Any, version: Any) -> bool:
+    """Whether the run's current adapter is ``version`` (True when either cannot tell: an older loratui)."""
+    record = adapter_record(run.adapter)
+    return version is None or record is None or record.version is None or record.version == version
+
+
+def adapter_record(folder: Path) -> AdapterVersion | None:
+    """The provenance (``loratui.json``) of an adapter folder; None when it has none or it is unreadable."""
+    try:
+        return AdapterVersion.load(folder)
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------ recent runs

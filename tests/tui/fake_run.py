@@ -33,9 +33,14 @@ def make_run(
     name: str = "demo",
     steps: tuple[str, ...] = ("data", "train", "eval", "merge", "export"),
     train_file: str = "train.jsonl",
+    objective: str = "sft",
 ) -> Path:
-    """Write ``root/<name>.yaml`` and ``root/runs/<name>/`` with the artifacts of ``steps``; return the config."""
-    cfg = RunConfig.model_validate({"name": name, "runs_dir": "runs", "data": {"source": train_file}})
+    """Write ``root/<name>.yaml`` and ``root/runs/<name>/`` with the artifacts of ``steps``; return the config.
+    ``objective`` other than sft: the training logged the reward figures of a preference objective, and the
+    adapter's record says so."""
+    cfg = RunConfig.model_validate(
+        {"name": name, "runs_dir": "runs", "data": {"source": train_file}, "train": {"objective": objective}}
+    )
     config = root / f"{name}.yaml"
     write_config(config, cfg)
     run = root / "runs" / name
@@ -46,6 +51,17 @@ def make_run(
         encoding="utf-8",
     )
     events = EventSink("data", [JsonlWriter(run / "events.jsonl")])
+
+    def rewards(at: int, prefix: str = "", scale: float = 1.0) -> dict[str, float]:
+        """A preference objective's figures at step ``at`` (none for sft): accuracy up to 0.95, margin to 2.4."""
+        if objective == "sft":
+            return {}
+        return {
+            f"{prefix}reward_accuracy": round(scale * (0.5 + 0.45 * at / 20), 4),
+            f"{prefix}reward_margin": round(scale * 0.12 * at, 4),
+            f"{prefix}reward_chosen": round(-0.1 * at, 4),
+            f"{prefix}reward_rejected": round(-0.22 * at, 4),
+        }
 
     def begin(step: str) -> EventSink:
         events.step = step
@@ -100,13 +116,19 @@ def make_run(
     if "train" in steps:
         sink = begin("train")
         for at in range(1, 21):
-            sink.metric({"loss": round(3.0 / at, 4), "tokens_per_s": 250.0}, at=at, split="train")
+            sink.metric({"loss": round(3.0 / at, 4), "tokens_per_s": 250.0, **rewards(at)}, at=at, split="train")
             if at % 5 == 0:
-                sink.metric({"eval_loss": round(3.2 / at + 0.1, 4)}, at=at, split="validation")
+                values = {"eval_loss": round(3.2 / at + 0.1, 4), **rewards(at, "eval_", 0.9)}
+                sink.metric(values, at=at, split="validation")
         sink.done(
             {"steps": 20, "train_loss": 0.15, "eval_loss": 0.26, "tokens_per_s": 250.0, "version": 1, "seconds": 12.5}
         )
         write_json(run / "adapter" / "adapter_config.json", {"peft_type": "LORA", "r": 16})
+        if objective != "sft":  # the version's record (train/history.py AdapterVersion), as the train step writes it
+            metrics = {"train_loss_last": 0.15, "reward_accuracy_last": 0.95, "eval_reward_accuracy_last": 0.855}
+            record = {"version": 1, "objective": objective, "beta": 0.1, "metrics": metrics}
+            for folder in (run / "adapter", run / "adapters" / "v1"):
+                write_json(folder / "loratui.json", record)
         (run / "checkpoints" / "checkpoint-20").mkdir(parents=True, exist_ok=True)
     if "eval" in steps:
         begin("eval").done({"samples": 2})
