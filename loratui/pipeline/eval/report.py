@@ -134,6 +134,13 @@ def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dic
         cases = preference_cases(main, results, n)
         if cases:
             return "\n".join(lines + cases).rstrip() + "\n"
+    lines += _generation_cases(main, results, n)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _generation_cases(main: Any, results: dict[str, dict[str, Any]], n: int) -> list[str]:
+    """The worst and best rows of the tuned model, with the reference and both models' replies."""
+    lines: list[str] = []
     tuned = results["tuned"][main.name]
     base = results.get("base", {}).get(main.name)
     ranked = sorted((i for i, r in enumerate(tuned.rows) if r is not None), key=lambda i: _case_score(tuned.rows[i]))
@@ -174,7 +181,7 @@ def comparison_md(sets: list[Any], results: dict[str, dict[str, Any]], info: dic
                     _quote(tuned.replies[i]),
                     "",
                 ]
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 PREFERENCE_NOTES = {
