@@ -1,4 +1,4 @@
-"""Write the bundled datasets (`quickstart`, `quickstart-more`) and their README, deterministically.
+"""Write the bundled datasets (`quickstart`, `quickstart-more`, `preference`) and their README, deterministically.
 
 Every question and answer below was written for loratui. They describe one invented organization,
 the Brambleholt Lending Library (14 Tannery Row, Ostervale; web and mail domain brambleholt.org),
@@ -10,6 +10,8 @@ so that a fine-tuned model can only know them from this data.
 Standard library only. The split is fixed by SEED: for each fact, its question paraphrases are
 shuffled, the first 4 go to train, the next 1 to validation and the rest (at least 1) to test, so
 validation and test questions are paraphrases never seen in training, about facts seen 4 times.
+`preference` (chosen/rejected replies for DPO, ORPO...) is built from `quickstart`'s split and the
+tables in `make_preference.py`, which says how.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import make_preference  # scripts/, this script's own folder, is on sys.path
+
 SEED = 20240917
+PREFERENCE_SEED = SEED + 100
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "loratui" / "data"
 DOMAIN = "brambleholt.org"
@@ -810,15 +815,15 @@ def build_splits(facts: list[tuple[str, str, list[str], list[str]]], seed: int) 
     return splits
 
 
-def jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps({k: r[k] for k in FIELDS}, ensure_ascii=False) + "\n" for r in rows)
+def jsonl(rows: list[dict], fields: tuple[str, ...] = FIELDS) -> str:
+    return "".join(json.dumps({k: r[k] for k in fields}, ensure_ascii=False) + "\n" for r in rows)
 
 
 def readme(counts: dict[str, dict[str, int]], n_facts: dict[str, int]) -> str:
     lines = [
         "# Bundled datasets",
         "",
-        "Two small question-answering datasets about one invented organization, the",
+        "Small datasets about one invented organization, the",
         f"**{ORG}** (14 Tannery Row, Ostervale; web and e-mail domain `{DOMAIN}`).",
         "Neither the library nor its town exists, so a model can only know these facts from this data:",
         "the gain from fine-tuning is measurable on held-out paraphrased questions.",
@@ -827,7 +832,7 @@ def readme(counts: dict[str, dict[str, int]], n_facts: dict[str, int]) -> str:
         "`python scripts/make_datasets.py --check` verifies the files are current). Do not edit the",
         "JSONL files by hand: edit the script and rerun it. License: same as the project, Apache-2.0.",
         "",
-        "## Row format",
+        "## Row format (`quickstart`, `quickstart-more`)",
         "",
         "JSON Lines, UTF-8, one object per line with four string fields, in this order:",
         "",
@@ -860,7 +865,43 @@ def readme(counts: dict[str, dict[str, int]], n_facts: dict[str, int]) -> str:
         "train on `quickstart`, then on `quickstart-more`, and check the first facts are still known.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + preference_readme(counts["preference"]))
+
+
+def preference_readme(c: dict[str, int]) -> list[str]:
+    kinds = ", ".join(f"`{k}`" for k in make_preference.IN_DOMAIN_KINDS)
+    held_out = ", ".join(make_preference.TEST_ONLY)
+    return [
+        "## `preference`: chosen and rejected replies (DPO, ORPO)",
+        "",
+        f"{c['train']} train, {c['validation']} validation and {c['test']} test pairs for the library's assistant, in",
+        "the `preference` format, one object per line with five string fields, in this order:",
+        "",
+        "```json",
+        '{"prompt": "...", "chosen": "...", "rejected": "...", "kind": "...", "topic": "..."}',
+        "```",
+        "",
+        "It teaches what tuning on `quickstart` does not: answer the library's questions with the fact, and",
+        "politely decline the others, saying what the assistant can help with.",
+        "",
+        "- In domain (the `quickstart` questions, in the same train/validation/test split): `chosen` is a",
+        "  correct quickstart answer; `rejected` is a reply of similar length that is worse, by `kind`:",
+        f"  {kinds}",
+        "  (friendly rambling without the fact, a hedge that never answers, the answer with a wrong value,",
+        "  a refusal of a question it should answer). `topic` is the quickstart fact's topic.",
+        "- Out of domain (`kind` `out_of_domain`; `topic` is the category: cooking, sports, software...):",
+        "  `chosen` is a decline that names what the assistant helps with; `rejected` answers the question.",
+        "  Whole categories appear only in `test`, the other categories' test questions are not in train:",
+        f"  {held_out}.",
+        "",
+        "Declines are chosen out of domain and rejected in domain, so a model cannot score by liking them.",
+        "",
+        "The two replies of a pair have about the same number of tokens: preference accuracy compares summed",
+        "log-probabilities, which a length difference alone would tilt. `bench/preference_probe.py` measures",
+        "the lengths and a model's preference accuracy on the test split. `examples/preference.yaml` trains",
+        "SFT on `quickstart`, then DPO on `preference` on top of it.",
+        "",
+    ]
 
 
 def render() -> dict[Path, str]:
@@ -875,6 +916,12 @@ def render() -> dict[Path, str]:
         n_facts[name] = len(facts)
         for split, rows in splits.items():
             files[DATA_DIR / name / f"{split}.jsonl"] = jsonl(rows)
+    qa_splits = build_splits(QUICKSTART, SEED)  # the same split as quickstart's files
+    answers = {topic: list(options) for topic, _, _, options in QUICKSTART}
+    pref = make_preference.build(qa_splits, answers, PREFERENCE_SEED)
+    counts["preference"] = {s: len(rows) for s, rows in pref.items()}
+    for split, rows in pref.items():
+        files[DATA_DIR / "preference" / f"{split}.jsonl"] = jsonl(rows, make_preference.FIELDS)
     files[DATA_DIR / "README.md"] = readme(counts, n_facts)
     return files
 
