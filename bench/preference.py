@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "preference.yaml"
 GAIN_TARGET = 0.2
 TRAIN_SECONDS_TARGET = 15 * 60
-SFT = ["train.objective=sft", "train.mode=fresh", "data.source=quickstart"]
+SFT = ["train.objective=sft", "train.mode=fresh", "data.source=quickstart", "train.epochs=20", "train.lr=1e-3"]
 
 
 def loratui(step: str, runs: Path, *overrides: str) -> float:
