@@ -35,6 +35,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("serve_throughput", ["--run"]),
     ("tui_startup", []),
     ("estimate_accuracy", []),
+    ("preference", []),
 ]
 EXPORTS = [
     "export.formats=[safetensors,gguf,onnx]",

@@ -71,7 +71,7 @@ class DataSection(Section):
 
     source: str | list[str] = Field(
         "quickstart",
-        description="Training data: a bundled dataset name (`quickstart`, `quickstart-more`), a JSON, "
+        description="Training data: a bundled dataset name (`quickstart`, `quickstart-more`, `preference`), a JSON, "
         "JSONL, CSV or Parquet file, a glob, a list of those, or a folder of .txt/.md documents.",
     )
     format: Literal[
