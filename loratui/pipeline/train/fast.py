@@ -407,13 +407,8 @@ class PaddingFreeCollator:
         }
 
 
-def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits: bool) -> tuple[torch.Tensor, Any]:
-    """Sum of token losses over the trained positions of a padding-free batch, divided by ``num_items``
-    (the trained tokens of the whole accumulated batch) or by this batch's own count.
-
-    With ``keep_logits`` and a frozen plain head (:func:`frozen_head`), the head and the loss run as
-    :func:`linear_cross_entropy` once a first batch showed that it gives the model's own logits;
-    ``outputs.logits`` is then empty."""
+def packed_inputs(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(the shifted labels, the positions that are trained, the model's keyword arguments) of a packed batch."""
     labels = inputs["labels"][0]
     keep = (labels != IGNORE).nonzero().squeeze(1)
     kwargs = dict(
@@ -423,6 +418,17 @@ def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits:
         cu_seq_lens_q=inputs["cu_seq_lens_q"],
         loratui_prefix=int(inputs["loratui_prefix"]),
     )
+    return labels, keep, kwargs
+
+
+def packed_loss(model: Any, inputs: dict[str, Any], num_items: Any, keep_logits: bool) -> tuple[torch.Tensor, Any]:
+    """Sum of token losses over the trained positions of a padding-free batch, divided by ``num_items``
+    (the trained tokens of the whole accumulated batch) or by this batch's own count.
+
+    With ``keep_logits`` and a frozen plain head (:func:`frozen_head`), the head and the loss run as
+    :func:`linear_cross_entropy` once a first batch showed that it gives the model's own logits;
+    ``outputs.logits`` is then empty."""
+    labels, keep, kwargs = packed_inputs(inputs)
     denominator = num_items if num_items is not None else keep.numel()
     if not keep_logits:
         outputs = model(**kwargs)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loratui.pipeline.train.fast import IGNORE, PaddingFreeCollator
+from loratui.pipeline.train.fast import IGNORE, PaddingFreeCollator, packed_inputs
 from loratui.pipeline.train.trainer import LoratuiTrainer
 
 
@@ -114,16 +114,8 @@ class SequenceLogps:
 def sequence_logps(model: Any, inputs: dict[str, Any], sequences: int) -> SequenceLogps:
     """Summed log-probabilities of each sequence's trained tokens (the replies), padded or packed."""
     if "loratui_segment" in inputs:
-        labels = inputs["labels"][0]  # already shifted by the collator: position i predicts labels[i]
-        keep = (labels != IGNORE).nonzero().squeeze(1)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            position_ids=inputs["position_ids"],
-            use_cache=False,
-            cu_seq_lens_q=inputs["cu_seq_lens_q"],
-            loratui_prefix=int(inputs["loratui_prefix"]),
-            logits_to_keep=keep,
-        )
+        labels, keep, kwargs = packed_inputs(inputs)  # labels shifted by the collator: position i predicts labels[i]
+        outputs = model(**kwargs, logits_to_keep=keep)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         token_logps = -F.cross_entropy(logits.float(), labels[keep], reduction="none")
         owner = inputs["loratui_segment"][keep]
