@@ -159,3 +159,19 @@ def test_dpo_on_unpaired_rows_is_refused(tmp_path, tiny_llama, unpaired):
     code, _, mem = _train(_cfg(tmp_path, tiny_llama, f"data.source={unpaired}", "train.objective=dpo"))
     assert code == EXIT_USER
     assert "needs pairs" in mem.of_type("error")[0].message
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora"])
+def test_dpo_trains_a_qlora_or_dora_adapter(tmp_path, tiny_llama, pairs, method):
+    cfg = _cfg(
+        tmp_path,
+        tiny_llama,
+        f"data.source={pairs}",
+        "train.objective=dpo",
+        "train.max_steps=2",
+        f"lora.method={method}",
+    )
+    code, _, mem = _train(cfg)
+    assert code == EXIT_OK, [e.message for e in mem.of_type("error")]
+    assert _figures(mem, "loss")[0] == pytest.approx(0.6931, abs=1e-3)  # fresh adapter: the policy is its reference
+    assert hist.current_version(RunDir.for_config(cfg)).method == method
