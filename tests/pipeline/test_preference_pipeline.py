@@ -15,6 +15,8 @@ from loratui.pipeline.runs import RunDir
 from tests.pipeline.train.test_step_preference import ROOMS
 from tests.serving.test_app import CHAT, Server
 
+pytestmark = pytest.mark.slow  # every export of a trained run: in `make test-slow` (CI runs both)
+
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_model_factory):
