@@ -112,7 +112,9 @@ def _probe_order(prep: Any, seed: int) -> None:
 
     resolved = prep.resolved
     per_step = resolved["train.batch_size"] * resolved["train.grad_accum"]
-    lengths = [len(x) for x in prep.inputs.train_ds["input_ids"]]
+    from loratui.pipeline.train.objectives import row_lengths
+
+    lengths = row_lengths(prep.inputs.train_ds)  # a pair: both sequences go through the model
     by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     longest, rest = by_length[: MEMORY_STEPS * per_step], by_length[MEMORY_STEPS * per_step :] or by_length
     rng = random.Random(seed)
