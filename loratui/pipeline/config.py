@@ -262,7 +262,27 @@ class TrainSection(Section):
     nproc: int = Field(
         1, ge=1, description="Processes for data-parallel training (DDP through accelerate; gloo on CPU)."
     )
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy when `nproc` > 1.")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="Multi-process strategy when `nproc` > 1 or `nodes` > 1: DDP, FSDP, or DeepSpeed ZeRO "
+        "(`zero_stage`, through accelerate's DeepSpeed plugin; CUDA only).",
+    )
+    zero_stage: Literal[2, 3] = Field(2, description="With `distributed: deepspeed`: ZeRO stage 2 or 3.")
+    nodes: int | None = Field(
+        None,
+        ge=1,
+        description="Machines taking part in training, `nproc` processes each (empty: from the environment "
+        "torchrun or SLURM set, else 1). Every node runs the same command on a run folder they share.",
+    )
+    node_rank: int | None = Field(
+        None, ge=0, description="This machine's rank among `nodes` (empty: from `NODE_RANK` or `SLURM_NODEID`)."
+    )
+    main_address: str | None = Field(
+        None, description="Address of the rank-0 node (empty: from `MASTER_ADDR`, or the first SLURM node)."
+    )
+    main_port: int | None = Field(
+        None, ge=1, le=65535, description="Port on the rank-0 node (empty: from `MASTER_PORT`, else 29500)."
+    )
     eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: once per epoch).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the oldest are deleted; the best is kept).")
@@ -439,6 +459,25 @@ class ServeSection(Section):
     )
     max_loaded_models: int = Field(
         2, ge=1, description="Fine-tuned models kept loaded for chat at once (the least recently used is unloaded)."
+    )
+    engine: Literal["loratui", "vllm"] = Field(
+        "loratui",
+        description="What generates: loratui's own backends (`backend`), or vLLM's OpenAI server started behind "
+        "loratui's API (the merged model, or the base with the run's adapters as vLLM LoRA modules).",
+    )
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="Extra arguments for `vllm serve`, passed as they are (e.g. `--tensor-parallel-size 8`).",
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="Python of the environment vLLM is installed in (empty: `LORATUI_VLLM_PYTHON`, this "
+        "environment if it has vLLM, else `.venv-vllm` beside it, as `make vllm` makes).",
+    )
+    vllm_url: str | None = Field(
+        None,
+        description="Use a vLLM server that is already running (e.g. a multi-node Ray cluster) at this URL "
+        "instead of starting one.",
     )
 
 
