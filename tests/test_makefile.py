@@ -41,10 +41,13 @@ def test_the_optional_gemma3_model_is_installed_for_the_tests_not_for_make_run()
 
     assert ".[gemma3]" not in dry("run")
     test = dry("test")
-    assert ".[gemma3]" in test and 'pytest -m "not slow"' in test
-    assert "pytest -m slow" in dry("test-slow")
+    assert ".[gemma3]" in test and 'pytest -m "not slow and not vllm"' in test
+    assert 'pytest -m "slow and not vllm"' in dry("test-slow")
+    vllm = dry("test-vllm")
+    assert "requirements-vllm.lock" in vllm and "pytest -m vllm" in vllm
+    assert "requirements-vllm.lock" not in test and "requirements-vllm.lock" not in dry("run")
     ci = (REPO / ".ci" / "run").read_text().split()
-    assert ci.index("test") < ci.index("test-slow"), "CI runs the everyday suite, then the slow tests"
+    assert ci.index("test") < ci.index("test-slow") < ci.index("test-vllm"), "CI runs the everyday suite, then the rest"
 
 
 @pytest.mark.skipif(not _built(), reason="needs the .venv that `make setup` built, up to date")

@@ -205,7 +205,26 @@ def _add_serve_parser(sub: Subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="serve this adapter on the base as model NAME (repeatable; PyTorch); the base is served too",
+        help="serve this adapter on the base as model NAME (repeatable; PyTorch or vLLM); the base is served too",
+    )
+    srv.add_argument(
+        "--engine",
+        choices=("loratui", "vllm"),
+        default=None,
+        help="what generates: loratui's own backends, or vLLM's server behind loratui's API (default: serve.engine)",
+    )
+    srv.add_argument(
+        "--vllm-args",
+        default=None,
+        metavar="ARGS",
+        help='extra arguments for vLLM, one quoted string (e.g. "--tensor-parallel-size 2"; default: serve.vllm_args)',
+    )
+    srv.add_argument(
+        "--vllm-url",
+        default=None,
+        metavar="URL",
+        help="with --engine vllm: use the vLLM server already running at URL instead of starting one "
+        "(default: serve.vllm_url)",
     )
 
 

@@ -144,6 +144,8 @@ def _adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import shlex
+
     from loratui.serving.server import ServeOptions, api_key_from, serve
     from loratui.serving.state import Limits
 
@@ -170,6 +172,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         jobs=job_settings(args, cfg, target) if s.fine_tuning else None,
         max_loaded_models=s.max_loaded_models,
         source=source,
+        engine=args.engine or s.engine,
+        vllm_args=shlex.split(args.vllm_args) if args.vllm_args is not None else list(s.vllm_args),
+        vllm_python=s.vllm_python,
+        vllm_url=args.vllm_url or s.vllm_url,
     )
     serve(opts, log=log)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,10 @@ class ServeOptions:
     jobs: JobSettings | None = None  # the fine-tuning API (served_bases is filled in here)
     max_loaded_models: int = 2  # fine-tuned models kept loaded
     source: str | None = None  # the built-in name or hub id the target was resolved from (selection.resolve_target)
+    engine: str = "loratui"  # or "vllm": vLLM's server behind this API (serving/vllm_engine.py)
+    vllm_args: list[str] = field(default_factory=list)
+    vllm_python: str | None = None
+    vllm_url: str | None = None  # a vLLM that is already running
 
 
 def served_base(opts: ServeOptions, choice: Choice) -> str | None:
@@ -55,19 +59,23 @@ def served_base(opts: ServeOptions, choice: Choice) -> str | None:
     if (opts.target / "config.yaml").is_file():
         merged = opts.target / "merged"
         return str(merged.resolve()) if (merged / "config.json").is_file() else None
-    if choice.kind in ("torch", "gguf") and choice.adapter is None:
+    if choice.kind in ("torch", "gguf", "vllm") and choice.adapter is None:
         return str(choice.path.resolve())
     return None
 
 
-def fine_tuned_loader(jobs: JobManager, opts: ServeOptions, log: Callable[[str], None]) -> Callable[[str], Any]:
+def fine_tuned_loader(
+    jobs: JobManager, opts: ServeOptions, log: Callable[[str], None], served: Callable[[], Any] = lambda: None
+) -> Callable[[str], Any]:
     """Loads a model a job made: its run as ``--format auto`` would (PyTorch on CUDA; on CPU its GGUF,
-    else its ONNX, else its merged model), or base + adapter for a ``:ckpt-step-N`` checkpoint."""
+    else its ONNX, else its merged model), or base + adapter for a ``:ckpt-step-N`` checkpoint. With the vLLM
+    engine, a job's LoRA adapter on the served model is loaded into the running vLLM instead (``served()``:
+    the server's backend)."""
     from dataclasses import replace
 
     from loratui.serving.errors import ApiError
 
-    plain = replace(opts, adapters=None)
+    plain = replace(opts, adapters=None, engine="loratui")
 
     def load(model: str) -> Any:
         import torch
@@ -83,6 +91,13 @@ def fine_tuned_loader(jobs: JobManager, opts: ServeOptions, log: Callable[[str],
                 code="model_not_found",
             )
         run, checkpoint, base_spec = source
+        adapter = checkpoint if checkpoint is not None else run / "adapter"
+        engine = served()
+        if opts.engine == "vllm" and engine is not None and vllm_can_load(adapter, base_spec, opts, engine):
+            from loratui.serving.backends.vllm import VllmAdapter
+
+            log(f"serve: loading {model} into the running vLLM (runtime LoRA: {adapter})")
+            return VllmAdapter(engine, model, adapter)
         if checkpoint is not None:
             base = resolve_model(base_spec, prepare=False).path
             choice = Choice("torch", base, checkpoint, f"PyTorch serves the base {base} with {checkpoint}")
@@ -95,6 +110,88 @@ def fine_tuned_loader(jobs: JobManager, opts: ServeOptions, log: Callable[[str],
         return build_backend(choice, plain, model, log)
 
     return load
+
+
+def vllm_can_load(adapter: Path, base_spec: str, opts: ServeOptions, backend: Any) -> bool:
+    """Whether a job's adapter goes into the running vLLM: a LoRA (not DoRA) on the very model vLLM serves."""
+    import json
+
+    if getattr(backend, "kind", None) != "vllm" or opts.jobs is None:
+        return False
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    served = opts.jobs.served_bases.get(backend.model_id)
+    return not config.get("use_dora") and served is not None and str(base_spec) == str(served)
+
+
+def vllm_choice(opts: ServeOptions) -> Choice:
+    """What vLLM serves: a Hugging Face directory (a run's merged model, else its base with the run's adapter as
+    a vLLM LoRA module; a model directory), with ``--adapter`` modules on it. GGUF and ONNX are loratui's."""
+    if opts.fmt not in ("auto", "torch"):
+        raise LoratuiError(
+            f"--format {opts.fmt} with --engine vllm: vLLM serves Hugging Face model directories",
+            hint="Leave --format out (or use --engine loratui to serve a GGUF or ONNX export).",
+        )
+    target = opts.target
+    if (target / "config.yaml").is_file():
+        merged = target / "merged"
+        if (merged / "config.json").is_file() and not opts.adapters:
+            return Choice("vllm", merged, None, f"vLLM serves the merged model {merged}")
+        base = opts.base or target
+        adapter = target / "adapter"
+        if opts.adapters:
+            return Choice("vllm", base, None, f"vLLM serves the base {base} with {len(opts.adapters)} LoRA module(s)")
+        if (adapter / "adapter_config.json").is_file():
+            return Choice("vllm", base, adapter, f"vLLM serves the base {base} with the run's adapter as a LoRA module")
+    elif (target / "config.json").is_file():
+        extra = f" with {len(opts.adapters)} LoRA module(s)" if opts.adapters else ""
+        return Choice("vllm", target, None, f"vLLM serves the model directory {target}{extra}")
+    raise LoratuiError(
+        f"--engine vllm: {target} is not a run with a merged model or an adapter, nor a model directory",
+        hint="vLLM serves Hugging Face model directories: serve the run (merged, or base + adapter) or its merged/ "
+        "folder; GGUF and ONNX files are served by --engine loratui.",
+    )
+
+
+def start_vllm(choice: Choice, opts: ServeOptions, model_id: str, log: Callable[[str], None]) -> Any:
+    """Start (or attach to) vLLM for ``choice`` and wait until it answers; the backend that talks to it."""
+    import json
+
+    from loratui.pipeline import device as devices
+    from loratui.serving.backends.vllm import VllmBackend
+    from loratui.serving.vllm_engine import EngineSpec, VllmEngine, find_python
+
+    adapters = dict(opts.adapters or {})
+    models: dict[str, str | None] = {model_id: None, **{name: name for name in adapters}}
+    served = model_id
+    if choice.adapter is not None:  # the run's adapter is the model clients ask for; the base is vLLM's alone
+        served, adapters, models = f"{model_id}-base", {model_id: choice.adapter}, {model_id: model_id}
+    limit = json.loads((choice.path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    hw = devices.probe()
+    spec = EngineSpec(
+        model=choice.path,
+        served_name=served,
+        context_length=min(opts.context_length, int(limit)) if limit else opts.context_length,
+        max_num_seqs=opts.max_batch_size,
+        adapters=adapters,
+        runtime_lora=opts.jobs is not None,
+        # the precision loratui's PyTorch backend uses here (fp32 on CPU, bf16 on CUDA): the same greedy answers
+        dtype={"fp32": "float32", "bf16": "bfloat16"}.get(
+            devices.inference_precision(devices.choose("auto", hw).value, hw)
+        ),
+        threads=opts.threads,
+        extra=list(opts.vllm_args),
+    )
+    engine = VllmEngine(spec, None if opts.vllm_url else find_python(opts.vllm_python), opts.vllm_url).start(log)
+    try:
+        engine.wait_ready()
+        tokenizer = choice.adapter if choice.adapter and (choice.adapter / "tokenizer_config.json").is_file() else None
+        return VllmBackend(engine, tokenizer or choice.path, model_id, models)
+    except BaseException:
+        engine.close()
+        raise
 
 
 def is_loopback(host: str) -> bool:
@@ -117,6 +214,8 @@ def check_security(opts: ServeOptions) -> None:
 def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callable[[str], None] = print) -> Any:
     from loratui.serving import backends
 
+    if choice.kind == "vllm":
+        return start_vllm(choice, opts, model_id, log)
     if choice.kind == "gguf":
         return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads)
     if choice.kind == "onnx":
@@ -172,7 +271,9 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
     check_security(opts)
     import torch
 
-    if opts.adapters:
+    if opts.engine == "vllm":
+        choice = vllm_choice(opts)
+    elif opts.adapters:
         base = opts.base or opts.target
         if opts.fmt not in ("auto", "torch") or not (base / "config.json").is_file():
             raise LoratuiError(
@@ -200,7 +301,7 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
         if job_base is not None:
             opts.jobs.served_bases.setdefault(model_id, job_base)
         jobs = JobManager(opts.jobs, log)
-        pool = ModelPool(fine_tuned_loader(jobs, opts, log), opts.max_loaded_models)
+        pool = ModelPool(fine_tuned_loader(jobs, opts, log, lambda: state.backend), opts.max_loaded_models)
     app = create_app(state, opts.api_key, opts.limits, loader_for(choice, opts, log), jobs, pool)
     return state, app
 

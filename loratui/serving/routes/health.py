@@ -21,9 +21,17 @@ async def health(ctx: Annotated[AppContext, Depends(context)]) -> JSONResponse:
         "backend": state.backend.kind if state.backend else None,
         "serving": state.chosen,
     }
+    status = state.status
+    describe = getattr(state.backend, "engine_state", None)  # an engine in its own process (vLLM)
+    if describe is not None:
+        engine = describe()
+        body["engine"] = engine
+        if engine["state"] != "ready" and status in ("ok", "degraded"):
+            status = body["status"] = "failed"
+            body["reason"] = f"the {engine['name']} engine is {engine['state']} (its log: {engine.get('log')})"
     if state.reason:
-        body["reason"] = state.reason
-    return JSONResponse(body, status_code=200 if state.status in ("ok", "degraded") else 503)
+        body.setdefault("reason", state.reason)
+    return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
 
 @router.get("/metrics")
