@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from loratui.cli.output import isatty, log
@@ -40,6 +41,10 @@ def cmd_step(args: argparse.Namespace) -> int:
         return _step_command(args.step, args.config, overrides)
     action = overrides.pop(0) if overrides and overrides[0] in STEP_ACTIONS.get(args.step, {}) else None
     cfg = load_config(args.config, [*overrides, *_option_overrides(args)])
+    flagged = _step_flag(args)
+    if flagged is not None:  # a flag that replaces running the step (`loratui train --print-launch slurm`)
+        fn, value = flagged
+        return fn(cfg, value, args.config, [*overrides, *_option_overrides(args)])
     code, _result, _events = run_step(args.step, load_step(args.step), cfg, writers=event_writers(args.events))
     if code == 0 and action:
         load_action(args.step, action)(cfg, args.examples)
@@ -54,6 +59,21 @@ def _step_command(step: str, config: str | None, words: list[str]) -> int:
     command, *rest = words
     cfg = load_config(config, [w for w in rest if "=" in w])
     return load_command(step, command)(cfg, [w for w in rest if "=" not in w])
+
+
+def _step_flag(args: argparse.Namespace) -> tuple[Callable[..., int], str] | None:
+    """The first of the step's flags in registry.STEP_FLAGS given on the command line: its function and value."""
+    import importlib
+
+    from loratui.pipeline.registry import STEP_FLAGS
+
+    for flag, _kwargs, ref in STEP_FLAGS.get(args.step, []):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            module, _, name = ref.partition(":")
+            fn: Callable[..., int] = getattr(importlib.import_module(module), name)
+            return fn, value
+    return None
 
 
 def _option_overrides(args: argparse.Namespace) -> list[str]:

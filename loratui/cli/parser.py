@@ -272,7 +272,7 @@ def _step_list(value: str) -> tuple[str, ...]:
 
 def _add_step_parsers(sub: Subparsers) -> None:
     """One subcommand per implemented pipeline step (see loratui.pipeline.registry)."""
-    from loratui.pipeline.registry import STEP_ACTIONS, STEP_COMMANDS, STEP_HELP, STEP_OPTIONS, STEPS
+    from loratui.pipeline.registry import STEP_ACTIONS, STEP_COMMANDS, STEP_FLAGS, STEP_HELP, STEP_OPTIONS, STEPS
 
     for name in STEPS:
         actions = {**STEP_ACTIONS.get(name, {}), **STEP_COMMANDS.get(name, {})}
@@ -287,6 +287,6 @@ def _add_step_parsers(sub: Subparsers) -> None:
         )
         if STEP_ACTIONS.get(name):
             p.add_argument("-n", "--examples", type=int, default=None, help="how many examples to show (preview)")
-        for flag, kwargs, _key in STEP_OPTIONS.get(name, []):
+        for flag, kwargs, _key in [*STEP_OPTIONS.get(name, []), *STEP_FLAGS.get(name, [])]:
             p.add_argument(flag, default=None, **kwargs)
         p.set_defaults(step=name)

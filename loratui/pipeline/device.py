@@ -157,8 +157,18 @@ def precision(want: str, device: str, hw: Probe) -> Decision:
     return Decision("fp32", "CPU has no native bf16 (emulated bf16 is many times slower)")
 
 
-def training_rules(device: str, method: str, optimizer: str, nproc: int = 1) -> list[str]:
-    """Refuse what ``device`` cannot train (LoratuiError with the nearest alternative); the warnings to log."""
+def deepspeed_installed() -> bool:
+    """Whether the ``deepspeed`` package is there (found, not imported: importing it builds or loads CUDA ops)."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def training_rules(device: str, method: str, optimizer: str, nproc: int = 1, distributed: str = "ddp") -> list[str]:
+    """Refuse what ``device`` cannot train (LoratuiError with the nearest alternative); the warnings to log.
+
+    ``nproc``: the processes of the run in all (nodes x processes per node); ``distributed`` matters when
+    there are several (``train.distributed``)."""
     eight_bit = "8bit" in optimizer
     if device == "mps":
         if method == "qlora":
@@ -174,9 +184,12 @@ def training_rules(device: str, method: str, optimizer: str, nproc: int = 1) -> 
             )
         if nproc > 1:
             raise LoratuiError(
-                f"train.nproc is {nproc}, but multi-process training on Apple MPS is not supported (one GPU)",
-                hint="Set train.nproc=1, or train.device=cpu for CPU processes.",
+                f"{nproc} training processes (train.nproc x train.nodes), but multi-process training on Apple "
+                "MPS is not supported (one GPU)",
+                hint="Set train.nproc=1 and train.nodes=1, or train.device=cpu for CPU processes.",
             )
+    if nproc > 1 and distributed == "deepspeed":
+        _deepspeed_rules(device)
     warnings = []
     if device == "cpu" and method == "qlora":
         warnings.append(
@@ -186,6 +199,22 @@ def training_rules(device: str, method: str, optimizer: str, nproc: int = 1) -> 
     if device == "cpu" and eight_bit and optimizer.startswith("paged"):
         warnings.append(f"{optimizer} on CPU: bitsandbytes runs it unpaged (as adamw_8bit)")
     return warnings
+
+
+def _deepspeed_rules(device: str) -> None:
+    """DeepSpeed ZeRO trains on CUDA GPUs (Linux) with the deepspeed package; refuse it anywhere else."""
+    if device != "cuda":
+        raise LoratuiError(
+            f"train.distributed is deepspeed, but DeepSpeed trains on CUDA GPUs only (this run's device is {device})",
+            hint="Use train.distributed=ddp (or fsdp) here: both run on CPUs (gloo) and GPUs. DeepSpeed ZeRO "
+            "needs Linux with NVIDIA GPUs (CUDA) and `pip install deepspeed`.",
+        )
+    if not deepspeed_installed():
+        raise LoratuiError(
+            "train.distributed is deepspeed, but the deepspeed package is not installed",
+            hint="pip install deepspeed (it builds its CUDA operators against the installed torch), or use "
+            "train.distributed=fsdp for sharded training without it.",
+        )
 
 
 def inference_precision(device: str, hw: Probe) -> str:

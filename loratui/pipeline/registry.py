@@ -53,7 +53,39 @@ STEP_OPTIONS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
             },
             "train.resume",
         ),
-        ("--nproc", {"type": int, "metavar": "N", "help": "train with N data-parallel processes"}, "train.nproc"),
+        (
+            "--nproc",
+            {"type": int, "metavar": "N", "help": "train with N data-parallel processes (per node)"},
+            "train.nproc",
+        ),
+        (
+            "--nodes",
+            {
+                "type": int,
+                "metavar": "N",
+                "help": "machines taking part, nproc processes each (default: NNODES, or SLURM_NNODES, else 1)",
+            },
+            "train.nodes",
+        ),
+        (
+            "--node-rank",
+            {
+                "type": int,
+                "metavar": "R",
+                "help": "this machine's rank, 0 to nodes-1 (default: NODE_RANK, or SLURM_NODEID)",
+            },
+            "train.node_rank",
+        ),
+        (
+            "--main-address",
+            {"metavar": "HOST", "help": "node 0's address (default: MASTER_ADDR, or SLURM's first node)"},
+            "train.main_address",
+        ),
+        (
+            "--main-port",
+            {"type": int, "metavar": "PORT", "help": "node 0's port (default: MASTER_PORT, else 29500)"},
+            "train.main_port",
+        ),
     ],
     "eval": [
         (
@@ -94,6 +126,22 @@ STEP_OPTIONS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
                 "help": "quantized ONNX models to write beside fp32 (int4, int8), instead of export.onnx_quants",
             },
             "export.onnx_quants",
+        ),
+    ],
+}
+
+# Step options that replace running the step (``loratui train --print-launch slurm``): (flag, argparse keywords,
+# "module:function" called with (cfg, the flag's value, the --config path, the overrides); returns an exit code).
+STEP_FLAGS: dict[str, list[tuple[str, dict[str, Any], str]]] = {
+    "train": [
+        (
+            "--print-launch",
+            {
+                "choices": ["slurm", "torchrun"],
+                "help": "print an sbatch script (slurm) or one command per node (torchrun) that trains this config "
+                "on several machines, and exit",
+            },
+            "loratui.pipeline.train.launch:print_launch",
         ),
     ],
 }

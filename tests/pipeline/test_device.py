@@ -108,6 +108,32 @@ def test_qlora_on_cpu_runs_with_a_warning_and_mps_takes_one_process():
     assert "train.nproc=1" in (e.value.hint or "")
 
 
+def test_deepspeed_is_refused_without_cuda_even_where_the_package_is_installed(monkeypatch):
+    monkeypatch.setattr(devices, "deepspeed_installed", lambda: True)
+    with pytest.raises(LoratuiError) as e:
+        devices.training_rules("cpu", "lora", "adamw_torch", nproc=2, distributed="deepspeed")
+    assert "DeepSpeed trains on CUDA GPUs only (this run's device is cpu)" in e.value.message
+    assert "train.distributed=ddp" in (e.value.hint or "") and "pip install deepspeed" in (e.value.hint or "")
+
+
+def test_deepspeed_on_cuda_needs_the_package_and_one_process_ignores_the_strategy(monkeypatch):
+    monkeypatch.setattr(devices, "deepspeed_installed", lambda: False)
+    with pytest.raises(LoratuiError, match="the deepspeed package is not installed") as e:
+        devices.training_rules("cuda", "lora", "adamw_torch", nproc=4, distributed="deepspeed")
+    assert "pip install deepspeed" in (e.value.hint or "") and "fsdp" in (e.value.hint or "")
+    assert devices.training_rules("cpu", "lora", "adamw_torch", nproc=1, distributed="deepspeed") == []
+    assert devices.training_rules("cpu", "lora", "adamw_torch", nproc=8, distributed="fsdp") == []
+    monkeypatch.setattr(devices, "deepspeed_installed", lambda: True)
+    assert devices.training_rules("cuda", "lora", "adamw_torch", nproc=4, distributed="deepspeed") == []
+
+
+def test_deepspeed_is_looked_for_without_importing_it():
+    import importlib.util
+
+    assert devices.deepspeed_installed() is (importlib.util.find_spec("deepspeed") is not None)
+    assert "deepspeed" not in sys.modules
+
+
 def test_inference_precision_follows_the_device():
     assert devices.inference_precision("cuda", CUDA_OLD) == "bf16"
     assert devices.inference_precision("mps", MPS_14) == "bf16"

@@ -38,6 +38,7 @@ from loratui.pipeline.events import EventSink, null_sink
 from loratui.pipeline.runs import RunDir
 from loratui.pipeline.steps import ShouldStop
 from loratui.pipeline.train import settings
+from loratui.pipeline.train.topology import world_size
 
 MEMORY_HEADROOM = 0.9  # auto batch sizing leaves this share of free memory for what the model does not see
 
@@ -180,7 +181,7 @@ def _budgeted(
     """The inputs with the auto settings resolved twice: once to price a micro-batch, then with the
     tokens that fit in ``available`` by the memory model (what ``batch_size: auto`` follows)."""
     common: dict[str, Any] = dict(
-        device=device[0], nproc=cfg.train.nproc, free_gib=_gib(available), params_b=shape.billions
+        device=device[0], nproc=world_size(cfg.train), free_gib=_gib(available), params_b=shape.billions
     )
     first = settings.resolve_auto(cfg, facts.lengths, **common)
     inputs = Inputs(cfg, shape, directory, facts, device[0], device[1], first, padding_free, precision)
@@ -197,7 +198,8 @@ def _train_seconds(inputs: Inputs, rate: Rate) -> tuple[float, float, int, float
     """(training seconds, per epoch, optimizer steps, epochs) at ``rate``."""
     cfg, r, facts = inputs.cfg, inputs.resolved, inputs.facts
     micro, accum, epochs = r["train.batch_size"], r["train.grad_accum"], float(r["train.epochs"])
-    steps = optimizer_steps(facts.rows, micro, accum, cfg.train.nproc, epochs, cfg.train.max_steps)
+    world = world_size(cfg.train)  # processes in all: nodes x nproc
+    steps = optimizer_steps(facts.rows, micro, accum, world, epochs, cfg.train.max_steps)
     # the probe's rate is per example token with the padding of real batches in its time; the analytic one
     # is per token computed
     per_epoch_tokens = (
@@ -205,10 +207,10 @@ def _train_seconds(inputs: Inputs, rate: Rate) -> tuple[float, float, int, float
         if rate.source == "probe"
         else computed_tokens(facts.lengths, micro, inputs.padding_free, cfg.train.seed)
     )
-    steps_per_epoch = optimizer_steps(facts.rows, micro, accum, cfg.train.nproc, 1, -1)
+    steps_per_epoch = optimizer_steps(facts.rows, micro, accum, world, 1, -1)
     if cfg.train.max_steps > 0:
         epochs = steps / steps_per_epoch
-    per_epoch = per_epoch_tokens * rate.seconds_per_token / max(1, cfg.train.nproc)
+    per_epoch = per_epoch_tokens * rate.seconds_per_token / max(1, world)
     evals = math.ceil(steps / cfg.train.eval_every) if cfg.train.eval_every else math.ceil(epochs)
     validation = evals * facts.val_tokens * rate.seconds_per_token * EVAL_FORWARD_SHARE if facts.val_rows else 0.0
     return rate.setup_s + per_epoch * epochs + validation, per_epoch, steps, epochs
@@ -308,8 +310,10 @@ def _notes(inputs: Inputs, measured: dict[str, Any] | None) -> list[str]:
         )
     if t.mode != "fresh":
         out.append(f"train.mode {t.mode}: timed as a fresh adapter (merging earlier adapters first is not counted)")
-    if t.nproc > 1:
-        out.append(f"{t.nproc} processes: time divided by {t.nproc}, memory per process")
+    world = world_size(t)
+    if world > 1:
+        nodes = f" ({world // t.nproc} nodes x {t.nproc})" if world != t.nproc else ""
+        out.append(f"{world} processes{nodes}: time divided by {world}, memory per process")
     return out
 
 
@@ -378,7 +382,7 @@ def memory_tokens(
     except LoratuiError:
         return None
     available, _ = device_memory(device)
-    first = settings.resolve_auto(cfg, facts.lengths, device=device, nproc=cfg.train.nproc)
+    first = settings.resolve_auto(cfg, facts.lengths, device=device, nproc=world_size(cfg.train))
     inputs = Inputs(cfg, shape, model_dir, facts, device, "", first, padding_free, precision)
     return token_budget(shape, inputs.plan(), available)
 

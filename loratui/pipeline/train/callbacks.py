@@ -1,4 +1,9 @@
-"""Trainer callbacks: events (progress, metrics, checkpoints), cancel at a step boundary."""
+"""Trainer callbacks: events (progress, metrics, checkpoints), cancel at a step boundary.
+
+In a run of several processes (one machine or several), SIGTERM may reach one process only (the launcher of
+one node was cancelled) or the processes at different steps: at the end of every optimizer step they agree on
+stopping (an all-reduce of the stop flag), so that all stop at the same step and save its checkpoint together.
+"""
 
 from __future__ import annotations
 
@@ -52,8 +57,23 @@ class EventsCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.events.progress(state.global_step, state.max_steps, task="train", unit="steps")
 
+    def stop_agreed(self, args: Any) -> bool:
+        """``should_stop()`` here or in any other process of the run (every process calls this at the same
+        optimizer step; with one process it is the local flag)."""
+        stop = self.should_stop()
+        if self.world_size <= 1:
+            return stop
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return stop
+        flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=args.device)  # NCCL: on the GPU
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.should_stop() and not self.cancelled:
+        if not self.cancelled and self.stop_agreed(args):
             self.cancelled = True
             control.should_save = True
             control.should_training_stop = True

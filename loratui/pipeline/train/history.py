@@ -14,6 +14,7 @@ so, so the merge step (and a user with plain peft) knows to merge them first.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -186,8 +187,17 @@ def check_adapter_base(meta: AdapterVersion | None, adapter: Path, base: str, mo
         )
 
 
+def _only_the_first_process(what: str) -> None:
+    """The adapter and its history are the run's: in a run of several processes (several nodes too) only
+    global rank 0 writes them; another process doing so is a bug that would race rank 0 on the shared folder."""
+    rank = os.environ.get("RANK", "0").strip() or "0"
+    if rank != "0":
+        raise RuntimeError(f"{what} by process {rank}: only global rank 0 writes a run's adapter history")
+
+
 def record(run: RunDir, entry: AdapterVersion, trained: Path) -> AdapterVersion:
     """Keep the adapter in ``trained`` as the next version and make it current."""
+    _only_the_first_process("an adapter version recorded")
     version = entry.version
     assert version is not None  # a version to record has its number
     history = AdapterHistory.load(run)
@@ -201,6 +211,7 @@ def record(run: RunDir, entry: AdapterVersion, trained: Path) -> AdapterVersion:
 
 
 def _make_current(run: RunDir, history: AdapterHistory, version: int) -> None:
+    _only_the_first_process("the current adapter replaced")
     with atomic_dir(run.adapter) as tmp:
         shutil.copytree(version_dir(run, version), tmp, dirs_exist_ok=True)
     history.current = version

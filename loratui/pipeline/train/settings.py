@@ -82,8 +82,9 @@ def resolve_auto(
 ) -> Resolved:
     """Rank, alpha, epochs, micro-batch and accumulation from the data and the hardware.
 
-    ``lengths``: token count of every training example. The effective batch (micro-batch x
-    accumulation x processes) stays at ``train.effective_batch`` whatever micro-batch fits.
+    ``lengths``: token count of every training example. ``nproc``: the processes of the run in all, the world
+    (``train.nodes`` x ``train.nproc``; :func:`loratui.pipeline.train.topology.world_size`). The effective batch
+    (micro-batch x accumulation x processes) stays at ``train.effective_batch`` whatever micro-batch fits.
     ``memory_tokens``: tokens per micro-batch that fit in the device's free memory by the estimate's
     memory model (:mod:`loratui.pipeline.estimate.memory`); it replaces the GPU rule of thumb and caps
     the CPU budget.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,11 +27,11 @@ from loratui.pipeline.errors import LoratuiError
 from loratui.pipeline.estimate.data import DataFacts
 from loratui.pipeline.estimate.plan import estimate_for, memory_tokens, run_facts
 from loratui.pipeline.estimate.record import Estimate
-from loratui.pipeline.events import EventSink
+from loratui.pipeline.events import EventSink, JsonlWriter
 from loratui.pipeline.runs import RunDir, write_config
 from loratui.pipeline.steps import WORKER_ENV, ShouldStop, StepResult
 from loratui.pipeline.train import history as hist
-from loratui.pipeline.train import objectives, settings
+from loratui.pipeline.train import objectives, settings, topology
 from loratui.pipeline.train.arguments import FitInputs, fit
 from loratui.pipeline.train.checkpoints import latest_checkpoint, resolve_resume, settings_of_checkpoint
 from loratui.pipeline.train.model import add_adapter, check_family, free_gib, is_oom, load_base, wants_padding_free
@@ -102,7 +103,7 @@ def _resolve_settings(
     hw = devices.probe()
     device = settings.resolve_device(cfg, hw)
     precision = settings.resolve_precision(cfg, device.value, hw)
-    warnings = devices.training_rules(device.value, cfg.lora.method, cfg.train.optimizer, world)
+    warnings = devices.training_rules(device.value, cfg.lora.method, cfg.train.optimizer, world, cfg.train.distributed)
     if rank == 0:
         for warning in warnings:
             events.log(warning, level="warning")
@@ -327,13 +328,20 @@ def _estimate_summary(found: Estimate | None) -> dict[str, Any] | None:
     }
 
 
-def record_version(prep: Prepared, run: RunDir, events: EventSink, trainer: Any, started: float) -> StepResult:
-    """Keep the trained adapter as the run's next version (and its current one); the step's result."""
+def record_version(
+    prep: Prepared, run: RunDir, events: EventSink, trainer: Any, started: float, weights: dict[str, Any] | None = None
+) -> StepResult:
+    """Keep the trained adapter as the run's next version (and its current one); the step's result.
+
+    ``weights``: the whole model's state gathered from the processes (ZeRO-3), else the model's own."""
     entry = _version_entry(prep, run, trainer, started)
     seconds = round(time.monotonic() - started, 2)
     (run.path / "adapters").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".v{entry.version}-", dir=run.path / "adapters") as tmp:
-        trainer.model.save_pretrained(tmp)
+        if weights is None:
+            trainer.model.save_pretrained(tmp)
+        else:
+            trainer.model.save_pretrained(tmp, state_dict=weights)
         prep.inputs.tokenizer.save_pretrained(tmp)
         curve = hist.curve_of(trainer.state.log_history)
         (Path(tmp) / hist.CURVE).write_text(json.dumps(curve) + "\n", encoding="utf-8")
@@ -360,12 +368,36 @@ def record_version(prep: Prepared, run: RunDir, events: EventSink, trainer: Any,
 
 def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
     quiet_bitsandbytes()
-    if cfg.train.nproc > 1 and not os.environ.get(WORKER_ENV):
+    if os.environ.get(WORKER_ENV):
+        _report_for_this_node(events)
+        return train(cfg, run, events, should_stop)
+    topo = topology.resolve(cfg.train)
+    if topo.world > 1:
         from loratui.pipeline.train.launch import run_distributed
 
-        result: StepResult = run_distributed(cfg, run, events, should_stop)
+        if not topo.leader:
+            _leave_the_run_log(events, run)
+        result: StepResult = run_distributed(cfg, run, events, should_stop, topo)
         return result
     return train(cfg, run, events, should_stop)
+
+
+def _leave_the_run_log(events: EventSink, run: RunDir) -> None:
+    """The launcher of a node other than node 0: its events go to its own terminal, not into the run's
+    events.jsonl, which node 0's launcher writes (one run, one account of it)."""
+    for writer in list(events.writers):
+        handle = getattr(writer, "_fh", None)
+        if isinstance(writer, JsonlWriter) and Path(getattr(handle, "name", "")) == run.events:
+            events.writers.remove(writer)
+            writer.close()
+
+
+def _report_for_this_node(events: EventSink) -> None:
+    """In a worker: the first process of a node other than node 0 reports on stdout too, so that its node's
+    launcher learns how training ended (global rank 0 reports for the run; the others are silent)."""
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if rank != 0 and local == 0 and not any(isinstance(w, JsonlWriter) for w in events.writers):
+        events.writers.append(JsonlWriter(sys.stdout))
 
 
 def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop) -> StepResult:
@@ -379,11 +411,21 @@ def train(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldSto
     trainer, callback = fit_with_retry(prep, run, events, should_stop)
     if callback.cancelled:
         latest = latest_checkpoint(run.checkpoints)
-        return StepResult(
-            status="cancelled",
-            resume_from=str(latest) if latest else None,
-            summary={"step": trainer.state.global_step},
-        )
-    if prep.rank != 0:
+        summary: dict[str, Any] = {"step": trainer.state.global_step}
+        if not should_stop():  # the stop came from another process (another node's launcher was cancelled)
+            summary["reason"] = f"another process of the run was cancelled; all stopped at step {summary['step']}"
+        return StepResult(status="cancelled", resume_from=str(latest) if latest else None, summary=summary)
+    weights = _gathered_weights(prep, trainer)
+    if prep.rank != 0:  # global rank 0 alone writes the adapter, its history and the run's files
         return StepResult(summary={"rank": prep.rank})
-    return record_version(prep, run, events, trainer, started)
+    return record_version(prep, run, events, trainer, started, weights)
+
+
+def _gathered_weights(prep: Prepared, trainer: Any) -> dict[str, Any] | None:
+    """Under DeepSpeed ZeRO-3 each process holds a part of the weights: every process takes part in gathering
+    them (a collective), and rank 0 saves the adapter from the whole. None where rank 0 has them already."""
+    t = prep.cfg.train
+    if prep.world <= 1 or t.distributed != "deepspeed" or t.zero_stage != 3:
+        return None
+    state: dict[str, Any] = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    return state
