@@ -152,8 +152,23 @@ def _open_run(name: str, cfg: RunConfig, writers: list[Writer] | None) -> tuple[
     if os.environ.get(WORKER_ENV):
         run = RunDir.for_config(cfg)
         return run, EventSink(name, [JsonlWriter(sys.stdout)] if int(os.environ.get("RANK", 0)) == 0 else [])
+    if _follower(name, cfg):  # the run folder (config, events, steps.json, report) is node 0's to write
+        return RunDir.for_config(cfg), EventSink(name, list(writers or []))
     run = RunDir.for_config(cfg).create(cfg)
     return run, EventSink(name, [JsonlWriter(run.events), *(writers or [])])
+
+
+def _follower(name: str, cfg: RunConfig) -> bool:
+    """The training launcher of a node other than node 0 (``train.nodes`` > 1): it writes nothing to the shared
+    run folder."""
+    if name != "train" or os.environ.get(WORKER_ENV):
+        return False
+    from loratui.pipeline.train import topology
+
+    try:
+        return not topology.resolve(cfg.train).leader
+    except LoratuiError:
+        return False  # the train step reports it
 
 
 def _cancel_reason(stop: StopFlag, result: StepResult) -> str:
@@ -186,9 +201,8 @@ def run_step(
         # the pid lets a TUI reopening the run tell a job still running from one that died
         events.log(f"{name}: run {cfg.name} in {run.path}", level="debug", pid=os.getpid())
         # the inputs as this invocation got them (a step may resolve its config in place)
-        fp = (
-            uptodate.fingerprint(cfg, name) if name in uptodate.SECTIONS_OF and not os.environ.get(WORKER_ENV) else None
-        )
+        recorded = name in uptodate.SECTIONS_OF and not os.environ.get(WORKER_ENV) and not _follower(name, cfg)
+        fp = uptodate.fingerprint(cfg, name) if recorded else None
         if fp is not None:
             uptodate.record(run, name, started_with=fp)
         try:

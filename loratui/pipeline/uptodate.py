@@ -35,7 +35,8 @@ SECTIONS_OF: dict[str, tuple[str, ...]] = {
 }
 UPSTREAM: dict[str, str | None] = {"data": None, "train": "data", "eval": "train", "merge": "train", "export": "merge"}
 # How a step is invoked, not what it computes.
-IGNORED: dict[str, tuple[str, ...]] = {"train": ("resume",)}
+# resume, and where this node sits in a multi-node run: every node computes the same fingerprint
+IGNORED: dict[str, tuple[str, ...]] = {"train": ("resume", "node_rank", "main_address", "main_port")}
 # What each export format leaves when it finished (exporters.registry names the same formats).
 EXPORT_OUTPUTS: dict[str, str] = {
     "safetensors": "merged/config.json",

@@ -178,7 +178,7 @@ def fit(
     trainer = _trainer(cfg, model, args, inputs)
     callback = EventsCallback(events, should_stop, lambda: trainer.tokens_seen, world_size=args.world_size)
     trainer.add_callback(callback)
-    if "tensorboard" in cfg.train.report_to:
+    if "tensorboard" in cfg.train.report_to and int(os.environ.get("RANK", 0)) == 0:  # one writer per run
         trainer.add_callback(_tensorboard(run))
     if cfg.train.early_stopping_patience is not None and has_eval:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
