@@ -266,6 +266,7 @@ def test_bad_files_and_requests_are_refused_with_what_is_wrong(tmp_path, tiny):
         srv.stop()
 
 
+@pytest.mark.slow  # 30-40 s: runs in make test-slow (CI), keeping make test under 15 minutes
 def test_cancel_keeps_the_checkpoint_and_resume_finishes_the_job(tmp_path, tiny):
     srv, _settings = _start(tmp_path, tiny)
     client = srv.client()
@@ -340,6 +341,7 @@ def _serve(config: Path, model: Path, port: int) -> subprocess.Popen:
     raise TimeoutError("loratui serve did not get ready")
 
 
+@pytest.mark.slow  # 30-40 s: runs in make test-slow (CI), keeping make test under 15 minutes
 def test_a_server_that_dies_keeps_its_jobs_and_the_running_one_resumes(tmp_path, tiny):
     """`loratui serve` is killed (SIGKILL) mid-training: its job's process stops too, saving a checkpoint; the
     next server lists the jobs, shows the running one failed with a resumable checkpoint, and resume finishes it."""
