@@ -12,6 +12,10 @@ level just before it; bare llama-cpp-python right after the llama.cpp backend's 
 
     loratui train/merge/export --format gguf,onnx --config examples/quickstart.yaml
     .venv/bin/python bench/serve_throughput.py [--run runs/quickstart] [--formats gguf,torch,onnx] [--rounds 3]
+    make vllm && .venv/bin/python bench/serve_throughput.py --formats torch,vllm --levels 1,8,32 --max-batch-size 32
+
+`vllm` in --formats is `loratui serve --engine vllm` (vLLM in .venv-vllm behind loratui's API); with the PyTorch
+backend in the same run, the ratio of the two is printed per level.
 
 Targets on this CPU: PyTorch at 8 clients >= 3x its 1-client aggregate; llama.cpp backend >= 80% of
 bare llama-cpp-python tokens/s at 1 client.
@@ -53,16 +57,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(run: Path, fmt: str) -> tuple[subprocess.Popen, str, str]:
+def serve_config(run: Path, max_batch_size: int | None) -> list[str]:
+    """``--config`` for the server: the run's own, with ``serve.max_batch_size`` raised when asked."""
+    if max_batch_size is None:
+        return []
+    import tempfile
+
+    import yaml
+
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data.setdefault("serve", {})["max_batch_size"] = max_batch_size
+    data["serve"]["fine_tuning"] = False  # the jobs API is not measured (with vLLM it would also turn on LoRA)
+    path = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return ["--config", str(path)]
+
+
+def start(run: Path, fmt: str, max_batch_size: int | None = None) -> tuple[subprocess.Popen, str, str]:
+    """``fmt``: a --format for loratui's own backends, or ``vllm`` for --engine vllm (its own environment)."""
     port = free_port()
+    engine = ["--engine", "vllm"] if fmt == "vllm" else ["--format", fmt]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loratui", "serve", str(run), "--format", fmt, "--port", str(port)],
+        [sys.executable, "-m", "loratui", "serve", str(run), *engine, "--port", str(port)]
+        + serve_config(run, max_batch_size),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # vLLM takes minutes to start on 2 cores
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"loratui serve --format {fmt} exited: {proc.stderr.read()[-2000:]}")
@@ -176,6 +199,12 @@ def main() -> None:
         default=3,
         help="repeat every level this many times per backend; ratios are taken within a round",
     )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="serve.max_batch_size for every server (vLLM: --max-num-seqs); default: the run's config (8)",
+    )
     add_json_arg(parser)
     args = parser.parse_args()
     run = Path(args.run)
@@ -193,7 +222,7 @@ def main() -> None:
             from loratui.serving.selection import choose
 
             gguf = choose(run, "gguf", False).path  # the file the server picks, for the bare baseline
-        proc, url, model = start(run, fmt)
+        proc, url, model = start(run, fmt, args.max_batch_size)
         try:
             with httpx.Client() as http:
                 one(http, url, model, prompts[0], 4)  # warm-up
@@ -241,6 +270,18 @@ def main() -> None:
                     ">= 3x",
                     ratio >= 3,
                 )
+    engines = {f for f, _, _ in rows}
+    if {"vllm", "torch"} <= engines:
+        print()
+        for n in levels:
+            by_round = {f: {rnd: r["tok_s"] for g, rnd, r in rows if g == f and r["clients"] == n} for f in engines}
+            ratios = [
+                by_round["vllm"][rnd] / by_round["torch"][rnd] for rnd in by_round["vllm"] if rnd in by_round["torch"]
+            ]
+            print(
+                f"vLLM vs loratui's PyTorch backend at {n} clients: {ratio_text(ratios)} the aggregate tok/s "
+                f"({statistics.median(by_round['vllm'].values()):.1f} vs {statistics.median(by_round['torch'].values()):.1f})"
+            )
     if bare:
         served = {rnd: r for f, rnd, r in rows if f == "gguf" and r["clients"] == 1}
         shares = [served[rnd]["tok_s"] / bare[rnd] for rnd in bare]
