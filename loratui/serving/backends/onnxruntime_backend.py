@@ -39,8 +39,8 @@ class OnnxBackend(HFBase):
     """An ONNX export folder (onnxruntime-genai's layout). Concurrent requests are decoded together:
     a worker thread owns the decoder graph in onnxruntime and a KV cache shared by up to
     ``max_batch_size`` rows (:mod:`.onnxruntime_batch`); a request joins the batch between decode steps
-    and leaves it when done, each row with its own sampling, stops and length. An export whose graph
-    that cannot drive (sliding-window layers, a CUDA graph: ``why_serial`` says) is served one request
+    and leaves it when done, each row with its own sampling, stops and length. An export whose graph this
+    cannot drive (sliding-window layers, a CUDA graph: ``why_serial`` says) is served one request
     at a time by onnxruntime-genai's generation loop."""
 
     kind = "onnxruntime"
@@ -96,10 +96,12 @@ class OnnxBackend(HFBase):
             return
         out: queue.Queue[Delta | None] = queue.Queue()
         with self.gate:
-            if not self.running:
-                yield Delta(finish_reason=_CLOSED, prompt_tokens=len(req.prompt_ids))
-                return
-            self.waiting.put((req, out, started))
+            queued = self.running
+            if queued:
+                self.waiting.put((req, out, started))
+        if not queued:
+            yield Delta(finish_reason=_CLOSED, prompt_tokens=len(req.prompt_ids))
+            return
         while True:
             item = out.get()
             if item is None:
