@@ -14,9 +14,11 @@ The layout is the one GroupQueryAttention reads (``past_present_share_buffer`` i
 * a decode step binds the first ``rows`` rows of each buffer as both the past input and the present
   output (IO binding): GQA writes the new key and value in place at position ``lengths[r]`` and no
   cache is copied;
-* a new request is prefilled alone (an empty past, no padding: its logits are those of a request
-  served alone) and its present copied into the next free row; a row that leaves is replaced by the
-  last live one (one row copied), so the live rows are always the first ``rows``.
+* a new request is prefilled alone (no padding: its logits are those of a request served alone)
+  straight into the next free row, bound the same way; the part of its prompt it shares with the
+  previous prompt (a chat's system prompt) is copied from that prompt's cache, and only the rest runs;
+* a row that leaves is replaced by the last live one (one row copied), so the live rows are always
+  the first ``rows``.
 
 Buffers grow (doubling, up to the context length) when a row needs more positions and are released
 when the batch empties.
@@ -82,6 +84,8 @@ class BatchDecoder:
         self.lengths = np.zeros(max_rows, dtype=np.int64)
         self.capacity = 0
         self.buffers: list[Any] = []
+        self.prefix_caching = True
+        self.prefix: tuple[list[int], list[Any]] | None = None  # the last prefilled prompt and its KV cache
 
     def clear(self) -> None:
         """No rows; the buffers are released."""
@@ -102,7 +106,11 @@ class BatchDecoder:
         self.buffers, self.capacity = grown, capacity
 
     def prefill(self, prompt: Sequence[int]) -> Any:
-        """A new row for ``prompt`` (its whole KV cache), after the live ones; its next-token logits [vocab]."""
+        """A new row for ``prompt``, after the live ones; its next-token logits [vocab].
+
+        Prefix caching: the part ``prompt`` shares with the previous prefill's prompt (a chat's system
+        prompt, a shared instruction; 8 tokens or more) is copied from that prompt's KV cache and only
+        the rest runs through the graph (GroupQueryAttention's continued prompt, at its positions)."""
         import numpy as np
 
         if self.rows >= self.max_rows:
@@ -110,51 +118,69 @@ class BatchDecoder:
         n = len(prompt)
         if not n:
             raise ValueError("an empty prompt")
-        heads, size = self.shape
-        feeds = {
-            self.input_ids: np.asarray([prompt], dtype=np.int64),
-            self.attention_mask: np.ones((1, n), dtype=np.int64),
-        }
-        if self.position_ids:
-            feeds[self.position_ids] = np.arange(n, dtype=np.int64)[None]
-        empty = np.zeros((1, heads, 0, size), dtype=self.cache_type)
-        feeds.update((past, empty) for past, _ in self.names)
-        out = self.session.run([self.logits_name] + [present for _, present in self.names], feeds)
         self._reserve(n)
         row = self.rows
-        for buffer, present in zip(self.buffers, out[1:]):
-            buffer[row, :, :n] = present[0]
+        shared = self._shared(prompt)
+        if shared:
+            assert self.prefix is not None
+            for buffer, cached in zip(self.buffers, self.prefix[1]):
+                buffer[row, :, :shared] = cached[:, :shared]
+        ids = np.asarray([prompt[shared:]], dtype=np.int64)
+        logits = self._run(row, 1, ids, np.ones((1, n), dtype=np.int64), np.arange(shared, n, dtype=np.int64)[None])
         self.lengths[row] = n
         self.rows += 1
-        return out[0][0, -1].astype(np.float32, copy=False)
+        if self.prefix_caching:
+            self.prefix = (list(prompt), [buffer[row, :, :n].copy() for buffer in self.buffers])
+        return logits[0, -1].astype(np.float32, copy=False)
+
+    def _shared(self, prompt: Sequence[int]) -> int:
+        """How many first tokens of ``prompt`` the cached prefix holds (at least one left to run; 0 below 8)."""
+        if not (self.prefix_caching and self.prefix):
+            return 0
+        old = self.prefix[0]
+        limit = min(len(old), len(prompt) - 1)
+        shared = 0
+        while shared < limit and old[shared] == prompt[shared]:
+            shared += 1
+        return shared if shared >= 8 else 0
 
     def step(self, tokens: Sequence[int]) -> Any:
         """Each live row's next token in: the rows' next-token logits [rows, vocab]."""
         import numpy as np
 
-        ort = import_onnxruntime()
         rows = self.rows
         if len(tokens) != rows:
             raise ValueError(f"{len(tokens)} tokens for {rows} rows")
         lengths = self.lengths[:rows]
         total = int(lengths.max()) + 1
         self._reserve(total)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.input_ids, np.asarray(tokens, dtype=np.int64).reshape(rows, 1))
+        ids = np.asarray(tokens, dtype=np.int64).reshape(rows, 1)
         # right-padded: only each row's sum (its length with the new token) matters to GQA
         mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
+        logits = self._run(0, rows, ids, mask, lengths.reshape(rows, 1).copy())
+        lengths += 1
+        return logits[:, 0].astype(np.float32, copy=False)
+
+    def _run(self, first: int, rows: int, ids: Any, mask: Any, positions: Any) -> Any:
+        """The graph on rows ``first .. first + rows`` of the cache: their past is those rows of every
+        buffer, bound as the present too, so GQA writes the new keys and values in place; the logits
+        [rows, len(ids[0]), vocab]."""
+        import numpy as np
+
+        ort = import_onnxruntime()
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_ids, ids)
         binding.bind_cpu_input(self.attention_mask, mask)
         if self.position_ids:
-            binding.bind_cpu_input(self.position_ids, lengths.reshape(rows, 1).copy())
-        logits = np.empty((rows, 1, self.vocab_size), dtype=self.logits_type)
+            binding.bind_cpu_input(self.position_ids, positions)
+        logits = np.empty((rows, ids.shape[1], self.vocab_size), dtype=self.logits_type)
         binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(logits))
         for (past, present), buffer in zip(self.names, self.buffers):
-            shared = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # a view: GQA writes into it in place
+            shared = ort.OrtValue.ortvalue_from_numpy(buffer[first : first + rows])  # a view, written in place
             binding.bind_ortvalue_input(past, shared)
             binding.bind_ortvalue_output(present, shared)
         self.session.run_with_iobinding(binding)
-        lengths += 1
-        return logits[:, 0].astype(np.float32, copy=False)
+        return logits
 
     def keep(self, keep: Sequence[int]) -> list[int]:
         """Only the rows ``keep`` (ascending) stay. Those in the first ``len(keep)`` slots stay put, the

@@ -134,6 +134,27 @@ def test_a_cancelled_request_frees_its_row_while_the_others_go_on(backend):
     assert rows[first : first + 6] == [3] * 6 and set(rows[first + 6 :]) <= {1, 2} and rows[first + 6] == 2
 
 
+def test_prefix_caching_reuses_a_shared_prompt_start_and_changes_nothing(backend):
+    """SmolLM2's template opens every chat with the same system prompt: a prompt after the first reuses
+    its KV cache and runs only the rest, with the same logits (sampled replies: any change shows)."""
+    b = backend()
+    chats = [[{"role": "user", "content": q}] for q in ("Where is it?", "When does it open?", "Who runs the place?")]
+    hits: list[int] = []
+    shared = b.decoder._shared
+    b.decoder._shared = lambda prompt: hits.append(shared(prompt)) or hits[-1]
+
+    def replies() -> list[tuple]:
+        reqs = [GenRequest(b.chat_prompt(c), 12, seed=i) for i, c in enumerate(chats)]
+        return [_reply(_run(b, r)) for r in reqs] + [_reply(r) for r in _together(b, reqs)]
+
+    b.decoder.prefix_caching = False
+    plain = replies()
+    b.decoder.prefix_caching = True
+    cached = replies()
+    assert cached == plain and len({text for text, _, _ in plain}) == 3
+    assert hits[:6] == [0] * 6 and hits[6] == 0 and min(hits[7:]) >= 8  # the first prompt has nothing to reuse
+
+
 def test_stop_strings_and_max_tokens_per_row(backend):
     b = backend()
     full = [_run(b, GenRequest(b.encode(PROMPTS[i]), 10, temperature=0))[0] for i in range(3)]
