@@ -219,7 +219,7 @@ def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callab
     if choice.kind == "gguf":
         return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads)
     if choice.kind == "onnx":
-        return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads)
+        return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads, opts.max_batch_size)
     return backends.TorchBackend(
         choice.path,
         model_id,
