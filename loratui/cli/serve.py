@@ -231,7 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 Path(args.input),
                 Path(args.output),
                 settings,
-                workers=s.max_batch_size if backend.kind in ("torch", "onnxruntime") else 1,
+                workers=s.max_batch_size,  # every backend batches
                 progress=progress,
                 should_stop=should_stop,
             ),
