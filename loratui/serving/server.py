@@ -118,7 +118,7 @@ def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callab
     from loratui.serving import backends
 
     if choice.kind == "gguf":
-        return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads)
+        return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads, opts.max_batch_size)
     if choice.kind == "onnx":
         return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads)
     return backends.TorchBackend(
