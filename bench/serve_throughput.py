@@ -1,20 +1,23 @@
-"""Serving throughput: aggregate generated tokens/s and time to first token at 1, 4 and 8 concurrent
-streaming clients, for each backend of `loratui serve` on one run, in one run of this script; plus
-bare llama-cpp-python on the same GGUF and prompts as the llama.cpp backend's baseline.
+"""Serving throughput: aggregate generated tokens/s and time to first token at 1, 8 and 32 concurrent
+streaming clients, for each backend of `loratui serve` on one run, in one run of this script; plus each
+runtime alone on the same files and prompts, one request at a time: bare llama-cpp-python (``Llama.generate``)
+on the GGUF, and bare onnxruntime-genai (the export's own ``og.Generator``) on the ONNX folder.
 
 Each backend runs as a real server (`loratui serve <run> --format F`, a subprocess on loopback).
 Every client sends ``--requests`` streaming chat requests one after another (prompts: the run's test
 questions, greedy, up to ``--max-tokens``); the level's aggregate is all completion tokens (from
 ``usage``) over the level's wall time. TTFT: request sent -> first content chunk, p50 / p95 over all
 requests of the level. This VM's speed drifts by tens of percent over minutes, so every level runs
-``--rounds`` times and each ratio is taken within a round (the 8-client level against the 1-client
-level just before it; bare llama-cpp-python right after the llama.cpp backend's levels, the server idle).
+``--rounds`` times and each ratio is taken within a round (a level against the 1-client level of the same
+round; a bare runtime right after its backend's levels, the server idle).
 
     loratui train/merge/export --format gguf,onnx --config examples/quickstart.yaml
     .venv/bin/python bench/serve_throughput.py [--run runs/quickstart] [--formats gguf,torch,onnx] [--rounds 3]
+    .venv/bin/python bench/serve_throughput.py --profile-llama   # llama.cpp decode step time by rows, threads
 
-Targets on this CPU: PyTorch at 8 clients >= 3x its 1-client aggregate; llama.cpp backend >= 80% of
-bare llama-cpp-python tokens/s at 1 client.
+Targets on this CPU: PyTorch and the llama.cpp backend at 8 clients >= 3x their 1-client aggregate;
+llama.cpp backend at 1 client >= 80% of bare llama-cpp-python tokens/s (and the ONNX backend against
+bare onnxruntime-genai, measured the same way).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -133,36 +137,150 @@ def level(url: str, model: str, prompts: list[str], clients: int, requests: int,
     }
 
 
-def bare_llama_cpp(gguf: Path, run: Path, prompts: list[str], max_tokens: int) -> float:
-    """llama-cpp-python alone: same GGUF, same chat prompts, greedy, same stop tokens as the server."""
-    from loratui.serving.backends import LlamaCppBackend
+def chat_ids(backend, prompts: list[str]) -> list[list[int]]:
+    return [backend.chat_prompt([{"role": "user", "content": q}]) for q in prompts]
 
-    backend = LlamaCppBackend(gguf, "bare", 2048)  # used only for its prompt and stop ids: generation is llama_cpp's
-    llm = backend.llm
+
+def timed(
+    tokens_of: Callable[[list[int]], Iterator[int]], prompts: list[list[int]], stop_ids: set[int], max_tokens: int
+) -> float:
+    """tokens/s of one request at a time (prompt processing included), after one warm-up request, as the
+    server gets."""
     tokens, seconds = 0, 0.0
-    for q in prompts:
-        ids = backend.chat_prompt([{"role": "user", "content": q}])
+    for k, ids in enumerate([prompts[0], *prompts]):
         started = time.perf_counter()
-        gen = llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        gen = tokens_of(ids)
         n = 0
         for t in gen:
-            if t in backend.stop_ids:
+            if t in stop_ids:
                 break
             n += 1
-            if n >= max_tokens:
+            if n >= (4 if k == 0 else max_tokens):
                 break
-        gen.close()
-        seconds += time.perf_counter() - started
-        tokens += n
-    backend.close()
+        gen.close()  # type: ignore[attr-defined]
+        if k:
+            seconds += time.perf_counter() - started
+            tokens += n
     return tokens / seconds
+
+
+def bare_llama_cpp(gguf: Path, prompts: list[str], max_tokens: int) -> float:
+    """llama-cpp-python alone: same GGUF, same chat prompts, greedy, same stop tokens as the server; the
+    high-level ``Llama`` as the backend used it before it batched (one context, all cores)."""
+    import llama_cpp
+
+    from loratui.serving.backends import LlamaCppBackend
+
+    backend = LlamaCppBackend(gguf, "bare", 2048, max_batch_size=1)  # only its prompts and stop ids
+    ids, stop_ids = chat_ids(backend, prompts), backend.stop_ids
+    backend.close()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    try:
+        return timed(
+            lambda p: llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True),
+            ids,
+            stop_ids,
+            max_tokens,
+        )
+    finally:
+        llm.close()
+
+
+def bare_onnxruntime_genai(folder: Path, prompts: list[str], max_tokens: int) -> float:
+    """onnxruntime-genai alone: the export's own generator (``og.Generator``), same chat prompts (the
+    folder's tokenizer and template, as the server's), greedy, the same stop tokens, one request at a time."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    from loratui.pipeline.eval.ort import genai_config
+    from loratui.serving.backends.hf import HFBase
+
+    eos = genai_config(folder)["model"].get("eos_token_id")
+    side = HFBase()
+    side._setup_tokenizer(AutoTokenizer.from_pretrained(str(folder)), eos)
+    model = og.Model(str(folder))
+
+    def tokens_of(ids: list[int]) -> Iterator[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False, batch_size=1)
+        generator = og.Generator(model, params)
+        try:
+            generator.append_tokens([ids])
+            while not generator.is_done():
+                generator.generate_next_token()
+                yield int(generator.get_next_tokens()[0])
+        finally:
+            del generator
+
+    return timed(tokens_of, chat_ids(side, prompts), side.stop_ids, max_tokens)
+
+
+def profile_llama(gguf: Path, prompts: list[str], requests: int, max_tokens: int) -> None:
+    """The llama.cpp backend in-process, no HTTP: ``llama_decode`` time per decode step by rows and
+    threads; then the workload of the bench (1 and 8 clients, ``requests`` each) split into decode
+    steps, prompt prefill and the rest."""
+    from loratui.serving.backends import GenRequest, LlamaCppBackend
+
+    def drive(backend: LlamaCppBackend, clients: int, per_client: int) -> tuple[float, int, list]:
+        ids = chat_ids(backend, prompts)
+        done = [0]
+        lock = threading.Lock()
+
+        def client(c: int) -> None:
+            for k in range(per_client):
+                req = GenRequest(ids[(c * per_client + k) % len(ids)], max_tokens, temperature=0)
+                last = list(backend.stream(req))[-1]
+                with lock:
+                    done[0] += last.completion_tokens
+
+        backend.batcher.profile = []
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        calls, backend.batcher.profile = backend.batcher.profile, None
+        return time.perf_counter() - started, done[0], calls
+
+    print("llama_decode time per decode step (every row one token), by rows and threads:\n")
+    print("| threads | rows | ms per step | tokens/s of the step | vs 1 row |")
+    print("|---:|---:|---:|---:|---:|")
+    for threads in sorted({1, os.cpu_count() or 1}):
+        one_row = 0.0
+        for slots in (1, 2, 4, 8):
+            backend = LlamaCppBackend(gguf, "profile", 2048, threads=threads, max_batch_size=slots)
+            _wall, _tokens, calls = drive(backend, slots, 2)
+            backend.close()
+            ms = 1000 * statistics.median(s for rows, tokens, s in calls if rows == tokens == slots)
+            one_row = one_row or ms
+            print(
+                f"| {threads} | {slots} | {ms:.1f} | {1000 * slots / ms:.0f} | {slots * one_row / ms:.2f}x |",
+                flush=True,
+            )
+    print(f"\nThe bench's workload in-process ({requests} requests per client, all cores):\n")
+    print("| clients | tok/s | answer tokens | decode steps: s (mean rows) | prefill: s (calls x tokens) | rest s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    backend = LlamaCppBackend(gguf, "profile", 2048, max_batch_size=8)
+    try:
+        for clients in (1, 8):
+            wall, tokens, calls = drive(backend, clients, requests)
+            steps = [(rows, s) for rows, n, s in calls if rows == n]
+            fills = [(n, s) for rows, n, s in calls if rows == 1 and n > 1]
+            print(
+                f"| {clients} | {tokens / wall:.1f} | {tokens} | {sum(s for _, s in steps):.2f} "
+                f"({sum(r for r, _ in steps) / len(steps):.1f}) | {sum(s for _, s in fills):.2f} "
+                f"({len(fills)} x {sum(n for n, _ in fills) / max(len(fills), 1):.1f}) | "
+                f"{wall - sum(s for *_, s in calls):.2f} |",
+                flush=True,
+            )
+    finally:
+        backend.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/quickstart")
     parser.add_argument("--formats", default="gguf,torch,onnx")
-    parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--levels", default="1,8,32")
     parser.add_argument(
         "--requests",
         type=int,
@@ -176,23 +294,30 @@ def main() -> None:
         default=3,
         help="repeat every level this many times per backend; ratios are taken within a round",
     )
+    parser.add_argument(
+        "--profile-llama",
+        action="store_true",
+        help="instead: the llama.cpp backend in-process, decode step time by rows and threads",
+    )
     add_json_arg(parser)
     args = parser.parse_args()
     run = Path(args.run)
     prompts = questions(run, 16)
     levels = [int(x) for x in args.levels.split(",")]
+    from loratui.serving.selection import choose
+
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores; run {run}; {args.requests} streaming chat requests per "
         f"client per level, greedy, max_tokens {args.max_tokens}; {args.rounds} rounds",
         flush=True,
     )
+    if args.profile_llama:
+        profile_llama(choose(run, "gguf", False).path, prompts, args.requests, args.max_tokens)
+        return
     rows: list[tuple[str, int, dict]] = []  # (format, round, level result)
-    bare: dict[int, float] = {}  # round -> bare llama-cpp-python tok/s
+    bare: dict[str, dict[int, float]] = {"gguf": {}, "onnx": {}}  # format -> round -> its bare runtime's tok/s
     for fmt in args.formats.split(","):
-        if fmt == "gguf":
-            from loratui.serving.selection import choose
-
-            gguf = choose(run, "gguf", False).path  # the file the server picks, for the bare baseline
+        served = choose(run, fmt, False).path if fmt in bare else None  # the file the server picks
         proc, url, model = start(run, fmt)
         try:
             with httpx.Client() as http:
@@ -202,9 +327,10 @@ def main() -> None:
                     result = level(url, model, prompts, n, args.requests, args.max_tokens)
                     rows.append((fmt, rnd, result))
                     print(f"{fmt} round {rnd + 1} x{n}: {result['tok_s']:.1f} tok/s", flush=True)
-                if fmt == "gguf":  # the baseline in the same round, while the server sits idle
-                    bare[rnd] = bare_llama_cpp(gguf, run, prompts[: args.requests], args.max_tokens)
-                    print(f"bare llama-cpp-python round {rnd + 1}: {bare[rnd]:.1f} tok/s", flush=True)
+                if served is not None:  # the bare runtime in the same round, while the server sits idle
+                    measure = bare_llama_cpp if fmt == "gguf" else bare_onnxruntime_genai
+                    bare[fmt][rnd] = measure(served, prompts[: args.requests], args.max_tokens)
+                    print(f"bare {BARE[fmt]} round {rnd + 1}: {bare[fmt][rnd]:.1f} tok/s", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -220,46 +346,58 @@ def main() -> None:
     )
     print("| backend | clients | aggregate tok/s | vs its 1 client | TTFT p50 s | TTFT p95 s |")
     print("|---|---:|---:|---:|---:|---:|")
+    targets: list[str] = []
     for fmt in dict.fromkeys(f for f, _, _ in rows):
+        base = {rnd: r for f, rnd, r in rows if f == fmt and r["clients"] == levels[0]}
         for n in levels:
             mine = [(rnd, r) for f, rnd, r in rows if f == fmt and r["clients"] == n]
-            base = {rnd: r for f, rnd, r in rows if f == fmt and r["clients"] == levels[0]}
             ratios = [r["tok_s"] / base[rnd]["tok_s"] for rnd, r in mine]
             print(
                 f"| {fmt} | {n} | {statistics.median(r['tok_s'] for _, r in mine):.1f} | {ratio_text(ratios)} | "
                 f"{statistics.median(r['p50'] for _, r in mine):.3f} | {statistics.median(r['p95'] for _, r in mine):.3f} |"
             )
-            if fmt == "torch" and n == max(levels) and n > levels[0]:
+            if fmt in ("torch", "gguf") and n == 8 and n > levels[0]:
                 ratio = statistics.median(ratios)
+                name = {"torch": "PyTorch", "gguf": "llama.cpp"}[fmt]
+                targets.append(f"{name} backend, 8 clients vs 1: {ratio:.2f}x (target >= 3x)")
                 record(
                     args.json,
                     "serve_throughput",
-                    f"PyTorch backend, {n} streaming clients vs 1, aggregate tok/s",
+                    f"{name} backend, {n} streaming clients vs 1, aggregate tok/s",
                     f"{statistics.median(r['tok_s'] for _, r in mine):.1f} tok/s",
                     f"1 client {statistics.median(r['tok_s'] for r in base.values()):.1f} tok/s",
                     ratio,
                     ">= 3x",
                     ratio >= 3,
                 )
-    if bare:
-        served = {rnd: r for f, rnd, r in rows if f == "gguf" and r["clients"] == 1}
-        shares = [served[rnd]["tok_s"] / bare[rnd] for rnd in bare]
+    for fmt, alone in bare.items():
+        if not alone:
+            continue
+        one_client = {rnd: r for f, rnd, r in rows if f == fmt and r["clients"] == 1}
+        shares = [one_client[rnd]["tok_s"] / alone[rnd] for rnd in alone]
+        share = statistics.median(shares)
+        name = {"gguf": "llama.cpp", "onnx": "ONNX Runtime"}[fmt]
         print(
-            f"\nbare llama-cpp-python, same GGUF and prompts: {statistics.median(bare.values()):.1f} tok/s (median); "
-            f"the llama.cpp backend at 1 client reaches {statistics.median(shares):.0%} of it "
+            f"\nbare {BARE[fmt]}, same files and prompts: {statistics.median(alone.values()):.1f} tok/s (median); "
+            f"the {name} backend at 1 client reaches {share:.0%} of it "
             f"(rounds: {', '.join(f'{x:.0%}' for x in shares)}; its figure includes HTTP, streaming and prompt time)"
         )
-        share = statistics.median(shares)
+        targets.append(f"{name} backend at 1 client vs bare {BARE[fmt]}: {share:.0%} (target >= 80%)")
         record(
             args.json,
             "serve_throughput",
-            "llama.cpp backend at 1 client vs bare llama-cpp-python, tok/s",
-            f"{statistics.median(served[rnd]['tok_s'] for rnd in bare):.1f} tok/s",
-            f"bare llama-cpp-python {statistics.median(bare.values()):.1f} tok/s",
+            f"{name} backend at 1 client vs bare {BARE[fmt]}, tok/s",
+            f"{statistics.median(one_client[rnd]['tok_s'] for rnd in alone):.1f} tok/s",
+            f"bare {BARE[fmt]} {statistics.median(alone.values()):.1f} tok/s",
             share,
             ">= 80%",
             share >= 0.8,
         )
+    if targets:
+        print("\nTargets:\n" + "\n".join(f"- {t}" for t in targets))
+
+
+BARE = {"gguf": "llama-cpp-python", "onnx": "onnxruntime-genai"}
 
 
 if __name__ == "__main__":
