@@ -37,17 +37,16 @@ class LlamaCppBackend:
 
         import llama_cpp
 
-        from loratui.exporters.gguf_info import summary
         from loratui.serving.backends.llamacpp_batch import Batcher
 
         self.model_id = model_id
         self.models: dict[str, str | None] = {model_id: None}
-        trained = summary(path)["context_length"]  # the gguf reader: metadata only, no llama.cpp log
-        self.context_length = min(context_length, int(trained)) if trained else context_length
         self.max_batch_size = max(1, min(max_batch_size, llama_cpp.llama_max_parallel_sequences()))
         # The tokenizer, the metadata and the weights; generation runs in the batcher's own context, so
         # this object's context is the smallest llama.cpp makes.
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=32, n_threads=1, verbose=False)
+        trained = llama_cpp.llama_model_n_ctx_train(self.llm.model)
+        self.context_length = min(context_length, trained) if trained > 0 else context_length
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
         self.formatter: Any = None

@@ -209,7 +209,7 @@ class Batcher:
         budget = self.n_batch
         for row in [r for r in self.rows if not r.generating]:  # in arrival order
             take = min(len(row.todo), self.n_batch)
-            if len(row.todo) - take == 1 and take > 2:  # the last chunk is two tokens or more, as above
+            if len(row.todo) - take == 1 and take > 2:  # no lone last token: its logits would differ
                 take -= 1
             if take > budget:
                 break

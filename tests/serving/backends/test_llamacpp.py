@@ -85,7 +85,7 @@ def test_concurrent_greedy_requests_get_the_text_each_gets_alone(backend, gguf):
     assert [text for text, _ in batched] == alone
     assert len(set(alone)) == 8 and all(alone)
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         for req, text in zip(reqs, alone):
             ids: list[int] = []
