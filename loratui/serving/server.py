@@ -113,7 +113,8 @@ def fine_tuned_loader(
 
 
 def vllm_can_load(adapter: Path, base_spec: str, opts: ServeOptions, backend: Any) -> bool:
-    """Whether a job's adapter goes into the running vLLM: a LoRA (not DoRA) on the very model vLLM serves."""
+    """Whether a job's adapter goes into the running vLLM: a LoRA (not DoRA) trained on the very model vLLM serves
+    (a job on a run's merged model while vLLM serves the run's base with adapters is not)."""
     import json
 
     if getattr(backend, "kind", None) != "vllm" or opts.jobs is None:
@@ -122,8 +123,13 @@ def vllm_can_load(adapter: Path, base_spec: str, opts: ServeOptions, backend: An
         config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    served = opts.jobs.served_bases.get(backend.model_id)
-    return not config.get("use_dora") and served is not None and str(base_spec) == str(served)
+    if config.get("use_dora"):
+        return False
+    served = backend.engine.spec.model.resolve()
+    given = Path(base_spec).expanduser()
+    if given.exists():
+        return bool(given.resolve() == served)
+    return base_spec == opts.source and opts.target.resolve() == served  # a built-in name or hub id vLLM serves
 
 
 def vllm_choice(opts: ServeOptions) -> Choice:

@@ -137,13 +137,55 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_the_merged_run_answers_like_pytorch_streams_and_leaves_nothing_when_killed(run):
+def _job_template(tmp_path: Path) -> Path:
+    """Jobs as short as a test needs: a few steps, a small eval, safetensors only."""
+    template = tmp_path / "jobs.yaml"
+    template.write_text(
+        yaml.safe_dump(
+            {
+                "train": {"max_steps": 3, "keep_best": False},
+                "eval": {"max_samples": 2, "max_new_tokens": 8, "compare_base": False},
+                "merge": {"parity_prompts": 2},
+                "export": {"formats": ["safetensors"]},
+            }
+        )
+    )
+    return template
+
+
+def _job_model_without_a_restart(server: Served) -> None:
+    """A fine-tuning job on the served model succeeds, and its model answers from the same running vLLM."""
+    client = server.client()
+    rows = "\n".join(
+        json.dumps({"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]})
+        for i in range(12)
+    )
+    upload = client.files.create(file=("train.jsonl", rows.encode()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="quickstart", training_file=upload.id)
+    deadline = time.monotonic() + 900
+    while job.status not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(2)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    pid = server.proc.pid
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "Q1"}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content is not None and reply.model == job.fine_tuned_model
+    assert server.proc.pid == pid and server.proc.poll() is None  # the same server, no restart
+    assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+    # loaded into the running vLLM (its runtime LoRA loading), not into a second runtime beside it
+    engine_models = httpx.get(server.health["engine"]["url"] + "/v1/models", timeout=10).json()["data"]
+    assert job.fine_tuned_model in {m["id"] for m in engine_models}
+
+
+def test_the_merged_run_answers_like_pytorch_streams_takes_a_job_and_leaves_nothing_when_killed(run, tmp_path):
     torch_server = Served(str(run), "--format", "torch")
     try:
         expected = torch_server.greedy("quickstart")
     finally:
         torch_server.stop()
-    server = Served(str(run), "--engine", "vllm")
+    server = Served(str(run), "--engine", "vllm", "--config", str(_job_template(tmp_path)))
     try:
         assert server.health["backend"] == "vllm" and server.health["engine"]["state"] == "ready"
         assert server.greedy("quickstart") == expected
@@ -155,6 +197,7 @@ def test_the_merged_run_answers_like_pytorch_streams_and_leaves_nothing_when_kil
             if c.choices and c.choices[0].delta.content
         ]
         assert len(chunks) > 3 and "".join(chunks)
+        _job_model_without_a_restart(server)
         engine = _descendants(server.proc.pid)
         assert engine, "vLLM runs as the server's child processes"
         server.proc.send_signal(signal.SIGKILL)
@@ -167,48 +210,16 @@ def test_the_merged_run_answers_like_pytorch_streams_and_leaves_nothing_when_kil
         server.stop()
 
 
-def test_base_plus_adapter_and_a_fine_tuning_jobs_model_without_a_restart(run, tmp_path):
-    template = tmp_path / "jobs.yaml"
-    template.write_text(
-        yaml.safe_dump(
-            {
-                "train": {"max_steps": 3, "keep_best": False},
-                "eval": {"max_samples": 2, "max_new_tokens": 8, "compare_base": False},
-                "merge": {"parity_prompts": 2},
-                "export": {"formats": ["safetensors"]},
-            }
-        )
-    )
-    server = Served(str(run), "--engine", "vllm", "--adapter", f"tuned={run / 'adapter'}", "--config", str(template))
+def test_base_plus_adapter_answers_like_the_merged_model(run):
+    server = Served(str(run), "--engine", "vllm", "--adapter", f"tuned={run / 'adapter'}")
     try:
         client = server.client()
         assert {m.id for m in client.models.list().data} >= {"quickstart", "tuned"}
         tuned = server.greedy("tuned")
-        merged = Served(str(run / "merged"), "--format", "torch", "--model-name", "merged")
-        try:
-            assert tuned == merged.greedy("merged")  # base + LoRA in vLLM == the merged model in PyTorch
-        finally:
-            merged.stop()
-        rows = "\n".join(
-            json.dumps({"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]})
-            for i in range(12)
-        )
-        upload = client.files.create(file=("train.jsonl", rows.encode()), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model="quickstart", training_file=upload.id)
-        deadline = time.monotonic() + 900
-        while job.status not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
-            time.sleep(2)
-            job = client.fine_tuning.jobs.retrieve(job.id)
-        assert job.status == "succeeded", job.error
-        pid = server.proc.pid
-        reply = client.chat.completions.create(
-            model=job.fine_tuned_model, messages=[{"role": "user", "content": "Q1"}], max_tokens=8, temperature=0
-        )
-        assert reply.choices[0].message.content is not None and reply.model == job.fine_tuned_model
-        assert server.proc.pid == pid and server.proc.poll() is None  # the same server, no restart
-        assert job.fine_tuned_model in {m.id for m in client.models.list().data}
-        # loaded into the running vLLM (its runtime LoRA loading), not into a second runtime beside it
-        engine_models = httpx.get(server.health["engine"]["url"] + "/v1/models", timeout=10).json()["data"]
-        assert job.fine_tuned_model in {m["id"] for m in engine_models}
     finally:
         server.stop()
+    merged = Served(str(run / "merged"), "--format", "torch", "--model-name", "merged")
+    try:
+        assert tuned == merged.greedy("merged")  # base + LoRA in vLLM == the merged model in PyTorch
+    finally:
+        merged.stop()

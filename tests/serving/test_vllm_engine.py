@@ -254,3 +254,30 @@ def test_a_killed_server_leaves_no_engine_process(tmp_path, tiny_model_factory, 
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_jobs_adapter_goes_into_vllm_only_when_it_was_trained_on_what_vllm_serves(tmp_path):
+    from types import SimpleNamespace
+
+    from loratui.serving.finetune import JobSettings
+    from loratui.serving.server import vllm_can_load
+
+    merged, base = tmp_path / "run" / "merged", tmp_path / "base"
+    merged.mkdir(parents=True)
+    base.mkdir()
+    lora, dora = _adapter(tmp_path / "lora", 8), tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
+    jobs = JobSettings(root=tmp_path / "jobs", runs_dir=tmp_path / "runs", template={}, slots=1, gpus=[])
+    opts = ServeOptions(target=tmp_path / "run", engine="vllm", jobs=jobs)
+
+    def serving(model: Path) -> SimpleNamespace:
+        return SimpleNamespace(kind="vllm", engine=SimpleNamespace(spec=EngineSpec(model, "run", 512)))
+
+    assert vllm_can_load(lora, str(merged), opts, serving(merged))
+    assert not vllm_can_load(lora, str(merged), opts, serving(base))  # vLLM serves the base (with --adapter)
+    assert not vllm_can_load(dora, str(merged), opts, serving(merged))  # vLLM cannot apply DoRA
+    assert not vllm_can_load(lora, str(merged), opts, SimpleNamespace(kind="torch"))
+    builtin = ServeOptions(target=base, engine="vllm", jobs=jobs, source="smollm2-135m-instruct")
+    assert vllm_can_load(lora, "smollm2-135m-instruct", builtin, serving(base))
+    assert not vllm_can_load(lora, "other-model", builtin, serving(base))
