@@ -239,6 +239,9 @@ class VllmEngine:
             return
         self._started.set()
         self.exit_code = self.proc.wait()
+        said = [ln for ln in self.log_tail(5).splitlines() if ln.startswith("loratui: vLLM exited with code ")]
+        if said:  # the watchdog ends itself with SIGKILL; vLLM's own exit code is the one it printed
+            self.exit_code = int(said[-1].rsplit(" ", 1)[1])
         if self.state != "stopped":
             self.state = "exited"
 

@@ -219,7 +219,7 @@ def test_an_engine_that_exits_makes_health_fail_with_its_log(tiny_model_factory,
     server = Server(app)
     try:
         health = server.wait_ready(60)
-        assert health["status"] == "failed" and "exited with code 3" in health["reason"]
+        assert health["status"] == "failed" and "vLLM exited with code 3 while starting" in health["reason"]
         assert "failing on purpose" in health["reason"]  # the end of its log, in the reason
     finally:
         server.stop()
