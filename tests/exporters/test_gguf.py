@@ -243,7 +243,9 @@ def test_a_file_that_lost_the_adapter_is_refused_and_the_others_are_kept(tmp_pat
     not written, and the step still succeeds with the file that passed."""
     from loratui.exporters import gguf
 
-    cfg = load_config(None, [*_args(tmp_path, smol), "train.max_steps=12", "export.gguf_quants=[f16, q8_0]"])
+    cfg = load_config(
+        None, [*_args(tmp_path, smol), "train.max_steps=30", "train.keep_best=false", "export.gguf_quants=[f16, q8_0]"]
+    )
     assert _step("train", cfg)[0] == EXIT_OK
     real = gguf.convert
 
