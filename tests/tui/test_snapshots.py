@@ -8,6 +8,8 @@ review the SVGs in the diff (``snapshot_report.html`` shows failures side by sid
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from textual.widgets import Input
 
@@ -41,6 +43,16 @@ async def _steady(pilot) -> None:
     for widget in pilot.app.query(Input):
         widget.cursor_blink = False
     await pilot.pause()
+    # a view built on first show fills its tables over a few frames: wait until two frames 0.2 s apart agree
+    # (on a loaded CI machine the Evaluate view's table was caught before it was drawn)
+    deadline = time.monotonic() + 10
+    before = pilot.app.export_screenshot()
+    while time.monotonic() < deadline:
+        await pilot.pause(0.2)
+        now = pilot.app.export_screenshot()
+        if now == before:
+            break
+        before = now
 
 
 def _after(*keys: str):
