@@ -283,6 +283,7 @@ def _stderr(tmp_path: Path) -> str:
     return "\n".join((tmp_path / f"node{r}.stderr").read_text()[-3000:] for r in (0, 1))
 
 
+@pytest.mark.slow  # about a minute (three trainings): make test-slow, which CI runs
 def test_two_nodes_train_as_one_process_with_the_same_effective_batch(tmp_path, tiny_llama):
     steps = 3
     common = (f"train.max_steps={steps}", "train.keep_best=false")
