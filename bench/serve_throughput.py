@@ -15,6 +15,7 @@ round; a bare runtime right after its backend's levels, the server idle).
     .venv/bin/python bench/serve_throughput.py [--run runs/quickstart] [--formats gguf,torch,onnx] [--rounds 3]
     make vllm && .venv/bin/python bench/serve_throughput.py --formats torch,vllm --levels 1,8,32 --max-batch-size 32
     .venv/bin/python bench/serve_throughput.py --profile-llama   # llama.cpp decode step time by rows, threads
+    .venv/bin/python bench/serve_throughput.py --profile-llama --gguf a-q8_0.gguf,a-q4_k_m.gguf   # by file
 
 `vllm` in --formats is `loratui serve --engine vllm` (vLLM in .venv-vllm behind loratui's API); with the PyTorch
 backend in the same run, the ratio of the two is printed per level.
@@ -238,31 +239,72 @@ def bare_onnxruntime_genai(folder: Path, prompts: list[str], max_tokens: int) ->
     return timed(tokens_of, chat_ids(side, prompts), side.stop_ids, max_tokens)
 
 
+def drive(backend, prompts: list[str], clients: int, per_client: int, max_tokens: int) -> tuple[float, int, list, dict]:
+    """``clients`` threads send ``per_client`` greedy requests each to an in-process llama.cpp backend:
+    wall seconds, answer tokens, the batcher's (rows, tokens, seconds) per ``llama_decode``, and each
+    prompt's reply (by prompt index)."""
+    from loratui.serving.backends import GenRequest
+
+    ids = chat_ids(backend, prompts)
+    done = [0]
+    replies: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(per_client):
+            i = (c * per_client + k) % len(ids)
+            deltas = list(backend.stream(GenRequest(ids[i], max_tokens, temperature=0)))
+            with lock:
+                done[0] += deltas[-1].completion_tokens
+                replies.setdefault(i, "".join(d.text for d in deltas))
+
+    backend.batcher.profile = []
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    calls, backend.batcher.profile = backend.batcher.profile, None
+    return time.perf_counter() - started, done[0], calls, replies
+
+
+def step_ms(calls: list, rows: int) -> float:
+    """Median milliseconds of the decode steps that ran ``rows`` rows of one token each."""
+    return 1000 * statistics.median(s for r, n, s in calls if r == n == rows)
+
+
+def profile_files(files: list[Path], prompts: list[str], max_tokens: int) -> None:
+    """Per GGUF file (other quantization types of the same model): a decode step of 8 rows against 1, and
+    whether 8 greedy requests at once get the replies each gets alone."""
+    from loratui.serving.backends import LlamaCppBackend
+
+    print(
+        "| file | ms per step, 1 row | 8 rows | tokens/s of the step, 8 rows vs 1 | greedy replies identical alone and 8 at once |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for path in files:
+        ms = {}
+        for slots in (1, 8):
+            backend = LlamaCppBackend(path, "profile", 2048, max_batch_size=slots)
+            try:
+                drive(backend, prompts, slots, 1, max_tokens)  # warm-up
+                ms[slots] = step_ms(drive(backend, prompts, slots, 2, max_tokens)[2], slots)
+                if slots == 8:
+                    alone = drive(backend, prompts[:8], 1, 8, max_tokens)[3]
+                    together = drive(backend, prompts[:8], 8, 1, max_tokens)[3]
+            finally:
+                backend.close()
+        same = sum(alone[i] == together[i] for i in alone)
+        print(
+            f"| {path.name} | {ms[1]:.1f} | {ms[8]:.1f} | {8 * ms[1] / ms[8]:.2f}x | {same} of {len(alone)} |",
+            flush=True,
+        )
+
+
 def profile_llama(gguf: Path, prompts: list[str], requests: int, max_tokens: int) -> None:
     """The llama.cpp backend in-process, no HTTP: ``llama_decode`` time per decode step by rows and
     threads; then the workload of the bench (1 and 8 clients, ``requests`` each) split into decode
     steps, prompt prefill and the rest."""
-    from loratui.serving.backends import GenRequest, LlamaCppBackend
-
-    def drive(backend: LlamaCppBackend, clients: int, per_client: int) -> tuple[float, int, list]:
-        ids = chat_ids(backend, prompts)
-        done = [0]
-        lock = threading.Lock()
-
-        def client(c: int) -> None:
-            for k in range(per_client):
-                req = GenRequest(ids[(c * per_client + k) % len(ids)], max_tokens, temperature=0)
-                last = list(backend.stream(req))[-1]
-                with lock:
-                    done[0] += last.completion_tokens
-
-        backend.batcher.profile = []
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        calls, backend.batcher.profile = backend.batcher.profile, None
-        return time.perf_counter() - started, done[0], calls
+    from loratui.serving.backends import LlamaCppBackend
 
     print("llama_decode time per decode step (every row one token), by rows and threads:\n")
     print("| threads | rows | ms per step | tokens/s of the step | vs 1 row |")
@@ -271,9 +313,9 @@ def profile_llama(gguf: Path, prompts: list[str], requests: int, max_tokens: int
         one_row = 0.0
         for slots in (1, 2, 4, 8):
             backend = LlamaCppBackend(gguf, "profile", 2048, threads=threads, max_batch_size=slots)
-            _wall, _tokens, calls = drive(backend, slots, 2)
+            calls = drive(backend, prompts, slots, 2, max_tokens)[2]
             backend.close()
-            ms = 1000 * statistics.median(s for rows, tokens, s in calls if rows == tokens == slots)
+            ms = step_ms(calls, slots)
             one_row = one_row or ms
             print(
                 f"| {threads} | {slots} | {ms:.1f} | {1000 * slots / ms:.0f} | {slots * one_row / ms:.2f}x |",
@@ -285,7 +327,7 @@ def profile_llama(gguf: Path, prompts: list[str], requests: int, max_tokens: int
     backend = LlamaCppBackend(gguf, "profile", 2048, max_batch_size=8)
     try:
         for clients in (1, 8):
-            wall, tokens, calls = drive(backend, clients, requests)
+            wall, tokens, calls, _replies = drive(backend, prompts, clients, requests, max_tokens)
             steps = [(rows, s) for rows, n, s in calls if rows == n]
             fills = [(n, s) for rows, n, s in calls if rows == 1 and n > 1]
             print(
@@ -328,6 +370,12 @@ def main() -> None:
         action="store_true",
         help="instead: the llama.cpp backend in-process, decode step time by rows and threads",
     )
+    parser.add_argument(
+        "--gguf",
+        default=None,
+        help="with --profile-llama: these GGUF files (comma-separated) instead: step time 8 rows vs 1, and "
+        "whether greedy replies stay the same in a batch",
+    )
     add_json_arg(parser)
     args = parser.parse_args()
     run = Path(args.run)
@@ -340,6 +388,9 @@ def main() -> None:
         f"client per level, greedy, max_tokens {args.max_tokens}; {args.rounds} rounds",
         flush=True,
     )
+    if args.profile_llama and args.gguf:
+        profile_files([Path(p) for p in args.gguf.split(",")], prompts, args.max_tokens)
+        return
     if args.profile_llama:
         profile_llama(choose(run, "gguf", False).path, prompts, args.requests, args.max_tokens)
         return

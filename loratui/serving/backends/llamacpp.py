@@ -1,8 +1,7 @@
 """llama.cpp (llama-cpp-python) serving a GGUF file, with continuous batching like llama.cpp's own server.
 
 One llama context holds up to ``max_batch_size`` sequences (llama.cpp's parallel slots), each with its
-own ``seq_id`` and its own cells in the context's unified KV cache, sized so that every sequence gets the
-whole ``context_length``. A worker thread owns the context (:mod:`.llamacpp_batch`): between decode steps
+own ``seq_id`` and its own KV stream of ``context_length`` cells (``kv_unified`` off). A worker thread owns the context (:mod:`.llamacpp_batch`): between decode steps
 it admits waiting requests into free slots, then decodes one ``llama_batch`` holding every generating
 row's last token and as much of the prefilling rows' prompts as fits in ``n_batch``, and samples each
 row's next token from its own logits. A finished or cancelled sequence frees its KV cells at once.
