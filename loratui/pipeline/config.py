@@ -88,12 +88,13 @@ class AugmentSection(Section):
         "letters only (never in numbers, capitalized names or code-like words).",
     )
     max_overlap: float = Field(
-        0.6,
+        0.7,
         gt=0,
         le=1,
-        description="Leakage filter: a variation that contains more than this share of a validation or test "
-        "question's character 4-grams (of the text lower-cased, without punctuation) is dropped and listed; one "
-        "that normalizes to a held-out question always is.",
+        description="Leakage filter: a variation that holds more than this share of a validation or test "
+        "question's words and pairs of neighbouring words (lower-cased, without punctuation) is dropped and "
+        "listed; one that normalizes to a held-out question always is. At 0.7, one word changed in a question of "
+        "six words or more is caught.",
     )
 
     @field_validator("methods")
@@ -171,9 +172,8 @@ class DataSection(Section):
         None,
         description="Data augmentation, off when empty: N variations of each training row's user turn (reply "
         "unchanged), made after the split from training rows only. Keys: `methods` (`[template]`), `variations` "
-        "(2 per row), `seed` (0), `typo_rate` (0.02, at most 0.2), `max_overlap` (0.6: a variation containing "
-        "more of a validation/test question's character 4-grams is dropped, as is one equal to it after "
-        "normalization). E.g. `{methods: [template], variations: 2}`.",
+        "(2 per row), `seed` (0), `typo_rate` (0.02, at most 0.2), `max_overlap` (0.7: a variation holding more of a validation/test question's words and word pairs is "
+        "dropped, as is one equal to it after normalization). E.g. `{methods: [template], variations: 2}`.",
     )
 
     @field_validator("on_problem")

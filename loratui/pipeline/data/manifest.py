@@ -114,7 +114,7 @@ class AugmentExample(_Record):
     method: str
     reason: str
     matched: str | None = None  # held-out: the validation or test question it (nearly) equals
-    overlap: float | None = None  # held-out: the share of that question's character 4-grams it holds
+    overlap: float | None = None  # held-out: the share of that question's words and word pairs it holds
 
 
 class AugmentSample(_Record):

@@ -208,7 +208,7 @@ def _augment_markdown(report: DataReport) -> list[str]:
     out = ["## Augmentation", "", *augment_lines(report), ""]
     out += [
         f"Held-out rule: a variation is dropped when it normalizes to a validation or test question, or holds "
-        f"more than {a.max_overlap} of one's character 4-grams.",
+        f"more than {a.max_overlap} of one's words and pairs of neighbouring words.",
         "",
     ]
     for reason, examples in a.examples.items():

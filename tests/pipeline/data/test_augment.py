@@ -116,9 +116,9 @@ def _user(messages: list[dict]) -> str:
 
 
 def _containment(held: str, text: str) -> float:
-    """The filter's measure, computed directly: the share of the held-out question's character 4-grams."""
-    a, b = (f" {aug.normalize(t)} " for t in (held, text))
-    ga, gb = ({s[i : i + 4] for i in range(len(s) - 3)} for s in (a, b))
+    """The filter's measure, computed directly: the share of the held-out question's words and word pairs."""
+    a, b = (aug.normalize(t).split() for t in (held, text))
+    ga, gb = ({*w, *(" ".join(p) for p in zip(w, w[1:]))} for w in (a, b))
     return len(ga & gb) / len(ga)
 
 
@@ -132,7 +132,7 @@ def test_no_variation_equal_or_near_equal_to_a_held_out_question_survives(env):
     for messages, _ in variations:
         text = _user(messages)
         assert aug.normalize(text) not in held_norm, text
-        assert max(_containment(q, text) for q in held) <= 0.6, text
+        assert max(_containment(q, text) for q in held) <= 0.7, text
     # the training rows that (nearly) equal a held-out question have no variation at all ...
     rows_varied = {int(src.rpartition(":")[2]) for _, src in variations}
     assert not rows_varied & {i + 1 for i in LEAKY}  # rows are 1-based lines
@@ -148,7 +148,7 @@ def test_no_variation_equal_or_near_equal_to_a_held_out_question_survives(env):
         (QUESTIONS[2], TEST[2]),
         (QUESTIONS[3], VALIDATION[0]),
     }
-    assert all(e["overlap"] > 0.6 for e in listed)
+    assert all(e["overlap"] > 0.7 for e in listed)
     md = (data / "report.md").read_text()
     assert "## Augmentation" in md and f"matched {TEST[2]!r}" in md
 
@@ -221,14 +221,14 @@ def test_held_out_index_finds_what_a_full_comparison_finds():
         "can a {} take the {}",
     ]
     held = [rng.choice(frames).format(rng.choice(words), rng.choice(words)) for _ in range(60)]
-    index = aug.HeldOutIndex(held, 0.6)
+    index = aug.HeldOutIndex(held, 0.7)
     for _ in range(300):
         text = rng.choice(["", "please ", "quick question: "]) + rng.choice(frames).format(
             rng.choice(words), rng.choice(words)
         )
         best = max((_containment(q, text), q) for q in held)
         found = index.match(text)
-        if best[0] > 0.6:
+        if best[0] > 0.7:
             assert found is not None and found[1] == pytest.approx(best[0]), text
         else:
             assert found is None, text
