@@ -78,7 +78,7 @@ class AugmentSection(Section):
         description="How variations are made: `template` (seeded rewrites that need no model: politeness "
         "prefixes, word order of short questions, casing and punctuation, keyboard-neighbour typos).",
     )
-    variations: int = Field(2, ge=1, le=20, description="Variations per training row (and method).")
+    variations: int = Field(2, ge=1, le=10, description="Variations per training row (and method).")
     seed: int = Field(0, description="Seed of the rewrites: the same seed and rows give the same variations.")
     typo_rate: float = Field(
         0.02,

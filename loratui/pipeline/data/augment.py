@@ -290,8 +290,7 @@ def _main_rewrites(text: str, rng: random.Random, settings: AugmentSection) -> l
     question = _is_question(text)
     short = "\n" not in text.strip() and len(text.split()) <= 25
     prefixes = _QUESTION_PREFIXES if question else _INSTRUCTION_PREFIXES
-    pool: list[tuple[str, str]] = [("prefix", p) for p in rng.sample(prefixes, min(len(prefixes), 3))]
-    pool.append(("suffix", rng.choice(_SUFFIXES)))
+    pool: list[tuple[str, str]] = [("prefix", p) for p in prefixes] + [("suffix", x) for x in _SUFFIXES]
     if short and question:
         pool += [("order", "phrase"), ("order", "topic")]
     if short and settings.typo_rate > 0 and _TYPO_WORD.search(text) and not _CODE.search(text):
@@ -327,7 +326,8 @@ def _rewrite(
 
 
 def template_variations(questions: Sequence[str], settings: AugmentSection) -> Iterator[Candidate]:
-    """``settings.variations`` template rewrites of each user turn in ``questions`` (see the module's notes)."""
+    """``settings.variations`` template rewrites of each user turn in ``questions`` (see the module's notes),
+    each with another main rewrite: at most as many as there are (11 to 16)."""
     for row, text in enumerate(questions):
         rng = random.Random(f"template\0{settings.seed}\0{text}")
         pool = _main_rewrites(text, rng, settings)
