@@ -170,10 +170,11 @@ class DataSection(Section):
     preview_examples: int = Field(3, ge=0, description="Examples rendered in `data/preview.txt`.")
     augment: AugmentSection | None = Field(
         None,
-        description="Data augmentation, off when empty: N variations of each training row's user turn (reply "
-        "unchanged), made after the split from training rows only. Keys: `methods` (`[template]`), `variations` "
-        "(2 per row), `seed` (0), `typo_rate` (0.02, at most 0.2), `max_overlap` (0.7: a variation holding more of a validation/test question's words and word pairs is "
-        "dropped, as is one equal to it after normalization). E.g. `{methods: [template], variations: 2}`.",
+        description="Data augmentation, off when empty (`{}` turns it on with the defaults): N variations of "
+        "each training row's user turn (reply unchanged), made after the split from training rows only. Keys: "
+        "`methods` (`[template]`), `variations` (2 per row, at most 10), `seed` (0), `typo_rate` (0.02, at most "
+        "0.2), `max_overlap` (0.7: a variation holding more of a validation/test question's words and word pairs "
+        "is dropped, as is one equal to it after normalization). E.g. `{methods: [template], variations: 2}`.",
     )
 
     @field_validator("on_problem")

@@ -286,3 +286,28 @@ def test_preview_and_run_report_show_the_variations(env, capsys):
     assert first["original"][:20] in out and first["variations"][0][:12] in out
     cfg = load_config(None, _args(env, "p", "data.augment.variations=2"))
     assert "Augmentation added" in render_markdown(cfg, RunDir.for_config(cfg))
+
+
+def test_only_the_last_user_turn_of_chats_varies_and_other_rows_are_skipped():
+    from loratui.pipeline.data.formats import Example
+
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Where is the ferry terminal in Turku?"},
+        {"role": "assistant", "content": "At the harbour."},
+        {"role": "user", "content": "How early should I arrive before departure?"},
+        {"role": "assistant", "content": "One hour before."},
+    ]
+    pair = [{"role": "user", "content": "Is breakfast included?"}, {"role": "assistant", "content": "Yes."}]
+    train = [
+        Example("c.jsonl", 1, messages=chat),
+        Example("t.jsonl", 1, text="A plain text row to train on in full."),
+        Example("p.jsonl", 1, messages=pair, rejected=[{"role": "assistant", "content": "No."}]),
+    ]
+    out, report = aug.augment(AugmentSection(variations=3), {"train": train, "validation": [], "test": []})
+    assert out[:3] == train and report.rows == 1 and report.skipped == 2
+    assert report.added == {"template": len(out) - 3} and len(out) - 3 + sum(report.dropped.values()) == 3
+    for ex in out[3:]:
+        assert ex.messages[:3] == chat[:3] and ex.messages[4] == chat[4]
+        assert aug.normalize(ex.messages[3]["content"]) != aug.normalize(chat[3]["content"])
+        assert ex.meta == {"augment": "template"} and (ex.file, ex.row) == ("c.jsonl", 1)
