@@ -286,16 +286,25 @@ def _typos(text: str, rate: float, rng: random.Random, force: bool) -> str:
 
 
 def _main_rewrites(text: str, rng: random.Random, settings: AugmentSection) -> list[tuple[str, str]]:
-    """The rewrites that can change the words of ``text``, shuffled: (kind, pattern or "")."""
+    """The rewrites that can change the words of ``text``: (kind, pattern or ""), the kinds taking turns
+    in a random order (so two variations are rarely both a prefix), each kind's patterns shuffled."""
     question = _is_question(text)
     short = "\n" not in text.strip() and len(text.split()) <= 25
-    prefixes = _QUESTION_PREFIXES if question else _INSTRUCTION_PREFIXES
-    pool: list[tuple[str, str]] = [("prefix", p) for p in prefixes] + [("suffix", x) for x in _SUFFIXES]
+    kinds: dict[str, list[str]] = {
+        "prefix": list(_QUESTION_PREFIXES if question else _INSTRUCTION_PREFIXES),
+        "suffix": list(_SUFFIXES),
+    }
     if short and question:
-        pool += [("order", "phrase"), ("order", "topic")]
+        kinds["order"] = ["phrase", "topic"]
     if short and settings.typo_rate > 0 and _TYPO_WORD.search(text) and not _CODE.search(text):
-        pool.append(("typo", ""))
-    rng.shuffle(pool)
+        kinds["typo"] = [""]
+    for patterns in kinds.values():
+        rng.shuffle(patterns)
+    order = list(kinds)
+    rng.shuffle(order)
+    pool: list[tuple[str, str]] = []
+    for turn in range(max(len(p) for p in kinds.values())):
+        pool += [(kind, kinds[kind][turn]) for kind in order if turn < len(kinds[kind])]
     return pool
 
 
