@@ -66,6 +66,51 @@ class ModelSection(Section):
     )
 
 
+# Methods of ``data.augment`` (loratui.pipeline.data.augment.METHODS has their code; paraphrase comes later).
+AUGMENT_METHODS: tuple[str, ...] = ("template",)
+
+
+class AugmentSection(Section):
+    """``data.augment``: variations of each training row's user turn, the reply kept (off when empty)."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["template"],
+        description="How variations are made: `template` (seeded rewrites that need no model: politeness "
+        "prefixes, word order of short questions, casing and punctuation, keyboard-neighbour typos).",
+    )
+    variations: int = Field(2, ge=1, le=10, description="Variations per training row (and method).")
+    seed: int = Field(0, description="Seed of the rewrites: the same seed and rows give the same variations.")
+    typo_rate: float = Field(
+        0.02,
+        ge=0,
+        le=0.2,
+        description="`template`: chance per letter of a keyboard-neighbour typo, in lower-case words of 4+ "
+        "letters only (never in numbers, capitalized names or code-like words).",
+    )
+    max_overlap: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Leakage filter: a variation that holds more than this share of a validation or test "
+        "question's words and pairs of neighbouring words (lower-cased, without punctuation) is dropped and "
+        "listed; one that normalizes to a held-out question always is. At 0.7, one word changed in a question of "
+        "six words or more is caught.",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in AUGMENT_METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown augmentation method {', '.join(repr(m) for m in unknown)}; "
+                f"known: {', '.join(AUGMENT_METHODS)}"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError("each method may be named once")
+        return v
+
+
 class DataSection(Section):
     """Where the training data comes from and how it becomes examples."""
 
@@ -123,6 +168,14 @@ class DataSection(Section):
     chunk_overlap: int = Field(64, ge=0, description="Overlap in tokens between consecutive document chunks.")
     seed: int = Field(42, description="Seed for shuffling and splitting.")
     preview_examples: int = Field(3, ge=0, description="Examples rendered in `data/preview.txt`.")
+    augment: AugmentSection | None = Field(
+        None,
+        description="Data augmentation, off when empty (`{}` turns it on with the defaults): N variations of "
+        "each training row's user turn (reply unchanged), made after the split from training rows only. Keys: "
+        "`methods` (`[template]`), `variations` (2 per row, at most 10), `seed` (0), `typo_rate` (0.02, at most "
+        "0.2), `max_overlap` (0.7: a variation holding more of a validation/test question's words and word pairs "
+        "is dropped, as is one equal to it after normalization). E.g. `{methods: [template], variations: 2}`.",
+    )
 
     @field_validator("on_problem")
     @classmethod
@@ -133,6 +186,13 @@ class DataSection(Section):
         return v
 
     _positive_length = field_validator("max_length")(_positive_or_auto("must be a positive number of tokens or 'auto'"))
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_is_a_mapping(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (dict, AugmentSection)):
+            raise ValueError("expected a mapping such as {methods: [template], variations: 2}, or empty (off)")
+        return v
 
 
 class LoraSection(Section):

@@ -61,6 +61,10 @@ def _data_section(run: RunDir) -> list[str]:
         "Row by row: [data/report.md](data/report.md); examples as trained: [data/preview.txt](data/preview.txt).",
         "",
     ]
+    if report.augment is not None:
+        from loratui.pipeline.data.summary import augment_lines
+
+        lines[3:3] = [*augment_lines(report), ""]
     return lines
 
 

@@ -10,10 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.augment import augment
 from loratui.pipeline.data.cache import DATA_VERSION, cache_key, datasets_cache
 from loratui.pipeline.data.encode import per_turn_counts, token_counts
 from loratui.pipeline.data.formats import Example, PreferenceKind
-from loratui.pipeline.data.manifest import DataReport, DatasetManifest, LengthStats, PerTurn, RowCounts, TokenCounts
+from loratui.pipeline.data.manifest import (
+    AugmentReport,
+    DataReport,
+    DatasetManifest,
+    LengthStats,
+    PerTurn,
+    RowCounts,
+    TokenCounts,
+)
 from loratui.pipeline.data.pairs import note_encode_problems, pair_lengths
 from loratui.pipeline.data.read import (
     SPLITS,
@@ -61,6 +70,7 @@ def build(
     """Build the datasets of ``files`` into ``out_dir``; returns the report it wrote there."""
     out = BuildFindings()
     splits, kind = _read_splits(cfg, files, out, events, should_stop, task)
+    augmented = _augment(cfg, splits, events)
     encoded = {
         s: note_encode_problems(
             encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task), cfg, out
@@ -81,6 +91,8 @@ def build(
     tokens.over_max_length = over
     report = _report(cfg, out, counts, tokens, template, max_length, key, task)
     report.preference = kind
+    if augmented is not None:
+        report.augment = augmented
     _template_notes(report, template, per_turn)
     report.save(out_dir)
     atomic_write_text(out_dir / "report.md", report_markdown(report))
@@ -109,6 +121,18 @@ def _read_splits(
     kind = preference_kind(out)
     events.progress(1, 4, task="stages", message="validated rows")
     return split_examples(cfg, by_split, out), kind
+
+
+def _augment(cfg: RunConfig, splits: dict[str, list[Example]], events: EventSink) -> AugmentReport | None:
+    """``data.augment``: variations of the training rows join the training split (after the split, so
+    validation and test never hold one); the report's part, or None when it is off."""
+    settings = cfg.data.augment
+    if settings is None or not settings.methods:
+        return None
+    splits["train"], report = augment(settings, splits)
+    if not report.rows:
+        events.log("data.augment: no training row has a user turn to vary (documents, text or preference rows)")
+    return report
 
 
 def _per_turn(encoded: dict[str, Any]) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from loratui.pipeline.config import RunConfig
+from loratui.pipeline.data.augment import cache_settings
 from loratui.pipeline.data.read import SPLITS
 from loratui.pipeline.models import Task, loratui_home
 from loratui.pipeline.runs import atomic_dir
@@ -54,7 +55,10 @@ def cache_key(
     (:attr:`ChatTemplate.render_rules`: the render date, reasoning handling) only when there are any,
     so the keys of other inputs stay as they were."""
     h = hashlib.sha256()
-    settings = cfg.data.model_dump(mode="json", exclude={"preview_examples"})
+    settings = cfg.data.model_dump(mode="json", exclude={"preview_examples", "augment"})
+    augment = cache_settings(cfg.data.augment)
+    if augment is not None:  # only when on, so the keys of runs without it stay as they were
+        settings["augment"] = augment
     h.update(json.dumps({"version": DATA_VERSION, "settings": settings}, sort_keys=True).encode())
     for split in SPLITS:
         for path in files[split]:

@@ -106,6 +106,41 @@ class PerTurn(_Record):
     why: str
 
 
+class AugmentExample(_Record):
+    """A dropped variation: of which user turn, by which method, why; for ``held-out`` the question it matched."""
+
+    original: str
+    variation: str
+    method: str
+    reason: str
+    matched: str | None = None  # held-out: the validation or test question it (nearly) equals
+    overlap: float | None = None  # held-out: the share of that question's words and word pairs it holds
+
+
+class AugmentSample(_Record):
+    """A training row's user turn and the variations kept of it (for ``loratui data preview``)."""
+
+    original: str
+    variations: list[str]
+    methods: list[str]  # the method of each variation
+
+
+class AugmentReport(_Record):
+    """What ``data.augment`` added to the training split and what it dropped."""
+
+    methods: list[str]
+    variations: int  # asked for per row and method
+    max_overlap: float
+    rows: int  # training rows with a user turn to vary
+    skipped: int  # training rows without one (documents, plain text, preference rows)
+    held_out_questions: int  # validation and test questions the variations were checked against
+    added: dict[str, int]  # method -> variations added
+    dropped: dict[str, int]  # reason (copy, held-out, ...) -> variations dropped
+    examples: dict[str, list[AugmentExample]]  # reason -> the first few dropped for it
+    held_out: list[AugmentExample]  # every variation dropped as (nearly) a held-out question
+    samples: list[AugmentSample]  # the first rows with variations
+
+
 class DataReport(_File):
     """``report.json``. A report written when no training data was left has only the keys up to ``truncated``."""
 
@@ -128,6 +163,7 @@ class DataReport(_File):
     cache_key: str = ""
     per_turn: PerTurn | None = None
     render_date: str | None = None
+    augment: AugmentReport | None = None  # only when data.augment is on
 
 
 def run_render_date(run: RunDir) -> dt.date:

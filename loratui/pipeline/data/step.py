@@ -46,7 +46,7 @@ from loratui.pipeline.data.cache import datasets_cache, install
 from loratui.pipeline.data.manifest import DataReport, DatasetManifest
 from loratui.pipeline.data.problems import PROBLEMS
 from loratui.pipeline.data.read import split_files
-from loratui.pipeline.data.summary import render_notes
+from loratui.pipeline.data.summary import augment_lines, render_notes
 from loratui.pipeline.events import EventSink
 from loratui.pipeline.models import load_model_inputs
 from loratui.pipeline.runs import RunDir, write_config
@@ -106,7 +106,7 @@ def _log_summary(report: DataReport, events: EventSink, run: RunDir) -> None:
     if report.preference != "none":
         what = "preference pairs" if report.preference == "paired" else "unpaired preference rows (KTO)"
         events.log(f"data: {report.splits['train']} training {what}")
-    for line in render_notes(report):
+    for line in render_notes(report) + augment_lines(report):
         events.log(f"data: {line}")
     for kind, count in report.problems.items():
         events.log(f"{count} rows: {kind} ({report.policy[kind]}): {PROBLEMS[kind]}", level="warning")
@@ -154,6 +154,7 @@ def run(cfg: RunConfig, run: RunDir, events: EventSink, should_stop: ShouldStop,
         "template": report.template,
         "task": report.task,
         "cache_hit": hit,
+        **({"augmented": sum(report.augment.added.values())} if report.augment is not None else {}),
         "seconds": round(time.monotonic() - started, 2),
     }
     artifacts = [str(run.data / DataReport.FILE), str(run.data / "processed")]

@@ -184,6 +184,50 @@ def render_notes(report: DataReport) -> list[str]:
     return notes
 
 
+def augment_lines(report: DataReport) -> list[str]:
+    """One sentence on what ``data.augment`` added and dropped (none when it was off)."""
+    a = report.augment
+    if a is None:
+        return []
+    added = sum(a.added.values())
+    per_method = ", ".join(f"{m} {n}" for m, n in a.added.items())
+    dropped = ", ".join(f"{reason} {n}" for reason, n in a.dropped.items())
+    line = (
+        f"Augmentation added {added} training rows ({per_method}): variations of the user turns of {a.rows} "
+        f"training rows, {a.variations} per row and method, checked against {a.held_out_questions} validation "
+        f"and test questions; dropped {sum(a.dropped.values())} variations" + (f" ({dropped})" if dropped else "")
+    )
+    skipped = f"; {a.skipped} rows had no user turn to vary" if a.skipped else ""
+    return [line + skipped + "."]
+
+
+def _augment_markdown(report: DataReport) -> list[str]:
+    a = report.augment
+    if a is None:
+        return []
+    out = ["## Augmentation", "", *augment_lines(report), ""]
+    out += [
+        f"Held-out rule: a variation is dropped when it normalizes to a validation or test question, or holds "
+        f"more than {a.max_overlap} of one's words and pairs of neighbouring words.",
+        "",
+    ]
+    for reason, examples in a.examples.items():
+        if reason == "held-out":
+            continue
+        out += [f"Dropped as {reason} ({a.dropped.get(reason, 0)}), e.g.:", ""]
+        out += [f"- {e.original!r} -> {e.variation!r}" for e in examples]
+        out.append("")
+    if a.held_out:
+        out += [f"Dropped as held-out ({len(a.held_out)}), each with the question it matched:", ""]
+        out += [f"- {e.original!r} -> {e.variation!r} (matched {e.matched!r}, overlap {e.overlap})" for e in a.held_out]
+        out.append("")
+    if a.samples:
+        out += ["Variations of the first rows:", ""]
+        out += [f"- {s.original!r} -> " + "; ".join(repr(v) for v in s.variations) for s in a.samples]
+        out.append("")
+    return out
+
+
 def problem_lists(out: BuildFindings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ordered = sorted(out.problems, key=lambda p: (p.file, p.row or 0))
     return (
@@ -240,6 +284,7 @@ def report_markdown(report: DataReport) -> str:
     notes = render_notes(report)
     if notes:
         out += [*notes, ""]
+    out += _augment_markdown(report)
     if report.problems:
         out += ["| problem | rows | policy | meaning |", "|---|---|---|---|"]
         for kind, count in report.problems.items():
@@ -279,6 +324,7 @@ def show_preview(cfg: RunConfig, n: int | None = None) -> None:
             console.print(Text.assemble(("source: ", "dim"), source))
             console.print(Text.assemble(("target: ", "dim"), (target, "bold green")))
         console.print(Text("\n".join(_stats_lines(report))))
+        _print_variations(console, report, count)
         return
     what = "pairs" if manifest.preference == "paired" else "examples"
     console.print(
@@ -295,6 +341,26 @@ def show_preview(cfg: RunConfig, n: int | None = None) -> None:
             console.print(Text(header, style="cyan"))
             console.print(_rich(pieces))
     console.print(Text("\n".join(_stats_lines(report))))
+    _print_variations(console, report, count)
+
+
+def _print_variations(console: Any, report: DataReport, n: int) -> None:
+    """The first ``n`` training rows' user turns beside their variations, when ``data.augment`` made some."""
+    from rich.table import Table
+    from rich.text import Text
+
+    a = report.augment
+    if a is None:
+        return
+    console.print(Text("\n".join(augment_lines(report))))
+    if not a.samples or n <= 0:
+        return
+    table = Table(title=f"data.augment: originals and their variations ({', '.join(a.methods)})", show_lines=True)
+    table.add_column("original", overflow="fold")
+    table.add_column("variations", overflow="fold")
+    for sample in a.samples[:n]:
+        table.add_row(sample.original, "\n".join(sample.variations))
+    console.print(table)
 
 
 def _rich(pieces: Pieces) -> Any:
