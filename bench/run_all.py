@@ -27,6 +27,7 @@ REPO = BENCH.parent
 # (script, extra arguments); the scripts that read the quickstart run get --run
 SCRIPTS: list[tuple[str, list[str]]] = [
     ("data_prep", []),
+    ("augment_speed", []),
     ("train_throughput", []),
     ("quickstart_quality", ["--run"]),
     ("gguf_decode", ["--run"]),

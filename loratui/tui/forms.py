@@ -86,7 +86,7 @@ def value_of(cfg: RunConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part)
-    return node
+    return node.model_dump(mode="json", exclude_defaults=True) if isinstance(node, BaseModel) else node
 
 
 def as_text(value: Any) -> str:
