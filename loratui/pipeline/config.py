@@ -11,13 +11,14 @@ values are written back into the run's ``config.yaml``, so a run is reproducible
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from loratui.pipeline.data.problems import PROBLEMS, TRUNCATABLE, Policy, ProblemKind
@@ -66,8 +67,112 @@ class ModelSection(Section):
     )
 
 
-# Methods of ``data.augment`` (loratui.pipeline.data.augment.METHODS has their code; paraphrase comes later).
-AUGMENT_METHODS: tuple[str, ...] = ("template",)
+# Methods of ``data.augment`` (loratui.pipeline.data.augment.METHODS has their code).
+AUGMENT_METHODS: tuple[str, ...] = ("template", "paraphrase")
+
+PARAPHRASE_PROMPT = (
+    "Rewrite the question below in other words. Keep its meaning and every name and number. "
+    "Do not answer it. Reply with the rewritten question only, on one line.\n\nQuestion: {question}"
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ParaphraseSection(Section):
+    """``data.augment.paraphrase``: the model that rewrites the questions, its prompt and its sampling."""
+
+    model: str | None = Field(
+        None,
+        description="Rewriting model, any reference `model.base` accepts (a built-in name, a local Hugging Face "
+        "directory, a hub id) or a `.gguf` file (run in llama.cpp). Empty: the run's base model.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="Instead of a local model: the base URL of an OpenAI-compatible server, e.g. "
+        "`http://127.0.0.1:8000/v1` (`loratui serve`, vLLM, llama.cpp's server, Ollama, a hosted API).",
+    )
+    endpoint_model: str | None = Field(
+        None, description="The model id to ask the endpoint for. Empty: the first model its /models lists."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="The NAME of the environment variable that holds the endpoint's API key (the key itself never "
+        "goes into the config). Empty: no key (a local server).",
+    )
+    prompt: str = Field(
+        PARAPHRASE_PROMPT,
+        description="The instruction sent as the user message; `{question}` is replaced by the user turn to vary.",
+    )
+    temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature (0: greedy, one variation).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling: the top tokens holding this probability.")
+    max_tokens: int = Field(64, ge=8, le=1024, description="Most tokens generated per paraphrase.")
+    tries: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Attempts per wanted variation: a row whose outputs were dropped is asked again for the "
+        "missing ones, at most this many rounds.",
+    )
+    min_similarity: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="`off` filter: the share of the question's content words (not stopwords; a word counts as "
+        "kept when the output holds it or a word with the same first 5 letters) a paraphrase must keep; it must "
+        "keep every number and name in any case.",
+    )
+    runtime: Literal["auto", "torch", "llama.cpp"] = Field(
+        "auto",
+        description="How a local model runs: `auto` (llama.cpp for a `.gguf` file, PyTorch otherwise), "
+        "`torch` (transformers, batched), `llama.cpp` (a `.gguf` file or a built-in's own GGUF).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_the_config(cls, v: Any) -> Any:
+        if isinstance(v, dict) and any(k in v for k in ("api_key", "key", "token")):
+            raise ValueError(
+                "an API key does not belong in the config file: put it in an environment variable and give that "
+                "variable's name as api_key_env (e.g. api_key_env: OPENAI_API_KEY)"
+            )
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.fullmatch(v):
+            raise ValueError(
+                "api_key_env is the NAME of an environment variable holding the key (letters, digits, _), not the "
+                "key itself: export the key, e.g. MY_API_KEY=..., and write api_key_env: MY_API_KEY"
+            )
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://[^/\s]+", v):
+            raise ValueError("expected the base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_question(cls, v: str) -> str:
+        try:
+            filled = v.format(question="\0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"the prompt may hold only the placeholder {{question}} (write {{{{ and }}}} for braces): {e}"
+            ) from None
+        if "\0" not in filled:
+            raise ValueError("the prompt must hold {question}, where the user turn to vary goes")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ParaphraseSection:
+        if self.endpoint and self.model:
+            raise ValueError("give either model (a local rewriting model) or endpoint (a server), not both")
+        if not self.endpoint and (self.endpoint_model or self.api_key_env):
+            raise ValueError("endpoint_model and api_key_env apply to an endpoint: set endpoint too")
+        return self
 
 
 class AugmentSection(Section):
@@ -76,7 +181,8 @@ class AugmentSection(Section):
     methods: list[str] = Field(
         default_factory=lambda: ["template"],
         description="How variations are made: `template` (seeded rewrites that need no model: politeness "
-        "prefixes, word order of short questions, casing and punctuation, keyboard-neighbour typos).",
+        "prefixes, word order of short questions, casing and punctuation, keyboard-neighbour typos), "
+        "`paraphrase` (a model rewrites the question: see `paraphrase`). Both may be listed.",
     )
     variations: int = Field(2, ge=1, le=10, description="Variations per training row (and method).")
     seed: int = Field(0, description="Seed of the rewrites: the same seed and rows give the same variations.")
@@ -95,6 +201,11 @@ class AugmentSection(Section):
         "question's words and pairs of neighbouring words (lower-cased, without punctuation) is dropped and "
         "listed; one that normalizes to a held-out question always is. At 0.7, one word changed in a question of "
         "six words or more is caught.",
+    )
+    paraphrase: ParaphraseSection = Field(
+        default_factory=ParaphraseSection,
+        description="`paraphrase`: the rewriting model (`model`, or `endpoint` with `endpoint_model` and "
+        "`api_key_env`), `prompt`, `temperature`, `top_p`, `max_tokens`, `tries`, `min_similarity`, `runtime`.",
     )
 
     @field_validator("methods")
@@ -172,9 +283,11 @@ class DataSection(Section):
         None,
         description="Data augmentation, off when empty (`{}` turns it on with the defaults): N variations of "
         "each training row's user turn (reply unchanged), made after the split from training rows only. Keys: "
-        "`methods` (`[template]`), `variations` (2 per row, at most 10), `seed` (0), `typo_rate` (0.02, at most "
+        "`methods` (`[template]`; also `paraphrase`), `variations` (2 per row, at most 10), `seed` (0), `typo_rate` (0.02, at most "
         "0.2), `max_overlap` (0.7: a variation holding more of a validation/test question's words and word pairs "
-        "is dropped, as is one equal to it after normalization). E.g. `{methods: [template], variations: 2}`.",
+        "is dropped, as is one equal to it after normalization), `paraphrase` (the `paraphrase` method's model or "
+        "endpoint, prompt, sampling, tries and `min_similarity`). E.g. `{methods: [template], variations: 2}` or "
+        "`{methods: [paraphrase], paraphrase: {endpoint: 'http://127.0.0.1:8000/v1', api_key_env: MY_KEY}}`.",
     )
 
     @field_validator("on_problem")

@@ -49,6 +49,7 @@ from typing import Any
 from loratui.pipeline.config import AugmentSection
 from loratui.pipeline.data.formats import Example
 from loratui.pipeline.data.manifest import AugmentExample, AugmentReport, AugmentSample
+from loratui.pipeline.events import EventSink
 
 # Bump when a method's output changes for the same settings (it enters the data cache key).
 TEMPLATE_VERSION = 1
@@ -153,7 +154,20 @@ class Candidate:
     clean: str | None = None  # the text before random noise (typos): the leakage filter checks it too
 
 
-Method = Callable[[Sequence[str], AugmentSection], Iterator[Candidate]]
+@dataclass
+class MethodContext:
+    """What a method may need beyond the user turns and the settings (the template method needs none of it)."""
+
+    replies: Sequence[str] = ()  # the reply of each user turn (paraphrase: an output holding it answers)
+    base_model: str | None = None  # the run's model.base (paraphrase's default rewriting model)
+    revision: str | None = None  # model.revision, for a hub id
+    trust_remote_code: bool = False
+    events: EventSink | None = None  # progress and log lines of a slow method
+    should_stop: Callable[[], bool] | None = None  # asked between batches: True raises StepCancelled
+    wanted: Callable[[int, str], int] = lambda row, method: 0  # variations row still lacks from method
+
+
+Method = Callable[[Sequence[str], AugmentSection, MethodContext], Iterator[Candidate]]
 
 _QUESTION_WORDS = {
     "what", "how", "where", "when", "why", "who", "whom", "whose", "which", "is", "are", "was", "were", "can",
@@ -334,7 +348,9 @@ def _rewrite(
     return out, _typos(out, settings.typo_rate, rng, force=kind == "typo") if short else out
 
 
-def template_variations(questions: Sequence[str], settings: AugmentSection) -> Iterator[Candidate]:
+def template_variations(
+    questions: Sequence[str], settings: AugmentSection, ctx: MethodContext | None = None
+) -> Iterator[Candidate]:
     """``settings.variations`` template rewrites of each user turn in ``questions`` (see the module's notes),
     each with another main rewrite: at most as many as there are (11 to 16)."""
     for row, text in enumerate(questions):
@@ -352,14 +368,30 @@ def template_variations(questions: Sequence[str], settings: AugmentSection) -> I
             yield Candidate(row, noisy, "template", clean=clean if noisy != clean else None)
 
 
-METHODS: dict[str, Method] = {"template": template_variations}
+def _paraphrase(questions: Sequence[str], settings: AugmentSection, ctx: MethodContext) -> Iterator[Candidate]:
+    from loratui.pipeline.data.paraphrase import paraphrase_variations
+
+    return paraphrase_variations(questions, settings, ctx)
 
 
-def cache_settings(settings: AugmentSection | None) -> dict[str, Any] | None:
-    """What of ``data.augment`` enters the data cache key: the settings and the methods' code versions."""
+METHODS: dict[str, Method] = {"template": template_variations, "paraphrase": _paraphrase}
+
+
+def cache_settings(settings: AugmentSection | None, base_model: str | None = None) -> dict[str, Any] | None:
+    """What of ``data.augment`` enters the data cache key: the settings and the methods' code versions; for
+    ``paraphrase`` also its settings, code version and rewriting model (only then, so that the keys of
+    template-only runs stay as they were)."""
     if settings is None or not settings.methods:
         return None
-    return settings.model_dump(mode="json") | {"versions": {"template": TEMPLATE_VERSION}}
+    out = settings.model_dump(mode="json", exclude={"paraphrase"}) | {"versions": {"template": TEMPLATE_VERSION}}
+    if "paraphrase" in settings.methods:
+        from loratui.pipeline.data.paraphrase import PARAPHRASE_VERSION, rewriter_identity
+
+        out["paraphrase"] = settings.paraphrase.model_dump(mode="json") | {
+            "rewriter": rewriter_identity(settings.paraphrase, base_model)
+        }
+        out["versions"]["paraphrase"] = PARAPHRASE_VERSION
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,18 +428,27 @@ def _varied(ex: Example, at: int, text: str, method: str) -> Example:
     return replace(ex, messages=messages, meta=ex.meta | {"augment": method}, _key=None)
 
 
-def augment(settings: AugmentSection, splits: dict[str, list[Example]]) -> tuple[list[Example], AugmentReport]:
-    """(the training rows followed by their variations, the report's ``augment`` part)."""
+def augment(
+    settings: AugmentSection, splits: dict[str, list[Example]], ctx: MethodContext | None = None
+) -> tuple[list[Example], AugmentReport]:
+    """(the training rows followed by their variations, the report's ``augment`` part). ``ctx``: the run's
+    model, events and cancellation, for methods that need them (``paraphrase``)."""
     train = splits["train"]
     targets = [(i, at) for i, ex in enumerate(train) if (at := _last_user(ex)) is not None]
     questions = [str((train[i].messages or [])[at]["content"]) for i, at in targets]
+    replies = [str((train[i].messages or [])[at + 1].get("content") or "") for i, at in targets]
     held = HeldOutIndex(held_out_questions(splits), settings.max_overlap)
     seen = [{normalize(q)} for q in questions]
     kept: list[list[tuple[str, str]]] = [[] for _ in questions]
     drops = _Drops()
     added = dict.fromkeys(settings.methods, 0)
+
+    def wanted(row: int, method: str) -> int:
+        return settings.variations - sum(1 for _, m in kept[row] if m == method)
+
+    ctx = replace(ctx or MethodContext(), replies=replies, wanted=wanted)
     for method in settings.methods:
-        for cand in METHODS[method](questions, settings):
+        for cand in METHODS[method](questions, settings, ctx):
             reason, matched = _verdict(cand, seen[cand.row], held)
             if reason is None:
                 seen[cand.row].add(normalize(cand.text))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loratui.pipeline.config import RunConfig
-from loratui.pipeline.data.augment import augment
+from loratui.pipeline.data.augment import MethodContext, augment
 from loratui.pipeline.data.cache import DATA_VERSION, cache_key, datasets_cache
 from loratui.pipeline.data.encode import per_turn_counts, token_counts
 from loratui.pipeline.data.formats import Example, PreferenceKind
@@ -70,7 +70,7 @@ def build(
     """Build the datasets of ``files`` into ``out_dir``; returns the report it wrote there."""
     out = BuildFindings()
     splits, kind = _read_splits(cfg, files, out, events, should_stop, task)
-    augmented = _augment(cfg, splits, events)
+    augmented = _augment(cfg, splits, events, should_stop)
     encoded = {
         s: note_encode_problems(
             encode_examples(rows, tokenizer, template, cfg, events, should_stop, s, task=task), cfg, out
@@ -123,13 +123,20 @@ def _read_splits(
     return split_examples(cfg, by_split, out), kind
 
 
-def _augment(cfg: RunConfig, splits: dict[str, list[Example]], events: EventSink) -> AugmentReport | None:
+def _augment(
+    cfg: RunConfig, splits: dict[str, list[Example]], events: EventSink, should_stop: ShouldStop
+) -> AugmentReport | None:
     """``data.augment``: variations of the training rows join the training split (after the split, so
     validation and test never hold one); the report's part, or None when it is off."""
     settings = cfg.data.augment
     if settings is None or not settings.methods:
         return None
-    splits["train"], report = augment(settings, splits)
+    m = cfg.model
+    ctx = MethodContext(
+        base_model=m.base, revision=m.revision, trust_remote_code=m.trust_remote_code, events=events,
+        should_stop=should_stop,
+    )  # fmt: skip
+    splits["train"], report = augment(settings, splits, ctx)
     if not report.rows:
         events.log("data.augment: no training row has a user turn to vary (documents, text or preference rows)")
     return report

@@ -56,7 +56,7 @@ def cache_key(
     so the keys of other inputs stay as they were."""
     h = hashlib.sha256()
     settings = cfg.data.model_dump(mode="json", exclude={"preview_examples", "augment"})
-    augment = cache_settings(cfg.data.augment)
+    augment = cache_settings(cfg.data.augment, cfg.model.base)
     if augment is not None:  # only when on, so the keys of runs without it stay as they were
         settings["augment"] = augment
     h.update(json.dumps({"version": DATA_VERSION, "settings": settings}, sort_keys=True).encode())

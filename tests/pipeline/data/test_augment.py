@@ -259,7 +259,7 @@ def test_augment_settings_enter_the_cache_key(env, monkeypatch):
 @pytest.mark.parametrize(
     ("override", "words"),
     [
-        ("data.augment.methods=[paraphrse]", "unknown augmentation method 'paraphrse'; known: template"),
+        ("data.augment.methods=[paraphrse]", "unknown augmentation method 'paraphrse'; known: template, paraphrase"),
         ("data.augment.typo_rate=0.5", "less than or equal to 0.2"),
         ("data.augment.variations=0", "greater than or equal to 1"),
         ("data.augment=3", "expected a mapping such as {methods: [template], variations: 2}, or empty (off)"),
