@@ -70,9 +70,11 @@ class ModelSection(Section):
 # Methods of ``data.augment`` (loratui.pipeline.data.augment.METHODS has their code).
 AUGMENT_METHODS: tuple[str, ...] = ("template", "paraphrase")
 
+# One example: the embedded 135M model answers a bare instruction to reword far more often than it rewords.
 PARAPHRASE_PROMPT = (
-    "Rewrite the question below in other words. Keep its meaning and every name and number. "
-    "Do not answer it. Reply with the rewritten question only, on one line.\n\nQuestion: {question}"
+    "Rewrite the question in other words. Keep its meaning and every name and number. Do not answer it.\n\n"
+    "Question: When does the museum open on Saturdays?\nRewritten: What time does the museum open on a Saturday?\n\n"
+    "Question: {question}\nRewritten:"
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -104,7 +106,7 @@ class ParaphraseSection(Section):
     )
     temperature: float = Field(0.9, ge=0, le=2, description="Sampling temperature (0: greedy, one variation).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling: the top tokens holding this probability.")
-    max_tokens: int = Field(64, ge=8, le=1024, description="Most tokens generated per paraphrase.")
+    max_tokens: int = Field(48, ge=8, le=1024, description="Most tokens generated per paraphrase.")
     tries: int = Field(
         3,
         ge=1,
@@ -122,7 +124,8 @@ class ParaphraseSection(Section):
     )
     runtime: Literal["auto", "torch", "llama.cpp"] = Field(
         "auto",
-        description="How a local model runs: `auto` (llama.cpp for a `.gguf` file, PyTorch otherwise), "
+        description="How a local model runs: `auto` (llama.cpp for a `.gguf` file or a built-in, which ships as "
+        "one; PyTorch otherwise), "
         "`torch` (transformers, batched), `llama.cpp` (a `.gguf` file or a built-in's own GGUF).",
     )
 

@@ -78,6 +78,7 @@ _LABEL = re.compile(
     r"rewrite|rewording|version|alternative|question|here(?:'s| is| are)?|variation|option)\b[^:?\n]{0,30}?[:\-–—]\s+",
     re.I,
 )
+_QA_LABEL = re.compile(r"^(?:q|a|answer|question)\s*[:.)]\s+", re.I)
 _ORIGINAL = re.compile(r"^\s*(?:the\s+)?original(?:\s+question)?\s*[:\-–—]", re.I)
 _INTERJECTION = re.compile(
     r"^(?:sure|certainly|of course|okay|ok|absolutely|great|alright|no problem)\b[!.,]*\s*(?=\S|$)", re.I
@@ -95,6 +96,7 @@ def _clean_line(line: str) -> str:
     line = _MARKUP.sub("", line.strip()).replace("**", "").strip()
     line = _NUMBERING.sub("", line).strip()
     line = _INTERJECTION.sub("", line).strip()
+    line = _QA_LABEL.sub("", line).strip()
     while (m := _LABEL.match(line)) and len(line) > m.end():
         line = line[m.end() :].strip()
     if line[:1] in _QUOTES:
@@ -415,7 +417,12 @@ def _spec(p: ParaphraseSection, base_model: str | None) -> str:
 
 
 def _uses_llama_cpp(p: ParaphraseSection, spec: str) -> bool:
-    return p.runtime == "llama.cpp" or (p.runtime == "auto" and spec.lower().endswith(".gguf"))
+    """``runtime: auto``: llama.cpp for a .gguf file or a built-in (a GGUF too: faster on a CPU than its
+    PyTorch import, and the same weights)."""
+    from loratui.pipeline.models import BUILTINS
+
+    auto = spec.lower().endswith(".gguf") or spec in BUILTINS
+    return p.runtime == "llama.cpp" or (p.runtime == "auto" and auto)
 
 
 def rewriter_identity(p: ParaphraseSection, base_model: str | None) -> dict[str, Any]:

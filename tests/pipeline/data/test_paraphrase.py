@@ -201,8 +201,8 @@ def test_endpoint_outputs_are_parsed_filtered_and_counted(env, endpoint, monkeyp
     assert len(endpoint.calls) == len(CANNED)
     assert set(endpoint.auth) == {"Bearer sk-test-123"}
     call = endpoint.calls[0]
-    assert call["model"] == "fake-rewriter" and call["temperature"] == 0.9 and call["max_tokens"] == 64
-    assert "Do not answer it" in _chat(call)
+    assert call["model"] == "fake-rewriter" and call["temperature"] == 0.9 and call["max_tokens"] == 48
+    assert "Do not answer it" in _chat(call) and _chat(call).endswith("Rewritten:")
     # the drops show in the data report with examples
     md = (data / "report.md").read_text()
     assert "Dropped as answer (1)" in md and "Dropped as off (1)" in md
@@ -359,14 +359,15 @@ def test_similarity_is_the_share_of_content_words_kept():
 
 def test_a_tiny_torch_model_runs_seeded_and_its_garbage_is_filtered(tiny_model_factory):
     model = tiny_model_factory(tokenizer="smollm2")
-    questions = [q for q in CANNED][:4]
+    questions = [q for q in CANNED][:3]
     settings = AugmentSection(
-        methods=["paraphrase"], variations=2, paraphrase={"model": str(model), "max_tokens": 12, "tries": 2}
+        methods=["paraphrase"], variations=2, paraphrase={"model": str(model), "max_tokens": 8, "tries": 2}
     )
     mem = MemoryWriter()
     ctx = aug.MethodContext(events=EventSink("data", [mem]))
     train = [
-        Example("t.jsonl", 1, messages=[{"role": "user", "content": q}, {"role": "assistant", "content": "Yes."}]) for q in questions
+        Example("t.jsonl", 1, messages=[{"role": "user", "content": q}, {"role": "assistant", "content": "Yes."}])
+        for q in questions
     ]
     splits = {"train": train, "validation": [], "test": []}
     out, report = aug.augment(settings, splits, ctx)
