@@ -133,9 +133,12 @@ def _augment(
         return None
     m = cfg.model
     ctx = MethodContext(
-        base_model=m.base, revision=m.revision, trust_remote_code=m.trust_remote_code, events=events,
+        base_model=m.base,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        events=events,
         should_stop=should_stop,
-    )  # fmt: skip
+    )
     splits["train"], report = augment(settings, splits, ctx)
     if not report.rows:
         events.log("data.augment: no training row has a user turn to vary (documents, text or preference rows)")
