@@ -18,26 +18,13 @@ from loratui.serving.app import create_app
 from loratui.serving.selection import Choice
 from loratui.serving.server import ServeOptions, loader_for
 from loratui.serving.state import Limits, ServerState
+from tests.threaded_server import ThreadedServer
 
 CHAT = [{"role": "user", "content": "Where is the library?"}]
 
 
-class Server:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+class Server(ThreadedServer):
+    """The app under uvicorn in a thread on a free loopback port."""
 
     def wait_ready(self, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
@@ -50,10 +37,6 @@ class Server:
 
     def client(self, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

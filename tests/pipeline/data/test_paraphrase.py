@@ -4,7 +4,6 @@ loopback), a tiny random PyTorch model, and the embedded SmolLM2 on the quicksta
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ from loratui.pipeline.data.formats import Example
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 from loratui.pipeline.events import EventSink, MemoryWriter
 from loratui.pipeline.steps import run_step
+from tests.pipeline.data.test_augment import _args as data_args
+from tests.pipeline.data.test_augment import _write_jsonl
+from tests.threaded_server import ThreadedServer, free_port
 
 REPO = Path(__file__).resolve().parents[3]
 KEY_ENV = "LORATUI_TEST_PARAPHRASE_KEY"
@@ -51,11 +53,6 @@ CANNED = {
 HELD_OUT = "What time does the last ferry to Helsinki leave at night?"  # a test question
 
 
-def _write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _chat(body: dict) -> str:
     return body["messages"][-1]["content"]
 
@@ -65,7 +62,6 @@ class FakeEndpoint:
     each paraphrase request from ``answers``: the question found in the prompt -> its outputs, one per call."""
 
     def __init__(self, answers: dict[str, list[str]]):
-        import uvicorn
 
         self.answers = {q: list(outs) for q, outs in answers.items()}
         self.calls: list[dict] = []
@@ -101,24 +97,11 @@ class FakeEndpoint:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
 
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.http = ThreadedServer(app, "/v1")
+        self.url = self.http.url
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        self.http.stop()
 
 
 @pytest.fixture
@@ -141,17 +124,7 @@ def env(tmp_path, monkeypatch, tiny_model_factory):
 
 
 def _args(env, name, *overrides):
-    f = env["files"]
-    return [
-        f"runs_dir={env['tmp'] / 'runs'}",
-        f"name={name}",
-        f"model.base={env['model']}",
-        f"data.source={f['train']}",
-        f"data.test_source={f['test']}",
-        f"data.val_source={f['validation']}",
-        "data.augment.methods=[paraphrase]",
-        *overrides,
-    ]
+    return data_args(env, name, "data.augment.methods=[paraphrase]", *overrides)
 
 
 def _run(env, name, *overrides):
@@ -266,7 +239,7 @@ def test_bad_paraphrase_settings_are_clear_config_errors(override, words):
 
 
 def test_an_unreachable_endpoint_is_a_clear_error(env):
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     code, mem, _ = _run(env, "u", f"data.augment.paraphrase.endpoint={url}", "data.augment.paraphrase.endpoint_model=m")
     errors = [e.message for e in mem.of_type("error")]
     assert code != 0 and errors
