@@ -225,7 +225,7 @@ def _lower_first(text: str) -> str:
     return text
 
 
-def _is_question(text: str) -> bool:
+def is_question(text: str) -> bool:
     words = text.split()
     return text.rstrip().endswith("?") or bool(words and words[0].lower().strip(",") in _QUESTION_WORDS)
 
@@ -302,7 +302,7 @@ def _typos(text: str, rate: float, rng: random.Random, force: bool) -> str:
 def _main_rewrites(text: str, rng: random.Random, settings: AugmentSection) -> list[tuple[str, str]]:
     """The rewrites that can change the words of ``text``: (kind, pattern or ""), the kinds taking turns
     in a random order (so two variations are rarely both a prefix), each kind's patterns shuffled."""
-    question = _is_question(text)
+    question = is_question(text)
     short = "\n" not in text.strip() and len(text.split()) <= 25
     kinds: dict[str, list[str]] = {
         "prefix": list(_QUESTION_PREFIXES if question else _INSTRUCTION_PREFIXES),
@@ -328,7 +328,7 @@ def _rewrite(
     """One variation of ``text``, (before typos, with typos): the main rewrite, then casing, punctuation
     and typos at random. (The leakage filter checks both: a typo does not make a copy of a held-out
     question any less of one.)"""
-    question = _is_question(text)
+    question = is_question(text)
     short = "\n" not in text.strip() and len(text.split()) <= 25
     out: str | None
     if kind == "order":

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loratui.pipeline.config import AugmentSection, ParaphraseSection
-from loratui.pipeline.data.augment import Candidate, MethodContext, _is_question, normalize
+from loratui.pipeline.data.augment import Candidate, MethodContext, is_question, normalize
 from loratui.pipeline.errors import LoratuiError, StepCancelled
 
 # Bump when the parsing, the filters or the prompts sent change for the same settings (enters the cache key).
@@ -118,7 +118,7 @@ def _is_preamble(line: str) -> bool:
 def asks(text: str) -> bool:
     """Whether ``text`` asks for something: a question, or a request ("Tell me ...", "I'd like to know ...")."""
     low = text.strip().lower()
-    return _is_question(text) or low.startswith(_REQUEST_STARTS)
+    return is_question(text) or low.startswith(_REQUEST_STARTS)
 
 
 def _quoted_question(line: str) -> str | None:
@@ -143,7 +143,7 @@ def parse_paraphrase(raw: str, original: str) -> str:
             lines.append(cleaned)
     if not lines:
         return ""
-    if _is_question(original) or asks(original):
+    if is_question(original) or asks(original):
         for line in lines:
             if asks(line):
                 return line
@@ -234,21 +234,22 @@ class TorchRewriter:
     batch = TORCH_BATCH
 
     def __init__(self, path: Path, p: ParaphraseSection, trust_remote_code: bool = False) -> None:
-        import torch
         from transformers import AutoTokenizer
 
+        from loratui.pipeline import device as devices
         from loratui.pipeline.eval.runtimes import load_torch
         from loratui.pipeline.models import model_task
 
         self.name = str(path)
         self.p = p
         self.task = model_task(path, trust_remote_code)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        hw = devices.probe()  # as serving chooses: CUDA, then Apple MPS, then the CPU
+        self.device = devices.choose("auto", hw).value
         self.tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        precision = "bf16" if self.device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = devices.inference_precision(self.device, hw)
         self.model = load_torch(path, self.task, self.device, precision, trust_remote_code)
 
     def _render(self, prompt: str) -> str:
