@@ -54,7 +54,7 @@ from loratui.pipeline.errors import LoratuiError, StepCancelled
 PARAPHRASE_VERSION = 1
 TORCH_BATCH = 16  # prompts per transformers generate() call
 ENDPOINT_CONCURRENCY = 4  # requests in flight to an endpoint
-LLAMA_BATCH = 8  # prompts between two should_stop checks in llama.cpp (one at a time)
+LLAMA_BATCH = 2  # prompts between two should_stop checks in llama.cpp (one at a time; each request has its own seed)
 ANSWER_SPAN = 5  # consecutive words of the reply that make an output an answer
 
 _STOPWORDS = frozenset(
