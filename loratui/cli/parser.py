@@ -208,6 +208,12 @@ def _add_serve_parser(sub: Subparsers) -> None:
         help="serve this adapter on the base as model NAME (repeatable; PyTorch or vLLM); the base is served too",
     )
     srv.add_argument(
+        "--ui",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the chat page at / (default: serve.ui, auto: on when --host is loopback)",
+    )
+    srv.add_argument(
         "--engine",
         choices=("loratui", "vllm"),
         default=None,

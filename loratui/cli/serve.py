@@ -146,7 +146,7 @@ def _adapters(specs: list[str]) -> dict[str, Path]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from loratui.serving.server import ServeOptions, api_key_from, serve
+    from loratui.serving.server import ServeOptions, api_key_from, is_loopback, serve
     from loratui.serving.state import Limits
 
     target, cfg, base, fmt, source = serve_target(args)
@@ -154,10 +154,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if adapters and (target / "config.yaml").is_file():  # adapters go on the run's base, not on its merged model
         base = _run_base(cfg)
     s = cfg.serve
+    host = args.host or s.host
+    ui = args.ui if args.ui is not None else (is_loopback(host) if s.ui == "auto" else bool(s.ui))
+    run = (target / "config.yaml").is_file()
     opts = ServeOptions(
         target=target,
         fmt=fmt,
-        host=args.host or s.host,
+        host=host,
         port=args.port or s.port,
         api_key=api_key_from(args.api_key, s.api_key),
         allow_unauthenticated=args.allow_unauthenticated,
@@ -176,6 +179,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vllm_args=shlex.split(args.vllm_args) if args.vllm_args is not None else list(s.vllm_args),
         vllm_python=s.vllm_python,
         vllm_url=args.vllm_url or s.vllm_url,
+        ui=ui,
+        # with --adapter, the run's base is already served (as the run's name)
+        base_model=cfg.model.base if run and s.compare_base and not adapters else None,
     )
     serve(opts, log=log)
     return 0

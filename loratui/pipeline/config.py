@@ -655,6 +655,16 @@ class ServeSection(Section):
         description="Use a vLLM server that is already running (e.g. a multi-node Ray cluster) at this URL "
         "instead of starting one.",
     )
+    ui: bool | Auto = Field(
+        "auto",
+        description="Serve the chat page at `/` (try, compare and share the model in a browser). `auto`: on when "
+        "`host` is a loopback address; `true` serves it on any address (the page asks for the API key).",
+    )
+    compare_base: bool = Field(
+        True,
+        description="Serving a run: also serve its base model, loaded on first use, as the model id "
+        "`model.base` names (base vs tuned on the chat page and for any client).",
+    )
 
 
 class RunConfig(Section):

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratui.serving.errors import ApiError
 from loratui.serving.routes import completions, health, models
+from loratui.serving.routes import ui as page
 from loratui.serving.state import AppContext, Limits, ServerState, context
 
 if TYPE_CHECKING:
@@ -53,12 +54,16 @@ ROUTES = (
     "/v1/models",
     "/health",
     "/metrics",
+    "/",
+    "/ui/models",
     "/v1/files",
     "/v1/fine_tuning/jobs",
 )
 
 
 def _route_label(path: str) -> str:
+    if path.startswith("/ui/static/"):
+        return "/ui/static"
     for route in ROUTES:
         if path == route or (route in ("/v1/files", "/v1/fine_tuning/jobs") and path.startswith(route + "/")):
             return route
@@ -73,7 +78,7 @@ async def _guard(request: Request, call_next: Any) -> Any:
     upload = ctx.uploads and route == "/v1/files" and request.method == "POST"  # its own limit
     if length and length.isdigit() and int(length) > ctx.limits.max_body_bytes and not upload:
         response = _error(413, f"request body of {length} bytes is over the limit of {ctx.limits.max_body_bytes}")
-    elif ctx.api_key and route != "/health" and not _authorized(request, ctx.api_key):
+    elif ctx.api_key and not _public(ctx, route) and not _authorized(request, ctx.api_key):
         response = _error(
             401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`.", code="invalid_api_key"
         )
@@ -81,6 +86,11 @@ async def _guard(request: Request, call_next: Any) -> Any:
         response = await call_next(request)
     ctx.metrics.request(_route_label(route), response.status_code)
     return response
+
+
+def _public(ctx: AppContext, route: str) -> bool:
+    """What answers without the API key: /health, and the chat page's own files (it asks for the key itself)."""
+    return route == "/health" or (ctx.ui and page.is_page_file(route))
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -109,9 +119,12 @@ def create_app(
     loader: Callable[[ServerState], None] | None = None,
     jobs: JobManager | None = None,
     pool: ModelPool | None = None,
+    extra_models: list[str] | None = None,
+    ui: bool = False,
 ) -> FastAPI:
     """The app; ``loader(state)`` runs in a thread at start-up and fills ``state.backend``. ``jobs``: also the
-    fine-tuning API, its models served from ``pool``."""
+    fine-tuning API, its models served from ``pool``; so are ``extra_models`` (the run's base). ``ui``: the chat
+    page at ``/`` (:mod:`loratui.serving.routes.ui`)."""
     limits = limits or Limits()
 
     @asynccontextmanager
@@ -129,7 +142,7 @@ def create_app(
             state.backend.close()
 
     app = FastAPI(title="loratui", docs_url=None, redoc_url=None, lifespan=lifespan)
-    ctx = AppContext(state, limits, api_key=api_key, pool=pool)
+    ctx = AppContext(state, limits, api_key=api_key, pool=pool, extra=list(extra_models or []), ui=ui)
     if jobs is not None:
         ctx.uploads, ctx.fine_tuned = True, jobs.fine_tuned_models
     app.state.loratui = ctx
@@ -139,6 +152,8 @@ def create_app(
     app.exception_handler(StarletteHTTPException)(_http)
     for router in (health.router, models.router, completions.router):
         app.include_router(router)
+    if ui:
+        app.include_router(page.router)
     if jobs is not None:
         from loratui.serving.finetune.routes import add_routes
 

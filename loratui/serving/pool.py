@@ -32,6 +32,12 @@ class ModelPool:
         with self.lock:
             return [m for m, e in self.entries.items() if e.backend is not None]
 
+    def loaded_backend(self, model: str) -> Any:
+        """The backend of ``model`` if it is loaded now, else None (nothing is loaded or held)."""
+        with self.lock:
+            entry = self.entries.get(model)
+            return entry.backend if entry is not None else None
+
     def acquire(self, model: str) -> tuple[Any, Callable[[], None]]:
         with self.lock:
             entry = self.entries.get(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class ServeOptions:
     vllm_args: list[str] = field(default_factory=list)
     vllm_python: str | None = None
     vllm_url: str | None = None  # a vLLM that is already running
+    ui: bool = True  # the chat page at / (serve.ui, resolved)
+    base_model: str | None = None  # serving a run: its model.base, served too (loaded on first use)
 
 
 def served_base(opts: ServeOptions, choice: Choice) -> str | None:
@@ -110,6 +113,40 @@ def fine_tuned_loader(
         return build_backend(choice, plain, model, log)
 
     return load
+
+
+def base_id(opts: ServeOptions, model_id: str) -> str | None:
+    """The id the run's base model is served under: the built-in name or hub id ``model.base`` gives, a local
+    base by its folder's name; None when it is not served (off, or the same id as the served model)."""
+    if opts.base_model is None:
+        return None
+    spec = opts.base_model.strip()
+    name = Path(spec).expanduser().name if Path(spec).expanduser().exists() else spec
+    name = name if name != model_id else f"{model_id}-base"
+    return name or None
+
+
+def base_choice(opts: ServeOptions, served: Choice | None, cuda: bool) -> Choice:
+    """How the run's base is served: in the tuned model's own runtime where the run has it (its exported
+    ``<name>-base-<type>.gguf``, a built-in's GGUF), so that base and tuned differ by the training only;
+    else as ``--format auto`` would serve the base model directory."""
+    from loratui.pipeline import models
+
+    spec = opts.base_model or ""
+    if served is not None and served.kind == "gguf":
+        kind = served.path.stem.rsplit("-", 1)[-1]
+        exported = opts.target / "exports" / "gguf" / f"{opts.target.name}-base-{kind}.gguf"
+        if exported.is_file():
+            return Choice("gguf", exported, None, f"llama.cpp serves the run's base export {exported.name}")
+        if spec in models.BUILTINS:
+            try:
+                path = models.builtin_gguf(spec)
+            except LoratuiError:
+                path = None
+            if path is not None:
+                return Choice("gguf", path, None, f"llama.cpp serves the built-in {spec}'s GGUF {path.name}")
+    path = opts.base or models.resolve_model(spec, prepare=False).path
+    return choose(path, "auto", cuda, None)
 
 
 def vllm_can_load(adapter: Path, base_spec: str, opts: ServeOptions, backend: Any) -> bool:
@@ -220,21 +257,40 @@ def check_security(opts: ServeOptions) -> None:
 def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callable[[str], None] = print) -> Any:
     from loratui.serving import backends
 
+    backend: Any
     if choice.kind == "vllm":
-        return start_vllm(choice, opts, model_id, log)
+        backend = start_vllm(choice, opts, model_id, log)
+    elif choice.kind == "gguf":
+        backend = backends.LlamaCppBackend(
+            choice.path, model_id, opts.context_length, opts.threads, opts.max_batch_size
+        )
+    elif choice.kind == "onnx":
+        backend = backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads, opts.max_batch_size)
+    else:
+        backend = backends.TorchBackend(
+            choice.path,
+            model_id,
+            opts.context_length,
+            opts.max_batch_size,
+            adapter=choice.adapter,
+            adapters=opts.adapters,
+            log=log,
+        )
+    backend.format = describe_format(choice)
+    return backend
+
+
+def describe_format(choice: Choice) -> str:
+    """The served artifact in a few words, for /ui/models (the chat page shows it beside the model)."""
     if choice.kind == "gguf":
-        return backends.LlamaCppBackend(choice.path, model_id, opts.context_length, opts.threads, opts.max_batch_size)
+        kind = re.split(r"[-.]", choice.path.stem)[-1]
+        return f"GGUF {kind}" if re.fullmatch(r"(?i)(i?q\d\w*|f16|bf16|f32)", kind) else "GGUF"
     if choice.kind == "onnx":
-        return backends.OnnxBackend(choice.path, model_id, opts.context_length, opts.threads, opts.max_batch_size)
-    return backends.TorchBackend(
-        choice.path,
-        model_id,
-        opts.context_length,
-        opts.max_batch_size,
-        adapter=choice.adapter,
-        adapters=opts.adapters,
-        log=log,
-    )
+        return "ONNX"
+    weights = "safetensors" if any(choice.path.glob("*.safetensors")) else "PyTorch weights"
+    if choice.adapter is not None:
+        return f"{weights} + LoRA adapter"
+    return f"{weights} ({choice.path.name})"
 
 
 def loader_for(choice: Choice, opts: ServeOptions, log: Callable[[str], None]) -> Callable[[ServerState], None]:
@@ -298,18 +354,51 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
     model_id = opts.model_id or opts.source or (opts.target.name if opts.target.is_dir() else opts.target.stem)
     log(f"serve: {choice.reason}")
     state = ServerState(model_id=model_id, chosen=choice.reason)
-    jobs = pool = None
+    jobs = None
+    loaders: dict[str, Callable[[str], Any]] = {}
     if opts.jobs is not None:
         from loratui.serving.finetune import JobManager
-        from loratui.serving.pool import ModelPool
 
         job_base = served_base(opts, choice)
         if job_base is not None:
             opts.jobs.served_bases.setdefault(model_id, job_base)
         jobs = JobManager(opts.jobs, log)
-        pool = ModelPool(fine_tuned_loader(jobs, opts, log, lambda: state.backend), opts.max_loaded_models)
-    app = create_app(state, opts.api_key, opts.limits, loader_for(choice, opts, log), jobs, pool)
+        loaders["ft:"] = fine_tuned_loader(jobs, opts, log, lambda: state.backend)
+    base_name = base_id(opts, model_id)
+    if base_name is not None:
+        loaders[base_name] = base_loader(opts, choice, log)
+    pool = None
+    if loaders:
+        from loratui.serving.pool import ModelPool
+
+        pool = ModelPool(lambda model: loaders[model if model in loaders else "ft:"](model), opts.max_loaded_models)
+    app = create_app(
+        state,
+        opts.api_key,
+        opts.limits,
+        loader_for(choice, opts, log),
+        jobs,
+        pool,
+        extra_models=[base_name] if base_name is not None else [],
+        ui=opts.ui,
+    )
     return state, app
+
+
+def base_loader(opts: ServeOptions, served: Choice, log: Callable[[str], None]) -> Callable[[str], Any]:
+    """Loads the run's base model (``base_id``) the first time a request names it."""
+    from dataclasses import replace
+
+    plain = replace(opts, adapters=None, engine="loratui")
+
+    def load(model: str) -> Any:
+        import torch
+
+        choice = base_choice(opts, served if served.kind != "vllm" else None, torch.cuda.is_available())
+        log(f"serve: loading the base {model}: {choice.reason}")
+        return build_backend(choice, plain, model, log)
+
+    return load
 
 
 def serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
@@ -321,6 +410,9 @@ def serve(opts: ServeOptions, log: Callable[[str], None]) -> None:
         + (", API key required" if opts.api_key else "")
         + ")"
     )
+    if opts.ui:
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host
+        log(f"serve: chat page at http://{host}:{opts.port}/")
     if opts.jobs is not None:
         log(
             f"serve: fine-tuning API on /v1/files and /v1/fine_tuning/jobs ({opts.jobs.slots} job(s) at once; "

@@ -108,10 +108,16 @@ class AppContext:
     pool: ModelPool | None = None  # the fine-tuned models, loaded on first use
     # the models fine-tuning jobs made -> when (blocking: call it in a thread)
     fine_tuned: Callable[[], dict[str, int]] = _no_fine_tuned_models
+    extra: list[str] = field(default_factory=list)  # served from the pool too: the run's base model
+    ui: bool = False  # the chat page at /
 
     def own(self) -> list[str]:
         """The model ids the server's own backend answers to."""
         return list(self.state.backend.models) if self.state.backend is not None else [self.state.model_id]
+
+    def pooled(self, model: str) -> bool:
+        """Whether ``model`` is loaded on first use from the pool (the run's base, a fine-tuned model)."""
+        return self.pool is not None and (model in self.extra or (self.uploads and model.startswith("ft:")))
 
     def enter(self) -> None:
         """Count a generation in, or 429 when the queue is full."""

@@ -30,7 +30,7 @@ async def _backend(ctx: AppContext, model: str) -> tuple[Backend, Callable[[], N
                 503, f"the model is {ctx.state.status}: {ctx.state.reason or 'try again shortly'}", "server_error"
             )
         return ctx.state.backend, _nothing
-    if ctx.pool is not None and model.startswith("ft:"):
+    if ctx.pool is not None and ctx.pooled(model):
         try:
             return await asyncio.to_thread(ctx.pool.acquire, model)
         except ApiError:
@@ -39,7 +39,7 @@ async def _backend(ctx: AppContext, model: str) -> tuple[Backend, Callable[[], N
             raise ApiError(
                 503, f"the model `{model}` failed to load: {type(e).__name__}: {e}", "server_error"
             ) from None
-    served = ctx.own() + list(await asyncio.to_thread(ctx.fine_tuned))
+    served = ctx.own() + ctx.extra + list(await asyncio.to_thread(ctx.fine_tuned))
     raise ApiError(
         404,
         f"The model `{model}` does not exist: this server serves " + ", ".join(f"`{m}`" for m in served) + ".",
