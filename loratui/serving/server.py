@@ -145,7 +145,7 @@ def base_choice(opts: ServeOptions, served: Choice | None, cuda: bool) -> Choice
                 path = None
             if path is not None:
                 return Choice("gguf", path, None, f"llama.cpp serves the built-in {spec}'s GGUF {path.name}")
-    path = opts.base or models.resolve_model(spec, prepare=False).path
+    path = opts.base or models.resolve_model(spec).path  # a built-in is imported once if it is not yet
     return choose(path, "auto", cuda, None)
 
 
@@ -364,7 +364,7 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
             opts.jobs.served_bases.setdefault(model_id, job_base)
         jobs = JobManager(opts.jobs, log)
         loaders["ft:"] = fine_tuned_loader(jobs, opts, log, lambda: state.backend)
-    base_name = base_id(opts, model_id)
+    base_name = base_id(opts, model_id) if base_servable(opts, log) else None
     if base_name is not None:
         loaders[base_name] = base_loader(opts, choice, log)
     pool = None
@@ -383,6 +383,25 @@ def prepare(opts: ServeOptions, log: Callable[[str], None]) -> tuple[ServerState
         ui=opts.ui,
     )
     return state, app
+
+
+def base_servable(opts: ServeOptions, log: Callable[[str], None]) -> bool:
+    """Whether the run's base can be listed: it is here (a model the server could not load would only answer 503),
+    and the engine is loratui's (beside vLLM, a second model in loratui's PyTorch would contend for its GPU)."""
+    if opts.base_model is None:
+        return False
+    if opts.engine == "vllm":
+        log("serve: the run's base is not served beside vLLM (serve it with its own `loratui serve` to compare)")
+        return False
+    from loratui.pipeline import models
+
+    try:
+        if opts.base is None and opts.base_model.strip() not in models.BUILTINS:
+            models.resolve_model(opts.base_model, prepare=False)
+    except LoratuiError as e:
+        log(f"serve: the run's base {opts.base_model} is not served: {e}")
+        return False
+    return True
 
 
 def base_loader(opts: ServeOptions, served: Choice, log: Callable[[str], None]) -> Callable[[str], Any]:

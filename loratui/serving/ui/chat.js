@@ -8,11 +8,10 @@ const page = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   models: [], // from /ui/models: {id, role, backend, format, status}
   compare: false,
-  columns: [
-    { el: null, select: null, info: null, title: null, messages: [], controller: null },
-    { el: null, select: null, info: null, title: null, messages: [], controller: null },
-  ],
+  columns: [], // {el, log, select, info, title, messages: [{role, content, model}], controller, epoch}
   keyWaiters: [],
+  refused: false, // the key dialog was cancelled: no more asking on its own until the user asks
+  health: "",
 };
 
 // ---- the API ------------------------------------------------------------------------------------------------
@@ -56,33 +55,44 @@ async function api(path, options = {}) {
 
 // ---- the API key --------------------------------------------------------------------------------------------
 
+// Opens the key dialog (once: a second caller waits for the same answer); resolves true when a key was given.
 function askKey(message) {
-  $("key-message").textContent = message || "This server needs an API key.";
-  $("key-input").value = "";
   const dialog = $("key-dialog");
-  if (!dialog.open) dialog.showModal();
-  $("key-input").focus();
+  if (!dialog.open) {
+    $("key-message").textContent = message || "This server needs an API key.";
+    $("key-input").value = "";
+    dialog.showModal();
+    $("key-input").focus();
+  } else if (message) {
+    $("key-message").textContent = message;
+  }
   return new Promise((resolve) => page.keyWaiters.push(resolve));
 }
 
-function keyGiven(key) {
-  page.key = key;
-  if (key) sessionStorage.setItem(KEY_STORE, key);
-  else sessionStorage.removeItem(KEY_STORE);
-  $("key-dialog").close();
-  const waiters = page.keyWaiters.splice(0);
-  waiters.forEach((resolve) => resolve(Boolean(key)));
+function keyAnswered(key) {
+  if (key) page.refused = false;
+  if (key !== null) {
+    page.key = key;
+    if (key) sessionStorage.setItem(KEY_STORE, key);
+    else sessionStorage.removeItem(KEY_STORE);
+  }
+  if ($("key-dialog").open) $("key-dialog").close();
+  page.keyWaiters.splice(0).forEach((resolve) => resolve(Boolean(key)));
 }
 
 // Calls fn(); on 401 asks for the key (showing the server's message) and tries again with the new one.
-async function withKey(fn) {
+async function withKey(fn, signal) {
   for (;;) {
     try {
       return await fn();
     } catch (e) {
-      if (!(e instanceof ApiError) || e.status !== 401) throw e;
+      if (!(e instanceof ApiError) || e.status !== 401 || (signal && signal.aborted)) throw e;
       const hint = page.key ? e.message : "This server needs an API key.";
-      if (!(await askKey(hint))) throw e;
+      if (!(await askKey(hint))) {
+        page.refused = true;
+        throw e;
+      }
+      if (signal && signal.aborted) throw e;
     }
   }
 }
@@ -90,20 +100,28 @@ async function withKey(fn) {
 // ---- health and models --------------------------------------------------------------------------------------
 
 async function pollHealth() {
-  const el = $("health");
+  let state = "down";
+  let text = "server unreachable";
+  let title = "";
   try {
-    const res = await fetch("/health");
-    const body = await res.json();
-    el.dataset.state = body.status || "unknown";
-    const parts = [`server ${body.status}`];
-    if (body.backend) parts.push(body.backend);
-    if (body.reason) parts.push(body.reason);
-    el.textContent = parts.join(" · ");
-    el.title = body.serving || "";
-    if (body.status === "loading") setTimeout(loadModels, 1500);
+    const body = await (await fetch("/health")).json();
+    state = body.status || "unknown";
+    text = [`server ${body.status}`, body.backend, body.reason].filter(Boolean).join(" · ");
+    title = body.serving || "";
   } catch (e) {
-    el.dataset.state = "down";
-    el.textContent = "server unreachable";
+    /* unreachable: said as it is */
+  }
+  if (text !== page.health) {
+    // written only when it changes: a status region re-announces every write
+    page.health = text;
+    const el = $("health");
+    el.dataset.state = state;
+    el.textContent = text;
+    el.title = title;
+  }
+  const waiting = state === "loading" || page.models.length === 0;
+  if (waiting && state !== "down" && !page.refused && !$("key-dialog").open) {
+    loadModels(); // the model list arrives once the server is up
   }
 }
 
@@ -118,7 +136,9 @@ function describe(id) {
 }
 
 function fill(select, ids, wanted) {
-  const keep = select.value || wanted;
+  const now = Array.from(select.options, (o) => o.value);
+  if (now.length === ids.length && now.every((id, i) => id === ids[i])) return; // unchanged: leave an open list be
+  const keep = select.value;
   select.replaceChildren(
     ...ids.map((id) => {
       const option = document.createElement("option");
@@ -129,12 +149,18 @@ function fill(select, ids, wanted) {
   select.value = ids.includes(keep) ? keep : ids.includes(wanted) ? wanted : ids[0] || "";
 }
 
-async function loadModels() {
+let loading = null;
+function loadModels() {
+  if (!loading) loading = fetchModels().finally(() => (loading = null)); // one at a time
+  return loading;
+}
+
+async function fetchModels() {
   let body;
   try {
     body = await withKey(async () => (await api("/ui/models")).json());
   } catch (e) {
-    notice(e.message);
+    notice(e.status === 401 ? `${e.message} Use “API key” above to try another.` : e.message);
     return;
   }
   const first = page.models.length === 0;
@@ -164,17 +190,17 @@ function busy() {
   return page.columns.some((c) => c.controller !== null);
 }
 
-function addMessage(col, role, text) {
+function addMessage(col, message) {
   const li = document.createElement("li");
-  li.className = `msg ${role}`;
+  li.className = `msg ${message.role}`;
   const who = document.createElement("span");
   who.className = "who";
-  who.textContent = role === "user" ? "you" : role === "assistant" ? col.select.value : "error";
+  who.textContent = message.role === "user" ? "you" : message.model;
   const body = document.createElement("span");
   body.className = "text";
-  body.textContent = text;
+  body.textContent = message.content;
   li.append(who, body);
-  col.el.querySelector(".log").append(li);
+  col.log.append(li);
   li.scrollIntoView({ block: "end" });
   return li;
 }
@@ -198,59 +224,83 @@ function settings() {
   return out;
 }
 
-// One reply streamed into its column: server-sent events, text appended as it comes, stoppable.
+// Server-sent events from a fetch body: calls onData(data) for each event's data (lines joined), to the end.
+async function readEvents(body, onData) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  const flush = (final) => {
+    buffer = buffer.replace(/\r\n?/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0 || (final && buffer)) {
+      const event = cut >= 0 ? buffer.slice(0, cut) : buffer;
+      buffer = cut >= 0 ? buffer.slice(cut + 2) : "";
+      const data = event
+        .split("\n")
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (data) onData(data);
+    }
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    flush(false);
+  }
+  buffer += decoder.decode();
+  flush(true);
+}
+
+// One reply streamed into its column: text appended as it comes, stoppable. Returns the reply (may be partial).
 async function streamReply(col) {
   const model = col.select.value;
+  const epoch = col.epoch;
   const system = $("system").value.trim();
-  const messages = (system ? [{ role: "system", content: system }] : []).concat(col.messages);
-  const li = addMessage(col, "assistant", "");
+  const history = col.messages.map(({ role, content }) => ({ role, content }));
+  const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
+  const li = addMessage(col, { role: "assistant", content: "", model });
   const text = li.querySelector(".text");
   li.classList.add("streaming");
   li.dataset.chunks = "0";
-  col.controller = new AbortController();
+  col.log.setAttribute("aria-busy", "true"); // read out once finished, not token by token
+  const controller = (col.controller = new AbortController());
   updateButtons();
   const started = performance.now();
   let reply = "";
   let usage = null;
   let finish = null;
+  let ended = false;
   try {
-    const res = await withKey(() =>
-      api("/v1/chat/completions", {
-        method: "POST",
-        body: JSON.stringify({ model, messages, stream: true, stream_options: { include_usage: true }, ...settings() }),
-        signal: col.controller.signal,
-      }),
+    const res = await withKey(
+      () =>
+        api("/v1/chat/completions", {
+          method: "POST",
+          body: JSON.stringify({ model, messages, stream: true, stream_options: { include_usage: true }, ...settings() }),
+          signal: controller.signal,
+        }),
+      controller.signal,
     );
-    const reader = res.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
-          const chunk = JSON.parse(data);
-          if (chunk.error) throw new ApiError(500, chunk.error.message || "generation failed", chunk.error.code);
-          if (chunk.usage) usage = chunk.usage;
-          const choice = chunk.choices && chunk.choices[0];
-          if (!choice) continue;
-          const piece = (choice.delta && choice.delta.content) || "";
-          if (piece) {
-            reply += piece;
-            text.textContent = reply;
-            li.dataset.chunks = String(Number(li.dataset.chunks) + 1);
-          }
-          if (choice.finish_reason) finish = choice.finish_reason;
-        }
+    await readEvents(res.body, (data) => {
+      if (data === "[DONE]") {
+        ended = true;
+        return;
       }
-    }
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(0, chunk.error.message || "generation failed", chunk.error.code);
+      if (chunk.usage) usage = chunk.usage;
+      const choice = chunk.choices && chunk.choices[0];
+      if (!choice) return;
+      const piece = (choice.delta && choice.delta.content) || "";
+      if (piece) {
+        reply += piece;
+        text.textContent = reply;
+        li.dataset.chunks = String(Number(li.dataset.chunks) + 1);
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    });
+    if (!ended && !finish) throw new Error("the connection closed before the reply finished");
     const seconds = (performance.now() - started) / 1000;
     const tokens = usage ? usage.completion_tokens : null;
     const rate = tokens && seconds > 0 ? ` · ${(tokens / seconds).toFixed(1)} tok/s` : "";
@@ -263,14 +313,27 @@ async function streamReply(col) {
     } else {
       li.classList.add("error");
       li.dataset.state = "error";
-      setMeta(li, e instanceof ApiError ? `Error ${e.status}: ${e.message}` : `Error: ${e.message}`);
+      setMeta(li, e instanceof ApiError && e.status ? `Error ${e.status}: ${e.message}` : `Error: ${e.message}`);
     }
   } finally {
     li.classList.remove("streaming");
+    col.log.removeAttribute("aria-busy");
     col.controller = null;
     updateButtons();
   }
-  if (reply) col.messages.push({ role: "assistant", content: reply }); // a stopped reply stays in the conversation
+  if (col.epoch !== epoch) return; // cleared meanwhile: this reply belongs to no conversation
+  if (reply) {
+    col.messages.push({ role: "assistant", content: reply, model }); // a stopped reply stays in the conversation
+  } else {
+    // no reply at all (an error, or stopped at once): the question leaves the conversation too, so the next
+    // request does not carry two user turns in a row (templates that need them to alternate would refuse it)
+    col.messages.pop();
+    const asked = li.previousElementSibling;
+    if (asked) {
+      asked.classList.add("dropped");
+      setMeta(asked, "not kept: no reply");
+    }
+  }
 }
 
 async function send() {
@@ -278,15 +341,17 @@ async function send() {
   const text = prompt.value.trim();
   if (!text || busy()) return;
   if (!page.columns[0].select.value) {
-    notice("No model to talk to yet: the server is still loading, or the API key is missing.");
+    notice("No model to talk to yet: the server is still loading, or it needs the API key.");
+    loadModels();
     return;
   }
   notice("");
   prompt.value = "";
   const cols = active();
   cols.forEach((col) => {
-    col.messages.push({ role: "user", content: text });
-    addMessage(col, "user", text);
+    const message = { role: "user", content: text, model: null };
+    col.messages.push(message);
+    addMessage(col, message);
   });
   await Promise.all(cols.map(streamReply));
   loadModels(); // a model loaded on first use now says what serves it
@@ -297,11 +362,17 @@ function stop() {
   page.columns.forEach((col) => col.controller && col.controller.abort());
 }
 
+function render(col) {
+  col.log.replaceChildren();
+  col.messages.forEach((m) => addMessage(col, m));
+}
+
 function clearAll() {
   stop();
   page.columns.forEach((col) => {
+    col.epoch += 1;
     col.messages = [];
-    col.el.querySelector(".log").replaceChildren();
+    render(col);
   });
   notice("");
   $("prompt").focus();
@@ -310,7 +381,7 @@ function clearAll() {
 function transcript() {
   return active()
     .map((col) => {
-      const lines = col.messages.map((m) => `${m.role === "user" ? "User" : "Assistant"}: ${m.content}`);
+      const lines = col.messages.map((m) => `${m.role === "user" ? "User" : `Assistant (${m.model})`}: ${m.content}`);
       return `## ${col.select.value}\n\n${lines.join("\n\n")}`;
     })
     .join("\n\n");
@@ -318,6 +389,7 @@ function transcript() {
 
 async function copyAll() {
   const text = transcript();
+  let copied = true;
   try {
     await navigator.clipboard.writeText(text);
   } catch (e) {
@@ -326,14 +398,15 @@ async function copyAll() {
     area.value = text;
     document.body.append(area);
     area.select();
-    document.execCommand("copy");
+    copied = document.execCommand("copy");
     area.remove();
   }
-  notice("Conversation copied.", "info");
+  notice(copied ? "Conversation copied." : "The browser did not allow copying.", copied ? "info" : "error");
 }
 
 function notice(message, kind = "error") {
   const el = $("notice");
+  el.setAttribute("role", kind === "error" ? "alert" : "status");
   el.textContent = message;
   el.className = `notice ${kind}`;
   el.hidden = !message;
@@ -343,6 +416,7 @@ function updateButtons() {
   const running = busy();
   $("send").disabled = running;
   $("stop").disabled = !running;
+  $("compare").disabled = running; // the two columns change only between replies
 }
 
 function setCompare(on) {
@@ -351,24 +425,28 @@ function setCompare(on) {
   b.el.hidden = !on;
   b.select.disabled = !on;
   $("columns").classList.toggle("compare", on);
-  if (on && b.messages.length === 0 && a.messages.length > 0) {
-    // the second model continues the same conversation
+  if (on) {
+    // the second model takes up the first one's conversation as it is now
+    b.epoch += 1;
     b.messages = a.messages.map((m) => ({ ...m }));
-    b.messages.forEach((m) => addMessage(b, m.role, m.content));
+    render(b);
   }
 }
 
 // ---- wiring -------------------------------------------------------------------------------------------------
 
 function init() {
-  ["a", "b"].forEach((side, i) => {
-    const col = page.columns[i];
-    col.el = $(`col-${side}`);
-    col.select = $(`model-${side}`);
-    col.info = $(`info-${side}`);
-    col.title = $(`title-${side}`);
-    col.select.addEventListener("change", refreshTitles);
-  });
+  page.columns = ["a", "b"].map((side) => ({
+    el: $(`col-${side}`),
+    log: $(`col-${side}`).querySelector(".log"),
+    select: $(`model-${side}`),
+    info: $(`info-${side}`),
+    title: $(`title-${side}`),
+    messages: [],
+    controller: null,
+    epoch: 0,
+  }));
+  page.columns.forEach((col) => col.select.addEventListener("change", refreshTitles));
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     send();
@@ -380,7 +458,7 @@ function init() {
     }
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && busy()) {
+    if (e.key === "Escape" && busy() && !$("key-dialog").open) {
       e.preventDefault();
       stop();
     }
@@ -394,14 +472,15 @@ function init() {
     e.currentTarget.setAttribute("aria-expanded", String(open));
     $("settings").hidden = !open;
   });
+  $("key-button").addEventListener("click", async () => {
+    if (await askKey("The API key to use from now on (empty: none).")) notice("");
+    loadModels();
+  });
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    keyGiven($("key-input").value.trim());
+    keyAnswered($("key-input").value.trim());
   });
-  $("key-cancel").addEventListener("click", () => {
-    $("key-dialog").close();
-    page.keyWaiters.splice(0).forEach((resolve) => resolve(false));
-  });
+  $("key-cancel").addEventListener("click", () => keyAnswered(null));
   $("key-dialog").addEventListener("cancel", () => page.keyWaiters.splice(0).forEach((resolve) => resolve(false)));
   if (window.matchMedia("(max-width: 720px)").matches) {
     // a phone: the conversation gets the screen, the settings one tap away
@@ -412,7 +491,7 @@ function init() {
   updateButtons();
   pollHealth();
   setInterval(pollHealth, 5000);
-  setInterval(() => !busy() && page.models.length && loadModels(), 15000); // new fine-tuned models appear
+  setInterval(() => !busy() && page.models.length && !$("key-dialog").open && loadModels(), 15000); // new models
   loadModels();
   $("prompt").focus();
 }

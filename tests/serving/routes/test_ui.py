@@ -68,6 +68,9 @@ def test_the_page_and_its_files_need_no_key_and_allow_this_server_only():
     for link in linked:
         got = client.get(link)
         assert got.status_code == 200 and got.content, link
+        assert got.headers["content-security-policy"] == csp and got.headers["x-content-type-options"] == "nosniff"
+        assert client.head(link).status_code == 200
+    assert client.head("/").status_code == 200
     assert client.get("/ui/static/chat.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/ui/static/app.py").status_code == 401  # only the page's own files are public
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -118,6 +121,9 @@ def test_compare_puts_the_base_left_and_the_tuned_model_right(own, extra, tuned,
     if extra:
         assert roles == {"run": "tuned", "smollm2": "base"}
     assert [e["id"] for e in shown["models"]][: len(own)] == list(own)
+
+
+def test_no_models_no_pair():
     assert default_pair([]) == ["", ""]
 
 
