@@ -8,6 +8,8 @@ const page = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   models: [], // from /ui/models: {id, role, backend, format, status}
   compare: false,
+  pair: ["", ""], // the server's base-vs-tuned pair: alone, the tuned one; compared, base left and tuned right
+  picked: false, // the user chose models: leave the choice alone
   columns: [], // {el, log, select, info, title, messages: [{role, content, model}], controller, epoch}
   keyWaiters: [],
   refused: false, // the key dialog was cancelled: no more asking on its own until the user asks
@@ -166,9 +168,10 @@ async function fetchModels() {
   const first = page.models.length === 0;
   page.models = body.models;
   const ids = body.models.map((m) => m.id);
-  const [a, b] = body.compare || [ids[0], ids[1] || ids[0]];
-  fill(page.columns[0].select, ids, a);
-  fill(page.columns[1].select, ids, b);
+  page.pair = body.compare || [ids[0], ids[1] || ids[0]];
+  const [base, tuned] = page.pair;
+  fill(page.columns[0].select, ids, page.compare ? base : tuned);
+  fill(page.columns[1].select, ids, tuned);
   if (first) notice("");
   refreshTitles();
 }
@@ -425,6 +428,11 @@ function setCompare(on) {
   b.el.hidden = !on;
   b.select.disabled = !on;
   $("columns").classList.toggle("compare", on);
+  if (!page.picked && page.pair[0]) {
+    a.select.value = on ? page.pair[0] : page.pair[1];
+    b.select.value = page.pair[1];
+    refreshTitles();
+  }
   if (on) {
     // the second model takes up the first one's conversation as it is now
     b.epoch += 1;
@@ -446,7 +454,12 @@ function init() {
     controller: null,
     epoch: 0,
   }));
-  page.columns.forEach((col) => col.select.addEventListener("change", refreshTitles));
+  page.columns.forEach((col) =>
+    col.select.addEventListener("change", () => {
+      page.picked = true;
+      refreshTitles();
+    }),
+  );
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     send();

@@ -159,8 +159,8 @@ def test_the_key_flow_then_an_answer_with_nothing_from_elsewhere(page, served):
     assert not dialog.is_visible()
     assert page.evaluate("() => sessionStorage.getItem('loratui.apiKey')") == KEY
     assert all(KEY not in u for u in page.requests), "the key never goes in a URL"
-    assert page.input_value("#model-a") == "base"
-    assert page.inner_text("#info-a").startswith("base · torch · safetensors")
+    assert page.input_value("#model-a") == "tuned"  # alone: the tuned model
+    assert page.inner_text("#info-a").startswith("adapter · torch · safetensors")
     page.locator("#health[data-state='ok']").wait_for()
     assert "server ok · torch" in page.inner_text("#health")
 
@@ -248,8 +248,10 @@ def test_a_reply_streams_in_pieces_and_stop_ends_it(page, served):
 
 def test_compare_mode_streams_base_and_tuned_side_by_side(page, served, tmp_path):
     _unlock(page, served)
+    assert page.input_value("#model-a") == "tuned"
     page.check("#compare")
     assert (page.input_value("#model-a"), page.input_value("#model-b")) == ("base", "tuned")
+    assert page.inner_text("#info-a").startswith("base · torch")
     assert page.inner_text("#info-b").startswith("adapter · torch")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "24")
