@@ -9,7 +9,7 @@ server, no network), the floor of what the browser itself takes.
 With ``--screenshot FILE``: compare mode (the run's base against the tuned run, greedy) on ``--question``, saved
 as a PNG for the README.
 
-    .venv/bin/python bench/chat_page.py [--target runs/quickstart] [--loads 10] [--screenshot docs/screenshots/chat-compare.png]
+    .venv/bin/python bench/chat_page.py [--run runs/quickstart] [--loads 10] [--screenshot docs/screenshots/chat-compare.png]
 
 Target: first paint under 1 s.
 """
@@ -99,7 +99,9 @@ def screenshot(browser, url: str, question: str, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="runs/quickstart", help="what `loratui serve` serves")
+    parser.add_argument(
+        "--run", default="runs/quickstart", help="what `loratui serve` serves: a run (or any target it takes)"
+    )
     parser.add_argument("--loads", type=int, default=10)
     parser.add_argument("--screenshot", type=Path, default=None)
     parser.add_argument("--question", default="What's the full name of the library at 14 Tannery Row?")
@@ -115,7 +117,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with tempfile.TemporaryDirectory() as tmp:
-        proc = _serve(args.target, port, Path(tmp) / "serve.log")
+        proc = _serve(args.run, port, Path(tmp) / "serve.log")
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
@@ -129,7 +131,7 @@ def main() -> int:
             proc.wait(timeout=30)
     p50, worst, base = statistics.median(paints), max(paints), statistics.median(floor)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Chromium {version}")
-    print(f"target: loratui serve {args.target}; {args.loads} loads, each in a fresh browser context")
+    print(f"target: loratui serve {args.run}; {args.loads} loads, each in a fresh browser context")
     print(f"first contentful paint: p50 {p50:.0f} ms, worst {worst:.0f} ms (target < {TARGET_MS:.0f} ms)")
     print(f"model list shown (page usable): p50 {statistics.median(usable):.0f} ms, worst {max(usable):.0f} ms")
     print(

@@ -34,6 +34,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("onnx_scoring", ["--run"]),
     ("onnx_decode", ["--run"]),
     ("serve_throughput", ["--run"]),
+    ("chat_page", ["--run"]),
     ("tui_startup", []),
     ("estimate_accuracy", []),
     ("preference", []),
