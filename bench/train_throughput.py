@@ -62,6 +62,10 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS: int | None = None  # --threads: torch threads of every recipe's process (None: torch's default)
 
 
+# LORATUI_BENCH_CUDA=1 (scripts/gpu_check.py on a GPU): both recipes train on CUDA in bf16 instead of the CPU in fp32
+CUDA = os.environ.get("LORATUI_BENCH_CUDA") == "1"
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     if THREADS:
@@ -105,6 +109,7 @@ def run_loratui(work: Path, steps: int, model: str = DEFAULT_MODEL, attempt: int
         f"train.max_steps={steps + 1}",
         "train.keep_best=false",
         "train.save_every=1000",
+        *(["train.precision=bf16"] if CUDA else []),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
     code, peak = _wait(proc)
@@ -285,7 +290,8 @@ def child(kind: str, data_dir: str, micro: int, accum: int, steps: int) -> None:
             learning_rate=2e-4,
             lr_scheduler_type="cosine",
             warmup_steps=0.05,  # transformers 5: a float below 1 is a share (was warmup_ratio)
-            use_cpu=True,
+            use_cpu=not CUDA,
+            bf16=CUDA,
             save_strategy="no",
             report_to="none",
             seed=42,
