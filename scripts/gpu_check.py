@@ -167,7 +167,9 @@ def part_oom_fallback(work: Path, model: str, steps: int) -> dict[str, Any]:
     if not _cuda():
         return {"skipped": "CUDA only: on the CPU an oversized batch swaps or is killed instead of raising"}
     total = torch.cuda.get_device_properties(0).total_memory
-    share = min(1.0, (3 * 2**30) / total)  # 3 GiB: room for the model, not for 64 sequences at once
+    # 0.75 GiB: room for SmolLM2's bf16 weights (0.27 GiB), its adapter and optimizer, and a few sequences'
+    # activations, not for 64 at once (about 1 MiB per token over its 30 layers)
+    share = min(1.0, (0.75 * 2**30) / total)
     torch.cuda.set_per_process_memory_fraction(share)
     figures = _train(work, "oom", model, 2, ["train.batch_size=64", "train.grad_accum=1", "data.max_length=512"])
     halvings = [w for w in figures["warnings"] if w.startswith("out of memory: retrying")]
