@@ -21,37 +21,17 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from _results import add_json_arg, record  # bench/, the scripts' own folder, is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TARGET_MS = 1000.0
-
-
-def _serve(target: str, port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "loratui", "serve", target, "--port", str(port)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"loratui serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] in ("ok", "degraded"):
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit(f"loratui serve did not get ready:\n{log.read_text()}")
 
 
 def _paint(page) -> float:
@@ -109,26 +89,21 @@ def main() -> int:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from tests.threaded_server import free_port
+    from tests.threaded_server import loratui_serve
 
     browser_path = os.environ.get("LORATUI_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         raise SystemExit("no Chromium: run scripts/install-browser.sh (or set LORATUI_CHROMIUM)")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
     with tempfile.TemporaryDirectory() as tmp:
-        proc = _serve(args.run, port, Path(tmp) / "serve.log")
-        try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-                version = browser.version
-                paints, usable, floor = measure(browser, url, args.loads)
-                if args.screenshot:
-                    screenshot(browser, url, args.question, args.screenshot)
-                browser.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        serving = loratui_serve([args.run], Path(tmp) / "serve.log", cwd=REPO, timeout=300, ready=("ok", "degraded"))
+        with serving as server, sync_playwright() as p:
+            url = server + "/"
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            version = browser.version
+            paints, usable, floor = measure(browser, url, args.loads)
+            if args.screenshot:
+                screenshot(browser, url, args.question, args.screenshot)
+            browser.close()
     p50, worst, base = statistics.median(paints), max(paints), statistics.median(floor)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Chromium {version}")
     print(f"target: loratui serve {args.run}; {args.loads} loads, each in a fresh browser context")

@@ -217,26 +217,12 @@ def part_serve(work: Path, model: str, steps: int) -> dict[str, Any]:
 
     import httpx
 
-    from tests.threaded_server import free_port
+    from tests.threaded_server import loratui_serve
 
     run = work / "lora"
     if not (run / "merged" / "config.json").is_file():
         part_merge_eval(work, model, steps)
-    port = free_port()
-    command = [sys.executable, "-m", "loratui", "serve", str(run), "--format", "torch", "--port", str(port), "--no-ui"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").json().get("status") == "ok":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError("the server did not get ready")
+    with loratui_serve([str(run), "--format", "torch", "--no-ui"], work / "parts" / "serve-server.log") as url:
         tokens = 48 if _cuda() else 16
 
         def one(i: int, results: list[int]) -> None:
@@ -261,19 +247,16 @@ def part_serve(work: Path, model: str, steps: int) -> dict[str, Any]:
             rates[clients] = sum(results) / (time.monotonic() - started)
         return {"tokens_per_s_1": round(rates[1], 1), "tokens_per_s_8": round(rates[8], 1),
                 "ratio_8_to_1": round(rates[8] / rates[1], 2)}  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def part_estimate(work: Path, model: str, steps: int) -> dict[str, Any]:
     """`loratui estimate --json` (with its probe) for the lora part's config, against that part's measured peak."""
-    from loratui import cli
-
-    args = _config(work, "estimate", model, steps, ["train.precision=bf16" if _cuda() else "train.precision=fp32"])
     import contextlib
     import io
 
+    from loratui import cli
+
+    args = _config(work, "estimate", model, steps, ["train.precision=bf16" if _cuda() else "train.precision=fp32"])
     buffer = io.StringIO()
     probe = [] if _cuda() else ["--no-probe"]  # the probe trains on the CPU for minutes: the analytic estimate there
     with contextlib.redirect_stdout(buffer):

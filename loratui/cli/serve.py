@@ -151,12 +151,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     target, cfg, base, fmt, source = serve_target(args)
     adapters = _adapters(args.adapter)
-    if adapters and (target / "config.yaml").is_file():  # adapters go on the run's base, not on its merged model
+    run = (target / "config.yaml").is_file()
+    if adapters and run:  # adapters go on the run's base, not on its merged model
         base = _run_base(cfg)
     s = cfg.serve
     host = args.host or s.host
     ui = args.ui if args.ui is not None else (is_loopback(host) if s.ui == "auto" else bool(s.ui))
-    run = (target / "config.yaml").is_file()
     opts = ServeOptions(
         target=target,
         fmt=fmt,

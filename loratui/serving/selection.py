@@ -13,6 +13,7 @@ or a hub id (what ``model.base`` accepts) is resolved first to its local Hugging
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,15 @@ from loratui.pipeline.errors import LoratuiError
 
 GGUF_PREFERENCE = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16", "bf16", "f32")
 FORMATS = ("auto", "torch", "gguf", "onnx")
+
+
+_GGUF_TYPE = re.compile(r"(?i)i?q\d\w*|f16|bf16|f32")
+
+
+def gguf_type(path: Path) -> str | None:
+    """The type a GGUF file's name ends with, lower case (``run-q8_0.gguf``: q8_0; ``Model.Q4_1.gguf``: q4_1)."""
+    kind = re.split(r"[-.]", path.stem)[-1]
+    return kind.lower() if _GGUF_TYPE.fullmatch(kind) else None
 
 
 @dataclass

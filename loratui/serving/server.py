@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratui.pipeline.errors import LoratuiError
 from loratui.serving.app import create_app
-from loratui.serving.selection import Choice, choose
+from loratui.serving.selection import Choice, choose, gguf_type
 from loratui.serving.state import Limits, ServerState
 
 if TYPE_CHECKING:
@@ -134,7 +133,7 @@ def base_choice(opts: ServeOptions, served: Choice | None, cuda: bool) -> Choice
 
     spec = opts.base_model or ""
     if served is not None and served.kind == "gguf":
-        kind = served.path.stem.rsplit("-", 1)[-1]
+        kind = gguf_type(served.path)
         exported = opts.target / "exports" / "gguf" / f"{opts.target.name}-base-{kind}.gguf"
         if exported.is_file():
             return Choice("gguf", exported, None, f"llama.cpp serves the run's base export {exported.name}")
@@ -143,7 +142,7 @@ def base_choice(opts: ServeOptions, served: Choice | None, cuda: bool) -> Choice
                 path = models.builtin_gguf(spec)
             except LoratuiError:
                 path = None
-            if path is not None and describe_format(Choice("gguf", path, None, "")).lower() == f"gguf {kind}".lower():
+            if path is not None and kind is not None and gguf_type(path) == kind:
                 return Choice("gguf", path, None, f"llama.cpp serves the built-in {spec}'s GGUF {path.name}")
     path = opts.base or models.resolve_model(spec).path  # a built-in is imported once if it is not yet
     return choose(path, "auto", cuda, None)
@@ -283,8 +282,8 @@ def build_backend(choice: Choice, opts: ServeOptions, model_id: str, log: Callab
 def describe_format(choice: Choice) -> str:
     """The served artifact in a few words, for /ui/models (the chat page shows it beside the model)."""
     if choice.kind == "gguf":
-        kind = re.split(r"[-.]", choice.path.stem)[-1]
-        return f"GGUF {kind}" if re.fullmatch(r"(?i)(i?q\d\w*|f16|bf16|f32)", kind) else "GGUF"
+        kind = gguf_type(choice.path)
+        return f"GGUF {kind}" if kind else "GGUF"
     if choice.kind == "onnx":
         return "ONNX"
     weights = "safetensors" if any(choice.path.glob("*.safetensors")) else "PyTorch weights"

@@ -65,13 +65,14 @@ async def static(name: str) -> Response:
     return Response(_read(name), media_type=FILES[name], headers=HEADERS)
 
 
-def _entry(model: str, role: str, backend: Any, status: str) -> dict[str, Any]:
+def _entry(model: str, role: str, backend: Any, status: str | None = None) -> dict[str, Any]:
+    """One model; ``status``: the server's own model's, else loaded on first use: ``ok`` once loaded."""
     return {
         "id": model,
         "role": role,
         "backend": getattr(backend, "kind", None),
         "format": getattr(backend, "format", None),
-        "status": status if backend is not None or status != "ok" else "not loaded",
+        "status": status or ("ok" if backend is not None else "not loaded"),
     }
 
 
@@ -86,12 +87,10 @@ def describe(ctx: AppContext, tuned: dict[str, int]) -> dict[str, Any]:
     for model, adapter in own.items():
         role = "base" if adapter == "__base__" else "adapter" if adapter else served
         entries.append(_entry(model, role, backend, state.status))
-    for model in ctx.extra:
-        loaded = ctx.pool.loaded_backend(model) if ctx.pool is not None else None
-        entries.append(_entry(model, "base", loaded, "ok" if loaded is not None else "not loaded"))
-    for model, _created in sorted(tuned.items(), key=lambda kv: -kv[1]):  # newest first
-        loaded = ctx.pool.loaded_backend(model) if ctx.pool is not None else None
-        entries.append(_entry(model, "fine-tuned", loaded, "ok" if loaded is not None else "not loaded"))
+    pooled = [(m, "base") for m in ctx.extra]
+    pooled += [(m, "fine-tuned") for m, _ in sorted(tuned.items(), key=lambda kv: -kv[1])]  # newest first
+    for model, role in pooled:
+        entries.append(_entry(model, role, ctx.pool.loaded_backend(model) if ctx.pool is not None else None))
     return {"models": entries, "compare": default_pair(entries)}
 
 

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.serving.test_app import _random_adapter
-from tests.threaded_server import free_port
+from tests.threaded_server import loratui_serve
 
 KEY = "page-test-key"
 SHOTS = os.environ.get("LORATUI_SCREENSHOTS")  # a folder: the compare-mode screenshot goes there too
@@ -55,30 +52,11 @@ def served(tiny_model_factory, tmp_path_factory) -> Iterator[str]:
     """`loratui serve` as a user runs it: the tiny model as `base`, a random adapter on it as `tuned`."""
     model = tiny_model_factory(tokenizer="smollm2")  # SmolLM2's tokenizer: a real chat template
     adapter = _random_adapter(model, tmp_path_factory.mktemp("adapter") / "tuned", seed=1)
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "loratui", "serve", str(model), "--format", "torch", "--model-name", "base"]
-    command += ["--adapter", f"tuned={adapter}", "--port", str(port), "--api-key", KEY]
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health").json()["status"] == "ok":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise TimeoutError(log.read_text())
+    args = [str(model), "--format", "torch", "--model-name", "base", "--adapter", f"tuned={adapter}", "--api-key", KEY]
+    with loratui_serve(args, log, cwd=tmp_path_factory.mktemp("cwd")) as url:
         assert "chat page at " + url + "/" in log.read_text()
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
